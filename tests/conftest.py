@@ -1,0 +1,18 @@
+"""Test-wide settings: CPU tests run with few threads (CI has 2 cores); `gpu` tests skip without CUDA."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the device by bench/gpu_suite.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
