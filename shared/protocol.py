@@ -130,6 +130,8 @@ class WorkerStatus(Msg):
     running: int = 0
     free_pages: int = 0
     total_pages: int = 0
+    used_pages: int = 0
+    tp_size: int = 1
 
 
 # ---- prefill leader -> decode leader (KV bytes go over the KVLink, not here) ---------
@@ -143,10 +145,48 @@ class KVChunkReady(Msg):
     is_last: bool = False
     first_token: int = -1  # set on the last push
     first_logprob: float = 0.0
+    chunk_index: int = 0  # 0, 1, 2 ... per rid; the KVLink transfer id is f"{rid}/{chunk_index}"
+    has_hidden: bool = False  # the last push also sends the final hidden state [hidden] (MTP seed)
+    aborted: bool = False  # no KV follows (page_ids empty); the prefill gave this request up
+    first_finished: bool = False  # the first token already ended the request (prefill sent finished)
+
+
+# ---- prefill leader <-> decode leader: KV-link rendezvous ---------------------------
+class LinkHello(Msg):
+    """Prefill leader -> decode leader at start (and after a link failure): asks for link info.
+
+    The decode answers with LinkInfo on a PUSH it connects to `reply_addr` (the prefill's
+    control address)."""
+
+    prefill_id: str
+    reply_addr: str
+    tp_size: int = 1
+
+
+class LinkInfo(Msg):
+    """Decode leader -> prefill leader: where the decode's KV-link TCPStore listens."""
+
+    decode_id: str
+    link_host: str
+    link_port: int
+    tp_size: int = 1
+    page_size: int = 16
+    num_layers: int = 0
+    generation: int = 0  # bumped when the decode rebuilds its links (after a failure)
 
 
 Message = Union[
-    Reserve, PrefillRequest, Abort, Reserved, Busy, TokenEvent, RequestError, WorkerStatus, KVChunkReady
+    Reserve,
+    PrefillRequest,
+    Abort,
+    Reserved,
+    Busy,
+    TokenEvent,
+    RequestError,
+    WorkerStatus,
+    KVChunkReady,
+    LinkHello,
+    LinkInfo,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

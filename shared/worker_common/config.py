@@ -1,0 +1,100 @@
+"""CLI parsing and frozen config for the worker processes (prefill and decode, every TP rank).
+
+Flags keep the names users know from the seeds (`--model_dir`, `--tp`, `--chunked_prefill_size`...);
+each flag is accepted with dashes and with underscores. `parse_peers` reads `id=tcp://host:port`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """Add `--a_b` and `--a-b` as one option (dest a_b)."""
+    under = "--" + name.replace("-", "_")
+    dash = "--" + name.replace("_", "-")
+    names = [under] if under == dash else [under, dash]
+    p.add_argument(*names, dest=name.replace("-", "_"), **kw)
+
+
+def parse_peers(items: list[str] | None) -> dict[str, str]:
+    """["d0=tcp://127.0.0.1:5611", ...] -> {"d0": "tcp://127.0.0.1:5611"}."""
+    peers: dict[str, str] = {}
+    for item in items or []:
+        wid, sep, addr = item.partition("=")
+        if not sep or not wid or not addr.startswith("tcp://"):
+            raise ValueError(f"bad peer {item!r}; expected id=tcp://host:port")
+        peers[wid] = addr
+    return peers
+
+
+def addr_host(addr: str) -> str:
+    """tcp://host:port -> host ("*" and 0.0.0.0 -> 127.0.0.1)."""
+    host = addr.removeprefix("tcp://").rsplit(":", 1)[0]
+    return "127.0.0.1" if host in ("*", "0.0.0.0") else host
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs (both roles)."""
+
+    role: str  # "prefill" | "decode"
+    worker_id: str
+    model_dir: str
+    load_format: str
+    control_addr: str  # leader binds a PULL here
+    router_addr: str  # leader connects a PUSH here
+    health_port: int
+    device: str  # "cpu" | "cuda"
+    gpus: tuple[int, ...]  # one per TP rank (cuda only)
+    tp_size: int
+    dtype: str
+    page_size: int
+    num_pages: int
+    quantization: str | None
+    heartbeat_s: float = 0.5
+    # TP follower only: which rank this process is and where the leader's TP store listens
+    tp_rank: int = 0
+    tp_store_port: int = 0
+
+    def device_for_rank(self, rank: int) -> str:
+        if self.device != "cuda":
+            return "cpu"
+        return f"cuda:{self.gpus[rank] if self.gpus else rank}"
+
+
+def common_parser(role: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {role}_worker")
+    add_flag(p, "worker_id", default=role[0] + "0")
+    add_flag(p, "model_dir", required=True)
+    add_flag(p, "load_format", default="auto", choices=["auto", "dummy"])
+    add_flag(p, "control_addr", required=True)
+    add_flag(p, "router_addr", required=True)
+    add_flag(p, "health_port", type=int, default=0)
+    add_flag(p, "device", default="cpu", choices=["cpu", "cuda"])
+    add_flag(p, "gpus", default="")
+    add_flag(p, "tp", type=int, default=1)
+    add_flag(p, "dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_flag(p, "page_size", type=int, default=16)
+    add_flag(p, "num_pages", type=int, default=512)
+    add_flag(p, "quantization", default=None)
+    add_flag(p, "heartbeat_s", type=float, default=0.5)
+    add_flag(p, "tp_rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_flag(p, "tp_store_port", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
+    gpus = tuple(int(g) for g in a.gpus.split(",") if g.strip()) if a.gpus else ()
+    if a.tp < 1:
+        raise ValueError("--tp must be >= 1")
+    if gpus and len(gpus) != a.tp:
+        raise ValueError(f"--gpus lists {len(gpus)} GPUs but --tp is {a.tp}")
+    return WorkerConfig(
+        role=role, worker_id=a.worker_id, model_dir=a.model_dir, load_format=a.load_format,
+        control_addr=a.control_addr, router_addr=a.router_addr, health_port=a.health_port,
+        device=a.device, gpus=gpus, tp_size=a.tp, dtype=a.dtype, page_size=a.page_size,
+        num_pages=a.num_pages, quantization=a.quantization, heartbeat_s=a.heartbeat_s,
+        tp_rank=a.tp_rank, tp_store_port=a.tp_store_port,
+    )

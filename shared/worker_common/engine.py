@@ -1,0 +1,87 @@
+"""One TP rank's model, paged KV cache and KV links; runs step plans (every worker process).
+
+The leader (rank 0) calls `lead(plan)`: the plan's bytes go to every follower, then all ranks
+run the same `run(plan)`: link ops that prepare (connect, recv, wait, drain) first, then the
+forward, then the sends (they read KV the forward just wrote). Followers sit in `follow()`.
+Returns the runner's ForwardOutput (logits [R, V] fp32, hidden [T, H]) or None without a forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+from shared.worker_common.config import WorkerConfig
+from shared.worker_common.links import LinkSet
+from shared.worker_common.plan import StepPlan, decode_plan, encode_plan, to_batch
+from shared.worker_common.tp import TPFanout
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_runner(cfg: WorkerConfig, tp_rank: int):
+    """The model runner of this rank (shared.runner.model_runner, written by the model part)."""
+    from shared.model.parallel import TPGroup
+    from shared.runner.model_runner import ModelRunner
+
+    return ModelRunner(
+        cfg.model_dir,
+        device=cfg.device_for_rank(tp_rank),
+        dtype=_DTYPES[cfg.dtype],
+        tp=TPGroup(tp_rank, cfg.tp_size),
+        load_format=cfg.load_format,
+        quantization=cfg.quantization,
+    )
+
+
+class Engine:
+    def __init__(self, cfg: WorkerConfig, fanout: TPFanout):
+        self.cfg = cfg
+        self.fanout = fanout
+        self.tp_rank = fanout.tp_rank
+        self.device = torch.device(cfg.device_for_rank(self.tp_rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.runner = load_runner(cfg, self.tp_rank)
+        layout = self.runner.kv_layout()
+        if layout.page_size != cfg.page_size:
+            raise ValueError(f"runner page size {layout.page_size} != --page_size {cfg.page_size}")
+        self.cache = PagedKVCache(layout, cfg.num_pages, self.device)
+        self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache)
+
+    def lead(self, plan: StepPlan):
+        assert self.tp_rank == 0
+        if self.cfg.tp_size > 1:
+            self.fanout.share(encode_plan(plan))
+        return self.run(plan)
+
+    def follow(self) -> None:
+        """Follower loop: run every plan rank 0 shares until a stop plan (or the leader dies)."""
+        while True:
+            plan = decode_plan(self.fanout.share(None))
+            if plan.stop:
+                return
+            self.run(plan)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan):
+        for op in plan.link_ops:
+            if op.kind != "send":
+                self.links.apply(op, None)
+        out = None
+        if plan.mode:
+            batch = to_batch(plan, self.cfg.page_size, self.device)
+            out = self.runner.forward(batch, self.cache)
+        for op in plan.link_ops:
+            if op.kind == "send":
+                self.links.apply(op, out.hidden if out is not None else None)
+        return out
+
+    def stop(self) -> None:
+        if self.tp_rank == 0 and self.cfg.tp_size > 1:
+            self.fanout.share(encode_plan(StepPlan(mode="", stop=True)))
+        self.links.close_all()

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one worker leader (prefill or decode), in its own registry.
+
+Names are prefixed `glm_worker_` and labelled by worker id and role so a scrape of several
+workers merges cleanly. tokens/s and GB/s come from the counters (rate()) and are also kept
+as gauges of the last window for humans reading /metrics by eye.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class WorkerMetrics:
+    def __init__(self, worker_id: str, role: str):
+        self.registry = CollectorRegistry()
+        lab = dict(labelnames=("worker", "role"), registry=self.registry)
+        self._ids = (worker_id, role)
+        g = lambda n, d: Gauge(f"glm_worker_{n}", d, **lab).labels(*self._ids)  # noqa: E731
+        c = lambda n, d: Counter(f"glm_worker_{n}", d, **lab).labels(*self._ids)  # noqa: E731
+        self.ready = g("ready", "1 when /readyz is 200")
+        self.queue_depth = g("queue_depth", "requests waiting (prefill: queued prompts; decode: awaiting KV)")
+        self.queued_tokens = g("queued_tokens", "prompt tokens not yet prefilled")
+        self.running = g("running_requests", "requests in the running batch")
+        self.pages_used = g("kv_pages_used", "KV pages in use")
+        self.pages_free = g("kv_pages_free", "KV pages free")
+        self.tokens = c("tokens", "tokens processed (prefill: prompt tokens; decode: generated)")
+        self.tokens_per_s = g("tokens_per_second", "tokens/s over the last window")
+        self.kv_bytes = c("kv_transfer_bytes", "KV bytes moved over the KV link")
+        self.kv_seconds = c("kv_transfer_seconds", "seconds KV transfers were in flight")
+        self.kv_gbps = g("kv_transfer_gbps", "GB/s of the last completed KV transfer")
+        self.aborts = c("aborts", "requests aborted")
+        self.page_leaks = c("page_leaks", "pages found in use while idle (a bug)")
+        self.requests = c("requests_finished", "requests this worker finished its part of")
+        self.step_time = Histogram(
+            "glm_worker_step_seconds", "one scheduler step (forward + sample)", **lab,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        ).labels(*self._ids)
+        self._failures = Counter(
+            "glm_worker_handoff_failures", "KV handoff failures", labelnames=("worker", "role", "reason"),
+            registry=self.registry,
+        )
+        self._win_start = time.monotonic()
+        self._win_tokens = 0
+
+    def handoff_failure(self, reason: str) -> None:
+        self._failures.labels(*self._ids, reason).inc()
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens.inc(n)
+        self._win_tokens += n
+        now = time.monotonic()
+        if now - self._win_start >= 1.0:
+            self.tokens_per_s.set(self._win_tokens / (now - self._win_start))
+            self._win_start, self._win_tokens = now, 0
+
+    def kv_transfer(self, num_bytes: int, seconds: float) -> None:
+        self.kv_bytes.inc(num_bytes)
+        self.kv_seconds.inc(seconds)
+        if seconds > 0:
+            self.kv_gbps.set(num_bytes / seconds / 1e9)
+
+    def pages(self, used: int, free: int) -> None:
+        self.pages_used.set(used)
+        self.pages_free.set(free)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

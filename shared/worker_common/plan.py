@@ -1,0 +1,70 @@
+"""The step plan a worker leader fans out to its TP followers (every rank of a worker runs it).
+
+A plan says everything a rank needs to run the same step: the sequences of the forward batch
+(new token ids, prefix length, page ids, whether logits are wanted) and the KV-link operations
+to post after the forward (each rank moves its own KV shard to the peer's rank of the same
+index). msgspec msgpack bytes, never pickle. Leaders build plans; `to_batch` turns one into the
+runner's ForwardBatch on a device.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from shared.protocol import pack_ids, unpack_ids
+from shared.runner.batch import ForwardBatch, ForwardMode
+
+
+class SeqPlan(msgspec.Struct, array_like=True):
+    token_ids: bytes  # packed int32: the new tokens of this sequence in this step
+    prefix_len: int  # tokens of this sequence already in the paged cache
+    page_ids: bytes  # packed int32: pages covering prefix_len + len(token_ids) tokens
+    want_logits: bool = True  # logits row for the sequence's last new token
+
+
+class LinkOp(msgspec.Struct, array_like=True):
+    """One KV-link action, posted in plan order (both ends of a link post in the same order)."""
+
+    kind: str  # "connect" | "send" | "recv" | "drain" | "close"
+    peer: str  # the other worker's id
+    xfer_id: str = ""
+    page_ids: bytes = b""  # packed int32, this side's pages
+    host: str = ""  # connect: the decode's TCPStore
+    port: int = 0
+    hidden_row: int = -1  # send: row of this step's hidden states to send after the pages
+    generation: int = 0
+
+
+class StepPlan(msgspec.Struct):
+    mode: str  # ForwardMode value, "" = no forward this step (link ops only)
+    seqs: list[SeqPlan] = []
+    link_ops: list[LinkOp] = []
+    stop: bool = False  # followers exit their loop
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(StepPlan)
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return _enc.encode(plan)
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    return _dec.decode(data)
+
+
+def seq_plan(token_ids: list[int], prefix_len: int, page_ids: list[int], want_logits: bool = True) -> SeqPlan:
+    return SeqPlan(pack_ids(token_ids), prefix_len, pack_ids(page_ids), want_logits)
+
+
+def to_batch(plan: StepPlan, page_size: int, device: torch.device | str) -> ForwardBatch:
+    """ForwardBatch of the plan; logits rows only for sequences with want_logits (in order)."""
+    seqs = [(unpack_ids(s.token_ids), s.prefix_len, unpack_ids(s.page_ids)) for s in plan.seqs]
+    batch = ForwardBatch.build(ForwardMode(plan.mode), seqs, page_size, logits_rows="last", device=device)
+    if not all(s.want_logits for s in plan.seqs):
+        ends = torch.cumsum(torch.tensor(batch.query_lens_cpu, dtype=torch.int64), 0) - 1
+        keep = torch.tensor([s.want_logits for s in plan.seqs], dtype=torch.bool)
+        batch.logits_indices = ends[keep].to(batch.input_ids.device)
+    return batch
