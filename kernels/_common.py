@@ -1,0 +1,49 @@
+"""Helpers shared by the kernel launchers (imported by every worker rank that runs kernels)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def check(cond: bool, msg: str) -> None:
+    """Launcher argument check; raises ValueError (never assert: it must hold under python -O)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def gpu_name(device: torch.device) -> str:
+    """Key for the tuned-config tables ("cpu" under the interpreter)."""
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace("NVIDIA ", "").split(" ")[0]
+
+
+# The interpreter's fp32 -> fp8 cast loses the carry when rounding up across a power of two (127.9 -> 64),
+# and its fp32 -> bf16 cast truncates. Kernels that store fp8 round onto the e4m3 grid first when
+# interpreting (the cast is then exact); compiled kernels use the hardware's round-to-nearest-even cast.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def fp8_grid_round(x):
+    """Round fp32 x (|x| <= 448) to the nearest e4m3 value (ties away from zero), still fp32."""
+    ax = tl.abs(x)
+    e = tl.floor(tl.log2(tl.maximum(ax, 0.015625)))  # 2^-6: below it, subnormal spacing 2^-9
+    step = tl.exp2(e - 3.0)
+    r = tl.floor(ax / step + 0.5) * step
+    return tl.where(x < 0, -r, r)

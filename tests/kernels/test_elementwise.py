@@ -1,0 +1,91 @@
+"""RMSNorm, RoPE, SiLU-mul and FP8 quantizers vs their torch references (interpreter on CPU)."""
+
+import pytest
+import torch
+
+from kernels import act_quant, rmsnorm, rope
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter truncates fp32 -> bf16 (compiled kernels round): allow two bf16 steps
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def _fp8_close(q, q_ref, scale, scale_ref):
+    """Scales match; every fp8 value within one e4m3 step (the interpreter's cast may round away)."""
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=1e-12)
+    a, b = q.float(), q_ref.float()
+    step = torch.clamp(2.0 ** (torch.floor(torch.log2(b.abs().clamp(min=2.0 ** -6))) - 3), min=2.0 ** -9)
+    assert ((a - b).abs() <= step + 1e-12).all(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 37), (3, 5, 24)])
+def test_rms_norm(shape, dtype):
+    x = torch.randn(shape, device=DEV).to(dtype)
+    w = torch.randn(shape[-1], device=DEV).to(dtype)
+    out = rmsnorm.rms_norm(x, w, 1e-5)
+    ref = rmsnorm.rms_norm_ref(x, w, 1e-5)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm(dtype):
+    x, r = torch.randn(9, 45, device=DEV).to(dtype), torch.randn(9, 45, device=DEV).to(dtype)
+    w = torch.rand(45, device=DEV).to(dtype)
+    y, s = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+    y_ref, s_ref = rmsnorm.add_rms_norm_ref(x, r, w, 1e-6)
+    torch.testing.assert_close(s, s_ref, **(dict(rtol=0, atol=0) if dtype == torch.float32 else BF16_TOL))
+    torch.testing.assert_close(y, y_ref, **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL))
+
+
+def test_rms_norm_rejects_bad_weight():
+    with pytest.raises(ValueError):
+        rmsnorm.rms_norm(torch.randn(3, 8), torch.randn(7), 1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_per_token(interleaved):
+    t, h, d, rd = 5, 3, 20, 12
+    x = torch.randn(t, h, d, device=DEV)
+    pos = torch.randint(0, 50, (t,), device=DEV)
+    cos, sin = rope.cos_sin_cache(rd, 64, 10000.0, DEV)
+    out = rope.rope(x, cos[pos], sin[pos], rd, interleaved)
+    torch.testing.assert_close(out, rope.rope_ref(x, cos[pos], sin[pos], rd, interleaved), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_inplace_positions(interleaved):
+    t, hq, hk, d, rd = 6, 5, 1, 18, 18
+    q, k = torch.randn(t, hq, d, device=DEV), torch.randn(t, hk, d, device=DEV)
+    pos = torch.randint(0, 30, (t,), device=DEV)
+    cos, sin = rope.cos_sin_cache(rd, 32, 1e6, DEV)
+    q_ref, k_ref = rope.rope_ref(q, cos[pos], sin[pos], rd, interleaved), rope.rope_ref(k, cos[pos], sin[pos], rd, interleaved)
+    rope.rope_inplace(q, k, pos, cos, sin, rd, interleaved)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    x = torch.randn(5, 2 * 37, device=DEV).to(dtype)
+    torch.testing.assert_close(act_quant.silu_and_mul(x), act_quant.silu_and_mul_ref(x), **BF16_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_silu_and_mul_fp8(dtype):
+    x = (torch.randn(6, 2 * 41, device=DEV) * 3).to(dtype)
+    q, s = act_quant.silu_and_mul_fp8(x)
+    q_ref, s_ref = act_quant.silu_and_mul_fp8_ref(x)
+    _fp8_close(q, q_ref, s, s_ref)
+
+
+@pytest.mark.parametrize("group", [16, 53])
+def test_quant_fp8_group_and_per_token(group):
+    x = torch.randn(7, 53, device=DEV) * 5
+    q, s = act_quant.quant_fp8_group(x, group)
+    q_ref, s_ref = act_quant.quant_fp8_group_ref(x, group)
+    _fp8_close(q, q_ref, s, s_ref)
+    q, s = act_quant.quant_fp8_per_token(x)
+    q_ref, s_ref = act_quant.quant_fp8_per_token_ref(x)
+    _fp8_close(q, q_ref, s, s_ref)
