@@ -1,0 +1,81 @@
+"""Server-side figures from Prometheus `/metrics`, scraped before and after a run (benchmark client).
+
+Any server works: absent metrics leave their figure out. Names are matched by suffix, summed over
+labels and over every scraped URL (router and worker health ports), so the fleet's
+`*_kv_transfer_bytes_total`, `*_kv_transfer_seconds_total`, `*_kv_pages_used`, `*_kv_pages_total`,
+`*queue*` gauges and `*_mtp_draft_tokens_total` / `*_mtp_accepted_tokens_total` counters become
+KV transfer GB/s, pages used, queue depths and MTP acceptance.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Sample = dict[str, float]  # metric sample name -> value summed over labels and URLs
+
+
+def parse(text: str) -> Sample:
+    out: Sample = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.endswith(("_created", "_bucket")):
+                continue
+            out[s.name] += float(s.value)
+    return dict(out)
+
+
+def scrape(urls: list[str], timeout_s: float = 5.0) -> tuple[Sample, list[str]]:
+    """Summed samples of every URL that answered, and the errors of those that did not."""
+    total: Sample = defaultdict(float)
+    errors = []
+    for url in urls:
+        try:
+            resp = httpx.get(url, timeout=timeout_s)
+            resp.raise_for_status()
+            for k, v in parse(resp.text).items():
+                total[k] += v
+        except Exception as exc:  # noqa: BLE001 - a missing /metrics is reported, not fatal
+            errors.append(f"{url}: {type(exc).__name__}: {exc}")
+    return dict(total), errors
+
+
+def _sum(sample: Sample, suffix: str) -> float | None:
+    vals = [v for k, v in sample.items() if k.endswith(suffix)]
+    return sum(vals) if vals else None
+
+
+def _delta(before: Sample, after: Sample, suffix: str) -> float | None:
+    a = _sum(after, suffix)
+    if a is None:
+        return None
+    return a - (_sum(before, suffix) or 0.0)
+
+
+def summarize(before: Sample, after: Sample, duration: float) -> dict:
+    """Figures for the report; keys present only when the server exposes their metrics."""
+    out: dict = {}
+    nbytes = _delta(before, after, "kv_transfer_bytes_total")
+    secs = _delta(before, after, "kv_transfer_seconds_total")
+    if nbytes is not None:
+        out["kv_transfer_gb"] = nbytes / 1e9
+        out["kv_transfer_gb_per_s_over_run"] = nbytes / 1e9 / duration if duration > 0 else 0.0
+        if secs:
+            out["kv_transfer_gb_per_s_while_sending"] = nbytes / 1e9 / secs
+    for key, suffix in (("kv_pages_used", "kv_pages_used"), ("kv_pages_total", "kv_pages_total")):
+        if (v := _sum(after, suffix)) is not None:
+            out[key] = v
+    queues = {k: v for k, v in after.items() if "queue" in k and not k.endswith("_total")}
+    if queues:
+        out["queue_depths"] = queues
+    drafted = _delta(before, after, "mtp_draft_tokens_total")
+    accepted = _delta(before, after, "mtp_accepted_tokens_total")
+    if drafted:
+        out["mtp_draft_tokens"] = drafted
+        out["mtp_accepted_tokens"] = accepted or 0.0
+        out["mtp_acceptance_rate"] = (accepted or 0.0) / drafted
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total")}
+    out["counter_deltas"] = {k: v for k, v in counters.items() if v}
+    return out
