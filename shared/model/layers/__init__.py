@@ -1,0 +1,1 @@
+"""Model layers shared by both GLM architectures (each worker rank)."""

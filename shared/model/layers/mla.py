@@ -1,0 +1,76 @@
+"""Multi-head latent attention over the paged cache (glm4_moe_lite; each worker rank).
+
+Cache entry per token (one "kv head", identical on every TP rank): [normed latent (L) | roped k_pe (R)].
+The up-projections are absorbed (one path for prefill, decode and verify):
+  q_lat[t,h] = q_nope[t,h] @ W_UK[h]   (W_UK[h]: [nope, L] rows of kv_b_proj)
+  scores     = (q_lat . latent + q_pe . k_pe) * qk_head_dim^-0.5
+  o[t,h]     = (softmax(scores) @ latent) @ W_UV[h]^T   (W_UV[h]: [v, L])
+which equals HF's expanded form. TP: q_b_proj / kv_b_proj column-parallel by head, o_proj row-parallel,
+q_a_proj / kv_a_proj_with_mqa replicated. q_a/kv_a layernorms use eps 1e-6 (as HF builds them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.config.model import ModelConfig
+from shared.model import ops
+from shared.model.context import BuildCtx
+from shared.model.layers.norm import RMSNorm
+from shared.model.layers.rope import RotaryEmbedding
+from shared.runner.batch import ForwardBatch
+
+LORA_NORM_EPS = 1e-6  # HF Glm4MoeLiteRMSNorm default, used for q_a_layernorm / kv_a_layernorm
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ctx: BuildCtx, prefix: str):
+        super().__init__()
+        h, heads, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.lora, self.rope = cfg.kv_lora_rank, rope
+        self.num_heads = heads // ctx.tp.tp_size
+        self.scale = cfg.qk_head_dim ** -0.5
+        qk, lin = cfg.qk_head_dim, ctx.linear
+        if cfg.q_lora_rank:
+            self.q_a_proj = lin(f"{prefix}.q_a_proj", h, cfg.q_lora_rank, bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, ctx.dtype, ctx.device)
+            self.q_b_proj = lin(f"{prefix}.q_b_proj", cfg.q_lora_rank, heads * qk, False, "column")
+        else:
+            self.q_proj = lin(f"{prefix}.q_proj", h, heads * qk, False, "column")
+        self.kv_a_proj_with_mqa = lin(f"{prefix}.kv_a_proj_with_mqa", h, self.lora + self.rope_dim, bias)
+        self.kv_a_layernorm = RMSNorm(self.lora, LORA_NORM_EPS, ctx.dtype, ctx.device)
+        self.kv_b_proj = lin(f"{prefix}.kv_b_proj", self.lora, heads * (self.nope + self.v_dim), False, "column")
+        self.o_proj = lin(f"{prefix}.o_proj", heads * self.v_dim, h, bias, "row")
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [h, nope, L], W_UV [h, v, L]) from kv_b_proj (dequantized when fp8)."""
+        w = self.kv_b_proj.weight
+        if self.kv_b_proj.fp8:
+            w = w.float() * self.kv_b_proj.weight_scale
+        w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_a_proj"):
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.q_proj(x)
+
+    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes [latent | k_pe] of the batch tokens into cache layer `cache_layer`."""
+        t = x.shape[0]
+        q = self._query(x).view(t, self.num_heads, self.nope + self.rope_dim)
+        q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
+        ckv = self.kv_a_proj_with_mqa(x)  # [T, L + R]
+        latent = self.kv_a_layernorm(ckv[:, : self.lora])
+        k_pe = self.rope(ckv[:, None, self.lora :], cos_sin)  # [T, 1, R]
+        cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
+        cache.index_copy_(0, batch.slot_mapping, torch.cat([latent[:, None], k_pe], -1).to(cache.dtype))
+        w_uk, w_uv = self._up_weights()
+        q_lat = torch.einsum("thn,hnl->thl", q[..., : self.nope], w_uk.to(q.dtype))  # [T, h, L]
+        query = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, L + R]
+        o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch,
+                                    kv_cache.layout.page_size, self.scale)  # [T, h, L]
+        o = torch.einsum("thl,hvl->thv", o_lat.to(x.dtype), w_uv.to(x.dtype))  # [T, h, v]
+        return self.o_proj(o.reshape(t, -1))

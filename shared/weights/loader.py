@@ -1,0 +1,115 @@
+"""Load HF safetensors (single file or sharded with an index) into a model by the checkpoint's own names.
+
+Runs in every worker rank; each parameter's `weight_loader` cuts this rank's TP shard. Routed experts
+`...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale]` go to the stacked expert tensors. An unknown
+checkpoint key, or a model parameter nothing loaded, is an error that names it. Keys skipped on purpose:
+MTP layers when the MTP layer is not built, the MTP's optional copies of embed_tokens / shared_head.head
+(equal to the main ones, spec §3.1), and rotary inv_freq buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, name) for name in files]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def fp8_tensor_names(model_dir: str) -> set[str]:
+    """Module names whose `.weight` is stored as F8_E4M3 (read from headers only)."""
+    names = set()
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight") and f.get_slice(key).get_dtype() == "F8_E4M3":
+                    names.add(key[: -len(".weight")])
+    return names
+
+
+def _skip(key: str, num_main_layers: int, num_mtp: int) -> bool:
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
+    m = LAYER_RE.match(key)
+    if m is None or int(m.group(1)) < num_main_layers:
+        return False
+    if int(m.group(1)) >= num_main_layers + num_mtp:
+        return True  # MTP layer not built
+    rest = key[m.end():]
+    return rest in ("embed_tokens.weight", "shared_head.head.weight")
+
+
+class WeightLoader:
+    """Tracks what was loaded so missing parameters and unknown keys are errors."""
+
+    def __init__(self, model: nn.Module, num_main_layers: int, num_mtp: int):
+        self.model, self.num_main, self.num_mtp = model, num_main_layers, num_mtp
+        self.params = dict(model.named_parameters())
+        self.loaded: set[str] = set()
+        self.expert_loads: dict[str, int] = {}
+
+    def load_one(self, key: str, tensor: torch.Tensor) -> None:
+        if _skip(key, self.num_main, self.num_mtp):
+            return
+        m = EXPERT_RE.match(key)
+        if m is not None:
+            experts = self.model.get_submodule(m.group(1)) if f"{m.group(1)}.w13" in self.params else None
+            if experts is None or (m.group(4) == "weight_scale" and not experts.fp8):
+                raise KeyError(f"unknown checkpoint key {key!r} (no such expert parameter in the model)")
+            experts.load_expert(int(m.group(2)), m.group(3), m.group(4), tensor)
+            self.expert_loads[m.group(1)] = self.expert_loads.get(m.group(1), 0) + 1
+            return
+        param = self.params.get(key)
+        if param is None:
+            raise KeyError(f"unknown checkpoint key {key!r} (no parameter of that name in the model)")
+        param.weight_loader(param, tensor)
+        self.loaded.add(key)
+
+    def check_complete(self) -> None:
+        missing = []
+        for name, param in self.params.items():
+            owner, _, leaf = name.rpartition(".")
+            if leaf in ("w13", "w2", "w13_scale", "w2_scale"):
+                experts = self.model.get_submodule(owner)
+                per_expert = 6 if experts.fp8 else 3
+                want = per_expert * experts.w13.shape[0]
+                if self.expert_loads.get(owner, 0) < want and owner not in missing:
+                    missing.append(f"{owner} ({self.expert_loads.get(owner, 0)}/{want} expert tensors)")
+            elif name not in self.loaded and not getattr(param, "loaded_online", False):
+                missing.append(name)
+        if missing:
+            raise KeyError(f"checkpoint is missing weights: {', '.join(missing[:20])}"
+                           + (f" ... ({len(missing)} in all)" if len(missing) > 20 else ""))
+
+
+@torch.no_grad()
+def load_checkpoint(model: nn.Module, model_dir: str, num_main_layers: int, num_mtp: int) -> None:
+    loader = WeightLoader(model, num_main_layers, num_mtp)
+    for key, tensor in iter_tensors(model_dir):
+        loader.load_one(key, tensor)
+    loader.check_complete()
