@@ -42,7 +42,8 @@ class BenchmarkMetrics:
     output_throughput: float
     total_token_throughput: float
     max_output_tokens_per_s: float
-    max_concurrent_requests: int
+    max_concurrent_requests: int  # vLLM's: most requests active within one 1-second bucket
+    max_inflight_requests: int  # exact: most requests in flight at one instant
     stats: dict[str, Stats] = field(default_factory=dict)  # keys: METRIC_KEYS
 
     def to_dict(self) -> dict:
@@ -91,6 +92,17 @@ def _peaks(outputs: list[RequestOutput]) -> tuple[float, int]:
     return float(tokens.max()), int(active.max())
 
 
+def _max_inflight(outputs: list[RequestOutput]) -> int:
+    # (time, +1 start / -1 end); an end sorts before a start at the same instant
+    events = sorted([(o.start_time, 1) for o in outputs if o.success]
+                    + [(o.start_time + o.latency, -1) for o in outputs if o.success])
+    peak = cur = 0
+    for _, step in events:
+        cur += step
+        peak = max(peak, cur)
+    return peak
+
+
 def calculate_metrics(
     outputs: list[RequestOutput], duration: float, percentiles: list[float],
     slos_ms: dict[str, float] | None = None,
@@ -128,4 +140,5 @@ def calculate_metrics(
         total_output=total_output, duration=duration, request_throughput=completed / duration,
         request_goodput=goodput, output_throughput=total_output / duration,
         total_token_throughput=(total_input + total_output) / duration,
-        max_output_tokens_per_s=peak_tok, max_concurrent_requests=peak_conc, stats=stats)
+        max_output_tokens_per_s=peak_tok, max_concurrent_requests=peak_conc,
+        max_inflight_requests=_max_inflight(outputs), stats=stats)

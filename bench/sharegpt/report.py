@@ -55,6 +55,7 @@ def format_table(m: BenchmarkMetrics, info: RunInfo, percentile_metrics: list[st
     rows += [_line("Output token throughput (tok/s):", m.output_throughput, ".2f"),
              _line("Peak output token throughput (tok/s):", m.max_output_tokens_per_s, ".2f"),
              _line("Peak concurrent requests:", m.max_concurrent_requests, ".2f"),
+             _line("Peak in-flight requests:", m.max_inflight_requests),
              _line("Total Token throughput (tok/s):", m.total_token_throughput, ".2f")]
     for key in [k for k in METRIC_KEYS if k in percentile_metrics]:
         short, header = HEADERS[key]
@@ -96,6 +97,7 @@ def result_json(info: RunInfo, m: BenchmarkMetrics, outputs: list[RequestOutput]
         "request_throughput": m.request_throughput, "request_goodput": m.request_goodput,
         "output_throughput": m.output_throughput, "total_token_throughput": m.total_token_throughput,
         "max_output_tokens_per_s": m.max_output_tokens_per_s, "max_concurrent_requests": m.max_concurrent_requests,
+        "max_inflight_requests": m.max_inflight_requests,
         **_flat_stats(m),
         "input_lens": [o.prompt_len for o in outputs], "output_lens": [o.output_tokens for o in outputs],
         "ttfts": [o.ttft for o in outputs], "itls": [o.itl for o in outputs],

@@ -57,6 +57,7 @@ def test_peak_tokens_and_concurrency():
     # tokens at 0.1 0.15 0.2 0.3 | 0.7 0.95 -> second 0 holds 6; 1.6 -> second 1
     assert m.max_output_tokens_per_s == 6.0
     assert m.max_concurrent_requests == 2
+    assert m.max_inflight_requests == 1  # A ends at 0.3, B runs 0.5-0.95, C 1.2-1.6: never overlap
 
 
 def test_all_failed_gives_zeros():

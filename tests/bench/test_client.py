@@ -1,0 +1,53 @@
+"""The streamed client against a real HTTP server with known timings: TTFT, ITL, E2E, token counts, errors."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from bench.sharegpt.client import RequestConfig, send_request
+from bench.sharegpt.datasets import SampleRequest
+from bench.sharegpt.text import TokenCounter
+
+FIRST_S, GAP_S = 0.05, 0.01  # tests/bench/timed_server.py
+
+
+def _send(url: str, endpoint: str, max_tokens: int, ids=None):
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as client:
+            cfg = RequestConfig(url, endpoint, "timed-model", ignore_eos=True)
+            req = SampleRequest("a b c d e f", 6, max_tokens, ids)
+            return await send_request(client, cfg, req, TokenCounter())
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions", "/generate_stream"])
+def test_streamed_timings(timed_server, endpoint):
+    out = _send(timed_server, endpoint, 6, ids=(5, 6, 7, 8, 9, 10))
+    assert out.success, out.error
+    assert out.output_tokens == 6
+    assert out.generated_text == " tok" * 6
+    assert FIRST_S <= out.ttft < FIRST_S + 0.5
+    assert len(out.itl) == 5  # role-only and finish-only chunks are not tokens
+    assert all(0 <= g < 0.5 for g in out.itl)
+    assert out.latency >= FIRST_S + 5 * GAP_S * 0.9  # the last token cannot arrive before it is sent
+    assert out.latency == pytest.approx(out.ttft + sum(out.itl))
+    assert out.prompt_len == 6
+
+
+def test_unary_generate(timed_server):
+    out = _send(timed_server, "/generate", 4)
+    assert out.success and out.output_tokens == 4
+    assert out.ttft == out.latency >= FIRST_S + 3 * GAP_S
+    assert out.itl == []
+
+
+def test_http_error_is_a_failed_request(timed_server):
+    out = _send(timed_server, "/v1/completions", 999)
+    assert not out.success
+    assert out.error.startswith("HTTP 400")
+
+
+def test_unreachable_server_is_a_failed_request():
+    out = _send("http://127.0.0.1:9", "/v1/completions", 3)
+    assert not out.success and "Connect" in out.error
