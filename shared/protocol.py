@@ -161,6 +161,7 @@ class LinkHello(Msg):
     prefill_id: str
     reply_addr: str
     tp_size: int = 1
+    generation: int = 0  # the prefill process's start id; a new one makes the decode relink
 
 
 class LinkInfo(Msg):

@@ -20,9 +20,6 @@ from shared.worker_common.tp import TPFanout
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_runner(cfg: WorkerConfig, tp_rank: int):
     """The model runner of this rank (shared.runner.model_runner, written by the model part)."""
     from shared.model.parallel import TPGroup
@@ -31,10 +28,11 @@ def load_runner(cfg: WorkerConfig, tp_rank: int):
     return ModelRunner(
         cfg.model_dir,
         device=cfg.device_for_rank(tp_rank),
-        dtype=_DTYPES[cfg.dtype],
+        dtype=cfg.dtype,
         tp=TPGroup(tp_rank, cfg.tp_size),
         load_format=cfg.load_format,
         quantization=cfg.quantization,
+        with_mtp=False,  # MTP not served yet; both ends of a KV link must agree on the layer count
     )
 
 
@@ -47,11 +45,10 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.runner = load_runner(cfg, self.tp_rank)
-        layout = self.runner.kv_layout()
-        if layout.page_size != cfg.page_size:
-            raise ValueError(f"runner page size {layout.page_size} != --page_size {cfg.page_size}")
+        layout = self.runner.kv_layout(cfg.page_size)
         self.cache = PagedKVCache(layout, cfg.num_pages, self.device)
-        self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache)
+        self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache,
+                             hidden_size=self.runner.config.hidden_size, hidden_dtype=self.runner.dtype)
 
     def lead(self, plan: StepPlan):
         assert self.tp_rank == 0

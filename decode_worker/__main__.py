@@ -1,0 +1,44 @@
+"""`python -m decode_worker ...`: a decode worker process (leader, or a TP follower rank).
+
+Builds config from the CLI, then hands over to shared.worker_common.process.run_worker, which
+starts followers, serves health, loads the model and runs DecodeWorker's loop. The leader hosts
+the KV-link rendezvous (a TCPStore on --link_port, at --link_host or the control address's host).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shared.worker_common.config import add_flag, addr_host, common_parser, worker_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common_parser("decode")
+    add_flag(p, "link_port", type=int, required=True)
+    add_flag(p, "link_host", default="")
+    add_flag(p, "max_running", type=int, default=64)
+    add_flag(p, "reserve_new_tokens", type=int, default=256,
+             help="decode tokens reserved up front per request (min with max_new_tokens); more grow on demand")
+    add_flag(p, "handoff_timeout_s", type=float, default=60.0)
+    add_flag(p, "mtp_step", type=int, default=0)
+    add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])
+    add_flag(p, "graph_max_batch_size", type=int, default=0)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = worker_config("decode", a)
+    link_host = a.link_host or addr_host(a.control_addr)
+
+    def build(cfg, engine, io, metrics):
+        from shared.kvcache.allocator import PageAllocator
+        from decode_worker.worker import DecodeWorker
+
+        pages = PageAllocator(cfg.num_pages)
+        return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,
+                            a.reserve_new_tokens, a.handoff_timeout_s)
+
+    from shared.worker_common.process import run_worker
+
+    run_worker(cfg, "decode_worker", build)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""`python -m prefill_worker ...`: a prefill worker process (leader, or a TP follower rank).
+
+Builds config from the CLI, then hands over to shared.worker_common.process.run_worker, which
+starts followers, serves health, loads the model and runs PrefillWorker's loop.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shared.worker_common.config import add_flag, common_parser, parse_peers, worker_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common_parser("prefill")
+    add_flag(p, "decode", action="append", default=[], help="decode leader: id=tcp://host:port (repeat)")
+    add_flag(p, "chunked_prefill_size", type=int, default=512)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = worker_config("prefill", a)
+    decodes = parse_peers(a.decode)
+
+    def build(cfg, engine, io, metrics):
+        from shared.kvcache.allocator import PageAllocator
+        from prefill_worker.worker import PrefillWorker
+
+        pages = PageAllocator(cfg.num_pages)
+        return PrefillWorker(cfg, decodes, engine, io, metrics, pages, a.chunked_prefill_size)
+
+    from shared.worker_common.process import run_worker
+
+    run_worker(cfg, "prefill_worker", build)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The prefill worker leader's loop (TP rank 0 of a prefill worker process).
+
+Each turn: read control messages (PrefillRequest, Abort, LinkInfo), run one chunked-prefill
+step if any prompt waits, push complete KV pages to decode workers, send first tokens to the
+router, poll transfers and free pages whose sends completed, heartbeat every --heartbeat_s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shared import protocol as P
+from shared.worker_common.engine import Engine
+from shared.worker_common.io import WorkerIO
+from shared.worker_common.metrics import WorkerMetrics
+from shared.worker_common.plan import LinkOp, StepPlan, seq_plan
+from shared.worker_common.sampling import generator_for, sample_rows
+from prefill_worker.pusher import Push, Pusher
+from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
+
+log = logging.getLogger("prefill_worker")
+
+
+class PrefillWorker:
+    def __init__(self, cfg, decodes: dict[str, str], engine: Engine, io: WorkerIO, metrics: WorkerMetrics,
+                 pages, chunk_budget: int):
+        self.cfg, self.decodes, self.engine, self.io, self.metrics, self.pages = cfg, decodes, engine, io, metrics, pages
+        self.sched = PrefillScheduler(pages, cfg.page_size, chunk_budget)
+        self.pusher = Pusher(cfg.worker_id, cfg.page_size, engine.cache.layout.page_bytes())
+        self.eos_ids = frozenset(engine.runner.config.eos_token_ids)
+        self.generation = time.time_ns() // 1000 % (1 << 62)
+        self.links: dict[str, int] = {}  # decode id -> generation of the live link
+        self.pending_ops: list[LinkOp] = []  # link ops for the next plan (connect / wait)
+        self.alive = True
+        self._last_beat = self._last_hello = 0.0
+        self._idle_since: float | None = None
+
+    # ---- readiness ----------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if not self.links:
+            return False, "no KV link to any decode worker yet"
+        return True, ""
+
+    # ---- loop -----------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while self.alive:
+            busy = self.sched.num_queued() > 0 or bool(self.pusher.inflight)
+            for msg in self.io.recv(0 if busy else 20):
+                self.handle(msg)
+            self.step()
+            self.poll_sends()
+            self.housekeeping()
+
+    def handle(self, msg: P.Msg) -> None:
+        if isinstance(msg, P.PrefillRequest):
+            self.on_request(msg)
+        elif isinstance(msg, P.Abort):
+            self.on_abort(msg.rid)
+        elif isinstance(msg, P.LinkInfo):
+            self.on_link_info(msg)
+        else:
+            log.warning("prefill %s: unexpected %s", self.cfg.worker_id, type(msg).__name__)
+
+    def on_request(self, msg: P.PrefillRequest) -> None:
+        prompt = P.unpack_ids(msg.prompt_ids)
+        if msg.decode_id not in self.links:
+            self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, retryable=True,
+                                             message=f"prefill {self.cfg.worker_id} has no KV link to {msg.decode_id}"))
+            return
+        seq = PrefillSeq(msg.rid, prompt, msg.sampling, msg.decode_id, P.unpack_ids(msg.decode_page_ids))
+        try:
+            self.sched.add(seq)
+        except ValueError as e:
+            self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, message=str(e)))
+
+    def on_abort(self, rid: str) -> None:
+        seq = self.sched.abort(rid)
+        if seq is None:
+            return
+        self.metrics.aborts.inc()
+        if seq.page_ids:  # admitted: the decode may be waiting for pushes; tell it none follow
+            self.io.to_peer(self.decodes[seq.decode_id], self.pusher.abort_announce(seq))
+        else:
+            self.pages.release(rid)
+
+    def on_link_info(self, msg: P.LinkInfo) -> None:
+        if self.links.get(msg.decode_id) == msg.generation:
+            return
+        gen = f"{self.generation}.{msg.generation}"
+        op = LinkOp("connect", msg.decode_id, host=msg.link_host, port=msg.link_port, xfer_id=gen)
+        self.engine.lead(StepPlan(mode="", link_ops=[op]))  # blocks until the decode side joins
+        self.links[msg.decode_id] = msg.generation
+        log.info("prefill %s: KV link to %s up (generation %s)", self.cfg.worker_id, msg.decode_id, gen)
+
+    # ---- one step -------------------------------------------------------------------
+    def step(self) -> None:
+        chunks = self.sched.schedule()
+        ops, self.pending_ops = self.pending_ops, []
+        if not chunks:
+            if ops:
+                self.engine.lead(StepPlan(mode="", link_ops=ops))
+            return
+        t0 = time.monotonic()
+        plan = StepPlan(mode="prefill", link_ops=ops)
+        for c in chunks:
+            ids = c.seq.prompt_ids[c.start : c.start + c.length]
+            plan.seqs.append(seq_plan(ids, c.start, c.seq.page_ids, want_logits=c.is_last))
+        pushes = self._pushes(chunks, plan)
+        out = self.engine.lead(plan)  # forward, then this step's sends on every rank
+        self._first_tokens(chunks, out.logits, pushes)
+        for push in pushes:
+            self.io.to_peer(self.decodes[push.decode_id], push.announce)
+        self.metrics.add_tokens(sum(c.length for c in chunks))
+        self.metrics.step_time.observe(time.monotonic() - t0)
+
+    def _pushes(self, chunks: list[Chunk], plan: StepPlan) -> dict[str, Push]:
+        """Send ops for every page this step completes (appended to the plan); by rid."""
+        pushes: dict[str, Push] = {}
+        row = -1
+        for c in chunks:
+            row += c.length  # row of this chunk's last token in the step's hidden states [T, H]
+            push = self.pusher.push(c.seq, hidden_row=row)
+            if push is not None:
+                plan.link_ops.append(push.op)
+                pushes[c.seq.rid] = push
+        return pushes
+
+    def _first_tokens(self, chunks: list[Chunk], logits, pushes: dict[str, Push]) -> None:
+        """Sample the first token of every finished prompt; send it to the router now (counted once)."""
+        last = [c.seq for c in chunks if c.is_last]
+        if not last:
+            return
+        rows = sample_rows(logits, [s.sampling for s in last], [s.prompt_ids for s in last],
+                           [s.prompt_len for s in last], [generator_for(s.sampling) for s in last])
+        for seq, r in zip(last, rows):
+            reason = first_finish_reason(r.token_id, seq.sampling, self.eos_ids)
+            want_lp = seq.sampling.logprobs
+            self.io.to_router(P.TokenEvent(
+                rid=seq.rid, worker_id=self.cfg.worker_id, token_ids=P.pack_ids([r.token_id]),
+                logprobs=[r.logprob] if want_lp else [], top_logprobs=[r.top] if want_lp else [],
+                finished=reason is not None, finish_reason=reason,
+            ))
+            ann = pushes[seq.rid].announce
+            ann.first_token, ann.first_logprob, ann.first_finished = r.token_id, r.logprob, reason is not None
+
+    # ---- transfers, heartbeat, leak check -------------------------------------------
+    def poll_sends(self) -> None:
+        for rid, entry in list(self.pusher.inflight.items()):
+            for xfer in list(entry.xfers):
+                state = self.engine.links.poll(entry.seq.decode_id, xfer)
+                if state == "pending":
+                    continue
+                secs, nbytes = self.pusher.done_xfer(rid, xfer)
+                if state == "done":
+                    self.metrics.kv_transfer(nbytes, secs)
+                else:
+                    self._link_failed(entry.seq, state)
+        for entry in self.pusher.releasable():
+            self.pending_ops.append(LinkOp("wait", entry.seq.decode_id, entry.seq.rid))
+            self.pages.release(entry.seq.rid)
+            self.metrics.requests.inc()
+
+    def _link_failed(self, seq: PrefillSeq, state: str) -> None:
+        self.metrics.handoff_failure(state)
+        self.links.pop(seq.decode_id, None)  # the next LinkInfo rebuilds it
+        self.io.to_router(P.RequestError(rid=seq.rid, worker_id=self.cfg.worker_id,
+                                         message=f"KV transfer to {seq.decode_id} {state}"))
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_hello > (5.0 if self.links else 0.5):
+            self._last_hello = now
+            for addr in self.decodes.values():
+                self.io.to_peer(addr, P.LinkHello(prefill_id=self.cfg.worker_id, reply_addr=self.cfg.control_addr,
+                                                  tp_size=self.cfg.tp_size, generation=self.generation))
+        if now - self._last_beat >= self.cfg.heartbeat_s:
+            self._last_beat = now
+            self.heartbeat()
+        self._check_idle(now)
+
+    def heartbeat(self) -> None:
+        ok, _ = self.ready()
+        used, free = self.pages.num_used, self.pages.num_free
+        self.metrics.pages(used, free)
+        self.metrics.ready.set(int(ok))
+        self.metrics.queue_depth.set(self.sched.num_queued())
+        self.metrics.queued_tokens.set(self.sched.queued_tokens())
+        self.io.to_router(P.WorkerStatus(
+            worker_id=self.cfg.worker_id, role="prefill", ready=ok, queued_tokens=self.sched.queued_tokens(),
+            running=len(self.pusher.inflight), free_pages=free, total_pages=free + used, used_pages=used,
+            tp_size=self.cfg.tp_size,
+        ))
+
+    def _check_idle(self, now: float) -> None:
+        """Idle for 1 s: every page must be free; a leak is logged loudly, counted and reclaimed."""
+        if self.sched.num_queued() or self.pusher.inflight:
+            self._idle_since = None
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since > 1.0:
+            self._idle_since = now + 3600.0  # once per idle period
+            leaked = self.pages.check_idle()
+            if leaked:
+                log.error("PAGE LEAK on prefill %s: %s", self.cfg.worker_id, leaked)
+                self.metrics.page_leaks.inc(sum(len(v) for v in leaked.values()) if isinstance(leaked, dict) else leaked)
+
+
+def first_finish_reason(token: int, sampling: P.SamplingParams, eos_ids: frozenset[int]) -> str | None:
+    if not sampling.ignore_eos and token in eos_ids:
+        return "stop"
+    if token in sampling.stop_token_ids:
+        return "stop"
+    return "length" if sampling.max_new_tokens <= 1 else None

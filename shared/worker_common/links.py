@@ -1,0 +1,120 @@
+"""This rank's KV links, one per peer worker (every rank of prefill and decode workers).
+
+Applies the LinkOps of a step plan on top of shared.kvcache's KVLink (gloo on CPU, NCCL on
+GPU; the KV-link part owns it): rank i of a prefill worker talks to rank i of a decode worker.
+Transfer ids are f"{rid}/{chunk_index}"; a last push also moves the prompt's final hidden
+state as f"{rid}/{chunk_index}/h" (shape [hidden], the MTP seed). `poll` answers "pending",
+"done" or a failure reason; "wait" blocks this rank until its own transfers of a rid (or one
+xfer) completed, so followers never reuse a page their link still reads or writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+from shared.protocol import unpack_ids
+from shared.worker_common.plan import LinkOp
+
+log = logging.getLogger(__name__)
+
+
+class LinkSet:
+    def __init__(self, role: str, worker_id: str, tp_rank: int, tp_size: int, cache: PagedKVCache,
+                 hidden_size: int = 0, hidden_dtype: torch.dtype = torch.float32):
+        self.role, self.worker_id, self.tp_rank, self.tp_size = role, worker_id, tp_rank, tp_size
+        self.cache = cache
+        self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
+        self.links: dict[str, object] = {}  # peer id -> KVLink
+        self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
+        self.hiddens: dict[str, torch.Tensor] = {}  # xfer id -> received hidden [hidden]
+
+    def apply(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
+        getattr(self, "_" + op.kind)(op, hidden)
+
+    def _connect(self, op: LinkOp, _) -> None:
+        from shared.kvcache.link import open_link  # the KV-link part's factory
+
+        old = self.links.pop(op.peer, None)
+        if old is not None:
+            old.close()
+        prefill_id, decode_id = (self.worker_id, op.peer) if self.role == "prefill" else (op.peer, self.worker_id)
+        self.links[op.peer] = open_link(
+            role=self.role, host=op.host, port=op.port, is_server=self.role == "decode" and self.tp_rank == 0,
+            prefix=f"{prefill_id}/{decode_id}/{op.xfer_id}/r{self.tp_rank}", cache=self.cache,
+        )
+        self.xfers[op.peer] = set()
+
+    def _send(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
+        link = self.links[op.peer]
+        link.send_pages(op.xfer_id, self.cache, _ids(op.page_ids, self.cache))
+        self.xfers[op.peer].add(op.xfer_id)
+        if op.hidden_row >= 0:
+            assert hidden is not None, "a last push needs the step's hidden states"
+            link.send_tensor(op.xfer_id + "/h", hidden[op.hidden_row].contiguous())
+            self.xfers[op.peer].add(op.xfer_id + "/h")
+
+    def _recv(self, op: LinkOp, _, cache: PagedKVCache | None = None) -> None:
+        link = self.links[op.peer]
+        cache = cache or self.cache
+        if op.page_ids:
+            link.recv_pages(op.xfer_id, cache, _ids(op.page_ids, cache, drain=cache is not self.cache))
+            self.xfers[op.peer].add(op.xfer_id)
+        if op.hidden_row > 0:
+            buf = torch.empty(self.hidden_size, dtype=self.hidden_dtype, device=self.cache.buffer.device)
+            link.recv_tensor(op.xfer_id + "/h", buf)
+            self.hiddens[op.xfer_id] = buf
+            self.xfers[op.peer].add(op.xfer_id + "/h")
+
+    def _drain(self, op: LinkOp, _) -> None:
+        """Receive a push meant for pages no longer held here into a scratch cache, then drop it."""
+        n = len(unpack_ids(op.page_ids))
+        scratch = PagedKVCache(self.cache.layout, max(n, 1), self.cache.buffer.device)
+        self._recv(op, None, cache=scratch)
+
+    def _wait(self, op: LinkOp, _) -> None:
+        link = self.links.get(op.peer)
+        if link is None:
+            return
+        mine = [x for x in self.xfers.get(op.peer, ()) if x == op.xfer_id or x.startswith(op.xfer_id + "/")]
+        deadline = time.monotonic() + 120.0
+        for x in mine:
+            while link.poll(x) == "pending":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.worker_id} rank {self.tp_rank}: transfer {x} never completed")
+                time.sleep(0.0005)
+            self.xfers[op.peer].discard(x)
+
+    def _close(self, op: LinkOp, _) -> None:
+        link = self.links.pop(op.peer, None)
+        if link is not None:
+            link.close()
+
+    def poll(self, peer: str, xfer_id: str) -> str:
+        """"pending" | "done" | a failure reason, for a transfer and its hidden part together."""
+        link = self.links.get(peer)
+        if link is None:
+            return "link_down"
+        states = [link.poll(x) for x in (xfer_id, xfer_id + "/h") if x in self.xfers.get(peer, ())]
+        for s in states:
+            if s not in ("pending", "done"):
+                return str(s)
+        return "pending" if "pending" in states else "done"
+
+    def take_hidden(self, peer: str, xfer_id: str) -> torch.Tensor | None:
+        return self.hiddens.pop(xfer_id, None)
+
+    def close_all(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+
+
+def _ids(packed: bytes, cache: PagedKVCache, drain: bool = False) -> torch.Tensor:
+    ids = unpack_ids(packed)
+    if drain:  # scratch cache: pages 0..n-1
+        ids = list(range(len(ids)))
+    return torch.tensor(ids, dtype=torch.int64, device=cache.buffer.device)
