@@ -47,3 +47,27 @@ def fp8_grid_round(x):
     step = tl.exp2(e - 3.0)
     r = tl.floor(ax / step + 0.5) * step
     return tl.where(x < 0, -r, r)
+
+
+# The interpreter's tl.dot on bf16 operands returns garbage (triton 3.9, numpy has no bf16): under the
+# interpreter kernels upcast 16-bit dot operands to fp32 (the products are exact either way).
+@triton.jit
+def dot_in(x, UPCAST: tl.constexpr):
+    if UPCAST:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+POISON = os.environ.get("KERNELS_POISON", "0") == "1"  # tests: every output starts as NaN / garbage
+
+
+def new_out(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs; filled with NaN (floats) or 0x7F bytes (fp8 NaN) when POISON is on."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        if dtype.is_floating_point and t.element_size() > 1:
+            t.fill_(float("nan"))
+        else:
+            t.view(torch.uint8).fill_(0x7F) if t.numel() else None
+    return t

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import FP8_DTYPE, FP8_MAX, INTERPRET, check, fp8_grid_round, next_pow2
+from kernels._common import new_out, FP8_DTYPE, FP8_MAX, INTERPRET, check, fp8_grid_round, next_pow2
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,8 @@ def _silu_mul_kernel(
 def _silu_launch(x: torch.Tensor, quant: bool):
     check(x.dim() == 2 and x.stride(1) == 1 and x.shape[1] % 2 == 0, "x must be [T, 2I], contiguous rows")
     t, i = x.shape[0], x.shape[1] // 2
-    out = torch.empty((t, i), dtype=FP8_DTYPE if quant else x.dtype, device=x.device)
-    scale = torch.empty((t, 1), dtype=torch.float32, device=x.device)
+    out = new_out((t, i), dtype=FP8_DTYPE if quant else x.dtype, device=x.device)
+    scale = new_out((t, 1), dtype=torch.float32, device=x.device)
     if t:
         block = min(next_pow2(i), 2048)
         _silu_mul_kernel[(t,)](
@@ -123,8 +123,8 @@ def quant_fp8_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, to
     t, k = x.shape
     check(group <= 16384, "group too wide")
     num_groups = triton.cdiv(k, group)
-    q = torch.empty((t, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((t, num_groups), dtype=torch.float32, device=x.device)
+    q = new_out((t, k), dtype=FP8_DTYPE, device=x.device)
+    s = new_out((t, num_groups), dtype=torch.float32, device=x.device)
     if t and k:
         block = next_pow2(group)
         _quant_group_kernel[(t, num_groups)](

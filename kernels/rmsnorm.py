@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check, next_pow2
+from kernels._common import new_out, check, next_pow2
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,12 +58,12 @@ def _launch(x, residual, weight, eps):
     check(d <= 16384, "row too wide for one program")
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     x2 = _rows(x)
-    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    y = new_out(x2.shape, dtype=out_dtype, device=x.device)
     res2 = s = None
     if residual is not None:
         check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
         res2 = _rows(residual)
-        s = torch.empty_like(x2)
+        s = new_out(x2.shape, x2.dtype, x2.device)
     n_rows = x2.shape[0]
     if n_rows:
         block = next_pow2(d)

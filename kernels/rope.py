@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check, next_pow2
+from kernels._common import POISON, check, next_pow2
 
 
 def rope_ref(x, cos, sin, rotary_dim: int, interleaved: bool) -> torch.Tensor:
@@ -92,6 +92,8 @@ def _launch(x, out, cos, sin, positions, rotary_dim, interleaved):
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
     """Out-of-place form with shared.model.ops' signature: cos/sin [T, rotary_dim // 2]."""
     out = x.clone()
+    if POISON:
+        out[..., :rotary_dim] = float("nan")
     _launch(x, out, cos, sin, None, rotary_dim, interleaved)
     return out
 

@@ -1,0 +1,76 @@
+"""Paged attention kernel vs torch: decode, chunked prefill, GQA and MLA layouts, split-K (interpreter on CPU)."""
+
+import random
+
+import pytest
+import torch
+
+from kernels.paged_attention import paged_attention, paged_attention_fwd, paged_attention_ref
+from shared.runner.batch import ForwardBatch, ForwardMode
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+PAGE = 4
+
+
+def _batch(prefix_lens, query_lens, num_pages, seed):
+    rng = random.Random(seed)
+    pages = list(range(num_pages))
+    rng.shuffle(pages)  # non-contiguous, out-of-order pages
+    seqs = []
+    for p, q in zip(prefix_lens, query_lens):
+        n = -(-(p + q) // PAGE)
+        seqs.append(([1] * q, p, [pages.pop() for _ in range(n)]))
+    mode = ForwardMode.DECODE if all(q == 1 for q in query_lens) else ForwardMode.PREFILL
+    return ForwardBatch.build(mode, seqs, PAGE, device=DEV)
+
+
+def _check(out, ref, dtype):
+    assert not torch.isnan(out).any()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix,query", [([0, 5], [7, 3]), ([9, 0, 2], [1, 1, 1])])
+def test_gqa(prefix, query, dtype):
+    torch.manual_seed(len(prefix))
+    hq, hkv, d = 6, 2, 24
+    batch = _batch(prefix, query, 16, seed=1)
+    cache = torch.randn(2, 16 * PAGE, hkv, d, device=DEV).to(dtype)
+    q = torch.randn(batch.num_tokens, hq, d, device=DEV).to(dtype)
+    out = paged_attention(q, cache[0], cache[1], batch, PAGE, d ** -0.5)
+    _check(out, paged_attention_ref(q, cache[0], cache[1], batch, PAGE, d ** -0.5), dtype)
+
+
+def test_mla_latent_cache_v_is_k_prefix():
+    torch.manual_seed(3)
+    hq, d_latent, d_rope = 5, 40, 8  # MLA: one shared KV head, entry = [latent | rope]
+    batch = _batch([3, 6], [4, 1], 12, seed=2)
+    cache = torch.randn(12 * PAGE, 1, d_latent + d_rope, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
+    v = cache[..., :d_latent]
+    out = paged_attention(q, cache, v, batch, PAGE, 0.1)
+    _check(out, paged_attention_ref(q, cache, v, batch, PAGE, 0.1), torch.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_split_k_long_context(splits):
+    torch.manual_seed(4)
+    hq, hkv, d = 4, 1, 16
+    batch = _batch([37, 5], [1, 1], 16, seed=3)
+    cache = torch.randn(2, 16 * PAGE, hkv, d, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d, device=DEV)
+    out = paged_attention_fwd(
+        q, cache[0], cache[1], batch.page_table, batch.seq_lens, batch.query_start_loc, PAGE, 0.3,
+        max_q_len=1, max_seq_len=38, num_splits=splits,
+    )
+    _check(out, paged_attention_ref(q, cache[0], cache[1], batch, PAGE, 0.3), torch.float32)
+
+
+def test_rejects_int64_page_table():
+    batch = _batch([0], [2], 2, seed=0)
+    cache = torch.randn(2, 2 * PAGE, 1, 16, device=DEV)
+    q = torch.randn(2, 1, 16, device=DEV)
+    with pytest.raises(ValueError):
+        paged_attention_fwd(q, cache[0], cache[1], batch.page_table.long(), batch.seq_lens,
+                            batch.query_start_loc, PAGE, 1.0, 2, 2)
