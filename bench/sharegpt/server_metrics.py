@@ -1,10 +1,11 @@
 """Server-side figures from Prometheus `/metrics`, scraped before and after a run (benchmark client).
 
 Any server works: absent metrics leave their figure out. Names are matched by suffix, summed over
-labels and over every scraped URL (router and worker health ports), so the fleet's
-`*_kv_transfer_bytes_total`, `*_kv_transfer_seconds_total`, `*_kv_pages_used`, `*_kv_pages_total`,
-`*queue*` gauges and `*_mtp_draft_tokens_total` / `*_mtp_accepted_tokens_total` counters become
-KV transfer GB/s, pages used, queue depths and MTP acceptance.
+labels and over every scraped URL (router and worker health ports); a sample with a `role` label
+is also kept per role as `name[role=R]`. The fleet's `glm_worker_kv_transfer_bytes_total` /
+`_seconds_total` (the prefill side's when both sides count), `*_kv_pages_used` / `*_kv_pages_free`
+(or `*_kv_pages_total`), `*queue*` gauges and `*_mtp_draft_tokens_total` /
+`*_mtp_accepted_tokens_total` counters become KV transfer GB/s, pages used, queue depths and MTP acceptance.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def parse(text: str) -> Sample:
             if s.name.endswith(("_created", "_bucket")):
                 continue
             out[s.name] += float(s.value)
+            if "role" in s.labels:
+                out[f"{s.name}[role={s.labels['role']}]"] += float(s.value)
     return dict(out)
 
 
@@ -47,27 +50,37 @@ def _sum(sample: Sample, suffix: str) -> float | None:
     return sum(vals) if vals else None
 
 
-def _delta(before: Sample, after: Sample, suffix: str) -> float | None:
-    a = _sum(after, suffix)
+def _sender(sample: Sample, suffix: str) -> float | None:
+    """The prefill (sending) side's value when the series is labelled by role, else the plain sum."""
+    side = _sum(sample, f"{suffix}[role=prefill]")
+    return side if side is not None else _sum(sample, suffix)
+
+
+def _delta(before: Sample, after: Sample, suffix: str, pick=_sum) -> float | None:
+    a = pick(after, suffix)
     if a is None:
         return None
-    return a - (_sum(before, suffix) or 0.0)
+    return a - (pick(before, suffix) or 0.0)
 
 
 def summarize(before: Sample, after: Sample, duration: float) -> dict:
     """Figures for the report; keys present only when the server exposes their metrics."""
     out: dict = {}
-    nbytes = _delta(before, after, "kv_transfer_bytes_total")
-    secs = _delta(before, after, "kv_transfer_seconds_total")
+    nbytes = _delta(before, after, "kv_transfer_bytes_total", _sender)
+    secs = _delta(before, after, "kv_transfer_seconds_total", _sender)
     if nbytes is not None:
         out["kv_transfer_gb"] = nbytes / 1e9
         out["kv_transfer_gb_per_s_over_run"] = nbytes / 1e9 / duration if duration > 0 else 0.0
         if secs:
             out["kv_transfer_gb_per_s_while_sending"] = nbytes / 1e9 / secs
-    for key, suffix in (("kv_pages_used", "kv_pages_used"), ("kv_pages_total", "kv_pages_total")):
-        if (v := _sum(after, suffix)) is not None:
-            out[key] = v
-    queues = {k: v for k, v in after.items() if "queue" in k and not k.endswith("_total")}
+    used, free = _sum(after, "kv_pages_used"), _sum(after, "kv_pages_free")
+    if used is not None:
+        out["kv_pages_used"] = used
+        out["kv_pages_used_by_role"] = {k.split("[role=")[1][:-1]: v for k, v in after.items()
+                                        if "kv_pages_used[role=" in k}
+        total = _sum(after, "kv_pages_total")
+        out["kv_pages_total"] = total if total is not None else used + (free or 0.0)
+    queues = {k: v for k, v in after.items() if "queue" in k and not k.endswith(("_total", "]"))}
     if queues:
         out["queue_depths"] = queues
     drafted = _delta(before, after, "mtp_draft_tokens_total")
@@ -76,6 +89,6 @@ def summarize(before: Sample, after: Sample, duration: float) -> dict:
         out["mtp_draft_tokens"] = drafted
         out["mtp_accepted_tokens"] = accepted or 0.0
         out["mtp_acceptance_rate"] = (accepted or 0.0) / drafted
-    counters = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total")}
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total") or "_total[" in k}
     out["counter_deltas"] = {k: v for k, v in counters.items() if v}
     return out

@@ -1,0 +1,46 @@
+"""Server-side figures from two Prometheus scrapes, in the fleet's metric names (glm_worker_*)."""
+
+import pytest
+
+from bench.sharegpt.server_metrics import parse, summarize
+
+
+def _scrape(nbytes_p, nbytes_d, secs_p, used_d, drafted=None, accepted=None) -> str:
+    lines = [
+        "# TYPE glm_worker_kv_transfer_bytes counter",
+        f'glm_worker_kv_transfer_bytes_total{{worker="p0",role="prefill"}} {nbytes_p}',
+        f'glm_worker_kv_transfer_bytes_total{{worker="d0",role="decode"}} {nbytes_d}',
+        "# TYPE glm_worker_kv_transfer_seconds counter",
+        f'glm_worker_kv_transfer_seconds_total{{worker="p0",role="prefill"}} {secs_p}',
+        "# TYPE glm_worker_kv_pages_used gauge",
+        f'glm_worker_kv_pages_used{{worker="p0",role="prefill"}} 2',
+        f'glm_worker_kv_pages_used{{worker="d0",role="decode"}} {used_d}',
+        "# TYPE glm_worker_kv_pages_free gauge",
+        f'glm_worker_kv_pages_free{{worker="p0",role="prefill"}} 98',
+        f'glm_worker_kv_pages_free{{worker="d0",role="decode"}} {100 - used_d}',
+        "# TYPE glm_worker_queue_depth gauge",
+        'glm_worker_queue_depth{worker="p0",role="prefill"} 4',
+    ]
+    if drafted is not None:
+        lines += ["# TYPE glm_worker_mtp_draft_tokens counter", f"glm_worker_mtp_draft_tokens_total {drafted}",
+                  "# TYPE glm_worker_mtp_accepted_tokens counter", f"glm_worker_mtp_accepted_tokens_total {accepted}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_kv_gbps_counts_the_sender_once():
+    before = parse(_scrape(1e9, 1e9, 1.0, 0))
+    after = parse(_scrape(4e9, 4e9, 2.5, 30))
+    s = summarize(before, after, duration=10.0)
+    assert s["kv_transfer_gb"] == pytest.approx(3.0)  # prefill side only, not both sides
+    assert s["kv_transfer_gb_per_s_while_sending"] == pytest.approx(2.0)
+    assert s["kv_transfer_gb_per_s_over_run"] == pytest.approx(0.3)
+    assert s["kv_pages_used"] == 32 and s["kv_pages_total"] == 200
+    assert s["kv_pages_used_by_role"] == {"prefill": 2.0, "decode": 30.0}
+    assert s["queue_depths"] == {"glm_worker_queue_depth": 4.0}
+    assert "mtp_acceptance_rate" not in s
+
+
+def test_mtp_acceptance_and_absent_metrics():
+    s = summarize(parse(_scrape(0, 0, 0, 0, 100, 60)), parse(_scrape(0, 0, 0, 0, 300, 210)), 1.0)
+    assert s["mtp_acceptance_rate"] == pytest.approx(0.75)
+    assert summarize({}, {}, 1.0) == {"counter_deltas": {}}
