@@ -173,7 +173,7 @@ class DecodeWorker:
             self.io.to_router(P.WorkerStatus(
                 worker_id=self.cfg.worker_id, role="decode", ready=self.ready()[0], running=len(self.running),
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),
-                free_pages=free, total_pages=free + used, used_pages=used, tp_size=self.cfg.tp_size,
+                free_pages=free, total_pages=self.pages.capacity, used_pages=used, tp_size=self.cfg.tp_size,
             ))
         self._check_idle(now)
 
@@ -188,4 +188,4 @@ class DecodeWorker:
             leaked = self.pages.check_idle()
             if leaked:
                 log.error("PAGE LEAK on decode %s: %s", self.cfg.worker_id, leaked)
-                self.metrics.page_leaks.inc(len(leaked))
+                self.metrics.page_leaks.inc(sum(len(leak.page_ids) for leak in leaked))

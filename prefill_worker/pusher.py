@@ -46,22 +46,20 @@ class Pusher:
         self.page_bytes = page_bytes
         self.inflight: dict[str, Inflight] = {}
 
-    def push(self, seq: PrefillSeq, hidden_row: int, first: tuple[int, float, bool] | None) -> Push | None:
+    def push(self, seq: PrefillSeq, hidden_row: int) -> Push | None:
         """The next push of `seq` after a step (None when no new page is complete and not last).
 
         hidden_row: row of this step's hidden states holding the prompt's last token (last push).
-        first: (token, logprob, finished) on the last push."""
+        The caller fills the announce's first_token / first_logprob / first_finished after sampling."""
         lo, hi = seq.num_pushed_pages, complete_pages(seq, self.page_size)
         is_last = seq.done
         if hi == lo and not is_last:
             return None
         k = seq.num_chunks_pushed
         xfer = f"{seq.rid}/{k}"
-        tok, lp, fin = first if first is not None else (-1, 0.0, False)
         ann = KVChunkReady(
             rid=seq.rid, prefill_id=self.worker_id, page_ids=pack_ids(seq.decode_page_ids[lo:hi]),
-            num_tokens=seq.num_done, is_last=is_last, first_token=tok, first_logprob=lp,
-            chunk_index=k, has_hidden=is_last, first_finished=fin,
+            num_tokens=seq.num_done, is_last=is_last, chunk_index=k, has_hidden=is_last,
         )
         op = LinkOp("send", seq.decode_id, xfer, pack_ids(seq.page_ids[lo:hi]), hidden_row=hidden_row if is_last else -1)
         seq.num_pushed_pages, seq.num_chunks_pushed = hi, k + 1

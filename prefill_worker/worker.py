@@ -188,7 +188,7 @@ class PrefillWorker:
         self.metrics.queued_tokens.set(self.sched.queued_tokens())
         self.io.to_router(P.WorkerStatus(
             worker_id=self.cfg.worker_id, role="prefill", ready=ok, queued_tokens=self.sched.queued_tokens(),
-            running=len(self.pusher.inflight), free_pages=free, total_pages=free + used, used_pages=used,
+            running=len(self.pusher.inflight), free_pages=free, total_pages=self.pages.capacity, used_pages=used,
             tp_size=self.cfg.tp_size,
         ))
 
@@ -204,7 +204,7 @@ class PrefillWorker:
             leaked = self.pages.check_idle()
             if leaked:
                 log.error("PAGE LEAK on prefill %s: %s", self.cfg.worker_id, leaked)
-                self.metrics.page_leaks.inc(sum(len(v) for v in leaked.values()) if isinstance(leaked, dict) else leaked)
+                self.metrics.page_leaks.inc(sum(len(leak.page_ids) for leak in leaked))
 
 
 def first_finish_reason(token: int, sampling: P.SamplingParams, eos_ids: frozenset[int]) -> str | None:
