@@ -1,0 +1,143 @@
+"""FP8 (e4m3) GEMMs for FP8 checkpoints: Triton on CUDA, torch references beside; every worker rank.
+
+  y [M, N] = (A_q [M, K] . W_q [N, K]^T) * scales (+ bias), out in bf16 (or the activation dtype)
+- per-channel (GLM-4.x FP8, compressed-tensors): A scale per token [M, 1], W scale per row [N, 1];
+  the scales factor out of the K sum, so they multiply the fp32 accumulator once at the end.
+- block-scaled: W scale per 128x128 block [cdiv(N,128), cdiv(K,128)], A scale per 1x128 group
+  [M, cdiv(K,128)]; BLOCK_K = 128 so each K step scales its partial product before adding it.
+FLOPs 2MNK; bytes MK + NK + 2MN. Tiles are walked in GROUP_M-row bands so W tiles stay in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import FP8_DTYPE, check, gpu_name, new_out
+from kernels.act_quant import quant_fp8_group, quant_fp8_per_token
+
+
+def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
+    """Dequantize and multiply in fp32. block=0: per-token x per-channel; block=128: block-scaled."""
+    a = a_q.float()
+    w = w_q.float()
+    if block:
+        a = a * a_scale.repeat_interleave(block, dim=1)[:, : a.shape[1]]
+        w = w * w_scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: w.shape[0], : w.shape[1]]
+        y = a @ w.t()
+    else:
+        y = (a @ w.t()) * a_scale.float() * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
+    a_sm, w_sn, c_sm, as_sm, ws_sn,
+    HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * grid_n)
+    first_m = band * GROUP_M
+    rows_in_band = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_band
+    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_band
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T tile
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - kb * BLOCK_K
+        a = tl.load(a_p, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
+        if BLOCK_SCALED:
+            sa = tl.load(as_ptr + rm * as_sm + kb, mask=rm < M, other=0.0)
+            sw = tl.load(ws_ptr + (rn // 128) * ws_sn + kb, mask=rn < N, other=0.0)
+            acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+        else:
+            acc = tl.dot(a, w, acc)
+        a_p += BLOCK_K
+        w_p += BLOCK_K
+    if not BLOCK_SCALED:
+        sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
+        sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+        acc = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_p = c_ptr + rm.to(tl.int64)[:, None] * c_sm + rn[None, :]
+    tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# Launch configs as data: (gpu, M bucket) -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+# M buckets: "small" M <= 64 (decode), "mid" M <= 512, "large". Not yet tuned on hardware (see
+# bench/KERNEL_NOTES.md); the Hopper entries follow the usual fp8 wgmma tile shapes.
+CONFIGS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("default", "small"): (16, 64, 128, 1, 4, 4),
+    ("default", "mid"): (64, 128, 128, 8, 4, 4),
+    ("default", "large"): (128, 128, 128, 8, 8, 4),
+    ("H100", "large"): (128, 256, 128, 8, 8, 3),
+    ("H200", "large"): (128, 256, 128, 8, 8, 3),
+    ("cpu", "small"): (16, 32, 32, 2, 4, 1),
+    ("cpu", "mid"): (16, 32, 32, 2, 4, 1),
+    ("cpu", "large"): (16, 32, 32, 2, 4, 1),
+}
+
+
+def _config(device, m: int, block_scaled: bool) -> tuple[int, ...]:
+    bucket = "small" if m <= 64 else ("mid" if m <= 512 else "large")
+    name = gpu_name(device)
+    cfg = CONFIGS.get((name, bucket)) or CONFIGS[("cpu" if name == "cpu" else "default", bucket)]
+    if block_scaled and cfg[2] != 128:
+        cfg = (*cfg[:2], 128, *cfg[3:])  # one K step per scale group
+    return cfg
+
+
+def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, block: int = 0) -> torch.Tensor:
+    """See the module docstring. a_q [M, K], w_q [N, K] e4m3 with contiguous K; block in {0, 128}."""
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    check(a_q.dtype == FP8_DTYPE and w_q.dtype == FP8_DTYPE, "operands must be float8_e4m3fn")
+    check(w_q.shape[1] == k and a_q.stride(1) == 1 and w_q.stride(1) == 1, "K must match and be contiguous")
+    check(block in (0, 128), "block must be 0 (per-channel) or 128")
+    kb, nb = triton.cdiv(k, 128), triton.cdiv(n, 128)
+    want_a = (m, kb) if block else (m, 1)
+    want_w = (nb, kb) if block else (n, 1)
+    check(tuple(a_scale.shape) == want_a and tuple(w_scale.shape) == want_w, f"scales must be {want_a}, {want_w}")
+    check(a_scale.dtype == w_scale.dtype == torch.float32, "scales must be fp32")
+    check(bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]")
+    a_scale, w_scale = a_scale.contiguous(), w_scale.contiguous()
+    out = new_out((m, n), out_dtype, a_q.device)
+    if m == 0:
+        return out
+    bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, bool(block))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_gemm_kernel[grid](
+        a_q, w_q, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
+        a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """shared.model.ops signature: W8A8 per-token x per-channel; x [..., K] -> [..., N] in x.dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quant_fp8_per_token(x2.contiguous())
+    y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """128x128 block-scaled weights (w_scale [cdiv(N,128), cdiv(K,128)]), 1x128 activation groups."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quant_fp8_group(x2.contiguous(), 128)
+    y = fp8_gemm(xq, xs, w_fp8, w_scale.float(), bias, x.dtype, block=128)
+    return y.reshape(*x.shape[:-1], -1)
