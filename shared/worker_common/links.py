@@ -36,7 +36,9 @@ class LinkSet:
         getattr(self, "_" + op.kind)(op, hidden)
 
     def _connect(self, op: LinkOp, _) -> None:
-        from shared.kvcache.link import open_link  # the KV-link part's factory
+        # TODO(kv-link): shared.kvcache.rendezvous had not landed when this was written; adapt
+        # the call below to its real factory (decode leader hosts the TCPStore on --link_port).
+        from shared.kvcache.rendezvous import open_link
 
         old = self.links.pop(op.peer, None)
         if old is not None:
@@ -50,30 +52,32 @@ class LinkSet:
 
     def _send(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
         link = self.links[op.peer]
-        link.send_pages(op.xfer_id, self.cache, _ids(op.page_ids, self.cache))
+        link.send_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids))
         self.xfers[op.peer].add(op.xfer_id)
         if op.hidden_row >= 0:
             assert hidden is not None, "a last push needs the step's hidden states"
             link.send_tensor(op.xfer_id + "/h", hidden[op.hidden_row].contiguous())
             self.xfers[op.peer].add(op.xfer_id + "/h")
 
-    def _recv(self, op: LinkOp, _, cache: PagedKVCache | None = None) -> None:
-        link = self.links[op.peer]
-        cache = cache or self.cache
-        if op.page_ids:
-            link.recv_pages(op.xfer_id, cache, _ids(op.page_ids, cache, drain=cache is not self.cache))
-            self.xfers[op.peer].add(op.xfer_id)
-        if op.hidden_row > 0:
-            buf = torch.empty(self.hidden_size, dtype=self.hidden_dtype, device=self.cache.buffer.device)
-            link.recv_tensor(op.xfer_id + "/h", buf)
-            self.hiddens[op.xfer_id] = buf
-            self.xfers[op.peer].add(op.xfer_id + "/h")
+    def _recv(self, op: LinkOp, _) -> None:
+        self._post_recv(op, discard=False)
 
     def _drain(self, op: LinkOp, _) -> None:
-        """Receive a push meant for pages no longer held here into a scratch cache, then drop it."""
-        n = len(unpack_ids(op.page_ids))
-        scratch = PagedKVCache(self.cache.layout, max(n, 1), self.cache.buffer.device)
-        self._recv(op, None, cache=scratch)
+        """Receive a push meant for pages no longer held here and drop it (keeps the link's order;
+        a discarding recv never writes a cache page)."""
+        self._post_recv(op, discard=True)
+
+    def _post_recv(self, op: LinkOp, discard: bool) -> None:
+        link = self.links[op.peer]
+        if op.page_ids:
+            link.recv_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids), discard=discard)
+            self.xfers[op.peer].add(op.xfer_id)
+        if op.hidden_row > 0:  # recv ops use hidden_row as a flag: 1 = a hidden state follows
+            buf = torch.empty(self.hidden_size, dtype=self.hidden_dtype, device=self.cache.buffer.device)
+            link.recv_tensor(op.xfer_id + "/h", buf, discard=discard)
+            if not discard:
+                self.hiddens[op.xfer_id] = buf
+            self.xfers[op.peer].add(op.xfer_id + "/h")
 
     def _wait(self, op: LinkOp, _) -> None:
         link = self.links.get(op.peer)
@@ -82,11 +86,12 @@ class LinkSet:
         mine = [x for x in self.xfers.get(op.peer, ()) if x == op.xfer_id or x.startswith(op.xfer_id + "/")]
         deadline = time.monotonic() + 120.0
         for x in mine:
-            while link.poll(x) == "pending":
+            while link.poll(x).value == "pending":
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.worker_id} rank {self.tp_rank}: transfer {x} never completed")
                 time.sleep(0.0005)
             self.xfers[op.peer].discard(x)
+            link.forget(x)
 
     def _close(self, op: LinkOp, _) -> None:
         link = self.links.pop(op.peer, None)
@@ -98,10 +103,10 @@ class LinkSet:
         link = self.links.get(peer)
         if link is None:
             return "link_down"
-        states = [link.poll(x) for x in (xfer_id, xfer_id + "/h") if x in self.xfers.get(peer, ())]
+        states = [link.poll(x).value for x in (xfer_id, xfer_id + "/h") if x in self.xfers.get(peer, ())]
         for s in states:
-            if s not in ("pending", "done"):
-                return str(s)
+            if s not in ("pending", "done", "aborted"):
+                return s
         return "pending" if "pending" in states else "done"
 
     def take_hidden(self, peer: str, xfer_id: str) -> torch.Tensor | None:
@@ -112,9 +117,3 @@ class LinkSet:
             link.close()
         self.links.clear()
 
-
-def _ids(packed: bytes, cache: PagedKVCache, drain: bool = False) -> torch.Tensor:
-    ids = unpack_ids(packed)
-    if drain:  # scratch cache: pages 0..n-1
-        ids = list(range(len(ids)))
-    return torch.tensor(ids, dtype=torch.int64, device=cache.buffer.device)
