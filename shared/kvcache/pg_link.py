@@ -1,0 +1,286 @@
+"""KVLink over a two-party torch.distributed process group: gloo (CPU) or NCCL (GPU).
+
+Runs inside every prefill and decode worker rank (one PGLink per peer pair). Rank 0 of the
+group is the prefill (sender), rank 1 the decode (receiver). Built by
+`shared.kvcache.rendezvous`; the contract is in `shared.kvcache.link`.
+
+How a transfer runs:
+- post (caller thread): allocate one uint8 buffer [HEADER_BYTES + nbytes]; a send writes the
+  header (int64 hash of xfer_id, int64 payload bytes) and gathers the pages of every layer into
+  the payload ([num_layers, num_parts, n, page_size, heads, dim]), then `pg.send`; a recv posts
+  `pg.recv` into an empty buffer. On CUDA this all runs on the link's own stream, which first
+  waits for the caller's current stream (so the gather sees the KV the forward just wrote);
+  the decode's compute stream never waits for the link.
+- complete (one daemon thread per link, in post order): wait for the op (gloo: Work.wait, which
+  is the only way gloo p2p completes; NCCL: the side stream waits, then the header is read);
+  under the link lock, if the transfer is still PENDING: check the header, scatter the payload
+  into its pages (unless aborted/discarded), then mark DONE/ABORTED. teardown() takes the same
+  lock, so once it returned no scatter can start; on CUDA it also drains the side stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+
+HEADER_BYTES = 16  # int64 xfer hash, int64 payload bytes; keeps the payload 16-byte aligned
+KEEP_TERMINAL = 65536  # finished transfers remembered for poll() before the oldest is dropped
+SENDER, RECEIVER = 0, 1  # group ranks: prefill, decode
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+def xfer_hash(xfer_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(xfer_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+@dataclass
+class _Xfer:
+    xfer_id: str
+    kind: str  # "send" | "recv"
+    nbytes: int  # payload bytes (header excluded)
+    buf: torch.Tensor  # uint8 [HEADER_BYTES + nbytes], alive until the op completed
+    posted: float
+    deadline: float
+    work: object = None
+    sink: Callable[[torch.Tensor], None] | None = None  # recv: payload bytes -> destination
+    aborted: bool = False
+    state: XferState = XferState.PENDING
+
+
+class PGLink(KVLink):
+    def __init__(self, pg, rank: int, name: str, device: torch.device | str, timeout_s: float):
+        self.pg = pg
+        self.rank = rank
+        self.peer = 1 - rank
+        self.name = name
+        self.device = torch.device(device)
+        self.timeout_s = timeout_s
+        self.broken = False
+        self.error = ""
+        self.stats = LinkStats()
+        self._lock = threading.Lock()
+        self._xfers: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()
+        self._queue: queue.Queue[_Xfer | None] = queue.Queue()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._complete_loop, name=f"kvlink {name}", daemon=True)
+        self._thread.start()
+
+    # ---- posting (caller thread) ----------------------------------------------------
+    def send_pages(self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor) -> None:
+        ids = _ids(page_ids, cache.buffer.device)
+        shape = _pages_shape(cache, ids.numel())
+        with self._on_stream():
+            buf = self._new_buf(xfer_id, cache.layout.page_bytes() * ids.numel())
+            # [num_layers, num_parts, n, page_size, heads, dim] gathered straight into the buffer
+            torch.index_select(cache.buffer, 2, ids, out=_payload(buf, cache.buffer.dtype, shape))
+            self._post(xfer_id, "send", buf, None)
+
+    def recv_pages(
+        self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor, discard: bool = False
+    ) -> None:
+        ids = _ids(page_ids, cache.buffer.device)
+        shape = _pages_shape(cache, ids.numel())
+
+        def sink(payload: torch.Tensor) -> None:
+            cache.buffer.index_copy_(2, ids, payload.view(cache.buffer.dtype).view(shape))
+
+        with self._on_stream():
+            buf = torch.empty(HEADER_BYTES + cache.layout.page_bytes() * ids.numel(), dtype=torch.uint8, device=self.device)
+            self._post(xfer_id, "recv", buf, None if discard else sink)
+
+    def send_tensor(self, xfer_id: str, tensor: torch.Tensor) -> None:
+        with self._on_stream():
+            buf = self._new_buf(xfer_id, tensor.numel() * tensor.element_size())
+            _payload(buf, tensor.dtype, tensor.shape).copy_(tensor)
+            self._post(xfer_id, "send", buf, None)
+
+    def recv_tensor(self, xfer_id: str, out: torch.Tensor, discard: bool = False) -> None:
+        def sink(payload: torch.Tensor) -> None:
+            out.copy_(payload.view(out.dtype).view(out.shape))
+
+        with self._on_stream():
+            buf = torch.empty(HEADER_BYTES + out.numel() * out.element_size(), dtype=torch.uint8, device=self.device)
+            self._post(xfer_id, "recv", buf, None if discard else sink)
+
+    def _new_buf(self, xfer_id: str, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
+        header = torch.tensor([xfer_hash(xfer_id), nbytes], dtype=torch.int64)
+        buf[:HEADER_BYTES].copy_(header.view(torch.uint8))
+        return buf
+
+    def _post(self, xfer_id: str, kind: str, buf: torch.Tensor, sink) -> None:
+        now = time.monotonic()
+        x = _Xfer(xfer_id, kind, buf.numel() - HEADER_BYTES, buf, now, now + self.timeout_s, sink=sink)
+        with self._lock:
+            if self.broken:
+                raise LinkError(f"KV link {self.name} is broken: {self.error}")
+            old = self._xfers.get(xfer_id)
+            if old is not None and old.state is XferState.PENDING:
+                raise ValueError(f"KV link {self.name}: transfer {xfer_id!r} already in flight")
+            op = self.pg.send if kind == "send" else self.pg.recv
+            x.work = op([buf], self.peer, 0)
+            self._xfers.pop(xfer_id, None)
+            self._xfers[xfer_id] = x
+            self._prune_locked()
+        self._queue.put(x)
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+
+    # ---- completion (link thread) ---------------------------------------------------
+    def _complete_loop(self) -> None:
+        while (x := self._queue.get()) is not None:
+            try:
+                header = self._wait_op(x)
+                err = "" if x.kind == "send" else _check_header(x, header)
+            except Exception as e:  # noqa: BLE001 - any backend error breaks the link
+                err = f"{x.kind} {x.xfer_id!r} failed: {e}"
+            if err:
+                self.teardown(err)
+                continue
+            event = self._finish_locked_part(x)
+            if event is not None:
+                event.synchronize()
+            with self._lock:
+                if x.state is XferState.PENDING:
+                    self._mark_locked(x, XferState.ABORTED if x.aborted else XferState.DONE)
+
+    def _wait_op(self, x: _Xfer) -> torch.Tensor | None:
+        """Block until the op completed; returns the received header (recv) as int64 [2] on CPU."""
+        if self._stream is None:
+            x.work.wait()
+            return x.buf[:HEADER_BYTES].view(torch.int64) if x.kind == "recv" else None
+        with torch.cuda.stream(self._stream):
+            x.work.wait()  # the side stream waits for NCCL's stream
+            if x.kind == "send":
+                self._stream.synchronize()
+                return None
+            return x.buf[:HEADER_BYTES].view(torch.int64).cpu()  # syncs the side stream
+
+    def _finish_locked_part(self, x: _Xfer) -> torch.cuda.Event | None:
+        """Scatter a completed recv into its destination unless torn down or aborted meanwhile."""
+        with self._lock:
+            if x.state is not XferState.PENDING or x.sink is None or x.aborted:
+                return None
+            if self._stream is None:
+                x.sink(x.buf[HEADER_BYTES:])
+                return None
+            with torch.cuda.stream(self._stream):  # not _on_stream: never wait for the compute stream
+                x.sink(x.buf[HEADER_BYTES:])
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                return event
+
+    def _mark_locked(self, x: _Xfer, state: XferState) -> None:
+        x.state = state
+        x.sink = None
+        if state is XferState.FAILED:
+            return  # buf and work stay referenced: a torn-down op may still touch its buffer
+        x.buf, x.work = _EMPTY, None  # free the payload now; the entry stays for poll()
+        s = self.stats
+        s.seconds += time.monotonic() - x.posted
+        if x.kind == "send":
+            s.num_sent, s.bytes_sent = s.num_sent + 1, s.bytes_sent + x.nbytes
+        else:
+            s.num_recv, s.bytes_recv = s.num_recv + 1, s.bytes_recv + x.nbytes
+
+    # ---- state (caller thread) ------------------------------------------------------
+    def poll(self, xfer_id: str) -> XferState:
+        self._check_deadlines()
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            return XferState.UNKNOWN if x is None else x.state
+
+    def wait(self, xfer_id: str, timeout_s: float | None = None) -> XferState:
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.poll(xfer_id)
+            if state is not XferState.PENDING or (end is not None and time.monotonic() > end):
+                return state
+            time.sleep(0.0005)
+
+    def abort(self, xfer_id: str) -> None:
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            if x is not None and x.state is XferState.PENDING:
+                x.aborted = True
+
+    def forget(self, xfer_id: str) -> None:
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            if x is not None and x.state.terminal:
+                del self._xfers[xfer_id]
+
+    def num_pending(self) -> int:
+        self._check_deadlines()
+        with self._lock:
+            return sum(x.state is XferState.PENDING for x in self._xfers.values())
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = next((x for x in self._xfers.values() if x.state is XferState.PENDING and now > x.deadline), None)
+        if late is not None:
+            self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s")
+
+    def _prune_locked(self) -> None:
+        while len(self._xfers) > KEEP_TERMINAL:
+            oldest = next(iter(self._xfers.values()))
+            if not oldest.state.terminal:
+                return
+            self._xfers.popitem(last=False)
+
+    def teardown(self, reason: str) -> None:
+        """Abort the group, fail every unfinished transfer; afterwards the link writes no page."""
+        with self._lock:
+            if self.broken:
+                return
+            self.broken, self.error = True, reason
+            for x in self._xfers.values():
+                if x.state is XferState.PENDING:
+                    self._mark_locked(x, XferState.FAILED)
+        with contextlib.suppress(Exception):
+            self.pg.abort()
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.synchronize()
+        self._queue.put(None)
+
+
+def _ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = page_ids if isinstance(page_ids, torch.Tensor) else torch.tensor(list(page_ids), dtype=torch.int64)
+    return t.to(device=device, dtype=torch.int64)
+
+
+def _pages_shape(cache: PagedKVCache, n: int) -> tuple[int, ...]:
+    b = cache.buffer.shape
+    return (b[0], b[1], n, b[3], b[4], b[5])
+
+
+def _payload(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    return buf[HEADER_BYTES:].view(dtype).view(shape)
+
+
+def _check_header(x: _Xfer, header: torch.Tensor) -> str:
+    got_hash, got_bytes = (int(v) for v in header.tolist())
+    if got_hash != xfer_hash(x.xfer_id) or got_bytes != x.nbytes:
+        return (f"recv {x.xfer_id!r} ({x.nbytes} bytes) got another transfer ({got_bytes} bytes): "
+                "the two ends posted in different orders")
+    return ""

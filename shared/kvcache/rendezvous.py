@@ -1,0 +1,142 @@
+"""Builds KV links: TCPStore rendezvous, signature check, process group, warm-up.
+
+Runs in every prefill and decode worker rank. The decode leader hosts one TCPStore on
+--link_port (`open_store(host, port, is_host=True)`); its TP followers and every prefill rank
+connect to it as clients (`is_host=False`). Each (prefill, decode, TP rank) pair uses keys under
+the pair-unique base `kvlink/{prefill_id}->{decode_id}/r{tp_rank}`; each connection attempt
+gets a fresh prefix `{base}/a{attempt}`, so a link can be torn down and rebuilt any number of
+times over the same store, and several links live in one process (no init_process_group).
+
+Protocol (both calls block; run them off the worker's main loop, e.g. with `in_background`):
+- prefill: `connect_link(...)` takes attempt = store.add(f"{base}/attempt", 1) (a new attempt
+  every call).
+- decode: `accept_link(...)` waits until `{base}/attempt` exceeds the attempt it joined last
+  (`{base}/joined`), then joins that newest attempt.
+- both: write their LinkSignature as JSON under `{prefix}/sig/{role}`, wait for the peer's and
+  refuse (LinkMismatch, on BOTH ends) when any field differs, naming every differing field:
+  "KV link p0->d0/r0 refused: page_size differs (prefill 16, decode 32)".
+- then a two-party ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA) over
+  PrefixStore(f"{prefix}/pg", store), rank 0 = prefill, 1 = decode, and one small warm-up
+  transfer (NCCL sets its communicator up on the first op: do it here, not on a request's path).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, XferState
+from shared.kvcache.pg_link import RECEIVER, SENDER, PGLink
+
+T = TypeVar("T")
+WARM_XFER = "__warm__"
+
+
+def open_store(host: str, port: int, is_host: bool, timeout_s: float = 30.0) -> dist.TCPStore:
+    """The decode leader hosts (is_host=True, binds host:port); everyone else connects."""
+    return dist.TCPStore(
+        host, port, None, is_host, datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+def link_base(prefill_id: str, decode_id: str, tp_rank: int) -> str:
+    return f"kvlink/{prefill_id}->{decode_id}/r{tp_rank}"
+
+
+def connect_link(
+    store: dist.Store, prefill_id: str, decode_id: str, tp_rank: int, signature: LinkSignature,
+    device: torch.device | str, timeout_s: float = 30.0, xfer_timeout_s: float = 60.0,
+) -> PGLink:
+    """Prefill side: start a new attempt and join it (blocks until the decode joined or timeout)."""
+    base = link_base(prefill_id, decode_id, tp_rank)
+    attempt = store.add(f"{base}/attempt", 1)
+    return _join(store, base, attempt, SENDER, signature, device, timeout_s, xfer_timeout_s)
+
+
+def accept_link(
+    store: dist.Store, prefill_id: str, decode_id: str, tp_rank: int, signature: LinkSignature,
+    device: torch.device | str, timeout_s: float = 30.0, xfer_timeout_s: float = 60.0,
+) -> PGLink:
+    """Decode side: wait for the prefill's newest unjoined attempt and join it."""
+    base = link_base(prefill_id, decode_id, tp_rank)
+    attempt = _await_attempt(store, base, timeout_s)
+    store.set(f"{base}/joined", str(attempt))
+    return _join(store, base, attempt, RECEIVER, signature, device, timeout_s, xfer_timeout_s)
+
+
+def _await_attempt(store: dist.Store, base: str, timeout_s: float) -> int:
+    end = time.monotonic() + timeout_s
+    joined = int(store.get(f"{base}/joined")) if store.check([f"{base}/joined"]) else 0
+    while (attempt := store.add(f"{base}/attempt", 0)) <= joined:
+        if time.monotonic() > end:
+            raise LinkError(f"KV link {base}: no connection attempt from the prefill within {timeout_s:g} s")
+        time.sleep(0.01)
+    return attempt
+
+
+def _join(
+    store: dist.Store, base: str, attempt: int, rank: int, signature: LinkSignature,
+    device: torch.device | str, timeout_s: float, xfer_timeout_s: float,
+) -> PGLink:
+    prefix = f"{base}/a{attempt}"
+    role, peer = ("prefill", "decode") if rank == SENDER else ("decode", "prefill")
+    name = base.removeprefix("kvlink/")
+    store.set(f"{prefix}/sig/{role}", json.dumps(signature.to_json_dict()))
+    try:
+        store.wait([f"{prefix}/sig/{peer}"], datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - DistStoreError / RuntimeError by torch version
+        raise LinkError(f"KV link {name}: the {peer} did not join within {timeout_s:g} s ({e})") from e
+    theirs = LinkSignature(**json.loads(store.get(f"{prefix}/sig/{peer}")))
+    diffs = signature.differences(theirs, role, peer)
+    if diffs:
+        raise LinkMismatch(f"KV link {name} refused: " + "; ".join(diffs))
+    pg = _make_group(dist.PrefixStore(f"{prefix}/pg", store), rank, torch.device(device), xfer_timeout_s)
+    link = PGLink(pg, rank, name, device, xfer_timeout_s)
+    _warm(link, timeout_s)
+    return link
+
+
+def _make_group(store: dist.Store, rank: int, device: torch.device, timeout_s: float):
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type != "cuda":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    with torch.cuda.device(device):
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+
+
+def _warm(link: PGLink, timeout_s: float) -> None:
+    """One 8-byte transfer prefill -> decode: both ends are connected when it completes."""
+    t = torch.zeros(2, dtype=torch.int32, device=link.device)
+    if link.rank == SENDER:
+        link.send_tensor(WARM_XFER, t)
+    else:
+        link.recv_tensor(WARM_XFER, t)
+    state = link.wait(WARM_XFER, timeout_s)
+    link.forget(WARM_XFER)
+    if state is not XferState.DONE:
+        link.teardown(f"warm-up {state.value}")
+        raise LinkError(f"KV link {link.name}: warm-up transfer {state.value} ({link.error})")
+
+
+def in_background(fn: Callable[..., T], *args, **kwargs) -> concurrent.futures.Future[T]:
+    """Run a blocking call (connect_link / accept_link) in a daemon thread; poll the future."""
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=f"kvlink {getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return fut
