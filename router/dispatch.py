@@ -1,0 +1,296 @@
+"""Dispatch of generation runs to prefill/decode workers over ZeroMQ, and their events back.
+
+Runs in the router process, on the asyncio loop of the HTTP server. Sockets: one PULL bound
+at --events_addr (every worker leader pushes TokenEvent / Reserved / Busy / RequestError /
+WorkerStatus there) and one PUSH per worker leader's control address.
+
+Flow of a run (runs.py): Reserve -> the ready decode with most free pages; on Reserved,
+PrefillRequest -> the ready prefill with fewest queued tokens; on Busy, the next decode, else
+back to the bounded queue (full -> 429). Tokens arrive from the prefill (first) then the
+decode. Invariants: every run that leaves the table got its final Chunk or a Failure, and
+every worker that may hold pages for it was sent an Abort (abort is idempotent on workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+
+from router.config import RouterConfig
+from router.errors import APIError
+from router.metrics import RouterMetrics
+from router.runs import Chunk, Failure, Phase, Run
+from router.workers import WorkerRegistry
+from shared import protocol as P
+
+log = logging.getLogger(__name__)
+MONITOR_PERIOD_S = 0.25
+QUEUE_TIMEOUT_S = 60.0  # a run queued this long without a decode accepting it fails (503)
+
+
+class Dispatcher:
+    def __init__(self, cfg: RouterConfig, metrics: RouterMetrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.registry = WorkerRegistry(cfg.prefill, cfg.decode, cfg.heartbeat_timeout_s)
+        self.runs: dict[str, Run] = {}  # rid (with attempt) -> run, for every run not DONE
+        self.queue: collections.deque[Run] = collections.deque()
+        self._ctx = zmq.Context()
+        self._actx = zmq.asyncio.Context()
+        self._push: dict[str, zmq.Socket] = {}
+        self._pull: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._pull = self._actx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(self.cfg.events_addr)
+        for wid, w in self.registry.workers.items():
+            s = self._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 10000)
+            s.connect(w.addr)
+            self._push[wid] = s
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for run in list(self.runs.values()) + list(self.queue):
+            self._finish(run, Failure(APIError("the router is shutting down", 503)), abort=True)
+        for s in self._push.values():
+            s.close(linger=0)
+        if self._pull is not None:
+            self._pull.close(linger=0)
+
+    # ---- API for the endpoints ------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        p, d = self.registry.ready("prefill", now), self.registry.ready("decode", now)
+        if p and d:
+            return True, f"{len(p)} prefill and {len(d)} decode workers ready"
+        return False, f"ready workers: {len(p)} prefill, {len(d)} decode (need >= 1 of each)"
+
+    def submit(self, base_rid: str, prompt_ids: list[int], sampling: P.SamplingParams) -> Run:
+        """Start a run; 503 when no worker can take it, 429 when the queue is full."""
+        ok, why = self.readiness()
+        if not ok:
+            raise APIError(f"no worker is ready to serve ({why})", 503, code="no_ready_workers",
+                           headers={"Retry-After": "1"})
+        if len(self.queue) >= self.cfg.max_queue:
+            raise APIError(f"the server is overloaded ({len(self.queue)} requests queued); retry later",
+                           429, code="queue_full", headers={"Retry-After": "1"})
+        run = Run(base_rid, prompt_ids, P.pack_ids(prompt_ids), sampling)
+        self.queue.append(run)
+        self._drain_queue()
+        return run
+
+    def abort(self, run: Run, reason: str = "abort") -> None:
+        """End a run from the router side (client gone, stop string, timeout); idempotent."""
+        if run.phase is not Phase.DONE:
+            self._finish(run, Chunk([], [], [], True, "abort"), abort=True, reason=reason)
+
+    # ---- sending -----------------------------------------------------------------------
+    def _send(self, wid: str, msg: P.Msg) -> bool:
+        try:
+            self._push[wid].send(P.encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # peer queue full (HWM) or socket gone: treat as unavailable
+            log.warning("send to %s failed: %s", wid, e)
+            return False
+
+    def _send_abort(self, run: Run, reason: str) -> None:
+        for wid in run.workers():
+            self._send(wid, P.Abort(rid=run.rid, reason=reason))
+
+    def _detach(self, run: Run) -> None:
+        self.runs.pop(run.rid, None)
+        for wid in run.workers():
+            self.registry.workers[wid].inflight.discard(run.rid)
+
+    def _finish(self, run: Run, final: Chunk | Failure, abort: bool, reason: str = "abort") -> None:
+        if run.phase is Phase.DONE:
+            return
+        if abort:
+            self._send_abort(run, reason)
+        if run.phase is Phase.QUEUED and run in self.queue:
+            self.queue.remove(run)
+        self._detach(run)
+        run.phase = Phase.DONE
+        run.queue.put_nowait(final)
+        self._update_gauges()
+
+    def _requeue(self, run: Run, why: str) -> None:
+        """Re-run `run` from scratch (no token was sent) under a new rid, or fail it."""
+        self._send_abort(run, "rerun")
+        self._detach(run)
+        if run.attempt >= self.cfg.max_retries:
+            self._fail(run, f"request failed after {run.attempt + 1} attempts: {why}", 503)
+            return
+        log.info("re-running %s: %s", run.rid, why)
+        run.attempt += 1
+        run.phase, run.decode_id, run.prefill_id, run.prefill_done = Phase.QUEUED, None, None, False
+        self.queue.appendleft(run)
+        self._drain_queue()
+
+    def _fail(self, run: Run, message: str, status: int = 500, code: str | None = "worker_error") -> None:
+        self._finish(run, Failure(APIError(message, status, code=code)), abort=True, reason="error")
+
+    def _drain_queue(self) -> None:
+        """Send a Reserve for queued runs, in order, while some decode may accept them."""
+        now = time.monotonic()
+        while self.queue:
+            run = self.queue[0]
+            decode = self.registry.pick_decode(now, run.tried_decodes)
+            if decode is None:
+                break
+            self.queue.popleft()
+            self._reserve(run, decode.worker_id, now)
+            if run.phase is Phase.QUEUED:  # no prefill ready: wait
+                break
+        self._update_gauges()
+
+    def _reserve(self, run: Run, decode_id: str, now: float) -> None:
+        """Reserve pages on `decode_id` for a prefill picked now (the decode learns which one)."""
+        prefill = self.registry.pick_prefill(now, len(run.prompt_ids))
+        if prefill is None:
+            run.phase = Phase.QUEUED
+            self.queue.appendleft(run)
+            return
+        run.phase, run.deadline = Phase.RESERVING, now + self.cfg.reserve_timeout_s
+        run.decode_id, run.prefill_id = decode_id, prefill.worker_id
+        run.tried_decodes.add(decode_id)
+        self.runs[run.rid] = run
+        self.registry.workers[decode_id].inflight.add(run.rid)
+        prefill.inflight.add(run.rid)
+        msg = P.Reserve(rid=run.rid, prompt_ids=run.prompt_bytes, sampling=run.sampling,
+                        prefill_id=prefill.worker_id)
+        if not self._send(decode_id, msg):
+            self._on_busy(run, decode_id)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self.queue))
+        self.metrics.inflight_runs.set(len(self.runs))
+
+    # ---- receiving -----------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            data = await self._pull.recv()
+            try:
+                msg = P.decode(data)
+            except P.ProtocolError as e:
+                log.warning("dropped a bad event: %s", e)
+                continue
+            try:
+                self._on_message(msg)
+            except Exception:  # one bad event must not stop the loop that serves every request
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _on_message(self, msg: P.Msg) -> None:
+        now = time.monotonic()
+        if isinstance(msg, P.WorkerStatus):
+            if not self.registry.on_status(msg, now):
+                log.debug("heartbeat from unconfigured worker %s ignored", msg.worker_id)
+            self._drain_queue()
+            return
+        run = self.runs.get(msg.rid)
+        if run is None:  # stale attempt or a run ended here: make sure the worker frees it
+            if isinstance(msg, P.Reserved) or (isinstance(msg, P.TokenEvent) and not msg.finished):
+                wid = msg.decode_id if isinstance(msg, P.Reserved) else msg.worker_id
+                if wid in self._push:
+                    self._send(wid, P.Abort(rid=msg.rid, reason="unknown rid"))
+            return
+        if isinstance(msg, P.Reserved):
+            self._on_reserved(run, msg, now)
+        elif isinstance(msg, P.Busy):
+            self._on_busy(run, msg.decode_id)
+        elif isinstance(msg, P.TokenEvent):
+            self._on_tokens(run, msg)
+        elif isinstance(msg, P.RequestError):
+            self._on_error(run, msg)
+
+    def _on_reserved(self, run: Run, msg: P.Reserved, now: float) -> None:
+        if run.phase is not Phase.RESERVING or msg.decode_id != run.decode_id:
+            self._send(msg.decode_id, P.Abort(rid=run.rid, reason="late reservation"))
+            return
+        prefill = self.registry.workers[run.prefill_id]
+        if not prefill.ready(now, self.cfg.heartbeat_timeout_s):
+            self._requeue(run, f"prefill worker {prefill.worker_id} is not ready")
+            return
+        run.phase = Phase.RUNNING
+        req = P.PrefillRequest(rid=run.rid, prompt_ids=run.prompt_bytes, sampling=run.sampling,
+                               decode_id=msg.decode_id, decode_page_ids=msg.page_ids)
+        if not self._send(prefill.worker_id, req):
+            self._requeue(run, f"prefill worker {prefill.worker_id} is not accepting messages")
+
+    def _on_busy(self, run: Run, decode_id: str) -> None:
+        if run.phase is not Phase.RESERVING or decode_id != run.decode_id:
+            return
+        self.registry.workers[decode_id].busy = True
+        self._detach(run)
+        run.phase, run.decode_id, run.prefill_id = Phase.QUEUED, None, None
+        nxt = self.registry.pick_decode(time.monotonic(), run.tried_decodes)
+        if nxt is not None:
+            self._reserve(run, nxt.worker_id, time.monotonic())
+            return
+        run.tried_decodes.clear()  # every decode said busy: wait in line for the next heartbeat
+        self.queue.appendleft(run)
+        self._update_gauges()
+
+    def _on_tokens(self, run: Run, msg: P.TokenEvent) -> None:
+        if msg.worker_id == run.prefill_id:
+            run.prefill_done = True
+        ids = P.unpack_ids(msg.token_ids)
+        run.num_tokens += len(ids)
+        chunk = Chunk(ids, list(msg.logprobs), [list(x) for x in msg.top_logprobs],
+                      msg.finished, msg.finish_reason)
+        if msg.finished:
+            self._finish(run, chunk, abort=False)
+        else:
+            run.queue.put_nowait(chunk)
+
+    def _on_error(self, run: Run, msg: P.RequestError) -> None:
+        if msg.retryable and run.num_tokens == 0:
+            self._requeue(run, f"{msg.worker_id}: {msg.message}")
+        else:
+            self._fail(run, f"worker {msg.worker_id} failed the request: {msg.message}")
+
+    # ---- deadlines and liveness --------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_PERIOD_S)
+            try:
+                self._check(time.monotonic())
+            except Exception:
+                log.exception("monitor check failed")
+
+    def _check(self, now: float) -> None:
+        for w in self.registry.expired(now):
+            for rid in list(w.inflight):
+                run = self.runs.get(rid)
+                w.inflight.discard(rid)
+                if run is not None:
+                    self._on_worker_lost(run, w.worker_id)
+        for run in list(self.runs.values()):
+            if now - run.created > self.cfg.request_timeout_s:
+                self._fail(run, f"request timed out after {self.cfg.request_timeout_s:.0f} s", 504, "timeout")
+            elif run.phase is Phase.RESERVING and now > run.deadline:
+                self._on_busy(run, run.decode_id)
+        for run in [r for r in self.queue if now - r.created > QUEUE_TIMEOUT_S]:
+            self._fail(run, "no decode worker accepted the request in time", 503, "queue_timeout")
+        self._drain_queue()
+
+    def _on_worker_lost(self, run: Run, wid: str) -> None:
+        if wid == run.prefill_id and run.prefill_done:
+            return  # its part is done; the decode carries on
+        why = f"worker {wid} stopped answering (no heartbeat for {self.cfg.heartbeat_timeout_s:.0f} s)"
+        if run.num_tokens == 0:
+            self._requeue(run, why)
+        else:
+            self._fail(run, why, 503, "worker_lost")

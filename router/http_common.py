@@ -1,0 +1,112 @@
+"""HTTP plumbing shared by the endpoints: bounded body reading, JSON/SSE responses, ids,
+collecting a whole generation while watching for a client disconnect.
+
+Runs in the router process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import AsyncIterator, Callable, TypeVar
+
+import msgspec
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from router.errors import APIError, bad, from_msgspec
+from router.generation import ChoiceStream, Delta, merged
+
+T = TypeVar("T")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (413 beyond, checked before reading when declared)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(f"request body of {declared} bytes exceeds the limit of {limit}", 413,
+                       code="body_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(f"request body exceeds the limit of {limit} bytes", 413, code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError("client disconnected while sending the body", 400) from None
+    return b"".join(chunks)
+
+
+def decode_json(body: bytes, typ: type[T]) -> T:
+    if not body.strip():
+        raise bad("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except msgspec.MsgspecError as e:
+        raise from_msgspec(e) from None
+
+
+def json_response(obj: dict, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def sse(obj: dict | str) -> bytes:
+    payload = obj if isinstance(obj, str) else msgspec.json.encode(obj).decode()
+    return f"data: {payload}\n\n".encode()
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def error_event(err: APIError) -> bytes:
+    return sse(err.body())
+
+
+async def collect(request: Request, streams: list[ChoiceStream]) -> list[list[Delta]]:
+    """Every delta of every choice (by index), aborting the runs if the client goes away."""
+    out: list[list[Delta]] = [[] for _ in streams]
+    index_of = {s.index: k for k, s in enumerate(streams)}
+
+    async def consume() -> None:
+        async for d in merged(streams):
+            out[index_of[d.index]].append(d)
+
+    task = asyncio.create_task(consume())
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:  # client went away: cancelling `task` aborts the runs
+            task.cancel()
+            raise APIError("client disconnected", 499, code="client_closed")
+        task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
+    return out
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def guarded(fn: Callable) -> Callable:
+    """Endpoint wrapper: APIError -> its JSON response."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except APIError as e:
+            return e.response()
+
+    endpoint.__name__ = fn.__name__
+    return endpoint

@@ -1,0 +1,24 @@
+"""What every endpoint of the router needs, built once at startup.
+
+Runs in the router process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.config import RouterConfig
+from router.dispatch import Dispatcher
+from router.metrics import RouterMetrics
+
+
+@dataclass(frozen=True)
+class RouterState:
+    cfg: RouterConfig
+    tokenizer: object  # shared.tokenizer GlmTokenizer (encode, decode, apply_chat_template, eos_token_ids)
+    dispatcher: Dispatcher
+    metrics: RouterMetrics
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
