@@ -1,0 +1,118 @@
+"""`python -m deploy up|down|render`: start, stop or just render the fleet of one node under supervisord.
+
+    python -m deploy up                       # CPU demo: router + 1 prefill + 1 decode, embedded tiny model
+    python -m deploy up --device cuda --model_dir DIR --prefill 1 --decode 1 --tp 4
+    python -m deploy down
+    python -m deploy render --device cuda --prefill 2 --decode 2 --tp 2 --out fleet.conf
+
+Runs in the operator's shell; the fleet's processes are supervisord's children. Multi-node
+templates (addresses from environment variables) are in deploy/multinode/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from deploy.plan import FleetSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_STATE = os.path.join(REPO, ".state")
+
+
+def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    names = {f"--{name}", f"--{name.replace('_', '-')}"}
+    p.add_argument(*sorted(names, key=len, reverse=True), dest=name, **kw)
+
+
+def _fleet_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "model_dir", default="", help="HF checkpoint dir; default: the embedded tiny model")
+    _flag(p, "state_dir", default=DEFAULT_STATE, help="config, logs, pid, socket, default model")
+    _flag(p, "host", default="127.0.0.1")
+    _flag(p, "port", type=int, default=8000)
+    _flag(p, "port_base", type=int, default=5600, help="events port; worker ports follow (deploy/plan.py)")
+    _flag(p, "health_base", type=int, default=8100)
+    _flag(p, "device", default="cpu", choices=["cpu", "cuda"])
+    _flag(p, "prefill", type=int, default=1, help="prefill workers")
+    _flag(p, "decode", type=int, default=1, help="decode workers")
+    _flag(p, "tp", type=int, default=1)
+    _flag(p, "prefill_gpus", default="", help='GPU groups, e.g. "0,1;2,3" (default: in order)')
+    _flag(p, "decode_gpus", default="")
+    _flag(p, "load_format", default="auto", choices=["auto", "dummy"])
+    _flag(p, "dtype", default="")
+    _flag(p, "page_size", type=int, default=16)
+    _flag(p, "num_pages", type=int, default=0)
+    _flag(p, "chunked_prefill_size", type=int, default=512)
+    _flag(p, "max_running", type=int, default=64)
+    _flag(p, "mtp_step", type=int, default=0)
+    _flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])
+    _flag(p, "tool_call_parser", default="")
+    _flag(p, "reasoning_parser", default="")
+    _flag(p, "served_model_name", default="")
+    _flag(p, "tokenizer", default="")
+    _flag(p, "quantization", default="")
+    _flag(p, "cpu_threads", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="render the config, run supervisord in the foreground")
+    _fleet_flags(up)
+    _flag(up, "ready_timeout", type=float, default=900.0, help="seconds to wait for the router's /readyz")
+    render = sub.add_parser("render", help="print or write the supervisord config only")
+    _fleet_flags(render)
+    _flag(render, "out", default="", help="file to write (default: stdout)")
+    down = sub.add_parser("down", help="stop the fleet started by `up`")
+    _flag(down, "state_dir", default=DEFAULT_STATE)
+    return p
+
+
+def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
+    return FleetSpec(
+        python=sys.executable, workdir=REPO, state_dir=os.path.abspath(a.state_dir), model_dir=model_dir,
+        host=a.host, port=a.port, port_base=a.port_base, health_base=a.health_base, device=a.device,
+        num_prefill=a.prefill, num_decode=a.decode, tp=a.tp, load_format=a.load_format, dtype=a.dtype,
+        page_size=a.page_size, num_pages=a.num_pages, chunked_prefill_size=a.chunked_prefill_size,
+        max_running=a.max_running, mtp_step=a.mtp_step, mtp_mode=a.mtp_mode,
+        tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
+        served_model_name=a.served_model_name, tokenizer=a.tokenizer, quantization=a.quantization,
+        prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "down":
+        from deploy.lifecycle import down
+
+        return down(os.path.abspath(a.state_dir))
+    model_dir = os.path.abspath(a.model_dir) if a.model_dir else ""
+    if not model_dir:
+        if a.cmd == "up":
+            from deploy.default_model import ensure_default_model
+
+            print("deploy: using the embedded tiny GLM-4.7-Flash-shaped model (random weights)", flush=True)
+            model_dir = ensure_default_model(os.path.abspath(a.state_dir))
+        else:
+            model_dir = os.path.join(os.path.abspath(a.state_dir), "default_model")
+    spec = spec_from_args(a, model_dir)
+    if a.cmd == "render":
+        from deploy.render import render
+
+        os.makedirs(os.path.join(spec.state_dir, "logs"), exist_ok=True)  # supervisord requires it
+        text = render(spec, os.path.abspath(a.out) if a.out else "supervisord.conf")
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    from deploy.lifecycle import up
+
+    return up(spec, a.ready_timeout, os.path.abspath(a.state_dir) == DEFAULT_STATE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

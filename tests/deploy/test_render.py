@@ -1,0 +1,119 @@
+"""Rendered supervisord configs, read back by supervisor's own parser: programs, commands, ports, GPU sets."""
+
+import os
+import shlex
+
+import pytest
+from supervisor.options import ServerOptions
+
+from deploy.__main__ import build_parser, spec_from_args
+from deploy.render import write_config
+
+MULTINODE = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "multinode")
+
+
+def _programs(tmp_path, *flags) -> dict[str, object]:
+    a = build_parser().parse_args(["render", "--state_dir", str(tmp_path), *flags])
+    spec = spec_from_args(a, str(tmp_path / "model"))
+    conf = write_config(spec, str(tmp_path / "supervisord.conf"))
+    opts = ServerOptions()
+    opts.configfile = conf
+    opts.process_config(do_usage=False)
+    return {pc.name: pc for g in opts.process_group_configs for pc in g.process_configs}
+
+
+def _argv(pc) -> dict[str, list[str]]:
+    """flag -> values (repeated flags keep every value)."""
+    words = shlex.split(pc.command)
+    out: dict[str, list[str]] = {"_module": [words[2]]}
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            out.setdefault(w, []).append(words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else "")
+    return out
+
+
+def test_cpu_demo(tmp_path):
+    progs = _programs(tmp_path)
+    assert set(progs) == {"router", "prefill_p0", "decode_d0"}
+    assert all(pc.autorestart is not False and pc.stopasgroup and pc.killasgroup for pc in progs.values())
+    r, p, d = _argv(progs["router"]), _argv(progs["prefill_p0"]), _argv(progs["decode_d0"])
+    assert (r["_module"], p["_module"], d["_module"]) == (["router"], ["prefill_worker"], ["decode_worker"])
+    assert r["--port"] == ["8000"] and r["--events_addr"] == ["tcp://127.0.0.1:5600"]
+    assert r["--prefill"] == ["p0=tcp://127.0.0.1:5601"] and r["--decode"] == ["d0=tcp://127.0.0.1:5611"]
+    assert p["--control_addr"] == ["tcp://127.0.0.1:5601"] and p["--router_addr"] == ["tcp://127.0.0.1:5600"]
+    assert p["--decode"] == ["d0=tcp://127.0.0.1:5611"] and p["--health_port"] == ["8101"]
+    assert d["--link_port"] == ["5621"] and d["--health_port"] == ["8111"]
+    assert d["--device"] == ["cpu"] and d["--dtype"] == ["float32"] and "--gpus" not in d
+    assert d["--model_dir"] == [str(tmp_path / "model")]
+    assert progs["decode_d0"].environment["OMP_NUM_THREADS"] == "1"
+    # decode (link host) starts before prefill; router first
+    assert progs["router"].priority < progs["decode_d0"].priority < progs["prefill_p0"].priority
+
+
+def test_gpu_node_sets_and_options(tmp_path):
+    progs = _programs(tmp_path, "--device", "cuda", "--prefill", "2", "--decode", "1", "--tp", "2",
+                      "--load-format", "dummy", "--mtp_step", "2", "--tool-call-parser", "glm47",
+                      "--reasoning_parser", "glm45", "--port", "9000", "--port-base", "7000")
+    gpus = {name: _argv(pc).get("--gpus") for name, pc in progs.items()}
+    assert gpus == {"router": None, "prefill_p0": ["0,1"], "prefill_p1": ["2,3"], "decode_d0": ["4,5"]}
+    d, r = _argv(progs["decode_d0"]), _argv(progs["router"])
+    assert d["--mtp_step"] == ["2"] and d["--dtype"] == ["bfloat16"] and d["--load-format"] == ["dummy"]
+    assert "--mtp_step" not in _argv(progs["prefill_p1"])
+    assert r["--tool_call_parser"] == ["glm47"] and r["--reasoning_parser"] == ["glm45"]
+    assert r["--prefill"] == ["p0=tcp://127.0.0.1:7001", "p1=tcp://127.0.0.1:7002"] and r["--port"] == ["9000"]
+
+
+def test_explicit_gpu_sets(tmp_path):
+    progs = _programs(tmp_path, "--device", "cuda", "--tp", "2", "--prefill_gpus", "6,7", "--decode_gpus", "0,1")
+    assert _argv(progs["prefill_p0"])["--gpus"] == ["6,7"] and _argv(progs["decode_d0"])["--gpus"] == ["0,1"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--device", "cuda", "--tp", "2", "--prefill_gpus", "0,1", "--decode_gpus", "1,2"],  # GPU 1 twice
+    ["--device", "cuda", "--tp", "2", "--prefill_gpus", "0"],  # group of 1 for tp 2
+    ["--prefill", "11"],
+])
+def test_bad_layouts_are_refused(tmp_path, flags):
+    with pytest.raises(ValueError):
+        _programs(tmp_path, *flags)
+
+
+def _env_example() -> dict[str, str]:
+    env = {}
+    for line in open(os.path.join(MULTINODE, "fleet.env.example")):
+        if line.strip() and not line.startswith("#"):
+            k, _, v = line.strip().partition("=")
+            env[k] = v
+    return env
+
+
+@pytest.mark.parametrize("role,module", [("router", "router"), ("prefill", "prefill_worker"), ("decode", "decode_worker")])
+def test_multinode_templates_expand(tmp_path, monkeypatch, role, module):
+    env = _env_example()
+    env["GLM_STATE_DIR"] = str(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    opts = ServerOptions()
+    opts.configfile = os.path.join(MULTINODE, f"{role}.conf")
+    opts.process_config(do_usage=False)
+    [pc] = [pc for g in opts.process_group_configs for pc in g.process_configs]
+    a = _argv(pc)
+    assert a["_module"] == [module] and "%(" not in pc.command
+    if role == "router":
+        assert a["--prefill"] == ["p0=tcp://10.0.0.2:5601"] and a["--decode"] == ["d0=tcp://10.0.0.3:5611"]
+        assert a["--events_addr"] == ["tcp://10.0.0.1:5600"]
+    else:
+        assert a["--router_addr"] == ["tcp://10.0.0.1:5600"] and a["--tp"] == ["8"]
+        assert a["--gpus"] == ["0,1,2,3,4,5,6,7"] and a["--control_addr"] == ["tcp://10.0.0.2:5601"]
+    if role == "prefill":
+        assert a["--decode"] == ["d0=tcp://10.0.0.3:5611"]
+
+
+def test_multinode_template_needs_its_variables(tmp_path, monkeypatch):
+    for k in _env_example():
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("GLM_STATE_DIR", str(tmp_path))
+    opts = ServerOptions()
+    opts.configfile = os.path.join(MULTINODE, "decode.conf")
+    with pytest.raises(ValueError, match="GLM_"):
+        opts.process_config(do_usage=False)
