@@ -54,6 +54,10 @@ class ModelRunner:
             raise ValueError(f"load_format {load_format!r}: expected auto or dummy")
         self.config = ModelConfig.from_dir(model_dir)
         self.device, self.dtype, self.tp = torch.device(device), to_dtype(dtype), tp
+        if self.device.type == "cuda":  # Triton kernels for CUDA tensors; CPU keeps the torch refs
+            from kernels.backend import install
+
+            install()
         policy = fp8_policy(self.config, model_dir if load_format == "auto" else None, quantization)
         ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy)
         self.model = model_class(self.config)(self.config, ctx, with_mtp=with_mtp).eval()
