@@ -159,10 +159,16 @@ def quant_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def fp8_linear_ref(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """W8A8 per-token x per-channel: y = (q(x) . W^T) * s_x * s_w^T (+ bias). w_fp8 [N, K], w_scale [N, 1].
+    """FP8 weight linear, CPU path: dequantize W = w_fp8 * w_scale (w_fp8 [N, K] e4m3, w_scale [N, 1] fp32)
+    and run y = x W^T (+ bias) in x.dtype. CUDA swaps in the W8A8 kernel (`fp8_linear_w8a8_ref` semantics)."""
+    w = (w_fp8.float() * w_scale.float()).to(x.dtype)
+    return F.linear(x, w, bias)
 
-    The CPU reference dequantizes (fp32 math); CUDA replaces it with a real fp8 GEMM.
-    """
+
+def fp8_linear_w8a8_ref(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 per-token x per-channel (the GPU kernel's reference): y = (q(x) . W^T) * s_x * s_w^T (+ bias)."""
     xq, xs = quant_fp8_per_token_ref(x.reshape(-1, x.shape[-1]))
     y = (xq.float() @ w_fp8.float().t()) * xs * w_scale.float().reshape(1, -1)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)

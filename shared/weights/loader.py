@@ -91,20 +91,24 @@ class WeightLoader:
         self.loaded.add(key)
 
     def check_complete(self) -> None:
-        missing = []
+        missing: list[str] = []
         for name, param in self.params.items():
             owner, _, leaf = name.rpartition(".")
             if leaf in ("w13", "w2", "w13_scale", "w2_scale"):
-                experts = self.model.get_submodule(owner)
-                per_expert = 6 if experts.fp8 else 3
-                want = per_expert * experts.w13.shape[0]
-                if self.expert_loads.get(owner, 0) < want and owner not in missing:
-                    missing.append(f"{owner} ({self.expert_loads.get(owner, 0)}/{want} expert tensors)")
+                if leaf == "w13":
+                    missing.extend(self._missing_experts(owner))
             elif name not in self.loaded and not getattr(param, "loaded_online", False):
                 missing.append(name)
         if missing:
             raise KeyError(f"checkpoint is missing weights: {', '.join(missing[:20])}"
                            + (f" ... ({len(missing)} in all)" if len(missing) > 20 else ""))
+
+    def _missing_experts(self, owner: str) -> list[str]:
+        """Every expert needs gate/up/down weights (+ their scales for an FP8 checkpoint)."""
+        experts = self.model.get_submodule(owner)
+        per_expert = 6 if experts.fp8 and not experts.quantized_online else 3
+        want, got = per_expert * experts.w13.shape[0], self.expert_loads.get(owner, 0)
+        return [] if got >= want else [f"{owner} ({got}/{want} expert tensors)"]
 
 
 @torch.no_grad()

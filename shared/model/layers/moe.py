@@ -45,6 +45,7 @@ class Experts(nn.Module):
         e, h = cfg.n_routed_experts, cfg.hidden_size
         self.inter_start, self.inter_local = tp.shard(cfg.moe_intermediate_size)
         self.fp8 = fp8
+        self.quantized_online = False  # set when float checkpoint tensors were quantized at load
         wdtype = torch.float8_e4m3fn if fp8 else dtype
         i = self.inter_local
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=wdtype, device=device), requires_grad=False)
@@ -71,6 +72,7 @@ class Experts(nn.Module):
             q, scale = quantize_per_channel(shard)
             copy_checked(dst, q)
             dst_scale.copy_(scale)
+            self.quantized_online = True
         else:
             copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
 

@@ -1,0 +1,48 @@
+"""FP8: a compressed-tensors checkpoint (per-channel weight scales, dynamic per-token activations) loads
+as FP8 and matches the dequantized-weights reference within 2e-2; --quantization fp8 on a float
+checkpoint quantizes at load exactly as the offline conversion does. (The CPU path dequantizes the
+weights; the CUDA W8A8 path is checked by the gpu-marked test in tests/models/test_gpu.py.)"""
+
+import pytest
+import torch
+
+from shared.config.model import ModelConfig
+from shared.runner.model_runner import ModelRunner
+from shared.weights.fp8_convert import convert_to_fp8
+from shared.weights.tiny import write_tiny_checkpoint
+from tests.models.tp_scenario import run_workload
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_fp8_checkpoint_matches_dequantized(tmp_path, arch):
+    src = write_tiny_checkpoint(str(tmp_path / "bf"), arch, seed=5)
+    fp8_dir = convert_to_fp8(src, str(tmp_path / "fp8"), str(tmp_path / "deq"))
+    cfg = ModelConfig.from_dir(fp8_dir)
+    assert cfg.quantization is not None and cfg.quantization.method == "compressed-tensors"
+    runner = ModelRunner(fp8_dir)
+    attn = runner.model.model.layers[1].self_attn
+    assert attn.o_proj.weight.dtype == torch.float8_e4m3fn and attn.o_proj.weight_scale.shape[1] == 1
+    assert runner.model.model.layers[1].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    assert runner.model.model.layers[1].mlp.gate.weight.dtype == torch.float32  # router is never fp8
+    got, want = run_workload(fp8_dir), run_workload(str(tmp_path / "deq"))
+    for key in want:
+        assert _rel(got[key], want[key]) <= 2e-2, key
+    orig = run_workload(src)  # the fp8 weights really differ from the float ones
+    assert _rel(got["prefill_logits"], orig["prefill_logits"]) > 1e-4
+
+
+def test_online_fp8_quantization_equals_fp8_checkpoint(tmp_path):
+    """--quantization fp8 on a float checkpoint = loading its compressed-tensors conversion (same scales)."""
+    src = write_tiny_checkpoint(str(tmp_path / "f"), "glm4_moe", seed=6)
+    fp8_dir = convert_to_fp8(src, str(tmp_path / "fp8"))
+    runner = ModelRunner(src, quantization="fp8")
+    assert runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert runner.model.model.layers[3].eh_proj.weight.dtype == torch.float32  # MTP eh_proj ignored
+    got, want, orig = run_workload(src, quantization="fp8"), run_workload(fp8_dir), run_workload(src)
+    for key in want:
+        assert _rel(got[key], want[key]) <= 1e-5, key
+    assert _rel(got["prefill_logits"], orig["prefill_logits"]) > 1e-4
