@@ -9,6 +9,13 @@ from kernels.paged_attention import paged_attention, paged_attention_fwd, paged_
 from shared.runner.batch import ForwardBatch, ForwardMode
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tol(dtype):
+    """fp32: exact-ish in the interpreter, tf32 dots when compiled; bf16 operands: a few bf16 steps."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4) if DEV == "cpu" else dict(rtol=1e-2, atol=1e-2)
+    return dict(rtol=3e-2, atol=3e-2)
 PAGE = 4
 
 
@@ -26,7 +33,7 @@ def _batch(prefix_lens, query_lens, num_pages, seed):
 
 def _check(out, ref, dtype):
     assert not torch.isnan(out).any()
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    tol = _tol(dtype)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
 
 

@@ -1,0 +1,134 @@
+"""Kernels at real GLM-4.5-Air (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite) shapes, TP=1, on CUDA only.
+
+Run on the device: `pytest -q -m gpu tests/kernels` (bench/gpu_kernels.sh). Compiled kernels round like
+torch, so bf16 tolerances are tight-ish; fp8 outputs are compared to dequantized references.
+"""
+
+import pytest
+import torch
+
+from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
+from shared.runner.batch import ForwardBatch, ForwardMode
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("t,h", [(1, 4096), (777, 4096), (513, 2048), (64, 5120)])
+def test_norms(t, h):
+    x, r, w = (torch.randn(t, h, device=DEV, dtype=BF16) for _ in range(3))
+    torch.testing.assert_close(rmsnorm.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_ref(x, w, 1e-5), rtol=1e-2, atol=1e-2)
+    y, s = rmsnorm.add_rms_norm(x, r, w, 1e-5)
+    y_ref, s_ref = rmsnorm.add_rms_norm_ref(x, r, w, 1e-5)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("hq,hk,d,rd,inter", [(96, 8, 128, 64, False), (20, 1, 64, 64, True)])
+def test_rope(hq, hk, d, rd, inter):
+    t = 1000
+    q, k = torch.randn(t, hq, d, device=DEV, dtype=BF16), torch.randn(t, hk, d, device=DEV, dtype=BF16)
+    pos = torch.randint(0, 131072, (t,), device=DEV)
+    cos, sin = rope.cos_sin_cache(rd, 131072, 1e6, DEV)
+    q_ref = rope.rope_ref(q.float(), cos[pos], sin[pos], rd, inter)
+    k_ref = rope.rope_ref(k.float(), cos[pos], sin[pos], rd, inter)
+    rope.rope_inplace(q, k, pos, cos, sin, rd, inter)
+    torch.testing.assert_close(q.float(), q_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(k.float(), k_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("t,i", [(300, 1408), (37, 10944), (256, 1536)])
+def test_silu_mul_fp8(t, i):
+    x = torch.randn(t, 2 * i, device=DEV, dtype=BF16)
+    torch.testing.assert_close(act_quant.silu_and_mul(x), act_quant.silu_and_mul_ref(x), rtol=1e-2, atol=1e-2)
+    q, s = act_quant.silu_and_mul_fp8(x)
+    q_ref, s_ref = act_quant.silu_and_mul_fp8_ref(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    assert _rel(q, q_ref) < 0.01
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 12288, 4096), (64, 4096, 12288), (2048, 3072, 2048), (333, 2816, 4096)])
+def test_fp8_gemm_per_channel(m, n, k):
+    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    w = torch.randn(n, k, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448.0
+    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    bias = torch.randn(n, device=DEV, dtype=BF16)
+    out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, bias)
+    assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, bias, torch.float32)) < 5e-3
+
+
+def test_fp8_gemm_block_scaled():
+    m, n, k = 2048, 4096, 4096
+    a_q, a_s = act_quant.quant_fp8_group(torch.randn(m, k, device=DEV, dtype=BF16), 128)
+    w_q = torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn)
+    w_s = torch.rand(n // 128, k // 128, device=DEV) + 0.5
+    out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, block=128)
+    assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32, block=128)) < 5e-3
+
+
+@pytest.mark.parametrize("e,k,h,scale", [(128, 8, 4096, 1.0), (64, 4, 2048, 1.8), (160, 8, 5120, 2.5)])
+def test_router(e, k, h, scale):
+    x = torch.randn(512, h, device=DEV, dtype=BF16)
+    gate = torch.randn(e, h, device=DEV, dtype=BF16) * 0.02
+    bias = torch.randn(e, device=DEV) * 0.01
+    w, ids = moe_route.moe_route(x, gate, bias, k, 1, 1, True, scale)
+    w_ref, ids_ref = moe_route.moe_route_ref(x, gate, bias, k, 1, 1, True, scale)
+    o, o_ref = ids.argsort(-1), ids_ref.argsort(-1)
+    assert torch.equal(ids.gather(1, o), ids_ref.gather(1, o_ref))
+    torch.testing.assert_close(w.gather(1, o), w_ref.gather(1, o_ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,fp8", [(256, True), (256, False), (1024, True)])
+def test_fused_moe_flash_experts(t, fp8):
+    e, h, i, k = 64, 2048, 1536, 4
+    x = torch.randn(t, h, device=DEV, dtype=BF16)
+    w13 = torch.randn(e, 2 * i, h, device=DEV, dtype=BF16) * h ** -0.5
+    w2 = torch.randn(e, h, i, device=DEV, dtype=BF16) * i ** -0.5
+    weights, ids = torch.rand(t, k, device=DEV), torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    s13 = s2 = None
+    if fp8:
+        s13, s2 = w13.float().abs().amax(-1, keepdim=True) / 448, w2.float().abs().amax(-1, keepdim=True) / 448
+        w13, w2 = (w13.float() / s13).to(torch.float8_e4m3fn), (w2.float() / s2).to(torch.float8_e4m3fn)
+    out = fused_moe.fused_experts(x, w13, w2, weights, ids, s13, s2)
+    ref = fused_moe.fused_experts_ref(x, w13, w2, weights, ids, s13, s2)
+    assert _rel(out, ref) < (0.05 if fp8 else 0.01)
+
+
+def _decode_batch(num_seqs, ctx, page_size, query_len=1):
+    pages_per = -(-ctx // page_size)
+    perm = torch.randperm(num_seqs * pages_per).tolist()
+    seqs = [([1] * query_len, ctx - query_len, perm[b * pages_per:(b + 1) * pages_per]) for b in range(num_seqs)]
+    mode = ForwardMode.DECODE if query_len == 1 else ForwardMode.PREFILL
+    return ForwardBatch.build(mode, seqs, page_size, device=DEV), num_seqs * pages_per
+
+
+@pytest.mark.parametrize("num_seqs,ctx,q_len", [(64, 4096, 1), (3, 1537, 512), (5, 100, 1)])
+def test_gqa_attention_air(num_seqs, ctx, q_len):
+    batch, num_pages = _decode_batch(num_seqs, ctx, 16, q_len)
+    cache = torch.randn(2, num_pages * 16, 8, 128, device=DEV, dtype=BF16)
+    q = torch.randn(batch.num_tokens, 96, 128, device=DEV, dtype=BF16)
+    out = paged_attention.paged_attention(q, cache[0], cache[1], batch, 16, 128 ** -0.5)
+    assert _rel(out, paged_attention.paged_attention_ref(q, cache[0], cache[1], batch, 16, 128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("num_seqs,ctx,q_len", [(64, 4096, 1), (2, 1100, 300)])
+def test_mla_attention_flash(num_seqs, ctx, q_len):
+    batch, num_pages = _decode_batch(num_seqs, ctx, 16, q_len)
+    cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
+    q = torch.randn(batch.num_tokens, 20, 576, device=DEV, dtype=BF16)
+    out = paged_attention.paged_attention(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
+    ref = paged_attention.paged_attention_ref(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
+    assert _rel(out, ref) < 1e-2
+
+
+def test_kv_pages_air_layout():
+    buf = torch.randn(47, 2, 300, 16, 8, 128, device=DEV, dtype=BF16)
+    ids = torch.randperm(300, device=DEV)[:37]
+    packed = kv_pages.gather_pages(buf, ids)
+    assert torch.equal(packed, kv_pages.gather_pages_ref(buf, ids))
