@@ -57,13 +57,14 @@ def _named_choice(tool_choice: Any) -> str | None:
 class ChatOutputParser:
     def __init__(self, tool_call_parser: str | None = None, reasoning_parser: str | None = None,
                  tools: list[dict] | None = None, tool_choice: Any = "auto", enable_thinking: bool = True,
-                 prompt_ends_in_think: bool = False, call_id_prefix: str | None = None):
+                 prompt_ends_in_think: bool = False, call_id_prefix: str | None = None,
+                 accept_undeclared_tools: bool = False):
         self.tool_call_parser = normalize_parser_name(tool_call_parser, TOOL_CALL_PARSERS)
         self.reasoning_parser = normalize_parser_name(reasoning_parser, REASONING_PARSERS)
         self._named = _named_choice(tool_choice)
         self._required = tool_choice == "required" or self._named is not None
-        self._schemas = ToolSchemas(tools, only_name=self._named)
-        self._parse_tools = bool(self.tool_call_parser and tools and tool_choice != "none")
+        self._schemas = ToolSchemas(tools, only_name=self._named, accept_any=accept_undeclared_tools)
+        self._parse_tools = bool(self.tool_call_parser and self._schemas and tool_choice != "none")
         self._call_id_prefix = call_id_prefix or f"call_{uuid.uuid4().hex[:16]}_"
         thinking = bool(self.reasoning_parser) and enable_thinking
         self._sink = DeltaSink()

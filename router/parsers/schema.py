@@ -136,8 +136,9 @@ def _python_literal(text: str) -> Any:
 class ToolSchemas:
     """Declared tools of one request: which names may be called and each argument's types."""
 
-    def __init__(self, tools: list[dict] | None, only_name: str | None = None):
+    def __init__(self, tools: list[dict] | None, only_name: str | None = None, accept_any: bool = False):
         self._params: dict[str, dict] = {}
+        self._accept_any = accept_any  # debugging without tools: any name, schema-less values
         for tool in tools or []:
             function = tool.get("function", tool) if isinstance(tool, dict) else {}
             name = function.get("name") if isinstance(function, dict) else None
@@ -146,10 +147,10 @@ class ToolSchemas:
                 self._params[name] = params if isinstance(params, dict) else {}
 
     def __bool__(self) -> bool:
-        return bool(self._params)
+        return bool(self._params) or self._accept_any
 
     def is_declared(self, name: str) -> bool:
-        return name in self._params
+        return name in self._params or self._accept_any
 
     def arg_types(self, name: str, key: str) -> frozenset[str]:
         params = self._params.get(name, {})
