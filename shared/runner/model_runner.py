@@ -16,6 +16,7 @@ from shared.config.model import ModelConfig
 from shared.kvcache.cache import KVLayout
 from shared.model.attention_layout import kv_layout_for
 from shared.model.context import BuildCtx
+from shared.model.layers.moe import MoE
 from shared.model.parallel import SINGLE, TPGroup
 from shared.model.registry import model_class
 from shared.runner.batch import ForwardBatch
@@ -75,6 +76,18 @@ class ModelRunner:
         """Cache layout for this rank: main layers plus the MTP layer when it is loaded."""
         return kv_layout_for(self.config, self.tp.tp_size, page_size, dtype or self.dtype,
                              self.config.num_hidden_layers + self.num_mtp_layers)
+
+    def track_expert_usage(self, enabled: bool = True) -> None:
+        """Start (and zero) or stop counting tokens routed to each expert of every MoE layer."""
+        for m in self.model.modules():
+            if isinstance(m, MoE):
+                m.expert_counts = torch.zeros(self.config.n_routed_experts, dtype=torch.int64,
+                                              device=self.device) if enabled else None
+
+    def expert_usage(self) -> dict[int, torch.Tensor]:
+        """{layer index: [E] tokens routed per expert} since track_expert_usage (benchmarks print it)."""
+        return {i: layer.mlp.expert_counts.cpu() for i, layer in enumerate(self.model.model.layers)
+                if isinstance(layer.mlp, MoE) and layer.mlp.expert_counts is not None}
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:

@@ -2,6 +2,8 @@
 
 Routing stays realistic: router weights are scaled so router logits have unit spread on unit-RMS inputs,
 and correction biases are tiny, so random tokens spread over the experts instead of pinning to a few.
+Embeddings have unit std and output projections of residual branches are scaled down by sqrt(2 * layers) so per-token embeddings keep
+dominating the residual stream (attention averaging otherwise makes all tokens alike and skews routing).
 Replicated parameters get the same values on every TP rank (seeded by name).
 """
 
@@ -29,8 +31,10 @@ def _fill(name: str, p: torch.Tensor, cfg: ModelConfig, gen: torch.Generator) ->
     elif name.endswith("bias"):
         p.copy_(0.02 * torch.randn(shape, generator=gen, device=dev))
     else:
-        fan_in = shape[-1]
-        p.copy_((torch.randn(shape, generator=gen, device=dev) / fan_in ** 0.5).to(p.dtype))
+        std = 1.0 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5
+        if name.endswith(("o_proj.weight", "down_proj.weight", ".w2")):  # residual branches (GPT-2 style)
+            std /= (2 * (cfg.num_hidden_layers + 1)) ** 0.5
+        p.copy_((torch.randn(shape, generator=gen, device=dev) * std).to(p.dtype))
 
 
 @torch.no_grad()

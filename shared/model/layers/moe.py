@@ -84,6 +84,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: BuildCtx, prefix: str):
         super().__init__()
         self.tp = ctx.tp
+        self.expert_counts: torch.Tensor | None = None  # [E] tokens routed per expert, when tracking
         self.gate = Router(cfg, ctx.device)
         fp8 = ctx.fp8_modules(f"{prefix}.experts.0.gate_proj")
         self.experts = Experts(cfg, ctx.tp, fp8, ctx.dtype, ctx.device)
@@ -93,5 +94,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> routed + shared [T, H] (all-reduced)."""
         weights, ids = self.gate(x)
+        if self.expert_counts is not None:
+            self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.numel())
         out = self.experts(x, weights, ids) + self.shared_experts(x)
         return self.tp.all_reduce(out)
