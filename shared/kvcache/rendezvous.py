@@ -33,7 +33,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, XferState
+from shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, LinkStats, XferState
 from shared.kvcache.pg_link import RECEIVER, SENDER, PGLink
 
 T = TypeVar("T")
@@ -95,7 +95,8 @@ def _join(
     except Exception as e:  # noqa: BLE001 - DistStoreError / RuntimeError by torch version
         raise LinkError(f"KV link {name}: the {peer} did not join within {timeout_s:g} s ({e})") from e
     theirs = LinkSignature(**json.loads(store.get(f"{prefix}/sig/{peer}")))
-    diffs = signature.differences(theirs, role, peer)
+    prefill_sig, decode_sig = (signature, theirs) if rank == SENDER else (theirs, signature)
+    diffs = prefill_sig.differences(decode_sig, "prefill", "decode")  # same text on both ends
     if diffs:
         raise LinkMismatch(f"KV link {name} refused: " + "; ".join(diffs))
     pg = _make_group(dist.PrefixStore(f"{prefix}/pg", store), rank, torch.device(device), xfer_timeout_s)
@@ -123,6 +124,7 @@ def _warm(link: PGLink, timeout_s: float) -> None:
         link.recv_tensor(WARM_XFER, t)
     state = link.wait(WARM_XFER, timeout_s)
     link.forget(WARM_XFER)
+    link.stats = LinkStats()  # count request traffic only
     if state is not XferState.DONE:
         link.teardown(f"warm-up {state.value}")
         raise LinkError(f"KV link {link.name}: warm-up transfer {state.value} ({link.error})")
@@ -140,3 +142,30 @@ def in_background(fn: Callable[..., T], *args, **kwargs) -> concurrent.futures.F
 
     threading.Thread(target=run, name=f"kvlink {getattr(fn, '__name__', 'call')}", daemon=True).start()
     return fut
+
+
+_HOSTED: dict[int, dist.TCPStore] = {}  # port -> the store this process hosts (decode leader)
+_HOSTED_LOCK = threading.Lock()
+
+
+def host_store(port: int, host: str = "0.0.0.0", timeout_s: float = 30.0) -> dist.TCPStore:
+    """The decode leader's link store on --link_port, created once per process (call at start)."""
+    with _HOSTED_LOCK:
+        if port not in _HOSTED:
+            _HOSTED[port] = open_store(host, port, is_host=True, timeout_s=timeout_s)
+        return _HOSTED[port]
+
+
+def open_link(
+    role: str, host: str, port: int, prefill_id: str, decode_id: str, tp_rank: int,
+    signature: LinkSignature, device: torch.device | str, is_server: bool = False,
+    timeout_s: float = 30.0, xfer_timeout_s: float = 60.0,
+) -> PGLink:
+    """One call for workers: role "prefill" connects, role "decode" accepts (blocking).
+
+    is_server: this process hosts the store (decode leader; `host_store(port)` is reused, so any
+    number of links share it). Everyone else gets a fresh client connection per link, so a
+    restarted decode (new store) is reached without stale state."""
+    store = host_store(port) if is_server else open_store(host, port, is_host=False, timeout_s=timeout_s)
+    fn = connect_link if role == "prefill" else accept_link
+    return fn(store, prefill_id, decode_id, tp_rank, signature, device, timeout_s, xfer_timeout_s)

@@ -1,0 +1,181 @@
+"""Two real processes, a real gloo KVLink: this process is the prefill, kv_peer.py the decode.
+
+Each test runs the prefill side of one scenario while the peer runs its decode side (see
+kv_peer.py) and reports "ok" or what it found wrong; both sides assert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.link import LinkMismatch, XferState
+from shared.kvcache.rendezvous import connect_link, open_store
+
+from . import kv_peer as P
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Peer:
+    def __init__(self):
+        self.port = _free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, P.__file__, str(self.port)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        assert self._read()["name"] == "ready"
+        self.store = open_store("127.0.0.1", self.port, is_host=False)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"decode peer exited (rc {self.proc.poll()})"
+        return json.loads(line)
+
+    def start(self, name: str) -> None:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, name: str) -> str:
+        msg = self._read()
+        assert msg["name"] == name
+        return msg["result"]
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def peer():
+    p = Peer()
+    yield p
+    p.stop()
+
+
+def connect(peer: Peer, name: str, layout, xfer_timeout_s: float = 20.0, **override):
+    return connect_link(peer.store, name, "d0", 0, P.signature(layout, **override), "cpu",
+                        timeout_s=20.0, xfer_timeout_s=xfer_timeout_s)
+
+
+def _send_pages(peer: Peer, name: str, layout, seed: int) -> None:
+    peer.start(name)
+    link = connect(peer, name, layout)
+    cache = P.filled_cache(layout, seed)
+    link.send_pages(f"{name}/0", cache, P.SRC_IDS)
+    link.send_tensor(f"{name}/0/h", P.hidden_of(seed))
+    assert link.wait(f"{name}/0", 20) is XferState.DONE
+    assert link.wait(f"{name}/0/h", 20) is XferState.DONE
+    assert link.stats.bytes_sent == layout.page_bytes() * len(P.SRC_IDS) + P.HIDDEN * 4
+    assert peer.result(name) == "ok"
+    link.close()
+
+
+def test_gqa_pages_and_hidden_arrive_bytes_equal(peer):
+    _send_pages(peer, "gqa", P.GQA, seed=1)
+
+
+def test_mla_bf16_pages_and_hidden_arrive_bytes_equal(peer):
+    _send_pages(peer, "mla", P.MLA, seed=2)
+
+
+def test_several_transfers_in_order(peer):
+    peer.start("ordered")
+    link = connect(peer, "ordered", P.GQA)
+    cache = P.filled_cache(P.GQA, seed=3)
+    for xfer, ids in P.ORDERED:
+        link.send_pages(xfer, cache, ids)
+    assert [link.wait(x, 20) for x, _ in P.ORDERED] == [XferState.DONE] * len(P.ORDERED)
+    assert peer.result("ordered") == "ok"
+    link.close()
+
+
+def test_signature_mismatch_refused_on_both_ends_naming_the_field(peer):
+    peer.start("mismatch")
+    with pytest.raises(LinkMismatch) as err:
+        connect(peer, "mismatch", P.GQA)
+    mine = str(err.value)
+    assert "page_size differs (prefill 4, decode 8)" in mine and "dtype" not in mine
+    theirs = peer.result("mismatch")
+    assert "page_size differs (prefill 4, decode 8)" in theirs, theirs
+
+
+def test_posting_in_different_orders_fails_instead_of_writing_wrong_pages(peer):
+    peer.start("order_violation")
+    link = connect(peer, "order", P.GQA)
+    cache = P.filled_cache(P.GQA, seed=7)
+    link.send_pages("order/a", cache, [1])
+    link.send_pages("order/b", cache, [2])
+    assert peer.result("order_violation") == "ok"
+    link.close()
+
+
+def test_abort_and_discard_let_transfers_finish_without_writing(peer):
+    peer.start("abort")
+    link = connect(peer, "abort", P.GQA)
+    cache = P.filled_cache(P.GQA, seed=4)
+    link.send_pages("abort/0", cache, [1, 2])
+    link.send_pages("abort/1", cache, [3])
+    link.send_pages("abort/2", cache, [6])
+    assert [link.wait(x, 20) for x in ("abort/0", "abort/1", "abort/2")] == [XferState.DONE] * 3
+    assert peer.result("abort") == "ok"
+    link.close()
+
+
+def test_timeout_tears_down_then_link_is_rebuilt(peer):
+    peer.start("timeout_rebuild")
+    link = connect(peer, "timeout", P.GQA)
+    # the decode's recv times out (nothing is sent); the control plane tells this side, which
+    # tears its end down too before it reuses any page, then both build a new link
+    time.sleep(1.5)
+    link.teardown("peer reported a timeout")
+    assert link.broken
+    with pytest.raises(Exception, match="broken"):
+        link.send_pages("timeout/x", P.filled_cache(P.GQA, seed=5), [1])
+    link = connect(peer, "timeout", P.GQA)
+    link.send_pages("timeout/1", P.filled_cache(P.GQA, seed=5), [3])
+    assert link.wait("timeout/1", 20) is XferState.DONE
+    assert peer.result("timeout_rebuild") == "ok"
+    link.close()
+
+
+def test_two_links_in_one_process_shut_down_one_at_a_time(peer):
+    peer.start("two_links")
+    a, b = connect(peer, "two-a", P.GQA), connect(peer, "two-b", P.GQA)
+    a.close()
+    b.send_pages("two-b/0", P.filled_cache(P.GQA, seed=6), [9])
+    assert b.wait("two-b/0", 20) is XferState.DONE
+    assert peer.result("two_links") == "ok"
+    b.close()
+
+
+def test_send_past_deadline_fails_and_breaks_link():
+    """In-process pair (two threads): a recv that never gets its send fails at its deadline."""
+    port = _free_port()
+    host = open_store("127.0.0.1", port, is_host=True)
+    from shared.kvcache.rendezvous import accept_link, in_background
+
+    fut = in_background(accept_link, host, "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 0.5)
+    send = connect_link(open_store("127.0.0.1", port, False), "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 0.5)
+    recv = fut.result(20)
+    cache = PagedKVCache(P.GQA, P.NUM_PAGES)
+    recv.recv_pages("solo/0", cache, [1, 2])
+    assert recv.poll("solo/0") is XferState.PENDING
+    assert recv.wait("solo/0", 5) is XferState.FAILED
+    assert recv.broken and "timed out after 0.5 s" in recv.error
+    assert recv.poll("never-posted") is XferState.UNKNOWN
+    assert bool((cache.buffer == 0).all())
+    send.close()
