@@ -33,6 +33,7 @@ class RouterConfig:
     reserve_timeout_s: float = 5.0  # a Reserve unanswered this long is re-tried elsewhere
     heartbeat_timeout_s: float = 3.0  # a worker silent this long is unready
     max_retries: int = 2  # re-runs of a request that produced no token yet
+    queue_timeout_s: float = 60.0  # a run queued this long without a decode accepting it fails (503)
     log_level: str = "info"
 
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "reasoning_parser", default=None, choices=["glm45"])
     for name in ("max_req_total_len", "max_queue", "max_body_bytes", "max_n", "max_retries"):
         _flag(p, name, type=int, default=getattr(d, name))
-    for name in ("request_timeout_s", "reserve_timeout_s", "heartbeat_timeout_s"):
+    for name in ("request_timeout_s", "reserve_timeout_s", "heartbeat_timeout_s", "queue_timeout_s"):
         _flag(p, name, type=float, default=getattr(d, name))
     _flag(p, "log_level", default=d.log_level)
     return p
@@ -98,5 +99,6 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         request_timeout_s=args.request_timeout_s,
         reserve_timeout_s=args.reserve_timeout_s,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
+        queue_timeout_s=args.queue_timeout_s,
         log_level=args.log_level,
     )

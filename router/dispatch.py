@@ -30,7 +30,6 @@ from shared import protocol as P
 
 log = logging.getLogger(__name__)
 MONITOR_PERIOD_S = 0.25
-QUEUE_TIMEOUT_S = 60.0  # a run queued this long without a decode accepting it fails (503)
 
 
 class Dispatcher:
@@ -130,6 +129,8 @@ class Dispatcher:
         """Re-run `run` from scratch (no token was sent) under a new rid, or fail it."""
         self._send_abort(run, "rerun")
         self._detach(run)
+        run.failed_workers.update(run.workers())
+        run.tried_decodes.clear()
         if run.attempt >= self.cfg.max_retries:
             self._fail(run, f"request failed after {run.attempt + 1} attempts: {why}", 503)
             return
@@ -147,7 +148,7 @@ class Dispatcher:
         now = time.monotonic()
         while self.queue:
             run = self.queue[0]
-            decode = self.registry.pick_decode(now, run.tried_decodes)
+            decode = self.registry.pick_decode(now, run.tried_decodes, run.failed_workers)
             if decode is None:
                 break
             self.queue.popleft()
@@ -158,7 +159,7 @@ class Dispatcher:
 
     def _reserve(self, run: Run, decode_id: str, now: float) -> None:
         """Reserve pages on `decode_id` for a prefill picked now (the decode learns which one)."""
-        prefill = self.registry.pick_prefill(now, len(run.prompt_ids))
+        prefill = self.registry.pick_prefill(now, len(run.prompt_ids), run.failed_workers)
         if prefill is None:
             run.phase = Phase.QUEUED
             self.queue.appendleft(run)
@@ -235,7 +236,7 @@ class Dispatcher:
         self.registry.workers[decode_id].busy = True
         self._detach(run)
         run.phase, run.decode_id, run.prefill_id = Phase.QUEUED, None, None
-        nxt = self.registry.pick_decode(time.monotonic(), run.tried_decodes)
+        nxt = self.registry.pick_decode(time.monotonic(), run.tried_decodes, run.failed_workers)
         if nxt is not None:
             self._reserve(run, nxt.worker_id, time.monotonic())
             return
@@ -282,7 +283,7 @@ class Dispatcher:
                 self._fail(run, f"request timed out after {self.cfg.request_timeout_s:.0f} s", 504, "timeout")
             elif run.phase is Phase.RESERVING and now > run.deadline:
                 self._on_busy(run, run.decode_id)
-        for run in [r for r in self.queue if now - r.created > QUEUE_TIMEOUT_S]:
+        for run in [r for r in self.queue if now - r.created > self.cfg.queue_timeout_s]:
             self._fail(run, "no decode worker accepted the request in time", 503, "queue_timeout")
         self._drain_queue()
 

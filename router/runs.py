@@ -54,7 +54,8 @@ class Run:
     prefill_id: str | None = None
     prefill_done: bool = False  # the prefill sent its token: its death no longer matters
     deadline: float = 0.0  # of the current waiting state (RESERVING)
-    tried_decodes: set[str] = field(default_factory=set)
+    tried_decodes: set[str] = field(default_factory=set)  # said Busy (cleared when all did)
+    failed_workers: set[str] = field(default_factory=set)  # avoided on re-runs while others are ready
     num_tokens: int = 0  # tokens delivered to the endpoint
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 

@@ -61,9 +61,11 @@ class WorkerRegistry:
         return [w for w in self.workers.values()
                 if w.last_seen >= 0 and not w.alive(now, self.timeout_s) and w.inflight]
 
-    def pick_decode(self, now: float, exclude: set[str]) -> WorkerState | None:
-        """The ready, not-busy decode with the most free pages, then the fewest running."""
-        cands = [w for w in self.ready("decode", now) if not w.busy and w.worker_id not in exclude]
+    def pick_decode(self, now: float, exclude: set[str], avoid: set[str] = frozenset()) -> WorkerState | None:
+        """The ready, not-busy decode with the most free pages, then the fewest running; never one
+        in `exclude`, one in `avoid` only when no other can take it."""
+        ready = [w for w in self.ready("decode", now) if not w.busy and w.worker_id not in exclude]
+        cands = [w for w in ready if w.worker_id not in avoid] or ready
         if not cands:
             return None
 
@@ -75,9 +77,11 @@ class WorkerRegistry:
         best.sent_since_status += 1
         return best
 
-    def pick_prefill(self, now: float, num_tokens: int) -> WorkerState | None:
-        """The ready prefill with the fewest queued prompt tokens (its report plus what we sent since)."""
-        cands = self.ready("prefill", now)
+    def pick_prefill(self, now: float, num_tokens: int, avoid: set[str] = frozenset()) -> WorkerState | None:
+        """The ready prefill with the fewest queued prompt tokens (its report plus what we sent since);
+        workers in `avoid` only when no other is ready."""
+        ready = self.ready("prefill", now)
+        cands = [w for w in ready if w.worker_id not in avoid] or ready
         if not cands:
             return None
         best = min(cands, key=lambda w: (w.status.queued_tokens + w.sent_since_status, w.worker_id))
