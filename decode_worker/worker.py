@@ -26,6 +26,7 @@ class DecodeWorker:
                  max_running: int, reserve_cap: int = 256, handoff_deadline_s: float = 60.0):
         self.cfg, self.engine, self.io, self.metrics, self.pages = cfg, engine, io, metrics, pages
         self.link_host, self.link_port = link_host, link_port
+        engine.links.host_store(link_host, link_port)  # the KV-link rendezvous prefills connect to
         self.handoffs = Handoffs(pages, cfg.page_size, max_running, reserve_cap, handoff_deadline_s)
         self.running = RunningSet(pages, cfg.page_size)
         self.eos_ids = frozenset(engine.runner.config.eos_token_ids)

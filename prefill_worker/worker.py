@@ -109,7 +109,7 @@ class PrefillWorker:
         pushes = self._pushes(chunks, plan)
         out = self.engine.lead(plan)  # forward, then this step's sends on every rank
         self._first_tokens(chunks, out.logits, pushes)
-        for push in pushes:
+        for push in pushes.values():
             self.io.to_peer(self.decodes[push.decode_id], push.announce)
         self.metrics.add_tokens(sum(c.length for c in chunks))
         self.metrics.step_time.observe(time.monotonic() - t0)

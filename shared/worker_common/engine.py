@@ -13,6 +13,7 @@ import logging
 import torch
 
 from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.link import LinkSignature
 from shared.worker_common.config import WorkerConfig
 from shared.worker_common.links import LinkSet
 from shared.worker_common.plan import StepPlan, decode_plan, encode_plan, to_batch
@@ -47,8 +48,11 @@ class Engine:
         self.runner = load_runner(cfg, self.tp_rank)
         layout = self.runner.kv_layout(cfg.page_size)
         self.cache = PagedKVCache(layout, cfg.num_pages, self.device)
+        mc = self.runner.config
+        model_name = f"{mc.model_type}/L{mc.num_hidden_layers}/H{mc.hidden_size}/V{mc.vocab_size}"
         self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache,
-                             hidden_size=self.runner.config.hidden_size, hidden_dtype=self.runner.dtype)
+                             LinkSignature.for_cache(model_name, layout, cfg.tp_size),
+                             hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype)
 
     def lead(self, plan: StepPlan):
         assert self.tp_rank == 0
@@ -64,15 +68,16 @@ class Engine:
                 return
             self.run(plan)
 
-    @torch.inference_mode()
     def run(self, plan: StepPlan):
+        # link ops run outside inference mode: the link's completion thread writes their buffers
         for op in plan.link_ops:
             if op.kind != "send":
                 self.links.apply(op, None)
         out = None
         if plan.mode:
             batch = to_batch(plan, self.cfg.page_size, self.device)
-            out = self.runner.forward(batch, self.cache)
+            with torch.inference_mode():
+                out = self.runner.forward(batch, self.cache)
         for op in plan.link_ops:
             if op.kind == "send":
                 self.links.apply(op, out.hidden if out is not None else None)

@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 
 class LinkSet:
     def __init__(self, role: str, worker_id: str, tp_rank: int, tp_size: int, cache: PagedKVCache,
-                 hidden_size: int = 0, hidden_dtype: torch.dtype = torch.float32):
+                 signature, hidden_size: int = 0, hidden_dtype: torch.dtype = torch.float32):
         self.role, self.worker_id, self.tp_rank, self.tp_size = role, worker_id, tp_rank, tp_size
         self.cache = cache
+        self.device = cache.buffer.device
+        self.signature = signature  # shared.kvcache.link.LinkSignature of this rank's cache
+        self.stores: dict[tuple[str, int], object] = {}  # (host, port) -> TCPStore client/host
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.links: dict[str, object] = {}  # peer id -> KVLink
         self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
@@ -36,19 +39,35 @@ class LinkSet:
         getattr(self, "_" + op.kind)(op, hidden)
 
     def _connect(self, op: LinkOp, _) -> None:
-        # TODO(kv-link): shared.kvcache.rendezvous had not landed when this was written; adapt
-        # the call below to its real factory (decode leader hosts the TCPStore on --link_port).
-        from shared.kvcache.rendezvous import open_link
+        """Build (or rebuild) the link to op.peer; blocks until the peer's rank joins (30 s max).
+
+        Prefill ranks call connect_link (a new attempt), decode ranks accept_link (the newest
+        attempt). The decode leader's TCPStore at op.host:op.port is the rendezvous."""
+        from shared.kvcache import rendezvous as rv
 
         old = self.links.pop(op.peer, None)
         if old is not None:
             old.close()
-        prefill_id, decode_id = (self.worker_id, op.peer) if self.role == "prefill" else (op.peer, self.worker_id)
-        self.links[op.peer] = open_link(
-            role=self.role, host=op.host, port=op.port, is_server=self.role == "decode" and self.tp_rank == 0,
-            prefix=f"{prefill_id}/{decode_id}/{op.xfer_id}/r{self.tp_rank}", cache=self.cache,
-        )
+        store = self._store(op.host, op.port)
+        if self.role == "prefill":
+            link = rv.connect_link(store, self.worker_id, op.peer, self.tp_rank, self.signature, self.device)
+        else:
+            link = rv.accept_link(store, op.peer, self.worker_id, self.tp_rank, self.signature, self.device)
+        self.links[op.peer] = link
         self.xfers[op.peer] = set()
+
+    def host_store(self, host: str, port: int) -> None:
+        """Decode leader: host the KV-link TCPStore on --link_port (before announcing it)."""
+        from shared.kvcache.rendezvous import open_store
+
+        self.stores[(host, port)] = open_store(host, port, is_host=True)
+
+    def _store(self, host: str, port: int):
+        from shared.kvcache.rendezvous import open_store
+
+        if (host, port) not in self.stores:
+            self.stores[(host, port)] = open_store(host, port, is_host=False)
+        return self.stores[(host, port)]
 
     def _send(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
         link = self.links[op.peer]

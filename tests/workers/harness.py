@@ -1,0 +1,103 @@
+"""Drive real prefill + decode worker processes over ZeroMQ the way the router does (tests only).
+
+`WorkerPair` starts `python -m decode_worker` and `python -m prefill_worker` on free ports,
+binds the events PULL socket itself and plays the router: Reserve -> Reserved -> PrefillRequest,
+then collects TokenEvents. Heartbeats (WorkerStatus) are kept per worker for page checks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import zmq
+
+from shared import protocol as P
+from shared.worker_common.tp import free_port
+
+
+class WorkerPair:
+    def __init__(self, model_dir: str, log_dir: str, page_size: int = 4, num_pages: int = 128,
+                 chunked_prefill_size: int = 16, extra_decode: tuple[str, ...] = (), tp: int = 1):
+        self.ctx = zmq.Context.instance()
+        self.events = self.ctx.socket(zmq.PULL)
+        port = self.events.bind_to_random_port("tcp://127.0.0.1")
+        events_addr = f"tcp://127.0.0.1:{port}"
+        self.addrs = {"d0": f"tcp://127.0.0.1:{free_port()}", "p0": f"tcp://127.0.0.1:{free_port()}"}
+        self.health = {"d0": free_port(), "p0": free_port()}
+        common = ["--model_dir", model_dir, "--router_addr", events_addr, "--device", "cpu", "--tp", str(tp),
+                  "--dtype", "float32", "--page_size", str(page_size), "--num_pages", str(num_pages)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.logs = {w: os.path.join(log_dir, f"{w}.log") for w in self.addrs}
+        self.procs = {
+            "d0": subprocess.Popen([sys.executable, "-m", "decode_worker", "--worker_id", "d0", "--control_addr",
+                                    self.addrs["d0"], "--link_port", str(free_port()), "--health-port",
+                                    str(self.health["d0"]), *common, *extra_decode],
+                                   stdout=open(self.logs["d0"], "w"), stderr=subprocess.STDOUT, env=env),
+            "p0": subprocess.Popen([sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr",
+                                    self.addrs["p0"], "--decode", f"d0={self.addrs['d0']}", "--health_port",
+                                    str(self.health["p0"]), "--chunked_prefill_size", str(chunked_prefill_size),
+                                    *common], stdout=open(self.logs["p0"], "w"), stderr=subprocess.STDOUT, env=env),
+        }
+        self.push = {w: self._push(a) for w, a in self.addrs.items()}
+        self.status: dict[str, P.WorkerStatus] = {}
+        self.inbox: list[P.Msg] = []
+
+    def _push(self, addr: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(addr)
+        return s
+
+    def send(self, worker: str, msg: P.Msg) -> None:
+        self.push[worker].send(P.encode(msg))
+
+    def pump(self, timeout_s: float = 0.05) -> None:
+        """Read events for up to timeout_s; heartbeats go to `status`, the rest to `inbox`."""
+        if self.events.poll(int(timeout_s * 1000)):
+            while True:
+                try:
+                    msg = P.decode(self.events.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if isinstance(msg, P.WorkerStatus):
+                    self.status[msg.worker_id] = msg
+                else:
+                    self.inbox.append(msg)
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited {p.returncode}:\n" + open(self.logs[name]).read()[-3000:])
+
+    def wait(self, cond, timeout_s: float, what: str):
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            self.pump()
+            got = cond()
+            if got:
+                return got
+        tails = "\n".join(f"--- {n}\n" + open(f).read()[-2000:] for n, f in self.logs.items())
+        raise TimeoutError(f"{what} not within {timeout_s}s\n{tails}")
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        self.wait(lambda: all(self.status.get(w) and self.status[w].ready for w in self.addrs), timeout_s, "ready")
+
+    def take(self, pred) -> list[P.Msg]:
+        got = [m for m in self.inbox if pred(m)]
+        self.inbox = [m for m in self.inbox if not pred(m)]
+        return got
+
+    def used_pages(self) -> dict[str, int]:
+        return {w: s.used_pages for w, s in self.status.items()}
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for s in [self.events, *self.push.values()]:
+            s.close(linger=0)

@@ -1,0 +1,110 @@
+"""Real prefill + decode worker processes (ZeroMQ, gloo KV link), the test playing the router.
+
+- greedy tokens equal shared.generate's for both architectures, with prompts over several
+  prefill chunks; the first token comes from the prefill exactly once, the rest from the decode;
+- aborts at every stage (before prefill, during the handoff, while decoding) and Busy;
+- pages of both workers return to zero after each test (read from their heartbeats and /metrics).
+"""
+
+from __future__ import annotations
+
+import random
+import urllib.request
+
+import pytest
+
+from shared import protocol as P
+from tests.workers.harness import WorkerPair
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["glm4_moe", "glm4_moe_lite"])
+def pair(request, tmp_path_factory):
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = write_tiny_checkpoint(str(root / "model"), request.param, seed=0)
+    wp = WorkerPair(model_dir, str(root), page_size=4, num_pages=64, chunked_prefill_size=16)
+    wp.model_dir = model_dir
+    try:
+        wp.wait_ready()
+        yield wp
+    finally:
+        wp.stop()
+
+
+def _start(pair: WorkerPair, rid: str, prompt: list[int], sampling: P.SamplingParams) -> P.Msg:
+    pair.send("d0", P.Reserve(rid=rid, prompt_ids=P.pack_ids(prompt), sampling=sampling, prefill_id="p0"))
+    ans = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", None) == rid), 30, f"reserve {rid}")[0]
+    if isinstance(ans, P.Reserved):
+        pair.send("p0", P.PrefillRequest(rid=rid, prompt_ids=P.pack_ids(prompt), sampling=sampling,
+                                         decode_id="d0", decode_page_ids=ans.page_ids))
+    return ans
+
+
+def _collect(pair: WorkerPair, rids: set[str], timeout_s: float = 60) -> dict[str, list[P.TokenEvent]]:
+    events: dict[str, list[P.TokenEvent]] = {r: [] for r in rids}
+
+    def done():
+        for m in pair.take(lambda m: getattr(m, "rid", None) in rids):
+            assert isinstance(m, P.TokenEvent), m
+            events[m.rid].append(m)
+        return all(ev and ev[-1].finished for ev in events.values())
+
+    pair.wait(done, timeout_s, "requests finished")
+    return events
+
+
+def _pages_zero(pair: WorkerPair) -> None:
+    pair.status.clear()  # only heartbeats sent after this point count
+    pair.wait(lambda: len(pair.status) == 2 and not any(pair.used_pages().values()), 10, "pages back to zero")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{pair.health['d0']}/metrics", timeout=5).read().decode()
+    assert 'glm_worker_page_leaks_total{role="decode",worker="d0"} 0.0' in text
+
+
+def test_greedy_equals_single_process(pair):
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (3, 17, 40, 8)]
+    ref = generate(ModelRunner(pair.model_dir), prompts, max_new_tokens=6, ignore_eos=True)
+    sp = P.SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        assert isinstance(_start(pair, f"g{i}", p, sp), P.Reserved)
+    events = _collect(pair, {f"g{i}" for i in range(len(prompts))})
+    for i, r in enumerate(ref):
+        ev = events[f"g{i}"]
+        assert ev[0].worker_id == "p0" and all(e.worker_id == "d0" for e in ev[1:])
+        got = [t for e in ev for t in P.unpack_ids(e.token_ids)]
+        assert got == r["token_ids"], f"prompt {i}"
+        assert ev[-1].finish_reason == "length"
+    _pages_zero(pair)
+
+
+def test_aborts_at_every_stage_free_all_pages(pair):
+    sp = P.SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    prompt = list(range(5, 45))  # 3 prefill chunks of 16
+    _start(pair, "a_before", prompt, sp)
+    pair.send("d0", P.Abort(rid="a_before"))
+    pair.send("p0", P.Abort(rid="a_before"))
+    _start(pair, "a_decoding", prompt, sp)
+    pair.wait(lambda: [m for m in pair.inbox if getattr(m, "rid", "") == "a_decoding" and m.worker_id == "d0"],
+              30, "decode tokens")
+    pair.send("d0", P.Abort(rid="a_decoding"))
+    pair.send("p0", P.Abort(rid="a_decoding"))
+    _start(pair, "a_decode_only", prompt, sp)  # router aborts only the decode side mid-handoff
+    pair.send("d0", P.Abort(rid="a_decode_only"))
+    _start(pair, "ok", [7, 8, 9], P.SamplingParams(temperature=0.0, max_new_tokens=3))
+    ev = _collect(pair, {"ok"})["ok"]
+    assert sum(len(P.unpack_ids(e.token_ids)) for e in ev) <= 3 and ev[-1].finished
+    _pages_zero(pair)
+    pair.take(lambda m: True)
+
+
+def test_busy_when_pages_short(pair):
+    sp = P.SamplingParams(max_new_tokens=4)
+    ans = _start(pair, "huge", list(range(3, 3 + 4 * 70)), sp)  # 70+ pages of 64
+    assert isinstance(ans, P.Busy) and "pages" in ans.reason
+    _pages_zero(pair)
