@@ -29,6 +29,7 @@ def _plan(req: GenerateRequest, st: RouterState):
     max_new = V.check_max_tokens(p.max_new_tokens, len(prompt), st.cfg, "parameters.max_new_tokens", 16)
     if p.stop is not None and p.stop_sequences is not None:
         raise bad("give stop or stop_sequences, not both", param="parameters.stop")
+    V.check_float(p.temperature, "parameters.temperature", 0.0, 100.0, 1.0)  # checked even when greedy
     fields = SamplingFields(
         temperature=p.temperature if p.do_sample else 0.0, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
