@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="render the config, run supervisord in the foreground")
     _fleet_flags(up)
     _flag(up, "ready_timeout", type=float, default=900.0, help="seconds to wait for the router's /readyz")
+    _flag(up, "detach", action="store_true", help="return once ready; stop later with `down`")
     render = sub.add_parser("render", help="print or write the supervisord config only")
     _fleet_flags(render)
     _flag(render, "out", default="", help="file to write (default: stdout)")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from deploy.lifecycle import up
 
-    return up(spec, a.ready_timeout, os.path.abspath(a.state_dir) == DEFAULT_STATE)
+    return up(spec, a.ready_timeout, os.path.abspath(a.state_dir) == DEFAULT_STATE, a.detach)
 
 
 if __name__ == "__main__":

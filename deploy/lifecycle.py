@@ -1,7 +1,7 @@
 """`deploy up` / `deploy down`: run supervisord in the foreground, wait for the router's /readyz (deploy CLI process).
 
 up: render `<state_dir>/supervisord.conf`, start `supervisord -n`, poll http://HOST:PORT/readyz until
-200 and print how to call the fleet; then wait. SIGINT / SIGTERM stop supervisord, which stops every
+200 and print how to call the fleet; then wait (or, with --detach, return and leave it running). SIGINT / SIGTERM stop supervisord, which stops every
 program (and its process group) in reverse priority. down: `supervisorctl shutdown` over the state
 dir's socket, falling back to SIGTERM to the pid in the pidfile; returns once supervisord is gone.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,12 +68,23 @@ def _wait_ready(proc: subprocess.Popen, spec: FleetSpec, timeout_s: float) -> bo
     return False
 
 
-def up(spec: FleetSpec, ready_timeout_s: float, default_state: bool) -> int:
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def up(spec: FleetSpec, ready_timeout_s: float, default_state: bool, detach: bool = False) -> int:
+    """Run the fleet; with `detach`, return once ready and leave supervisord running (stop: `down`)."""
+    if _port_taken(spec.host, spec.port):
+        print(f"deploy: {spec.host}:{spec.port} is already in use (a fleet already up? python -m deploy down)",
+              file=sys.stderr)
+        return 1
     conf = write_config(spec, conf_path(spec.state_dir))
     log_dir = os.path.join(spec.state_dir, "logs")
     print(f"deploy: config {conf}; starting supervisord (router on {spec.host}:{spec.port}) ...", flush=True)
+    out = open(os.path.join(log_dir, "supervisord.out"), "ab") if detach else None
     proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf],
-                            cwd=spec.workdir, start_new_session=True)
+                            cwd=spec.workdir, start_new_session=True, stdout=out, stderr=out)
     stop = lambda *_: proc.send_signal(signal.SIGTERM)  # noqa: E731 - supervisord stops its programs
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -85,6 +97,8 @@ def up(spec: FleetSpec, ready_timeout_s: float, default_state: bool) -> int:
     state_flag = "" if default_state else f" --state_dir {spec.state_dir}"
     print(READY_HINT.format(host=spec.host, port=spec.port, log_dir=log_dir, state_flag=state_flag,
                             model=_model_name(spec.host, spec.port)), flush=True)
+    if detach:
+        return 0
     return 0 if proc.wait() in (0, -signal.SIGTERM) else 1
 
 

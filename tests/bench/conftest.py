@@ -36,3 +36,27 @@ def timed_server():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cpu_fleet(tmp_path_factory):
+    """The CPU demo fleet via `python -m deploy up --detach`: (base_url, [metrics urls]); `deploy down` after."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")):
+        pytest.skip("router / worker entry points not landed yet")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deploy"))
+    from fleet_ports import fleet_ports
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    port, port_base, health_base = fleet_ports()
+    state = str(tmp_path_factory.mktemp("fleet") / "state")
+    up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
+                         "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "240"],
+                        cwd=repo, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        metrics = [f"http://127.0.0.1:{p}/metrics" for p in (port, health_base + 1, health_base + 11)]
+        yield f"http://127.0.0.1:{port}", metrics
+    finally:
+        subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state], cwd=repo, timeout=120)
