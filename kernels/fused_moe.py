@@ -77,7 +77,7 @@ def _moe_gemm_kernel(
 
 
 # Launch configs as data: (gpu, "decode" | "prefill", "bf16" | "fp8") -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
-# "decode" = at most 4 pairs per expert on average. Untuned starting points (bench/KERNEL_NOTES.md).
+# "decode" = at most 32 pairs per expert on average; untuned starting points (bench/KERNEL_NOTES.md).
 CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("default", "decode", "bf16"): (16, 64, 128, 4, 4),
     ("default", "decode", "fp8"): (16, 128, 128, 4, 4),
@@ -88,12 +88,18 @@ _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
 def _config(device, num_pairs: int, num_experts: int, fp8: bool) -> tuple[int, int, int, int, int]:
+    """Table entry, with BLOCK_M sized to the mean pairs per expert (x1.5 headroom) when that is
+    under 64: a second M block of the same expert would read its weights again (decode is memory-bound)."""
     name = gpu_name(device)
     if name == "cpu":
         return _CPU_CONFIG
-    phase = "decode" if num_pairs <= 4 * num_experts else "prefill"
+    phase = "decode" if num_pairs <= 32 * num_experts else "prefill"
     key = (phase, "fp8" if fp8 else "bf16")
-    return CONFIGS.get((name, *key), CONFIGS[("default", *key)])
+    cfg = CONFIGS.get((name, *key), CONFIGS[("default", *key)])
+    mean = num_pairs / max(1, num_experts)
+    if mean < 64:
+        cfg = (min(64, max(16, triton.next_power_of_2(int(1.5 * mean) + 1))), *cfg[1:])
+    return cfg
 
 
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight):

@@ -47,7 +47,10 @@ def _rope_kernel(
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
-    cs_row = tl.load(pos_ptr + tok).to(tl.int64) if HAS_POS else tok
+    if HAS_POS:
+        cs_row = tl.load(pos_ptr + tok).to(tl.int64)
+    else:
+        cs_row = tok
     c = tl.load(cos_ptr + cs_row * cs_stride + i, mask=i < HALF, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + cs_row * cs_stride + i, mask=i < HALF, other=0.0).to(tl.float32)
     mask = (heads[:, None] < num_heads) & (i[None, :] < HALF)  # [BLOCK_H, BLOCK_HALF]
