@@ -1,0 +1,52 @@
+"""Weight loading by checkpoint names: unknown and missing keys are errors that name them; MTP keys are
+loaded only when the MTP layer is built; the MTP's optional embed/head copies are skipped."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.runner.model_runner import ModelRunner
+from shared.weights.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    return write_tiny_checkpoint(str(tmp_path / "c"), "glm4_moe", seed=2)
+
+
+def _edit_mtp_shard(model_dir, fn):
+    path = os.path.join(model_dir, "model-mtp.safetensors")
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path)
+
+
+def test_unknown_key_is_an_error(ckpt):
+    _edit_mtp_shard(ckpt, lambda sd: sd.__setitem__("model.layers.1.self_attn.extra_proj.weight", torch.zeros(2, 2)))
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.extra_proj.weight"):
+        ModelRunner(ckpt)
+
+
+def test_missing_key_is_an_error(ckpt):
+    _edit_mtp_shard(ckpt, lambda sd: sd.pop("model.layers.3.hnorm.weight"))
+    with pytest.raises(KeyError, match="model.layers.3.hnorm.weight"):
+        ModelRunner(ckpt)
+    ModelRunner(ckpt, with_mtp=False)  # without the MTP layer nothing of layer 3 is needed
+
+
+def test_missing_expert_is_an_error(ckpt):
+    _edit_mtp_shard(ckpt, lambda sd: sd.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(KeyError, match="model.layers.3.mlp.experts"):
+        ModelRunner(ckpt)
+
+
+def test_mtp_optional_copies_are_skipped(ckpt):
+    def add(sd):
+        sd["model.layers.3.embed_tokens.weight"] = torch.zeros(256, 64)
+        sd["model.layers.3.shared_head.head.weight"] = torch.zeros(256, 64)
+    _edit_mtp_shard(ckpt, add)
+    runner = ModelRunner(ckpt)
+    assert runner.has_mtp and runner.kv_layout(4).num_layers == 4
+    assert ModelRunner(ckpt, with_mtp=False).kv_layout(4).num_layers == 3
