@@ -4,9 +4,10 @@ Runs in the router process. `ChatOutputParser` is the one streaming object per r
 `merge_deltas` turns its deltas into the OpenAI assistant message. `python -m router.parsers`
 runs it on a saved model output (see __main__.py).
 """
-from router.parsers.chat import (REASONING_PARSERS, TOOL_CALL_PARSERS, ChatOutputParser, normalize_parser_name)
-from router.parsers.deltas import merge_deltas
+from router.parsers.chat import (REASONING_PARSERS, TOOL_CALL_PARSERS, ChatOutputParser, normalize_parser_name,
+                                 prompt_ends_in_think, thinking_enabled)
+from router.parsers.deltas import DeltaBatch, merge_deltas
 from router.parsers.schema import ToolSchemas, decode_value
 
-__all__ = ["ChatOutputParser", "REASONING_PARSERS", "TOOL_CALL_PARSERS", "ToolSchemas", "decode_value",
-           "merge_deltas", "normalize_parser_name"]
+__all__ = ["ChatOutputParser", "DeltaBatch", "REASONING_PARSERS", "TOOL_CALL_PARSERS", "ToolSchemas", "decode_value",
+           "merge_deltas", "normalize_parser_name", "prompt_ends_in_think", "thinking_enabled"]

@@ -25,8 +25,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="auto | none | required | the name of one function")
     p.add_argument("--stream-chunk", "--stream_chunk", type=int, default=0, help="feed N characters at a time")
     p.add_argument("--no-thinking", "--no_thinking", action="store_true", help="enable_thinking=False")
-    p.add_argument("--prompt-ends-in-think", "--prompt_ends_in_think", action="store_true",
-                   help="the prompt ended with <think> (GLM-4.7 template, thinking on)")
+    p.add_argument("--prompt-ends-in-think", "--prompt_ends_in_think", nargs="?", const="yes", default="unknown",
+                   choices=("yes", "no", "unknown"),
+                   help="yes: the prompt ended with <think> (GLM-4.7, thinking on); no: GLM-4.5 prompt "
+                        "(reasoning only after a leading <think>); unknown (default): output starts as reasoning")
     return p
 
 
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         choice = {"type": "function", "function": {"name": choice}}
     parser = ChatOutputParser(args.tool_call_parser, args.reasoning_parser, tools=tools, tool_choice=choice,
                               enable_thinking=not args.no_thinking,
-                              prompt_ends_in_think=args.prompt_ends_in_think, accept_undeclared_tools=tools is None)
+                              prompt_ends_in_think={"yes": True, "no": False}.get(args.prompt_ends_in_think),
+                              accept_undeclared_tools=tools is None)
     text = sys.stdin.read()
     if args.stream_chunk <= 0:
         print(json.dumps(parser.parse_full(text), ensure_ascii=False, indent=2))

@@ -8,8 +8,9 @@ streaming and non-streaming give the same message by construction.
 Reasoning (`reasoning_parser="glm45"`), spec §8:
   * thinking disabled (`enable_thinking=False`) or no reasoning parser: all text is content
     (think tags included, verbatim);
-  * `prompt_ends_in_think` (GLM-4.7 prompt ends in `<think>`): output starts as reasoning;
-    otherwise (GLM-4.5) reasoning only if the output opens with `<think>` (after whitespace);
+  * `prompt_ends_in_think=True` (GLM-4.7 prompt ends in `<think>`) or None (not known; what
+    vLLM / SGLang assume): output starts as reasoning (an optional leading `<think>` dropped);
+    False (GLM-4.5 prompt): reasoning only if the output opens with `<think>` (after whitespace);
   * in reasoning, `<think>` is dropped, `</think>` switches to content, and a `<tool_call>`
     (when tools are parsed) ends the reasoning and starts the call; output that ends inside
     the reasoning (no `</think>`) is all reasoning, content None;
@@ -26,7 +27,7 @@ Whitespace between calls and after the last call is dropped.
 import uuid
 from typing import Any
 
-from router.parsers.deltas import DeltaSink, merge_deltas
+from router.parsers.deltas import DeltaBatch, DeltaSink, merge_deltas
 from router.parsers.schema import ToolSchemas
 from router.parsers.text_scan import Field, earliest, is_proper_prefix, partial_tail
 from router.parsers.tool_calls import ToolCallMachine
@@ -47,6 +48,18 @@ def normalize_parser_name(name: str | None, allowed: tuple[str, ...]) -> str | N
     return key
 
 
+def prompt_ends_in_think(prompt: str) -> bool:
+    """True when the rendered prompt opens a think block (GLM-4.7 template, thinking on)."""
+    return prompt.rstrip().endswith("<think>")
+
+
+def thinking_enabled(chat_template_kwargs: dict | None) -> bool:
+    """`enable_thinking` (or `thinking`) from the request's chat_template_kwargs; on by default."""
+    kwargs = chat_template_kwargs or {}
+    value = kwargs.get("enable_thinking", kwargs.get("thinking", True))
+    return value is not False and value not in (0, "false", "False")
+
+
 def _named_choice(tool_choice: Any) -> str | None:
     if isinstance(tool_choice, dict):
         function = tool_choice.get("function") or {}
@@ -57,7 +70,7 @@ def _named_choice(tool_choice: Any) -> str | None:
 class ChatOutputParser:
     def __init__(self, tool_call_parser: str | None = None, reasoning_parser: str | None = None,
                  tools: list[dict] | None = None, tool_choice: Any = "auto", enable_thinking: bool = True,
-                 prompt_ends_in_think: bool = False, call_id_prefix: str | None = None,
+                 prompt_ends_in_think: bool | None = None, call_id_prefix: str | None = None,
                  accept_undeclared_tools: bool = False):
         self.tool_call_parser = normalize_parser_name(tool_call_parser, TOOL_CALL_PARSERS)
         self.reasoning_parser = normalize_parser_name(reasoning_parser, REASONING_PARSERS)
@@ -70,7 +83,7 @@ class ChatOutputParser:
         self._sink = DeltaSink()
         self._content = Field(self._sink, "content", strip_start=False, strip_end=False)
         self._reasoning = Field(self._sink, "reasoning_content", strip_start=True, strip_end=True)
-        self._state = (REASONING if prompt_ends_in_think else START) if thinking else CONTENT
+        self._state = (START if prompt_ends_in_think is False else REASONING) if thinking else CONTENT
         self._reasoning_on = thinking
         self._buf = ""
         self._call: ToolCallMachine | None = None
@@ -82,7 +95,7 @@ class ChatOutputParser:
     def missing_required_call(self) -> bool:
         return self._required and self.num_tool_calls == 0
 
-    def feed(self, delta_text: str) -> list[dict]:
+    def feed(self, delta_text: str) -> DeltaBatch:
         """New deltas for the next piece of output text (holds back what could still be a tag)."""
         if self.finished:
             raise RuntimeError("feed() after finish()")
@@ -90,7 +103,7 @@ class ChatOutputParser:
         self._run(final=False)
         return self._sink.take()
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> DeltaBatch:
         """The last deltas: everything held back, truncated calls closed."""
         if not self.finished:
             self.finished = True

@@ -39,8 +39,45 @@ class DeltaSink:
         else:
             self._deltas.append({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
 
-    def take(self) -> list[dict[str, Any]]:
-        out, self._deltas = self._deltas, []
+    def take(self) -> "DeltaBatch":
+        out, self._deltas = DeltaBatch(self._deltas), []
+        return out
+
+
+class DeltaBatch(list):
+    """The deltas of one `feed()` / `finish()` call (a list), also readable as ONE merged delta.
+
+    `content`, `reasoning_content` and `tool_calls` give the batch folded into a single OpenAI
+    delta (one SSE chunk): texts concatenated, each call's parts merged (first part keeps id and
+    name). Merging loses only the order between fields, which OpenAI clients do not use.
+    """
+
+    @property
+    def content(self) -> str:
+        return "".join(d.get("content", "") for d in self)
+
+    @property
+    def reasoning_content(self) -> str:
+        return "".join(d.get("reasoning_content", "") for d in self)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        parts: dict[int, dict[str, Any]] = {}
+        for delta in self:
+            for part in delta.get("tool_calls", []):
+                if part["index"] not in parts:
+                    parts[part["index"]] = {**part, "function": dict(part["function"])}
+                else:
+                    parts[part["index"]]["function"]["arguments"] += part["function"].get("arguments", "")
+        return [parts[i] for i in sorted(parts)]
+
+    def merged(self) -> dict[str, Any]:
+        """The batch as one delta dict (keys only for non-empty fields)."""
+        out: dict[str, Any] = {}
+        for key, value in (("reasoning_content", self.reasoning_content), ("content", self.content),
+                           ("tool_calls", self.tool_calls)):
+            if value:
+                out[key] = value
         return out
 
 

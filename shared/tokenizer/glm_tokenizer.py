@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 # Stop tokens of every GLM-4.x model (spec §9) when the checkpoint names none.
 GLM_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+# Tags the reasoning / tool-call parsers read: never dropped by skip_special_tokens, whatever the
+# checkpoint marks as special (vLLM instead forces skip_special_tokens=False when tools are on).
+PARSER_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+               "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>")
 
 
 class GlmTokenizer:
@@ -36,16 +40,20 @@ class GlmTokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         added = tokenizer.get_added_tokens_decoder()  # id -> AddedToken
         self.special_token_ids: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
-        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        # ids skip_special_tokens drops: the special added tokens except the parser tags
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, t in added.items() if t.special and t.content not in PARSER_TAGS)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS (the template writes [gMASK]<sop> itself)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; ids the tokenizer does not know decode to nothing."""
-        known = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and self._tok.id_to_token(int(i)) is not None]
-        return self._tok.decode(known, skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; ids the tokenizer does not know decode to nothing; PARSER_TAGS always kept."""
+        known = [i for i in map(int, ids) if 0 <= i < self.vocab_size and self._tok.id_to_token(i) is not None]
+        if skip_special_tokens:
+            known = [i for i in known if i not in self.special_ids]
+        return self._tok.decode(known, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

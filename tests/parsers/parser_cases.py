@@ -12,7 +12,7 @@ TOOLS = [
 ]
 
 # (name, parser kwargs, output text, expected message without ids)
-G45 = dict(tool_call_parser="glm45", reasoning_parser="glm45")
+G45 = dict(tool_call_parser="glm45", reasoning_parser="glm45", prompt_ends_in_think=False)
 G47 = dict(tool_call_parser="glm47", reasoning_parser="glm45", prompt_ends_in_think=True)
 
 

@@ -137,3 +137,30 @@ def test_expected_message_shapes_for_full_and_stream_equal():
     text = "r</think>ok" + CALL47
     full = without_ids(make(G47).parse_full(text))
     assert full == without_ids(stream(make(G47), [text[:13], text[13:40], text[40:]])[1])
+
+
+def test_unknown_prompt_end_defaults_to_reasoning_like_other_engines():
+    parser = ChatOutputParser("glm47", "glm45", tools=TOOLS)  # prompt_ends_in_think not given
+    assert parser.parse_full("why</think>ok")["reasoning_content"] == "why"
+    assert ChatOutputParser("glm47", "glm45").parse_full("<think>why</think>ok")["content"] == "ok"
+
+
+def test_feed_batch_reads_as_one_merged_delta():
+    parser = make(G47)
+    batch = parser.feed("r</think>Hi <tool_call>get_weather<arg_key>city</arg_key><arg_value>Ro")
+    assert isinstance(batch, list) and len(batch) == 3
+    assert (batch.reasoning_content, batch.content) == ("r", "Hi")
+    assert batch.tool_calls == [{"index": 0, "id": "id0", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Ro'}}]
+    assert batch.merged() == {"reasoning_content": "r", "content": "Hi", "tool_calls": batch.tool_calls}
+    tail = parser.feed("me</arg_value></tool_call>")
+    assert tail.tool_calls == [{"index": 0, "function": {"arguments": 'me"}'}}] and tail.content == ""
+
+
+def test_request_helpers():
+    from router.parsers import prompt_ends_in_think, thinking_enabled
+    assert prompt_ends_in_think("[gMASK]<sop><|user|>Hi<|assistant|><think>")
+    assert not prompt_ends_in_think("[gMASK]<sop><|user|>\nHi<|assistant|>")
+    assert not prompt_ends_in_think("<|assistant|>\n<think></think>")
+    assert thinking_enabled(None) and thinking_enabled({"enable_thinking": True})
+    assert not thinking_enabled({"enable_thinking": False}) and not thinking_enabled({"thinking": False})

@@ -93,3 +93,15 @@ def test_transformers_reads_the_written_dir(tmp_path, tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "reasoning_content": "r"},
             {"role": "user", "content": "Bye"}]
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(msgs)
+
+
+def test_parser_tags_survive_skip_special_even_if_marked_special(tmp_path):
+    """A checkpoint that marks <think>/<tool_call> special still shows them to the parsers."""
+    write_builtin_tokenizer(str(tmp_path))
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    for added in raw["added_tokens"]:
+        added["special"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    tok = load_tokenizer(str(tmp_path))
+    ids = tok.encode("<|assistant|>r</think><tool_call>f<arg_key>k</arg_key><arg_value>v</arg_value></tool_call><|user|>")
+    assert tok.decode(ids) == "r</think><tool_call>f<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>"
