@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -177,8 +178,20 @@ SCENARIOS = {f.__name__[2:]: f for f in (s_gqa, s_mla, s_ordered, s_mismatch, s_
                                           s_abort, s_timeout_rebuild, s_two_links)}
 
 
+def prefill_then_die(port: int) -> None:
+    """`kv_peer.py PORT --prefill-then-die`: connect as prefill "dying", then SIGKILL itself."""
+    from shared.kvcache.rendezvous import connect_link
+
+    store = open_store("127.0.0.1", port, is_host=False)
+    connect_link(store, "dying", "d0", 0, signature(GQA), "cpu", timeout_s=20.0)
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    if "--prefill-then-die" in sys.argv:
+        return prefill_then_die(int(sys.argv[1]))
     store = open_store("127.0.0.1", int(sys.argv[1]), is_host=True)
     print(json.dumps({"name": "ready", "result": "ok"}), flush=True)
     for line in sys.stdin:

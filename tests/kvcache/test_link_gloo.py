@@ -179,3 +179,21 @@ def test_send_past_deadline_fails_and_breaks_link():
     assert recv.poll("never-posted") is XferState.UNKNOWN
     assert bool((cache.buffer == 0).all())
     send.close()
+
+
+def test_peer_killed_mid_transfer_fails_the_link_fast():
+    """kill -9 of the prefill while the decode waits for a push: FAILED in seconds, not at the deadline."""
+    port = _free_port()
+    host = open_store("127.0.0.1", port, is_host=True)
+    from shared.kvcache.rendezvous import accept_link, in_background
+
+    fut = in_background(accept_link, host, "dying", "d0", 0, P.signature(P.GQA), "cpu", 30.0, 60.0)
+    proc = subprocess.Popen([sys.executable, P.__file__, str(port), "--prefill-then-die"])
+    recv = fut.result(30)
+    cache = PagedKVCache(P.GQA, P.NUM_PAGES)
+    recv.recv_pages("dying/0", cache, [1, 2])
+    t0 = time.monotonic()
+    assert recv.wait("dying/0", 30) is XferState.FAILED
+    assert time.monotonic() - t0 < 10 and recv.broken and "closed" in recv.error.lower()
+    assert bool((cache.buffer == 0).all())
+    assert proc.wait(10) == -9
