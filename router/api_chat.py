@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router import validate as V
-from router.chat_output import ParsedDelta, make_parser
+from router.chat_output import make_parser
 from router.errors import APIError, bad
 from router.generation import Delta, merged, start_choices
+from router.parsers import merge_deltas
 from router.http_common import collect, decode_json, error_event, json_response, new_id, read_body, sse, sse_response
 from router.schemas import ChatRequest
 from router.state import RouterState
@@ -26,8 +27,8 @@ from router.state import RouterState
 _RESERVED_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
 
 
-def render_prompt(req: ChatRequest, st: RouterState) -> tuple[list[int], list[dict] | None, bool]:
-    """Prompt token ids, the tools as dicts (None without tools) and whether thinking is on."""
+def render_prompt(req: ChatRequest, st: RouterState) -> tuple[str, list[dict] | None, bool]:
+    """Prompt text, the tools as dicts (None without tools) and whether thinking is on."""
     messages = V.check_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     if _RESERVED_KWARGS & kwargs.keys():
@@ -36,25 +37,39 @@ def render_prompt(req: ChatRequest, st: RouterState) -> tuple[list[int], list[di
     tools = [msgspec.to_builtins(t) for t in req.tools] if req.tools else None
     if tools and any(t["type"] != "function" for t in tools):
         raise bad("only tools of type 'function' are supported", param="tools")
-    choice = req.tool_choice
-    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
-        raise bad(f"tool_choice must be 'auto', 'none' or 'required', got {choice!r}", param="tool_choice")
-    if choice == "required" or isinstance(choice, dict):
-        raise bad("tool_choice 'required' and named tool choice are not supported", param="tool_choice")
-    if choice == "none":
+    _check_tool_choice(req.tool_choice, tools)
+    if req.tool_choice == "none":
         tools = None
     try:
         text = st.tokenizer.apply_chat_template(messages, tools=tools,
                                                 add_generation_prompt=req.add_generation_prompt, **kwargs)
-    except APIError:
-        raise
     except Exception as e:  # template errors (raise_exception, bad tool-call arguments) are the client's
         raise bad(f"cannot render the chat template: {e}", param="messages") from None
-    return st.tokenizer.encode(text), tools, bool(kwargs.get("enable_thinking", True))
+    return text, tools, bool(kwargs.get("enable_thinking", True))
+
+
+def _check_tool_choice(choice, tools: list[dict] | None) -> None:
+    if choice is None or choice in ("auto", "none"):
+        return
+    if isinstance(choice, str):
+        if choice != "required":
+            raise bad(f"tool_choice must be 'auto', 'none', 'required' or a named tool, got {choice!r}",
+                      param="tool_choice")
+        if not tools:
+            raise bad("tool_choice 'required' needs tools", param="tool_choice")
+        return
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise bad("a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                  param="tool_choice")
+    if name not in {t["function"]["name"] for t in tools or []}:
+        raise bad(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
 
 
 def _plan(req: ChatRequest, st: RouterState):
-    prompt, tools, thinking = render_prompt(req, st)
+    prompt_text, tools, thinking = render_prompt(req, st)
+    prompt = st.tokenizer.encode(prompt_text)
     n = V.check_n(req.n, st.cfg)
     if req.max_completion_tokens is not None:
         max_tokens = V.check_max_tokens(req.max_completion_tokens, len(prompt), st.cfg, "max_completion_tokens", None)
@@ -69,7 +84,7 @@ def _plan(req: ChatRequest, st: RouterState):
     def sampling_of(i: int):
         return base if base.seed is None else msgspec.structs.replace(base, seed=base.seed + i)
 
-    return prompt, tools, thinking, n, sampling_of, opts
+    return prompt, prompt_text, tools, thinking, n, sampling_of, opts
 
 
 def _logprobs(st: RouterState, d: Delta) -> list[dict]:
@@ -85,30 +100,17 @@ def _logprobs(st: RouterState, d: Delta) -> list[dict]:
     return out
 
 
-def _merge_calls(calls: list[dict], parts: list[dict]) -> None:
-    """Accumulate streaming tool-call deltas into whole calls (by index)."""
-    for p in parts:
-        i = p.get("index", len(calls))
-        while len(calls) <= i:
-            calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-        c, fn = calls[i], p.get("function") or {}
-        c["id"] = p.get("id") or c["id"] or f"call_{i}"
-        c["function"]["name"] += fn.get("name") or ""
-        c["function"]["arguments"] += fn.get("arguments") or ""
-
-
-def _parsers(req: ChatRequest, st: RouterState, tools, thinking: bool, count: int) -> list:
-    return [make_parser(st.cfg.tool_call_parser, st.cfg.reasoning_parser, tools, thinking, st.tokenizer)
-            for _ in range(count)]
+def _parsers(req: ChatRequest, st: RouterState, tools, thinking: bool, prompt_text: str, count: int) -> list:
+    return [make_parser(st.cfg, tools, req.tool_choice, thinking, prompt_text) for _ in range(count)]
 
 
 async def chat_completions(request: Request) -> Response:
     st: RouterState = request.app.state.router
     req = decode_json(await read_body(request, st.cfg.max_body_bytes), ChatRequest)
-    prompt, tools, thinking, n, sampling_of, opts = _plan(req, st)
+    prompt, prompt_text, tools, thinking, n, sampling_of, opts = _plan(req, st)
     rid = new_id("chatcmpl")
     streams = start_choices(st.dispatcher, st.metrics, st.tokenizer, rid, [prompt], sampling_of, n, opts)
-    parsers = _parsers(req, st, tools, thinking, n)
+    parsers = _parsers(req, st, tools, thinking, prompt_text, n)
     head = {"id": rid, "created": int(time.time()), "model": st.cfg.served_model_name}
     if req.stream:
         return sse_response(_stream(st, req, head, streams, parsers, len(prompt)))
@@ -116,17 +118,13 @@ async def chat_completions(request: Request) -> Response:
     choices, completion_tokens = [], 0
     for k, deltas in enumerate(per_choice):
         completion_tokens += sum(len(d.token_ids) for d in deltas)
-        parsed = [parsers[k].feed(d.text) for d in deltas] + [parsers[k].finish()]
-        calls: list[dict] = []
-        for p in parsed:
-            _merge_calls(calls, p.tool_calls)
-        msg = {"role": "assistant", "content": "".join(p.content for p in parsed) or (None if calls else "")}
-        reasoning = "".join(p.reasoning for p in parsed)
-        if reasoning:
-            msg["reasoning_content"] = reasoning
-        if calls:
-            msg["tool_calls"] = calls
-        reason = "tool_calls" if calls and deltas[-1].finish_reason == "stop" else deltas[-1].finish_reason
+        parser = parsers[k]
+        msg = merge_deltas([x for d in deltas for x in parser.feed(d.text)] + parser.finish())
+        if msg["reasoning_content"] is None:
+            del msg["reasoning_content"]
+        reason = deltas[-1].finish_reason
+        if msg.get("tool_calls") and reason == "stop":
+            reason = "tool_calls"
         lps = {"content": [e for d in deltas for e in _logprobs(st, d)]} if req.logprobs else None
         choices.append({"index": k, "message": msg, "logprobs": lps, "finish_reason": reason})
     usage = {"prompt_tokens": len(prompt) * n, "completion_tokens": completion_tokens,
@@ -134,15 +132,16 @@ async def chat_completions(request: Request) -> Response:
     return json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
 
-def _delta_dict(p: ParsedDelta) -> dict:
-    delta: dict = {}
-    if p.content:
-        delta["content"] = p.content
-    if p.reasoning:
-        delta["reasoning_content"] = p.reasoning
-    if p.tool_calls:
-        delta["tool_calls"] = p.tool_calls
-    return delta
+def _merge_text(deltas: list[dict]) -> dict:
+    """One OpenAI delta from the parser's deltas of one step (text fields joined, calls listed)."""
+    out: dict = {}
+    for d in deltas:
+        for key in ("content", "reasoning_content"):
+            if d.get(key):
+                out[key] = out.get(key, "") + d[key]
+        if d.get("tool_calls"):
+            out.setdefault("tool_calls", []).extend(d["tool_calls"])
+    return out
 
 
 async def _stream(st: RouterState, req: ChatRequest, head: dict, streams, parsers, prompt_len: int):
@@ -154,15 +153,13 @@ async def _stream(st: RouterState, req: ChatRequest, head: dict, streams, parser
     try:
         async for d in merged(streams):
             completion_tokens += len(d.token_ids)
-            p = parsers[d.index].feed(d.text)
-            if d.finish_reason is not None:
-                tail = parsers[d.index].finish()
-                p = ParsedDelta(p.content + tail.content, p.reasoning + tail.reasoning, p.tool_calls + tail.tool_calls)
-            had_calls[d.index] |= bool(p.tool_calls)
+            parser = parsers[d.index]
+            parts = parser.feed(d.text) + (parser.finish() if d.finish_reason is not None else [])
+            delta = _merge_text(parts)
+            had_calls[d.index] |= "tool_calls" in delta
             reason = d.finish_reason
             if reason == "stop" and had_calls[d.index]:
                 reason = "tool_calls"
-            delta = _delta_dict(p)
             if not delta and reason is None and not req.logprobs:
                 continue
             lps = {"content": _logprobs(st, d)} if req.logprobs else None

@@ -77,7 +77,7 @@ def fleet():
     from router_fixtures import peer_fleet
 
     with contextlib.ExitStack() as stack:
-        def make(**kw):
-            return stack.enter_context(peer_fleet("Hello world. STOP here, then more text follows.", **kw))
+        def make(reply: str = "Hello world. STOP here, then more text follows.", **kw):
+            return stack.enter_context(peer_fleet(reply, **kw))
 
         yield make
