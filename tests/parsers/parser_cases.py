@@ -74,6 +74,14 @@ CASES = [
      msg("Done.", "plan", [call("get_time", "{}")])),
     ("repeated_think_tag", G47, "<think>deep</think>Answer <think> literal", msg("Answer <think> literal", "deep")),
     ("lonely_lt_signs", G47, "a < b</think>x <tool x <tool_cal y", msg("x <tool x <tool_cal y", "a < b")),
+    ("empty_name_is_content", G47, "r</think><tool_call></tool_call><tool_call>\n<arg_key>a</arg_key>",
+     msg("<tool_call></tool_call><tool_call>\n<arg_key>a</arg_key>", "r")),
+    ("unknown_key_decoded_as_json", G47,
+     "r</think><tool_call>get_weather<arg_key>extra</arg_key><arg_value>123</arg_value><arg_key>more</arg_key>"
+     "<arg_value>free text</arg_value></tool_call>",
+     msg(None, "r", [call("get_weather", '{"extra": 123, "more": "free text"}')])),
+    ("call_restarts_inside_call", G47, "r</think><tool_call>get_time<tool_call>get_time</tool_call>",
+     msg("<tool_call>get_time", "r", [call("get_time", "{}")])),  # the unclosed first name is content
     ("unicode_and_mtp", G47, "思考🙂</think>答案：<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京🙂"
      "</arg_value></tool_call>", msg("答案：", "思考🙂", [call("get_weather", '{"city": "北京🙂"}')])),
 ]
