@@ -156,15 +156,21 @@ def _eos(d: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _parse(d: dict[str, Any], is_mla: bool) -> ModelConfig:
-    num_layers = int(d.get("num_hidden_layers", 47 if is_mla else 46))
-    first_k = int(d.get("first_k_dense_replace", 1))
+def _mlp_types(d: dict[str, Any], num_layers: int, first_k: int) -> tuple[str, ...]:
+    """Explicit mlp_layer_types (HF lite reads only these) else first_k_dense_replace dense layers."""
     if d.get("mlp_layer_types"):
         mlp_types = tuple(d["mlp_layer_types"])
-    else:  # HF lite ignores first_k_dense_replace but its default equals first_k=1
+    else:
         mlp_types = tuple("dense" if i < first_k else "sparse" for i in range(num_layers))
     if len(mlp_types) != num_layers or set(mlp_types) - {"dense", "sparse"}:
         raise ValueError(f"mlp_layer_types {mlp_types} must list 'dense'/'sparse' for {num_layers} layers")
+    return mlp_types
+
+
+def _parse(d: dict[str, Any], is_mla: bool) -> ModelConfig:
+    num_layers = int(d.get("num_hidden_layers", 47 if is_mla else 46))
+    first_k = int(d.get("first_k_dense_replace", 1))
+    mlp_types = _mlp_types(d, num_layers, first_k)
     theta, factor, scaling = _rope(d, is_mla)
     heads = int(d.get("num_attention_heads", 20 if is_mla else 96))
     hidden = int(d.get("hidden_size", 2048 if is_mla else 4096))
@@ -186,13 +192,7 @@ def _parse(d: dict[str, Any], is_mla: bool) -> ModelConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
         attention_bias=bool(d.get("attention_bias", False)),
         use_qk_norm=bool(d.get("use_qk_norm", False)) and not is_mla,
-        n_routed_experts=int(d.get("n_routed_experts", 64 if is_mla else 128)),
-        n_shared_experts=int(d.get("n_shared_experts", 1)),
-        num_experts_per_tok=int(d.get("num_experts_per_tok", 4 if is_mla else 8)),
-        n_group=int(d.get("n_group") or 1),
-        topk_group=int(d.get("topk_group") or 1),
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.8 if is_mla else 1.0)),
+        **_moe_fields(d, is_mla),
         first_k_dense_replace=first_k,
         mlp_layer_types=mlp_types,
         num_nextn_predict_layers=int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0),
@@ -205,10 +205,30 @@ def _parse(d: dict[str, Any], is_mla: bool) -> ModelConfig:
         torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"),
         rope_scaling=scaling,
         quantization=QuantConfig.from_hf(q) if q else None,
-        q_lora_rank=(int(d.get("q_lora_rank", 768)) if d.get("q_lora_rank", 768) else None) if is_mla else None,
-        kv_lora_rank=int(d.get("kv_lora_rank", 512)) if is_mla else 0,
-        qk_nope_head_dim=int(d.get("qk_nope_head_dim", 192)) if is_mla else 0,
-        qk_rope_head_dim=qk_rope if is_mla else 0,
-        v_head_dim=int(d.get("v_head_dim", 256)) if is_mla else 0,
-        rope_interleave=bool(d.get("rope_interleave", True)) if is_mla else False,
+        **(_mla_fields(d) if is_mla else {}),
+    )
+
+
+def _moe_fields(d: dict[str, Any], is_mla: bool) -> dict[str, Any]:
+    return dict(
+        n_routed_experts=int(d.get("n_routed_experts", 64 if is_mla else 128)),
+        n_shared_experts=int(d.get("n_shared_experts", 1)),
+        num_experts_per_tok=int(d.get("num_experts_per_tok", 4 if is_mla else 8)),
+        n_group=int(d.get("n_group") or 1),
+        topk_group=int(d.get("topk_group") or 1),
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.8 if is_mla else 1.0)),
+    )
+
+
+def _mla_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """glm4_moe_lite attention fields (HF defaults = GLM-4.7-Flash; no rope_interleave key means True)."""
+    q_lora = d.get("q_lora_rank", 768)
+    return dict(
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(d.get("kv_lora_rank", 512)),
+        qk_nope_head_dim=int(d.get("qk_nope_head_dim", 192)),
+        qk_rope_head_dim=int(d.get("qk_rope_head_dim", 64)),
+        v_head_dim=int(d.get("v_head_dim", 256)),
+        rope_interleave=bool(d.get("rope_interleave", True)),
     )
