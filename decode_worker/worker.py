@@ -43,7 +43,10 @@ class DecodeWorker:
         while self.alive:
             busy = bool(self.running) or bool(self.handoffs.seqs)
             for msg in self.io.recv(0 if busy else 20):
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except Exception:  # noqa: BLE001 - one bad message must not take the worker down
+                    log.exception("decode %s: handling %s failed", self.cfg.worker_id, type(msg).__name__)
             self.poll_recvs()
             self.step()
             self.housekeeping()
@@ -68,7 +71,7 @@ class DecodeWorker:
         if isinstance(res, str):
             self.io.to_router(P.Busy(rid=msg.rid, decode_id=self.cfg.worker_id, reason=res))
             return
-        res.generator = generator_for(msg.sampling)
+        res.generator = generator_for(msg.sampling, self.engine.runner.config.vocab_size, draws_done=1)
         self.io.to_router(P.Reserved(rid=msg.rid, decode_id=self.cfg.worker_id, page_ids=P.pack_ids(res.page_ids)))
 
     def on_abort(self, rid: str) -> None:
@@ -89,6 +92,9 @@ class DecodeWorker:
         gen = f"{msg.generation}.{self.generation}"
         op = LinkOp("connect", msg.prefill_id, xfer_id=gen, host=self.link_host, port=self.link_port)
         self.engine.lead(StepPlan(mode="", link_ops=[op]))  # blocks until the prefill side joins
+        if not self.engine.links.has(msg.prefill_id):
+            self.metrics.handoff_failure("link_connect")
+            return
         self.prefill_gens[msg.prefill_id] = msg.generation
         log.info("decode %s: KV link to %s up (generation %s)", self.cfg.worker_id, msg.prefill_id, gen)
 

@@ -47,7 +47,10 @@ class PrefillWorker:
         while self.alive:
             busy = self.sched.num_queued() > 0 or bool(self.pusher.inflight)
             for msg in self.io.recv(0 if busy else 20):
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except Exception:  # noqa: BLE001 - one bad message must not take the worker down
+                    log.exception("prefill %s: handling %s failed", self.cfg.worker_id, type(msg).__name__)
             self.step()
             self.poll_sends()
             self.housekeeping()
@@ -90,6 +93,9 @@ class PrefillWorker:
         gen = f"{self.generation}.{msg.generation}"
         op = LinkOp("connect", msg.decode_id, host=msg.link_host, port=msg.link_port, xfer_id=gen)
         self.engine.lead(StepPlan(mode="", link_ops=[op]))  # blocks until the decode side joins
+        if not self.engine.links.has(msg.decode_id):
+            self.metrics.handoff_failure("link_connect")
+            return  # the next LinkHello / LinkInfo round retries
         self.links[msg.decode_id] = msg.generation
         log.info("prefill %s: KV link to %s up (generation %s)", self.cfg.worker_id, msg.decode_id, gen)
 

@@ -21,6 +21,9 @@ from shared.worker_common.plan import LinkOp
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 10.0  # rendezvous: the peer must join within this
+XFER_TIMEOUT_S = 30.0  # a posted transfer must complete within this, else the link is torn down
+
 
 class LinkSet:
     def __init__(self, role: str, worker_id: str, tp_rank: int, tp_size: int, cache: PagedKVCache,
@@ -48,13 +51,23 @@ class LinkSet:
         old = self.links.pop(op.peer, None)
         if old is not None:
             old.close()
-        store = self._store(op.host, op.port)
-        if self.role == "prefill":
-            link = rv.connect_link(store, self.worker_id, op.peer, self.tp_rank, self.signature, self.device)
-        else:
-            link = rv.accept_link(store, op.peer, self.worker_id, self.tp_rank, self.signature, self.device)
+        try:
+            store = self._store(op.host, op.port)
+            if self.role == "prefill":
+                link = rv.connect_link(store, self.worker_id, op.peer, self.tp_rank, self.signature, self.device,
+                                       timeout_s=CONNECT_TIMEOUT_S, xfer_timeout_s=XFER_TIMEOUT_S)
+            else:
+                link = rv.accept_link(store, op.peer, self.worker_id, self.tp_rank, self.signature, self.device,
+                                      timeout_s=CONNECT_TIMEOUT_S, xfer_timeout_s=XFER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - LinkError, LinkMismatch, store errors: no link, retry later
+            log.error("%s rank %d: KV link to %s failed: %s", self.worker_id, self.tp_rank, op.peer, e)
+            return
         self.links[op.peer] = link
         self.xfers[op.peer] = set()
+
+    def has(self, peer: str) -> bool:
+        link = self.links.get(peer)
+        return link is not None and not link.broken
 
     def host_store(self, host: str, port: int) -> None:
         """Decode leader: host the KV-link TCPStore on --link_port (before announcing it)."""
@@ -63,9 +76,11 @@ class LinkSet:
         self.stores[(host, port)] = open_store(host, port, is_host=True)
 
     def _store(self, host: str, port: int):
+        """A client of the decode's TCPStore; prefills reconnect on every link build (the decode
+        may have restarted with a new store on the same port)."""
         from shared.kvcache.rendezvous import open_store
 
-        if (host, port) not in self.stores:
+        if (host, port) not in self.stores or self.role == "prefill":
             self.stores[(host, port)] = open_store(host, port, is_host=False)
         return self.stores[(host, port)]
 

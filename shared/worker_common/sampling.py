@@ -21,8 +21,19 @@ class Sampled:
     top: list[tuple[int, float]]  # (id, logprob) pairs when top_logprobs was asked, else []
 
 
-def generator_for(params: SamplingParams) -> torch.Generator | None:
-    return make_generator(params.seed) if params.seed is not None else None
+def generator_for(params: SamplingParams, vocab_size: int = 0, draws_done: int = 0) -> torch.Generator | None:
+    """The request's generator, advanced past `draws_done` sampling steps made elsewhere.
+
+    The decode worker continues a seeded request whose first token the prefill sampled: the
+    sampler draws vocab_size Exp(1) numbers per non-greedy step, so skipping one such draw makes
+    the fleet's seeded output equal a single process's (shared.generate) for the same seed."""
+    if params.seed is None:
+        return None
+    g = make_generator(params.seed)
+    if params.temperature > 0:
+        for _ in range(draws_done):
+            torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=g)
+    return g
 
 
 def sample_rows(
