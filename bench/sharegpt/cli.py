@@ -98,7 +98,7 @@ def _print_server(server: dict, errors: list[str]) -> None:
     for key in ("kv_transfer_gb_per_s_while_sending", "kv_transfer_gb_per_s_over_run", "kv_pages_used",
                 "mtp_acceptance_rate"):
         if key in server:
-            print("{:<40} {:<10.3f}".format(key + ":", server[key]))
+            print("{:<40} {:<10.4g}".format(key + ":", server[key]))
     for name, depth in (server.get("queue_depths") or {}).items():
         print("{:<40} {:<10.0f}".format(name + ":", depth))
 

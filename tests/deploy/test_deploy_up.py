@@ -60,3 +60,16 @@ def test_deploy_up_cpu_demo(tmp_path):
     assert down.returncode == 0 and "fleet stopped" in down.stdout
     assert rc == 0
     assert not os.path.exists(os.path.join(state, "supervisor.sock"))
+
+
+def test_up_refuses_a_port_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "deploy", "up", "--state_dir", str(tmp_path), "--port", str(port),
+                               "--model_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "already in use" in proc.stderr
+    assert not os.path.exists(tmp_path / "supervisord.pid")
