@@ -38,6 +38,7 @@ from shared.kvcache.pg_link import RECEIVER, SENDER, PGLink
 
 T = TypeVar("T")
 WARM_XFER = "__warm__"
+GROUP_TIMEOUT_SLACK_S = 30.0
 
 
 def open_store(host: str, port: int, is_host: bool, timeout_s: float = 30.0) -> dist.TCPStore:
@@ -105,8 +106,11 @@ def _join(
     return link
 
 
-def _make_group(store: dist.Store, rank: int, device: torch.device, timeout_s: float):
-    timeout = datetime.timedelta(seconds=timeout_s)
+def _make_group(store: dist.Store, rank: int, device: torch.device, xfer_timeout_s: float):
+    # the group's own timeout stays well past the link's deadline: our poll() tears the link down
+    # first (NCCL's watchdog would otherwise kill the whole process on a timed-out op), and gloo
+    # waiter threads stuck on a torn-down group exit at this timeout
+    timeout = datetime.timedelta(seconds=xfer_timeout_s + GROUP_TIMEOUT_SLACK_S)
     if device.type != "cuda":
         return dist.ProcessGroupGloo(store, rank, 2, timeout)
     opts = dist.ProcessGroupNCCL.Options()

@@ -33,8 +33,15 @@ DST_IDS = [1, 10, 4]  # decode pages they land in
 ORDERED = [("o/0", [1]), ("o/1", [2, 3, 4]), ("o/2", [6, 5]), ("o/3", []), ("o/4", [11, 0, 3, 8])]  # (xfer, ids)
 
 
-def filled_cache(layout: KVLayout, seed: int) -> PagedKVCache:
-    cache = PagedKVCache(layout, NUM_PAGES)
+DEVICE = "cpu"  # `--device cuda:1` for the NCCL tests
+
+
+def empty_cache(layout: KVLayout, device: str | None = None) -> PagedKVCache:
+    return PagedKVCache(layout, NUM_PAGES, device=device or DEVICE)
+
+
+def filled_cache(layout: KVLayout, seed: int, device: str | None = None) -> PagedKVCache:
+    cache = empty_cache(layout, device)
     g = torch.Generator().manual_seed(seed)
     cache.buffer.copy_(torch.randn(cache.buffer.shape, generator=g).to(layout.dtype))
     return cache
@@ -50,12 +57,13 @@ def signature(layout: KVLayout, **override) -> LinkSignature:
 
 
 def accept(store, prefill_id: str, layout: KVLayout, xfer_timeout_s: float = 20.0, **override):
-    return accept_link(store, prefill_id, "d0", 0, signature(layout, **override), "cpu",
+    return accept_link(store, prefill_id, "d0", 0, signature(layout, **override), DEVICE,
                        timeout_s=20.0, xfer_timeout_s=xfer_timeout_s)
 
 
 def _pages_equal(dst: PagedKVCache, dst_ids, src: PagedKVCache, src_ids) -> bool:
-    return torch.equal(dst.buffer[:, :, dst_ids].view(torch.uint8), src.buffer[:, :, src_ids].view(torch.uint8))
+    a, b = dst.buffer[:, :, dst_ids].cpu(), src.buffer[:, :, src_ids].cpu()
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _untouched(cache: PagedKVCache, written) -> bool:
@@ -65,7 +73,7 @@ def _untouched(cache: PagedKVCache, written) -> bool:
 
 def _pages(store, name: str, layout: KVLayout, seed: int) -> str:
     link = accept(store, name, layout)
-    cache, hidden = PagedKVCache(layout, NUM_PAGES), torch.empty(HIDDEN)
+    cache, hidden = empty_cache(layout), torch.empty(HIDDEN, device=DEVICE)
     link.recv_pages(f"{name}/0", cache, DST_IDS)
     link.recv_tensor(f"{name}/0/h", hidden)
     states = [link.wait(f"{name}/0", 20), link.wait(f"{name}/0/h", 20)]
@@ -76,7 +84,7 @@ def _pages(store, name: str, layout: KVLayout, seed: int) -> str:
         return "page bytes differ"
     if not _untouched(cache, DST_IDS):
         return "a page outside the transfer was written"
-    return "ok" if torch.equal(hidden, hidden_of(seed)) else "hidden state differs"
+    return "ok" if torch.equal(hidden.cpu(), hidden_of(seed)) else "hidden state differs"
 
 
 def s_gqa(store) -> str:
@@ -91,7 +99,7 @@ def s_ordered(store) -> str:
     """Five transfers of different sizes posted back to back, then the same order on this side."""
     link = accept(store, "ordered", GQA)
     src = filled_cache(GQA, seed=3)
-    caches = [PagedKVCache(GQA, NUM_PAGES) for _ in ORDERED]
+    caches = [empty_cache(GQA) for _ in ORDERED]
     for (xfer, ids), cache in zip(ORDERED, caches):
         link.recv_pages(xfer, cache, ids)
     states = [link.wait(x, 20) for x, _ in ORDERED]
@@ -113,7 +121,7 @@ def s_mismatch(store) -> str:
 def s_order_violation(store) -> str:
     """The prefill sends a then b (same size); this side posts b then a: both must fail."""
     link = accept(store, "order", GQA)
-    cache = PagedKVCache(GQA, NUM_PAGES)
+    cache = empty_cache(GQA)
     link.recv_pages("order/b", cache, [3])
     link.recv_pages("order/a", cache, [4])
     state = link.wait("order/b", 20)
@@ -126,7 +134,7 @@ def s_order_violation(store) -> str:
 def s_abort(store) -> str:
     """Abort a posted recv and discard another: both complete, neither writes a page, order kept."""
     link = accept(store, "abort", GQA)
-    cache = PagedKVCache(GQA, NUM_PAGES)
+    cache = empty_cache(GQA)
     link.recv_pages("abort/0", cache, [1, 2])
     link.abort("abort/0")
     link.recv_pages("abort/1", cache, [3], discard=True)
@@ -143,7 +151,7 @@ def s_abort(store) -> str:
 def s_timeout_rebuild(store) -> str:
     """A recv whose send never comes times out and tears the link down; a rebuilt link works."""
     link = accept(store, "timeout", GQA, xfer_timeout_s=1.0)
-    cache = PagedKVCache(GQA, NUM_PAGES)
+    cache = empty_cache(GQA)
     link.recv_pages("timeout/0", cache, [1])
     t0 = time.monotonic()
     state = link.wait("timeout/0", 10)
@@ -165,7 +173,7 @@ def s_timeout_rebuild(store) -> str:
 def s_two_links(store) -> str:
     """Two links in this process (two prefill ids); closing one leaves the other working."""
     a, b = accept(store, "two-a", GQA), accept(store, "two-b", GQA)
-    cache = PagedKVCache(GQA, NUM_PAGES)
+    cache = empty_cache(GQA)
     a.close()
     b.recv_pages("two-b/0", cache, [8])
     state = b.wait("two-b/0", 20)
@@ -190,6 +198,9 @@ def prefill_then_die(port: int) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
+    global DEVICE
+    if "--device" in sys.argv:
+        DEVICE = sys.argv[sys.argv.index("--device") + 1]
     if "--prefill-then-die" in sys.argv:
         return prefill_then_die(int(sys.argv[1]))
     store = open_store("127.0.0.1", int(sys.argv[1]), is_host=True)

@@ -32,10 +32,13 @@ def _free_port() -> int:
 
 
 class Peer:
-    def __init__(self):
+    """The decode process; `device` is where its caches live (cpu: gloo, cuda:N: NCCL)."""
+
+    def __init__(self, device: str = "cpu"):
         self.port = _free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, P.__file__, str(self.port)], stdin=subprocess.PIPE,
+        args = [sys.executable, P.__file__, str(self.port), "--device", device]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         assert self._read()["name"] == "ready"
         self.store = open_store("127.0.0.1", self.port, is_host=False)
@@ -66,17 +69,17 @@ def peer():
     p.stop()
 
 
-def connect(peer: Peer, name: str, layout, xfer_timeout_s: float = 20.0, **override):
-    return connect_link(peer.store, name, "d0", 0, P.signature(layout, **override), "cpu",
+def connect(peer: Peer, name: str, layout, xfer_timeout_s: float = 20.0, dev: str = "cpu", **override):
+    return connect_link(peer.store, name, "d0", 0, P.signature(layout, **override), dev,
                         timeout_s=20.0, xfer_timeout_s=xfer_timeout_s)
 
 
-def _send_pages(peer: Peer, name: str, layout, seed: int) -> None:
+def run_pages(peer: Peer, name: str, layout, seed: int, dev: str = "cpu") -> None:
     peer.start(name)
-    link = connect(peer, name, layout)
-    cache = P.filled_cache(layout, seed)
+    link = connect(peer, name, layout, dev=dev)
+    cache = P.filled_cache(layout, seed, dev)
     link.send_pages(f"{name}/0", cache, P.SRC_IDS)
-    link.send_tensor(f"{name}/0/h", P.hidden_of(seed))
+    link.send_tensor(f"{name}/0/h", P.hidden_of(seed).to(dev))
     assert link.wait(f"{name}/0", 20) is XferState.DONE
     assert link.wait(f"{name}/0/h", 20) is XferState.DONE
     assert link.stats.bytes_sent == layout.page_bytes() * len(P.SRC_IDS) + P.HIDDEN * 4
@@ -85,17 +88,21 @@ def _send_pages(peer: Peer, name: str, layout, seed: int) -> None:
 
 
 def test_gqa_pages_and_hidden_arrive_bytes_equal(peer):
-    _send_pages(peer, "gqa", P.GQA, seed=1)
+    run_pages(peer, "gqa", P.GQA, seed=1)
 
 
 def test_mla_bf16_pages_and_hidden_arrive_bytes_equal(peer):
-    _send_pages(peer, "mla", P.MLA, seed=2)
+    run_pages(peer, "mla", P.MLA, seed=2)
 
 
 def test_several_transfers_in_order(peer):
+    run_ordered(peer)
+
+
+def run_ordered(peer: Peer, dev: str = "cpu") -> None:
     peer.start("ordered")
-    link = connect(peer, "ordered", P.GQA)
-    cache = P.filled_cache(P.GQA, seed=3)
+    link = connect(peer, "ordered", P.GQA, dev=dev)
+    cache = P.filled_cache(P.GQA, seed=3, device=dev)
     for xfer, ids in P.ORDERED:
         link.send_pages(xfer, cache, ids)
     assert [link.wait(x, 20) for x, _ in P.ORDERED] == [XferState.DONE] * len(P.ORDERED)
@@ -124,9 +131,13 @@ def test_posting_in_different_orders_fails_instead_of_writing_wrong_pages(peer):
 
 
 def test_abort_and_discard_let_transfers_finish_without_writing(peer):
+    run_abort(peer)
+
+
+def run_abort(peer: Peer, dev: str = "cpu") -> None:
     peer.start("abort")
-    link = connect(peer, "abort", P.GQA)
-    cache = P.filled_cache(P.GQA, seed=4)
+    link = connect(peer, "abort", P.GQA, dev=dev)
+    cache = P.filled_cache(P.GQA, seed=4, device=dev)
     link.send_pages("abort/0", cache, [1, 2])
     link.send_pages("abort/1", cache, [3])
     link.send_pages("abort/2", cache, [6])
@@ -136,27 +147,35 @@ def test_abort_and_discard_let_transfers_finish_without_writing(peer):
 
 
 def test_timeout_tears_down_then_link_is_rebuilt(peer):
+    run_timeout_rebuild(peer)
+
+
+def run_timeout_rebuild(peer: Peer, dev: str = "cpu") -> None:
     peer.start("timeout_rebuild")
-    link = connect(peer, "timeout", P.GQA)
+    link = connect(peer, "timeout", P.GQA, dev=dev)
     # the decode's recv times out (nothing is sent); the control plane tells this side, which
     # tears its end down too before it reuses any page, then both build a new link
     time.sleep(1.5)
     link.teardown("peer reported a timeout")
     assert link.broken
     with pytest.raises(Exception, match="broken"):
-        link.send_pages("timeout/x", P.filled_cache(P.GQA, seed=5), [1])
-    link = connect(peer, "timeout", P.GQA)
-    link.send_pages("timeout/1", P.filled_cache(P.GQA, seed=5), [3])
+        link.send_pages("timeout/x", P.filled_cache(P.GQA, seed=5, device=dev), [1])
+    link = connect(peer, "timeout", P.GQA, dev=dev)
+    link.send_pages("timeout/1", P.filled_cache(P.GQA, seed=5, device=dev), [3])
     assert link.wait("timeout/1", 20) is XferState.DONE
     assert peer.result("timeout_rebuild") == "ok"
     link.close()
 
 
 def test_two_links_in_one_process_shut_down_one_at_a_time(peer):
+    run_two_links(peer)
+
+
+def run_two_links(peer: Peer, dev: str = "cpu") -> None:
     peer.start("two_links")
-    a, b = connect(peer, "two-a", P.GQA), connect(peer, "two-b", P.GQA)
+    a, b = connect(peer, "two-a", P.GQA, dev=dev), connect(peer, "two-b", P.GQA, dev=dev)
     a.close()
-    b.send_pages("two-b/0", P.filled_cache(P.GQA, seed=6), [9])
+    b.send_pages("two-b/0", P.filled_cache(P.GQA, seed=6, device=dev), [9])
     assert b.wait("two-b/0", 20) is XferState.DONE
     assert peer.result("two_links") == "ok"
     b.close()
