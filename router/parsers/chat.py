@@ -84,7 +84,6 @@ class ChatOutputParser:
         self._content = Field(self._sink, "content", strip_start=False, strip_end=False)
         self._reasoning = Field(self._sink, "reasoning_content", strip_start=True, strip_end=True)
         self._state = (START if prompt_ends_in_think is False else REASONING) if thinking else CONTENT
-        self._reasoning_on = thinking
         self._buf = ""
         self._call: ToolCallMachine | None = None
         self._call_from_reasoning = False

@@ -175,3 +175,22 @@ def test_render_matches_sandbox_rules():
         render_chat_template("{{ ''.__class__.__mro__ }}", [])
     out = render_chat_template("{% for m in messages %}\n  {{ m.content | tojson }}\n{% endfor %}", [{"content": "é"}])
     assert out == '  "é"\n'  # trim_blocks + lstrip_blocks + ensure_ascii=False
+
+
+@pytest.mark.parametrize("fmt", ["glm45", "glm47"])
+def test_builtin_templates_render_the_same_through_transformers(tmp_path, fmt):
+    """Each built-in template, written into tokenizer_config.json, renders identically in transformers."""
+    from transformers import AutoTokenizer
+    from shared.tokenizer.templates import TEMPLATES
+    write_builtin_tokenizer(str(tmp_path))
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TEMPLATES[fmt]
+    config_path.write_text(json.dumps(config))
+    ours, hf = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.template_format == fmt
+    for kwargs in ({}, {"enable_thinking": False}, {"clear_thinking": False}):
+        for messages, tools in ((HISTORY, TOOLS), (GREET, None)):
+            expected = hf.apply_chat_template(normalize_messages(messages), tools=tools, tokenize=False,
+                                              add_generation_prompt=True, **kwargs)
+            assert ours.apply_chat_template(messages, tools=tools, **kwargs) == expected
