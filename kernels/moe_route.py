@@ -108,7 +108,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     flat = ids.reshape(-1)
     num_pairs = flat.numel()
     cap = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # scatter_add, not bincount: bincount reads max() on the host (a sync that breaks CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     run_start = torch.cumsum(padded, 0) - padded  # [E] first padded row of each expert
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
