@@ -93,13 +93,13 @@ class ModelRunner:
         return {i: layer.mlp.expert_counts.cpu() for i, layer in enumerate(self.model.model.layers)
                 if isinstance(layer.mlp, MoE) and layer.mlp.expert_counts is not None}
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
         hidden = self.model(batch, kv_cache)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return ForwardOutput(logits, hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def mtp_forward(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
                     kv_cache) -> ForwardOutput:
         """Draft: row t carries target hidden prev_hidden[t] (position batch.positions[t]) and the next token

@@ -135,7 +135,6 @@ def write_tiny_checkpoint(
     model = cls(config).to(torch.float32)
     _randomize(model, gen, std)
     model = model.to(dtype)
-    model.model.layers[0].mlp  # noqa: B018 (built)
     for layer in model.model.layers:  # HF keeps the correction bias fp32
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "e_score_correction_bias"):

@@ -13,7 +13,6 @@ from torch import nn
 
 from shared.model import ops
 from shared.model.context import BuildCtx
-from shared.model.parallel import TPGroup
 
 
 class GatedMLP(nn.Module):
