@@ -1,14 +1,65 @@
-"""Builds a router process wired to a scripted ProtocolPeer (see protocol_peer.py)."""
+"""Router test helpers: a real `python -m router` process (RouterProc) and one wired to a
+scripted ProtocolPeer (peer_fleet, see protocol_peer.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
 
-from conftest import RouterProc, free_port
 from protocol_peer import PeerWorker, ProtocolPeer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RouterProc:
+    def __init__(self, args: list[str]):
+        self.port = free_port()
+        self.events_addr = f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "router", "--port", str(self.port), "--events_addr", self.events_addr,
+               "--log_level", "warning", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        self._wait()
+
+    def _wait(self, timeout_s: float = 30.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("router did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def absent_workers() -> list[str]:
+    return ["--prefill", f"p0=tcp://127.0.0.1:{free_port()}", "--decode", f"d0=tcp://127.0.0.1:{free_port()}"]
+
+
 
 
 @contextlib.contextmanager
