@@ -105,7 +105,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     multiple of block_m with the sentinel T*k; block_expert[b] is the expert of rows b*block_m.. or -1
     for blocks past the last used one.
     """
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()
     num_pairs = flat.numel()
     cap = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     # scatter_add, not bincount: bincount reads max() on the host (a sync that breaks CUDA graphs)

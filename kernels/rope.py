@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import POISON, check, next_pow2
+from kernels._common import check, new_out, next_pow2
 
 
 def rope_ref(x, cos, sin, rotary_dim: int, interleaved: bool) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr,
     x_stride_t, x_stride_h, out_stride_t, out_stride_h, cs_stride, num_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -68,9 +68,14 @@ def _rope_kernel(
     obase = out_ptr + tok * out_stride_t + heads[:, None] * out_stride_h
     tl.store(obase + i[None, :], o1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(obase + i[None, :] + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+    if REST > 0:  # out-of-place: copy the pass-through dims [2 * HALF, 2 * HALF + REST)
+        r = tl.arange(0, BLOCK_REST)
+        rmask = (heads[:, None] < num_heads) & (r[None, :] < REST)
+        tail = tl.load(base + 2 * HALF + r[None, :], mask=rmask, other=0.0)
+        tl.store(obase + 2 * HALF + r[None, :], tail, mask=rmask)
 
 
-def _launch(x, out, cos, sin, positions, rotary_dim, interleaved):
+def _launch(x, out, cos, sin, positions, rotary_dim, interleaved, rest: int = 0):
     check(x.dim() == 3 and x.stride(2) == 1, "x must be [T, heads, D] with contiguous D")
     check(rotary_dim % 2 == 0 and rotary_dim <= x.shape[2], "bad rotary_dim")
     half = rotary_dim // 2
@@ -88,16 +93,15 @@ def _launch(x, out, cos, sin, positions, rotary_dim, interleaved):
         x, cos, sin, positions if positions is not None else cos, out,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), num_heads,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
-        INTERLEAVED=bool(interleaved), HAS_POS=positions is not None, num_warps=4,
+        INTERLEAVED=bool(interleaved), HAS_POS=positions is not None,
+        REST=rest, BLOCK_REST=next_pow2(rest) if rest else 1, num_warps=4,
     )
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
     """Out-of-place form with shared.model.ops' signature: cos/sin [T, rotary_dim // 2]."""
-    out = x.clone()
-    if POISON:
-        out[..., :rotary_dim] = float("nan")
-    _launch(x, out, cos, sin, None, rotary_dim, interleaved)
+    out = new_out(x.shape, x.dtype, x.device)  # every element written: rotated dims + copied rest
+    _launch(x, out, cos, sin, None, rotary_dim, interleaved, rest=x.shape[2] - rotary_dim)
     return out
 
 
