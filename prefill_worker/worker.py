@@ -34,6 +34,7 @@ class PrefillWorker:
         self.pending_ops: list[LinkOp] = []  # link ops for the next plan (connect / wait)
         self.alive = True
         self._last_beat = self._last_hello = 0.0
+        self._hellos = 0
         self._idle_since: float | None = None
 
     # ---- readiness ----------------------------------------------------------------
@@ -175,11 +176,13 @@ class PrefillWorker:
 
     def housekeeping(self) -> None:
         now = time.monotonic()
-        if now - self._last_hello > (5.0 if self.links else 0.5):
+        if now - self._last_hello > 0.5:
             self._last_hello = now
-            for addr in self.decodes.values():
-                self.io.to_peer(addr, P.LinkHello(prefill_id=self.cfg.worker_id, reply_addr=self.cfg.control_addr,
-                                                  tp_size=self.cfg.tp_size, generation=self.generation))
+            self._hellos += 1
+            for wid, addr in self.decodes.items():
+                if wid not in self.links or self._hellos % 10 == 0:  # unlinked: every 0.5 s; else every 5 s
+                    self.io.to_peer(addr, P.LinkHello(prefill_id=self.cfg.worker_id, reply_addr=self.cfg.control_addr,
+                                                      tp_size=self.cfg.tp_size, generation=self.generation))
         if now - self._last_beat >= self.cfg.heartbeat_s:
             self._last_beat = now
             self.heartbeat()

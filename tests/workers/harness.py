@@ -31,19 +31,29 @@ class WorkerPair:
                   "--dtype", "float32", "--page_size", str(page_size), "--num_pages", str(num_pages)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.logs = {w: os.path.join(log_dir, f"{w}.log") for w in self.addrs}
-        self.procs = {
-            "d0": subprocess.Popen([sys.executable, "-m", "decode_worker", "--worker_id", "d0", "--control_addr",
-                                    self.addrs["d0"], "--link_port", str(free_port()), "--health-port",
-                                    str(self.health["d0"]), *common, *extra_decode],
-                                   stdout=open(self.logs["d0"], "w"), stderr=subprocess.STDOUT, env=env),
-            "p0": subprocess.Popen([sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr",
-                                    self.addrs["p0"], "--decode", f"d0={self.addrs['d0']}", "--health_port",
-                                    str(self.health["p0"]), "--chunked_prefill_size", str(chunked_prefill_size),
-                                    *common], stdout=open(self.logs["p0"], "w"), stderr=subprocess.STDOUT, env=env),
+        self.cmds = {
+            "d0": [sys.executable, "-m", "decode_worker", "--worker_id", "d0", "--control_addr", self.addrs["d0"],
+                   "--link_port", str(free_port()), "--health-port", str(self.health["d0"]), *common, *extra_decode],
+            "p0": [sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr", self.addrs["p0"],
+                   "--decode", f"d0={self.addrs['d0']}", "--health_port", str(self.health["p0"]),
+                   "--chunked_prefill_size", str(chunked_prefill_size), *common],
         }
+        self.env = env
+        self.procs = {w: self._start(w) for w in self.cmds}
         self.push = {w: self._push(a) for w, a in self.addrs.items()}
         self.status: dict[str, P.WorkerStatus] = {}
         self.inbox: list[P.Msg] = []
+
+    def _start(self, worker: str, mode: str = "w") -> subprocess.Popen:
+        return subprocess.Popen(self.cmds[worker], stdout=open(self.logs[worker], mode), stderr=subprocess.STDOUT,
+                                env=self.env)
+
+    def kill_and_restart(self, worker: str) -> None:
+        """kill -9 a worker (what a crash looks like), then start it again as supervisord would."""
+        self.procs[worker].kill()
+        self.procs[worker].wait()
+        self.status.pop(worker, None)
+        self.procs[worker] = self._start(worker, mode="a")
 
     def _push(self, addr: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.PUSH)

@@ -150,3 +150,27 @@ def test_tp2_workers_greedy_equals_single_process(tmp_path):
         _pages_zero(wp)
     finally:
         wp.stop()
+
+
+def test_decode_killed_prefill_frees_and_relinks(tmp_path):
+    """kill -9 of the decode while requests stream: the prefill notices the restarted decode's new
+    generation, rebuilds its KV link, and the pair serves again with no page leaked on either side."""
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=2)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=256, chunked_prefill_size=16)
+    try:
+        wp.wait_ready(60)
+        sp = P.SamplingParams(temperature=0.0, max_new_tokens=200, ignore_eos=True)
+        for i in range(3):
+            assert isinstance(_start(wp, f"k{i}", list(range(3, 40)), sp), P.Reserved)
+        wp.wait(lambda: [m for m in wp.inbox if getattr(m, "worker_id", "") == "d0"], 30, "decode streaming")
+        wp.kill_and_restart("d0")
+        wp.wait_ready(60)
+        _pages_zero(wp)
+        assert isinstance(_start(wp, "after", [5, 6, 7], P.SamplingParams(max_new_tokens=3)), P.Reserved)
+        ev = _collect(wp, {"after"})["after"]
+        assert ev[-1].finished and sum(len(P.unpack_ids(e.token_ids)) for e in ev) == 3
+        _pages_zero(wp)
+    finally:
+        wp.stop()
