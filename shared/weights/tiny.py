@@ -119,14 +119,23 @@ def _add_shard(path: str, extra: dict[str, torch.Tensor], dtype: torch.dtype) ->
 
 def write_tiny_checkpoint(
     path: str, arch: str = "glm4_moe", seed: int = 0, dtype: torch.dtype = torch.float32,
-    std: float = 0.08, **config_overrides: Any,
+    std: float = 0.08, with_tokenizer: bool = False, **config_overrides: Any,
 ) -> str:
     """Write a random HF checkpoint of `arch` at `path` (created) and return `path`.
 
     config_overrides replace the tiny defaults (vocab_size, eos_token_id, hidden_size, n_routed_experts ...);
-    `num_nextn_predict_layers=0` leaves the MTP shard out.
+    `num_nextn_predict_layers=0` leaves the MTP shard out. with_tokenizer=True also writes the built-in
+    tokenizer (shared.tokenizer.builtin) and sets vocab_size / eos / pad ids to match it.
     """
     from transformers import Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM
+
+    if with_tokenizer:
+        from shared.tokenizer.builtin import (BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_VOCAB_SIZE,
+                                              write_builtin_tokenizer)
+
+        config_overrides = {"vocab_size": BUILTIN_VOCAB_SIZE, "eos_token_id": list(BUILTIN_EOS_IDS),
+                            "pad_token_id": BUILTIN_PAD_ID, **config_overrides}
+        write_builtin_tokenizer(path)
 
     config = _hf_config(arch, config_overrides)
     gen = torch.Generator().manual_seed(seed)

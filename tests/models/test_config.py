@@ -77,3 +77,18 @@ def test_tiny_checkpoint_config(tmp_path):
     c = ModelConfig.from_dir(write_tiny_checkpoint(str(tmp_path / "t"), "glm4_moe", vocab_size=300, eos_token_id=[7]))
     assert c.vocab_size == 300 and c.eos_token_ids == (7,) and c.num_nextn_predict_layers == 1
     assert c.n_group > c.topk_group and c.routed_scaling_factor != 1 and c.first_k_dense_replace >= 1
+
+
+def test_tiny_checkpoint_with_builtin_tokenizer(tmp_path, capsys):
+    from shared.generate import main
+    from shared.tokenizer import load_tokenizer
+    from shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_VOCAB_SIZE
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    d = write_tiny_checkpoint(str(tmp_path / "t"), "glm4_moe_lite", with_tokenizer=True, num_nextn_predict_layers=0)
+    c = ModelConfig.from_dir(d)
+    assert c.vocab_size == BUILTIN_VOCAB_SIZE and c.eos_token_ids == BUILTIN_EOS_IDS and c.num_nextn_predict_layers == 0
+    assert load_tokenizer(d).vocab_size == BUILTIN_VOCAB_SIZE
+    main(["--model-dir", d, "--prompt", "hello", "--max_new_tokens", "3", "--ignore-eos"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"]
+    assert len(out) == 1 and len(out[0]["token_ids"]) == 3 and all(lp <= 0 for lp in out[0]["logprobs"])
