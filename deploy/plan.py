@@ -34,7 +34,7 @@ class FleetSpec:
     load_format: str = "auto"
     dtype: str = ""  # "" -> float32 on cpu, bfloat16 on cuda
     page_size: int = 16
-    num_pages: int = 0  # 0 -> 512 on cpu, 4096 on cuda
+    num_pages: int = 0  # 0 -> 2048 on cpu (the tiny demo model: ~10 MB), 4096 on cuda
     chunked_prefill_size: int = 512
     max_running: int = 64
     mtp_step: int = 0
@@ -87,7 +87,7 @@ def _gpu_groups(spec: FleetSpec) -> tuple[list[str], list[str]]:
 
 def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, gpus: str) -> list[str]:
     dtype = spec.dtype or ("bfloat16" if spec.device == "cuda" else "float32")
-    num_pages = spec.num_pages or (4096 if spec.device == "cuda" else 512)
+    num_pages = spec.num_pages or (4096 if spec.device == "cuda" else 2048)
     argv = ["--worker_id", worker_id, "--model_dir", spec.model_dir, "--load-format", spec.load_format,
             "--control_addr", tcp(spec.host, control), "--router_addr", tcp(spec.host, spec.port_base),
             "--health_port", str(health), "--device", spec.device, "--tp", str(spec.tp), "--dtype", dtype,

@@ -74,12 +74,14 @@ def shapes(args) -> list[tuple[str, LoadShape]]:
 def run_one(args, cfg: RequestConfig, requests, counter, info: RunInfo, stem: str) -> dict:
     urls = [] if args.no_server_metrics else (args.metrics_url or [args.base_url.rstrip("/") + "/metrics"])
     before, errs = server_metrics.scrape(urls)
-    run = run_load(cfg, requests, info.shape, counter, args.seed, not args.disable_tqdm, args.request_timeout)
+    with server_metrics.PeakSampler([] if errs else urls) as sampler:
+        run = run_load(cfg, requests, info.shape, counter, args.seed, not args.disable_tqdm, args.request_timeout)
     after, errs2 = server_metrics.scrape(urls)
+    sampler.add(after)
     slos = parse_goodput(args.goodput)
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
     m = calculate_metrics(run.outputs, run.duration, percentiles, slos)
-    server = server_metrics.summarize(before, after, run.duration) if urls and not (errs or errs2) else {}
+    server = server_metrics.summarize(before, after, run.duration, sampler.peaks) if urls and not (errs or errs2) else {}
     print(format_table(m, info, args.percentile_metrics.split(","), bool(slos)))
     _print_server(server, errs + errs2)
     result = result_json(info, m, run.outputs, server)
@@ -95,12 +97,12 @@ def run_one(args, cfg: RequestConfig, requests, counter, info: RunInfo, stem: st
 def _print_server(server: dict, errors: list[str]) -> None:
     for err in errors:
         print(f"server /metrics not read: {err}")
-    for key in ("kv_transfer_gb_per_s_while_sending", "kv_transfer_gb_per_s_over_run", "kv_pages_used",
-                "mtp_acceptance_rate"):
+    for key in ("kv_transfer_gb", "kv_transfer_gb_per_s_while_sending", "kv_transfer_gb_per_s_over_run",
+                "kv_pages_used_peak", "kv_pages_total", "mtp_acceptance_rate"):
         if key in server:
             print("{:<40} {:<10.4g}".format(key + ":", server[key]))
-    for name, depth in (server.get("queue_depths") or {}).items():
-        print("{:<40} {:<10.0f}".format(name + ":", depth))
+    for name, depth in (server.get("queue_depths_peak") or {}).items():
+        print("{:<40} {:<10.0f}".format("peak " + name + ":", depth))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

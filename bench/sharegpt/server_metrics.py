@@ -10,6 +10,7 @@ is also kept per role as `name[role=R]`. The fleet's `glm_worker_kv_transfer_byt
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 import httpx
@@ -45,6 +46,43 @@ def scrape(urls: list[str], timeout_s: float = 5.0) -> tuple[Sample, list[str]]:
     return dict(total), errors
 
 
+class PeakSampler:
+    """Scrapes `urls` every `period_s` in a thread while a run goes on; keeps each gauge's maximum.
+
+    Gauges (pages used, queue depths, running requests) read after a run are back near zero; their
+    peaks over the run are what the report shows next to them.
+    """
+
+    def __init__(self, urls: list[str], period_s: float = 0.5):
+        self.urls, self.period_s = urls, period_s
+        self.peaks: Sample = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def add(self, sample: Sample) -> None:
+        for k, v in sample.items():
+            if "_total" not in k:
+                self.peaks[k] = max(v, self.peaks.get(k, v))
+
+    def _loop(self) -> None:
+        while True:  # first sample at once: a short run may end before one period
+            sample, errors = scrape(self.urls, timeout_s=max(self.period_s * 4, 1.0))
+            if not errors:
+                self.add(sample)
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self) -> "PeakSampler":
+        if self.urls:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 def _sum(sample: Sample, suffix: str) -> float | None:
     vals = [v for k, v in sample.items() if k.endswith(suffix)]
     return sum(vals) if vals else None
@@ -63,9 +101,14 @@ def _delta(before: Sample, after: Sample, suffix: str, pick=_sum) -> float | Non
     return a - (pick(before, suffix) or 0.0)
 
 
-def summarize(before: Sample, after: Sample, duration: float) -> dict:
+def summarize(before: Sample, after: Sample, duration: float, peaks: Sample | None = None) -> dict:
     """Figures for the report; keys present only when the server exposes their metrics."""
     out: dict = {}
+    if peaks:
+        if (v := _sum(peaks, "kv_pages_used")) is not None:
+            out["kv_pages_used_peak"] = v  # sum of per-worker peaks (they need not coincide)
+        out["queue_depths_peak"] = {k: v for k, v in peaks.items() if "queue" in k and "[" not in k}
+        out["gauge_peaks"] = peaks
     nbytes = _delta(before, after, "kv_transfer_bytes_total", _sender)
     secs = _delta(before, after, "kv_transfer_seconds_total", _sender)
     if nbytes is not None:

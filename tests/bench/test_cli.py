@@ -52,6 +52,7 @@ def test_every_workload(timed_server, tmp_path, capsys):
         assert srv["kv_transfer_gb_per_s_while_sending"] == pytest.approx(4.0)  # 2 GB per 0.5 s per request
         assert srv["mtp_acceptance_rate"] == pytest.approx(0.5)
         assert srv["kv_pages_used"] == 12 and srv["queue_depths"] == {"glm_prefill_queue_tokens": 3.0}
+        assert srv["kv_pages_used_peak"] == 12
         stem = os.path.join(tmp_path, f"random-{r['workload']}")
         assert json.load(open(stem + ".json"))["completed"] == 6
         assert png_size(stem + ".png") == (800, 560)

@@ -44,3 +44,16 @@ def test_mtp_acceptance_and_absent_metrics():
     s = summarize(parse(_scrape(0, 0, 0, 0, 100, 60)), parse(_scrape(0, 0, 0, 0, 300, 210)), 1.0)
     assert s["mtp_acceptance_rate"] == pytest.approx(0.75)
     assert summarize({}, {}, 1.0) == {"counter_deltas": {}}
+
+
+def test_peak_sampler_keeps_gauge_maxima(timed_server):
+    import time
+
+    from bench.sharegpt.server_metrics import PeakSampler
+
+    with PeakSampler([timed_server + "/metrics"], period_s=0.05) as sampler:
+        time.sleep(0.4)
+    assert sampler.peaks["glm_kv_pages_used"] == 12 and sampler.peaks["glm_prefill_queue_tokens"] == 3
+    assert not any("_total" in k for k in sampler.peaks)
+    s = summarize({}, {}, 1.0, sampler.peaks)
+    assert s["kv_pages_used_peak"] == 12 and s["queue_depths_peak"] == {"glm_prefill_queue_tokens": 3.0}
