@@ -132,20 +132,25 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.cons
     tl.store(out_ptr + t * o_st + h * o_sh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-# Launch configs as data: (gpu name, "gqa" | "mla") -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
-CONFIGS: dict[tuple[str, str], tuple[int, int, int, int]] = {
-    ("default", "gqa"): (16, 64, 4, 2),
-    ("default", "mla"): (32, 32, 8, 1),
-    ("cpu", "gqa"): (16, 16, 4, 1),
-    ("cpu", "mla"): (16, 16, 4, 1),
+# Launch configs as data: (gpu name, "gqa" | "mla", "decode" | "prefill") -> (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). Decode packs the G heads of one KV head into BLOCK_M; prefill wants taller M tiles.
+# Untuned starting points (bench/KERNEL_NOTES.md).
+CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int]] = {
+    ("default", "gqa", "decode"): (16, 64, 4, 2),
+    ("default", "gqa", "prefill"): (64, 64, 4, 2),
+    ("default", "mla", "decode"): (32, 32, 8, 1),
+    ("default", "mla", "prefill"): (32, 32, 8, 1),
 }
+_CPU_CONFIG = (16, 16, 4, 1)
 
 
-def _config(device: torch.device, kind: str) -> tuple[int, int, int, int]:
+def _config(device: torch.device, kind: str, phase: str) -> tuple[int, int, int, int]:
     from kernels._common import gpu_name
 
     name = gpu_name(device)
-    return CONFIGS.get((name, kind), CONFIGS[("cpu" if name == "cpu" else "default", kind)])
+    if name == "cpu":
+        return _CPU_CONFIG
+    return CONFIGS.get((name, kind, phase), CONFIGS[("default", kind, phase)])
 
 
 def _num_splits(max_q_len: int, max_seq_len: int, programs: int, block_n: int, device) -> int:
@@ -157,26 +162,32 @@ def _num_splits(max_q_len: int, max_seq_len: int, programs: int, block_n: int, d
     return max(1, min(want, triton.cdiv(max_seq_len, 4 * block_n), 16))
 
 
+def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, query_start_loc) -> None:
+    dk = q.shape[2]
+    check(q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "last dims must be contiguous")
+    check(k_cache.dim() == 3 and k_cache.shape[2] == dk and v_cache.shape[:2] == k_cache.shape[:2], "cache shapes")
+    check(q.shape[1] % k_cache.shape[1] == 0, "Hq must be a multiple of Hkv")
+    check(page_table.dtype == torch.int32 and page_table.stride(1) == 1, "page_table must be int32 rows")
+    check(q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes must match")
+    num_seqs = page_table.shape[0]
+    check(seq_lens.shape == (num_seqs,) and query_start_loc.shape == (num_seqs + 1,), "metadata shapes")
+
+
 def paged_attention_fwd(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, page_size: int, scale: float,
     max_q_len: int, max_seq_len: int, num_splits: int | None = None,
 ) -> torch.Tensor:
     """Launcher; see the module docstring for shapes. max_q_len / max_seq_len are host ints (no sync)."""
+    _check_inputs(q, k_cache, v_cache, page_table, seq_lens, query_start_loc)
     t, hq, dk = q.shape
     num_kv, dv = k_cache.shape[1], v_cache.shape[2]
-    check(q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "last dims must be contiguous")
-    check(k_cache.dim() == 3 and k_cache.shape[2] == dk and v_cache.shape[:2] == k_cache.shape[:2], "cache shapes")
-    check(hq % num_kv == 0, "Hq must be a multiple of Hkv")
-    check(page_table.dtype == torch.int32 and page_table.stride(1) == 1, "page_table must be int32 rows")
-    check(q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes must match")
     num_seqs = page_table.shape[0]
-    check(seq_lens.shape == (num_seqs,) and query_start_loc.shape == (num_seqs + 1,), "metadata shapes")
     g = hq // num_kv
     v_from_k = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv < dk
     da = dv if dk > dv else dk  # MLA: part A = latent dims shared with V
     kind = "mla" if dk > dv else "gqa"
-    block_m, block_n, warps, stages = _config(q.device, kind)
+    block_m, block_n, warps, stages = _config(q.device, kind, "decode" if max_q_len <= 4 else "prefill")
     if max_q_len == 1:
         block_m = max(block_m, min(64, next_pow2(g)))
     out = new_out((t, hq, dv), dtype=q.dtype, device=q.device)
