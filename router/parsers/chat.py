@@ -54,10 +54,10 @@ def prompt_ends_in_think(prompt: str) -> bool:
 
 
 def thinking_enabled(chat_template_kwargs: dict | None) -> bool:
-    """`enable_thinking` (or `thinking`) from the request's chat_template_kwargs; on by default."""
+    """Whether the GLM templates think: off only when `enable_thinking` is given and falsy
+    (the templates test `enable_thinking is defined and not enable_thinking`)."""
     kwargs = chat_template_kwargs or {}
-    value = kwargs.get("enable_thinking", kwargs.get("thinking", True))
-    return value is not False and value not in (0, "false", "False")
+    return not ("enable_thinking" in kwargs and not kwargs["enable_thinking"])
 
 
 def _named_choice(tool_choice: Any) -> str | None:

@@ -163,4 +163,5 @@ def test_request_helpers():
     assert not prompt_ends_in_think("[gMASK]<sop><|user|>\nHi<|assistant|>")
     assert not prompt_ends_in_think("<|assistant|>\n<think></think>")
     assert thinking_enabled(None) and thinking_enabled({"enable_thinking": True})
-    assert not thinking_enabled({"enable_thinking": False}) and not thinking_enabled({"thinking": False})
+    assert not thinking_enabled({"enable_thinking": False}) and not thinking_enabled({"enable_thinking": None})
+    assert thinking_enabled({"enable_thinking": "false"})  # a non-empty string is truthy in the template too
