@@ -35,6 +35,35 @@ def _wait_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
     raise AssertionError(f"no {needle!r} from deploy up:\n" + "".join(seen))
 
 
+def _ctl(state: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", os.path.join(state, "supervisord.conf"),
+                           *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def _kill_and_see_restart(state: str, program: str, port: int) -> None:
+    """SIGKILL a worker: supervisord starts a new one and the router's /readyz is 200 again."""
+    import signal
+
+    import httpx
+
+    pid = int(_ctl(state, "pid", program))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = _ctl(state, "pid", program)
+        if new.isdigit() and int(new) not in (0, pid) and "RUNNING" in _ctl(state, "status", program):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{program} was not restarted")
+    time.sleep(3.5)  # the router marks a worker silent for 3 s unready; wait until it has seen the new one
+    while time.monotonic() < deadline:
+        if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError("router not ready after the restart")
+
+
 @pytest.mark.slow
 @needs_fleet
 def test_deploy_up_cpu_demo(tmp_path):
@@ -53,6 +82,9 @@ def test_deploy_up_cpu_demo(tmp_path):
         r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop")
         assert os.path.exists(os.path.join(state, "default_model", "config.json"))
+        _kill_and_see_restart(state, "decode_d0", port)
+        r = client.completions.create(model=model, prompt="Hello again", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
     finally:
         down = subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
