@@ -13,6 +13,7 @@ import logging
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from router import api_chat, api_completions, api_generate, health
@@ -41,12 +42,25 @@ def _counted(endpoint_name: str, fn, metrics: RouterMetrics):
         metrics.inflight.inc()
         try:
             resp = await inner(request)
-        finally:
+        except BaseException:
             metrics.inflight.dec()
+            raise
         metrics.requests.labels(endpoint_name, str(resp.status_code)).inc()
+        if isinstance(resp, StreamingResponse):  # in flight until the stream ends
+            resp.body_iterator = _dec_after(resp.body_iterator, metrics)
+        else:
+            metrics.inflight.dec()
         return resp
 
     return endpoint
+
+
+async def _dec_after(body, metrics: RouterMetrics):
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        metrics.inflight.dec()
 
 
 def build_app(cfg: RouterConfig, tokenizer=None) -> Starlette:

@@ -19,6 +19,14 @@ from shared import protocol as P
 REPLY = "Hello world. STOP here, then more text follows."
 
 
+def _aborted(peer, rid: str, timeout_s: float = 5.0) -> bool:
+    """Whether the peer got an Abort for `rid` within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while rid not in peer.aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rid in peer.aborted
+
+
 def test_chat_and_completions_text(fleet):
     router, peer, tok = fleet()
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="x")
@@ -57,10 +65,7 @@ def test_stop_string_aborts_run(fleet):
                    timeout=30).json()
     assert r["choices"][0]["text"] == "Hello world. " and r["choices"][0]["finish_reason"] == "stop"
     rid = peer.messages(P.PrefillRequest)[-1].rid
-    deadline = time.monotonic() + 5
-    while rid not in peer.aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert rid in peer.aborted  # the workers stop generating for a matched stop string
+    assert _aborted(peer, rid)  # the workers stop generating for a matched stop string
 
 
 def test_n_with_seed_uses_seed_plus_i(fleet):
@@ -126,10 +131,7 @@ def test_client_disconnect_aborts(fleet):
             if i > 6:
                 break
     rid = peer.messages(P.PrefillRequest)[-1].rid
-    deadline = time.monotonic() + 5
-    while rid not in peer.aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert rid in peer.aborted
+    assert _aborted(peer, rid)
 
 
 def test_readyz_follows_heartbeats_and_health_generate(fleet):
@@ -144,3 +146,35 @@ def test_readyz_follows_heartbeats_and_health_generate(fleet):
     peer.workers["d0"].alive = True
     time.sleep(0.6)
     assert httpx.get(router.url + "/readyz").status_code == 200
+
+
+def test_lightllm_generate_shapes(fleet):
+    router, peer, tok = fleet()
+    r = httpx.post(router.url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}}).json()
+    assert r["generated_text"] == [tok.decode(tok.encode(REPLY)[:3])]
+    assert r["count_output_tokens"] == 3 and r["finish_reason"] == "length"
+    assert peer.messages(P.Reserve)[-1].sampling.temperature == 0.0  # do_sample false = greedy
+    with httpx.stream("POST", router.url + "/generate_stream",
+                      json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "do_sample": True, "seed": 3}}) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data:")]
+    import json
+    last = json.loads(events[-1][5:])
+    assert last["finished"] and last["generated_text"] == tok.decode(tok.encode(REPLY)[:2])
+    assert peer.messages(P.Reserve)[-1].sampling.seed == 3
+
+
+def test_request_timeout_aborts_and_errors(fleet):
+    router, peer, _ = fleet(token_delay_s=0.2, router_args=["--request_timeout_s", "1"])
+    r = httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert _aborted(peer, peer.messages(P.PrefillRequest)[-1].rid)
+
+
+def test_non_streaming_disconnect_aborts(fleet):
+    router, peer, _ = fleet(token_delay_s=0.1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1000}, timeout=0.8)
+    rid = peer.messages(P.PrefillRequest)[-1].rid
+    assert _aborted(peer, rid)
+    m = httpx.get(router.url + "/metrics").text
+    assert "router_inflight_requests 0.0" in m and "router_inflight_runs 0.0" in m
