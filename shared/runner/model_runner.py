@@ -70,7 +70,9 @@ class ModelRunner:
         if load_format == "dummy":
             init_dummy(self.model, self.config, seed)
         else:
-            load_checkpoint(self.model, model_dir, self.config.num_hidden_layers, self.num_mtp_layers)
+            q = self.config.quantization
+            block = q.weight_block_size if q is not None and q.weight_strategy == "block" else None
+            load_checkpoint(self.model, model_dir, self.config.num_hidden_layers, self.num_mtp_layers, block)
 
     @property
     def has_mtp(self) -> bool:

@@ -112,8 +112,16 @@ class WeightLoader:
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, model_dir: str, num_main_layers: int, num_mtp: int) -> None:
+def load_checkpoint(model: nn.Module, model_dir: str, num_main_layers: int, num_mtp: int,
+                    fp8_block: tuple[int, int] | None = None) -> None:
+    """fp8_block: the checkpoint's weight block size when it is block-scaled FP8 (see block_fp8.py)."""
+    from shared.weights.block_fp8 import BlockPairer
+
     loader = WeightLoader(model, num_main_layers, num_mtp)
+    pairer = BlockPairer(fp8_block) if fp8_block else None
     for key, tensor in iter_tensors(model_dir):
-        loader.load_one(key, tensor)
+        for k, t in (pairer.feed(key, tensor) if pairer else [(key, tensor)]):
+            loader.load_one(k, t)
+    if pairer:
+        pairer.check_empty()
     loader.check_complete()

@@ -5,6 +5,7 @@ weights; the CUDA W8A8 path is checked by the gpu-marked test in tests/models/te
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from shared.config.model import ModelConfig
 from shared.runner.model_runner import ModelRunner
@@ -46,3 +47,19 @@ def test_online_fp8_quantization_equals_fp8_checkpoint(tmp_path):
     for key in want:
         assert _rel(got[key], want[key]) <= 1e-5, key
     assert _rel(got["prefill_logits"], orig["prefill_logits"]) > 1e-4
+
+
+def test_block_scaled_fp8_checkpoint(tmp_path):
+    """`quant_method: fp8` + weight_block_size: blocks dequantize at load, then re-quantize per channel;
+    equals the dequantized float checkpoint run with --quantization fp8."""
+    src = write_tiny_checkpoint(str(tmp_path / "f"), "glm4_moe_lite", seed=8)
+    blk = convert_to_fp8(src, str(tmp_path / "blk"), str(tmp_path / "deq"), block=(16, 16))
+    cfg = ModelConfig.from_dir(blk)
+    assert cfg.quantization.weight_strategy == "block" and cfg.quantization.weight_block_size == (16, 16)
+    assert ModelRunner(blk).model.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    got, want = run_workload(blk), run_workload(str(tmp_path / "deq"), quantization="fp8")
+    for key in want:
+        assert _rel(got[key], want[key]) <= 1e-5, key
+    orig, deq = load_file(f"{src}/model.safetensors"), load_file(f"{tmp_path}/deq/model.safetensors")
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows: a partial block
+    assert 0 < _rel(deq[name], orig[name]) <= 0.07  # the dequantized twin really is W_fp8 * block scale
