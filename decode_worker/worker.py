@@ -107,7 +107,7 @@ class DecodeWorker:
                     continue
                 seq.pending_xfers.discard(xfer)
                 self.handoffs.ops.append(LinkOp("wait", seq.prefill_id, xfer))
-                if state != "done":
+                if state not in ("done", "aborted"):
                     seq.aborted = True
                     self.metrics.handoff_failure(state)
                     self.prefill_gens.pop(seq.prefill_id, None)
@@ -177,6 +177,7 @@ class DecodeWorker:
             self.metrics.ready.set(1)
             self.metrics.running.set(len(self.running))
             self.metrics.queue_depth.set(len(self.handoffs.seqs))
+            self.metrics.kv_totals(*self.engine.links.totals())
             self.io.to_router(P.WorkerStatus(
                 worker_id=self.cfg.worker_id, role="decode", ready=self.ready()[0], running=len(self.running),
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),

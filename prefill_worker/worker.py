@@ -158,10 +158,8 @@ class PrefillWorker:
                 state = self.engine.links.poll(entry.seq.decode_id, xfer)
                 if state == "pending":
                     continue
-                secs, nbytes = self.pusher.done_xfer(rid, xfer)
-                if state == "done":
-                    self.metrics.kv_transfer(nbytes, secs)
-                else:
+                self.pusher.done_xfer(rid, xfer)
+                if state not in ("done", "aborted"):
                     self._link_failed(entry.seq, state)
         for entry in self.pusher.releasable():
             self.pending_ops.append(LinkOp("wait", entry.seq.decode_id, entry.seq.rid))
@@ -195,6 +193,8 @@ class PrefillWorker:
         self.metrics.ready.set(int(ok))
         self.metrics.queue_depth.set(self.sched.num_queued())
         self.metrics.queued_tokens.set(self.sched.queued_tokens())
+        self.metrics.running.set(len(self.pusher.inflight))
+        self.metrics.kv_totals(*self.engine.links.totals())
         self.io.to_router(P.WorkerStatus(
             worker_id=self.cfg.worker_id, role="prefill", ready=ok, queued_tokens=self.sched.queued_tokens(),
             running=len(self.pusher.inflight), free_pages=free, total_pages=self.pages.capacity, used_pages=used,

@@ -33,6 +33,7 @@ class LinkSet:
         self.device = cache.buffer.device
         self.signature = signature  # shared.kvcache.link.LinkSignature of this rank's cache
         self.stores: dict[tuple[str, int], object] = {}  # (host, port) -> TCPStore client/host
+        self._retired = (0, 0.0)  # (bytes, seconds) of links closed or replaced
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.links: dict[str, object] = {}  # peer id -> KVLink
         self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
@@ -48,9 +49,7 @@ class LinkSet:
         attempt). The decode leader's TCPStore at op.host:op.port is the rendezvous."""
         from shared.kvcache import rendezvous as rv
 
-        old = self.links.pop(op.peer, None)
-        if old is not None:
-            old.close()
+        self._retire(self.links.pop(op.peer, None))
         try:
             store = self._store(op.host, op.port)
             if self.role == "prefill":
@@ -128,9 +127,23 @@ class LinkSet:
             link.forget(x)
 
     def _close(self, op: LinkOp, _) -> None:
-        link = self.links.pop(op.peer, None)
-        if link is not None:
-            link.close()
+        self._retire(self.links.pop(op.peer, None))
+
+    def _retire(self, link) -> None:
+        if link is None:
+            return
+        b, secs = self._retired
+        self._retired = (b + link.stats.bytes_sent + link.stats.bytes_recv, secs + link.stats.seconds)
+        link.close()
+
+    def totals(self) -> tuple[int, float]:
+        """(bytes, seconds) moved by every link of this rank so far, sends and recvs; seconds sum
+        each transfer's post -> completion time (so bytes/seconds is a per-transfer rate)."""
+        b, secs = self._retired
+        for link in self.links.values():
+            b += link.stats.bytes_sent + link.stats.bytes_recv
+            secs += link.stats.seconds
+        return b, secs
 
     def poll(self, peer: str, xfer_id: str) -> str:
         """"pending" | "done" | a failure reason, for a transfer and its hidden part together."""
@@ -147,7 +160,6 @@ class LinkSet:
         return self.hiddens.pop(xfer_id, None)
 
     def close_all(self) -> None:
-        for link in self.links.values():
-            link.close()
-        self.links.clear()
+        for peer in list(self.links):
+            self._retire(self.links.pop(peer))
 

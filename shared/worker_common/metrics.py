@@ -29,7 +29,7 @@ class WorkerMetrics:
         self.tokens_per_s = g("tokens_per_second", "tokens/s over the last window")
         self.kv_bytes = c("kv_transfer_bytes", "KV bytes moved over the KV link")
         self.kv_seconds = c("kv_transfer_seconds", "seconds KV transfers were in flight")
-        self.kv_gbps = g("kv_transfer_gbps", "GB/s of the last completed KV transfer")
+        self.kv_gbps = g("kv_transfer_gbps", "KV GB/s per transfer over the last heartbeat window")
         self.aborts = c("aborts", "requests aborted")
         self.page_leaks = c("page_leaks", "pages found in use while idle (a bug)")
         self.requests = c("requests_finished", "requests this worker finished its part of")
@@ -43,6 +43,7 @@ class WorkerMetrics:
         )
         self._win_start = time.monotonic()
         self._win_tokens = 0
+        self._kv_seen = (0, 0.0)
 
     def handoff_failure(self, reason: str) -> None:
         self._failures.labels(*self._ids, reason).inc()
@@ -54,6 +55,13 @@ class WorkerMetrics:
         if now - self._win_start >= 1.0:
             self.tokens_per_s.set(self._win_tokens / (now - self._win_start))
             self._win_start, self._win_tokens = now, 0
+
+    def kv_totals(self, total_bytes: int, total_seconds: float) -> None:
+        """Feed the link totals (monotonic): counters grow by the difference since the last call."""
+        b0, s0 = self._kv_seen
+        if total_bytes > b0:
+            self.kv_transfer(total_bytes - b0, max(total_seconds - s0, 0.0))
+        self._kv_seen = (total_bytes, total_seconds)
 
     def kv_transfer(self, num_bytes: int, seconds: float) -> None:
         self.kv_bytes.inc(num_bytes)

@@ -63,6 +63,11 @@ def _pages_zero(pair: WorkerPair) -> None:
     assert 'glm_worker_page_leaks_total{role="decode",worker="d0"} 0.0' in text
 
 
+def _metric(pair: WorkerPair, worker: str, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{pair.health[worker]}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def test_greedy_equals_single_process(pair):
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
@@ -81,6 +86,10 @@ def test_greedy_equals_single_process(pair):
         assert got == r["token_ids"], f"prompt {i}"
         assert ev[-1].finish_reason == "length"
     _pages_zero(pair)
+    for w in ("p0", "d0"):  # both ends count the KV bytes (the heartbeat after the transfers)
+        assert _metric(pair, w, "glm_worker_kv_transfer_bytes_total") > 0
+        assert _metric(pair, w, "glm_worker_kv_transfer_gbps") > 0
+    assert _metric(pair, "p0", "glm_worker_tokens_total") >= sum(len(p) for p in prompts)
 
 
 def test_aborts_at_every_stage_free_all_pages(pair):
