@@ -5,7 +5,8 @@ carries non-empty text (`text`, `delta.content` or `delta.reasoning_content`) or
 role-only and finish-only events are not tokens. TTFT = send -> first token chunk; ITL = the
 gaps between consecutive token chunks; latency (E2E) = send -> last token chunk, so that
 latency == ttft + sum(itl). Output tokens come from the server's `usage` when it sends one,
-else from returned token ids, else from the client's token counter.
+else from the client's token counter; the prompt length too (`usage.prompt_tokens`, which for chat
+includes the chat template's tokens), else the dataset's count.
 `/generate` (LightLLM, not streamed) has no first-token time: TTFT = E2E there.
 """
 
@@ -98,8 +99,10 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, out: RequestO
             payload = line[5:].strip()
             if payload == "[DONE]":
                 break
-            is_tok, text, usage_out = _chunk_text(json.loads(payload))
+            data = json.loads(payload)
+            is_tok, text, usage_out = _chunk_text(data)
             n_out = usage_out if usage_out is not None else n_out
+            out.prompt_len = (data.get("usage") or {}).get("prompt_tokens") or out.prompt_len
             if not is_tok:
                 continue
             now = time.perf_counter()
@@ -127,6 +130,7 @@ async def _unary(client: httpx.AsyncClient, url: str, body: dict, out: RequestOu
     out.generated_text = text[0] if isinstance(text, list) and text else str(text)
     out.ttft = out.latency = now - st
     out.success = True
+    out.prompt_len = data.get("prompt_tokens") or out.prompt_len
     n = data.get("count_output_tokens")
     return int(n[0] if isinstance(n, list) else n) if n is not None else None
 

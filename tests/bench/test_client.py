@@ -32,7 +32,15 @@ def test_streamed_timings(timed_server, endpoint):
     assert all(0 <= g < 0.5 for g in out.itl)
     assert out.latency >= FIRST_S + 5 * GAP_S * 0.9  # the last token cannot arrive before it is sent
     assert out.latency == pytest.approx(out.ttft + sum(out.itl))
-    assert out.prompt_len == 6
+    assert out.prompt_len == 6  # the server's usage.prompt_tokens (the timed server counts words / ids)
+
+
+def test_server_prompt_count_wins(timed_server):
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as client:
+            cfg = RequestConfig(timed_server, "/v1/completions", "timed-model", send_ids=False)
+            return await send_request(client, cfg, SampleRequest("one two three", 99, 2), TokenCounter())
+    assert asyncio.run(go()).prompt_len == 3  # usage.prompt_tokens replaces the dataset's 99
 
 
 def test_unary_generate(timed_server):
