@@ -36,9 +36,10 @@ def _pick(logits: torch.Tensor, params: list[SamplingParams], history: list[list
           gens: list, tp: TPGroup) -> tuple[list[int], list[float]]:
     """Sample on rank 0 and broadcast (token ids, logprobs) so all ranks agree."""
     out = sample(logits, SamplingTensors.from_params(params, logits.device), history, gens, starts)
-    packed = torch.stack([out.token_ids.double(), out.logprobs.double()]).cpu()
+    packed = torch.stack([out.token_ids.double(), out.logprobs.double()])  # on the logits' device (NCCL)
     if tp.tp_size > 1:
         dist.broadcast(packed, src=0, group=tp.group)
+    packed = packed.cpu()
     return [int(t) for t in packed[0]], [float(x) for x in packed[1]]
 
 

@@ -72,6 +72,7 @@ class WeightLoader:
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
         self.expert_loads: dict[str, int] = {}
+        self.tie_embeddings = bool(getattr(getattr(model, "cfg", None), "tie_word_embeddings", False))
 
     def load_one(self, key: str, tensor: torch.Tensor) -> None:
         if _skip(key, self.num_main, self.num_mtp):
@@ -84,6 +85,8 @@ class WeightLoader:
             experts.load_expert(int(m.group(2)), m.group(3), m.group(4), tensor)
             self.expert_loads[m.group(1)] = self.expert_loads.get(m.group(1), 0) + 1
             return
+        if key == "model.embed_tokens.weight" and "lm_head.weight" in self.params and self.tie_embeddings:
+            self.load_one("lm_head.weight", tensor)  # tie_word_embeddings: lm_head is not in the checkpoint
         param = self.params.get(key)
         if param is None:
             raise KeyError(f"unknown checkpoint key {key!r} (no parameter of that name in the model)")

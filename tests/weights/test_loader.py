@@ -50,3 +50,19 @@ def test_mtp_optional_copies_are_skipped(ckpt):
     runner = ModelRunner(ckpt)
     assert runner.has_mtp and runner.kv_layout(4).num_layers == 4
     assert ModelRunner(ckpt, with_mtp=False).kv_layout(4).num_layers == 3
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from shared.kvcache.cache import PagedKVCache
+    from shared.runner.batch import ForwardBatch, ForwardMode
+
+    d = write_tiny_checkpoint(str(tmp_path / "tied"), "glm4_moe", tie_word_embeddings=True)
+    runner = ModelRunner(d)
+    kv = PagedKVCache(runner.kv_layout(4), 8)
+    out = runner.forward(ForwardBatch.build(ForwardMode.PREFILL, [([3, 4, 5, 6, 7], 0, [1, 2])], 4), kv)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([[3, 4, 5, 6, 7]])).logits[0, -1]
+    assert float((out.logits[0] - ref).abs().max() / ref.abs().max()) <= 1e-4
