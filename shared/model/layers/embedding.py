@@ -54,6 +54,8 @@ class ParallelLMHead(_VocabShard):
         super().__init__(vocab_size, hidden_size, tp, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [R, H] -> logits [R, V] fp32, full vocab on every rank."""
+        """x [R, H] -> logits [R, V] fp32, full vocab on every rank (R = 0: no collective, same on all ranks)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.vocab_size, dtype=torch.float32)
         logits = F.linear(x, self.weight).float()
         return self.tp.all_gather_last(logits)[:, : self.vocab_size]
