@@ -17,6 +17,7 @@ import time
 
 from shared import protocol as P
 from shared.worker_common.plan import LinkOp
+from shared.worker_common.validate import check_request
 from decode_worker.state import DecodeSeq, Phase
 
 
@@ -25,8 +26,11 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class Handoffs:
-    def __init__(self, pages, page_size: int, max_running: int, reserve_cap: int, deadline_s: float):
+    def __init__(self, pages, page_size: int, max_running: int, reserve_cap: int, deadline_s: float,
+                 max_seq_len: int = 1 << 30, vocab_size: int = 1 << 30):
         self.pages = pages
+        self.max_seq_len = max_seq_len  # prompt + max_new_tokens must fit the model's positions
+        self.vocab_size = vocab_size
         self.page_size = page_size
         self.max_running = max_running
         self.reserve_cap = reserve_cap
@@ -34,13 +38,16 @@ class Handoffs:
         self.seqs: dict[str, DecodeSeq] = {}  # every request not yet released (any phase < DONE)
         self.ops: list[LinkOp] = []  # recv / drain ops for the next plan
 
-    def reserve(self, msg: P.Reserve) -> DecodeSeq | str:
-        """The new request, or the reason for Busy."""
+    def reserve(self, msg: P.Reserve, num_running: int = 0) -> DecodeSeq | str:
+        """The new request, or the reason for Busy (`num_running`: requests already decoding)."""
         if msg.rid in self.seqs:
             return "duplicate request id"
-        if len(self.seqs) >= self.max_running:
+        if len(self.seqs) + num_running >= self.max_running:
             return f"max_running {self.max_running} reached"
         prompt = P.unpack_ids(msg.prompt_ids)
+        bad = check_request(prompt, msg.sampling, self.max_seq_len, self.vocab_size)
+        if bad:
+            raise ValueError(bad)
         allowance = min(msg.sampling.max_new_tokens, self.reserve_cap)
         page_ids = self.pages.alloc_for(msg.rid, pages_for(len(prompt) + allowance, self.page_size))
         if page_ids is None:
@@ -108,3 +115,4 @@ def _is_run(page_ids: list[int], own: list[int], num_cached: int, page_size: int
     """The announced pages continue this request's prompt pages in order (num_cached tokens so far)."""
     start = num_cached // page_size
     return page_ids == own[start : start + len(page_ids)]
+

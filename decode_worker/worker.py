@@ -27,7 +27,9 @@ class DecodeWorker:
         self.cfg, self.engine, self.io, self.metrics, self.pages = cfg, engine, io, metrics, pages
         self.link_host, self.link_port = link_host, link_port
         engine.links.host_store(link_host, link_port)  # the KV-link rendezvous prefills connect to
-        self.handoffs = Handoffs(pages, cfg.page_size, max_running, reserve_cap, handoff_deadline_s)
+        mc = engine.runner.config
+        self.handoffs = Handoffs(pages, cfg.page_size, max_running, reserve_cap, handoff_deadline_s,
+                                 max_seq_len=mc.max_position_embeddings, vocab_size=mc.vocab_size)
         self.running = RunningSet(pages, cfg.page_size)
         self.eos_ids = frozenset(engine.runner.config.eos_token_ids)
         self.generation = time.time_ns() // 1000 % (1 << 62)
@@ -67,7 +69,11 @@ class DecodeWorker:
             log.warning("decode %s: unexpected %s", self.cfg.worker_id, type(msg).__name__)
 
     def on_reserve(self, msg: P.Reserve) -> None:
-        res = self.handoffs.reserve(msg)
+        try:
+            res = self.handoffs.reserve(msg, len(self.running))
+        except ValueError as e:
+            self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, message=str(e)))
+            return
         if isinstance(res, str):
             self.io.to_router(P.Busy(rid=msg.rid, decode_id=self.cfg.worker_id, reason=res))
             return

@@ -16,6 +16,7 @@ from shared.worker_common.io import WorkerIO
 from shared.worker_common.metrics import WorkerMetrics
 from shared.worker_common.plan import LinkOp, StepPlan, seq_plan
 from shared.worker_common.sampling import generator_for, sample_rows
+from shared.worker_common.validate import check_request
 from prefill_worker.pusher import Push, Pusher
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
@@ -73,7 +74,11 @@ class PrefillWorker:
                                              message=f"prefill {self.cfg.worker_id} has no KV link to {msg.decode_id}"))
             return
         seq = PrefillSeq(msg.rid, prompt, msg.sampling, msg.decode_id, P.unpack_ids(msg.decode_page_ids))
+        mc = self.engine.runner.config
         try:
+            bad = check_request(prompt, msg.sampling, mc.max_position_embeddings, mc.vocab_size)
+            if bad:
+                raise ValueError(bad)
             self.sched.add(seq)
         except ValueError as e:
             self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, message=str(e)))

@@ -114,7 +114,7 @@ def test_aborts_at_every_stage_free_all_pages(pair):
 
 def test_busy_when_pages_short(pair):
     sp = P.SamplingParams(max_new_tokens=4)
-    ans = _start(pair, "huge", list(range(3, 3 + 4 * 70)), sp)  # 70+ pages of 64
+    ans = _start(pair, "huge", [3 + i % 200 for i in range(4 * 70)], sp)  # 70+ pages of 64
     assert isinstance(ans, P.Busy) and "pages" in ans.reason
     _pages_zero(pair)
 
@@ -183,3 +183,38 @@ def test_decode_killed_prefill_frees_and_relinks(tmp_path):
         _pages_zero(wp)
     finally:
         wp.stop()
+
+
+def test_first_token_only_counted_once_and_logprobs(pair):
+    """max_new_tokens=1: the prefill's token ends the request; the decode sends nothing for it.
+    logprobs ride on the events (one per token, top-k pairs when asked) and match shared.generate."""
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+
+    prompt = [21, 22, 23, 24, 25, 26]
+    _start(pair, "one", prompt, P.SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True))
+    ev = _collect(pair, {"one"})["one"]
+    assert len(ev) == 1 and ev[0].worker_id == "p0" and ev[0].finished and ev[0].finish_reason == "length"
+    ref = generate(ModelRunner(pair.model_dir), [prompt], max_new_tokens=4, ignore_eos=True)[0]
+    sp = P.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=2)
+    _start(pair, "lp", prompt, sp)
+    ev = _collect(pair, {"lp"})["lp"]
+    lps = [x for e in ev for x in e.logprobs]
+    tops = [t for e in ev for t in e.top_logprobs]
+    assert [t for e in ev for t in P.unpack_ids(e.token_ids)] == ref["token_ids"]
+    assert lps == pytest.approx(ref["logprobs"], abs=1e-4)
+    assert len(tops) == 4 and all(len(t) == 2 and t[0][0] == tok for t, tok in zip(tops, ref["token_ids"]))
+    pair.wait(lambda: True, 0.3, "no stray events")
+    assert not [m for m in pair.inbox if getattr(m, "rid", "") == "one"]
+    _pages_zero(pair)
+
+
+def test_bad_requests_get_errors_not_crashes(pair):
+    sp = P.SamplingParams(max_new_tokens=2)
+    ans = _start(pair, "oov", [5, 6, 100000], sp)
+    assert isinstance(ans, P.RequestError) and "out of range" in ans.message
+    ans = _start(pair, "empty", [], sp)
+    assert isinstance(ans, P.RequestError) and "empty" in ans.message
+    _start(pair, "fine", [5, 6], sp)
+    assert _collect(pair, {"fine"})["fine"][-1].finished  # still serving
+    _pages_zero(pair)
