@@ -30,3 +30,13 @@ class BuildCtx:
                parallel: str = "replicated", out_shard: tuple[int, int] | None = None) -> Linear:
         return Linear(in_features, out_features, bias, parallel, self.tp, self.fp8_modules(name), out_shard,
                       self.dtype, self.device)
+
+    def merged(self, prefix: str, names: tuple[str, ...], in_features: int, outs: list[int], bias: bool = False,
+               parallel: str = "column", shards: list[tuple[int, int]] | None = None) -> Linear:
+        """Checkpoint weights `<prefix>.<name>` stacked along the output dim into one GEMM.
+
+        shards: rows each part keeps on this rank (default: even split for column, all for replicated)."""
+        if shards is None:
+            shards = [self.tp.shard(o) if parallel == "column" else (0, o) for o in outs]
+        return Linear(in_features, sum(outs), bias, parallel, self.tp, self.fp8_modules(f"{prefix}.{names[0]}"),
+                      None, self.dtype, self.device, parts=list(zip(outs, shards)), part_names=names)

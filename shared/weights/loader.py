@@ -64,13 +64,25 @@ def _skip(key: str, num_main_layers: int, num_mtp: int) -> bool:
     return rest in ("embed_tokens.weight", "shared_head.head.weight")
 
 
+def _merged_aliases(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """`<parent>.<part name>.<leaf>` -> (`<parent>.<merged>.<leaf>`, part) for every merged Linear."""
+    aliases = {}
+    for path, module in model.named_modules():
+        parent = path.rpartition(".")[0]
+        for part, part_name in enumerate(getattr(module, "part_names", ())):
+            for leaf in ("weight", "bias", "weight_scale"):
+                aliases[f"{parent}.{part_name}.{leaf}"] = (f"{path}.{leaf}", part)
+    return aliases
+
+
 class WeightLoader:
     """Tracks what was loaded so missing parameters and unknown keys are errors."""
 
     def __init__(self, model: nn.Module, num_main_layers: int, num_mtp: int):
         self.model, self.num_main, self.num_mtp = model, num_main_layers, num_mtp
         self.params = dict(model.named_parameters())
-        self.loaded: set[str] = set()
+        self.aliases = _merged_aliases(model)  # checkpoint key -> (param name, part)
+        self.loaded: set[tuple[str, int]] = set()
         self.expert_loads: dict[str, int] = {}
         self.tie_embeddings = bool(getattr(getattr(model, "cfg", None), "tie_word_embeddings", False))
 
@@ -87,11 +99,15 @@ class WeightLoader:
             return
         if key == "model.embed_tokens.weight" and "lm_head.weight" in self.params and self.tie_embeddings:
             self.load_one("lm_head.weight", tensor)  # tie_word_embeddings: lm_head is not in the checkpoint
-        param = self.params.get(key)
+        name, part = self.aliases.get(key, (key, 0))
+        param = self.params.get(name)
         if param is None:
             raise KeyError(f"unknown checkpoint key {key!r} (no parameter of that name in the model)")
-        param.weight_loader(param, tensor)
-        self.loaded.add(key)
+        if part:
+            param.weight_loader(param, tensor, part)
+        else:
+            param.weight_loader(param, tensor)
+        self.loaded.add((name, part))
 
     def check_complete(self) -> None:
         missing: list[str] = []
@@ -100,8 +116,12 @@ class WeightLoader:
             if leaf in ("w13", "w2", "w13_scale", "w2_scale"):
                 if leaf == "w13":
                     missing.extend(self._missing_experts(owner))
-            elif name not in self.loaded and not getattr(param, "loaded_online", False):
-                missing.append(name)
+            elif not getattr(param, "loaded_online", False):
+                module = self.model.get_submodule(owner) if owner else self.model
+                names = getattr(module, "part_names", ()) if leaf != "bias" or module.parallel != "row" else ()
+                for part in range(max(1, len(names))):
+                    if (name, part) not in self.loaded:
+                        missing.append(f"{owner.rpartition('.')[0]}.{names[part]}.{leaf}" if names else name)
         if missing:
             raise KeyError(f"checkpoint is missing weights: {', '.join(missing[:20])}"
                            + (f" ... ({len(missing)} in all)" if len(missing) > 20 else ""))

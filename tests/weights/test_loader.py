@@ -36,6 +36,12 @@ def test_missing_key_is_an_error(ckpt):
     ModelRunner(ckpt, with_mtp=False)  # without the MTP layer nothing of layer 3 is needed
 
 
+def test_missing_part_of_a_merged_layer_is_an_error(ckpt):
+    _edit_mtp_shard(ckpt, lambda sd: sd.pop("model.layers.3.self_attn.k_proj.bias"))
+    with pytest.raises(KeyError, match=r"model\.layers\.3\.self_attn\.k_proj\.bias"):
+        ModelRunner(ckpt)
+
+
 def test_missing_expert_is_an_error(ckpt):
     _edit_mtp_shard(ckpt, lambda sd: sd.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
     with pytest.raises(KeyError, match="model.layers.3.mlp.experts"):

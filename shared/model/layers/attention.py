@@ -1,6 +1,6 @@
 """GQA attention over the paged KV cache (glm4_moe; each worker rank).
 
-q/k/v projections (+bias) -> optional per-head QK RMSNorm -> partial NeoX RoPE -> write k, v to the cache
+merged q/k/v projection (+bias) -> optional per-head QK RMSNorm -> partial NeoX RoPE -> write k, v to the cache
 slots of the batch -> causal attention over each sequence's cached tokens -> o_proj (row-parallel, all-reduce).
 TP: q heads split; kv heads split when tp_size <= num_kv_heads, else each rank holds the one kv head its
 q heads use (replicated). Cache part 0 holds K (after norm + RoPE), part 1 holds V.
@@ -45,9 +45,9 @@ class GQAAttention(nn.Module):
         kv0, self.num_kv = kv_head_shard(cfg.num_key_value_heads, tp)
         self.scale = d ** -0.5
         bias, kv_full, kv_shard = cfg.attention_bias, cfg.num_key_value_heads * d, (kv0 * d, self.num_kv * d)
-        self.q_proj = ctx.linear(f"{prefix}.q_proj", h, cfg.num_attention_heads * d, bias, "column")
-        self.k_proj = ctx.linear(f"{prefix}.k_proj", h, kv_full, bias, "column", kv_shard)
-        self.v_proj = ctx.linear(f"{prefix}.v_proj", h, kv_full, bias, "column", kv_shard)
+        q_full = cfg.num_attention_heads * d
+        self.qkv_proj = ctx.merged(prefix, ("q_proj", "k_proj", "v_proj"), h, [q_full, kv_full, kv_full], bias,
+                                   "column", [tp.shard(q_full), kv_shard, kv_shard])
         self.o_proj = ctx.linear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h, False, "row")
         self.q_norm = self.k_norm = None
         if cfg.use_qk_norm:
@@ -57,9 +57,10 @@ class GQAAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this layer's K/V of the batch tokens into cache layer `cache_layer`."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv, self.head_dim)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv, self.head_dim)
+        v = v.reshape(t, self.num_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, cos_sin), self.rope(k, cos_sin)

@@ -33,13 +33,15 @@ class MLAAttention(nn.Module):
         self.num_heads = heads // ctx.tp.tp_size
         self.scale = cfg.qk_head_dim ** -0.5
         qk, lin = cfg.qk_head_dim, ctx.linear
-        if cfg.q_lora_rank:
-            self.q_a_proj = lin(f"{prefix}.q_a_proj", h, cfg.q_lora_rank, bias)
+        self.q_lora = cfg.q_lora_rank or 0
+        if self.q_lora:  # q_a_proj and kv_a_proj_with_mqa as one replicated GEMM (vLLM's fused_qkv_a_proj)
+            self.fused_qkv_a_proj = ctx.merged(prefix, ("q_a_proj", "kv_a_proj_with_mqa"), h,
+                                               [self.q_lora, self.lora + self.rope_dim], bias, "replicated")
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, ctx.dtype, ctx.device)
             self.q_b_proj = lin(f"{prefix}.q_b_proj", cfg.q_lora_rank, heads * qk, False, "column")
         else:
             self.q_proj = lin(f"{prefix}.q_proj", h, heads * qk, False, "column")
-        self.kv_a_proj_with_mqa = lin(f"{prefix}.kv_a_proj_with_mqa", h, self.lora + self.rope_dim, bias)
+            self.kv_a_proj_with_mqa = lin(f"{prefix}.kv_a_proj_with_mqa", h, self.lora + self.rope_dim, bias)
         self.kv_a_layernorm = RMSNorm(self.lora, LORA_NORM_EPS, ctx.dtype, ctx.device)
         self.kv_b_proj = lin(f"{prefix}.kv_b_proj", self.lora, heads * (self.nope + self.v_dim), False, "column")
         self.o_proj = lin(f"{prefix}.o_proj", heads * self.v_dim, h, bias, "row")
@@ -52,17 +54,19 @@ class MLAAttention(nn.Module):
         w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_a_proj"):
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return self.q_proj(x)
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q [T, h_local * qk_head_dim], ckv [T, L + R])."""
+        if self.q_lora:
+            q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x))
+            return self.q_b_proj(self.q_a_layernorm(q_a)), ckv
+        return self.q_proj(x), self.kv_a_proj_with_mqa(x)
 
     def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes [latent | k_pe] of the batch tokens into cache layer `cache_layer`."""
         t = x.shape[0]
-        q = self._query(x).view(t, self.num_heads, self.nope + self.rope_dim)
+        q, ckv = self._project(x)
+        q = q.view(t, self.num_heads, self.nope + self.rope_dim)
         q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
-        ckv = self.kv_a_proj_with_mqa(x)  # [T, L + R]
         latent = self.kv_a_layernorm(ckv[:, : self.lora])
         k_pe = self.rope(ckv[:, None, self.lora :], cos_sin)  # [T, 1, R]
         cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
