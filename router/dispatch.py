@@ -82,13 +82,18 @@ class Dispatcher:
         if not ok:
             raise APIError(f"no worker is ready to serve ({why})", 503, code="no_ready_workers",
                            headers={"Retry-After": "1"})
-        if len(self.queue) >= self.cfg.max_queue:
-            raise APIError(f"the server is overloaded ({len(self.queue)} requests queued); retry later",
+        waiting = self.num_waiting()
+        if waiting >= self.cfg.max_queue:
+            raise APIError(f"the server is overloaded ({waiting} requests wait for a decode worker); retry later",
                            429, code="queue_full", headers={"Retry-After": "1"})
         run = Run(base_rid, prompt_ids, P.pack_ids(prompt_ids), sampling)
         self.queue.append(run)
         self._drain_queue()
         return run
+
+    def num_waiting(self) -> int:
+        """Runs not yet admitted by a decode: queued, or with a Reserve unanswered (bounded by max_queue)."""
+        return len(self.queue) + sum(1 for r in self.runs.values() if r.phase is Phase.RESERVING)
 
     def abort(self, run: Run, reason: str = "abort") -> None:
         """End a run from the router side (client gone, stop string, timeout); idempotent."""
@@ -176,7 +181,7 @@ class Dispatcher:
             self._on_busy(run, decode_id)
 
     def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self.queue))
+        self.metrics.queue_depth.set(self.num_waiting())
         self.metrics.inflight_runs.set(len(self.runs))
 
     # ---- receiving -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ class RouterMetrics:
                              buckets=_LAT_BUCKETS, registry=r)
         self.inflight = Gauge("router_inflight_requests", "HTTP generation requests in progress", registry=r)
         self.inflight_runs = Gauge("router_inflight_runs", "dispatched runs (one per choice)", registry=r)
-        self.queue_depth = Gauge("router_queue_depth", "runs waiting for a decode reservation", registry=r)
+        self.queue_depth = Gauge("router_queue_depth", "runs waiting for a decode to admit them (queued or reserving)", registry=r)
         self.worker_ready = Gauge("router_worker_ready", "1 while the worker is ready", ["worker", "role"],
                                   registry=r)
         self.prompt_tokens = Counter("router_prompt_tokens", "prompt tokens of served requests", registry=r)

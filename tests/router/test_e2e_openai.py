@@ -5,6 +5,8 @@ reasoning options, /health_generate, and KV pages back to zero afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 
 import httpx
@@ -15,7 +17,8 @@ from e2e.conftest import _write_model
 from e2e.fleet import start_fleet
 
 pytestmark = pytest.mark.slow
-ROUTER_ARGS = ("--tool_call_parser", "glm47", "--reasoning_parser", "glm45", "--max_req_total_len", "512")
+ROUTER_ARGS = ("--tool_call_parser", "glm47", "--reasoning_parser", "glm45", "--max_req_total_len", "512",
+               "--max_queue", "4")
 
 
 @pytest.fixture(scope="module")
@@ -91,4 +94,55 @@ def test_health_generate_and_metrics(e2e):
     m = httpx.get(fleet.base_url + "/metrics").text
     assert 'router_requests_total{endpoint="/v1/completions",status="200"}' in m
     assert "router_time_to_first_token_seconds_count" in m
+    assert httpx.get(fleet.base_url + "/readyz").status_code == 200
+
+
+def test_aborted_streams_free_every_page(e2e):
+    """30 streams cut at random points (client disconnect -> router Abort to both workers)."""
+    fleet, _ = e2e
+    rng = random.Random(0)
+
+    async def one(client: httpx.AsyncClient, cut: int) -> None:
+        body = {"model": "x", "prompt": "tell me a story", "max_tokens": 64, "stream": True, "ignore_eos": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= cut:
+                    break
+
+    async def storm() -> None:
+        async with httpx.AsyncClient(base_url=fleet.base_url, timeout=60) as client:
+            await asyncio.gather(*[one(client, rng.randint(1, 20)) for _ in range(30)])
+
+    asyncio.run(storm())
+    _pages_back_to_zero(fleet, timeout_s=15)
+    r = httpx.post(fleet.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_overload_answers_429_and_keeps_serving(e2e):
+    """Far more concurrent long requests than the decode's pages hold: the router queues up to
+    --max_queue (4) and answers 429 with Retry-After beyond it; every other request completes."""
+    fleet, _ = e2e
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float]:
+        t0 = time.monotonic()
+        r = await client.post("/v1/completions", json={"prompt": "word " * 100, "max_tokens": 100,
+                                                       "ignore_eos": True})
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+        return r.status_code, time.monotonic() - t0
+
+    async def burst() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=fleet.base_url, timeout=120) as client:
+            return await asyncio.gather(*[one(client) for _ in range(40)])
+
+    results = asyncio.run(burst())
+    codes = [c for c, _ in results]
+    assert codes.count(429) > 0 and codes.count(200) > 0, codes
+    assert max(t for c, t in results if c == 200) < 30  # served requests still finish promptly
+    assert max(t for c, t in results if c == 429) < 5  # rejections are immediate, not timeouts
+    _pages_back_to_zero(fleet, timeout_s=15)
     assert httpx.get(fleet.base_url + "/readyz").status_code == 200
