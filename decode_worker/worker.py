@@ -33,7 +33,9 @@ class DecodeWorker:
         self.running = RunningSet(pages, cfg.page_size)
         self.eos_ids = frozenset(engine.runner.config.eos_token_ids)
         self.generation = time.time_ns() // 1000 % (1 << 62)
-        self.prefill_gens: dict[str, int] = {}  # prefill id -> generation of the live link
+        self.prefill_gens: dict[str, int] = {}  # prefill id -> its LinkHello generation of the live link
+        self.epochs: dict[str, int] = {}  # prefill id -> link epoch announced in LinkInfo
+        self._epoch = self.generation  # epochs grow from the process's start id: unique across restarts
         self.alive = True
         self._last_beat = 0.0
         self._idle_since: float | None = None
@@ -89,20 +91,27 @@ class DecodeWorker:
             self.metrics.aborts.inc()  # released once its posted recvs completed
 
     def on_hello(self, msg: P.LinkHello) -> None:
-        info = P.LinkInfo(decode_id=self.cfg.worker_id, link_host=self.link_host, link_port=self.link_port,
-                          tp_size=self.cfg.tp_size, page_size=self.cfg.page_size,
-                          num_layers=self.engine.cache.layout.num_layers, generation=self.generation)
-        self.io.to_peer(msg.reply_addr, info)
-        if self.prefill_gens.get(msg.prefill_id) == msg.generation:
+        """Answer with LinkInfo; (re)accept a link when the prefill is new, restarted, or our end
+        of its link is gone. A fresh epoch in the answer tells the prefill to connect now."""
+        p = msg.prefill_id
+        accept = self.prefill_gens.get(p) != msg.generation or not self.engine.links.has(p)
+        if accept:
+            self._epoch += 1
+            self.epochs[p] = self._epoch
+        self.io.to_peer(msg.reply_addr, P.LinkInfo(
+            decode_id=self.cfg.worker_id, link_host=self.link_host, link_port=self.link_port,
+            tp_size=self.cfg.tp_size, page_size=self.cfg.page_size, num_layers=self.engine.cache.layout.num_layers,
+            generation=self.epochs.get(p, 0), reply_to=msg.generation))
+        if not accept:
             return
-        gen = f"{msg.generation}.{self.generation}"
-        op = LinkOp("connect", msg.prefill_id, xfer_id=gen, host=self.link_host, port=self.link_port)
+        self.prefill_gens.pop(p, None)
+        op = LinkOp("connect", p, host=self.link_host, port=self.link_port)
         self.engine.lead(StepPlan(mode="", link_ops=[op]))  # blocks until the prefill side joins
-        if not self.engine.links.has(msg.prefill_id):
+        if not self.engine.links.has(p):
             self.metrics.handoff_failure("link_connect")
             return
-        self.prefill_gens[msg.prefill_id] = msg.generation
-        log.info("decode %s: KV link to %s up (generation %s)", self.cfg.worker_id, msg.prefill_id, gen)
+        self.prefill_gens[p] = msg.generation
+        log.info("decode %s: KV link to %s up (epoch %d)", self.cfg.worker_id, p, self.epochs[p])
 
     # ---- handoffs -------------------------------------------------------------------
     def poll_recvs(self) -> None:
@@ -116,7 +125,6 @@ class DecodeWorker:
                 if state not in ("done", "aborted"):
                     seq.aborted = True
                     self.metrics.handoff_failure(state)
-                    self.prefill_gens.pop(seq.prefill_id, None)
                     self.io.to_router(P.RequestError(rid=seq.rid, worker_id=self.cfg.worker_id,
                                                      message=f"KV transfer from {seq.prefill_id} {state}"))
         for seq in self.handoffs.ready_to_finish():

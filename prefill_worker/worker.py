@@ -94,16 +94,25 @@ class PrefillWorker:
             self.pages.release(rid)
 
     def on_link_info(self, msg: P.LinkInfo) -> None:
-        if self.links.get(msg.decode_id) == msg.generation:
+        """Connect when the decode announces a new link epoch in answer to our current hello."""
+        d = msg.decode_id
+        if msg.reply_to != self.generation or d not in self.decodes:
+            return  # stale answer, or a decode we were not configured with
+        if self.links.get(d) == msg.generation and self.engine.links.has(d):
             return
-        gen = f"{self.generation}.{msg.generation}"
-        op = LinkOp("connect", msg.decode_id, host=msg.link_host, port=msg.link_port, xfer_id=gen)
+        op = LinkOp("connect", d, host=msg.link_host, port=msg.link_port)
         self.engine.lead(StepPlan(mode="", link_ops=[op]))  # blocks until the decode side joins
-        if not self.engine.links.has(msg.decode_id):
+        if not self.engine.links.has(d):
             self.metrics.handoff_failure("link_connect")
-            return  # the next LinkHello / LinkInfo round retries
-        self.links[msg.decode_id] = msg.generation
-        log.info("prefill %s: KV link to %s up (generation %s)", self.cfg.worker_id, msg.decode_id, gen)
+            self._lost_link(d)
+            return
+        self.links[d] = msg.generation
+        log.info("prefill %s: KV link to %s up (epoch %d)", self.cfg.worker_id, d, msg.generation)
+
+    def _lost_link(self, decode_id: str) -> None:
+        """Forget the link and take a new hello generation, so the decode accepts a fresh one."""
+        self.links.pop(decode_id, None)
+        self.generation += 1
 
     # ---- one step -------------------------------------------------------------------
     def step(self) -> None:
@@ -173,7 +182,8 @@ class PrefillWorker:
 
     def _link_failed(self, seq: PrefillSeq, state: str) -> None:
         self.metrics.handoff_failure(state)
-        self.links.pop(seq.decode_id, None)  # the next LinkInfo rebuilds it
+        if seq.decode_id in self.links:
+            self._lost_link(seq.decode_id)  # the next hello / LinkInfo round rebuilds it
         self.io.to_router(P.RequestError(rid=seq.rid, worker_id=self.cfg.worker_id,
                                          message=f"KV transfer to {seq.decode_id} {state}"))
 
@@ -181,6 +191,8 @@ class PrefillWorker:
         now = time.monotonic()
         if now - self._last_hello > 0.5:
             self._last_hello = now
+            for d in [d for d in self.links if not self.engine.links.has(d)]:
+                self._lost_link(d)  # torn down (transfer deadline, peer gone)
             self._hellos += 1
             for wid, addr in self.decodes.items():
                 if wid not in self.links or self._hellos % 10 == 0:  # unlinked: every 0.5 s; else every 5 s

@@ -173,7 +173,8 @@ class LinkInfo(Msg):
     tp_size: int = 1
     page_size: int = 16
     num_layers: int = 0
-    generation: int = 0  # bumped when the decode rebuilds its links (after a failure)
+    generation: int = 0  # link epoch of this (prefill, decode) pair; a new one means "connect now"
+    reply_to: int = 0  # the LinkHello.generation this answers (a prefill ignores stale answers)
 
 
 Message = Union[
