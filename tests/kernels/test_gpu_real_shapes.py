@@ -132,3 +132,20 @@ def test_kv_pages_air_layout():
     ids = torch.randperm(300, device=DEV)[:37]
     packed = kv_pages.gather_pages(buf, ids)
     assert torch.equal(packed, kv_pages.gather_pages_ref(buf, ids))
+
+
+def test_ops_signatures_at_air_shapes():
+    """The out-of-place ops the model calls (rope on a view, fp8_linear on [T, H]) at real sizes."""
+    t = 333
+    q = torch.randn(t, 96 * 128 + 2 * 1024, device=DEV, dtype=BF16)[:, : 96 * 128].view(t, 96, 128)
+    cos, sin = rope.cos_sin_cache(64, 8192, 1e6, DEV)
+    pos = torch.randint(0, 8192, (t,), device=DEV)
+    out = rope.rope(q, cos[pos], sin[pos], 64, False)
+    torch.testing.assert_close(out.float(), rope.rope_ref(q.float(), cos[pos], sin[pos], 64, False), rtol=1e-2, atol=1e-2)
+    x = torch.randn(t, 4096, device=DEV, dtype=BF16)
+    w = torch.randn(12288, 4096, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448
+    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    y = fp8_gemm.fp8_linear(x, w_q, w_s, None)
+    exact = x.float() @ (w_q.float() * w_s).t()
+    assert y.dtype == BF16 and _rel(y, exact) < 0.05

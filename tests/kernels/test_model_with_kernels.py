@@ -13,22 +13,34 @@ from shared.runner.model_runner import ModelRunner
 from shared.weights.tiny import write_tiny_checkpoint
 
 PAGE = 4
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
 
 
 def _run(runner: ModelRunner) -> torch.Tensor:
     """Prefill two prompts, then two decode steps; returns every step's logits stacked."""
-    kv = PagedKVCache(runner.kv_layout(PAGE), num_pages=16)
+    kv = PagedKVCache(runner.kv_layout(PAGE), num_pages=16, device=DEV)
     tables = [[3, 9, 1], [12, 5]]  # scattered pages, enough for 11 and 7 tokens
-    batch = ForwardBatch.build(ForwardMode.PREFILL, [(p, 0, t) for p, t in zip(PROMPTS, tables)], PAGE)
+    batch = ForwardBatch.build(ForwardMode.PREFILL, [(p, 0, t) for p, t in zip(PROMPTS, tables)], PAGE, device=DEV)
     logits = [runner.forward(batch, kv).logits]
     lens = [len(p) for p in PROMPTS]
     for _ in range(2):
         nxt = logits[-1].argmax(-1).tolist()
-        batch = ForwardBatch.build(ForwardMode.DECODE, [([n], ln, t) for n, ln, t in zip(nxt, lens, tables)], PAGE)
+        batch = ForwardBatch.build(ForwardMode.DECODE, [([n], ln, t) for n, ln, t in zip(nxt, lens, tables)], PAGE,
+                                   device=DEV)
         logits.append(runner.forward(batch, kv).logits)
         lens = [ln + 1 for ln in lens]
     return torch.stack(logits)
+
+
+def _with_refs(runner: ModelRunner) -> torch.Tensor:
+    """_run with every op on its torch reference (on CUDA the runner has installed the kernels)."""
+    before = dict(ops.IMPL)
+    try:
+        ops.IMPL.update({name: getattr(fn, "ref", fn) for name, fn in before.items()})
+        return _run(runner)
+    finally:
+        ops.IMPL.update(before)
 
 
 def _with_kernels(runner: ModelRunner) -> tuple[torch.Tensor, set[str]]:
@@ -53,8 +65,8 @@ def _with_kernels(runner: ModelRunner) -> tuple[torch.Tensor, set[str]]:
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
 def test_tiny_model_logits_same_with_kernels(tmp_path, arch):
     path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=3, num_nextn_predict_layers=0)
-    runner = ModelRunner(path, dtype=torch.float32, with_mtp=False)
-    ref = _run(runner)
+    runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False)
+    ref = _with_refs(runner)
     got, called = _with_kernels(runner)
     assert {"rms_norm", "add_rms_norm", "rope", "silu_and_mul", "moe_route", "fused_experts",
             "paged_attention"} <= called, called
@@ -66,8 +78,8 @@ def test_tiny_model_logits_same_with_kernels(tmp_path, arch):
 def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
     """--quantization fp8: the kernels run W8A8 (activations quantized), the CPU refs dequantize weights."""
     path = write_tiny_checkpoint(str(tmp_path / "fp8"), "glm4_moe", seed=4, num_nextn_predict_layers=0)
-    runner = ModelRunner(path, dtype=torch.float32, with_mtp=False, quantization="fp8")
-    ref = _run(runner)
+    runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False, quantization="fp8")
+    ref = _with_refs(runner)
     got, called = _with_kernels(runner)
     assert {"fp8_linear", "fused_experts"} <= called, called
     err = ((got[0] - ref[0]).norm() / ref[0].norm()).item()  # prefill logits (decode may pick other tokens)
