@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardMode
+from shared.runner.batch import ForwardBatch, ForwardMode
 from shared.runner.model_runner import ModelRunner
 from tests.models.helpers import Pages, hf_logits, rel_err, step
 
@@ -60,3 +60,20 @@ def test_chunked_prefill(tiny_dirs, arch):
         logits, n = last[i]
         assert n == len(p)
         assert rel_err(logits, hf_logits(hf, p)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_mixed_decode_and_prefill_batch(tiny_dirs, arch):
+    """One batch holding a decode row of one sequence and a whole prompt of another (VERIFY-style all rows)."""
+    hf, runner, kv = _load(tiny_dirs[arch])
+    pages = Pages(64, PAGE)
+    first = step(runner.forward, pages, [(0, PROMPTS[0], 0)], ForwardMode.PREFILL, kv)
+    tok = int(first.logits[0].argmax())
+    seqs = [(0, [tok], len(PROMPTS[0])), (1, PROMPTS[2], 0)]
+    batch_pages = [(ids, prefix, list(pages.ensure(sid, prefix + len(ids)))) for sid, ids, prefix in seqs]
+    batch = ForwardBatch.build(ForwardMode.PREFILL, batch_pages, PAGE, logits_rows="all")
+    out = runner.forward(batch, kv)
+    assert out.logits.shape[0] == 1 + len(PROMPTS[2])
+    assert rel_err(out.logits[0], hf_logits(hf, PROMPTS[0] + [tok])) <= 1e-4
+    for j in range(len(PROMPTS[2])):  # every row of the prompt: logits of its prefix
+        assert rel_err(out.logits[1 + j], hf_logits(hf, PROMPTS[2][: j + 1])) <= 1e-4
