@@ -72,9 +72,10 @@ def _chunk_text(data: dict) -> tuple[bool, str, int | None]:
     """(is a token chunk, its text, completion_tokens from usage if present) of one SSE event."""
     usage = data.get("usage") or {}
     n_out = usage.get("completion_tokens")
-    if "token" in data:  # LightLLM generate_stream event
-        text = (data.get("token") or {}).get("text") or ""
-        return True, text, n_out
+    if "token" in data:  # LightLLM / TGI generate_stream event
+        token = data.get("token") or {}
+        n = token.get("count_output_tokens") or (data.get("details") or {}).get("generated_tokens")
+        return bool(token.get("text")) or token.get("id") is not None, token.get("text") or "", n or n_out
     choices = data.get("choices") or []
     if not choices:
         return False, "", n_out

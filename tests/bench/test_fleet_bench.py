@@ -26,9 +26,10 @@ def test_every_workload_on_the_fleet(cpu_fleet, tmp_path, capsys):
     assert "Serving Benchmark Result" in capsys.readouterr().out
 
 
-def test_random_and_prefix_chat_on_the_fleet(cpu_fleet, tmp_path):
+def test_datasets_and_endpoints_on_the_fleet(cpu_fleet, tmp_path):
     url, _ = cpu_fleet
-    for dataset, endpoint in (("random", "/v1/completions"), ("prefix", "/v1/chat/completions")):
+    for dataset, endpoint in (("random", "/v1/completions"), ("prefix", "/v1/chat/completions"),
+                              ("random", "/generate"), ("random", "/generate_stream")):
         [r] = main(["--base-url", url, "--dataset", dataset, "--random-input-len", "16", "--random-output-len", "3",
                     "--prefix-len", "16", "--num-prompts", "3", "--ignore-eos", "--endpoint", endpoint,
                     "--max-concurrency", "2", "--disable-tqdm", "--result-dir", str(tmp_path), "--no-plots",
