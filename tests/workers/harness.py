@@ -20,23 +20,29 @@ from shared.worker_common.tp import free_port
 
 class WorkerPair:
     def __init__(self, model_dir: str, log_dir: str, page_size: int = 4, num_pages: int = 128,
-                 chunked_prefill_size: int = 16, extra_decode: tuple[str, ...] = (), tp: int = 1):
+                 chunked_prefill_size: int = 16, extra_decode: tuple[str, ...] = (), tp: int = 1,
+                 device: str = "cpu", gpus: dict[str, str] | None = None, dtype: str = "float32",
+                 load_format: str = "auto"):
         self.ctx = zmq.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port("tcp://127.0.0.1")
         events_addr = f"tcp://127.0.0.1:{port}"
         self.addrs = {"d0": f"tcp://127.0.0.1:{free_port()}", "p0": f"tcp://127.0.0.1:{free_port()}"}
         self.health = {"d0": free_port(), "p0": free_port()}
-        common = ["--model_dir", model_dir, "--router_addr", events_addr, "--device", "cpu", "--tp", str(tp),
-                  "--dtype", "float32", "--page_size", str(page_size), "--num_pages", str(num_pages)]
+        common = ["--model_dir", model_dir, "--router_addr", events_addr, "--device", device, "--tp", str(tp),
+                  "--dtype", dtype, "--page_size", str(page_size), "--num_pages", str(num_pages),
+                  "--load-format", load_format]
+        gpus = gpus or {}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.logs = {w: os.path.join(log_dir, f"{w}.log") for w in self.addrs}
         self.cmds = {
             "d0": [sys.executable, "-m", "decode_worker", "--worker_id", "d0", "--control_addr", self.addrs["d0"],
-                   "--link_port", str(free_port()), "--health-port", str(self.health["d0"]), *common, *extra_decode],
+                   "--link_port", str(free_port()), "--health-port", str(self.health["d0"]), *common, *extra_decode,
+                   *(["--gpus", gpus["d0"]] if "d0" in gpus else [])],
             "p0": [sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr", self.addrs["p0"],
                    "--decode", f"d0={self.addrs['d0']}", "--health_port", str(self.health["p0"]),
-                   "--chunked_prefill_size", str(chunked_prefill_size), *common],
+                   "--chunked_prefill_size", str(chunked_prefill_size), *common,
+                   *(["--gpus", gpus["p0"]] if "p0" in gpus else [])],
         }
         self.env = env
         self.procs = {w: self._start(w) for w in self.cmds}
