@@ -138,8 +138,8 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.cons
 CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int]] = {
     ("default", "gqa", "decode"): (16, 64, 4, 2),
     ("default", "gqa", "prefill"): (64, 64, 4, 2),
-    ("default", "mla", "decode"): (32, 32, 8, 1),
-    ("default", "mla", "prefill"): (32, 32, 8, 1),
+    ("default", "mla", "decode"): (32, 32, 8, 2),
+    ("default", "mla", "prefill"): (32, 32, 8, 2),
 }
 _CPU_CONFIG = (16, 16, 4, 1)
 
