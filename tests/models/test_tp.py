@@ -1,10 +1,11 @@
 """TP=2 (two processes, real torch.distributed gloo) equals TP=1 within 1e-5 for both architectures,
-including kv-head replication (tp > num_key_value_heads) and a vocab not divisible by tp."""
+including kv-head replication (tp > num_key_value_heads), a vocab not divisible by tp, and an FP8 checkpoint."""
 
 import pytest
 import torch
 
 from shared.generate import free_port
+from shared.weights.fp8_convert import convert_to_fp8
 from shared.weights.tiny import write_tiny_checkpoint
 from tests.models.tp_scenario import run_workload, tp_rank_main
 
@@ -12,6 +13,7 @@ CASES = {
     "glm4_moe": dict(arch="glm4_moe"),
     "glm4_moe_kv1_vocab251": dict(arch="glm4_moe", num_key_value_heads=1, vocab_size=251),
     "glm4_moe_lite": dict(arch="glm4_moe_lite"),
+    "glm4_moe_fp8": dict(arch="glm4_moe", fp8=True),  # per-channel scales sharded with their rows
 }
 
 
@@ -23,7 +25,11 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_tp2_equals_tp1(tmp_path):
     cases = []
     for name, kw in CASES.items():
+        kw = dict(kw)
+        fp8 = kw.pop("fp8", False)
         model_dir = write_tiny_checkpoint(str(tmp_path / name), seed=3, **kw)
+        if fp8:
+            model_dir = convert_to_fp8(model_dir, str(tmp_path / f"{name}_fp8"))
         cases.append((model_dir, str(tmp_path / f"{name}.pt")))
     torch.multiprocessing.spawn(tp_rank_main, args=(2, free_port(), cases, "cpu"), nprocs=2, join=True)
     for model_dir, path in cases:
