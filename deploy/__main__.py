@@ -28,6 +28,8 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
 
 def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "model_dir", default="", help="HF checkpoint dir; default: the embedded tiny model")
+    _flag(p, "preset", default="", help="a real config with random weights (implies --load-format dummy): "
+          "a name in deploy/model_configs/, e.g. glm-4.7-flash")
     _flag(p, "state_dir", default=DEFAULT_STATE, help="config, logs, pid, socket, default model")
     _flag(p, "host", default="127.0.0.1")
     _flag(p, "port", type=int, default=8000)
@@ -90,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return down(os.path.abspath(a.state_dir))
     model_dir = os.path.abspath(a.model_dir) if a.model_dir else ""
+    if a.preset:
+        from deploy.default_model import preset_names, write_preset
+
+        if a.model_dir or a.preset not in preset_names():
+            sys.exit(f"--preset: one of {preset_names()}, without --model_dir")
+        model_dir, a.load_format = write_preset(os.path.abspath(a.state_dir), a.preset), "dummy"
     if not model_dir:
         if a.cmd == "up":
             from deploy.default_model import ensure_default_model

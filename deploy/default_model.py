@@ -1,4 +1,8 @@
-"""The embedded default model: a tiny random GLM-4.7-Flash-shaped (glm4_moe_lite) checkpoint + the built-in tokenizer.
+"""The embedded default model (a tiny random GLM-4.7-Flash-shaped checkpoint + the built-in tokenizer) and presets.
+
+A preset (`--preset glm-4.7-flash`) is a real model's config.json from deploy/model_configs/ with the
+built-in tokenizer beside it, served with `--load-format dummy`: the real shapes with random weights,
+for benchmarks where no checkpoint can be had (ids the tokenizer lacks detokenize to nothing).
 
 Runs in the deploy CLI process before supervisord starts, once: the directory is written under a
 temporary name and renamed into place, so a half-written model is never served and two
@@ -13,6 +17,22 @@ import tempfile
 
 DEFAULT_SEED = 0
 MARKER = "glmserve_default_model.txt"
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
+def preset_names() -> list[str]:
+    return sorted(n[:-5] for n in os.listdir(PRESET_DIR) if n.endswith(".json"))
+
+
+def write_preset(state_dir: str, name: str) -> str:
+    """`<state_dir>/presets/<name>/` with the preset's config.json and the built-in tokenizer; returns it."""
+    from shared.tokenizer.builtin import write_builtin_tokenizer
+
+    path = os.path.join(state_dir, "presets", name)
+    os.makedirs(path, exist_ok=True)
+    shutil.copyfile(os.path.join(PRESET_DIR, name + ".json"), os.path.join(path, "config.json"))
+    write_builtin_tokenizer(path)
+    return path
 
 
 def write_default_model(path: str, seed: int = DEFAULT_SEED) -> str:

@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_gpu_fleet_burst(tmp_path):
+@pytest.mark.parametrize("preset,input_len", [("", 1024), ("glm-4.7-flash", 1024)])
+def test_gpu_fleet_burst(tmp_path, preset, input_len):
+    """Tiny default model, then GLM-4.7-Flash's real shapes with dummy weights (bf16, ~60 GB per worker)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     sys.path.insert(0, os.path.join(REPO, "tests", "deploy"))
@@ -22,15 +24,14 @@ def test_gpu_fleet_burst(tmp_path):
 
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")
-    model_flags = ["--model_dir", os.environ["GLM_BENCH_MODEL_DIR"], "--load-format", "dummy"] \
-        if os.environ.get("GLM_BENCH_MODEL_DIR") else []
+    model_flags = ["--preset", preset] if preset else []
     up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--device", "cuda", "--state_dir", state,
                          "--port", str(port), "--port_base", str(port_base), "--health_base", str(health_base),
                          "--ready_timeout", "500", *model_flags], cwd=REPO, capture_output=True, text=True, timeout=560)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         metrics = [f"http://127.0.0.1:{p}/metrics" for p in (port, health_base + 1, health_base + 11)]
-        args = ["--base-url", f"http://127.0.0.1:{port}", "--dataset", "random", "--random-input-len", "1024",
+        args = ["--base-url", f"http://127.0.0.1:{port}", "--dataset", "random", "--random-input-len", str(input_len),
                 "--random-output-len", "64", "--num-prompts", "32", "--ignore-eos", "--workload", "burst",
                 "--result-dir", str(tmp_path), "--disable-tqdm"]
         for m in metrics:

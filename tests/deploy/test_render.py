@@ -117,3 +117,20 @@ def test_multinode_template_needs_its_variables(tmp_path, monkeypatch):
     opts.configfile = os.path.join(MULTINODE, "decode.conf")
     with pytest.raises(ValueError, match="GLM_"):
         opts.process_config(do_usage=False)
+
+
+def test_preset_serves_the_real_config_with_dummy_weights(tmp_path):
+    import json
+
+    from deploy.__main__ import main
+
+    out = tmp_path / "fleet.conf"
+    assert main(["render", "--preset", "glm-4.7-flash", "--device", "cuda", "--state_dir", str(tmp_path),
+                 "--out", str(out)]) == 0
+    text = out.read_text()
+    model = tmp_path / "presets" / "glm-4.7-flash"
+    cfg = json.load(open(model / "config.json"))
+    assert cfg["model_type"] == "glm4_moe_lite" and cfg["num_hidden_layers"] == 47 and cfg["vocab_size"] == 154880
+    assert (model / "tokenizer.json").exists()
+    workers = [ln for ln in text.splitlines() if ln.startswith("command=") and "_worker" in ln]
+    assert len(workers) == 2 and all(f"--model_dir {model} --load-format dummy" in ln for ln in workers)
