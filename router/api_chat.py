@@ -38,6 +38,9 @@ def render_prompt(req: ChatRequest, st: RouterState) -> tuple[str, list[dict] | 
     if tools and any(t["type"] != "function" for t in tools):
         raise bad("only tools of type 'function' are supported", param="tools")
     _check_tool_choice(req.tool_choice, tools)
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise bad("response_format other than {\"type\": \"text\"} is not supported (no guided decoding)",
+                  param="response_format")
     if req.tool_choice == "none":
         tools = None
     try:

@@ -56,6 +56,8 @@ def _plan(req: CompletionRequest, st: RouterState):
         raise bad(f"prompts x n must be at most {st.cfg.max_n}", param="n")
     if req.suffix:
         raise bad("suffix is not supported", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise bad("echo with logprobs is not supported (no prompt logprobs)", param="echo")
     if req.best_of is not None and req.best_of != n:
         raise bad("best_of must equal n (best-of sampling is not supported)", param="best_of")
     top = V.check_int(req.logprobs, "logprobs", 0, st.cfg.max_top_logprobs, 0)
@@ -68,6 +70,19 @@ def _plan(req: CompletionRequest, st: RouterState):
         return base if base.seed is None else msgspec.structs.replace(base, seed=base.seed + i)
 
     return prompts, n, sampling_of, opts
+
+
+def _echo_texts(req: CompletionRequest, st: RouterState, prompts: list[list[int]]) -> list[str]:
+    """Per prompt, the text `echo` puts before the completion ("" without echo)."""
+    if not req.echo:
+        return [""] * len(prompts)
+    if isinstance(req.prompt, str):
+        return [req.prompt]
+    return [x if isinstance(x, str) else st.tokenizer.decode(p) for x, p in zip(_as_list(req.prompt), prompts)]
+
+
+def _as_list(prompt) -> list:
+    return [prompt] if prompt and type(prompt[0]) is int else list(prompt)
 
 
 def _logprobs_obj(st: RouterState, deltas: list[Delta], offset0: int) -> dict:
@@ -94,11 +109,13 @@ async def completions(request: Request) -> Response:
     if req.stream:
         return sse_response(_stream(st, req, head, streams, prompts, n))
     per_choice = await collect(request, streams)
+    echo = _echo_texts(req, st, prompts)
     choices, completion_tokens = [], 0
     for k, deltas in enumerate(per_choice):
         ids = [t for d in deltas for t in d.token_ids]
         completion_tokens += len(ids)
-        c = {"index": k, "text": "".join(d.text for d in deltas), "finish_reason": deltas[-1].finish_reason,
+        c = {"index": k, "text": echo[k // n] + "".join(d.text for d in deltas),
+             "finish_reason": deltas[-1].finish_reason,
              "logprobs": _logprobs_obj(st, deltas, 0) if req.logprobs is not None else None}
         if req.return_token_ids:
             c["token_ids"] = ids
@@ -117,17 +134,19 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _stream(st: RouterState, req: CompletionRequest, head: dict, streams, prompts, n):
-    completion_tokens, sent_prompt = 0, set()
+    completion_tokens, sent_prompt, echo = 0, set(), _echo_texts(req, st, prompts)
     try:
         async for d in merged(streams):
             completion_tokens += len(d.token_ids)
-            c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
+            first = d.index not in sent_prompt
+            sent_prompt.add(d.index)
+            c = {"index": d.index, "text": (echo[d.index // n] if first else "") + d.text,
+                 "finish_reason": d.finish_reason,
                  "logprobs": _logprobs_obj(st, [d], 0) if req.logprobs is not None else None}
             if req.return_token_ids:
                 c["token_ids"] = d.token_ids
-                if d.index not in sent_prompt:
+                if first:
                     c["prompt_token_ids"] = prompts[d.index // n]
-                    sent_prompt.add(d.index)
             yield sse({**head, "choices": [c]})
     except APIError as e:
         yield error_event(e)

@@ -8,6 +8,8 @@ flag is accepted with dashes and with underscores. Workers are given as `id=tcp:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -23,7 +25,8 @@ class RouterConfig:
     decode: dict[str, str] = field(default_factory=dict)
     tool_call_parser: str | None = None  # "glm45" | "glm47"
     reasoning_parser: str | None = None  # "glm45"
-    max_req_total_len: int = 4096  # prompt + max_tokens
+    max_req_total_len: int = 4096  # prompt + max_tokens (default: the model's max_position_embeddings)
+    model_vocab_size: int | None = None  # from config.json; token ids are checked against it
     max_new_tokens_default: int = 16  # completions/generate default; chat defaults to the rest
     max_queue: int = 256  # requests waiting for a decode reservation; beyond -> 429
     max_body_bytes: int = 4 * 1024 * 1024
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "decode", action="append", default=[], help="id=tcp://host:port (repeat)")
     _flag(p, "tool_call_parser", default=None, choices=["glm45", "glm47"])
     _flag(p, "reasoning_parser", default=None, choices=["glm45"])
-    for name in ("max_req_total_len", "max_queue", "max_body_bytes", "max_n", "max_retries"):
+    _flag(p, "max_req_total_len", type=int, default=None)
+    for name in ("max_queue", "max_body_bytes", "max_n", "max_retries"):
         _flag(p, name, type=int, default=getattr(d, name))
     for name in ("request_timeout_s", "reserve_timeout_s", "heartbeat_timeout_s", "queue_timeout_s"):
         _flag(p, name, type=float, default=getattr(d, name))
@@ -77,8 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_limits(model_dir: str | None) -> tuple[int | None, int | None]:
+    """(max_position_embeddings, vocab_size) from the checkpoint's config.json, None when unknown."""
+    path = os.path.join(model_dir, "config.json") if model_dir else None
+    if path is None or not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        hf = json.load(f)
+    return hf.get("max_position_embeddings"), hf.get("vocab_size")
+
+
 def parse_config(argv: list[str] | None = None) -> RouterConfig:
     args = build_parser().parse_args(argv)
+    max_pos, vocab = model_limits(args.model_dir)
     name = args.served_model_name or (args.model_dir.rstrip("/").split("/")[-1] if args.model_dir else "glm")
     return RouterConfig(
         host=args.host,
@@ -91,7 +106,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         decode=parse_workers(args.decode),
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
-        max_req_total_len=args.max_req_total_len,
+        max_req_total_len=args.max_req_total_len or max_pos or RouterConfig.max_req_total_len,
+        model_vocab_size=vocab,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,

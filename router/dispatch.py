@@ -70,11 +70,7 @@ class Dispatcher:
 
     # ---- API for the endpoints ------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
-        now = time.monotonic()
-        p, d = self.registry.ready("prefill", now), self.registry.ready("decode", now)
-        if p and d:
-            return True, f"{len(p)} prefill and {len(d)} decode workers ready"
-        return False, f"ready workers: {len(p)} prefill, {len(d)} decode (need >= 1 of each)"
+        return self.registry.readiness(time.monotonic())
 
     def submit(self, base_rid: str, prompt_ids: list[int], sampling: P.SamplingParams) -> Run:
         """Start a run; 503 when no worker can take it, 429 when the queue is full."""

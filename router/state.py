@@ -21,4 +21,5 @@ class RouterState:
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """Token ids accepted in prompts and stop_token_ids: the model's vocabulary when known."""
+        return self.cfg.model_vocab_size or self.tokenizer.vocab_size

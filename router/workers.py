@@ -56,6 +56,13 @@ class WorkerRegistry:
     def ready(self, role: str, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.ready(now, self.timeout_s)]
 
+    def readiness(self, now: float) -> tuple[bool, str]:
+        """Ready to serve: at least one ready prefill and one ready decode."""
+        p, d = self.ready("prefill", now), self.ready("decode", now)
+        if p and d:
+            return True, f"{len(p)} prefill and {len(d)} decode workers ready"
+        return False, f"ready workers: {len(p)} prefill, {len(d)} decode (need >= 1 of each)"
+
     def expired(self, now: float) -> list[WorkerState]:
         """Workers seen once but silent for `timeout_s` (dead or hung) that still hold requests."""
         return [w for w in self.workers.values()

@@ -81,7 +81,8 @@ def chat_cases(vocab_size: int, max_total_len: int) -> list[Case]:
     extra_range = {"top_logprobs": [-1, 21], "max_completion_tokens": [0, -1, 10**9],
                    "tool_choice": ["required", "sometimes", {"type": "function", "function": {"name": "f"}}],
                    "chat_template_kwargs": [{"messages": []}, {"add_generation_prompt": False, "tools": []}],
-                   "tools": [[{"type": "retrieval", "function": {"name": "f"}}]]}
+                   "tools": [[{"type": "retrieval", "function": {"name": "f"}}]],
+                   "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}]}
     cases += _field_cases(CHAT, base, {**WRONG_TYPES, **extra_types}, "type")
     cases += _field_cases(CHAT, base, {**OUT_OF_RANGE, **extra_range}, "range")
     cases.append(Case("chat top_logprobs without logprobs", CHAT, _j({**base, "top_logprobs": 2})))
@@ -101,6 +102,7 @@ def completion_cases(vocab_size: int, max_total_len: int) -> list[Case]:
     extra_range = {"logprobs": [-1, 21], "suffix": ["tail"], "best_of": [3], "max_tokens": [max_total_len]}
     cases += _field_cases(COMP, base, {**WRONG_TYPES, **extra_types}, "type")
     cases += _field_cases(COMP, base, {**OUT_OF_RANGE, **extra_range}, "range")
+    cases.append(Case("completions echo with logprobs", COMP, _j({**base, "echo": True, "logprobs": 1})))
     cases.append(Case("completions prompts x n too many", COMP, _j({**base, "prompt": ["a"] * 8, "n": 4})))
     return cases
 

@@ -178,3 +178,27 @@ def test_non_streaming_disconnect_aborts(fleet):
     assert _aborted(peer, rid)
     m = httpx.get(router.url + "/metrics").text
     assert "router_inflight_requests 0.0" in m and "router_inflight_runs 0.0" in m
+
+
+def test_prompt_forms_n_and_echo(fleet):
+    router, peer, tok = fleet()
+    r = httpx.post(router.url + "/v1/completions", json={
+        "prompt": [[5, 6], [7, 8, 9]], "n": 2, "max_tokens": 2, "return_token_ids": True}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert [c["prompt_token_ids"] for c in r["choices"]] == [[5, 6], [5, 6], [7, 8, 9], [7, 8, 9]]
+    assert r["usage"]["prompt_tokens"] == 10 and r["usage"]["completion_tokens"] == 8
+    r = httpx.post(router.url + "/v1/completions", json={"prompt": ["ab", "cd"], "max_tokens": 1, "echo": True}).json()
+    first = tok.decode(tok.encode(REPLY)[:1])
+    assert [c["text"] for c in r["choices"]] == ["ab" + first, "cd" + first]
+    with httpx.stream("POST", router.url + "/v1/completions",
+                      json={"prompt": "ab", "max_tokens": 2, "echo": True, "stream": True}) as s:
+        import json
+        texts = [json.loads(x[6:])["choices"][0]["text"] for x in s.iter_lines()
+                 if x.startswith("data: {") and json.loads(x[6:])["choices"]]
+    assert "".join(texts) == "ab" + tok.decode(tok.encode(REPLY)[:2])
+    chat = httpx.post(router.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}],
+        "max_tokens": 1}).json()
+    assert chat["choices"][0]["message"]["content"] == first
+    prompt = tok.decode(P.unpack_ids(peer.messages(P.Reserve)[-1].prompt_ids), skip_special_tokens=False)
+    assert "AB" in prompt

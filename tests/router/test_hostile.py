@@ -44,3 +44,14 @@ def test_error_names_the_field(router_url):
     assert r.json()["error"]["param"] == "messages[0].content"
     r = httpx.post(router_url + "/generate", json={"inputs": "x", "parameters": {"top_k": 0}})
     assert r.json()["error"]["param"] == "parameters.top_k"
+
+
+def test_giant_chunked_body_is_413(router_url):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = httpx.post(router_url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
