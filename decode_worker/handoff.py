@@ -93,11 +93,12 @@ class Handoffs:
         return seq
 
     def ready_to_finish(self) -> list[DecodeSeq]:
-        """Requests whose handoff is over: all recvs done (to run, or to release if aborted),
-        or aborted before any push was announced. Pops them from `seqs`."""
+        """Requests whose handoff is over: all recvs done (to run, or to release if aborted), or
+        aborted with no recv in flight (later pushes for it are drained, never land in pages).
+        Pops them from `seqs`."""
         out = []
         for seq in list(self.seqs.values()):
-            idle_abort = seq.aborted and not seq.pending_xfers and seq.phase == Phase.RESERVED
+            idle_abort = seq.aborted and not seq.pending_xfers
             if seq.handoff_complete() or idle_abort:
                 out.append(self.seqs.pop(seq.rid))
         return out

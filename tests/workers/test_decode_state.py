@@ -95,3 +95,27 @@ def test_finish_reasons():
     assert finish_reason(s, frozenset({1})) is None
     s.sampling.stop_token_ids = [1]
     assert finish_reason(s, frozenset()) == "stop"
+
+
+def test_abort_between_pushes_releases_at_once():
+    """Aborted while RECEIVING with nothing in flight (e.g. the prefill died): free now, drain later pushes."""
+    pages = PageAllocator(32)
+    h = Handoffs(pages, page_size=4, max_running=8, reserve_cap=8, deadline_s=5)
+    seq = _reserve(h, "a", 12)
+    h.on_chunk(_chunk(seq, 0, 0, 1, 4))
+    seq.pending_xfers.clear()  # the first push completed
+    assert h.ready_to_finish() == []  # not aborted: waits for the next push
+    h.abort("a")
+    assert h.ready_to_finish() == [seq] and not h.seqs
+    h.on_chunk(_chunk(seq, 1, 1, 3, 12, last=True, tok=3))
+    assert h.ops[-1].kind == "drain" and h.ops[-1].xfer_id == "a/1"
+
+
+def test_handoff_deadline_expires_only_without_recvs_in_flight():
+    pages = PageAllocator(32)
+    h = Handoffs(pages, page_size=4, max_running=8, reserve_cap=8, deadline_s=0.0)
+    seq = _reserve(h, "a", 5)
+    h.on_chunk(_chunk(seq, 0, 0, 1, 4))
+    assert h.expired() == []  # a recv is posted: never free pages under it
+    seq.pending_xfers.clear()
+    assert h.expired() == [seq] and not h.seqs
