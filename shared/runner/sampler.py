@@ -90,7 +90,8 @@ class SampleOutput:
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The per-request generator a worker keeps for a seeded request for its whole life."""
+    """The per-request generator a worker keeps for a seeded request for its whole life. Keep it on
+    the CPU (the default) whatever the logits' device: draws are then device-independent."""
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
@@ -148,14 +149,16 @@ def _processed(logits, t, history, output_starts) -> tuple[torch.Tensor, torch.T
 
 
 def _exponentials(shape, seeds, generators, device) -> torch.Tensor:
-    """[B, V] Exp(1) noise; seeded rows use their own generator (V draws each)."""
+    """[B, V] Exp(1) noise; seeded rows use their own generator (V draws each), drawn on the
+    generator's device (CPU by default) and copied over, so a seed gives the same tokens on CPU and GPU."""
     e = torch.empty(shape, dtype=torch.float32, device=device).exponential_()
     for b, seed in enumerate(seeds):
         g = generators[b] if generators is not None else None
         if g is None and seed is not None:
-            g = make_generator(seed, device)
+            g = make_generator(seed)
         if g is not None:
-            e[b].exponential_(generator=g)
+            draw = torch.empty(shape[1], dtype=torch.float32, device=g.device).exponential_(generator=g)
+            e[b].copy_(draw)
     return e
 
 

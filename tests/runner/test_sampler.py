@@ -109,3 +109,16 @@ def test_logprob_reads_temperature_scaled_distribution(temp):
     ref = (logits / temp).log_softmax(-1).gather(1, out.token_ids[:, None]).squeeze(1)
     torch.testing.assert_close(out.logprobs, ref)
     assert all(math.isfinite(v) for v in out.logprobs.tolist())
+
+
+@pytest.mark.gpu
+def test_seeded_tokens_same_on_cuda_and_cpu():
+    torch.manual_seed(5)
+    logits = torch.randn(3, 1000)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    outs = []
+    for dev in ("cpu", "cuda"):
+        gens = [make_generator(p.seed) for p in params]  # CPU generators, as the workers keep them
+        t = SamplingTensors.from_params(params, dev)
+        outs.append([sample(logits.to(dev) + 0.01 * k, t, [[]] * 3, gens).token_ids.tolist() for k in range(4)])
+    assert outs[0] == outs[1]
