@@ -60,8 +60,8 @@ def _skip(key: str, num_main_layers: int, num_mtp: int) -> bool:
         return False
     if int(m.group(1)) >= num_main_layers + num_mtp:
         return True  # MTP layer not built
-    rest = key[m.end():]
-    return rest in ("embed_tokens.weight", "shared_head.head.weight")
+    rest = key[m.end():]  # the MTP's own copies of embed / lm_head (and their FP8 scales, if any)
+    return rest.startswith(("embed_tokens.", "shared_head.head."))
 
 
 def _merged_aliases(model: nn.Module) -> dict[str, tuple[str, int]]:

@@ -52,6 +52,7 @@ def test_mtp_optional_copies_are_skipped(ckpt):
     def add(sd):
         sd["model.layers.3.embed_tokens.weight"] = torch.zeros(256, 64)
         sd["model.layers.3.shared_head.head.weight"] = torch.zeros(256, 64)
+        sd["model.layers.3.shared_head.head.weight_scale"] = torch.ones(256, 1)
     _edit_mtp_shard(ckpt, add)
     runner = ModelRunner(ckpt)
     assert runner.has_mtp and runner.kv_layout(4).num_layers == 4
