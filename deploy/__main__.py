@@ -2,6 +2,7 @@
 
     python -m deploy up                       # CPU demo: router + 1 prefill + 1 decode, embedded tiny model
     python -m deploy up --device cuda --model_dir DIR --prefill 1 --decode 1 --tp 4
+    python -m deploy status
     python -m deploy down
     python -m deploy render --device cuda --prefill 2 --decode 2 --tp 2 --out fleet.conf
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(render, "out", default="", help="file to write (default: stdout)")
     down = sub.add_parser("down", help="stop the fleet started by `up`")
     _flag(down, "state_dir", default=DEFAULT_STATE)
+    st = sub.add_parser("status", help="supervisorctl status of the fleet's programs")
+    _flag(st, "state_dir", default=DEFAULT_STATE)
     return p
 
 
@@ -87,10 +90,10 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.cmd == "down":
-        from deploy.lifecycle import down
+    if a.cmd in ("down", "status"):
+        from deploy import lifecycle
 
-        return down(os.path.abspath(a.state_dir))
+        return getattr(lifecycle, a.cmd)(os.path.abspath(a.state_dir))
     model_dir = os.path.abspath(a.model_dir) if a.model_dir else ""
     if a.preset:
         from deploy.default_model import preset_names, write_preset

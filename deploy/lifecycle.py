@@ -136,3 +136,15 @@ def down(state_dir: str, timeout_s: float = 60.0) -> int:
         return 1
     print("deploy: fleet stopped")
     return 0
+
+
+def status(state_dir: str) -> int:
+    """supervisorctl status of every program; 0 when all are RUNNING, 3 when no fleet runs."""
+    pid = _pid(state_dir)
+    if pid is None or not _alive(pid):
+        print(f"deploy: no running fleet under {state_dir}")
+        return 3
+    proc = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", conf_path(state_dir), "status"],
+                          capture_output=True, text=True)
+    print(proc.stdout.rstrip())
+    return proc.returncode

@@ -101,6 +101,8 @@ def _print_server(server: dict, errors: list[str]) -> None:
                 "kv_pages_used_peak", "kv_pages_total", "mtp_acceptance_rate"):
         if key in server:
             print("{:<40} {:<10.4g}".format(key + ":", server[key]))
+    if server.get("moe_experts"):
+        print("moe experts (per label set): " + ", ".join(f"{k}={v:g}" for k, v in server["moe_experts"].items()))
     for name, depth in (server.get("queue_depths_peak") or {}).items():
         print("{:<40} {:<10.0f}".format("peak " + name + ":", depth))
 

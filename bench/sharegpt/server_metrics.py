@@ -5,7 +5,8 @@ labels and over every scraped URL (router and worker health ports); a sample wit
 is also kept per role as `name[role=R]`. The fleet's `glm_worker_kv_transfer_bytes_total` /
 `_seconds_total` (the prefill side's when both sides count), `*_kv_pages_used` / `*_kv_pages_free`
 (or `*_kv_pages_total`), `*queue*` gauges and `*_mtp_draft_tokens_total` /
-`*_mtp_accepted_tokens_total` counters become KV transfer GB/s, pages used, queue depths and MTP acceptance.
+`*_mtp_accepted_tokens_total` counters become KV transfer GB/s, pages used, queue depths and MTP acceptance;
+any labelled `*expert*` series (e.g. distinct experts touched per MoE layer) is reported as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def parse(text: str) -> Sample:
             out[s.name] += float(s.value)
             if "role" in s.labels:
                 out[f"{s.name}[role={s.labels['role']}]"] += float(s.value)
+            if "expert" in s.name and s.labels:  # per-layer expert coverage keeps its labels
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = float(s.value)
     return dict(out)
 
 
@@ -132,6 +136,9 @@ def summarize(before: Sample, after: Sample, duration: float, peaks: Sample | No
         out["mtp_draft_tokens"] = drafted
         out["mtp_accepted_tokens"] = accepted or 0.0
         out["mtp_acceptance_rate"] = (accepted or 0.0) / drafted
+    experts = {k: v for k, v in after.items() if "expert" in k and "{" in k}
+    if experts:  # dummy weights can pin tokens to few experts: DESIGN §7 asks to show it
+        out["moe_experts"] = experts
     counters = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total") or "_total[" in k}
     out["counter_deltas"] = {k: v for k, v in counters.items() if v}
     return out

@@ -57,3 +57,12 @@ def test_peak_sampler_keeps_gauge_maxima(timed_server):
     assert not any("_total" in k for k in sampler.peaks)
     s = summarize({}, {}, 1.0, sampler.peaks)
     assert s["kv_pages_used_peak"] == 12 and s["queue_depths_peak"] == {"glm_prefill_queue_tokens": 3.0}
+
+
+def test_expert_coverage_is_reported_per_layer():
+    text = ("# TYPE glm_worker_moe_distinct_experts gauge\n"
+            'glm_worker_moe_distinct_experts{layer="1",worker="p0"} 5\n'
+            'glm_worker_moe_distinct_experts{layer="2",worker="p0"} 64\n')
+    s = summarize({}, parse(text), 1.0)
+    assert s["moe_experts"] == {"glm_worker_moe_distinct_experts{layer=1,worker=p0}": 5.0,
+                                "glm_worker_moe_distinct_experts{layer=2,worker=p0}": 64.0}

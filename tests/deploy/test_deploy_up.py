@@ -82,6 +82,9 @@ def test_deploy_up_cpu_demo(tmp_path):
         r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop")
         assert os.path.exists(os.path.join(state, "default_model", "config.json"))
+        st = subprocess.run([sys.executable, "-m", "deploy", "status", "--state_dir", state], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0 and st.stdout.count("RUNNING") == 3, st.stdout
         _kill_and_see_restart(state, "decode_d0", port)
         r = client.completions.create(model=model, prompt="Hello again", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
