@@ -218,3 +218,38 @@ def test_bad_requests_get_errors_not_crashes(pair):
     _start(pair, "fine", [5, 6], sp)
     assert _collect(pair, {"fine"})["fine"][-1].finished  # still serving
     _pages_zero(pair)
+
+
+def test_prefill_not_ready_without_a_decode(tmp_path):
+    """/healthz answers while /readyz says why the prefill cannot take work (no KV link)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+
+    from shared.weights.tiny import write_tiny_checkpoint
+    from shared.worker_common.tp import free_port
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=0)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--model_dir", model_dir,
+                             "--control_addr", f"tcp://127.0.0.1:{free_port()}",
+                             "--router_addr", f"tcp://127.0.0.1:{free_port()}",
+                             "--decode", f"d0=tcp://127.0.0.1:{free_port()}", "--health_port", str(port),
+                             "--page_size", "4", "--num_pages", "16"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        time.sleep(1.0)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        assert e.value.code == 503 and b"no KV link" in e.value.read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
