@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
+from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_align, moe_route, paged_attention, rmsnorm, rope
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
@@ -76,6 +76,10 @@ def _small_kernels():
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1
+    for e in (64, 160):
+        yield f"moe_align one launch E{e}", moe_align._align_kernel, dict(
+            ids_ptr=P["i64"], pairs_ptr=P["i32"], block_expert_ptr=P["i32"], num_pairs=i32, cap=i32, E=i32), dict(
+            BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=max(16, 8192 // triton.next_power_of_2(e))), 8, 1
     yield "attn merge", paged_attention._merge_kernel, dict(
         part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
         NUM_HEADS=20, NUM_SPLITS=5, BLOCK_S=8, BLOCK_DV=512), 4, 1
@@ -107,7 +111,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 # Integer args that are not multiples of 16 at run time; every other pointer and int gets the
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
-NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB"}
+NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 
 

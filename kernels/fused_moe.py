@@ -2,7 +2,7 @@
 Triton on CUDA, torch reference beside; every worker rank (MoE layers; I is this rank's TP slice).
 
   out[t] = sum_j w[t, j] * W2_e (silu(W1_e x_t) * W3_e x_t),  e = ids[t, j]
-Pairs (t, j) are sorted by expert and padded per expert to BLOCK_M rows (kernels.moe_route.moe_align),
+Pairs (t, j) are sorted by expert and padded per expert to BLOCK_M rows (kernels.moe_align: one launch at decode sizes),
 so each program multiplies BLOCK_M rows that share one expert's weights: a grouped GEMM that reads
 each used expert's weights once per M block. FP8 (GLM compressed-tensors format): e4m3 weights with a
 scale per output row (w13_scale [E, 2I, 1], w2_scale [E, H, 1]); activations are quantized per token
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, gpu_name, new_out
 from kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
-from kernels.moe_route import moe_align
+from kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
 
 def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> torch.Tensor:

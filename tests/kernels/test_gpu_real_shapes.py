@@ -149,3 +149,13 @@ def test_ops_signatures_at_air_shapes():
     y = fp8_gemm.fp8_linear(x, w_q, w_s, None)
     exact = x.float() @ (w_q.float() * w_s).t()
     assert y.dtype == BF16 and _rel(y, exact) < 0.05
+
+
+@pytest.mark.parametrize("t,k,e", [(256, 4, 64), (64, 8, 160), (1024, 8, 128)])
+def test_one_launch_align_at_decode_sizes(t, k, e):
+    from kernels.moe_align import moe_align as align_kernel
+
+    ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    for block_m in (16, 32, 64):
+        got, ref = align_kernel(ids, e, block_m), moe_route.moe_align(ids, e, block_m)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -49,3 +49,14 @@ def test_align_groups_pairs_by_expert():
             assert rows.numel() == 0
         else:
             assert (flat[rows] == e).all()
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16)])
+def test_one_launch_align_equals_torch_align(t, k, e, block_m):
+    from kernels.moe_align import moe_align as moe_align_kernel
+
+    ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    pairs, blocks = moe_align_kernel(ids, e, block_m)
+    pairs_ref, blocks_ref = moe_align(ids, e, block_m)
+    assert torch.equal(pairs, pairs_ref)
+    assert torch.equal(blocks, blocks_ref)
