@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.weights.lazy import materialize
+
 SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
 
 
@@ -34,11 +36,11 @@ class BlockPairer:
         for suffix in SCALE_SUFFIXES:
             if key.endswith(suffix):
                 base = key[: -len(suffix)]
-                self.scales[base] = tensor
+                self.scales[base] = materialize(tensor)  # partners may sit in different files
                 return self._ready(base)
         if key.endswith(".weight") and tensor.dtype == torch.float8_e4m3fn:
             base = key[: -len(".weight")]
-            self.weights[base] = tensor
+            self.weights[base] = materialize(tensor)
             return self._ready(base)
         return [(key, tensor)]
 

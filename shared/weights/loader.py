@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from shared.weights.lazy import LazyTensor
+
 EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -34,11 +36,13 @@ def checkpoint_files(model_dir: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(model_dir: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+    """(key, tensor) for every checkpoint tensor; lazy=True yields LazyTensors (read on use, only the
+    rows/columns a rank keeps). A LazyTensor must be used before the next file is opened."""
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                yield key, (LazyTensor.from_safetensors(f.get_slice(key)) if lazy else f.get_tensor(key))
 
 
 def fp8_tensor_names(model_dir: str) -> set[str]:
@@ -142,7 +146,7 @@ def load_checkpoint(model: nn.Module, model_dir: str, num_main_layers: int, num_
 
     loader = WeightLoader(model, num_main_layers, num_mtp)
     pairer = BlockPairer(fp8_block) if fp8_block else None
-    for key, tensor in iter_tensors(model_dir):
+    for key, tensor in iter_tensors(model_dir, lazy=True):
         for k, t in (pairer.feed(key, tensor) if pairer else [(key, tensor)]):
             loader.load_one(k, t)
     if pairer:

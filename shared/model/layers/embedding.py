@@ -30,7 +30,7 @@ class _VocabShard(nn.Module):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if loaded.shape[0] != self.vocab_size:
             raise ValueError(f"vocab rows {loaded.shape[0]} != vocab_size {self.vocab_size}")
-        rows = loaded[self.vocab_start : self.vocab_start + self.local_vocab]
+        rows = loaded.narrow(0, self.vocab_start, max(0, min(self.local_vocab, self.vocab_size - self.vocab_start)))
         param.data.zero_()
         copy_checked(param.data[: rows.shape[0]], rows)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from shared.model import ops
 from shared.model.parallel import SINGLE, TPGroup
+from shared.weights.lazy import materialize
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +31,11 @@ def set_loader(param: nn.Parameter, loader) -> nn.Parameter:
     return param
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+def copy_checked(param: torch.Tensor, loaded, name: str = "") -> None:
+    """Copy a checkpoint tensor (torch or LazyTensor: read now) into param after a shape check."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"shape mismatch loading {name}: checkpoint shard {tuple(loaded.shape)} vs {tuple(param.shape)}")
-    param.data.copy_(loaded.to(param.dtype))
+    param.data.copy_(materialize(loaded).to(param.dtype))
 
 
 class Linear(nn.Module):
@@ -88,7 +90,7 @@ class Linear(nn.Module):
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
         rows, dst = self._rows(loaded, part)
-        shard = rows.narrow(1, *self.in_shard)
+        shard = materialize(rows.narrow(1, *self.in_shard))
         if self.fp8 and loaded.dtype != torch.float8_e4m3fn:  # online quantization of a float checkpoint
             q, scale = quantize_per_channel(shard)
             copy_checked(param.data[dst], q)
@@ -100,7 +102,7 @@ class Linear(nn.Module):
         copy_checked(param.data[dst], shard)
 
     def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:
-        rows, dst = self._rows(loaded.reshape(-1, 1).float(), part)
+        rows, dst = self._rows(materialize(loaded).reshape(-1, 1).float(), part)
         copy_checked(param.data[dst], rows)
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, part: int = 0) -> None:

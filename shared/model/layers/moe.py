@@ -18,6 +18,7 @@ from shared.model.layers.linear import copy_checked, quantize_per_channel, set_l
 from shared.model.layers.mlp import GatedMLP
 from shared.model.context import BuildCtx
 from shared.model.parallel import TPGroup
+from shared.weights.lazy import materialize
 
 
 class Router(nn.Module):
@@ -58,6 +59,8 @@ class Experts(nn.Module):
     def load_expert(self, expert: int, proj: str, kind: str, loaded: torch.Tensor) -> None:
         """proj: gate_proj|up_proj|down_proj; kind: weight|weight_scale. loaded: the full checkpoint tensor."""
         s, n = self.inter_start, self.inter_local
+        if kind == "weight_scale":
+            loaded = materialize(loaded)
         if proj == "down_proj":
             shard = loaded.narrow(1, s, n) if kind == "weight" else loaded.reshape(-1, 1)
             dst, dst_scale = self.w2.data[expert], (self.w2_scale.data[expert] if self.fp8 else None)
@@ -69,7 +72,7 @@ class Experts(nn.Module):
         if kind == "weight_scale":
             copy_checked(dst_scale, shard.float(), f"experts.{expert}.{proj}.weight_scale")
         elif self.fp8 and loaded.dtype != torch.float8_e4m3fn:  # --quantization fp8 (online)
-            q, scale = quantize_per_channel(shard)
+            q, scale = quantize_per_channel(materialize(shard))
             copy_checked(dst, q)
             dst_scale.copy_(scale)
             self.quantized_online = True
