@@ -80,6 +80,8 @@ def _small_kernels():
         yield f"moe_align one launch E{e}", moe_align._align_kernel, dict(
             ids_ptr=P["i64"], pairs_ptr=P["i32"], block_expert_ptr=P["i32"], num_pairs=i32, cap=i32, E=i32), dict(
             BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=max(16, 8192 // triton.next_power_of_2(e))), 8, 1
+    yield "moe sum slots k8", fused_moe._sum_slots_kernel, dict(src_ptr=P["bf16"], out_ptr=P["bf16"], H=i32), dict(
+        TOP_K=8, BLOCK_H=1024), 4, 1
     yield "attn merge", paged_attention._merge_kernel, dict(
         part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
         NUM_HEADS=20, NUM_SPLITS=5, BLOCK_S=8, BLOCK_DV=512), 4, 1

@@ -76,6 +76,17 @@ def _moe_gemm_kernel(
     tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
 
 
+@triton.jit
+def _sum_slots_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, :] = sum_j src[t * TOP_K + j, :] in fp32, one rounding to out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(TOP_K):
+        acc += tl.load(src_ptr + (t * TOP_K + j) * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
 # Launch configs as data: (gpu, "decode" | "prefill", "bf16" | "fp8") -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 # "decode" = at most 32 pairs per expert on average; untuned starting points (bench/KERNEL_NOTES.md).
 CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
@@ -145,6 +156,6 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> to
         _gemm(x, None, w13, None, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
         act = silu_and_mul(gate_up)
         _gemm(act, None, w2, None, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
-    # weighted rows are summed over the k slots in fp32, one rounding to x.dtype
-    out.copy_(down.view(t, top_k, h).sum(1, dtype=torch.float32))
+    block_h = min(1024, triton.next_power_of_2(h))
+    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out
