@@ -68,4 +68,4 @@ class GQAAttention(nn.Module):
         cache[0].index_copy_(0, batch.slot_mapping, k.to(cache.dtype))
         cache[1].index_copy_(0, batch.slot_mapping, v.to(cache.dtype))
         o = ops.paged_attention(q, cache[0], cache[1], batch, kv_cache.layout.page_size, self.scale)
-        return self.o_proj(o.reshape(t, -1).to(x.dtype))
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim).to(x.dtype))

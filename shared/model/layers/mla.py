@@ -77,4 +77,4 @@ class MLAAttention(nn.Module):
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch,
                                     kv_cache.layout.page_size, self.scale)  # [T, h, L]
         o = torch.einsum("thl,hvl->thv", o_lat.to(x.dtype), w_uv.to(x.dtype))  # [T, h, v]
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.reshape(t, self.num_heads * self.v_dim))
