@@ -49,7 +49,10 @@ class Handoffs:
         if bad:
             raise ValueError(bad)
         allowance = min(msg.sampling.max_new_tokens, self.reserve_cap)
-        page_ids = self.pages.alloc_for(msg.rid, pages_for(len(prompt) + allowance, self.page_size))
+        need = pages_for(len(prompt) + allowance, self.page_size)
+        if need > self.pages.capacity:
+            raise ValueError(f"request needs {need} KV pages; this decode worker has {self.pages.capacity}")
+        page_ids = self.pages.alloc_for(msg.rid, need)
         if page_ids is None:
             return "not enough free KV pages"
         seq = DecodeSeq(msg.rid, len(prompt), prompt, msg.sampling, page_ids, msg.prefill_id,

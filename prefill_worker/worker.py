@@ -18,7 +18,7 @@ from shared.worker_common.plan import LinkOp, StepPlan, seq_plan
 from shared.worker_common.sampling import generator_for, sample_rows
 from shared.worker_common.validate import check_request
 from prefill_worker.pusher import Push, Pusher
-from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
+from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq, pages_for
 
 log = logging.getLogger("prefill_worker")
 
@@ -77,6 +77,8 @@ class PrefillWorker:
         mc = self.engine.runner.config
         try:
             bad = check_request(prompt, msg.sampling, mc.max_position_embeddings, mc.vocab_size)
+            if not bad and pages_for(len(prompt), self.cfg.page_size) > self.pages.capacity:
+                bad = f"prompt needs more KV pages than this prefill worker has ({self.pages.capacity})"
             if bad:
                 raise ValueError(bad)
             self.sched.add(seq)

@@ -1,5 +1,7 @@
 """Decode side: reservations, ordered pushes, abort while in flight, running set page growth."""
 
+import pytest
+
 from shared import protocol as P
 from shared.kvcache.allocator import PageAllocator
 from decode_worker.handoff import Handoffs
@@ -23,7 +25,9 @@ def test_reserve_allowance_and_busy():
     seq = _reserve(h, "a", 10, max_new=100)  # 10 + min(100, 4) = 14 tokens -> 4 pages
     assert len(seq.page_ids) == 4 and pages.num_used == 4
     assert _reserve(h, "a", 1) == "duplicate request id"
-    assert _reserve(h, "b", 20) == "not enough free KV pages" and pages.num_used == 4
+    assert _reserve(h, "b", 17) == "not enough free KV pages" and pages.num_used == 4
+    with pytest.raises(ValueError, match="needs 9 KV pages"):
+        _reserve(h, "never", 30)  # could never fit: an error, not Busy forever
     _reserve(h, "c", 1), _reserve(h, "d", 1)
     assert "max_running" in _reserve(h, "e", 1)
 

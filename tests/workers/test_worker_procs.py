@@ -114,8 +114,13 @@ def test_aborts_at_every_stage_free_all_pages(pair):
 
 def test_busy_when_pages_short(pair):
     sp = P.SamplingParams(max_new_tokens=4)
-    ans = _start(pair, "huge", [3 + i % 200 for i in range(4 * 70)], sp)  # 70+ pages of 64
+    pair.send("d0", P.Reserve(rid="fill", prompt_ids=P.pack_ids([5] * 200), sampling=sp, prefill_id="p0"))
+    assert isinstance(pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", "") == "fill"), 30, "fill")[0], P.Reserved)
+    ans = _start(pair, "more", [3 + i % 200 for i in range(80)], sp)  # 21 pages, 12 free
     assert isinstance(ans, P.Busy) and "pages" in ans.reason
+    pair.send("d0", P.Abort(rid="fill"))
+    ans = _start(pair, "never", [3 + i % 200 for i in range(4 * 70)], sp)  # more pages than the worker has
+    assert isinstance(ans, P.RequestError) and "KV pages" in ans.message
     _pages_zero(pair)
 
 
