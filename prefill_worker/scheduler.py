@@ -93,6 +93,9 @@ class PrefillScheduler:
             seq.aborted = True
         return seq
 
+    def has(self, rid: str) -> bool:
+        return rid in self.started or any(s.rid == rid for s in self.waiting)
+
     def queued_tokens(self) -> int:
         return sum(s.prompt_len for s in self.waiting) + sum(s.prompt_len - s.num_done for s in self.started.values())
 

@@ -79,6 +79,8 @@ class PrefillWorker:
             bad = check_request(prompt, msg.sampling, mc.max_position_embeddings, mc.vocab_size)
             if not bad and pages_for(len(prompt), self.cfg.page_size) > self.pages.capacity:
                 bad = f"prompt needs more KV pages than this prefill worker has ({self.pages.capacity})"
+            if not bad and (self.sched.has(msg.rid) or msg.rid in self.pusher.inflight):
+                bad = f"duplicate request id {msg.rid}"
             if bad:
                 raise ValueError(bad)
             self.sched.add(seq)
