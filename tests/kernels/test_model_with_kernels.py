@@ -84,3 +84,15 @@ def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
     assert {"fp8_linear", "fused_experts"} <= called, called
     err = ((got[0] - ref[0]).norm() / ref[0].norm()).item()  # prefill logits (decode may pick other tokens)
     assert err < 0.1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch):
+    path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=5, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    ref = _with_refs(runner)
+    got, called = _with_kernels(runner)
+    assert "paged_attention" in called and not torch.isnan(got).any()
+    err = ((got[0] - ref[0]).norm() / ref[0].norm()).item()  # prefill logits
+    assert err < 5e-2, err
