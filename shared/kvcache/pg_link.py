@@ -70,6 +70,7 @@ class PGLink(KVLink):
         self.error = ""
         self.stats = LinkStats()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever a transfer ends
         self._xfers: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()
         self._queue: queue.Queue[_Xfer | None] = queue.Queue()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -190,6 +191,7 @@ class PGLink(KVLink):
 
     def _mark_locked(self, x: _Xfer, state: XferState) -> None:
         x.state = state
+        self._changed.notify_all()
         x.sink = None
         if state is XferState.FAILED:
             return  # buf and work stay referenced: a torn-down op may still touch its buffer
@@ -211,10 +213,15 @@ class PGLink(KVLink):
     def wait(self, xfer_id: str, timeout_s: float | None = None) -> XferState:
         end = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            state = self.poll(xfer_id)
-            if state is not XferState.PENDING or (end is not None and time.monotonic() > end):
+            state = self.poll(xfer_id)  # also fires deadlines
+            now = time.monotonic()
+            if state is not XferState.PENDING or (end is not None and now > end):
                 return state
-            time.sleep(0.0005)
+            with self._lock:
+                x = self._xfers.get(xfer_id)
+                if x is not None and x.state is XferState.PENDING:
+                    limit = x.deadline if end is None else min(end, x.deadline)
+                    self._changed.wait(max(0.0, min(limit - now, 1.0)) + 0.001)
 
     def abort(self, xfer_id: str) -> None:
         with self._lock:
