@@ -80,6 +80,7 @@ def _fp8_gemm_kernel(
 # bench/KERNEL_NOTES.md); the Hopper entries follow the usual fp8 wgmma tile shapes.
 CONFIGS: dict[tuple[str, str], tuple[int, ...]] = {
     ("default", "small"): (16, 64, 128, 1, 4, 4),
+    ("default", "small_narrow"): (16, 32, 128, 1, 4, 4),  # small M and narrow N: more programs in flight
     ("default", "mid"): (64, 128, 128, 8, 4, 4),
     ("default", "large"): (128, 128, 128, 8, 8, 4),
     ("H100", "large"): (128, 256, 128, 8, 8, 3),
@@ -90,10 +91,17 @@ CONFIGS: dict[tuple[str, str], tuple[int, ...]] = {
 }
 
 
-def _config(device, m: int, block_scaled: bool) -> tuple[int, ...]:
+def _config(device, m: int, n: int, block_scaled: bool) -> tuple[int, ...]:
+    """Table entry for the M bucket; at decode sizes (weight-bound) a grid under two programs per SM
+    switches to BLOCK_N 32 so more weight bytes are in flight."""
     bucket = "small" if m <= 64 else ("mid" if m <= 512 else "large")
     name = gpu_name(device)
-    cfg = CONFIGS.get((name, bucket)) or CONFIGS[("cpu" if name == "cpu" else "default", bucket)]
+    table_name = "cpu" if name == "cpu" else "default"
+    cfg = CONFIGS.get((name, bucket)) or CONFIGS[(table_name, bucket)]
+    if bucket == "small" and name != "cpu":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) < 2 * sms:
+            cfg = CONFIGS.get((name, "small_narrow")) or CONFIGS[("default", "small_narrow")]
     if block_scaled and cfg[2] != 128:
         cfg = (*cfg[:2], 128, *cfg[3:])  # one K step per scale group
     return cfg
@@ -116,7 +124,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
-    bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, bool(block))
+    bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_gemm_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
