@@ -10,6 +10,7 @@ xfer) completed, so followers never reuse a page their link still reads or write
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -22,7 +23,8 @@ from shared.worker_common.plan import LinkOp
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # rendezvous: the peer must join within this
-XFER_TIMEOUT_S = 30.0  # a posted transfer must complete within this, else the link is torn down
+XFER_TIMEOUT_S = 30.0
+MAX_HIDDENS = 4096  # received MTP seed states kept until taken (oldest dropped first)  # a posted transfer must complete within this, else the link is torn down
 
 
 class LinkSet:
@@ -37,7 +39,8 @@ class LinkSet:
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.links: dict[str, object] = {}  # peer id -> KVLink
         self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
-        self.hiddens: dict[str, torch.Tensor] = {}  # xfer id -> received hidden [hidden]
+        # xfer id -> received hidden [hidden]; bounded: followers and aborted requests never take theirs
+        self.hiddens: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
 
     def apply(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
         getattr(self, "_" + op.kind)(op, hidden)
@@ -110,6 +113,8 @@ class LinkSet:
             link.recv_tensor(op.xfer_id + "/h", buf, discard=discard)
             if not discard:
                 self.hiddens[op.xfer_id] = buf
+                while len(self.hiddens) > MAX_HIDDENS:
+                    self.hiddens.popitem(last=False)
             self.xfers[op.peer].add(op.xfer_id + "/h")
 
     def _wait(self, op: LinkOp, _) -> None:
