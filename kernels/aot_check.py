@@ -51,7 +51,8 @@ def _gemm(block_scaled: bool, cfg):
     bm, bn, bk, group_m, warps, stages = cfg
     sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
     sig.update({n: "i32" for n in ("M", "N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
-    const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 PRECISE_ACC=True)
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 

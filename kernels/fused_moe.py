@@ -63,7 +63,10 @@ def _moe_gemm_kernel(
         k_ok = rk < K - kb * BLOCK_K
         a = tl.load(a_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
-        acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc)
+        if FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc)
         a_p += BLOCK_K
         b_p += BLOCK_K
     if FP8:
