@@ -18,9 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from shared.weights.lazy import LazyTensor
+from shared.weights.lazy import LazyTensor, materialize
 
 EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
+FUSED_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")  # transformers-5 in-memory layout
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -93,6 +94,9 @@ class WeightLoader:
     def load_one(self, key: str, tensor: torch.Tensor) -> None:
         if _skip(key, self.num_main, self.num_mtp):
             return
+        fused = FUSED_EXPERT_RE.match(key)
+        if fused is not None:
+            return self._load_fused_experts(key, fused.group(1), fused.group(2), tensor)
         m = EXPERT_RE.match(key)
         if m is not None:
             experts = self.model.get_submodule(m.group(1)) if f"{m.group(1)}.w13" in self.params else None
@@ -112,6 +116,21 @@ class WeightLoader:
         else:
             param.weight_loader(param, tensor)
         self.loaded.add((name, part))
+
+    def _load_fused_experts(self, key: str, owner: str, kind: str, tensor) -> None:
+        """gate_up_proj [E, 2I, H] ([gate; up] rows) or down_proj [E, H, I], as save_original_format=False writes."""
+        if f"{owner}.w13" not in self.params:
+            raise KeyError(f"unknown checkpoint key {key!r} (no such expert parameter in the model)")
+        experts = self.model.get_submodule(owner)
+        tensor = materialize(tensor)
+        for e in range(tensor.shape[0]):
+            if kind == "down_proj":
+                experts.load_expert(e, "down_proj", "weight", tensor[e])
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                experts.load_expert(e, "gate_proj", "weight", gate)
+                experts.load_expert(e, "up_proj", "weight", up)
+        self.expert_loads[owner] = self.expert_loads.get(owner, 0) + tensor.shape[0] * (1 if kind == "down_proj" else 2)
 
     def check_complete(self) -> None:
         missing: list[str] = []

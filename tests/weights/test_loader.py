@@ -73,3 +73,22 @@ def test_tied_embeddings_match_transformers(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([[3, 4, 5, 6, 7]])).logits[0, -1]
     assert float((out.logits[0] - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_transformers_fused_expert_layout_loads(tmp_path):
+    """A checkpoint saved with save_original_format=False (fused experts) gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from shared.kvcache.cache import PagedKVCache
+    from shared.runner.batch import ForwardBatch, ForwardMode
+
+    src = write_tiny_checkpoint(str(tmp_path / "orig"), "glm4_moe_lite", num_nextn_predict_layers=0)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(
+        str(tmp_path / "fused"), save_original_format=False)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in load_file(str(tmp_path / "fused" / "model.safetensors")))
+    outs = []
+    for d in (src, str(tmp_path / "fused")):
+        runner = ModelRunner(d)
+        kv = PagedKVCache(runner.kv_layout(4), 8)
+        outs.append(runner.forward(ForwardBatch.build(ForwardMode.PREFILL, [([3, 4, 5, 6, 7], 0, [1, 2])], 4), kv).logits)
+    assert torch.equal(outs[0], outs[1])
