@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import replace
 
 import httpx
@@ -76,6 +77,8 @@ def run_one(args, cfg: RequestConfig, requests, counter, info: RunInfo, stem: st
     before, errs = server_metrics.scrape(urls)
     with server_metrics.PeakSampler([] if errs else urls) as sampler:
         run = run_load(cfg, requests, info.shape, counter, args.seed, not args.disable_tqdm, args.request_timeout)
+        if urls:
+            time.sleep(args.metrics_settle_s)  # let counters of the run's last requests land
     after, errs2 = server_metrics.scrape(urls)
     sampler.add(after)
     slos = parse_goodput(args.goodput)

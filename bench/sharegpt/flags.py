@@ -54,6 +54,8 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--metrics-url", action="append", default=None,
          help="Prometheus /metrics to scrape before/after (repeatable); default BASE_URL/metrics")
     _add(p, "--no-server-metrics", action="store_true")
+    _add(p, "--metrics-settle-s", type=float, default=1.0,
+         help="wait before the after-run scrape (the fleet's workers refresh /metrics every 0.5 s)")
     _add(p, "--request-timeout", type=float, default=6 * 3600.0)
     _add(p, "--no-warmup", action="store_true")
 

@@ -35,7 +35,7 @@ def png_size(path: str) -> tuple[int, int]:
 def _run(url, tmp_path, *extra):
     return main(["--base-url", url, "--dataset", "random", "--random-input-len", "8",
                  "--random-output-len", "4", "--num-prompts", "6", "--ignore-eos", "--disable-tqdm",
-                 "--result-dir", str(tmp_path), *extra])
+                 "--result-dir", str(tmp_path), "--metrics-settle-s", "0.05", *extra])
 
 
 def test_every_workload(timed_server, tmp_path, capsys):
