@@ -27,7 +27,9 @@ def _argv(pc) -> dict[str, list[str]]:
     words = shlex.split(pc.command)
     out: dict[str, list[str]] = {"_module": [words[2]]}
     for i, w in enumerate(words):
-        if w.startswith("--"):
+        if w.startswith("--") and "=" in w:
+            out.setdefault(w.split("=")[0], []).append(w.split("=", 1)[1])
+        elif w.startswith("--"):
             out.setdefault(w, []).append(words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else "")
     return out
 
