@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.role == "decode":
         print(json.dumps(run_side(a)), flush=True)
-        # results are out; skip interpreter teardown (gloo objects destroyed at exit have been
-        # seen to abort the process now and then on the loaded CI box: "terminate called ...")
-        os._exit(0)
+        return
     a.port = a.port or free_port()
     argv_child = [sys.executable, "-m", "bench.kv_transfer", *(argv if argv is not None else sys.argv[1:]),
                   "--role", "decode", "--port", str(a.port)]

@@ -260,15 +260,19 @@ class PGLink(KVLink):
             if self.broken:
                 return
             self.broken, self.error = True, reason
-            for x in self._xfers.values():
-                if x.state is XferState.PENDING:
-                    self._mark_locked(x, XferState.FAILED)
+            stuck = [x for x in self._xfers.values() if x.state is XferState.PENDING]
+            for x in stuck:
+                self._mark_locked(x, XferState.FAILED)
         with contextlib.suppress(Exception):
             self.pg.abort()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._stream.synchronize()
         self._queue.put(None)
+        if not stuck and threading.current_thread() is not self._thread:
+            # let the completion thread end now: if it held the last reference at interpreter
+            # exit, the group's destructor would run in a dying thread (std::terminate)
+            self._thread.join(timeout=5.0)
 
 
 def _ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
