@@ -47,12 +47,13 @@ def _moe(fp8: bool, cfg):
     return fused_moe._moe_gemm_kernel, sig, const, warps, stages
 
 
-def _gemm(block_scaled: bool, cfg):
+def _gemm(block_scaled: bool, cfg, split_k: int = 1):
     bm, bn, bk, group_m, warps, stages = cfg
-    sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
-    sig.update({n: "i32" for n in ("M", "N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
-    const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 PRECISE_ACC=True)
+    sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"],
+               part_ptr=P["f32"])
+    sig.update({n: "i32" for n in ("M", "N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn", "k_blocks_per_split")})
+    const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, SPLIT_K=split_k, BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=True)
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 
@@ -98,6 +99,10 @@ def cases():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
     yield ("fp8_gemm block128 large", *_gemm(True, fp8_gemm.CONFIGS[("default", "large")]))
+    yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
+    yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
+        part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",
+        c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1
     for key, cfg in fused_moe.CONFIGS.items():
         yield (f"fused_moe {key}", *_moe(key[2] == "fp8", cfg))
 
@@ -114,7 +119,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 # Integer args that are not multiples of 16 at run time; every other pointer and int gets the
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
-NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap"}
+NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 
 

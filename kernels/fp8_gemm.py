@@ -35,11 +35,13 @@ def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) ->
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
-    a_sm, w_sn, c_sm, as_sm, ws_sn,
-    HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, part_ptr, M, N, K,
+    a_sm, w_sn, c_sm, as_sm, ws_sn, k_blocks_per_split,
+    HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
 ):
+    """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
+    when BLOCK_SCALED, raw otherwise) and _splitk_reduce_kernel finishes the tile."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * grid_n)
@@ -49,11 +51,13 @@ def _fp8_gemm_kernel(
     pid_n = (pid % (GROUP_M * grid_n)) // rows_in_band
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_lo = tl.program_id(1) * k_blocks_per_split
+    kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
     rk = tl.arange(0, BLOCK_K)
-    a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T tile
+    a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb_lo, kb_hi):
         k_ok = rk < K - kb * BLOCK_K
         a = tl.load(a_p, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
         w = tl.load(w_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
@@ -67,6 +71,10 @@ def _fp8_gemm_kernel(
             acc = tl.dot(a, w, acc)
         a_p += BLOCK_K
         w_p += BLOCK_K
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        return
     if not BLOCK_SCALED:
         sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
         sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
@@ -75,6 +83,22 @@ def _fp8_gemm_kernel(
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c_p = c_ptr + rm.to(tl.int64)[:, None] * c_sm + rn[None, :]
     tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, c_sm, as_sm, ws_sn,
+                          SPLIT_K: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """c[m, n] = (sum_s part[s, m, n]) (* s_a[m] * s_w[n] per-channel) (+ bias[n])."""
+    m = tl.program_id(0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=rn < N, other=0.0)
+    if SCALE:
+        acc = acc * tl.load(as_ptr + m * as_sm) * tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(c_ptr + m * c_sm + rn, acc.to(c_ptr.dtype.element_ty), mask=rn < N)
 
 
 # Full-precision fp8 accumulation (as torch._scaled_mm without use_fast_accum); False = the MMA's own
@@ -114,8 +138,7 @@ def _config(device, m: int, n: int, block_scaled: bool) -> tuple[int, ...]:
     return cfg
 
 
-def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, block: int = 0) -> torch.Tensor:
-    """See the module docstring. a_q [M, K], w_q [N, K] e4m3 with contiguous K; block in {0, 128}."""
+def _check_args(a_q, a_scale, w_q, w_scale, bias, block: int) -> None:
     m, k = a_q.shape
     n = w_q.shape[0]
     check(a_q.dtype == FP8_DTYPE and w_q.dtype == FP8_DTYPE, "operands must be float8_e4m3fn")
@@ -127,19 +150,50 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     check(tuple(a_scale.shape) == want_a and tuple(w_scale.shape) == want_w, f"scales must be {want_a}, {want_w}")
     check(a_scale.dtype == w_scale.dtype == torch.float32, "scales must be fp32")
     check(bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]")
+
+
+def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, block: int = 0,
+             split_k: int | None = None) -> torch.Tensor:
+    """See the module docstring. a_q [M, K], w_q [N, K] e4m3 with contiguous K; block in {0, 128};
+    split_k None = automatic (splits K only for weight-bound decode shapes that underfill the GPU)."""
+    _check_args(a_q, a_scale, w_q, w_scale, bias, block)
+    m, k = a_q.shape
+    n = w_q.shape[0]
     a_scale, w_scale = a_scale.contiguous(), w_scale.contiguous()
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
     bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_gemm_kernel[grid](
-        a_q, w_q, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
-        a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m,
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_blocks = triton.cdiv(k, bk)
+    splits = min(split_k or _auto_split_k(a_q.device, m, tiles, k_blocks), k_blocks)
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)  # no empty split
+    part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
+    bias_arg = bias if bias is not None else w_scale
+    _fp8_gemm_kernel[(tiles, splits)](
+        a_q, w_q, out, a_scale, w_scale, bias_arg, part, m, n, k,
+        a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
+        HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        block_n = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
+            part, out, a_scale, w_scale, bias_arg, m, n, out.stride(0), a_scale.stride(0), w_scale.stride(0),
+            SPLIT_K=splits, SCALE=not block, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4,
+        )
     return out
+
+
+def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:
+    """Decode sizes (M <= 64, weight-bound) whose grid leaves SMs idle: split K, >= 4 K blocks each."""
+    if device.type != "cuda" or m > 64:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 4))
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):

@@ -49,3 +49,19 @@ def test_rejects_wrong_scale_shape():
     w_q, w_s = _weight(8, 32)
     with pytest.raises(ValueError):
         fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s.reshape(1, 8), None)
+
+
+@pytest.mark.parametrize("block,bias", [(0, True), (128, False)])
+def test_split_k_matches_reference(block, bias):
+    m, n, k = 3, 37, 300  # K spans 3 blocks of 128 (and 10 of the CPU config's 32)
+    if block:
+        a_q, a_s = quant_fp8_group_ref(torch.randn(m, k, device=DEV), 128)
+        w_q, w_s = torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn), torch.rand(1, 3, device=DEV) + 0.5
+    else:
+        a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
+        w_q, w_s = _weight(n, k)
+    b = torch.randn(n, device=DEV) if bias else None
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32, block=block)
+    for split in (2, 3):
+        out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)

@@ -159,3 +159,15 @@ def test_one_launch_align_at_decode_sizes(t, k, e):
     for block_m in (16, 32, 64):
         got, ref = align_kernel(ids, e, block_m), moe_route.moe_align(ids, e, block_m)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("m,n,k", [(32, 1024, 4096), (8, 4096, 12288), (64, 2048, 5120)])
+def test_fp8_gemm_decode_split_k(m, n, k):
+    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    w = torch.randn(n, k, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448.0
+    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    bias = torch.randn(n, device=DEV, dtype=BF16)
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, bias, torch.float32)
+    for split in (None, 1, 4):
+        assert _rel(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, bias, split_k=split), ref) < 5e-3
