@@ -187,10 +187,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     ceil = ceilings()
-    shapes = [(12288, 4096), (4096, 12288), (21888, 4096), (5120, 768)]
+    shapes = [(12288, 4096), (4096, 12288), (1024, 4096), (21888, 4096), (5120, 768)]  # Air q, o, k; mlp; Flash q_b
     sections = [
         lambda: elementwise_rows(ceil, 16384),
-        lambda: gemm_rows(ceil, [64, 2048] if args.quick else [64, 2048, 4096], shapes[:2] if args.quick else shapes),
+        lambda: gemm_rows(ceil, [64, 2048] if args.quick else [64, 2048, 4096], shapes[:3] if args.quick else shapes),
         lambda: moe_rows(ceil, args.quick),
         lambda: attention_rows(ceil),
     ]
