@@ -20,7 +20,7 @@ import httpx
 from bench.sharegpt import plots, server_metrics
 from bench.sharegpt.client import RequestConfig
 from bench.sharegpt.datasets import LengthFilter, SampleRequest, load_sharegpt, synthetic_sharegpt
-from bench.sharegpt.flags import build_parser
+from bench.sharegpt.flags import build_parser, resolve
 from bench.sharegpt.load import WORKLOADS, LoadShape, run_load, warmup
 from bench.sharegpt.metrics import calculate_metrics, parse_goodput
 from bench.sharegpt.report import RunInfo, format_table, result_json
@@ -111,7 +111,7 @@ def _print_server(server: dict, errors: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+    args = resolve(build_parser().parse_args(argv))
     os.makedirs(args.result_dir, exist_ok=True)
     counter = load_counter(args.tokenizer)
     requests, synthetic = build_requests(args, counter)

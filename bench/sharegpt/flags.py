@@ -46,7 +46,7 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/completions")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default=None, help="default /v1/completions (or by --backend)")
     p.add_argument("--model", default=None, help="model name; default: the first of GET /v1/models")
     _add(p, "--ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -60,6 +60,27 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--no-warmup", action="store_true")
 
 
+def _vllm_compat_flags(p: argparse.ArgumentParser) -> None:
+    """Flags `vllm bench serve` users type; resolved into the ones above by `resolve`."""
+    p.add_argument("--host", default=None, help="with --port: base URL http://HOST:PORT")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--backend", choices=("openai", "openai-chat", "vllm", "lightllm"), default=None,
+                   help="picks the endpoint when --endpoint is not given")
+    _add(p, "--save-result", action="store_true", help="accepted; results are always saved")
+
+
+BACKEND_ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions",
+                     "openai-chat": "/v1/chat/completions", "lightllm": "/generate_stream"}
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    if args.host or args.port:
+        args.base_url = f"http://{args.host or '127.0.0.1'}:{args.port or 8000}"
+    if args.endpoint is None:
+        args.endpoint = BACKEND_ENDPOINTS.get(args.backend or "openai")
+    return args
+
+
 def _output_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--result-dir", default="out/bench")
     _add(p, "--result-filename", default=None)
@@ -69,6 +90,6 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/run_sharegpt.py", description=__doc__)
-    for add in (_dataset_flags, _load_flags, _server_flags, _output_flags):
+    for add in (_dataset_flags, _load_flags, _server_flags, _vllm_compat_flags, _output_flags):
         add(p)
     return p

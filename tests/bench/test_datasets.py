@@ -86,3 +86,14 @@ def test_prefix_groups_share_exactly_the_prefix():
     assert reqs[0].prompt_ids[:16] == reqs[2].prompt_ids[:16] == reqs[4].prompt_ids[:16]
     assert reqs[0].prompt_ids[:16] != reqs[1].prompt_ids[:16]
     assert reqs[0].prompt_ids[16:] != reqs[2].prompt_ids[16:]
+
+
+def test_vllm_style_flags_resolve():
+    from bench.sharegpt.flags import build_parser, resolve
+
+    a = resolve(build_parser().parse_args(["--host", "10.0.0.5", "--port", "9000", "--backend", "openai-chat",
+                                           "--dataset-name", "random", "--save-result", "--num_prompts", "7"]))
+    assert a.base_url == "http://10.0.0.5:9000" and a.endpoint == "/v1/chat/completions"
+    assert a.dataset == "random" and a.num_prompts == 7
+    a = resolve(build_parser().parse_args(["--backend", "openai-chat", "--endpoint", "/generate"]))
+    assert a.endpoint == "/generate" and a.base_url == "http://127.0.0.1:8000"
