@@ -27,9 +27,10 @@ class BuildCtx:
     fp8_modules: Callable[[str], bool] = field(default=_never)
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = False,
-               parallel: str = "replicated", out_shard: tuple[int, int] | None = None) -> Linear:
+               parallel: str = "replicated", out_shard: tuple[int, int] | None = None,
+               reduce: bool = True) -> Linear:
         return Linear(in_features, out_features, bias, parallel, self.tp, self.fp8_modules(name), out_shard,
-                      self.dtype, self.device)
+                      self.dtype, self.device, reduce=reduce)
 
     def merged(self, prefix: str, names: tuple[str, ...], in_features: int, outs: list[int], bias: bool = False,
                parallel: str = "column", shards: list[tuple[int, int]] | None = None) -> Linear:

@@ -59,10 +59,13 @@ class Linear(nn.Module):
         device: torch.device | str = "cpu",
         parts: list[tuple[int, tuple[int, int]]] | None = None,
         part_names: tuple[str, ...] = (),
+        reduce: bool = True,
     ):
         super().__init__()
         assert parallel in ("replicated", "column", "row")
         self.parallel, self.tp, self.fp8, self.part_names = parallel, tp, fp8, part_names
+        self.reduce = reduce  # row: False leaves a partial sum for the caller to all-reduce (bias then unsupported)
+        assert reduce or not bias
         self.in_shard = tp.shard(in_features) if parallel == "row" else (0, in_features)
         if parts is None:
             shard = (out_shard or tp.shard(out_features)) if parallel == "column" else (0, out_features)
@@ -124,7 +127,7 @@ class Linear(nn.Module):
             y = ops.fp8_linear(x, self.weight, self.weight_scale, bias)
         else:
             y = F.linear(x, self.weight, bias)
-        if self.parallel == "row":
+        if self.parallel == "row" and self.reduce:
             y = self.tp.all_reduce(y)
             if row_bias is not None:
                 y = y + row_bias

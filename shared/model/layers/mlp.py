@@ -6,8 +6,6 @@ a partial sum (the MoE layer adds the shared expert to the routed sum and all-re
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -20,9 +18,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         # [gate_local | up_local] rows: one GEMM, then silu(gate) * up
         self.gate_up_proj = ctx.merged(prefix, ("gate_proj", "up_proj"), hidden, [inter, inter])
-        self.down_proj = ctx.linear(f"{prefix}.down_proj", inter, hidden, False, "row")
-        if not reduce:  # this rank's partial sum; the caller all-reduces
-            self.down_proj.tp = dataclasses.replace(ctx.tp, tp_size=1)
+        # reduce=False: this rank's partial sum; the caller all-reduces
+        self.down_proj = ctx.linear(f"{prefix}.down_proj", inter, hidden, False, "row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
