@@ -23,6 +23,7 @@ speculative verifier needs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -100,11 +101,11 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 def _token_counts(history: list[list[int]], starts: list[int], vocab: int, device) -> torch.Tensor:
     """[B, V] fp32 counts of history[b][starts[b]:] per token id."""
     counts = torch.zeros(len(history), vocab, dtype=torch.float32, device=device)
-    rows = [b for b, h in enumerate(history) for _ in h[starts[b]:]]
-    ids = [t for b, h in enumerate(history) for t in h[starts[b]:]]
+    ids = list(itertools.chain.from_iterable(h[s:] for h, s in zip(history, starts)))
     if ids:
-        r = torch.tensor(rows, dtype=torch.int64, device=device)
-        c = torch.tensor(ids, dtype=torch.int64, device=device)
+        lens = torch.tensor([max(0, len(h) - s) for h, s in zip(history, starts)])
+        r = torch.repeat_interleave(torch.arange(len(history)), lens).to(device)
+        c = torch.tensor(ids, dtype=torch.int64).to(device)
         counts.index_put_((r, c), torch.ones_like(r, dtype=torch.float32), accumulate=True)
     return counts
 
