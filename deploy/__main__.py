@@ -53,6 +53,8 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "tool_call_parser", default="")
     _flag(p, "reasoning_parser", default="")
     _flag(p, "served_model_name", default="")
+    _flag(p, "max_queue", type=int, default=0, help="router: requests waiting for a decode reservation")
+    _flag(p, "max_req_total_len", type=int, default=0)
     _flag(p, "tokenizer", default="")
     _flag(p, "quantization", default="")
     _flag(p, "cpu_threads", type=int, default=1)
@@ -84,7 +86,8 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         page_size=a.page_size, num_pages=a.num_pages, chunked_prefill_size=a.chunked_prefill_size,
         max_running=a.max_running, mtp_step=a.mtp_step, mtp_mode=a.mtp_mode,
         tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
-        served_model_name=a.served_model_name, tokenizer=a.tokenizer, quantization=a.quantization,
+        served_model_name=a.served_model_name, tokenizer=a.tokenizer, max_queue=a.max_queue,
+        max_req_total_len=a.max_req_total_len, quantization=a.quantization,
         prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads)
 
 

@@ -42,6 +42,8 @@ class FleetSpec:
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     served_model_name: str = ""
+    max_queue: int = 0  # 0 -> the router's default
+    max_req_total_len: int = 0  # 0 -> the model's max_position_embeddings
     tokenizer: str = ""
     quantization: str = ""
     prefill_gpus: str = ""
@@ -114,9 +116,10 @@ def _router(spec: FleetSpec) -> Program:
         argv += ["--prefill", f"p{i}={tcp(spec.host, spec.port_base + 1 + i)}"]
     for d in _decode_addrs(spec):
         argv += ["--decode", d]
-    for flag in ("tokenizer", "served_model_name", "tool_call_parser", "reasoning_parser"):
+    for flag in ("tokenizer", "served_model_name", "tool_call_parser", "reasoning_parser", "max_queue",
+                 "max_req_total_len"):
         if getattr(spec, flag):
-            argv += [f"--{flag}", getattr(spec, flag)]
+            argv += [f"--{flag}", str(getattr(spec, flag))]
     return Program("router", tuple(argv), _env(spec), priority=10, is_worker=False, ports=(spec.port, spec.port_base))
 
 
