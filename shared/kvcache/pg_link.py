@@ -5,12 +5,13 @@ group is the prefill (sender), rank 1 the decode (receiver). Built by
 `shared.kvcache.rendezvous`; the contract is in `shared.kvcache.link`.
 
 How a transfer runs:
-- post (caller thread): allocate one uint8 buffer [HEADER_BYTES + nbytes]; a send writes the
-  header (int64 hash of xfer_id, int64 payload bytes) and gathers the pages of every layer into
-  the payload ([num_layers, num_parts, n, page_size, heads, dim]), then `pg.send`; a recv posts
-  `pg.recv` into an empty buffer. On CUDA this all runs on the link's own stream, which first
-  waits for the caller's current stream (so the gather sees the KV the forward just wrote);
-  the decode's compute stream never waits for the link.
+- post (caller thread): one uint8 buffer in the `xfer_buffer` format; a send writes the header
+  and gathers the pages of every layer into the payload, then `pg.send`; a recv posts `pg.recv`
+  into an empty buffer. On CUDA this all runs on the link's own stream. A send's stream first
+  waits for the caller's current stream (the gather must see the KV the forward just wrote); a
+  recv does not (it starts at once), but its later scatter waits for an event recorded at post
+  time on the caller's stream (kernels still reading the pages' previous owner). The compute
+  stream never waits for the link.
 - complete (one daemon thread per link, in post order): wait for the op (gloo: Work.wait, which
   is the only way gloo p2p completes; NCCL: the side stream waits, then the header is read);
   under the link lock, if the transfer is still PENDING: check the header, scatter the payload
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import queue
 import threading
 import time
@@ -33,15 +33,13 @@ import torch
 
 from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+from shared.kvcache.xfer_buffer import (
+    HEADER_BYTES, as_page_ids, check_header, new_send_buffer, pages_shape, payload_view,
+)
 
-HEADER_BYTES = 16  # int64 xfer hash, int64 payload bytes; keeps the payload 16-byte aligned
 KEEP_TERMINAL = 65536  # finished transfers remembered for poll() before the oldest is dropped
 SENDER, RECEIVER = 0, 1  # group ranks: prefill, decode
 _EMPTY = torch.empty(0, dtype=torch.uint8)
-
-
-def xfer_hash(xfer_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(xfer_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 @dataclass
@@ -79,46 +77,55 @@ class PGLink(KVLink):
 
     # ---- posting (caller thread) ----------------------------------------------------
     def send_pages(self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor) -> None:
-        ids = _ids(page_ids, cache.buffer.device)
-        shape = _pages_shape(cache, ids.numel())
-        with self._on_stream():
+        with self._on_stream(wait_compute=True):  # the gather must see the KV the forward wrote
+            ids = as_page_ids(page_ids, cache.buffer.device)  # allocated on the side stream: freed safely
+            shape = pages_shape(cache, ids.numel())
             buf = self._new_buf(xfer_id, cache.layout.page_bytes() * ids.numel())
             # [num_layers, num_parts, n, page_size, heads, dim] gathered straight into the buffer
-            torch.index_select(cache.buffer, 2, ids, out=_payload(buf, cache.buffer.dtype, shape))
+            torch.index_select(cache.buffer, 2, ids, out=payload_view(buf, cache.buffer.dtype, shape))
             self._post(xfer_id, "send", buf, None)
 
     def recv_pages(
         self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor, discard: bool = False
     ) -> None:
-        ids = _ids(page_ids, cache.buffer.device)
-        shape = _pages_shape(cache, ids.numel())
+        # the recv itself never waits for the compute stream (it fills a fresh buffer); only the
+        # scatter waits for the compute work posted before this call (kernels still reading the
+        # pages' previous owner)
+        compute_done = self._compute_event()
+        with self._on_stream(wait_compute=False):
+            ids = as_page_ids(page_ids, cache.buffer.device)
+            shape = pages_shape(cache, ids.numel())
 
-        def sink(payload: torch.Tensor) -> None:
-            cache.buffer.index_copy_(2, ids, payload.view(cache.buffer.dtype).view(shape))
+            def sink(payload: torch.Tensor) -> None:
+                if compute_done is not None:
+                    self._stream.wait_event(compute_done)
+                cache.buffer.index_copy_(2, ids, payload.view(cache.buffer.dtype).view(shape))
 
-        with self._on_stream():
             buf = torch.empty(HEADER_BYTES + cache.layout.page_bytes() * ids.numel(), dtype=torch.uint8, device=self.device)
             self._post(xfer_id, "recv", buf, None if discard else sink)
 
     def send_tensor(self, xfer_id: str, tensor: torch.Tensor) -> None:
-        with self._on_stream():
+        with self._on_stream(wait_compute=True):
             buf = self._new_buf(xfer_id, tensor.numel() * tensor.element_size())
-            _payload(buf, tensor.dtype, tensor.shape).copy_(tensor)
+            payload_view(buf, tensor.dtype, tensor.shape).copy_(tensor)
+            if self._stream is not None:
+                tensor.record_stream(self._stream)  # the caller may free it before the copy ran
             self._post(xfer_id, "send", buf, None)
 
     def recv_tensor(self, xfer_id: str, out: torch.Tensor, discard: bool = False) -> None:
+        compute_done = self._compute_event()
+
         def sink(payload: torch.Tensor) -> None:
+            if compute_done is not None:
+                self._stream.wait_event(compute_done)
             out.copy_(payload.view(out.dtype).view(out.shape))
 
-        with self._on_stream():
+        with self._on_stream(wait_compute=False):
             buf = torch.empty(HEADER_BYTES + out.numel() * out.element_size(), dtype=torch.uint8, device=self.device)
             self._post(xfer_id, "recv", buf, None if discard else sink)
 
     def _new_buf(self, xfer_id: str, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
-        header = torch.tensor([xfer_hash(xfer_id), nbytes], dtype=torch.int64)
-        buf[:HEADER_BYTES].copy_(header.view(torch.uint8))
-        return buf
+        return new_send_buffer(xfer_id, nbytes, self.device)
 
     def _post(self, xfer_id: str, kind: str, buf: torch.Tensor, sink) -> None:
         now = time.monotonic()
@@ -137,20 +144,31 @@ class PGLink(KVLink):
         self._queue.put(x)
 
     @contextlib.contextmanager
-    def _on_stream(self):
+    def _on_stream(self, wait_compute: bool):
+        """Run the block on the link's side stream (CUDA); wait_compute: first order it after
+        the work already queued on the caller's current stream."""
         if self._stream is None:
             yield
             return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if wait_compute:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             yield
+
+    def _compute_event(self) -> torch.cuda.Event | None:
+        """An event after the work queued so far on the caller's current stream (CUDA only)."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     # ---- completion (link thread) ---------------------------------------------------
     def _complete_loop(self) -> None:
         while (x := self._queue.get()) is not None:
             try:
                 header = self._wait_op(x)
-                err = "" if x.kind == "send" else _check_header(x, header)
+                err = "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
             except Exception as e:  # noqa: BLE001 - any backend error breaks the link
                 err = f"{x.kind} {x.xfer_id!r} failed: {e}"
             if err:
@@ -274,24 +292,3 @@ class PGLink(KVLink):
             # exit, the group's destructor would run in a dying thread (std::terminate)
             self._thread.join(timeout=5.0)
 
-
-def _ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = page_ids if isinstance(page_ids, torch.Tensor) else torch.tensor(list(page_ids), dtype=torch.int64)
-    return t.to(device=device, dtype=torch.int64)
-
-
-def _pages_shape(cache: PagedKVCache, n: int) -> tuple[int, ...]:
-    b = cache.buffer.shape
-    return (b[0], b[1], n, b[3], b[4], b[5])
-
-
-def _payload(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    return buf[HEADER_BYTES:].view(dtype).view(shape)
-
-
-def _check_header(x: _Xfer, header: torch.Tensor) -> str:
-    got_hash, got_bytes = (int(v) for v in header.tolist())
-    if got_hash != xfer_hash(x.xfer_id) or got_bytes != x.nbytes:
-        return (f"recv {x.xfer_id!r} ({x.nbytes} bytes) got another transfer ({got_bytes} bytes): "
-                "the two ends posted in different orders")
-    return ""

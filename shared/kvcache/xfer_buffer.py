@@ -1,0 +1,58 @@
+"""Wire format of one KV-link transfer (both ends of every link; used by pg_link).
+
+One contiguous uint8 buffer per transfer:
+
+    [0:8)   int64 little-endian: blake2b-64 hash of the transfer id
+    [8:16)  int64: payload bytes
+    [16:)   payload: for pages [num_layers, num_parts, n, page_size, heads, dim] in the cache
+            dtype, pages in the order the caller listed them; for a tensor its bytes (C order)
+
+The receiver checks the header before it writes anything: a transfer posted out of order (or of
+another size) is detected instead of scattering someone else's KV into this request's pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+
+HEADER_BYTES = 16  # keeps the payload 16-byte aligned for any dtype view
+
+
+def xfer_hash(xfer_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(xfer_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def new_send_buffer(xfer_id: str, nbytes: int, device: torch.device) -> torch.Tensor:
+    """uint8 [HEADER_BYTES + nbytes] with the header written; the caller fills the payload."""
+    buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=device)
+    header = torch.tensor([xfer_hash(xfer_id), nbytes], dtype=torch.int64)
+    buf[:HEADER_BYTES].copy_(header.view(torch.uint8))
+    return buf
+
+
+def as_page_ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = page_ids if isinstance(page_ids, torch.Tensor) else torch.tensor(list(page_ids), dtype=torch.int64)
+    return t.to(device=device, dtype=torch.int64)
+
+
+def pages_shape(cache: PagedKVCache, n: int) -> tuple[int, ...]:
+    b = cache.buffer.shape
+    return (b[0], b[1], n, b[3], b[4], b[5])
+
+
+def payload_view(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    return buf[HEADER_BYTES:].view(dtype).view(shape)
+
+
+def check_header(xfer_id: str, nbytes: int, header: torch.Tensor) -> str:
+    """"" when the received header names this transfer and size, else what went wrong."""
+    got_hash, got_bytes = (int(v) for v in header.tolist())
+    if got_hash != xfer_hash(xfer_id) or got_bytes != nbytes:
+        return (f"recv {xfer_id!r} ({nbytes} bytes) got another transfer ({got_bytes} bytes): "
+                "the two ends posted in different orders")
+    return ""
