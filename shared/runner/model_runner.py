@@ -55,10 +55,6 @@ class ModelRunner:
             raise ValueError(f"load_format {load_format!r}: expected auto or dummy")
         self.config = ModelConfig.from_dir(model_dir)
         self.device, self.dtype, self.tp = torch.device(device), to_dtype(dtype), tp
-        if self.device.type == "cuda":  # the one CPU/GPU switch: CUDA tensors go to the Triton kernels
-            from kernels.backend import install
-
-            install()
         if self.device.type == "cuda":  # Triton kernels for CUDA tensors; CPU keeps the torch refs
             from kernels.backend import install
 
