@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(p, "reserve_new_tokens", type=int, default=256,
              help="decode tokens reserved up front per request (min with max_new_tokens); more grow on demand")
     add_flag(p, "handoff_timeout_s", type=float, default=60.0)
-    add_flag(p, "mtp_step", type=int, default=0)
     add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])
     add_flag(p, "graph_max_batch_size", type=int, default=0)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)

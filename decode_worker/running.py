@@ -33,8 +33,11 @@ class RunningSet:
         return self.seqs.pop(rid, None)
 
     def _has_room(self, seq: DecodeSeq) -> bool:
-        """Ensure a slot for position num_cached (the token this step writes); grow by a page."""
-        if seq.num_cached < len(seq.page_ids) * self.page_size:
+        return self.has_room(seq, 0)
+
+    def has_room(self, seq: DecodeSeq, extra: int = 0) -> bool:
+        """Ensure a slot for position num_cached + extra (what this step writes); grow by a page."""
+        if seq.num_cached + extra < len(seq.page_ids) * self.page_size:
             return True
         more = self.pages.alloc_for(seq.rid, 1)
         if more is None:

@@ -49,6 +49,9 @@ class DecodeSeq:
     generator: torch.Generator | None = None
     hidden: torch.Tensor | None = None  # [hidden] final hidden state of the prompt's last token (MTP seed)
     next_chunk: int = 0  # expected chunk_index of the next KVChunkReady
+    # MTP (decode_worker/mtp.py): pending (position, token) rows and their target hidden [k, H]
+    mtp_rows: list[tuple[int, int]] = field(default_factory=list)
+    mtp_hidden: torch.Tensor | None = None
 
     @property
     def num_output(self) -> int:

@@ -14,6 +14,7 @@ import time
 from shared import protocol as P
 from shared.worker_common.plan import LinkOp, StepPlan
 from shared.worker_common.sampling import generator_for, sample_rows
+from decode_worker import mtp
 from decode_worker.handoff import Handoffs
 from decode_worker.running import RunningSet
 from decode_worker.state import DecodeSeq, Phase, finish_reason
@@ -133,6 +134,8 @@ class DecodeWorker:
             else:
                 seq.hidden = self.engine.links.take_hidden(seq.prefill_id, f"{seq.rid}/{seq.next_chunk - 1}")
                 self.running.add(seq)
+                if self.cfg.mtp_step:
+                    mtp.seed_rows(seq)
         for seq in self.handoffs.expired():
             self.metrics.handoff_failure("timeout")
             self.io.to_router(P.RequestError(rid=seq.rid, worker_id=self.cfg.worker_id, retryable=True,
@@ -158,6 +161,10 @@ class DecodeWorker:
                 self.engine.lead(StepPlan(mode="", link_ops=ops))
             return
         t0 = time.monotonic()
+        if self.cfg.mtp_step:
+            self._mtp_step(batch, ops)
+            self.metrics.step_time.observe(time.monotonic() - t0)
+            return
         plan = self.running.plan_for(batch)
         plan.link_ops = ops
         out = self.engine.lead(plan)
@@ -168,6 +175,19 @@ class DecodeWorker:
             self._emit(seq, [r])
         self.metrics.add_tokens(len(batch))
         self.metrics.step_time.observe(time.monotonic() - t0)
+
+    def _mtp_step(self, batch: list[DecodeSeq], ops) -> None:
+        """Draft one token per request with the MTP layer, verify, accept (decode_worker/mtp.py)."""
+        use = [mtp.plain_greedy(s.sampling) and self.running.has_room(s, extra=1) for s in batch]
+        drafts = mtp.draft(self.engine, batch, ops)
+        results = mtp.verify_and_accept(self.engine, batch, drafts, use)
+        for seq, (rows, hid) in zip(batch, results):
+            rows = mtp.ends_early(seq, rows, self.eos_ids)
+            mtp.commit(seq, rows, hid[: len(rows)])
+            self.metrics.add_tokens(len(rows))
+            self._emit(seq, rows)
+        self.metrics.mtp_drafts.inc(sum(use))
+        self.metrics.mtp_accepted.inc(sum(len(r) - 1 for r, _ in results))
 
     def _emit(self, seq: DecodeSeq, rows) -> None:
         reason = finish_reason(seq, self.eos_ids)

@@ -54,6 +54,7 @@ class WorkerConfig:
     num_pages: int
     quantization: str | None
     heartbeat_s: float = 0.5
+    mtp_step: int = 0  # > 0: load the MTP layer (prefill fills its KV; decode drafts mtp_step tokens)
     # TP follower only: which rank this process is and where the leader's TP store listens
     tp_rank: int = 0
     tp_store_port: int = 0
@@ -80,6 +81,7 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "num_pages", type=int, default=512)
     add_flag(p, "quantization", default=None)
     add_flag(p, "heartbeat_s", type=float, default=0.5)
+    add_flag(p, "mtp_step", type=int, default=0, help="MTP draft tokens per step (0 = off; same on both workers)")
     add_flag(p, "tp_rank", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p, "tp_store_port", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -96,5 +98,5 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
         control_addr=a.control_addr, router_addr=a.router_addr, health_port=a.health_port,
         device=a.device, gpus=gpus, tp_size=a.tp, dtype=a.dtype, page_size=a.page_size,
         num_pages=a.num_pages, quantization=a.quantization, heartbeat_s=a.heartbeat_s,
-        tp_rank=a.tp_rank, tp_store_port=a.tp_store_port,
+        tp_rank=a.tp_rank, tp_store_port=a.tp_store_port, mtp_step=a.mtp_step,
     )

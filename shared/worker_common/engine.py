@@ -16,7 +16,7 @@ from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.link import LinkSignature
 from shared.worker_common.config import WorkerConfig
 from shared.worker_common.links import LinkSet
-from shared.worker_common.plan import StepPlan, decode_plan, encode_plan, to_batch
+from shared.worker_common.plan import StepPlan, decode_plan, encode_plan, prompt_mtp_batch, to_batch
 from shared.worker_common.tp import TPFanout
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def load_runner(cfg: WorkerConfig, tp_rank: int):
         tp=TPGroup(tp_rank, cfg.tp_size),
         load_format=cfg.load_format,
         quantization=cfg.quantization,
-        with_mtp=False,  # MTP not served yet; both ends of a KV link must agree on the layer count
+        with_mtp=cfg.mtp_step > 0,  # both ends of a KV link must agree (the link refuses otherwise)
     )
 
 
@@ -54,11 +54,12 @@ class Engine:
                              LinkSignature.for_cache(model_name, layout, cfg.tp_size),
                              hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype)
 
-    def lead(self, plan: StepPlan):
+    def lead(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
+        """prev_hidden [T, H]: a DRAFT plan's target hidden states (leader-held; MTP needs tp 1)."""
         assert self.tp_rank == 0
         if self.cfg.tp_size > 1:
             self.fanout.share(encode_plan(plan))
-        return self.run(plan)
+        return self.run(plan, prev_hidden)
 
     def follow(self) -> None:
         """Follower loop: run every plan rank 0 shares until a stop plan (or the leader dies)."""
@@ -68,7 +69,7 @@ class Engine:
                 return
             self.run(plan)
 
-    def run(self, plan: StepPlan):
+    def run(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
         # link ops run outside inference mode: the link's completion thread writes their buffers
         for op in plan.link_ops:
             if op.kind != "send":
@@ -77,7 +78,13 @@ class Engine:
         if plan.mode:
             batch = to_batch(plan, self.cfg.page_size, self.device)
             with torch.inference_mode():
-                out = self.runner.forward(batch, self.cache)
+                if plan.mode == "draft":
+                    out = self.runner.mtp_forward(batch, batch.input_ids, prev_hidden, self.cache)
+                else:
+                    out = self.runner.forward(batch, self.cache)
+                    mtp = prompt_mtp_batch(plan, self.cfg.page_size, self.device) if self.cfg.mtp_step else None
+                    if mtp is not None:  # the prompt's MTP-layer KV, pushed with the other layers
+                        self.runner.mtp_forward(mtp[0], mtp[0].input_ids, out.hidden[mtp[1]], self.cache)
         for op in plan.link_ops:
             if op.kind == "send":
                 self.links.apply(op, out.hidden if out is not None else None)

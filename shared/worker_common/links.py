@@ -39,6 +39,7 @@ class LinkSet:
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.links: dict[str, object] = {}  # peer id -> KVLink
         self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
+        self.posted: dict[str, object] = {}  # xfer id -> the link it was posted on (until waited)
         # xfer id -> received hidden [hidden]; bounded: followers and aborted requests never take theirs
         self.hiddens: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
 
@@ -90,6 +91,7 @@ class LinkSet:
         link = self.links[op.peer]
         link.send_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids))
         self.xfers[op.peer].add(op.xfer_id)
+        self.posted[op.xfer_id] = link
         if op.hidden_row >= 0:
             assert hidden is not None, "a last push needs the step's hidden states"
             link.send_tensor(op.xfer_id + "/h", hidden[op.hidden_row].contiguous())
@@ -105,6 +107,7 @@ class LinkSet:
 
     def _post_recv(self, op: LinkOp, discard: bool) -> None:
         link = self.links[op.peer]
+        self.posted[op.xfer_id] = link
         if op.page_ids:
             link.recv_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids), discard=discard)
             self.xfers[op.peer].add(op.xfer_id)
@@ -118,6 +121,8 @@ class LinkSet:
             self.xfers[op.peer].add(op.xfer_id + "/h")
 
     def _wait(self, op: LinkOp, _) -> None:
+        for x in [x for x in self.posted if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:
+            del self.posted[x]
         link = self.links.get(op.peer)
         if link is None:
             return
@@ -151,9 +156,15 @@ class LinkSet:
         return b, secs
 
     def poll(self, peer: str, xfer_id: str) -> str:
-        """"pending" | "done" | a failure reason, for a transfer and its hidden part together."""
+        """"pending" | "done" | a failure reason, for a transfer and its hidden part together.
+
+        A transfer not posted yet (its op rides in the next plan) is "pending"; one posted on a
+        link that has since been replaced or closed is "link_down"."""
         link = self.links.get(peer)
-        if link is None:
+        posted_on = self.posted.get(xfer_id)
+        if posted_on is None:
+            return "pending" if link is not None else "link_down"
+        if link is None or posted_on is not link:
             return "link_down"
         states = [link.poll(x).value for x in (xfer_id, xfer_id + "/h") if x in self.xfers.get(peer, ())]
         for s in states:

@@ -33,6 +33,8 @@ class WorkerMetrics:
         self.aborts = c("aborts", "requests aborted")
         self.page_leaks = c("page_leaks", "pages found in use while idle (a bug)")
         self.requests = c("requests_finished", "requests this worker finished its part of")
+        self.mtp_drafts = c("mtp_draft_tokens", "MTP draft tokens verified")
+        self.mtp_accepted = c("mtp_accepted_tokens", "MTP draft tokens accepted")
         self.step_time = Histogram(
             "glm_worker_step_seconds", "one scheduler step (forward + sample)", **lab,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),

@@ -21,6 +21,7 @@ class SeqPlan(msgspec.Struct, array_like=True):
     prefix_len: int  # tokens of this sequence already in the paged cache
     page_ids: bytes  # packed int32: pages covering prefix_len + len(token_ids) tokens
     want_logits: bool = True  # logits row for the sequence's last new token
+    mtp_ids: bytes = b""  # prefill with MTP: the next token of each of the first m rows (MTP layer KV)
 
 
 class LinkOp(msgspec.Struct, array_like=True):
@@ -55,16 +56,37 @@ def decode_plan(data: bytes) -> StepPlan:
     return _dec.decode(data)
 
 
-def seq_plan(token_ids: list[int], prefix_len: int, page_ids: list[int], want_logits: bool = True) -> SeqPlan:
-    return SeqPlan(pack_ids(token_ids), prefix_len, pack_ids(page_ids), want_logits)
+def seq_plan(token_ids: list[int], prefix_len: int, page_ids: list[int], want_logits: bool = True,
+             mtp_ids: list[int] | None = None) -> SeqPlan:
+    return SeqPlan(pack_ids(token_ids), prefix_len, pack_ids(page_ids), want_logits, pack_ids(mtp_ids or []))
 
 
 def to_batch(plan: StepPlan, page_size: int, device: torch.device | str) -> ForwardBatch:
-    """ForwardBatch of the plan; logits rows only for sequences with want_logits (in order)."""
+    """ForwardBatch of the plan; logits rows only for sequences with want_logits (in order);
+    VERIFY plans want logits at every row."""
     seqs = [(unpack_ids(s.token_ids), s.prefix_len, unpack_ids(s.page_ids)) for s in plan.seqs]
-    batch = ForwardBatch.build(ForwardMode(plan.mode), seqs, page_size, logits_rows="last", device=device)
-    if not all(s.want_logits for s in plan.seqs):
+    rows = "all" if plan.mode == ForwardMode.VERIFY.value else "last"
+    batch = ForwardBatch.build(ForwardMode(plan.mode), seqs, page_size, logits_rows=rows, device=device)
+    if rows == "last" and not all(s.want_logits for s in plan.seqs):
         ends = torch.cumsum(torch.tensor(batch.query_lens_cpu, dtype=torch.int64), 0) - 1
         keep = torch.tensor([s.want_logits for s in plan.seqs], dtype=torch.bool)
         batch.logits_indices = ends[keep].to(batch.input_ids.device)
     return batch
+
+
+def prompt_mtp_batch(plan: StepPlan, page_size: int, device) -> tuple[ForwardBatch, torch.Tensor] | None:
+    """DRAFT batch of a prefill plan's MTP rows and their row indices in the step's hidden [T, H].
+
+    Row p of a prompt (p < prompt_len - 1) feeds the MTP layer (h_p, x_{p+1}); the decode writes
+    the last prompt row itself (it needs the sampled first token)."""
+    seqs, rows, offset = [], [], 0
+    for s in plan.seqs:
+        ids = unpack_ids(s.mtp_ids)
+        if ids:
+            seqs.append((ids, s.prefix_len, unpack_ids(s.page_ids)))
+            rows.extend(range(offset, offset + len(ids)))
+        offset += len(s.token_ids) // 4
+    if not seqs:
+        return None
+    batch = ForwardBatch.build(ForwardMode.DRAFT, seqs, page_size, logits_rows="none", device=device)
+    return batch, torch.tensor(rows, dtype=torch.int64, device=batch.input_ids.device)

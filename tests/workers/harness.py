@@ -22,7 +22,7 @@ class WorkerPair:
     def __init__(self, model_dir: str, log_dir: str, page_size: int = 4, num_pages: int = 128,
                  chunked_prefill_size: int = 16, extra_decode: tuple[str, ...] = (), tp: int = 1,
                  device: str = "cpu", gpus: dict[str, str] | None = None, dtype: str = "float32",
-                 load_format: str = "auto"):
+                 load_format: str = "auto", extra: tuple[str, ...] = ()):
         self.ctx = zmq.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port("tcp://127.0.0.1")
@@ -31,7 +31,7 @@ class WorkerPair:
         self.health = {"d0": free_port(), "p0": free_port()}
         common = ["--model_dir", model_dir, "--router_addr", events_addr, "--device", device, "--tp", str(tp),
                   "--dtype", dtype, "--page_size", str(page_size), "--num_pages", str(num_pages),
-                  "--load-format", load_format]
+                  "--load-format", load_format, *extra]
         gpus = gpus or {}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.logs = {w: os.path.join(log_dir, f"{w}.log") for w in self.addrs}
