@@ -69,7 +69,8 @@ class PGLink(KVLink):
         self.stats = LinkStats()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever a transfer ends
-        self._xfers: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()
+        self._xfers: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()  # post order
+        self._pending: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()  # oldest first
         self._queue: queue.Queue[_Xfer | None] = queue.Queue()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._thread = threading.Thread(target=self._complete_loop, name=f"kvlink {name}", daemon=True)
@@ -140,6 +141,7 @@ class PGLink(KVLink):
             x.work = op([buf], self.peer, 0)
             self._xfers.pop(xfer_id, None)
             self._xfers[xfer_id] = x
+            self._pending[xfer_id] = x
             self._prune_locked()
         self._queue.put(x)
 
@@ -209,6 +211,7 @@ class PGLink(KVLink):
 
     def _mark_locked(self, x: _Xfer, state: XferState) -> None:
         x.state = state
+        self._pending.pop(x.xfer_id, None)
         self._changed.notify_all()
         x.sink = None
         if state is XferState.FAILED:
@@ -256,12 +259,13 @@ class PGLink(KVLink):
     def num_pending(self) -> int:
         self._check_deadlines()
         with self._lock:
-            return sum(x.state is XferState.PENDING for x in self._xfers.values())
+            return len(self._pending)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        with self._lock:
-            late = next((x for x in self._xfers.values() if x.state is XferState.PENDING and now > x.deadline), None)
+        with self._lock:  # one timeout for all: the oldest pending transfer has the first deadline
+            oldest = next(iter(self._pending.values()), None)
+            late = oldest if oldest is not None and now > oldest.deadline else None
         if late is not None:
             self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s")
 
@@ -278,7 +282,7 @@ class PGLink(KVLink):
             if self.broken:
                 return
             self.broken, self.error = True, reason
-            stuck = [x for x in self._xfers.values() if x.state is XferState.PENDING]
+            stuck = list(self._pending.values())
             for x in stuck:
                 self._mark_locked(x, XferState.FAILED)
         with contextlib.suppress(Exception):

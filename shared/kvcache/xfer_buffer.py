@@ -54,5 +54,5 @@ def check_header(xfer_id: str, nbytes: int, header: torch.Tensor) -> str:
     got_hash, got_bytes = (int(v) for v in header.tolist())
     if got_hash != xfer_hash(xfer_id) or got_bytes != nbytes:
         return (f"recv {xfer_id!r} ({nbytes} bytes) got another transfer ({got_bytes} bytes): "
-                "the two ends posted in different orders")
+                "the two ends posted different orders or sizes")
     return ""

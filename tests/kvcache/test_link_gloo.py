@@ -216,3 +216,21 @@ def test_peer_killed_mid_transfer_fails_the_link_fast():
     assert time.monotonic() - t0 < 10 and recv.broken and "closed" in recv.error.lower()
     assert bool((cache.buffer == 0).all())
     assert proc.wait(10) == -9
+
+
+def test_size_disagreement_fails_without_writing():
+    """The decode expects 2 pages, the prefill sends 1: the header check fails the recv."""
+    port = _free_port()
+    host = open_store("127.0.0.1", port, is_host=True)
+    from shared.kvcache.rendezvous import accept_link, in_background
+
+    fut = in_background(accept_link, host, "size", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 10.0)
+    send = connect_link(open_store("127.0.0.1", port, False), "size", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 10.0)
+    recv = fut.result(20)
+    cache = PagedKVCache(P.GQA, P.NUM_PAGES)
+    recv.recv_pages("size/0", cache, [1, 2])
+    send.send_pages("size/0", P.filled_cache(P.GQA, seed=8), [3])
+    assert recv.wait("size/0", 10) is XferState.FAILED
+    assert "(3072 bytes) got another transfer (1536 bytes)" in recv.error and recv.broken
+    assert bool((cache.buffer == 0).all())
+    send.close()
