@@ -12,7 +12,8 @@ OUT=${OUT:-out/gpu_bench}; PORT=${PORT:-8000}; N=${NUM_PROMPTS:-200}; STATE=$OUT
 PARTS=${PARTS:-kv sharegpt random}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
-if [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); else MODEL=(--preset glm-4.7-flash); fi
+if [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); TOK="$MODEL_DIR"
+else MODEL=(--preset glm-4.7-flash); TOK="$STATE/presets/glm-4.7-flash"; fi
 MTP=(); [ "${MTP_STEP:-0}" != 0 ] && MTP=(--mtp_step "$MTP_STEP")
 "$PY" -m deploy up --detach --device cuda "${MODEL[@]}" "${MTP[@]}" --state_dir "$STATE" --port "$PORT" \
   --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 \
@@ -30,7 +31,8 @@ B=("$PY" bench/run_sharegpt.py --base-url "http://127.0.0.1:$PORT" --ignore-eos 
     "${B[@]}" --dataset random --random-input-len $len --random-output-len 16 --num-prompts 8 --result-filename kv-$len-burst
   done
   # issue 7: the seeds' workloads on (synthetic) ShareGPT, and 8k/1k, 1k/8k, 1k/1k random
-  has sharegpt && "${B[@]}" --dataset sharegpt --num-prompts "$N" --workload all --result-filename sharegpt
+  has sharegpt && "${B[@]}" --dataset sharegpt --tokenizer "$TOK" --num-prompts "$N" --workload all \
+    --result-filename sharegpt
   has random && "${B[@]}" --dataset random --random-input-len 8192 --random-output-len 1024 --num-prompts 64 --max-concurrency 32 --result-filename r8k1k
   has random && "${B[@]}" --dataset random --random-input-len 1024 --random-output-len 8192 --num-prompts 32 --max-concurrency 32 --result-filename r1k8k
   has random && "${B[@]}" --dataset random --random-input-len 1024 --random-output-len 1024 --num-prompts 256 --sweep concurrency \
