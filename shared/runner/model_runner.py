@@ -4,6 +4,7 @@ It owns only the model; the KV cache (`PagedKVCache`, built from `kv_layout()`) 
 the caller. `forward(batch, kv_cache)` writes the batch tokens' KV into their slots and returns
 ForwardOutput(logits [R, V] fp32 full vocab at batch.logits_indices, hidden [T, H] after the final norm).
 `mtp_forward` runs the checkpoint's MTP layer (cache layer num_hidden_layers), spec §3.2.
+`capture_decode_graphs` records CUDA graphs of DECODE steps per batch bucket (`DecodeGraphs`, below).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from shared.model.context import BuildCtx
 from shared.model.layers.moe import MoE
 from shared.model.parallel import SINGLE, TPGroup
 from shared.model.registry import model_class
-from shared.runner.batch import ForwardBatch
+from shared.runner.batch import ForwardBatch, ForwardMode
 from shared.weights.dummy import init_dummy
 from shared.weights.fp8 import fp8_policy
 from shared.weights.loader import load_checkpoint
@@ -63,6 +64,7 @@ class ModelRunner:
         ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy)
         self.model = model_class(self.config)(self.config, ctx, with_mtp=with_mtp).eval()
         self.num_mtp_layers = self.model.num_mtp_layers
+        self.graphs = None  # DecodeGraphs after capture_decode_graphs
         if load_format == "dummy":
             init_dummy(self.model, self.config, seed)
         else:
@@ -93,9 +95,24 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
+        if self.graphs is not None and self.graphs.fits(batch, kv_cache):
+            return self.graphs.run(batch)
+        return self._eager(batch, kv_cache)
+
+    def _eager(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
         hidden = self.model(batch, kv_cache)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return ForwardOutput(logits, hidden)
+
+    def capture_decode_graphs(self, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int = 0) -> list[int]:
+        """Capture CUDA graphs of DECODE steps for batch buckets up to max_batch_size (all TP ranks together).
+
+        Later DECODE batches that fit (<= max_batch_size seqs, seq lens <= max_seq_len, this kv_cache) are
+        padded to the next bucket and replayed; pad rows write only `dummy_page` (the allocator's reserved
+        page 0). On CPU nothing is captured, but the padded path runs eagerly (so tests cover it).
+        Returns the bucket sizes."""
+        self.graphs = DecodeGraphs(self, kv_cache, max_batch_size, max_seq_len, dummy_page)
+        return self.graphs.sizes
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def mtp_forward(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
@@ -103,3 +120,77 @@ class ModelRunner:
         """Draft: row t carries target hidden prev_hidden[t] (position batch.positions[t]) and the next token
         input_ids[t]. Returns (logits [R, V] of the token after input_ids, hidden [T, H] pre shared_head.norm)."""
         return ForwardOutput(*self.model.mtp_forward(batch, input_ids, prev_hidden, kv_cache))
+
+
+def graph_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch_size (and max_batch_size itself)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
+    return sizes + [max_batch_size]
+
+
+class DecodeGraphs:
+    """Static decode inputs (max-bucket buffers; a bucket uses the first G rows) and one graph per bucket."""
+
+    def __init__(self, runner: ModelRunner, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int):
+        dev, page = runner.device, kv_cache.layout.page_size
+        self.runner, self.kv_cache, self.max_seq_len, self.page_size = runner, kv_cache, max_seq_len, page
+        self.max_pages, self.dummy_slot = -(-max_seq_len // page), dummy_page * page
+        self.sizes = graph_buckets(max_batch_size)
+        n = max_batch_size
+        i64 = dict(dtype=torch.int64, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.ids, self.pos = torch.zeros(n, **i64), torch.zeros(n, **i64)
+        self.slots = torch.full((n,), self.dummy_slot, **i64)
+        self.table = torch.full((n, self.max_pages), dummy_page, **i32)
+        self.prefix, self.ones = torch.zeros(n, **i32), torch.ones(n, **i32)
+        self.seq_lens, self.qsl = torch.ones(n, **i32), torch.arange(n + 1, **i32)
+        self.rows = torch.arange(n, **i64)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardOutput]] = {}
+        if dev.type == "cuda":
+            self._capture_all()
+
+    def _static_batch(self, g: int, prefix_cpu: list[int]) -> ForwardBatch:
+        return ForwardBatch(ForwardMode.DECODE, self.ids[:g], self.pos[:g], self.ones[:g], self.prefix[:g],
+                            self.seq_lens[:g], self.qsl[: g + 1], self.table[:g], self.slots[:g], self.rows[:g],
+                            [1] * g, prefix_cpu)
+
+    @torch.no_grad()
+    def _capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for g in sorted(self.sizes, reverse=True):  # largest first: smaller ones reuse its pool memory
+            batch = self._static_batch(g, [self.max_seq_len - 1] * g)  # host lens size the attention grid
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.runner._eager(batch, self.kv_cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.runner._eager(batch, self.kv_cache)
+            self.graphs[g] = (graph, out)
+
+    def fits(self, batch: ForwardBatch, kv_cache) -> bool:
+        return (batch.mode == ForwardMode.DECODE and kv_cache is self.kv_cache and 0 < batch.num_seqs <= self.sizes[-1]
+                and all(q == 1 for q in batch.query_lens_cpu) and max(batch.prefix_lens_cpu) < self.max_seq_len)
+
+    def run(self, batch: ForwardBatch) -> ForwardOutput:
+        """Pad the batch to its bucket, replay (CUDA) or run the padded batch eagerly (CPU)."""
+        b = batch.num_seqs
+        g = next(size for size in self.sizes if size >= b)
+        cols = min(batch.page_table.shape[1], self.max_pages)
+        self.ids[:b].copy_(batch.input_ids)
+        self.pos[:b].copy_(batch.positions)
+        self.slots[:b].copy_(batch.slot_mapping)
+        self.slots[b:g].fill_(self.dummy_slot)
+        self.table[:g].fill_(self.dummy_slot // self.page_size)
+        self.table[:b, :cols].copy_(batch.page_table[:, :cols])
+        self.prefix[:b].copy_(batch.prefix_lens)
+        self.prefix[b:g].zero_()
+        torch.add(self.prefix[:g], 1, out=self.seq_lens[:g])
+        if g in self.graphs:
+            graph, out = self.graphs[g]
+            graph.replay()
+        else:
+            out = self.runner._eager(self._static_batch(g, batch.prefix_lens_cpu + [0] * (g - b)), self.kv_cache)
+        return ForwardOutput(out.logits[batch.logits_indices].clone(), out.hidden[:b].clone())

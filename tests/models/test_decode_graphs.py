@@ -1,0 +1,71 @@
+"""Decode graph buckets: a DECODE batch padded to its bucket (pad rows on the dummy page 0) gives the same
+logits/hidden as the eager batch and writes no real page differently. On CPU the padded path runs eagerly;
+on CUDA (gpu test) it replays captured graphs."""
+
+import pytest
+import torch
+
+from shared.kvcache.cache import PagedKVCache
+from shared.runner.batch import ForwardBatch, ForwardMode
+from shared.runner.model_runner import ModelRunner, graph_buckets
+
+PAGE = 4
+
+
+def _decode_batch(num_seqs: int, gen: torch.Generator, device="cpu") -> ForwardBatch:
+    seqs = []
+    for i in range(num_seqs):
+        prefix = int(torch.randint(1, 14, (1,), generator=gen))
+        pages = [1 + 4 * i + j for j in range(4)]  # pages 1..; page 0 is the dummy page
+        seqs.append(([int(torch.randint(3, 200, (1,), generator=gen))], prefix, pages))
+    return ForwardBatch.build(ForwardMode.DECODE, seqs, PAGE, device=device)
+
+
+def _check(model_dir, device, dtype, tol):
+    runner = ModelRunner(model_dir, device=device, dtype=dtype)
+    kv = PagedKVCache(runner.kv_layout(PAGE), 48, device)
+    gen = torch.Generator().manual_seed(0)
+    kv.buffer.normal_(generator=None)  # arbitrary prefix KV already in every page
+    assert runner.capture_decode_graphs(kv, max_batch_size=10, max_seq_len=16) == [1, 2, 4, 8, 10]
+    for num_seqs in (1, 3, 5, 9):
+        batch = _decode_batch(num_seqs, gen, device)
+        graphs, runner.graphs = runner.graphs, None
+        before = kv.buffer.clone()
+        want = runner.forward(batch, kv)
+        eager_cache = kv.buffer.clone()
+        kv.buffer.copy_(before)
+        runner.graphs = graphs
+        assert graphs.fits(batch, kv)
+        got = runner.forward(batch, kv)
+        real, ref = kv.buffer[:, :, 1:].float(), eager_cache[:, :, 1:].float()  # real pages: same writes
+        assert float((real - ref).abs().max()) <= tol * float(ref.abs().max())
+        for a, b in ((got.logits, want.logits), (got.hidden, want.hidden)):
+            assert a.shape == b.shape
+            assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) <= tol
+
+
+def test_graph_buckets():
+    assert graph_buckets(1) == [1] and graph_buckets(8) == [1, 2, 4, 8]
+    assert graph_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_padded_decode_equals_eager_cpu(tiny_dirs, arch):
+    _check(tiny_dirs[arch], "cpu", torch.float32, 1e-5)
+
+
+def test_long_or_prefill_batches_run_eagerly(tiny_dirs):
+    runner = ModelRunner(tiny_dirs["glm4_moe"])
+    kv = PagedKVCache(runner.kv_layout(PAGE), 48)
+    runner.capture_decode_graphs(kv, max_batch_size=4, max_seq_len=8)
+    long = ForwardBatch.build(ForwardMode.DECODE, [([5], 9, [1, 2, 3])], PAGE)
+    prefill = ForwardBatch.build(ForwardMode.PREFILL, [([5, 6], 0, [1])], PAGE)
+    wide = _decode_batch(5, torch.Generator().manual_seed(1))
+    assert not any(runner.graphs.fits(b, kv) for b in (long, prefill, wide))
+    assert not runner.graphs.fits(_decode_batch(2, torch.Generator()), PagedKVCache(runner.kv_layout(PAGE), 48))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_cuda_graph_replay_equals_eager(tiny_dirs, arch):
+    _check(tiny_dirs[arch], "cuda", torch.bfloat16, 2e-2)
