@@ -1,0 +1,57 @@
+"""The MTP draft the decode makes after a chunked prefill equals a direct computation (spec §3.2).
+
+In one process with the real Engine: prefill a prompt in chunks with the prefill worker's MTP rows
+(plan.mtp_ids), seed the decode state from the last hidden state, draft with decode_worker.mtp; the
+reference runs the target over the whole prompt at once and the MTP layer over every row
+(h_p, x_{p+1}) on a fresh cache. Equal MTP logits prove the chunk-boundary MTP KV is right (the
+fleet test can't: drafts only change speed there)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from shared.protocol import SamplingParams
+from shared.runner.batch import ForwardBatch, ForwardMode
+from shared.kvcache.cache import PagedKVCache
+from shared.worker_common.config import common_parser, worker_config
+from shared.worker_common.engine import Engine
+from shared.worker_common.plan import StepPlan, seq_plan
+from shared.worker_common.tp import TPFanout
+from decode_worker import mtp
+from decode_worker.state import DecodeSeq
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_draft_after_chunked_prefill_equals_direct_mtp(tmp_path, arch):
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=4)
+    a = common_parser("decode").parse_args(["--model_dir", model_dir, "--control_addr", "tcp://127.0.0.1:1",
+                                            "--router_addr", "tcp://127.0.0.1:2", "--page_size", "4",
+                                            "--num_pages", "32", "--mtp_step", "1"])
+    engine = Engine(worker_config("decode", a), TPFanout(0, 1, 0, "cpu"))
+    prompt = [(13 * i + 5) % 250 + 3 for i in range(23)]
+    pages = list(range(1, 8))
+    out = None
+    for start in range(0, len(prompt), 8):  # chunks of 8: boundaries inside pages and across them
+        end = min(start + 8, len(prompt))
+        mtp_ids = prompt[start + 1 : min(end, len(prompt) - 1) + 1]
+        out = engine.run(StepPlan(mode="prefill", seqs=[seq_plan(prompt[start:end], start, pages, True, mtp_ids)]))
+    first = int(out.logits[0].argmax())
+    seq = DecodeSeq("r", len(prompt), prompt + [first], SamplingParams(temperature=0), pages, "p0", time.monotonic())
+    seq.num_cached, seq.hidden = len(prompt), out.hidden[-1].clone()
+    mtp.seed_rows(seq)
+    plan = StepPlan(mode="draft", seqs=[seq_plan([t for _, t in seq.mtp_rows], seq.mtp_rows[0][0], pages)])
+    got = engine.run(plan, prev_hidden=seq.mtp_hidden).logits[0]
+
+    runner = engine.runner
+    cache = PagedKVCache(runner.kv_layout(4), 32)
+    full = ForwardBatch.build(ForwardMode.PREFILL, [(prompt, 0, pages)], 4)
+    hidden = runner.forward(full, cache).hidden
+    rows = ForwardBatch.build(ForwardMode.DRAFT, [(prompt[1:] + [first], 0, pages)], 4)
+    ref = runner.mtp_forward(rows, rows.input_ids, hidden, cache).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert mtp.draft(engine, [seq], []) == [int(ref.argmax())]
