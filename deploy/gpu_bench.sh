@@ -3,7 +3,7 @@
 # with dummy bf16 weights (--preset; or MODEL_DIR=/path for a checkpoint), then the load tests of issue 7
 # and the 1k / 4k / 16k-token prompt runs of issue 3 with the fleet's KV-transfer figures.
 #   bash deploy/gpu_bench.sh            # results in out/gpu_bench/*.json|png, tables in out/gpu_bench/log.txt
-# Env: PARTS ("kv sharegpt random": any subset, to fit a time limit), NUM_PROMPTS (200), MTP_STEP (0),
+# Env: DEVICE (cuda), PARTS ("kv sharegpt random": any subset, to fit a time limit), NUM_PROMPTS (200), MTP_STEP (0),
 #      PORT (8000), OUT (out/gpu_bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +12,12 @@ OUT=${OUT:-out/gpu_bench}; PORT=${PORT:-8000}; N=${NUM_PROMPTS:-200}; STATE=$OUT
 PARTS=${PARTS:-kv sharegpt random}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
-if [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); TOK="$MODEL_DIR"
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: the tiny default model, to check this script on CPU
+if [ "$DEVICE" = cpu ]; then MODEL=(); TOK="$STATE/default_model"
+elif [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); TOK="$MODEL_DIR"
 else MODEL=(--preset glm-4.7-flash); TOK="$STATE/presets/glm-4.7-flash"; fi
 MTP=(); [ "${MTP_STEP:-0}" != 0 ] && MTP=(--mtp_step "$MTP_STEP")
-"$PY" -m deploy up --detach --device cuda "${MODEL[@]}" "${MTP[@]}" --state_dir "$STATE" --port "$PORT" \
+"$PY" -m deploy up --detach --device "$DEVICE" "${MODEL[@]}" "${MTP[@]}" --state_dir "$STATE" --port "$PORT" \
   --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 \
   || { tail -50 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m deploy down --state_dir "$STATE"' EXIT
