@@ -92,3 +92,18 @@ def test_tiny_checkpoint_with_builtin_tokenizer(tmp_path, capsys):
     main(["--model-dir", d, "--prompt", "hello", "--max_new_tokens", "3", "--ignore-eos"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"]
     assert len(out) == 1 and len(out[0]["token_ids"]) == 3 and all(lp <= 0 for lp in out[0]["logprobs"])
+
+
+@pytest.mark.parametrize("name", ["glm-4.5-air", "glm-4.7", "glm-4.7-flash"])
+def test_presets_parse(tmp_path, name):
+    from shared.config.presets import write_preset
+    from shared.runner.model_runner import ModelRunner
+
+    c = ModelConfig.from_dir(write_preset(str(tmp_path / name), name, fp8=True))
+    assert c.quantization is not None and c.num_nextn_predict_layers == 1
+    small = write_preset(str(tmp_path / "small"), name, hidden_size=64, num_hidden_layers=2, vocab_size=512,
+                         intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4, num_key_value_heads=4,
+                         head_dim=16, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                         v_head_dim=16, n_routed_experts=16)
+    runner = ModelRunner(small, load_format="dummy")  # config-only dir: dummy weights need no safetensors
+    assert runner.has_mtp
