@@ -75,6 +75,11 @@ def _port_taken(host: str, port: int) -> bool:
 
 def up(spec: FleetSpec, ready_timeout_s: float, default_state: bool, detach: bool = False) -> int:
     """Run the fleet; with `detach`, return once ready and leave supervisord running (stop: `down`)."""
+    pid = _pid(spec.state_dir)
+    if pid is not None and _alive(pid):
+        print(f"deploy: a fleet is already running under {spec.state_dir} (supervisord {pid}); "
+              f"python -m deploy down --state_dir {spec.state_dir}", file=sys.stderr)
+        return 1
     if _port_taken(spec.host, spec.port):
         print(f"deploy: {spec.host}:{spec.port} is already in use (a fleet already up? python -m deploy down)",
               file=sys.stderr)

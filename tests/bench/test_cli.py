@@ -86,3 +86,17 @@ def test_concurrency_sweep_script(timed_server, tmp_path):
     # concurrency 1 serializes 4 requests: it takes longer than concurrency 4
     assert sweep[0]["duration"] > sweep[1]["duration"]
     assert png_size(str(tmp_path / "sw_sweep.png")) == (880, 360)
+
+
+def test_rate_sweep(timed_server, tmp_path):
+    results = _run(timed_server, tmp_path, "--sweep", "rate", "--sweep-values", "20,inf", "--result-filename", "rs")
+    assert [r["request_rate"] for r in results] == [20.0, "inf"]
+    assert [r["workload"] for r in results] == ["rate-20", "rate-inf"]
+    from bench.sharegpt.load import LoadShape, arrival_offsets
+
+    spread = arrival_offsets(6, LoadShape(20.0), seed=0)[-1]  # the schedule the run followed
+    starts = results[0]["start_times"]
+    assert spread > 0.05 and max(starts) - min(starts) >= spread - 0.01
+    sweep = json.load(open(tmp_path / "rs_sweep.json"))
+    assert [s["request_rate"] for s in sweep] == [20.0, "inf"] and "ttfts" not in sweep[0]
+    assert png_size(str(tmp_path / "rs_sweep.png")) == (880, 360)
