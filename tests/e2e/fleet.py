@@ -60,12 +60,13 @@ def _spawn(name: str, args: list[str], log_dir: str, fleet: Fleet) -> None:
 
 def start_fleet(model_dir: str, log_dir: str, num_prefill: int = 1, num_decode: int = 1, page_size: int = 4,
                 num_pages: int = 256, chunked_prefill_size: int = 32, router_args: tuple[str, ...] = (),
-                timeout_s: float = 120.0) -> Fleet:
+                timeout_s: float = 120.0, worker_args: tuple[str, ...] = ()) -> Fleet:
+    """worker_args go to every prefill and decode worker (e.g. ("--mtp_step", "2"))."""
     events = f"tcp://127.0.0.1:{free_port()}"
     port = free_port()
     fleet = Fleet(f"http://127.0.0.1:{port}", model_dir, {})
     common = ["--model_dir", model_dir, "--router_addr", events, "--device", "cpu", "--tp", "1",
-              "--dtype", "float32", "--page_size", str(page_size), "--num_pages", str(num_pages)]
+              "--dtype", "float32", "--page_size", str(page_size), "--num_pages", str(num_pages), *worker_args]
     decodes = {f"d{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(num_decode)}
     prefills = {f"p{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(num_prefill)}
     for wid, addr in decodes.items():
