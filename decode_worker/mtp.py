@@ -1,13 +1,14 @@
-"""MTP speculative decoding step of the decode worker leader (--mtp_step 1; TP 1 for now).
+"""MTP speculative decoding step of the decode worker leader (--mtp_step K; TP 1 for now).
 
 Per running request the state is `mtp_rows`: the (position, token) rows whose MTP-layer KV is not
 written yet, with `mtp_hidden` [k, H] the target's post-norm hidden at those positions. A step:
 1. DRAFT: the MTP layer over every pending row (writes their MTP KV); the last row's argmax is
-   the draft d for position n + 1 (n = num_cached, x_n = the last token, not cached yet).
-2. VERIFY: the target over [x_n, d] at positions n, n + 1, logits at both rows.
-3. Greedy accept (spec §3.3): t0 = argmax(row 0); if d == t0 the draft is accepted and the bonus
-   t1 = argmax(row 1) follows: tokens [t0, t1], both positions cached. Else tokens [t0] and the
-   KV written at n + 1 is stale; the next step overwrites it (rollback = not counting it).
+   the draft d_1 for position n + 1 (n = num_cached, x_n = the last token, not cached yet);
+   d_2 .. d_K chain the MTP layer on its own output.
+2. VERIFY: the target over [x_n, d_1 .. d_K] at positions n .. n + K, logits at every row.
+3. Greedy accept (spec §3.3): t_j = argmax(row j); accept d_{j+1} while it equals t_j; emit the
+   accepted drafts plus the next target token. KV written past the accepted positions is stale;
+   later steps overwrite it (rollback = not counting it; pages stay with the request).
 Requests that are not plain greedy (temperature > 0, penalties, logprobs) feed only x_n and
 sample row 0 as usual, so the output never depends on the drafts: it equals plain decoding.
 """
@@ -33,59 +34,73 @@ def seed_rows(seq: DecodeSeq) -> None:
     seq.mtp_hidden = seq.hidden[None, :]
 
 
-def draft(engine, batch: list[DecodeSeq], link_ops) -> list[int]:
-    """One greedy draft per request (argmax of the MTP logits at its last pending row)."""
+def draft(engine, batch: list[DecodeSeq], link_ops, k: int) -> list[list[int]]:
+    """k greedy drafts per request. The first MTP pass covers every pending row (writing their MTP
+    KV); each further draft chains one row: position + 1, input = the previous draft, prev hidden =
+    the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2)."""
     plan = StepPlan(mode="draft", link_ops=link_ops, seqs=[
         seq_plan([t for _, t in s.mtp_rows], s.mtp_rows[0][0], s.page_ids) for s in batch
     ])
-    prev = torch.cat([s.mtp_hidden for s in batch]).to(engine.device)
-    out = engine.lead(plan, prev_hidden=prev)
-    return out.logits.argmax(-1).tolist()
+    out = engine.lead(plan, prev_hidden=torch.cat([s.mtp_hidden for s in batch]).to(engine.device))
+    drafts = [[d] for d in out.logits.argmax(-1).tolist()]
+    last = torch.tensor([len(s.mtp_rows) for s in batch]).cumsum(0) - 1
+    z = out.hidden[last.to(out.hidden.device)]  # [B, H] MTP output at each request's last row
+    for j in range(1, k):
+        plan = StepPlan(mode="draft", seqs=[
+            seq_plan([d[-1]], s.mtp_rows[-1][0] + j, s.page_ids) for s, d in zip(batch, drafts)
+        ])
+        out = engine.lead(plan, prev_hidden=z)
+        z = out.hidden
+        for d, t in zip(drafts, out.logits.argmax(-1).tolist()):
+            d.append(t)
+    return drafts
 
 
-def verify_and_accept(engine, batch: list[DecodeSeq], drafts: list[int], use_draft: list[bool]):
-    """Target forward over [x_n (, d)] per request; returns per request (new tokens, Sampled rows)."""
-    plan = StepPlan(mode="verify", seqs=[
-        seq_plan([s.token_ids[-1]] + ([d] if u else []), s.num_cached, s.page_ids)
-        for s, d, u in zip(batch, drafts, use_draft)
-    ])
-    out = engine.lead(plan)
-    starts, r = [], 0
-    for u in use_draft:
-        starts.append(r)
-        r += 2 if u else 1
-    first = out.logits[starts]  # [B, V] row 0 of every request
-    sampled = sample_rows(first, [s.sampling for s in batch], [s.token_ids for s in batch],
+def verify_and_accept(engine, batch: list[DecodeSeq], drafts: list[list[int]], use_draft: list[bool]):
+    """Target forward over [x_n, d_1 .. d_k] (or [x_n]) per request, logits at every row; greedy
+    accept of the longest agreeing prefix plus the target's next token. Returns per request
+    (accepted Sampled rows, their target hidden [a + 1, H])."""
+    fed = [[s.token_ids[-1]] + (d if u else []) for s, d, u in zip(batch, drafts, use_draft)]
+    out = engine.lead(StepPlan(mode="verify", seqs=[
+        seq_plan(f, s.num_cached, s.page_ids) for s, f in zip(batch, fed)
+    ]))
+    starts = (torch.tensor([len(f) for f in fed]).cumsum(0) - torch.tensor([len(f) for f in fed])).tolist()
+    sampled = sample_rows(out.logits[starts], [s.sampling for s in batch], [s.token_ids for s in batch],
                           [s.prompt_len for s in batch], [s.generator for s in batch])
     results = []
-    for i, (s, d, u) in enumerate(zip(batch, drafts, use_draft)):
-        t0 = sampled[i].token_id
-        if u and d == t0:
-            t1 = int(out.logits[starts[i] + 1].argmax())
-            rows = [sampled[i], Sampled(t1, 0.0, [])]
-            hid = out.hidden[starts[i] : starts[i] + 2]
-        else:
-            rows, hid = [sampled[i]], out.hidden[starts[i] : starts[i] + 1]
-        results.append((rows, hid))
+    for i, (f, r0) in enumerate(zip(fed, starts)):
+        rows = [sampled[i]]
+        if len(f) > 1:  # plain greedy: rows[0] is t_0 = argmax(row 0)
+            targets = out.logits[r0 : r0 + len(f)].argmax(-1).tolist()
+            rows += [Sampled(t, 0.0, []) for t in targets[1 : accept_greedy(f, targets)]]
+        results.append((rows, out.hidden[r0 : r0 + len(rows)]))
     return results
 
 
+def accept_greedy(fed: list[int], targets: list[int]) -> int:
+    """How many target tokens a step emits: fed = [x_n, d_1 .. d_k], targets[j] = argmax at row j.
+    d_{j+1} is accepted while it equals targets[j]; the emitted tokens are targets[:a + 1]."""
+    a = 0
+    while a + 1 < len(fed) and fed[a + 1] == targets[a]:
+        a += 1
+    return a + 1
+
+
 def commit(seq: DecodeSeq, rows: list[Sampled], hid: torch.Tensor) -> None:
-    """The fed tokens that were accepted are cached; the next pending MTP rows are theirs."""
+    """The fed tokens that were accepted are cached; the next pending MTP rows are theirs:
+    row n + j carries (h_{n+j}, the token after it)."""
     n = seq.num_cached
-    fed = [seq.token_ids[-1]] + [r.token_id for r in rows[:-1]]  # x_n, then the accepted draft
     seq.num_cached += len(rows)
     seq.token_ids.extend(r.token_id for r in rows)
-    seq.mtp_rows = [(n + k, rows[k].token_id) for k in range(len(rows))]
+    seq.mtp_rows = [(n + j, rows[j].token_id) for j in range(len(rows))]
     seq.mtp_hidden = hid.detach().clone()
-    assert len(fed) == len(rows)
 
 
 def ends_early(seq: DecodeSeq, rows: list[Sampled], eos_ids: frozenset[int]) -> list[Sampled]:
-    """Drop the bonus token when the accepted first one already ends the request."""
-    if len(rows) < 2:
-        return rows
-    s, t = seq.sampling, rows[0].token_id
-    if (not s.ignore_eos and t in eos_ids) or t in s.stop_token_ids or seq.num_output + 1 >= s.max_new_tokens:
-        return rows[:1]
+    """Cut the accepted tokens after the first one that ends the request."""
+    s = seq.sampling
+    for j, r in enumerate(rows):
+        t = r.token_id
+        if (not s.ignore_eos and t in eos_ids) or t in s.stop_token_ids or seq.num_output + j + 1 >= s.max_new_tokens:
+            return rows[: j + 1]
     return rows

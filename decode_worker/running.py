@@ -36,13 +36,12 @@ class RunningSet:
         return self.has_room(seq, 0)
 
     def has_room(self, seq: DecodeSeq, extra: int = 0) -> bool:
-        """Ensure a slot for position num_cached + extra (what this step writes); grow by a page."""
-        if seq.num_cached + extra < len(seq.page_ids) * self.page_size:
-            return True
-        more = self.pages.alloc_for(seq.rid, 1)
-        if more is None:
-            return False
-        seq.page_ids.extend(more)
+        """Ensure slots up to position num_cached + extra (what this step writes); grow page by page."""
+        while seq.num_cached + extra >= len(seq.page_ids) * self.page_size:
+            more = self.pages.alloc_for(seq.rid, 1)
+            if more is None:
+                return False
+            seq.page_ids.extend(more)
         return True
 
     def schedule(self) -> tuple[list[DecodeSeq], DecodeSeq | None]:

@@ -178,15 +178,16 @@ class DecodeWorker:
 
     def _mtp_step(self, batch: list[DecodeSeq], ops) -> None:
         """Draft one token per request with the MTP layer, verify, accept (decode_worker/mtp.py)."""
-        use = [mtp.plain_greedy(s.sampling) and self.running.has_room(s, extra=1) for s in batch]
-        drafts = mtp.draft(self.engine, batch, ops)
+        k = self.cfg.mtp_step
+        use = [mtp.plain_greedy(s.sampling) and self.running.has_room(s, extra=k) for s in batch]
+        drafts = mtp.draft(self.engine, batch, ops, k)
         results = mtp.verify_and_accept(self.engine, batch, drafts, use)
         for seq, (rows, hid) in zip(batch, results):
             rows = mtp.ends_early(seq, rows, self.eos_ids)
             mtp.commit(seq, rows, hid[: len(rows)])
             self.metrics.add_tokens(len(rows))
             self._emit(seq, rows)
-        self.metrics.mtp_drafts.inc(sum(use))
+        self.metrics.mtp_drafts.inc(k * sum(use))
         self.metrics.mtp_accepted.inc(sum(len(r) - 1 for r, _ in results))
 
     def _emit(self, seq: DecodeSeq, rows) -> None:

@@ -91,6 +91,8 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
     gpus = tuple(int(g) for g in a.gpus.split(",") if g.strip()) if a.gpus else ()
     if a.tp < 1:
         raise ValueError("--tp must be >= 1")
+    if a.mtp_step and a.tp > 1 and role == "decode":
+        raise ValueError("--mtp_step > 0 needs --tp 1 on the decode worker for now (drafts use leader-held hidden states)")
     if gpus and len(gpus) != a.tp:
         raise ValueError(f"--gpus lists {len(gpus)} GPUs but --tp is {a.tp}")
     return WorkerConfig(

@@ -54,4 +54,11 @@ def test_draft_after_chunked_prefill_equals_direct_mtp(tmp_path, arch):
     rows = ForwardBatch.build(ForwardMode.DRAFT, [(prompt[1:] + [first], 0, pages)], 4)
     ref = runner.mtp_forward(rows, rows.input_ids, hidden, cache).logits[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert mtp.draft(engine, [seq], []) == [int(ref.argmax())]
+    assert mtp.draft(engine, [seq], [], 1) == [[int(ref.argmax())]]
+
+
+def test_accept_greedy_longest_agreeing_prefix():
+    assert mtp.accept_greedy([7], [4]) == 1  # no drafts: the target token only
+    assert mtp.accept_greedy([7, 4, 9, 1], [4, 9, 2, 5]) == 3  # d1, d2 accepted, d3 != t2 -> t0, t1, t2
+    assert mtp.accept_greedy([7, 4, 9], [4, 9, 6]) == 3  # all accepted + bonus t2
+    assert mtp.accept_greedy([7, 5, 9], [4, 9, 6]) == 1  # first draft rejected -> t0 only

@@ -16,15 +16,15 @@ from tests.workers.test_worker_procs import _collect, _pages_zero, _start
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_mtp_greedy_equals_plain_decoding(tmp_path, arch):
+@pytest.mark.parametrize("arch,k", [("glm4_moe", 1), ("glm4_moe_lite", 3)])
+def test_mtp_greedy_equals_plain_decoding(tmp_path, arch, k):
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
     from shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=128, chunked_prefill_size=16,
-                    extra=("--mtp_step", "1"))
+                    extra=("--mtp_step", str(k)))
     try:
         wp.wait_ready(60)
         rng = random.Random(5)
