@@ -153,10 +153,15 @@ def write_tiny_checkpoint(
     num_mtp = int(config_overrides.get("num_nextn_predict_layers", 1))
     if num_mtp > 0:
         _add_shard(path, _mtp_tensors(model, config, gen, std), dtype)
-        cfg_path = os.path.join(path, "config.json")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        cfg["num_nextn_predict_layers"] = num_mtp
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f, indent=1)
+        _set_config_key(path, "num_nextn_predict_layers", num_mtp)
     return path
+
+
+def _set_config_key(path: str, key: str, value: Any) -> None:
+    """Lite configs have no num_nextn_predict_layers attribute in HF: write it like the real config.json."""
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg[key] = value
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=1)
