@@ -77,3 +77,20 @@ def test_mixed_decode_and_prefill_batch(tiny_dirs, arch):
     assert rel_err(out.logits[0], hf_logits(hf, PROMPTS[0] + [tok])) <= 1e-4
     for j in range(len(PROMPTS[2])):  # every row of the prompt: logits of its prefix
         assert rel_err(out.logits[1 + j], hf_logits(hf, PROMPTS[2][: j + 1])) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_verify_rows_over_cached_prefix(tiny_dirs, arch):
+    """VERIFY: K+1 tokens per sequence on top of a cached prefix, logits at every row."""
+    hf, runner, kv = _load(tiny_dirs[arch])
+    pages = Pages(64, PAGE)
+    step(runner.forward, pages, [(i, p, 0) for i, p in enumerate(PROMPTS)], ForwardMode.PREFILL, kv)
+    drafts = [[50 + i, 60 + i, 70 + i] for i in range(len(PROMPTS))]
+    rows = [(i, d, len(p)) for i, (p, d) in enumerate(zip(PROMPTS, drafts))]
+    batch = ForwardBatch.build(ForwardMode.VERIFY, [(d, pre, list(pages.ensure(i, pre + len(d)))) for i, d, pre in rows],
+                               PAGE, logits_rows="all")
+    out = runner.forward(batch, kv)
+    assert out.logits.shape[0] == 3 * len(PROMPTS)
+    for i, (p, d) in enumerate(zip(PROMPTS, drafts)):
+        for j in range(3):
+            assert rel_err(out.logits[3 * i + j], hf_logits(hf, p + d[: j + 1])) <= 1e-4
