@@ -1,5 +1,6 @@
 """The multi-node templates run for real: three supervisords (router, prefill, decode "nodes") on 127.0.0.1,
-every address from environment variables as on separate hosts; one completion through the fleet."""
+every address from environment variables as on separate hosts, workers at TP 2; one completion through
+the fleet, and stopping the supervisords leaves no process behind (follower ranks die with their group)."""
 
 import importlib.util
 import os
@@ -29,7 +30,7 @@ def _env(tmp_path, model: str, role: str, port: int, base: int, health: int) -> 
             "GLM_ROUTER_PEERS": f"--prefill p0=tcp://127.0.0.1:{base + 1} --decode d0=tcp://127.0.0.1:{base + 11}",
             "GLM_NODE_HOST": "127.0.0.1", "GLM_WORKER_ID": wid, "GLM_CONTROL_PORT": str(control),
             "GLM_HEALTH_PORT": str(health + (1 if role == "prefill" else 11)), "GLM_DEVICE": "cpu", "GLM_GPUS": "",
-            "GLM_TP": "1", "GLM_DTYPE": "float32", "GLM_PAGE_SIZE": "16", "GLM_NUM_PAGES": "256",
+            "GLM_TP": "2", "GLM_DTYPE": "float32", "GLM_PAGE_SIZE": "16", "GLM_NUM_PAGES": "256",
             "GLM_DECODE_PEERS": f"--decode d0=tcp://127.0.0.1:{base + 11}", "GLM_LINK_PORT": str(base + 21),
             "GLM_WORKER_ARGS": ""}
 
@@ -59,9 +60,13 @@ def test_three_node_fleet_from_templates(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "m", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        running = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+        assert len(running) == 5  # router + 2 ranks of prefill + 2 ranks of decode
     finally:
         for p in procs.values():
             p.terminate()
         for p in procs.values():
             p.wait(60)
     assert all(p.returncode == 0 for p in procs.values())
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes left behind: {left}"
