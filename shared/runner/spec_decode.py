@@ -94,3 +94,60 @@ def accept_rejection(
     resid = torch.where(empty, p_n, resid)
     last = (resid / exponentials).argmax(-1)
     return Accepted(n, _emit(draft_ids, n, last))
+
+
+class Verified(NamedTuple):
+    token_ids: list[int]  # accepted drafts then the target's token (1 .. k + 1 ids)
+    logprobs: list[float]  # of each emitted token under the processed target distribution of its row
+    top_logprobs: list[list[tuple[int, float]]]  # per emitted token (empty unless asked)
+
+
+def _request_noise(k: int, vocab: int, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniforms [k], exponentials [V]) for one request: from its own generator when seeded (CPU draws,
+    device-independent), else the global RNG."""
+    u = torch.rand(k, generator=gen)
+    e = torch.empty(vocab).exponential_(generator=gen)
+    return u, e
+
+
+def verify_requests(
+    logits: torch.Tensor,  # [R, V] fp32: the VERIFY rows of every request, in order (k_b + 1 rows each)
+    drafts: list[list[int]],  # k_b greedy drafts per request (k_b may be 0: the request fed only x_n)
+    params: list,  # shared.protocol.SamplingParams per request
+    histories: list[list[int]],  # prompt + output so far per request (before this step)
+    output_starts: list[int],  # prompt length per request
+    generators: list[torch.Generator | None],
+) -> list[Verified]:
+    """Accept/reject every request of one VERIFY forward (greedy and sampled alike, one path).
+
+    Row j of request b is scored with the history extended by its first j drafts (so repetition,
+    frequency and presence penalties see exactly what plain decoding would), turned into the
+    sampler's distribution P' (one-hot at the penalised argmax for temperature 0, truncated and
+    tempered otherwise), then `accept_rejection` with q one-hot at each (greedy) draft."""
+    from shared.runner.sampler import SamplingTensors, apply_penalties, sampling_probs
+
+    lens = [len(d) + 1 for d in drafts]
+    assert sum(lens) == logits.shape[0]
+    row_params = [p for p, n in zip(params, lens) for _ in range(n)]
+    row_hist = [h + d[:j] for h, d, n in zip(histories, drafts, lens) for j in range(n)]
+    row_starts = [s for s, n in zip(output_starts, lens) for _ in range(n)]
+    t = SamplingTensors.from_params(row_params, logits.device)
+    probs = sampling_probs(logits, t, row_hist, row_starts)  # [R, V]
+    temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
+    logp = (apply_penalties(logits, t, row_hist, row_starts) / temp[:, None]).log_softmax(-1).cpu()
+    out, r0, vocab = [], 0, logits.shape[1]
+    for b, (d, n) in enumerate(zip(drafts, lens)):
+        greedy = params[b].temperature <= 0  # no draws: a seeded greedy request's generator stays untouched
+        u, e = _request_noise(n - 1, vocab, None if greedy else generators[b])
+        acc = accept_rejection(torch.tensor([d], dtype=torch.int64, device=logits.device).view(1, n - 1),
+                               probs[r0 : r0 + n][None], u[None].to(probs.device), e[None].to(probs.device))
+        ids = acc.token_ids[0, : int(acc.num_accepted[0]) + 1].tolist()
+        lps = [float(logp[r0 + j, v]) for j, v in enumerate(ids)]
+        k_top = params[b].top_logprobs if params[b].logprobs else 0
+        tops = []
+        for j in range(len(ids)):
+            vals, top_ids = logp[r0 + j].topk(min(k_top, vocab)) if k_top else (torch.empty(0), torch.empty(0))
+            tops.append(list(zip(top_ids.tolist(), vals.tolist())))
+        out.append(Verified(ids, lps, tops))
+        r0 += n
+    return out
