@@ -133,7 +133,7 @@ class PrefillWorker:
             # MTP rows p < prompt_len - 1 take (h_p, x_{p+1}); the decode writes the last one
             mtp = c.seq.prompt_ids[c.start + 1 : min(c.start + c.length, c.seq.prompt_len - 1) + 1]
             plan.seqs.append(seq_plan(ids, c.start, c.seq.page_ids, want_logits=c.is_last,
-                                      mtp_ids=mtp if self.cfg.mtp_step else None))
+                                      mtp_ids=mtp if self.engine.runner.has_mtp else None))
         pushes = self._pushes(chunks, plan)
         out = self.engine.lead(plan)  # forward, then this step's sends on every rank
         self._first_tokens(chunks, out.logits, pushes)

@@ -54,7 +54,7 @@ class WorkerConfig:
     num_pages: int
     quantization: str | None
     heartbeat_s: float = 0.5
-    mtp_step: int = 0  # > 0: load the MTP layer (prefill fills its KV; decode drafts mtp_step tokens)
+    mtp_step: int = 0  # decode: MTP draft tokens per step (0 = plain decoding)
     # TP follower only: which rank this process is and where the leader's TP store listens
     tp_rank: int = 0
     tp_store_port: int = 0
@@ -81,7 +81,7 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "num_pages", type=int, default=512)
     add_flag(p, "quantization", default=None)
     add_flag(p, "heartbeat_s", type=float, default=0.5)
-    add_flag(p, "mtp_step", type=int, default=0, help="MTP draft tokens per step (0 = off; same on both workers)")
+    add_flag(p, "mtp_step", type=int, default=0, help="decode: MTP draft tokens per step (0 = off); ignored by prefill workers")
     add_flag(p, "tp_rank", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p, "tp_store_port", type=int, default=0, help=argparse.SUPPRESS)
     return p

@@ -33,7 +33,8 @@ def load_runner(cfg: WorkerConfig, tp_rank: int):
         tp=TPGroup(tp_rank, cfg.tp_size),
         load_format=cfg.load_format,
         quantization=cfg.quantization,
-        with_mtp=cfg.mtp_step > 0,  # both ends of a KV link must agree (the link refuses otherwise)
+        with_mtp=True,  # when the checkpoint has it: the KV layout (and link signature) is then the
+        # same on every worker whatever --mtp_step says, and prefills always fill the MTP-layer KV
     )
 
 
@@ -47,6 +48,8 @@ class Engine:
             torch.cuda.set_device(self.device)
         self.runner = load_runner(cfg, self.tp_rank)
         layout = self.runner.kv_layout(cfg.page_size)
+        if cfg.mtp_step and not self.runner.has_mtp:
+            raise ValueError(f"--mtp_step {cfg.mtp_step}: the checkpoint has no MTP layer (num_nextn_predict_layers = 0)")
         self.cache = PagedKVCache(layout, cfg.num_pages, self.device)
         mc = self.runner.config
         model_name = f"{mc.model_type}/L{mc.num_hidden_layers}/H{mc.hidden_size}/V{mc.vocab_size}"
@@ -82,7 +85,7 @@ class Engine:
                     out = self.runner.mtp_forward(batch, batch.input_ids, prev_hidden, self.cache)
                 else:
                     out = self.runner.forward(batch, self.cache)
-                    mtp = prompt_mtp_batch(plan, self.cfg.page_size, self.device) if self.cfg.mtp_step else None
+                    mtp = prompt_mtp_batch(plan, self.cfg.page_size, self.device) if self.runner.has_mtp else None
                     if mtp is not None:  # the prompt's MTP-layer KV, pushed with the other layers
                         self.runner.mtp_forward(mtp[0], mtp[0].input_ids, out.hidden[mtp[1]], self.cache)
         for op in plan.link_ops:

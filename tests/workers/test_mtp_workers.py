@@ -1,4 +1,4 @@
-"""MTP on the real worker pair (--mtp_step 1 on both): the prefill fills the prompt's MTP-layer KV,
+"""MTP on the real worker pair (--mtp_step K on the decode): the prefill fills the prompt's MTP-layer KV,
 the decode drafts with the MTP layer and verifies; greedy output equals plain single-process decoding
 (drafts change speed, never tokens), and drafts were actually verified."""
 
@@ -24,7 +24,7 @@ def test_mtp_greedy_equals_plain_decoding(tmp_path, arch, k):
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=128, chunked_prefill_size=16,
-                    extra=("--mtp_step", str(k)))
+                    extra_decode=("--mtp_step", str(k)))  # as deploy does: the prefill needs no flag
     try:
         wp.wait_ready(60)
         rng = random.Random(5)
