@@ -106,7 +106,9 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         decode=parse_workers(args.decode),
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
-        max_req_total_len=args.max_req_total_len or max_pos or RouterConfig.max_req_total_len,
+        # never beyond the model's positions (a worker would reject the request after dispatch)
+        max_req_total_len=min(x for x in (args.max_req_total_len or max_pos or RouterConfig.max_req_total_len,
+                                          max_pos) if x),
         model_vocab_size=vocab,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
