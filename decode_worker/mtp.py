@@ -6,11 +6,13 @@ written yet, with `mtp_hidden` [k, H] the target's post-norm hidden at those pos
    the draft d_1 for position n + 1 (n = num_cached, x_n = the last token, not cached yet);
    d_2 .. d_K chain the MTP layer on its own output.
 2. VERIFY: the target over [x_n, d_1 .. d_K] at positions n .. n + K, logits at every row.
-3. Greedy accept (spec §3.3): t_j = argmax(row j); accept d_{j+1} while it equals t_j; emit the
-   accepted drafts plus the next target token. KV written past the accepted positions is stale;
-   later steps overwrite it (rollback = not counting it; pages stay with the request).
-Requests that are not plain greedy (temperature > 0, penalties, logprobs) feed only x_n and
-sample row 0 as usual, so the output never depends on the drafts: it equals plain decoding.
+3. Accept (spec §3.3, shared.runner.spec_decode.verify_requests): greedy requests keep d_{j+1}
+   while it equals the target's (penalised) argmax t_j and emit the accepted drafts plus the next
+   target token; temperature > 0 requests run rejection sampling with q one-hot at each greedy
+   draft (accept with prob p_j(d), resample the residual on rejection, bonus from p_K), so every
+   request's output follows the target distribution exactly. KV written past the accepted
+   positions is stale; later steps overwrite it (rollback = not counting it; pages stay with the request).
+A request with no room for K more tokens this step feeds only x_n (k = 0: plain sampling).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 
 from shared.protocol import SamplingParams
 from shared.worker_common.plan import StepPlan, seq_plan
-from shared.worker_common.sampling import Sampled, sample_rows
+from shared.runner.spec_decode import verify_requests
+from shared.worker_common.sampling import Sampled
 from decode_worker.state import DecodeSeq
 
 
@@ -57,23 +60,22 @@ def draft(engine, batch: list[DecodeSeq], link_ops, k: int) -> list[list[int]]:
 
 
 def verify_and_accept(engine, batch: list[DecodeSeq], drafts: list[list[int]], use_draft: list[bool]):
-    """Target forward over [x_n, d_1 .. d_k] (or [x_n]) per request, logits at every row; greedy
-    accept of the longest agreeing prefix plus the target's next token. Returns per request
-    (accepted Sampled rows, their target hidden [a + 1, H])."""
+    """Target forward over [x_n, d_1 .. d_k] (or [x_n]) per request, logits at every row; accept with
+    shared.runner.spec_decode.verify_requests (greedy: longest agreeing prefix + the target's next
+    token; temperature > 0: rejection sampling, lossless; penalties see the accepted drafts). Returns
+    per request (emitted Sampled rows, their target hidden [a + 1, H])."""
     fed = [[s.token_ids[-1]] + (d if u else []) for s, d, u in zip(batch, drafts, use_draft)]
     out = engine.lead(StepPlan(mode="verify", seqs=[
         seq_plan(f, s.num_cached, s.page_ids) for s, f in zip(batch, fed)
     ]))
-    starts = (torch.tensor([len(f) for f in fed]).cumsum(0) - torch.tensor([len(f) for f in fed])).tolist()
-    sampled = sample_rows(out.logits[starts], [s.sampling for s in batch], [s.token_ids for s in batch],
-                          [s.prompt_len for s in batch], [s.generator for s in batch])
-    results = []
-    for i, (f, r0) in enumerate(zip(fed, starts)):
-        rows = [sampled[i]]
-        if len(f) > 1:  # plain greedy: rows[0] is t_0 = argmax(row 0)
-            targets = out.logits[r0 : r0 + len(f)].argmax(-1).tolist()
-            rows += [Sampled(t, 0.0, []) for t in targets[1 : accept_greedy(f, targets)]]
+    verified = verify_requests(out.logits, [f[1:] for f in fed], [s.sampling for s in batch],
+                               [s.token_ids for s in batch], [s.prompt_len for s in batch],
+                               [s.generator for s in batch])
+    results, r0 = [], 0
+    for f, v in zip(fed, verified):
+        rows = [Sampled(t, lp, top) for t, lp, top in zip(v.token_ids, v.logprobs, v.top_logprobs)]
         results.append((rows, out.hidden[r0 : r0 + len(rows)]))
+        r0 += len(f)
     return results
 
 

@@ -15,6 +15,7 @@ from shared import protocol as P
 from shared.worker_common.plan import LinkOp, StepPlan
 from shared.worker_common.sampling import generator_for, sample_rows
 from decode_worker import mtp
+from decode_worker.mtp_metrics import MtpMetrics
 from decode_worker.handoff import Handoffs
 from decode_worker.running import RunningSet
 from decode_worker.state import DecodeSeq, Phase, finish_reason
@@ -32,6 +33,7 @@ class DecodeWorker:
         self.handoffs = Handoffs(pages, cfg.page_size, max_running, reserve_cap, handoff_deadline_s,
                                  max_seq_len=mc.max_position_embeddings, vocab_size=mc.vocab_size)
         self.running = RunningSet(pages, cfg.page_size)
+        self.mtp_metrics = MtpMetrics(metrics.registry, cfg.worker_id, cfg.mtp_step) if cfg.mtp_step else None
         self.eos_ids = frozenset(engine.runner.config.eos_token_ids)
         self.generation = time.time_ns() // 1000 % (1 << 62)
         self.prefill_gens: dict[str, int] = {}  # prefill id -> its LinkHello generation of the live link
@@ -80,7 +82,8 @@ class DecodeWorker:
         if isinstance(res, str):
             self.io.to_router(P.Busy(rid=msg.rid, decode_id=self.cfg.worker_id, reason=res))
             return
-        res.generator = generator_for(msg.sampling, self.engine.runner.config.vocab_size, draws_done=1)
+        res.generator = generator_for(msg.sampling, self.engine.runner.config.vocab_size, draws_done=1,
+                                      device=self.engine.device)
         self.io.to_router(P.Reserved(rid=msg.rid, decode_id=self.cfg.worker_id, page_ids=P.pack_ids(res.page_ids)))
 
     def on_abort(self, rid: str) -> None:
@@ -179,10 +182,12 @@ class DecodeWorker:
     def _mtp_step(self, batch: list[DecodeSeq], ops) -> None:
         """Draft one token per request with the MTP layer, verify, accept (decode_worker/mtp.py)."""
         k = self.cfg.mtp_step
-        use = [mtp.plain_greedy(s.sampling) and self.running.has_room(s, extra=k) for s in batch]
+        use = [self.running.has_room(s, extra=k) for s in batch]  # every request drafts (lossless accept)
         drafts = mtp.draft(self.engine, batch, ops, k)
         results = mtp.verify_and_accept(self.engine, batch, drafts, use)
-        for seq, (rows, hid) in zip(batch, results):
+        for seq, u, (rows, hid) in zip(batch, use, results):
+            if self.mtp_metrics is not None:
+                self.mtp_metrics.observe(k if u else 0, len(rows) - 1)
             rows = mtp.ends_early(seq, rows, self.eos_ids)
             mtp.commit(seq, rows, hid[: len(rows)])
             self.metrics.add_tokens(len(rows))

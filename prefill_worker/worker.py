@@ -160,7 +160,7 @@ class PrefillWorker:
         if not last:
             return
         rows = sample_rows(logits, [s.sampling for s in last], [s.prompt_ids for s in last],
-                           [s.prompt_len for s in last], [generator_for(s.sampling) for s in last])
+                           [s.prompt_len for s in last], [generator_for(s.sampling, device=logits.device) for s in last])
         for seq, r in zip(last, rows):
             reason = first_finish_reason(r.token_id, seq.sampling, self.eos_ids)
             want_lp = seq.sampling.logprobs

@@ -21,18 +21,20 @@ class Sampled:
     top: list[tuple[int, float]]  # (id, logprob) pairs when top_logprobs was asked, else []
 
 
-def generator_for(params: SamplingParams, vocab_size: int = 0, draws_done: int = 0) -> torch.Generator | None:
+def generator_for(params: SamplingParams, vocab_size: int = 0, draws_done: int = 0,
+                  device: torch.device | str = "cpu") -> torch.Generator | None:
     """The request's generator, advanced past `draws_done` sampling steps made elsewhere.
 
     The decode worker continues a seeded request whose first token the prefill sampled: the
     sampler draws vocab_size Exp(1) numbers per non-greedy step, so skipping one such draw makes
-    the fleet's seeded output equal a single process's (shared.generate) for the same seed."""
+    the fleet's seeded output equal a single process's (shared.generate) for the same seed.
+    The generator lives on the logits' device (the sampler draws there)."""
     if params.seed is None:
         return None
-    g = make_generator(params.seed)
+    g = make_generator(params.seed, device)
     if params.temperature > 0:
         for _ in range(draws_done):
-            torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=g)
+            torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=g)
     return g
 
 

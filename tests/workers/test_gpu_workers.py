@@ -40,14 +40,16 @@ def _run(wp: WorkerPair, prompts, max_new: int) -> list[list[int]]:
 
 
 @needs_2
-def test_gpu_pair_tiny_fp32_equals_generate(tmp_path):
+@pytest.mark.parametrize("mtp_step", [0, 2])
+def test_gpu_pair_tiny_fp32_equals_generate(tmp_path, mtp_step):
+    """Greedy (plain and with MTP drafts) and seeded sampling on GPU equal shared.generate on cuda:0."""
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
     from shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=0)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=16, num_pages=256, chunked_prefill_size=64,
-                    device="cuda", gpus={"p0": "0", "d0": "1"})
+                    device="cuda", gpus={"p0": "0", "d0": "1"}, extra_decode=("--mtp_step", str(mtp_step)))
     try:
         wp.wait_ready(300)
         rng = random.Random(0)
@@ -55,6 +57,12 @@ def test_gpu_pair_tiny_fp32_equals_generate(tmp_path):
         runner = ModelRunner(model_dir, device="cuda:0")
         ref = [generate(runner, [p], max_new_tokens=8, ignore_eos=True, page_size=16)[0]["token_ids"] for p in prompts]
         assert _run(wp, prompts, 8) == ref
+        seeded = generate(runner, [prompts[1]], max_new_tokens=8, temperature=0.9, seed=7, ignore_eos=True,
+                          page_size=16)[0]["token_ids"]
+        sp = P.SamplingParams(temperature=0.9, seed=7, max_new_tokens=8, ignore_eos=True)
+        _start(wp, "seeded", prompts[1], sp)
+        ev = _collect(wp, {"seeded"}, timeout_s=120)["seeded"]
+        assert [t for e in ev for t in P.unpack_ids(e.token_ids)] == seeded
         _pages_zero(wp)
     finally:
         wp.stop()
