@@ -102,12 +102,13 @@ class Verified(NamedTuple):
     top_logprobs: list[list[tuple[int, float]]]  # per emitted token (empty unless asked)
 
 
-def _request_noise(k: int, vocab: int, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uniforms [k], exponentials [V]) for one request: from its own generator when seeded (CPU draws,
-    device-independent), else the global RNG."""
-    u = torch.rand(k, generator=gen)
-    e = torch.empty(vocab).exponential_(generator=gen)
-    return u, e
+def _request_noise(k: int, vocab: int, gen: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniforms [k], exponentials [V]) for one request: from its own generator when seeded (drawn on
+    the generator's device, uniforms first, like the sampler's V draws per step), else the global RNG."""
+    dev = gen.device if gen is not None else device
+    u = torch.rand(k, generator=gen, device=dev)
+    e = torch.empty(vocab, device=dev).exponential_(generator=gen)
+    return u.to(device), e.to(device)
 
 
 def verify_requests(
@@ -138,9 +139,9 @@ def verify_requests(
     out, r0, vocab = [], 0, logits.shape[1]
     for b, (d, n) in enumerate(zip(drafts, lens)):
         greedy = params[b].temperature <= 0  # no draws: a seeded greedy request's generator stays untouched
-        u, e = _request_noise(n - 1, vocab, None if greedy else generators[b])
+        u, e = _request_noise(n - 1, vocab, None if greedy else generators[b], probs.device)
         acc = accept_rejection(torch.tensor([d], dtype=torch.int64, device=logits.device).view(1, n - 1),
-                               probs[r0 : r0 + n][None], u[None].to(probs.device), e[None].to(probs.device))
+                               probs[r0 : r0 + n][None], u[None], e[None])
         ids = acc.token_ids[0, : int(acc.num_accepted[0]) + 1].tolist()
         lps = [float(logp[r0 + j, v]) for j, v in enumerate(ids)]
         k_top = params[b].top_logprobs if params[b].logprobs else 0

@@ -33,9 +33,11 @@ def _complete(fleet: Fleet, prompt: list[int], max_tokens: int, **extra) -> list
         return json.loads(r.read())["choices"][0]["token_ids"]
 
 
-def _metric_sum(fleet: Fleet, worker: str, name: str) -> float:
+def _metric_sum(fleet: Fleet, worker: str, name: str, label: str = "") -> float:
+    """Sum of a metric's samples on one worker (those carrying `label`, e.g. 'position="1"', if given)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{fleet.health_ports[worker]}/metrics", timeout=5).read()
-    return sum(float(x.rsplit(" ", 1)[1]) for x in text.decode().splitlines() if x.startswith(name + "{"))
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.decode().splitlines()
+               if x.startswith(name + "{") and label in x)
 
 
 def _pages_back(fleet: Fleet) -> None:
@@ -77,6 +79,9 @@ def test_greedy_mtp_equals_mtp_off(tmp_path, arch, k):
         with ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(lambda a: _complete(fleet, *a), zip(prompts, max_tokens)))
         assert got == ref
+        if k == 2:  # sampled requests draft too (rejection sampling): a seed reproduces its tokens
+            sampled = [_complete(fleet, prompts[1], 10, temperature=0.9, seed=7) for _ in range(2)]
+            assert sampled[0] == sampled[1] and len(sampled[0]) == 10
         drafts = _metric_sum(fleet, "d0", "glm_worker_mtp_draft_tokens_total")
         assert drafts > 0 and drafts % k == 0
         _pages_back(fleet)
@@ -98,6 +103,10 @@ def test_constructed_model_accepts_every_draft(tmp_path):
         assert _metric_sum(fleet, "d0", "glm_worker_step_seconds_count") == 3
         assert _metric_sum(fleet, "d0", "glm_worker_mtp_draft_tokens_total") == 3 * k
         assert _metric_sum(fleet, "d0", "glm_worker_mtp_accepted_tokens_total") == 3 * k
+        assert _metric_sum(fleet, "d0", "glm_worker_mtp_mean_acceptance_length") == k + 1
+        for j in range(1, k + 1):
+            assert _metric_sum(fleet, "d0", "glm_worker_mtp_accepted_by_position_total",
+                               f'position="{j}"') == 3
         # a stop token that lands in the middle of an accepted draft run: nothing after it is sent
         want = chain(prompt[-1], f, 12)
         stop = want[6]  # the 7th token: 1 (prefill) + 4 (step 1) + the 2nd of step 2
