@@ -22,7 +22,7 @@ from shared.worker_common.plan import LinkOp
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 10.0  # rendezvous: the peer must join within this
+CONNECT_TIMEOUT_S = {"cpu": 10.0, "cuda": 90.0}  # rendezvous: the peer must join within this (NCCL init is slow)
 XFER_TIMEOUT_S = 30.0
 MAX_HIDDENS = 4096  # received MTP seed states kept until taken (oldest dropped first)  # a posted transfer must complete within this, else the link is torn down
 
@@ -58,10 +58,10 @@ class LinkSet:
             store = self._store(op.host, op.port)
             if self.role == "prefill":
                 link = rv.connect_link(store, self.worker_id, op.peer, self.tp_rank, self.signature, self.device,
-                                       timeout_s=CONNECT_TIMEOUT_S, xfer_timeout_s=XFER_TIMEOUT_S)
+                                       timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S)
             else:
                 link = rv.accept_link(store, op.peer, self.worker_id, self.tp_rank, self.signature, self.device,
-                                      timeout_s=CONNECT_TIMEOUT_S, xfer_timeout_s=XFER_TIMEOUT_S)
+                                      timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - LinkError, LinkMismatch, store errors: no link, retry later
             log.error("%s rank %d: KV link to %s failed: %s", self.worker_id, self.tp_rank, op.peer, e)
             return
