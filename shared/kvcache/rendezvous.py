@@ -122,10 +122,14 @@ def _make_group(store: dist.Store, rank: int, device: torch.device, xfer_timeout
 def _warm(link: PGLink, timeout_s: float) -> None:
     """One 8-byte transfer prefill -> decode: both ends are connected when it completes."""
     t = torch.zeros(2, dtype=torch.int32, device=link.device)
-    if link.rank == SENDER:
-        link.send_tensor(WARM_XFER, t)
-    else:
-        link.recv_tensor(WARM_XFER, t)
+    xfer_timeout_s, link.timeout_s = link.timeout_s, timeout_s  # the warm-up gets the connect deadline
+    try:
+        if link.rank == SENDER:
+            link.send_tensor(WARM_XFER, t)
+        else:
+            link.recv_tensor(WARM_XFER, t)
+    finally:
+        link.timeout_s = xfer_timeout_s
     state = link.wait(WARM_XFER, timeout_s)
     link.forget(WARM_XFER)
     link.stats = LinkStats()  # count request traffic only

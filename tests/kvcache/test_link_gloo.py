@@ -187,14 +187,14 @@ def test_send_past_deadline_fails_and_breaks_link():
     host = open_store("127.0.0.1", port, is_host=True)
     from shared.kvcache.rendezvous import accept_link, in_background
 
-    fut = in_background(accept_link, host, "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 0.5)
-    send = connect_link(open_store("127.0.0.1", port, False), "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 0.5)
+    fut = in_background(accept_link, host, "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 1.0)
+    send = connect_link(open_store("127.0.0.1", port, False), "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 1.0)
     recv = fut.result(20)
     cache = PagedKVCache(P.GQA, P.NUM_PAGES)
     recv.recv_pages("solo/0", cache, [1, 2])
     assert recv.poll("solo/0") is XferState.PENDING
     assert recv.wait("solo/0", 5) is XferState.FAILED
-    assert recv.broken and "timed out after 0.5 s" in recv.error
+    assert recv.broken and "timed out after 1 s" in recv.error
     assert recv.poll("never-posted") is XferState.UNKNOWN
     assert bool((cache.buffer == 0).all())
     send.close()
