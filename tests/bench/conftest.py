@@ -46,11 +46,12 @@ def cpu_fleet(tmp_path_factory):
     if any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")):
         pytest.skip("router / worker entry points not landed yet")
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deploy"))
-    from fleet_ports import fleet_ports
+    from fleet_ports import fleet_ports, seed_state_dir
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path_factory.mktemp("fleet") / "state")
+    seed_state_dir(state)
     up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
                          "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "240"],
                         cwd=repo, capture_output=True, text=True, timeout=300)

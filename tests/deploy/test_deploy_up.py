@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fleet_ports import fleet_ports
+from fleet_ports import fleet_ports, seed_state_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_fleet = pytest.mark.skipif(
@@ -71,6 +71,7 @@ def test_deploy_up_cpu_demo(tmp_path):
 
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")
+    seed_state_dir(state)  # the embedded model, written once per session (its creation: test_default_model.py)
     cmd = [sys.executable, "-m", "deploy", "up", "--state_dir", state, "--port", str(port),
            "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "240"]
     up = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

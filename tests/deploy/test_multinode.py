@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from fleet_ports import fleet_ports
+from fleet_ports import cached_default_model, fleet_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MULTINODE = os.path.join(REPO, "deploy", "multinode")
@@ -36,9 +36,8 @@ def _env(tmp_path, model: str, role: str, port: int, base: int, health: int) -> 
 
 
 def test_three_node_fleet_from_templates(tmp_path):
-    from deploy.default_model import ensure_default_model
-
-    model = ensure_default_model(str(tmp_path / "shared"))
+    model = str(tmp_path / "model")  # a path of this test's own, so pgrep finds exactly its processes
+    os.symlink(cached_default_model(), model)
     port, base, health = fleet_ports()
     procs = {}
     try:
