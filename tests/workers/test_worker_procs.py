@@ -258,3 +258,29 @@ def test_prefill_not_ready_without_a_decode(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_prefill_killed_mid_handoff_decode_frees_and_relinks(tmp_path):
+    """kill -9 of the prefill while long prompts are being pushed: once the router's aborts arrive the
+    decode frees every reserved page (recvs in flight end first), relinks to the restarted prefill,
+    and the pair serves again."""
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=2)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=512, chunked_prefill_size=8)
+    try:
+        wp.wait_ready(60)
+        sp = P.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+        rids = [f"long{i}" for i in range(4)]
+        for rid in rids:
+            assert isinstance(_start(wp, rid, [3 + i % 200 for i in range(400)], sp), P.Reserved)
+        wp.kill_and_restart("p0")
+        for rid in rids:  # what the router does when the prefill's heartbeats stop
+            wp.send("d0", P.Abort(rid=rid, reason="prefill died"))
+        wp.wait_ready(60)
+        _pages_zero(wp)
+        assert isinstance(_start(wp, "after", [5, 6, 7], P.SamplingParams(max_new_tokens=3)), P.Reserved)
+        assert _collect(wp, {"after"})["after"][-1].finished
+        _pages_zero(wp)
+    finally:
+        wp.stop()
