@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.link import LinkMismatch, XferState
