@@ -58,6 +58,7 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "tokenizer", default="")
     _flag(p, "quantization", default="")
     _flag(p, "cpu_threads", type=int, default=1)
+    _flag(p, "start_retries", type=int, default=5, help="restarts of a program that dies at start before FATAL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,8 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
         served_model_name=a.served_model_name, tokenizer=a.tokenizer, max_queue=a.max_queue,
         max_req_total_len=a.max_req_total_len, quantization=a.quantization,
-        prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads)
+        prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads,
+        start_retries=a.start_retries)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,15 +56,28 @@ def _tail_logs(log_dir: str, lines: int = 15) -> None:
         print(f"---- {name} (last {len(tail)} lines)\n" + "".join(tail), file=sys.stderr)
 
 
+def _fatal(state_dir: str) -> list[str]:
+    """Programs supervisord gave up on (FATAL: they kept dying at start)."""
+    out = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", conf_path(state_dir), "status"],
+                         capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if " FATAL " in f" {line} "]
+
+
 def _wait_ready(proc: subprocess.Popen, spec: FleetSpec, timeout_s: float) -> bool:
     url = f"http://{spec.host}:{spec.port}/readyz"
     deadline = time.monotonic() + timeout_s
+    checks = 0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         if _ready(url):
             return True
+        checks += 1
+        if checks % 6 == 0 and (fatal := _fatal(spec.state_dir)):  # every ~3 s
+            print(f"deploy: {', '.join(fatal)} kept dying at start (FATAL); see the logs below", file=sys.stderr)
+            return False
         time.sleep(0.5)
+    print(f"deploy: the router's /readyz did not answer 200 within {timeout_s:.0f} s", file=sys.stderr)
     return False
 
 
@@ -94,7 +107,6 @@ def up(spec: FleetSpec, ready_timeout_s: float, default_state: bool, detach: boo
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if not _wait_ready(proc, spec, ready_timeout_s):
-        print(f"deploy: the router's /readyz did not answer 200 within {ready_timeout_s:.0f} s", file=sys.stderr)
         _tail_logs(log_dir)
         stop()
         proc.wait(60)

@@ -49,6 +49,7 @@ class FleetSpec:
     prefill_gpus: str = ""
     decode_gpus: str = ""
     cpu_threads: int = 1  # OMP_NUM_THREADS per worker on cpu
+    start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def render(spec: FleetSpec, conf_path: str, layout: str = "") -> str:
     layout = layout or ("cpu demo" if spec.device == "cpu" else "gpu node")
     return env.get_template("supervisord.conf.j2").render(
         programs=programs, state_dir=spec.state_dir, log_dir=os.path.join(spec.state_dir, "logs"),
-        workdir=spec.workdir, conf_path=conf_path, layout=layout)
+        workdir=spec.workdir, conf_path=conf_path, layout=layout, start_retries=spec.start_retries)
 
 
 def write_config(spec: FleetSpec, conf_path: str) -> str:

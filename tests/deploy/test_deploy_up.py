@@ -109,3 +109,20 @@ def test_up_refuses_a_port_in_use(tmp_path):
                                "--model_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "already in use" in proc.stderr
     assert not os.path.exists(tmp_path / "supervisord.pid")
+
+
+def test_up_fails_fast_when_programs_keep_dying(tmp_path):
+    """A model dir that does not exist: every program dies at start, up reports FATAL and stops supervisord."""
+    port, port_base, health_base = fleet_ports()
+    state = str(tmp_path / "state")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "deploy", "up", "--state_dir", state, "--model_dir",
+                           str(tmp_path / "missing"), "--port", str(port), "--port_base", str(port_base),
+                           "--health_base", str(health_base), "--start_retries", "0", "--ready_timeout", "120"],
+                          cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 1 and "FATAL" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 60  # not the 120 s ready timeout
+    assert "---- router.log" in proc.stderr  # the logs' tails are shown
+    pid = open(os.path.join(state, "supervisord.pid")).read().strip() if os.path.exists(
+        os.path.join(state, "supervisord.pid")) else ""
+    assert not pid or subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0
