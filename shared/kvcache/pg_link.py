@@ -168,6 +168,8 @@ class PGLink(KVLink):
     # ---- completion (link thread) ---------------------------------------------------
     def _complete_loop(self) -> None:
         while (x := self._queue.get()) is not None:
+            if self.broken:
+                continue  # torn down: its ops are FAILED and the group aborted; wait for none
             try:
                 header = self._wait_op(x)
                 err = "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
