@@ -37,26 +37,41 @@ def seed_rows(seq: DecodeSeq) -> None:
     seq.mtp_hidden = seq.hidden[None, :]
 
 
-def draft(engine, batch: list[DecodeSeq], link_ops, k: int) -> list[list[int]]:
+def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | None = None) -> list[list[int]]:
     """k greedy drafts per request. The first MTP pass covers every pending row (writing their MTP
     KV); each further draft chains one row: position + 1, input = the previous draft, prev hidden =
-    the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2)."""
+    the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2). Only requests
+    with use[i] (pages for K more tokens) chain; the others get one draft they will not feed."""
     plan = StepPlan(mode="draft", link_ops=link_ops, seqs=[
         seq_plan([t for _, t in s.mtp_rows], s.mtp_rows[0][0], s.page_ids) for s in batch
     ])
     out = engine.lead(plan, prev_hidden=torch.cat([s.mtp_hidden for s in batch]).to(engine.device))
     drafts = [[d] for d in out.logits.argmax(-1).tolist()]
     last = torch.tensor([len(s.mtp_rows) for s in batch]).cumsum(0) - 1
-    z = out.hidden[last.to(out.hidden.device)]  # [B, H] MTP output at each request's last row
-    for j in range(1, k):
+    chain = [i for i in range(len(batch)) if use is None or use[i]]
+    z = out.hidden[last[chain].to(out.hidden.device)]  # [B', H] MTP output at each chaining request's last row
+    for j in range(1, k if chain else 1):
         plan = StepPlan(mode="draft", seqs=[
-            seq_plan([d[-1]], s.mtp_rows[-1][0] + j, s.page_ids) for s, d in zip(batch, drafts)
+            seq_plan([drafts[i][-1]], batch[i].mtp_rows[-1][0] + j, batch[i].page_ids) for i in chain
         ])
         out = engine.lead(plan, prev_hidden=z)
         z = out.hidden
-        for d, t in zip(drafts, out.logits.argmax(-1).tolist()):
-            d.append(t)
+        for i, t in zip(chain, out.logits.argmax(-1).tolist()):
+            drafts[i].append(t)
     return drafts
+
+
+def release_rejected_pages(seq: DecodeSeq, pages, page_size: int, num_pages_before: int) -> list[int]:
+    """Rollback's page side, after commit: pages grown this step for drafts that hold no accepted
+    token (index >= what the next step needs: positions 0 .. num_cached) go back to the pool.
+    Pages the request held before this step (its reservation) stay. Returns the freed ids."""
+    keep = max(num_pages_before, seq.num_cached // page_size + 1)
+    if keep >= len(seq.page_ids):
+        return []
+    freed = pages.trim(seq.rid, keep)
+    assert freed == seq.page_ids[keep:], "allocator and request disagree on the page list"
+    del seq.page_ids[keep:]
+    return freed
 
 
 def verify_and_accept(engine, batch: list[DecodeSeq], drafts: list[list[int]], use_draft: list[bool]):

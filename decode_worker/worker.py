@@ -182,14 +182,16 @@ class DecodeWorker:
     def _mtp_step(self, batch: list[DecodeSeq], ops) -> None:
         """Draft one token per request with the MTP layer, verify, accept (decode_worker/mtp.py)."""
         k = self.cfg.mtp_step
+        num_pages_before = [len(s.page_ids) for s in batch]
         use = [self.running.has_room(s, extra=k) for s in batch]  # every request drafts (lossless accept)
-        drafts = mtp.draft(self.engine, batch, ops, k)
+        drafts = mtp.draft(self.engine, batch, ops, k, use)
         results = mtp.verify_and_accept(self.engine, batch, drafts, use)
-        for seq, u, (rows, hid) in zip(batch, use, results):
+        for seq, u, before, (rows, hid) in zip(batch, use, num_pages_before, results):
             if self.mtp_metrics is not None:
                 self.mtp_metrics.observe(k if u else 0, len(rows) - 1)
             rows = mtp.ends_early(seq, rows, self.eos_ids)
             mtp.commit(seq, rows, hid[: len(rows)])
+            mtp.release_rejected_pages(seq, self.pages, self.cfg.page_size, before)
             self.metrics.add_tokens(len(rows))
             self._emit(seq, rows)
         self.metrics.mtp_drafts.inc(k * sum(use))
