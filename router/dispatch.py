@@ -1,12 +1,11 @@
 """Dispatch of generation runs to prefill/decode workers over ZeroMQ, and their events back.
 
-Runs in the router process, on the asyncio loop of the HTTP server. Sockets: one PULL bound
-at --events_addr (every worker leader pushes TokenEvent / Reserved / Busy / RequestError /
-WorkerStatus there) and one PUSH per worker leader's control address.
+Runs in the router process, on the HTTP server's asyncio loop. Sockets: a PULL bound at
+--events_addr (every worker leader pushes its events there), a PUSH per worker leader.
 
-Flow of a run (runs.py): Reserve -> the ready decode with most free pages; on Reserved,
-PrefillRequest -> the ready prefill with fewest queued tokens; on Busy, the next decode, else
-back to the bounded queue (full -> 429). Tokens arrive from the prefill (first) then the
+Flow of a run (runs.py): Reserve (naming the ready prefill with fewest queued tokens) -> the
+ready decode with most free pages; on Reserved, PrefillRequest -> that prefill; on Busy, the
+next decode, else back to the bounded queue (admission beyond it -> 429). Tokens arrive from the prefill (first) then the
 decode. Invariants: every run that leaves the table got its final Chunk or a Failure, and
 every worker that may hold pages for it was sent an Abort (abort is idempotent on workers).
 """
@@ -50,12 +49,9 @@ class Dispatcher:
         self._pull = self._actx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(self.cfg.events_addr)
-        for wid, w in self.registry.workers.items():
-            s = self._ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 10000)
-            s.connect(w.addr)
-            self._push[wid] = s
+        for wid, w in self.registry.workers.items():  # sends never block: NOBLOCK + a deep HWM
+            self._push[wid] = s = self._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0), s.setsockopt(zmq.SNDHWM, 10000), s.connect(w.addr)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
 
     async def stop(self) -> None:
@@ -197,16 +193,18 @@ class Dispatcher:
     def _on_message(self, msg: P.Msg) -> None:
         now = time.monotonic()
         if isinstance(msg, P.WorkerStatus):
+            if self.registry.restarted(msg):  # its old process and every request on it are gone
+                self._lose_worker(msg.worker_id)
             if not self.registry.on_status(msg, now):
                 log.debug("heartbeat from unconfigured worker %s ignored", msg.worker_id)
             self._drain_queue()
             return
         run = self.runs.get(msg.rid)
         if run is None:  # stale attempt or a run ended here: make sure the worker frees it
-            if isinstance(msg, P.Reserved) or (isinstance(msg, P.TokenEvent) and not msg.finished):
-                wid = msg.decode_id if isinstance(msg, P.Reserved) else msg.worker_id
-                if wid in self._push:
-                    self._send(wid, P.Abort(rid=msg.rid, reason="unknown rid"))
+            wid = msg.decode_id if isinstance(msg, P.Reserved) else getattr(msg, "worker_id", None)
+            live = isinstance(msg, P.Reserved) or (isinstance(msg, P.TokenEvent) and not msg.finished)
+            if live and wid in self._push:
+                self._send(wid, P.Abort(rid=msg.rid, reason="unknown rid"))
             return
         if isinstance(msg, P.Reserved):
             self._on_reserved(run, msg, now)
@@ -274,11 +272,7 @@ class Dispatcher:
 
     def _check(self, now: float) -> None:
         for w in self.registry.expired(now):
-            for rid in list(w.inflight):
-                run = self.runs.get(rid)
-                w.inflight.discard(rid)
-                if run is not None:
-                    self._on_worker_lost(run, w.worker_id)
+            self._lose_worker(w.worker_id)
         for run in list(self.runs.values()):
             if now - run.created > self.cfg.request_timeout_s:
                 self._fail(run, f"request timed out after {self.cfg.request_timeout_s:.0f} s", 504, "timeout")
@@ -288,10 +282,18 @@ class Dispatcher:
             self._fail(run, "no decode worker accepted the request in time", 503, "queue_timeout")
         self._drain_queue()
 
+    def _lose_worker(self, wid: str) -> None:
+        w = self.registry.workers[wid]
+        for rid in list(w.inflight):
+            run = self.runs.get(rid)
+            w.inflight.discard(rid)
+            if run is not None:
+                self._on_worker_lost(run, wid)
+
     def _on_worker_lost(self, run: Run, wid: str) -> None:
         if wid == run.prefill_id and run.prefill_done:
             return  # its part is done; the decode carries on
-        why = f"worker {wid} stopped answering (no heartbeat for {self.cfg.heartbeat_timeout_s:.0f} s)"
+        why = f"worker {wid} stopped answering (no heartbeat for {self.cfg.heartbeat_timeout_s:.0f} s, or restarted)"
         if run.num_tokens == 0:
             self._requeue(run, why)
         else:

@@ -53,6 +53,14 @@ class WorkerRegistry:
         w.sent_since_status, w.busy = 0, False
         return True
 
+    def restarted(self, st: WorkerStatus) -> bool:
+        """True when this heartbeat comes from a new process under a known id (checked before
+        on_status). Uses WorkerStatus.instance (requested from the protocol owner; absent = never)."""
+        w = self.workers.get(st.worker_id)
+        old = getattr(w.status, "instance", "") if w is not None and w.status is not None else ""
+        new = getattr(st, "instance", "")
+        return bool(old and new and old != new)
+
     def ready(self, role: str, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.ready(now, self.timeout_s)]
 
