@@ -82,6 +82,8 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "quantization", default=None)
     add_flag(p, "heartbeat_s", type=float, default=0.5)
     add_flag(p, "mtp_step", type=int, default=0, help="decode: MTP draft tokens per step (0 = off); ignored by prefill workers")
+    p.add_argument("--num_speculative_tokens", "--num-speculative-tokens", dest="mtp_step", type=int,
+                   default=argparse.SUPPRESS, help="alias of --mtp_step (vLLM's name)")
     add_flag(p, "tp_rank", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p, "tp_store_port", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -91,6 +93,8 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
     gpus = tuple(int(g) for g in a.gpus.split(",") if g.strip()) if a.gpus else ()
     if a.tp < 1:
         raise ValueError("--tp must be >= 1")
+    if not 0 <= a.mtp_step <= 4:
+        raise ValueError(f"--mtp_step {a.mtp_step}: expected 0 (off) .. 4")
     if a.mtp_step and a.tp > 1 and role == "decode":
         raise ValueError("--mtp_step > 0 needs --tp 1 on the decode worker for now (drafts use leader-held hidden states)")
     if gpus and len(gpus) != a.tp:
