@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "events_addr", default=d.events_addr)
     _flag(p, "prefill", action="append", default=[], help="id=tcp://host:port (repeat)")
     _flag(p, "decode", action="append", default=[], help="id=tcp://host:port (repeat)")
-    _flag(p, "tool_call_parser", default=None, choices=["glm45", "glm47"])
-    _flag(p, "reasoning_parser", default=None, choices=["glm45"])
+    _flag(p, "tool_call_parser", default=None, help="glm45 | glm47 (aliases like glm-4.5, glm4_moe)")
+    _flag(p, "reasoning_parser", default=None, help="glm45")
     _flag(p, "max_req_total_len", type=int, default=None)
     for name in ("max_queue", "max_body_bytes", "max_n", "max_retries"):
         _flag(p, name, type=int, default=getattr(d, name))
@@ -92,8 +92,16 @@ def model_limits(model_dir: str | None) -> tuple[int | None, int | None]:
 
 
 def parse_config(argv: list[str] | None = None) -> RouterConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     max_pos, vocab = model_limits(args.model_dir)
+    from router.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS, normalize_parser_name
+
+    try:
+        tool_parser = normalize_parser_name(args.tool_call_parser, TOOL_CALL_PARSERS)
+        reasoning_parser = normalize_parser_name(args.reasoning_parser, REASONING_PARSERS)
+    except ValueError as e:
+        parser.error(str(e))
     name = args.served_model_name or (args.model_dir.rstrip("/").split("/")[-1] if args.model_dir else "glm")
     return RouterConfig(
         host=args.host,
@@ -104,8 +112,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         events_addr=args.events_addr,
         prefill=parse_workers(args.prefill),
         decode=parse_workers(args.decode),
-        tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
+        tool_call_parser=tool_parser,
+        reasoning_parser=reasoning_parser,
         # never beyond the model's positions (a worker would reject the request after dispatch)
         max_req_total_len=min(x for x in (args.max_req_total_len or max_pos or RouterConfig.max_req_total_len,
                                           max_pos) if x),
