@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(p, "reserve_new_tokens", type=int, default=256,
              help="decode tokens reserved up front per request (min with max_new_tokens); more grow on demand")
     add_flag(p, "handoff_timeout_s", type=float, default=60.0)
-    add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])
-    add_flag(p, "graph_max_batch_size", type=int, default=0)
+    add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"],
+             help="accepted for LightLLM compatibility; both chain the MTP layer on its own output (vLLM style)")
+    add_flag(p, "graph_max_batch_size", type=int, default=0, help="CUDA graphs: not implemented yet (accepted, ignored)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = worker_config("decode", a)
     link_host = a.link_host or addr_host(a.control_addr)
