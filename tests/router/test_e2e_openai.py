@@ -13,8 +13,12 @@ import httpx
 import openai
 import pytest
 
-from e2e.conftest import _write_model
-from e2e.fleet import start_fleet
+try:  # the workers part's fleet starter (tests/ is on sys.path through tests/conftest.py)
+    from e2e.conftest import _write_model
+    from e2e.fleet import start_fleet
+except ImportError:  # tests/ became a package
+    from tests.e2e.conftest import _write_model
+    from tests.e2e.fleet import start_fleet
 
 pytestmark = pytest.mark.slow
 ROUTER_ARGS = ("--tool_call_parser", "glm47", "--reasoning_parser", "glm45", "--max_req_total_len", "512",

@@ -13,8 +13,12 @@ import time
 import httpx
 import pytest
 
-from e2e.conftest import _write_model
-from e2e.fleet import start_fleet
+try:  # the workers part's fleet starter (tests/ is on sys.path through tests/conftest.py)
+    from e2e.conftest import _write_model
+    from e2e.fleet import start_fleet
+except ImportError:  # tests/ became a package
+    from tests.e2e.conftest import _write_model
+    from tests.e2e.fleet import start_fleet
 
 pytestmark = pytest.mark.slow
 
