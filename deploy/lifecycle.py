@@ -56,16 +56,30 @@ def _tail_logs(log_dir: str, lines: int = 15) -> None:
         print(f"---- {name} (last {len(tail)} lines)\n" + "".join(tail), file=sys.stderr)
 
 
-def _fatal(state_dir: str) -> list[str]:
-    """Programs supervisord gave up on (FATAL: they kept dying at start)."""
+MAX_START_PIDS = 4  # a program seen with this many pids while the fleet comes up is crash-looping
+
+
+def _dying(state_dir: str, pids: dict[str, set[str]]) -> list[str]:
+    """Programs that keep dying: FATAL (died within startsecs too often) or seen with MAX_START_PIDS pids
+    (died later than startsecs, so supervisord restarts them forever). `pids` accumulates across calls."""
     out = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", conf_path(state_dir), "status"],
                          capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if " FATAL " in f" {line} "]
+    dying = []
+    for line in out.splitlines():
+        words = line.replace(",", " ").split()
+        if len(words) < 2:
+            continue
+        if "pid" in words:
+            pids.setdefault(words[0], set()).add(words[words.index("pid") + 1])
+        if words[1] == "FATAL" or len(pids.get(words[0], ())) >= MAX_START_PIDS:
+            dying.append(words[0])
+    return dying
 
 
 def _wait_ready(proc: subprocess.Popen, spec: FleetSpec, timeout_s: float) -> bool:
     url = f"http://{spec.host}:{spec.port}/readyz"
     deadline = time.monotonic() + timeout_s
+    pids: dict[str, set[str]] = {}
     checks = 0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -73,8 +87,9 @@ def _wait_ready(proc: subprocess.Popen, spec: FleetSpec, timeout_s: float) -> bo
         if _ready(url):
             return True
         checks += 1
-        if checks % 6 == 0 and (fatal := _fatal(spec.state_dir)):  # every ~3 s
-            print(f"deploy: {', '.join(fatal)} kept dying at start (FATAL); see the logs below", file=sys.stderr)
+        if checks % 2 == 0 and (dying := _dying(spec.state_dir, pids)):  # every ~1-2 s
+            print(f"deploy: {', '.join(dying)} kept dying at start (FATAL or restarted "
+                  f"{MAX_START_PIDS - 1}+ times); see the logs below", file=sys.stderr)
             return False
         time.sleep(0.5)
     print(f"deploy: the router's /readyz did not answer 200 within {timeout_s:.0f} s", file=sys.stderr)
