@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels._common import FP8_DTYPE, check, gpu_name, new_out
 from kernels.act_quant import quant_fp8_group, quant_fp8_per_token
+from kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
 
 def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
@@ -163,6 +164,8 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
+    if _use_tma(a_q, w_q, m, block, split_k):
+        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device), PRECISE_ACC)
     bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
@@ -184,6 +187,22 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
             SPLIT_K=splits, SCALE=not block, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4,
         )
     return out
+
+
+# Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py), config per GPU as
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); TMA_LARGE = False keeps the pointer kernel.
+TMA_LARGE = True
+TMA_CONFIGS: dict[str, tuple[int, ...]] = {"default": (256, 128, 128, 8, 8, 3)}
+
+
+def tma_config(device) -> tuple[int, ...]:
+    return TMA_CONFIGS.get(gpu_name(device), TMA_CONFIGS["default"])
+
+
+def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:
+    if not TMA_LARGE or block or m <= 512 or (split_k or 1) > 1 or a_q.device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(a_q.device)[0] >= 9 and tma_ok(a_q, w_q)
 
 
 def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:

@@ -144,6 +144,10 @@ CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int]] = {
 _CPU_CONFIG = (16, 16, 4, 1)
 
 
+# Single-token MLA batches go to kernels/mla_decode.py (False: this generic kernel, for comparison).
+MLA_DECODE_KERNEL = True
+
+
 def _config(device: torch.device, kind: str, phase: str) -> tuple[int, int, int, int]:
     from kernels._common import gpu_name
 
@@ -187,6 +191,10 @@ def paged_attention_fwd(
     v_from_k = v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv < dk
     da = dv if dk > dv else dk  # MLA: part A = latent dims shared with V
     kind = "mla" if dk > dv else "gqa"
+    if kind == "mla" and v_from_k and num_kv == 1 and max_q_len == 1 and t == num_seqs and MLA_DECODE_KERNEL:
+        from kernels.mla_decode import mla_decode  # one token per sequence: the latent-once kernel
+
+        return mla_decode(q, k_cache, page_table, seq_lens, page_size, scale, max_seq_len, dv, num_splits)
     block_m, block_n, warps, stages = _config(q.device, kind, "decode" if max_q_len <= 4 else "prefill")
     if max_q_len == 1:
         block_m = max(block_m, min(64, next_pow2(g)))

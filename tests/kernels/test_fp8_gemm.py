@@ -65,3 +65,19 @@ def test_split_k_matches_reference(block, bias):
     for split in (2, 3):
         out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_tma_kernel_partial_tiles(precise):
+    """kernels/fp8_gemm_tma.py (the M > 512 Hopper path) on tiles cut by M, N and K (zero-filled by TMA)."""
+    from kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+
+    m, n, k = 37, 45, 80  # K = 2.5 blocks of 32
+    a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
+    w_q, w_s = _weight(n, k)
+    b = torch.randn(n, device=DEV)
+    assert tma_ok(a_q, w_q)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    fp8_gemm_tma(a_q, a_s, w_q, w_s, b, out, (16, 32, 32, 2, 4, 1), precise)
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)

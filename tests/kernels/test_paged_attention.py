@@ -81,3 +81,17 @@ def test_rejects_int64_page_table():
     with pytest.raises(ValueError):
         paged_attention_fwd(q, cache[0], cache[1], batch.page_table.long(), batch.seq_lens,
                             batch.query_start_loc, PAGE, 1.0, 2, 2)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_mla_decode_kernel_one_token_per_sequence(splits):
+    """Single-token MLA batches take kernels/mla_decode.py (keys in M, all heads per program)."""
+    torch.manual_seed(5)
+    hq, d_latent, d_rope = 5, 40, 8
+    batch = _batch([37, 5, 0], [1, 1, 1], 16, seed=4)
+    cache = torch.randn(16 * PAGE, 1, d_latent + d_rope, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
+    v = cache[..., :d_latent]
+    out = paged_attention_fwd(q, cache, v, batch.page_table, batch.seq_lens, batch.query_start_loc, PAGE, 0.1,
+                              max_q_len=1, max_seq_len=38, num_splits=splits)
+    _check(out, paged_attention_ref(q, cache, v, batch, PAGE, 0.1), torch.float32)
