@@ -5,7 +5,7 @@ Runs in the router process, on the HTTP server's asyncio loop. Sockets: a PULL b
 
 Flow of a run (runs.py): Reserve (naming the ready prefill with fewest queued tokens) -> the
 ready decode with most free pages; on Reserved, PrefillRequest -> that prefill; on Busy, the
-next decode, else back to the bounded queue (admission beyond it -> 429). Tokens arrive from the prefill (first) then the
+next decode, else back to the bounded queue (full -> 429, at admission or on Busy). Tokens arrive from the prefill (first) then the
 decode. Invariants: every run that leaves the table got its final Chunk or a Failure, and
 every worker that may hold pages for it was sent an Abort (abort is idempotent on workers).
 """
@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from router.config import RouterConfig
-from router.errors import APIError
+from router.errors import APIError, overloaded
 from router.metrics import RouterMetrics
 from router.runs import Chunk, Failure, Phase, Run
 from router.workers import WorkerRegistry
@@ -74,10 +74,8 @@ class Dispatcher:
         if not ok:
             raise APIError(f"no worker is ready to serve ({why})", 503, code="no_ready_workers",
                            headers={"Retry-After": "1"})
-        waiting = self.num_waiting()
-        if waiting >= self.cfg.max_queue:
-            raise APIError(f"the server is overloaded ({waiting} requests wait for a decode worker); retry later",
-                           429, code="queue_full", headers={"Retry-After": "1"})
+        if len(self.queue) >= self.cfg.max_queue:
+            raise overloaded(len(self.queue))
         run = Run(base_rid, prompt_ids, P.pack_ids(prompt_ids), sampling)
         self.queue.append(run)
         self._drain_queue()
@@ -240,6 +238,9 @@ class Dispatcher:
             self._reserve(run, nxt.worker_id, time.monotonic())
             return
         run.tried_decodes.clear()  # every decode said busy: wait in line for the next heartbeat
+        if len(self.queue) >= self.cfg.max_queue:  # a burst overfilled the line: shed this run
+            self._finish(run, Failure(overloaded(len(self.queue))), abort=False)
+            return
         self.queue.appendleft(run)
         self._update_gauges()
 

@@ -45,6 +45,11 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(message, 400, param=param, code=code)
 
 
+def overloaded(queued: int) -> APIError:
+    return APIError(f"the server is overloaded ({queued} requests queued); retry later", 429,
+                    code="queue_full", headers={"Retry-After": "1"})
+
+
 def from_msgspec(e: msgspec.MsgspecError) -> APIError:
     """Turn a msgspec decode/validation error into a 400 naming the field (`$.messages[0].role`)."""
     text = str(e)
