@@ -30,3 +30,12 @@ def test_flags_with_dashes_and_underscores(tmp_path):
 def test_bad_flags_are_rejected(argv):
     with pytest.raises((SystemExit, ValueError)):
         parse_config(argv)
+
+
+def test_router_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, router.app, router.__main__; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
