@@ -83,6 +83,8 @@ async def _run(
         outputs = await asyncio.gather(*(one(r, a, t0) for r, a in zip(requests, offsets)))
         duration = time.perf_counter() - t0
         pbar.close()
+    for o in outputs:
+        o.start_time -= t0  # seconds after the run began (never before the request's arrival offset)
     return RunResult(list(outputs), duration)
 
 
