@@ -27,9 +27,9 @@ def test_streamed_timings(timed_server, endpoint):
     assert out.success, out.error
     assert out.output_tokens == 6
     assert out.generated_text == " tok" * 6
-    assert FIRST_S <= out.ttft < FIRST_S + 0.5
+    assert FIRST_S <= out.ttft < FIRST_S + 5.0  # lower bound is hard; upper only sanity (shared CPU)
     assert len(out.itl) == 5  # role-only and finish-only chunks are not tokens
-    assert all(0 <= g < 0.5 for g in out.itl)
+    assert all(0 <= g < 5.0 for g in out.itl)
     assert out.latency >= FIRST_S + 5 * GAP_S * 0.9  # the last token cannot arrive before it is sent
     assert out.latency == pytest.approx(out.ttft + sum(out.itl))
     assert out.prompt_len == 6  # the server's usage.prompt_tokens (the timed server counts words / ids)
