@@ -12,6 +12,7 @@ import logging
 import time
 
 from shared import protocol as P
+from shared.worker_common.io import PROCESS_INSTANCE
 from shared.worker_common.plan import LinkOp, StepPlan
 from shared.worker_common.sampling import generator_for, sample_rows
 from decode_worker import mtp
@@ -223,7 +224,7 @@ class DecodeWorker:
             self.io.to_router(P.WorkerStatus(
                 worker_id=self.cfg.worker_id, role="decode", ready=self.ready()[0], running=len(self.running),
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),
-                free_pages=free, total_pages=self.pages.capacity, used_pages=used, tp_size=self.cfg.tp_size,
+                free_pages=free, total_pages=self.pages.capacity, used_pages=used, tp_size=self.cfg.tp_size, instance=PROCESS_INSTANCE,
             ))
         self._check_idle(now)
 

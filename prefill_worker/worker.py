@@ -12,7 +12,7 @@ import time
 
 from shared import protocol as P
 from shared.worker_common.engine import Engine
-from shared.worker_common.io import WorkerIO
+from shared.worker_common.io import PROCESS_INSTANCE, WorkerIO
 from shared.worker_common.metrics import WorkerMetrics
 from shared.worker_common.plan import LinkOp, StepPlan, seq_plan
 from shared.worker_common.sampling import generator_for, sample_rows
@@ -222,7 +222,7 @@ class PrefillWorker:
         self.io.to_router(P.WorkerStatus(
             worker_id=self.cfg.worker_id, role="prefill", ready=ok, queued_tokens=self.sched.queued_tokens(),
             running=len(self.pusher.inflight), free_pages=free, total_pages=self.pages.capacity, used_pages=used,
-            tp_size=self.cfg.tp_size,
+            tp_size=self.cfg.tp_size, instance=PROCESS_INSTANCE,
         ))
 
     def _check_idle(self, now: float) -> None:

@@ -55,10 +55,10 @@ class WorkerRegistry:
 
     def restarted(self, st: WorkerStatus) -> bool:
         """True when this heartbeat comes from a new process under a known id (checked before
-        on_status). Uses WorkerStatus.instance (requested from the protocol owner; absent = never)."""
+        on_status). Uses WorkerStatus.instance."""
         w = self.workers.get(st.worker_id)
-        old = getattr(w.status, "instance", "") if w is not None and w.status is not None else ""
-        new = getattr(st, "instance", "")
+        old = w.status.instance if w is not None and w.status is not None else ""
+        new = st.instance
         return bool(old and new and old != new)
 
     def ready(self, role: str, now: float) -> list[WorkerState]:

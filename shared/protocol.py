@@ -132,6 +132,7 @@ class WorkerStatus(Msg):
     total_pages: int = 0
     used_pages: int = 0
     tp_size: int = 1
+    instance: str = ""  # unique per worker process start: a change tells the router it restarted
 
 
 # ---- prefill leader -> decode leader (KV bytes go over the KVLink, not here) ---------

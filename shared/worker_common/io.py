@@ -11,12 +11,18 @@ Sends never block the step loop: a full peer queue raises instead of hanging (SN
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import zmq
 
 from shared import protocol
 
 log = logging.getLogger(__name__)
+
+# Sent in every WorkerStatus: a new value under the same worker id means the process restarted
+# (supervisord), so the router ends or re-runs what the old process held at once.
+PROCESS_INSTANCE = f"{os.getpid()}-{time.time_ns()}"
 
 
 class WorkerIO:
