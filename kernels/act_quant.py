@@ -88,7 +88,7 @@ def _silu_mul_kernel(
         tl.store(out_ptr + row * out_stride + cols, h.to(out_ptr.dtype.element_ty), mask=m)
 
 
-SILU_WARPS = 0  # 0: by row width (8 warps for a 2048-wide block); the sweep overrides it
+SILU_WARPS = 0  # 0: by row width (quant: 4 warps for a 2048-wide row, H100 sweep); the sweep overrides it
 
 
 def _silu_launch(x: torch.Tensor, quant: bool):
@@ -101,7 +101,7 @@ def _silu_launch(x: torch.Tensor, quant: bool):
         _silu_mul_kernel[(t,)](
             x, out, scale, x.stride(0), out.stride(0), i,
             QUANT=quant, BLOCK=block, NUM_CHUNKS=triton.cdiv(i, block), PRE_ROUND=INTERPRET,
-            num_warps=SILU_WARPS or min(16 if quant else 8, max(1, block // 256)),
+            num_warps=SILU_WARPS or min(8, max(1, block // (512 if quant else 256))),
         )
     return out, scale
 

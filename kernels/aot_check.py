@@ -57,6 +57,17 @@ def _gemm(block_scaled: bool, cfg, split_k: int = 1):
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 
+def _gemm_tma(cfg, precise: bool):
+    from kernels import fp8_gemm_tma
+
+    bm, bn, bk, group_m, warps, stages = cfg
+    sig = dict(a_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", w_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>", c_ptr=P["bf16"],
+               as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
+    sig.update({n: "i32" for n in ("M", "N", "K", "c_sm", "as_sm", "ws_sn")})
+    const = dict(HAS_BIAS=True, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=precise)
+    return fp8_gemm_tma._fp8_gemm_tma_kernel, sig, const, warps, stages
+
+
 def _small_kernels():
     i32 = "i32"
     yield "rms_norm add H4096", rmsnorm._rms_norm_kernel, dict(
@@ -99,6 +110,8 @@ def cases():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
     yield ("fp8_gemm block128 large", *_gemm(True, fp8_gemm.CONFIGS[("default", "large")]))
+    for key, cfg in fp8_gemm.TMA_CONFIGS.items():
+        yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
         part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",

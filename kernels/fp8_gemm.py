@@ -165,7 +165,8 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     if m == 0:
         return out
     if _use_tma(a_q, w_q, m, block, split_k):
-        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device), PRECISE_ACC)
+        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device, m, n, PRECISE_ACC),
+                            PRECISE_ACC)
     bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
@@ -189,14 +190,23 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     return out
 
 
-# Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py), config per GPU as
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); TMA_LARGE = False keeps the pointer kernel.
+# Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
+# the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep
+# (bench/KERNEL_NOTES.md v7): 256x128 tiles when they fill the SMs, else 128x128 with 256-deep K steps;
+# "fast" is for PRECISE_ACC = False (128x256 spills with the precise partial accumulator).
 TMA_LARGE = True
-TMA_CONFIGS: dict[str, tuple[int, ...]] = {"default": (256, 128, 128, 8, 8, 3)}
+TMA_CONFIGS: dict[str, tuple[int, ...]] = {
+    "big": (256, 128, 128, 8, 8, 4),
+    "narrow": (128, 128, 256, 8, 8, 3),
+    "fast": (128, 256, 128, 8, 8, 3),
+}
 
 
-def tma_config(device) -> tuple[int, ...]:
-    return TMA_CONFIGS.get(gpu_name(device), TMA_CONFIGS["default"])
+def tma_config(device, m: int, n: int, precise: bool) -> tuple[int, ...]:
+    if not precise:
+        return TMA_CONFIGS["fast"]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return TMA_CONFIGS["big" if triton.cdiv(m, 256) * triton.cdiv(n, 128) >= sms else "narrow"]
 
 
 def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:

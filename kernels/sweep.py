@@ -33,15 +33,15 @@ GEMM_VARIANTS = (
     ("tma 128x256x128 w8 s3 FAST", "tma", (128, 256, 128, 8, 8, 3), False),
     ("tma 256x128x128 w8 s3 FAST", "tma", (256, 128, 128, 8, 8, 3), False),
 )
-MLA_VARIANTS = (  # (name, use latent-once kernel, config (BLOCK_N, warps, stages, splits))
-    ("generic 32x32 w8 s2 (v2)", False, (32, 32, 8, 2)),
-    ("generic 32x64 w8 s2", False, (32, 64, 8, 2)),
-    ("latent n64 w8 s2 split2", True, (64, 8, 2, 2)),
-    ("latent n64 w8 s2 split4", True, (64, 8, 2, 4)),
-    ("latent n64 w8 s3 split2", True, (64, 8, 3, 2)),
-    ("latent n64 w8 s3 split4", True, (64, 8, 3, 4)),
-    ("latent n32 w8 s3 split2", True, (32, 8, 3, 2)),
+MLA_VARIANTS = (  # (name, use latent-once kernel, config (BLOCK_N, warps, stages, splits)); stages 1 = prefetch
     ("latent n32 w4 s3 split4", True, (32, 4, 3, 4)),
+    ("latent n32 w4 s3 split8", True, (32, 4, 3, 8)),
+    ("latent n64 w8 s2 split2", True, (64, 8, 2, 2)),
+    ("latent n64 w8 s1pf split2", True, (64, 8, 1, 2)),
+    ("latent n64 w8 s1pf split4", True, (64, 8, 1, 4)),
+    ("latent n32 w8 s1pf split4", True, (32, 8, 1, 4)),
+    ("latent n32 w4 s1pf split4", True, (32, 4, 1, 4)),
+    ("latent n32 w4 s1pf split8", True, (32, 4, 1, 8)),
 )
 
 

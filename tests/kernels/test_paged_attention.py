@@ -92,6 +92,11 @@ def test_mla_decode_kernel_one_token_per_sequence(splits):
     cache = torch.randn(16 * PAGE, 1, d_latent + d_rope, device=DEV)
     q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
     v = cache[..., :d_latent]
+    ref = paged_attention_ref(q, cache, v, batch, PAGE, 0.1)
     out = paged_attention_fwd(q, cache, v, batch.page_table, batch.seq_lens, batch.query_start_loc, PAGE, 0.1,
                               max_q_len=1, max_seq_len=38, num_splits=splits)
-    _check(out, paged_attention_ref(q, cache, v, batch, PAGE, 0.1), torch.float32)
+    _check(out, ref, torch.float32)
+    from kernels.mla_decode import mla_decode  # the other loop form: num_stages 2 (no register prefetch)
+
+    out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits, (16, 4, 2, 0))
+    _check(out, ref, torch.float32)
