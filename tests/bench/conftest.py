@@ -45,8 +45,11 @@ def cpu_fleet(tmp_path_factory):
 
     if any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")):
         pytest.skip("router / worker entry points not landed yet")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deploy"))
-    from fleet_ports import fleet_ports, seed_state_dir
+    try:
+        from tests.deploy.fleet_ports import fleet_ports, seed_state_dir
+    except ImportError:  # tests/ is not importable as a package
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deploy"))
+        from fleet_ports import fleet_ports, seed_state_dir
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     port, port_base, health_base = fleet_ports()

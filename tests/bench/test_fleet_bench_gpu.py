@@ -19,8 +19,11 @@ def test_gpu_fleet_burst(tmp_path, preset, input_len):
     """Tiny default model, then GLM-4.7-Flash's real shapes with dummy weights (bf16, ~60 GB per worker)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    sys.path.insert(0, os.path.join(REPO, "tests", "deploy"))
-    from fleet_ports import fleet_ports
+    try:
+        from tests.deploy.fleet_ports import fleet_ports
+    except ImportError:  # tests/ is not importable as a package
+        sys.path.insert(0, os.path.join(REPO, "tests", "deploy"))
+        from fleet_ports import fleet_ports
 
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")

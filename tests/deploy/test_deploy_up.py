@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from fleet_ports import fleet_ports, seed_state_dir
+try:
+    from tests.deploy.fleet_ports import fleet_ports, seed_state_dir
+except ImportError:  # tests/ is not importable as a package (plain `pytest` without tests/__init__.py)
+    from fleet_ports import fleet_ports, seed_state_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_fleet = pytest.mark.skipif(

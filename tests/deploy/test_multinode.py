@@ -11,7 +11,10 @@ import time
 import httpx
 import pytest
 
-from fleet_ports import cached_default_model, fleet_ports
+try:
+    from tests.deploy.fleet_ports import cached_default_model, fleet_ports
+except ImportError:  # tests/ is not importable as a package (plain `pytest` without tests/__init__.py)
+    from fleet_ports import cached_default_model, fleet_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MULTINODE = os.path.join(REPO, "deploy", "multinode")
