@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU check-and-benchmark suite, run on the device machine (nvidia-h200-x2: prefill on GPU 0,
+# decode on GPU 1) in phases that each fit one 10-minute call:
+#   bash bench/gpu_suite.sh models   # bf16 parity, CUDA graphs, TP=2 over NCCL, NCCL KV link, KV GB/s vs NCCL
+#   bash bench/gpu_suite.sh fleet    # prefill->decode pair on 2 GPUs (tiny + GLM-4.7-Flash dummy), MTP step times
+#   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
+#   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
+# Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
+# Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+PY=${PY:-python3}
+summary=()
+step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
+  local name=$1 t=$2; shift 2
+  echo "=== $name: $*"
+  timeout "$t" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
+  tail -25 "$OUT/$name.txt"
+  summary+=("$name rc=$rc")
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
+case "${1:-models}" in
+  models)
+    step models_gpu 300 $PY -m pytest -q -s -m gpu tests/models -p no:cacheprovider
+    step kvlink_nccl 150 $PY -m pytest -q -s -m gpu tests/kvcache/test_link_nccl.py -p no:cacheprovider
+    step kv_transfer 150 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --out "$OUT/kv_transfer.json"
+    ;;
+  fleet)
+    step workers_gpu 330 $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py -p no:cacheprovider
+    step mtp_step 200 $PY -m bench.mtp_step --out "$OUT/mtp_step.json"
+    ;;
+  kernels)
+    OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
+    ;;
+  serve)
+    step serve 540 env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" bash deploy/gpu_bench.sh
+    ;;
+esac
+printf '%s\n' "${summary[@]}"
