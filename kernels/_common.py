@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,7 +31,22 @@ def gpu_name(device: torch.device) -> str:
     """Key for the tuned-config tables ("cpu" under the interpreter)."""
     if device.type != "cuda":
         return "cpu"
-    return torch.cuda.get_device_name(device).replace("NVIDIA ", "").split(" ")[0]
+    return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> tuple[str, int, int]:
+    """(config-table name, SM count, compute capability major), read once per device (launch overhead)."""
+    p = torch.cuda.get_device_properties(index)
+    return p.name.replace("NVIDIA ", "").split(" ")[0], p.multi_processor_count, p.major
+
+
+def sm_count(device: torch.device) -> int:
+    return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+def cc_major(device: torch.device) -> int:
+    return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())[2]
 
 
 # The interpreter's fp32 -> fp8 cast loses the carry when rounding up across a power of two (127.9 -> 64),

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FP8_DTYPE, check, gpu_name, new_out
+from kernels._common import FP8_DTYPE, cc_major, check, gpu_name, new_out, sm_count
 from kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
@@ -131,7 +131,7 @@ def _config(device, m: int, n: int, block_scaled: bool) -> tuple[int, ...]:
     table_name = "cpu" if name == "cpu" else "default"
     cfg = CONFIGS.get((name, bucket)) or CONFIGS[(table_name, bucket)]
     if bucket == "small" and name != "cpu":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device)
         if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) < 2 * sms:
             cfg = CONFIGS.get((name, "small_narrow")) or CONFIGS[("default", "small_narrow")]
     if block_scaled and cfg[2] != 128:
@@ -205,21 +205,21 @@ TMA_CONFIGS: dict[str, tuple[int, ...]] = {
 def tma_config(device, m: int, n: int, precise: bool) -> tuple[int, ...]:
     if not precise:
         return TMA_CONFIGS["fast"]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return TMA_CONFIGS["big" if triton.cdiv(m, 256) * triton.cdiv(n, 128) >= sms else "narrow"]
 
 
 def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:
     if not TMA_LARGE or block or m <= 512 or (split_k or 1) > 1 or a_q.device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(a_q.device)[0] >= 9 and tma_ok(a_q, w_q)
+    return cc_major(a_q.device) >= 9 and tma_ok(a_q, w_q)
 
 
 def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:
     """Decode sizes (M <= 64, weight-bound) whose grid leaves SMs idle: split K, >= 4 K blocks each."""
     if device.type != "cuda" or m > 64:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 4))

@@ -35,7 +35,7 @@ def _mla_decode_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
-    BLOCK_DR: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head."""
@@ -56,17 +56,11 @@ def _mla_decode_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_DL, BLOCK_H], dtype=tl.float32)  # out^T
     pt = page_table_ptr + seq.to(tl.int64) * pt_stride
-    if PREFETCH:  # registers hold the next tile: its loads fly while this tile is computed
-        nl, nr = _load_tile(kv_ptr, pt, lo + tl.arange(0, BLOCK_N), hi, page_size, kv_ss, dl, dr, DL, DR)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         j_ok = j < hi
-        if PREFETCH:
-            k_lat, k_rope = dot_in(nl, UPCAST), dot_in(nr, UPCAST)
-            nl, nr = _load_tile(kv_ptr, pt, j + BLOCK_N, hi, page_size, kv_ss, dl, dr, DL, DR)
-        else:  # num_stages > 1: Triton's pipeliner stages the cp.async copies
-            k_lat, k_rope = _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR)
-            k_lat, k_rope = dot_in(k_lat, UPCAST), dot_in(k_rope, UPCAST)
+        k_lat, k_rope = _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR)
+        k_lat, k_rope = dot_in(k_lat, UPCAST), dot_in(k_rope, UPCAST)
         s = tl.dot(k_lat, q_lat) + tl.dot(k_rope, q_rope)  # [BLOCK_N, BLOCK_H] = scores^T
         s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -84,8 +78,7 @@ def _mla_decode_kernel(
         tl.store(lse_ptr + (seq.to(tl.int64) * H + h) * NUM_SPLITS + split, lse, mask=h_ok)
 
 
-# (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)). num_stages 1 = manual
-# register prefetch of the next tile (PREFETCH), > 1 = Triton's cp.async pipelining.
+# (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)); H100 sweep, KERNEL_NOTES v7.
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (32, 4, 3, 4),
 }
@@ -119,7 +112,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
         page_table.stride(0), scale * 1.4426950408889634, page_size, h, dl, dk - dl,
         NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
-        BLOCK_DR=max(16, next_pow2(dk - dl)), PREFETCH=stages == 1, UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
+        BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
     )
     if n_split > 1:
         _merge_kernel[(b * h,)](

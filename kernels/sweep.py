@@ -33,15 +33,13 @@ GEMM_VARIANTS = (
     ("tma 128x256x128 w8 s3 FAST", "tma", (128, 256, 128, 8, 8, 3), False),
     ("tma 256x128x128 w8 s3 FAST", "tma", (256, 128, 128, 8, 8, 3), False),
 )
-MLA_VARIANTS = (  # (name, use latent-once kernel, config (BLOCK_N, warps, stages, splits)); stages 1 = prefetch
+MLA_VARIANTS = (  # (name, use latent-once kernel, config (BLOCK_N, warps, stages, splits))
+    ("generic 32x64 w8 s2", False, (32, 64, 8, 2)),
     ("latent n32 w4 s3 split4", True, (32, 4, 3, 4)),
-    ("latent n32 w4 s3 split8", True, (32, 4, 3, 8)),
+    ("latent n32 w4 s2 split4", True, (32, 4, 2, 4)),
+    ("latent n32 w4 s4 split4", True, (32, 4, 4, 4)),
+    ("latent n32 w4 s3 split3", True, (32, 4, 3, 3)),
     ("latent n64 w8 s2 split2", True, (64, 8, 2, 2)),
-    ("latent n64 w8 s1pf split2", True, (64, 8, 1, 2)),
-    ("latent n64 w8 s1pf split4", True, (64, 8, 1, 4)),
-    ("latent n32 w8 s1pf split4", True, (32, 8, 1, 4)),
-    ("latent n32 w4 s1pf split4", True, (32, 4, 1, 4)),
-    ("latent n32 w4 s1pf split8", True, (32, 4, 1, 8)),
 )
 
 
@@ -139,6 +137,36 @@ def silu(rows: list, hbm: float) -> None:
     act_quant.SILU_WARPS = 0
 
 
+def _graph_ms(fn, reps: int = 20) -> float:
+    """GPU time alone: `reps` calls captured in one CUDA graph, replay time / reps (no host launch cost)."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return ms(g.replay) / reps
+
+
+def launch(rows: list) -> None:
+    """Eager (do_bench, host launch included) vs graph-replayed time of fp8_gemm at the small bench shapes."""
+    for m, n, k in ((64, 12288, 4096), (64, 1024, 4096), (64, 5120, 768), (2048, 1024, 4096), (2048, 5120, 768),
+                    (4096, 1024, 4096)):
+        a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device="cuda", dtype=BF16))
+        w_q = torch.randn(n, k, device="cuda").to(FP8)
+        w_s = torch.rand(n, 1, device="cuda") + 0.5
+        for tma in (True, False):
+            fp8_gemm.TMA_LARGE = tma
+            fn = lambda: fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # noqa: E731
+            sm = lambda: torch._scaled_mm(a_q, w_q.t(), a_s, w_s.reshape(1, -1), out_dtype=BF16)  # noqa: E731
+            rows.append(dict(sec="launch", shape=f"M{m} N{n} K{k}", tma=tma, eager_ms=ms(fn), graph_ms=_graph_ms(fn),
+                             scaled_mm_eager=ms(sm), scaled_mm_graph=_graph_ms(sm)))
+            _print(rows[-1])
+    fp8_gemm.TMA_LARGE = True
+
+
 def _print(r: dict) -> None:
     print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -146,7 +174,7 @@ def _print(r: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="sweep.json")
-    ap.add_argument("--only", default="silu,mla,gemm")
+    ap.add_argument("--only", default="silu,mla,gemm,launch")
     args = ap.parse_args()
     torch.manual_seed(0)
     n = 1 << 28
@@ -158,7 +186,8 @@ def main() -> None:
     t0 = time.time()
     for sec in args.only.split(","):
         try:
-            {"silu": lambda: silu(rows, hbm), "mla": lambda: mla(rows, hbm), "gemm": lambda: gemm(rows)}[sec]()
+            {"silu": lambda: silu(rows, hbm), "mla": lambda: mla(rows, hbm), "gemm": lambda: gemm(rows),
+             "launch": lambda: launch(rows)}[sec]()
         except Exception as ex:  # noqa: BLE001
             print(f"section {sec} failed: {type(ex).__name__}: {ex}", file=sys.stderr)
         print(f"-- {sec} done at {time.time() - t0:.0f}s", flush=True)

@@ -96,7 +96,7 @@ def test_mla_decode_kernel_one_token_per_sequence(splits):
     out = paged_attention_fwd(q, cache, v, batch.page_table, batch.seq_lens, batch.query_start_loc, PAGE, 0.1,
                               max_q_len=1, max_seq_len=38, num_splits=splits)
     _check(out, ref, torch.float32)
-    from kernels.mla_decode import mla_decode  # the other loop form: num_stages 2 (no register prefetch)
+    from kernels.mla_decode import mla_decode  # another config: 2 splits forced, BLOCK_N 16, 2 stages
 
     out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits, (16, 4, 2, 0))
     _check(out, ref, torch.float32)
