@@ -3,7 +3,8 @@ bf16 parity with transformers, TP=2 over NCCL vs TP=1, and the W8A8 FP8 path vs 
 
 Tolerances (bf16; per-row max relative logit error vs transformers in bf16 on the same GPU, teacher-forced;
 likewise TP2 vs TP1): median <= 2e-2, 90th percentile <= 5e-2, greedy
-top-1 agreement >= 90% (random tiny weights have routing near-ties that bf16 rounding flips on a few rows).
+top-1 agreement >= 90% (random tiny weights have routing near-ties that bf16 rounding flips on a few rows),
+where a row also agrees when our argmax is a near-tie in the reference (within 2e-2 of its max |logit|).
 """
 
 import pytest
@@ -36,8 +37,14 @@ def _check_close(what: str, errs: list[float], agree: list[bool], med_tol=2e-2, 
     assert med <= med_tol and p90 <= p90_tol and top1 >= top1_min
 
 
+def _top1(ours: torch.Tensor, ref: torch.Tensor, tie_tol: float = 2e-2) -> bool:
+    """Same greedy token, or ours is a near-tie in the reference (its reference logit within tie_tol of the max)."""
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    return bool(ref.max() - ref[ours.argmax()] <= tie_tol * ref.abs().max())
+
+
 def _rows(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[bool]]:
-    return [_rel(x, y) for x, y in zip(a, b)], [bool(x.argmax() == y.argmax()) for x, y in zip(a, b)]
+    return [_rel(x, y) for x, y in zip(a, b)], [_top1(x, y) for x, y in zip(a, b)]
 
 
 def _hf_last_logits(hf, seqs, device):
@@ -62,7 +69,7 @@ def test_bf16_parity_cuda(tmp_path, arch):
         ref16, ref32 = _hf_last_logits(hf16, seqs, "cuda"), _hf_last_logits(hf32, seqs, "cuda")
         for i in range(len(seqs)):
             errs.append(_rel(out.logits[i], ref16[i]))
-            agree.append(int(out.logits[i].argmax()) == int(ref16[i].argmax()))
+            agree.append(_top1(out.logits[i], ref16[i]))
         toks = ref32.argmax(-1).tolist()
         batch = ForwardBatch.build(ForwardMode.DECODE, [([t], len(s), tb) for s, t, tb in zip(seqs, toks, tables)],
                                    16, device="cuda")
@@ -122,12 +129,12 @@ def test_flash_real_shape_dummy(tmp_path):
     ids = torch.randint(0, 154880, (256,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = ForwardBatch.build(ForwardMode.PREFILL, [(ids, 0, list(range(1, 18)))], 16, device="cuda")
     out = runner.forward(batch, kv)
+    draft = runner.mtp_forward(batch, batch.input_ids, out.hidden, kv)  # routes the MTP layer's MoE too
     touched = {i: int((c > 0).sum()) for i, c in runner.expert_usage().items()}
     print("experts touched per MoE layer (of 64):", touched)
     assert all(n >= 0.9 * 64 for n in touched.values()) and torch.isfinite(out.logits).all()
-    runner.track_expert_usage(False)
-    draft = runner.mtp_forward(batch, batch.input_ids, out.hidden, kv)
     assert torch.isfinite(draft.logits).all()
+    runner.track_expert_usage(False)
     runner.capture_decode_graphs(kv, max_batch_size=8, max_seq_len=512)
     dec = ForwardBatch.build(ForwardMode.DECODE, [([7], 256, list(range(1, 18)))], 16, device="cuda")
     torch.cuda.synchronize()
