@@ -7,6 +7,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; it must be chosen before any test imports triton
+    # (a kernel module imported un-interpreted by an earlier test breaks the interpreter's rewriter).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
