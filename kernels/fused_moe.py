@@ -116,8 +116,23 @@ def _config(device, num_pairs: int, num_experts: int, fp8: bool) -> tuple[int, i
     return cfg
 
 
-def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight):
+_SMEM_BUDGET = 200 * 1024  # bytes; sm_90 allows 227 KB per block, keep headroom for the epilogue
+
+
+def _fit_smem(cfg: tuple[int, int, int, int, int], elem_bytes: int) -> tuple[int, int, int, int, int]:
+    """The table is sized for 1- and 2-byte operands: for wider ones (fp32 models) drop pipeline stages,
+    then halve BLOCK_K, until the A and B tiles of every stage fit in shared memory."""
     bm, bn, bk, warps, stages = cfg
+    while stages * (bm * bk + bk * bn) * elem_bytes > _SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    return bm, bn, bk, warps, stages
+
+
+def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight):
+    bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
     n, k = b.shape[1], b.shape[2]
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE

@@ -62,3 +62,20 @@ def test_fused_experts_fp8_matches_quantized_activation_reference():
             aq, a_s = quant_fp8_per_token_ref(silu_and_mul_ref(gu[None]))
             ref[t] += weights[t, j] * ((aq[0].float() @ q2[e].float().t()) * a_s[0] * s2[e, :, 0])
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-3)  # one fp8 step on a few activations
+
+
+def test_launch_config_fits_shared_memory_for_fp32():
+    """The GPU config table is sized for bf16/fp8 operands; fp32 models (tests, the tiny CPU-sized
+    checkpoints on CUDA) must get stages/BLOCK_K cut so the tiles fit sm_90's shared memory."""
+    from kernels import fused_moe
+
+    def smem(c, nbytes):
+        return c[4] * (c[0] * c[2] + c[2] * c[1]) * nbytes
+
+    for cfg in fused_moe.CONFIGS.values():
+        wide = (64, *cfg[1:])  # BLOCK_M grows to 64 at decode
+        fit = fused_moe._fit_smem(wide, 4)
+        assert smem(fit, 4) <= fused_moe._SMEM_BUDGET and fit[2] >= 16 and fit[4] >= 2 and fit[:2] == wide[:2]
+        assert fused_moe._fit_smem(cfg, 1) == cfg  # fp8 configs untouched
+    failed_on_h200 = (64, *fused_moe.CONFIGS[("default", "decode", "bf16")][1:])  # 256 KB of tiles in fp32
+    assert smem(failed_on_h200, 4) > fused_moe._SMEM_BUDGET >= smem(fused_moe._fit_smem(failed_on_h200, 4), 4)
