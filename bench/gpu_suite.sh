@@ -4,6 +4,7 @@
 #   bash bench/gpu_suite.sh models   # bf16 parity, CUDA graphs, TP=2 over NCCL, NCCL KV link, KV GB/s vs NCCL
 #   bash bench/gpu_suite.sh fleet    # prefill->decode pair on 2 GPUs (tiny + GLM-4.7-Flash dummy), MTP step times
 #   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
+#   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
@@ -35,6 +36,15 @@ case "${1:-models}" in
   fleet)
     step workers_gpu 330 $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py -p no:cacheprovider
     step mtp_step 200 $PY -m bench.mtp_step --out "$OUT/mtp_step.json"
+    ;;
+  final)  # re-checks after fixes, in one call: models, NCCL link, KV GB/s, the GPU pair, step profile
+    step models_gpu 200 $PY -m pytest -q -s -m gpu tests/models -p no:cacheprovider
+    step kvlink_nccl 150 $PY -m pytest -q -s -m gpu tests/kvcache/test_link_nccl.py -p no:cacheprovider
+    step kv_transfer 120 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --out "$OUT/kv_transfer.json"
+    step workers_gpu 300 $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py -p no:cacheprovider \
+      --basetemp=/tmp/wgpu
+    for f in /tmp/wgpu/*/*.log; do echo "--- $f"; tail -40 "$f"; done > "$OUT/worker_logs.txt" 2>&1
+    step profile_step 150 $PY -m bench.profile_step --batch 16 --ctx 512 --out "$OUT/profile_step.json"
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
