@@ -22,18 +22,29 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(p, "handoff_timeout_s", type=float, default=60.0)
     add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"],
              help="accepted for LightLLM compatibility; both chain the MTP layer on its own output (vLLM style)")
-    add_flag(p, "graph_max_batch_size", type=int, default=0, help="CUDA graphs: not implemented yet (accepted, ignored)")
+    add_flag(p, "graph_max_batch_size", type=int, default=None,
+             help="CUDA graphs of DECODE steps up to this batch (default 128 on cuda, 0 = off; cpu: padded eager)")
+    add_flag(p, "graph_max_seq_len", type=int, default=0,
+             help="longest sequence a graph step takes (0 = --max_req_total_len, else the model's max positions)")
+    add_flag(p, "max_req_total_len", type=int, default=0,
+             help="prompt + new tokens limit of a request (0 = the model's max_position_embeddings)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = worker_config("decode", a)
     link_host = a.link_host or addr_host(a.control_addr)
 
     def build(cfg, engine, io, metrics):
         from shared.kvcache.allocator import PageAllocator
+        from decode_worker import graphs
         from decode_worker.worker import DecodeWorker
 
-        pages = PageAllocator(cfg.num_pages)
+        max_pos = engine.runner.config.max_position_embeddings
+        spec = graphs.graph_spec(cfg.device, a.graph_max_batch_size, a.graph_max_seq_len, a.max_running,
+                                 a.max_req_total_len, max_pos, cfg.mtp_step)
+        graphs.capture(engine, spec)  # before the worker exists: /readyz stays 503 until it is done
+        pages = PageAllocator(cfg.num_pages)  # reserves page 0: graph pad rows write there
         return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,
-                            a.reserve_new_tokens, a.handoff_timeout_s)
+                            a.reserve_new_tokens, a.handoff_timeout_s,
+                            max_seq_len=min(a.max_req_total_len or max_pos, max_pos))
 
     from shared.worker_common.process import run_worker
 

@@ -26,13 +26,14 @@ log = logging.getLogger("decode_worker")
 
 class DecodeWorker:
     def __init__(self, cfg, engine, io, metrics, pages, link_host: str, link_port: int,
-                 max_running: int, reserve_cap: int = 256, handoff_deadline_s: float = 60.0):
+                 max_running: int, reserve_cap: int = 256, handoff_deadline_s: float = 60.0,
+                 max_seq_len: int = 0):
         self.cfg, self.engine, self.io, self.metrics, self.pages = cfg, engine, io, metrics, pages
         self.link_host, self.link_port = link_host, link_port
         engine.links.host_store(link_host, link_port)  # the KV-link rendezvous prefills connect to
         mc = engine.runner.config
         self.handoffs = Handoffs(pages, cfg.page_size, max_running, reserve_cap, handoff_deadline_s,
-                                 max_seq_len=mc.max_position_embeddings, vocab_size=mc.vocab_size)
+                                 max_seq_len=max_seq_len or mc.max_position_embeddings, vocab_size=mc.vocab_size)
         self.running = RunningSet(pages, cfg.page_size)
         self.mtp_metrics = MtpMetrics(metrics.registry, cfg.worker_id, cfg.mtp_step) if cfg.mtp_step else None
         self.eos_ids = frozenset(engine.runner.config.eos_token_ids)
@@ -221,6 +222,8 @@ class DecodeWorker:
             self.metrics.running.set(len(self.running))
             self.metrics.queue_depth.set(len(self.handoffs.seqs))
             self.metrics.kv_totals(*self.engine.links.totals())
+            if self.engine.runner.graphs is not None:
+                self.metrics.graph_steps_total(self.engine.runner.graphs.num_runs)
             self.io.to_router(P.WorkerStatus(
                 worker_id=self.cfg.worker_id, role="decode", ready=self.ready()[0], running=len(self.running),
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),

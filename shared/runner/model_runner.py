@@ -146,6 +146,7 @@ class DecodeGraphs:
         self.seq_lens, self.qsl = torch.ones(n, **i32), torch.arange(n + 1, **i32)
         self.rows = torch.arange(n, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardOutput]] = {}
+        self.num_runs = 0  # batches run through `run` (replayed on CUDA, padded eager on CPU)
         if dev.type == "cuda":
             self._capture_all()
 
@@ -178,6 +179,7 @@ class DecodeGraphs:
         """Pad the batch to its bucket, replay (CUDA) or run the padded batch eagerly (CPU)."""
         b = batch.num_seqs
         g = next(size for size in self.sizes if size >= b)
+        self.num_runs += 1
         cols = min(batch.page_table.shape[1], self.max_pages)
         self.ids[:b].copy_(batch.input_ids)
         self.pos[:b].copy_(batch.positions)

@@ -73,6 +73,8 @@ class Engine:
             self.run(plan)
 
     def run(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
+        if plan.graphs is not None:
+            self.capture_graphs(plan.graphs.max_batch_size, plan.graphs.max_seq_len)
         # link ops run outside inference mode: the link's completion thread writes their buffers
         for op in plan.link_ops:
             if op.kind != "send":
@@ -92,6 +94,14 @@ class Engine:
             if op.kind == "send":
                 self.links.apply(op, out.hidden if out is not None else None)
         return out
+
+    def capture_graphs(self, max_batch_size: int, max_seq_len: int) -> list[int]:
+        """DECODE graph buckets over this rank's cache (every rank runs it from the same plan, so the
+        collectives inside the captured forwards pair up). CPU: no capture, the padded path runs eagerly."""
+        sizes = self.runner.capture_decode_graphs(self.cache, max_batch_size, max_seq_len)
+        log.info("rank %d: decode graphs for batch %s, seq len < %d (%s)", self.tp_rank, sizes, max_seq_len,
+                 "captured" if self.device.type == "cuda" else "padded eager on cpu")
+        return sizes
 
     def stop(self) -> None:
         if self.tp_rank == 0 and self.cfg.tp_size > 1:

@@ -35,6 +35,8 @@ class WorkerMetrics:
         self.requests = c("requests_finished", "requests this worker finished its part of")
         self.mtp_drafts = c("mtp_draft_tokens", "MTP draft tokens verified")
         self.mtp_accepted = c("mtp_accepted_tokens", "MTP draft tokens accepted")
+        self.graph_steps = c("decode_graph_steps", "DECODE steps run from a graph bucket (cpu: padded eager)")
+        self._graph_seen = 0
         self.step_time = Histogram(
             "glm_worker_step_seconds", "one scheduler step (forward + sample)", **lab,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
@@ -64,6 +66,12 @@ class WorkerMetrics:
         if total_bytes > b0:
             self.kv_transfer(total_bytes - b0, max(total_seconds - s0, 0.0))
         self._kv_seen = (total_bytes, total_seconds)
+
+    def graph_steps_total(self, total: int) -> None:
+        """Feed the runner's graph step count (monotonic): the counter grows by the difference."""
+        if total > self._graph_seen:
+            self.graph_steps.inc(total - self._graph_seen)
+        self._graph_seen = total
 
     def kv_transfer(self, num_bytes: int, seconds: float) -> None:
         self.kv_bytes.inc(num_bytes)

@@ -37,11 +37,19 @@ class LinkOp(msgspec.Struct, array_like=True):
     generation: int = 0
 
 
+class GraphSpec(msgspec.Struct, array_like=True):
+    """Capture command: DECODE graphs for batch buckets up to max_batch_size, seq lens < max_seq_len."""
+
+    max_batch_size: int
+    max_seq_len: int
+
+
 class StepPlan(msgspec.Struct):
     mode: str  # ForwardMode value, "" = no forward this step (link ops only)
     seqs: list[SeqPlan] = []
     link_ops: list[LinkOp] = []
     stop: bool = False  # followers exit their loop
+    graphs: GraphSpec | None = None  # capture DECODE CUDA graphs on every rank (decode workers, at start)
 
 
 _enc = msgspec.msgpack.Encoder()
