@@ -144,13 +144,15 @@ def test_seeded_sampling_equals_single_process(pair):
 
 def test_tp2_workers_greedy_equals_single_process(tmp_path):
     """--tp 2 on both workers: followers spawned by the leaders, plans fanned out over gloo, KV moved
-    rank i -> rank i over two links; tokens equal the single-process reference."""
+    rank i -> rank i over two links; tokens equal the single-process reference. The decode pads
+    batches of 1-2 to graph buckets on both ranks (3 run eagerly)."""
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
     from shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=1)
-    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16, tp=2)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16, tp=2,
+                    extra_decode=("--graph_max_batch_size", "2"))  # followers get the capture plan too
     try:
         wp.wait_ready(120)
         prompts = [[3 + (7 * i + j) % 240 for j in range(n)] for i, n in enumerate((5, 21, 34))]
