@@ -69,3 +69,29 @@ def test_long_or_prefill_batches_run_eagerly(tiny_dirs):
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
 def test_cuda_graph_replay_equals_eager(tiny_dirs, arch):
     _check(tiny_dirs[arch], "cuda", torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_cuda_decode_forward_has_no_host_sync(tiny_dirs, arch, quantization):
+    """The eager DECODE forward (and the MTP draft forward) of the CUDA path never waits on the device:
+    torch's sync debug mode turns any .item()/.tolist()/nonzero/D2H copy inside it into an error (graph
+    capture would fail on the same ops). Expert-usage tracking stays on: it must not sync either."""
+    runner = ModelRunner(tiny_dirs[arch], device="cuda", dtype=torch.bfloat16, quantization=quantization)
+    kv = PagedKVCache(runner.kv_layout(PAGE), 48, "cuda")
+    runner.track_expert_usage()
+    batch = _decode_batch(5, torch.Generator().manual_seed(2), "cuda")  # built (H2D copies) before the check
+    hidden = torch.randn(5, runner.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):  # Triton compiles and caches launch configs on the first calls
+        runner.forward(batch, kv)
+        runner.mtp_forward(batch, batch.input_ids, hidden, kv)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = runner.forward(batch, kv)
+        draft = runner.mtp_forward(batch, batch.input_ids, hidden, kv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.logits.shape == (5, runner.config.vocab_size) and torch.isfinite(out.logits).all()
+    assert torch.isfinite(draft.logits).all()

@@ -98,6 +98,7 @@ class MoE(nn.Module):
         """x [T, H] -> routed + shared [T, H] (all-reduced)."""
         weights, ids = self.gate(x)
         if self.expert_counts is not None:
-            self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.numel())
+            flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
+            self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
         out = self.experts(x, weights, ids) + self.shared_experts(x)
         return self.tp.all_reduce(out)
