@@ -111,6 +111,12 @@ def _request_noise(k: int, vocab: int, gen: torch.Generator | None, device) -> t
     return u.to(device), e.to(device)
 
 
+def plain_greedy(p) -> bool:
+    """Greedy with no penalties: the target's choice at a row is argmax(logits), whatever the history."""
+    return (p.temperature <= 0 and p.repetition_penalty == 1.0 and p.frequency_penalty == 0
+            and p.presence_penalty == 0)
+
+
 def verify_requests(
     logits: torch.Tensor,  # [R, V] fp32: the VERIFY rows of every request, in order (k_b + 1 rows each)
     drafts: list[list[int]],  # k_b greedy drafts per request (k_b may be 0: the request fed only x_n)
@@ -119,7 +125,73 @@ def verify_requests(
     output_starts: list[int],  # prompt length per request
     generators: list[torch.Generator | None],
 ) -> list[Verified]:
-    """Accept/reject every request of one VERIFY forward (greedy and sampled alike, one path).
+    """Accept/reject every request of one VERIFY forward.
+
+    Plain greedy requests (`plain_greedy`) go through `verify_greedy_batched`: one batched argmax,
+    compare and cumprod for all of them, one host copy. The others (sampled, or penalised greedy) go
+    through `verify_requests_loop`, request by request. Both give the same tokens and logprobs."""
+    lens = [len(d) + 1 for d in drafts]
+    assert sum(lens) == logits.shape[0]
+    fast = [plain_greedy(p) for p in params]
+    if all(fast):
+        return verify_greedy_batched(logits, drafts, params)
+    if not any(fast):
+        return verify_requests_loop(logits, drafts, params, histories, output_starts, generators)
+    starts = [sum(lens[:b]) for b in range(len(lens))]
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for b, f in enumerate(fast):
+        groups[f].append(b)
+    rows = {f: torch.tensor([r for b in bs for r in range(starts[b], starts[b] + lens[b])], dtype=torch.int64,
+                            device=logits.device) for f, bs in groups.items()}
+    pick = lambda xs, f: [xs[b] for b in groups[f]]  # noqa: E731
+    got = {True: verify_greedy_batched(logits[rows[True]], pick(drafts, True), pick(params, True)),
+           False: verify_requests_loop(logits[rows[False]], pick(drafts, False), pick(params, False),
+                                       pick(histories, False), pick(output_starts, False), pick(generators, False))}
+    out: list[Verified | None] = [None] * len(params)
+    for f, bs in groups.items():
+        for b, v in zip(bs, got[f]):
+            out[b] = v
+    return out  # type: ignore[return-value]
+
+
+def verify_greedy_batched(logits: torch.Tensor, drafts: list[list[int]], params: list) -> list[Verified]:
+    """`accept_greedy` for requests that are all `plain_greedy`, with k_b drafts each (k_b may differ).
+
+    Rows are gathered into [B, K + 1] (K = max k_b; request b repeats its last row past k_b + 1, and its
+    drafts are padded with -1, which never equals an argmax, so n_b <= k_b). Logprobs are those of
+    log_softmax(logits) (temperature read as 1, as the sampler does for greedy rows)."""
+    lens = [len(d) + 1 for d in drafts]
+    k, dev = max(lens) - 1, logits.device
+    starts = [sum(lens[:b]) for b in range(len(lens))]
+    idx = torch.tensor([[r0 + min(j, n - 1) for j in range(k + 1)] for r0, n in zip(starts, lens)],
+                       dtype=torch.int64).to(dev)  # [B, K + 1] verify row of (request, position)
+    draft_ids = torch.tensor([d + [-1] * (k - len(d)) for d in drafts], dtype=torch.int64).view(len(lens), k).to(dev)
+    logp = logits.float().log_softmax(-1)  # [R, V]
+    targets = logits.float().argmax(-1)[idx]  # [B, K + 1]
+    acc = accept_greedy(draft_ids, targets)
+    # the emitted tokens are targets[b, :n_b + 1] (accepted drafts equal their row's argmax)
+    lps = logp[idx, targets]  # [B, K + 1]
+    k_top = max((p.top_logprobs for p in params if p.logprobs), default=0)
+    top = logp.topk(min(k_top, logp.shape[1]), dim=-1) if k_top else None
+    host = torch.cat([acc.num_accepted[:, None], targets], 1).tolist()  # the one sync of the step
+    lps_host = lps.tolist()
+    top_vals, top_ids = (top[0].tolist(), top[1].tolist()) if top is not None else ([], [])
+    out = []
+    for b, (row, p) in enumerate(zip(host, params)):
+        n = row[0]
+        kb = p.top_logprobs if p.logprobs else 0
+        tops = [list(zip(top_ids[starts[b] + j][:kb], top_vals[starts[b] + j][:kb])) if kb else []
+                for j in range(n + 1)]
+        out.append(Verified(row[1 : n + 2], lps_host[b][: n + 1], tops))
+    return out
+
+
+def verify_requests_loop(
+    logits: torch.Tensor, drafts: list[list[int]], params: list, histories: list[list[int]],
+    output_starts: list[int], generators: list[torch.Generator | None],
+) -> list[Verified]:
+    """Any requests (arguments as `verify_requests`), one at a time.
+
 
     Row j of request b is scored with the history extended by its first j drafts (so repetition,
     frequency and presence penalties see exactly what plain decoding would), turned into the
@@ -128,7 +200,6 @@ def verify_requests(
     from shared.runner.sampler import SamplingTensors, apply_penalties, sampling_probs
 
     lens = [len(d) + 1 for d in drafts]
-    assert sum(lens) == logits.shape[0]
     row_params = [p for p, n in zip(params, lens) for _ in range(n)]
     row_hist = [h + d[:j] for h, d, n in zip(histories, drafts, lens) for j in range(n)]
     row_starts = [s for s, n in zip(output_starts, lens) for _ in range(n)]
