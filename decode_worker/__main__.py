@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
         max_pos = engine.runner.config.max_position_embeddings
         spec = graphs.graph_spec(cfg.device, a.graph_max_batch_size, a.graph_max_seq_len, a.max_running,
-                                 a.max_req_total_len, max_pos, cfg.mtp_step)
+                                 a.max_req_total_len, max_pos, cfg.mtp_step, cfg.page_size)
         graphs.capture(engine, spec)  # before the worker exists: /readyz stays 503 until it is done
         pages = PageAllocator(cfg.num_pages)  # reserves page 0: graph pad rows write there
         return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,

@@ -222,8 +222,7 @@ class DecodeWorker:
             self.metrics.running.set(len(self.running))
             self.metrics.queue_depth.set(len(self.handoffs.seqs))
             self.metrics.kv_totals(*self.engine.links.totals())
-            if self.engine.runner.graphs is not None:
-                self.metrics.graph_steps_total(self.engine.runner.graphs.num_runs)
+            self.metrics.graph_steps_total(self.engine.runner.graph_runs())
             self.io.to_router(P.WorkerStatus(
                 worker_id=self.cfg.worker_id, role="decode", ready=self.ready()[0], running=len(self.running),
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),

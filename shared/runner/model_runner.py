@@ -4,7 +4,8 @@ It owns only the model; the KV cache (`PagedKVCache`, built from `kv_layout()`) 
 the caller. `forward(batch, kv_cache)` writes the batch tokens' KV into their slots and returns
 ForwardOutput(logits [R, V] fp32 full vocab at batch.logits_indices, hidden [T, H] after the final norm).
 `mtp_forward` runs the checkpoint's MTP layer (cache layer num_hidden_layers), spec §3.2.
-`capture_decode_graphs` records CUDA graphs of DECODE steps per batch bucket (`DecodeGraphs`, below).
+`capture_decode_graphs` records CUDA graphs of DECODE steps per batch bucket (`DecodeGraphs`, below), or of
+VERIFY steps with a fixed K + 1 tokens per sequence (MTP).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class ModelRunner:
         ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy)
         self.model = model_class(self.config)(self.config, ctx, with_mtp=with_mtp).eval()
         self.num_mtp_layers = self.model.num_mtp_layers
-        self.graphs = None  # DecodeGraphs after capture_decode_graphs
+        self.graphs = None  # DecodeGraphs of DECODE steps after capture_decode_graphs
+        self.verify_graphs = None  # DecodeGraphs of VERIFY steps (tokens_per_seq > 1)
         if load_format == "dummy":
             init_dummy(self.model, self.config, seed)
         else:
@@ -95,8 +97,9 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
-        if self.graphs is not None and self.graphs.fits(batch, kv_cache):
-            return self.graphs.run(batch)
+        for graphs in (self.graphs, self.verify_graphs):
+            if graphs is not None and graphs.fits(batch, kv_cache):
+                return graphs.run(batch)
         return self._eager(batch, kv_cache)
 
     def _eager(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
@@ -104,15 +107,25 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return ForwardOutput(logits, hidden)
 
-    def capture_decode_graphs(self, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int = 0) -> list[int]:
-        """Capture CUDA graphs of DECODE steps for batch buckets up to max_batch_size (all TP ranks together).
+    def capture_decode_graphs(self, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int = 0,
+                              tokens_per_seq: int = 1) -> list[int]:
+        """Capture CUDA graphs of DECODE steps for batch buckets up to max_batch_size (all TP ranks together);
+        tokens_per_seq q > 1: of VERIFY steps with exactly q tokens per sequence instead.
 
-        Later DECODE batches that fit (<= max_batch_size seqs, seq lens <= max_seq_len, this kv_cache) are
+        Later batches that fit (that mode, <= max_batch_size seqs, seq lens <= max_seq_len, this kv_cache) are
         padded to the next bucket and replayed; pad rows write only `dummy_page` (the allocator's reserved
-        page 0). On CPU nothing is captured, but the padded path runs eagerly (so tests cover it).
-        Returns the bucket sizes."""
-        self.graphs = DecodeGraphs(self, kv_cache, max_batch_size, max_seq_len, dummy_page)
-        return self.graphs.sizes
+        page 0; it must hold >= q slots). On CPU nothing is captured, but the padded path runs eagerly (so
+        tests cover it). Returns the bucket sizes."""
+        graphs = DecodeGraphs(self, kv_cache, max_batch_size, max_seq_len, dummy_page, tokens_per_seq)
+        if tokens_per_seq == 1:
+            self.graphs = graphs
+        else:
+            self.verify_graphs = graphs
+        return graphs.sizes
+
+    def graph_runs(self) -> int:
+        """Batches run through graph buckets so far (DECODE and VERIFY)."""
+        return sum(g.num_runs for g in (self.graphs, self.verify_graphs) if g is not None)
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def mtp_forward(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
@@ -129,37 +142,43 @@ def graph_buckets(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static decode inputs (max-bucket buffers; a bucket uses the first G rows) and one graph per bucket."""
+    """Static inputs (max-bucket buffers; bucket g uses the first g sequences = g * q tokens) and one graph
+    per bucket. q = tokens per sequence: 1 = DECODE, > 1 = VERIFY (logits at every row)."""
 
-    def __init__(self, runner: ModelRunner, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int):
+    def __init__(self, runner: ModelRunner, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int,
+                 q: int = 1):
         dev, page = runner.device, kv_cache.layout.page_size
-        self.runner, self.kv_cache, self.max_seq_len, self.page_size = runner, kv_cache, max_seq_len, page
+        assert 1 <= q <= page, "pad rows keep their q tokens inside the dummy page"
+        self.runner, self.kv_cache, self.max_seq_len, self.page_size, self.q = runner, kv_cache, max_seq_len, page, q
+        self.mode = ForwardMode.DECODE if q == 1 else ForwardMode.VERIFY
         self.max_pages, self.dummy_slot = -(-max_seq_len // page), dummy_page * page
         self.sizes = graph_buckets(max_batch_size)
-        n = max_batch_size
+        n, t = max_batch_size, max_batch_size * q
         i64 = dict(dtype=torch.int64, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
-        self.ids, self.pos = torch.zeros(n, **i64), torch.zeros(n, **i64)
-        self.slots = torch.full((n,), self.dummy_slot, **i64)
+        self.ids, self.pos = torch.zeros(t, **i64), torch.zeros(t, **i64)  # [t] tokens of the bucket
+        self.slots = torch.full((t,), self.dummy_slot, **i64)
+        self.offsets = torch.arange(q, **i64).repeat(n)  # [t] token index inside its sequence
         self.table = torch.full((n, self.max_pages), dummy_page, **i32)
-        self.prefix, self.ones = torch.zeros(n, **i32), torch.ones(n, **i32)
-        self.seq_lens, self.qsl = torch.ones(n, **i32), torch.arange(n + 1, **i32)
-        self.rows = torch.arange(n, **i64)
+        self.prefix, self.qlens = torch.zeros(n, **i32), torch.full((n,), q, **i32)
+        self.seq_lens, self.qsl = torch.full((n,), q, **i32), torch.arange(0, (n + 1) * q, q, **i32)
+        self.rows = torch.arange(t, **i64)  # logits rows: every token (q = 1: every sequence)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardOutput]] = {}
         self.num_runs = 0  # batches run through `run` (replayed on CUDA, padded eager on CPU)
         if dev.type == "cuda":
             self._capture_all()
 
     def _static_batch(self, g: int, prefix_cpu: list[int]) -> ForwardBatch:
-        return ForwardBatch(ForwardMode.DECODE, self.ids[:g], self.pos[:g], self.ones[:g], self.prefix[:g],
-                            self.seq_lens[:g], self.qsl[: g + 1], self.table[:g], self.slots[:g], self.rows[:g],
-                            [1] * g, prefix_cpu)
+        t = g * self.q
+        return ForwardBatch(self.mode, self.ids[:t], self.pos[:t], self.qlens[:g], self.prefix[:g],
+                            self.seq_lens[:g], self.qsl[: g + 1], self.table[:g], self.slots[:t], self.rows[:t],
+                            [self.q] * g, prefix_cpu)
 
     @torch.no_grad()
     def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for g in sorted(self.sizes, reverse=True):  # largest first: smaller ones reuse its pool memory
-            batch = self._static_batch(g, [self.max_seq_len - 1] * g)  # host lens size the attention grid
+            batch = self._static_batch(g, [self.max_seq_len - self.q] * g)  # host lens size the attention grid
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -172,27 +191,31 @@ class DecodeGraphs:
             self.graphs[g] = (graph, out)
 
     def fits(self, batch: ForwardBatch, kv_cache) -> bool:
-        return (batch.mode == ForwardMode.DECODE and kv_cache is self.kv_cache and 0 < batch.num_seqs <= self.sizes[-1]
-                and all(q == 1 for q in batch.query_lens_cpu) and max(batch.prefix_lens_cpu) < self.max_seq_len)
+        return (batch.mode == self.mode and kv_cache is self.kv_cache and 0 < batch.num_seqs <= self.sizes[-1]
+                and all(n == self.q for n in batch.query_lens_cpu)
+                and max(batch.prefix_lens_cpu) + self.q <= self.max_seq_len)
 
     def run(self, batch: ForwardBatch) -> ForwardOutput:
-        """Pad the batch to its bucket, replay (CUDA) or run the padded batch eagerly (CPU)."""
+        """Pad the batch to its bucket, replay (CUDA) or run the padded batch eagerly (CPU).
+        Pad sequences: prefix 0, q tokens at positions 0..q-1, KV written to the dummy slot only."""
         b = batch.num_seqs
         g = next(size for size in self.sizes if size >= b)
+        tb, tg = b * self.q, g * self.q
         self.num_runs += 1
         cols = min(batch.page_table.shape[1], self.max_pages)
-        self.ids[:b].copy_(batch.input_ids)
-        self.pos[:b].copy_(batch.positions)
-        self.slots[:b].copy_(batch.slot_mapping)
-        self.slots[b:g].fill_(self.dummy_slot)
+        self.ids[:tb].copy_(batch.input_ids)
+        self.pos[:tb].copy_(batch.positions)
+        self.pos[tb:tg].copy_(self.offsets[tb:tg])
+        self.slots[:tb].copy_(batch.slot_mapping)
+        self.slots[tb:tg].fill_(self.dummy_slot)
         self.table[:g].fill_(self.dummy_slot // self.page_size)
         self.table[:b, :cols].copy_(batch.page_table[:, :cols])
         self.prefix[:b].copy_(batch.prefix_lens)
         self.prefix[b:g].zero_()
-        torch.add(self.prefix[:g], 1, out=self.seq_lens[:g])
+        torch.add(self.prefix[:g], self.q, out=self.seq_lens[:g])
         if g in self.graphs:
             graph, out = self.graphs[g]
             graph.replay()
         else:
             out = self.runner._eager(self._static_batch(g, batch.prefix_lens_cpu + [0] * (g - b)), self.kv_cache)
-        return ForwardOutput(out.logits[batch.logits_indices].clone(), out.hidden[:b].clone())
+        return ForwardOutput(out.logits[batch.logits_indices].clone(), out.hidden[:tb].clone())

@@ -74,7 +74,8 @@ class Engine:
 
     def run(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
         if plan.graphs is not None:
-            self.capture_graphs(plan.graphs.max_batch_size, plan.graphs.max_seq_len)
+            g = plan.graphs
+            self.capture_graphs(g.max_batch_size, g.max_seq_len, g.tokens_per_seq)
         # link ops run outside inference mode: the link's completion thread writes their buffers
         for op in plan.link_ops:
             if op.kind != "send":
@@ -95,11 +96,14 @@ class Engine:
                 self.links.apply(op, out.hidden if out is not None else None)
         return out
 
-    def capture_graphs(self, max_batch_size: int, max_seq_len: int) -> list[int]:
-        """DECODE graph buckets over this rank's cache (every rank runs it from the same plan, so the
-        collectives inside the captured forwards pair up). CPU: no capture, the padded path runs eagerly."""
-        sizes = self.runner.capture_decode_graphs(self.cache, max_batch_size, max_seq_len)
-        log.info("rank %d: decode graphs for batch %s, seq len < %d (%s)", self.tp_rank, sizes, max_seq_len,
+    def capture_graphs(self, max_batch_size: int, max_seq_len: int, tokens_per_seq: int = 1) -> list[int]:
+        """DECODE (or VERIFY, tokens_per_seq > 1) graph buckets over this rank's cache. Every rank runs it
+        from the same plan, so the collectives inside the captured forwards pair up. CPU: no capture, the
+        padded path runs eagerly."""
+        sizes = self.runner.capture_decode_graphs(self.cache, max_batch_size, max_seq_len,
+                                                  tokens_per_seq=tokens_per_seq)
+        log.info("rank %d: %s graphs for batch %s, seq len <= %d (%s)", self.tp_rank,
+                 "decode" if tokens_per_seq == 1 else f"verify q={tokens_per_seq}", sizes, max_seq_len,
                  "captured" if self.device.type == "cuda" else "padded eager on cpu")
         return sizes
 

@@ -35,7 +35,7 @@ class WorkerMetrics:
         self.requests = c("requests_finished", "requests this worker finished its part of")
         self.mtp_drafts = c("mtp_draft_tokens", "MTP draft tokens verified")
         self.mtp_accepted = c("mtp_accepted_tokens", "MTP draft tokens accepted")
-        self.graph_steps = c("decode_graph_steps", "DECODE steps run from a graph bucket (cpu: padded eager)")
+        self.graph_steps = c("decode_graph_steps", "DECODE/VERIFY steps run from a graph bucket (cpu: padded eager)")
         self._graph_seen = 0
         self.step_time = Histogram(
             "glm_worker_step_seconds", "one scheduler step (forward + sample)", **lab,

@@ -38,10 +38,12 @@ class LinkOp(msgspec.Struct, array_like=True):
 
 
 class GraphSpec(msgspec.Struct, array_like=True):
-    """Capture command: DECODE graphs for batch buckets up to max_batch_size, seq lens < max_seq_len."""
+    """Capture command: graphs for batch buckets up to max_batch_size, seq lens <= max_seq_len; of DECODE
+    steps (tokens_per_seq 1) or of VERIFY steps with tokens_per_seq = K + 1 (MTP)."""
 
     max_batch_size: int
     max_seq_len: int
+    tokens_per_seq: int = 1
 
 
 class StepPlan(msgspec.Struct):

@@ -1,6 +1,7 @@
-"""Decode graph buckets: a DECODE batch padded to its bucket (pad rows on the dummy page 0) gives the same
-logits/hidden as the eager batch and writes no real page differently. On CPU the padded path runs eagerly;
-on CUDA (gpu test) it replays captured graphs."""
+"""Decode graph buckets: a DECODE batch (or a VERIFY batch of q tokens per sequence) padded to its bucket
+(pad rows on the dummy page 0) gives the same logits/hidden as the eager batch and writes no real page
+differently. On CPU the padded path runs eagerly; on CUDA (gpu test) it replays captured graphs. The gpu
+tests also run the eager DECODE/MTP forwards under torch's sync debug mode (no host sync inside)."""
 
 import pytest
 import torch
@@ -12,30 +13,33 @@ from shared.runner.model_runner import ModelRunner, graph_buckets
 PAGE = 4
 
 
-def _decode_batch(num_seqs: int, gen: torch.Generator, device="cpu") -> ForwardBatch:
+def _decode_batch(num_seqs: int, gen: torch.Generator, device="cpu", q: int = 1) -> ForwardBatch:
     seqs = []
     for i in range(num_seqs):
-        prefix = int(torch.randint(1, 14, (1,), generator=gen))
+        prefix = int(torch.randint(1, 15 - q, (1,), generator=gen))
         pages = [1 + 4 * i + j for j in range(4)]  # pages 1..; page 0 is the dummy page
-        seqs.append(([int(torch.randint(3, 200, (1,), generator=gen))], prefix, pages))
-    return ForwardBatch.build(ForwardMode.DECODE, seqs, PAGE, device=device)
+        seqs.append((torch.randint(3, 200, (q,), generator=gen).tolist(), prefix, pages))
+    mode = ForwardMode.DECODE if q == 1 else ForwardMode.VERIFY
+    return ForwardBatch.build(mode, seqs, PAGE, logits_rows="last" if q == 1 else "all", device=device)
 
 
-def _check(model_dir, device, dtype, tol):
+def _check(model_dir, device, dtype, tol, q: int = 1):
     runner = ModelRunner(model_dir, device=device, dtype=dtype)
     kv = PagedKVCache(runner.kv_layout(PAGE), 48, device)
     gen = torch.Generator().manual_seed(0)
     kv.buffer.normal_(generator=None)  # arbitrary prefix KV already in every page
-    assert runner.capture_decode_graphs(kv, max_batch_size=10, max_seq_len=16) == [1, 2, 4, 8, 10]
+    assert runner.capture_decode_graphs(kv, max_batch_size=10, max_seq_len=16, tokens_per_seq=q) == [1, 2, 4, 8, 10]
+    attr = "graphs" if q == 1 else "verify_graphs"
     for num_seqs in (1, 3, 5, 9):
-        batch = _decode_batch(num_seqs, gen, device)
-        graphs, runner.graphs = runner.graphs, None
+        batch = _decode_batch(num_seqs, gen, device, q)
+        graphs = getattr(runner, attr)
+        setattr(runner, attr, None)
         before = kv.buffer.clone()
         want = runner.forward(batch, kv)
         eager_cache = kv.buffer.clone()
         kv.buffer.copy_(before)
-        runner.graphs = graphs
-        assert graphs.fits(batch, kv)
+        setattr(runner, attr, graphs)
+        assert graphs.fits(batch, kv) and not graphs.fits(_decode_batch(2, gen, device, q + 1), kv)
         got = runner.forward(batch, kv)
         real, ref = kv.buffer[:, :, 1:].float(), eager_cache[:, :, 1:].float()  # real pages: same writes
         assert float((real - ref).abs().max()) <= tol * float(ref.abs().max())
@@ -54,6 +58,11 @@ def test_padded_decode_equals_eager_cpu(tiny_dirs, arch):
     _check(tiny_dirs[arch], "cpu", torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_padded_verify_equals_eager_cpu(tiny_dirs, arch):
+    _check(tiny_dirs[arch], "cpu", torch.float32, 1e-5, q=3)
+
+
 def test_long_or_prefill_batches_run_eagerly(tiny_dirs):
     runner = ModelRunner(tiny_dirs["glm4_moe"])
     kv = PagedKVCache(runner.kv_layout(PAGE), 48)
@@ -67,8 +76,9 @@ def test_long_or_prefill_batches_run_eagerly(tiny_dirs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_cuda_graph_replay_equals_eager(tiny_dirs, arch):
-    _check(tiny_dirs[arch], "cuda", torch.bfloat16, 2e-2)
+@pytest.mark.parametrize("q", [1, 3])
+def test_cuda_graph_replay_equals_eager(tiny_dirs, arch, q):
+    _check(tiny_dirs[arch], "cuda", torch.bfloat16, 2e-2, q)
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@ leader -> follower capture plan without a GPU. On CUDA (gpu test) the same check
 
 - greedy tokens equal shared.generate's while batches of 3 are padded to bucket 4 and sequences
   past --graph_max_seq_len fall back to eager steps; the graph-step counter moved; pages return to 0;
-- graph_spec: device defaults, the cap at --max_running, the seq-len fallbacks, MTP off.
+- the same with --mtp_step 2: VERIFY steps of 3 tokens per sequence padded to their buckets;
+- graph_spec: device defaults, the cap at --max_running, the seq-len fallbacks, MTP's VERIFY graphs.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ def test_graph_spec_defaults_and_limits():
     assert graph_spec("cuda", 16, 8192, 256, 2048, 4096, 0) == GraphSpec(16, 4096)  # never past the model
     assert graph_spec("cuda", 0, 0, 64, 0, 4096, 0) is None
     assert graph_spec("cpu", 8, 100, 64, 0, 4096, 0) == GraphSpec(8, 100)
-    assert graph_spec("cuda", None, 0, 64, 0, 4096, 2) is None  # MTP steps are never DECODE
+    assert graph_spec("cuda", None, 0, 64, 0, 4096, 2) == GraphSpec(64, 4096, 3)  # MTP: VERIFY of K + 1 tokens
+    assert graph_spec("cuda", None, 0, 64, 0, 4096, 4, page_size=4) is None  # 5 verify tokens > a page
     with pytest.raises(ValueError):
         graph_spec("cuda", -1, 0, 64, 0, 4096, 0)
-    plan = decode_plan(encode_plan(StepPlan(mode="", graphs=GraphSpec(8, 100))))
-    assert plan.graphs == GraphSpec(8, 100) and decode_plan(encode_plan(StepPlan(mode=""))).graphs is None
+    plan = decode_plan(encode_plan(StepPlan(mode="", graphs=GraphSpec(8, 100, 3))))
+    assert plan.graphs == GraphSpec(8, 100, 3) and decode_plan(encode_plan(StepPlan(mode=""))).graphs is None
 
 
-def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None):
+def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None, mtp_step: int = 0):
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
     from shared.weights.tiny import write_tiny_checkpoint
@@ -43,7 +45,8 @@ def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None):
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=0)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16, tp=tp,
                     device=device, dtype=dtype, gpus=gpus,
-                    extra_decode=("--graph_max_batch_size", "4", "--graph_max_seq_len", "32"))
+                    extra_decode=("--graph_max_batch_size", "4", "--graph_max_seq_len", "32",
+                                  "--mtp_step", str(mtp_step)))
     try:
         wp.wait_ready(300)
         rng = random.Random(3)
@@ -59,18 +62,21 @@ def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None):
         assert got == ref
         _pages_zero(wp)  # heartbeats after the requests: the graph-step counter is current too
         assert _metric(wp, "d0", "glm_worker_decode_graph_steps_total") > 0
-        assert "decode graphs for batch [1, 2, 4], seq len < 32" in open(wp.logs["d0"]).read()
+        kind = "decode" if mtp_step == 0 else f"verify q={mtp_step + 1}"
+        assert f"{kind} graphs for batch [1, 2, 4], seq len <= 32" in open(wp.logs["d0"]).read()
     finally:
         wp.stop()
 
 
 @pytest.mark.slow
-def test_padded_decode_worker_equals_generate_cpu(tmp_path):
-    _check_pair(tmp_path, "cpu", "float32")
+@pytest.mark.parametrize("mtp_step", [0, 2])
+def test_padded_decode_worker_equals_generate_cpu(tmp_path, mtp_step):
+    _check_pair(tmp_path, "cpu", "float32", mtp_step=mtp_step)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_graph_decode_worker_equals_generate_cuda(tmp_path):
-    _check_pair(tmp_path, "cuda", "float32", gpus={"p0": "0", "d0": "1"})
+@pytest.mark.parametrize("mtp_step", [0, 2])
+def test_graph_decode_worker_equals_generate_cuda(tmp_path, mtp_step):
+    _check_pair(tmp_path, "cuda", "float32", gpus={"p0": "0", "d0": "1"}, mtp_step=mtp_step)
