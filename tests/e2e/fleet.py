@@ -30,6 +30,7 @@ class Fleet:
     health_ports: dict[str, int]  # worker id -> health port
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)  # name -> log file path
+    cmds: dict[str, list[str]] = field(default_factory=dict)  # name -> `python -m` args (for restart)
 
     def metric(self, worker_id: str, name: str) -> float:
         """Value of one unlabelled-by-extra-labels glm_worker_* sample of a worker."""
@@ -38,6 +39,11 @@ class Fleet:
             if line.startswith(name + "{") or line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+    def restart(self, name: str) -> None:
+        """Start `name` again with its original command line (after a kill); its log is appended to."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        _spawn(name, self.cmds[name], os.path.dirname(self.logs[name]), self, mode="a")
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -50,18 +56,20 @@ class Fleet:
                 p.kill()
 
 
-def _spawn(name: str, args: list[str], log_dir: str, fleet: Fleet) -> None:
+def _spawn(name: str, args: list[str], log_dir: str, fleet: Fleet, mode: str = "w") -> None:
     path = os.path.join(log_dir, f"{name}.log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    fleet.procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=open(path, "w"),
+    fleet.procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=open(path, mode),
                                          stderr=subprocess.STDOUT, env=env)
     fleet.logs[name] = path
+    fleet.cmds[name] = list(args)
 
 
 def start_fleet(model_dir: str, log_dir: str, num_prefill: int = 1, num_decode: int = 1, page_size: int = 4,
                 num_pages: int = 256, chunked_prefill_size: int = 32, router_args: tuple[str, ...] = (),
-                timeout_s: float = 120.0, worker_args: tuple[str, ...] = ()) -> Fleet:
-    """worker_args go to every prefill and decode worker (e.g. ("--mtp_step", "2"))."""
+                timeout_s: float = 120.0, worker_args: tuple[str, ...] = (), wait: bool = True) -> Fleet:
+    """worker_args go to every prefill and decode worker (e.g. ("--mtp_step", "2")).
+    wait=False returns as soon as the processes are spawned (tests that watch the fleet come up)."""
     events = f"tcp://127.0.0.1:{free_port()}"
     port = free_port()
     fleet = Fleet(f"http://127.0.0.1:{port}", model_dir, {})
@@ -84,7 +92,8 @@ def start_fleet(model_dir: str, log_dir: str, num_prefill: int = 1, num_decode: 
                       *[a for wid, addr in prefills.items() for a in ("--prefill", f"{wid}={addr}")],
                       *[a for wid, addr in decodes.items() for a in ("--decode", f"{wid}={addr}")],
                       *router_args], log_dir, fleet)
-    _wait_ready(fleet, timeout_s)
+    if wait:
+        _wait_ready(fleet, timeout_s)
     return fleet
 
 
