@@ -1,9 +1,12 @@
 """Profile one DECODE step of a real-shape model with dummy weights (GPU; developer tool).
 
-Prints the eager step time, the CUDA-graph replay time of the same step (the difference is launch and
-host overhead), the HBM roofline of the step (bytes of the active weights + KV read / copy bandwidth
-measured in the same run) and torch.profiler's top ops by CUDA and by CPU time.
+Prints, per batch size and tokens per sequence (1 = DECODE; K + 1 = an MTP VERIFY step), the eager step
+time, the CUDA-graph replay time of the same step (the difference is launch and host overhead), whether
+the eager step is free of host syncs (torch's sync debug mode), the HBM roofline of the step (bytes of the
+active weights + KV read / copy bandwidth measured in the same run), and for the first DECODE shape
+torch.profiler's top ops by CUDA and by CPU time.
     python -m bench.profile_step --preset glm-4.7-flash --batch 16 --ctx 512 --out step.json
+    python -m bench.profile_step --batches 1,16,64,128 --verify_tokens 1,2,4 --out steps.json
 """
 
 from __future__ import annotations
@@ -59,20 +62,29 @@ def active_weight_bytes(runner: ModelRunner, batch: int) -> float:
     return total - embed - expert + expert * used
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="glm-4.7-flash")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--out", default="")
-    a = ap.parse_args()
-    d = tempfile.mkdtemp()
-    runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False)
-    per_seq = -(-(a.ctx + 1) // PAGE)
-    kv = PagedKVCache(runner.kv_layout(PAGE), 1 + a.batch * per_seq, "cuda")
-    seqs = [([7], a.ctx, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(a.batch)]
-    dec = ForwardBatch.build(ForwardMode.DECODE, seqs, PAGE, device="cuda")
-    eager = timed(lambda: runner.forward(dec, kv), 10)
+def step_batch(runner: ModelRunner, batch: int, ctx: int, q: int) -> tuple[ForwardBatch, PagedKVCache]:
+    """batch sequences of ctx cached tokens feeding q tokens each (q = 1: DECODE, q > 1: VERIFY, MTP K = q - 1)."""
+    per_seq = -(-(ctx + q) // PAGE)
+    kv = PagedKVCache(runner.kv_layout(PAGE), 1 + batch * per_seq, "cuda")  # page 0: the graphs' dummy page
+    seqs = [([7] * q, ctx, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(batch)]
+    mode, rows = (ForwardMode.DECODE, "last") if q == 1 else (ForwardMode.VERIFY, "all")
+    return ForwardBatch.build(mode, seqs, PAGE, logits_rows=rows, device="cuda"), kv
+
+
+def sync_free(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> str:
+    """'yes' when the eager step runs under torch's sync debug mode 'error' (no .item()/.tolist()/D2H inside)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner.forward(dec, kv)
+        return "yes"
+    except RuntimeError as e:
+        return f"no: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> None:
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
     with prof:
         runner.forward(dec, kv)
@@ -80,17 +92,55 @@ def main() -> None:
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cuda_time_total", row_limit=18))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profile: bool) -> dict:
+    """Eager vs graph time of one step at this shape, and its HBM floor (weights + KV read at bw GB/s)."""
+    runner.graphs = runner.verify_graphs = None
+    dec, kv = step_batch(runner, batch, ctx, q)
+    eager = timed(lambda: runner.forward(dec, kv), 10)
+    no_sync = sync_free(runner, dec, kv)
+    if profile:
+        print_profile(runner, dec, kv)
     t0 = time.perf_counter()
-    runner.capture_decode_graphs(kv, max_batch_size=a.batch, max_seq_len=a.ctx + 16)
+    runner.capture_decode_graphs(kv, max_batch_size=batch, max_seq_len=ctx + q, tokens_per_seq=q)
     capture_s = time.perf_counter() - t0
+    runs = runner.graph_runs()
     graph = timed(lambda: runner.forward(dec, kv), 20)
-    bw = copy_bandwidth()
-    wbytes = active_weight_bytes(runner, a.batch)
-    kv_bytes = kv.layout.page_bytes() / PAGE * a.ctx * a.batch
+    assert runner.graph_runs() > runs, "the step did not take the graph path"
+    wbytes = active_weight_bytes(runner, batch * q)
+    kv_bytes = kv.layout.page_bytes() / PAGE * ctx * batch
     floor = (wbytes + kv_bytes) / (bw * 1e9)
-    res = dict(preset=a.preset, batch=a.batch, ctx=a.ctx, eager_ms=eager * 1e3, graph_ms=graph * 1e3,
-               capture_s=capture_s, copy_gbps=bw, weight_bytes=wbytes, kv_bytes=kv_bytes, roofline_ms=floor * 1e3,
-               graph_fraction_of_roofline=floor / graph, tok_s_graph=a.batch / graph)
+    del kv, dec
+    return dict(batch=batch, tokens_per_seq=q, eager_ms=eager * 1e3, graph_ms=graph * 1e3, capture_s=capture_s,
+                sync_free=no_sync, weight_bytes=wbytes, kv_bytes=kv_bytes, roofline_ms=floor * 1e3,
+                graph_fraction_of_roofline=floor / graph, tok_s_graph=batch / graph)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="glm-4.7-flash")
+    ap.add_argument("--batch", type=int, default=16, help="one batch size (ignored when --batches is given)")
+    ap.add_argument("--batches", default="", help="comma list, e.g. 1,16,64,128")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--verify_tokens", default="1", help="comma list of tokens per sequence: 1 = DECODE, K+1 = VERIFY")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    d = tempfile.mkdtemp()
+    runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False)
+    bw = copy_bandwidth()
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
+    rows = []
+    for q in (int(x) for x in a.verify_tokens.split(",")):
+        for i, b in enumerate(batches):
+            rows.append(measure(runner, b, a.ctx, q, bw, profile=(i == 0 and q == 1)))
+            torch.cuda.empty_cache()
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}")
+    print("   B  q  eager ms  graph ms  roofline ms  graph/roofline  sync-free")
+    for r in rows:
+        print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
+              f" {r['graph_fraction_of_roofline']:15.2f}  {r['sync_free']}")
+    res = dict(preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows)
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:
