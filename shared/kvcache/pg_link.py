@@ -6,17 +6,23 @@ group is the prefill (sender), rank 1 the decode (receiver). Built by
 
 How a transfer runs:
 - post (caller thread): one uint8 buffer in the `xfer_buffer` format; a send writes the header
-  and gathers the pages of every layer into the payload, then `pg.send`; a recv posts `pg.recv`
-  into an empty buffer. On CUDA this all runs on the link's own stream. A send's stream first
-  waits for the caller's current stream (the gather must see the KV the forward just wrote); a
-  recv does not (it starts at once), but its later scatter waits for an event recorded at post
-  time on the caller's stream (kernels still reading the pages' previous owner). The compute
-  stream never waits for the link.
-- complete (one daemon thread per link, in post order): wait for the op (gloo: Work.wait, which
-  is the only way gloo p2p completes; NCCL: the side stream waits, then the header is read);
-  under the link lock, if the transfer is still PENDING: check the header, scatter the payload
-  into its pages (unless aborted/discarded), then mark DONE/ABORTED. teardown() takes the same
-  lock, so once it returned no scatter can start; on CUDA it also drains the side stream.
+  (from pinned memory, no host sync) and gathers the pages of every layer into the payload,
+  then `pg.send`; a recv posts `pg.recv` into an empty buffer. On CUDA this runs on the link's
+  side stream. A send's side stream first waits for the caller's current stream (the gather
+  must see the KV the forward just wrote); a recv does not, but its later scatter waits for an
+  event recorded at post time on the caller's stream. The compute stream never waits for the
+  link, and the side stream never waits for NCCL: on CUDA each op gets a completion marker on
+  the link's separate done stream (wait for the op, copy the received header to pinned memory,
+  record `done`).
+- complete (one daemon thread per link, in post order): gloo: Work.wait (the only way gloo p2p
+  completes); CUDA: poll `done` (`cuda_wait.wait_event`: bounded, gives up once torn down, checks
+  the deadlines and the peer's teardown notice while it waits). Then, under the link lock and
+  only while the transfer is PENDING: check the header, queue the scatter on the side stream,
+  wait for it, mark DONE/ABORTED.
+- teardown (any thread): mark unfinished transfers FAILED, tell the peer (`peer_signal`), abort
+  the group in a helper thread (waited for at most ABORT_WAIT_S: NCCL ops of both ends only
+  return once both communicators are aborted), wait for the link's own queued gather/scatter
+  kernels (bounded; they never depend on the peer). No wait in here can block forever.
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ from dataclasses import dataclass
 import torch
 
 from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.cuda_wait import settle, wait_event
 from shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+from shared.kvcache.peer_signal import PeerSignal
 from shared.kvcache.xfer_buffer import (
-    HEADER_BYTES, as_page_ids, check_header, new_send_buffer, pages_shape, payload_view,
+    HEADER_BYTES, as_page_ids, check_header, gather_pages, new_send_buffer, payload_view, scatter_pages,
 )
 
 KEEP_TERMINAL = 65536  # finished transfers remembered for poll() before the oldest is dropped
 SENDER, RECEIVER = 0, 1  # group ranks: prefill, decode
+ABORT_WAIT_S = 5.0  # teardown waits this long for the group abort, then goes on (noted in abort_error)
+SETTLE_S = 5.0  # ... and this long for the link's own gather/scatter kernels
 _EMPTY = torch.empty(0, dtype=torch.uint8)
 
 
@@ -51,13 +61,16 @@ class _Xfer:
     posted: float
     deadline: float
     work: object = None
+    done: torch.cuda.Event | None = None  # CUDA: the op (and the header copy) completed
+    header: torch.Tensor | None = None  # host int64 [2]: received (recv, pinned) / source (send)
     sink: Callable[[torch.Tensor], None] | None = None  # recv: payload bytes -> destination
     aborted: bool = False
     state: XferState = XferState.PENDING
 
 
 class PGLink(KVLink):
-    def __init__(self, pg, rank: int, name: str, device: torch.device | str, timeout_s: float):
+    def __init__(self, pg, rank: int, name: str, device: torch.device | str, timeout_s: float,
+                 signal: PeerSignal | None = None):
         self.pg = pg
         self.rank = rank
         self.peer = 1 - rank
@@ -66,13 +79,18 @@ class PGLink(KVLink):
         self.timeout_s = timeout_s
         self.broken = False
         self.error = ""
+        self.abort_error = ""  # why the group abort failed or is still running ("" = it returned)
         self.stats = LinkStats()
+        self._signal = signal
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever a transfer ends
         self._xfers: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()  # post order
         self._pending: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()  # oldest first
         self._queue: queue.Queue[_Xfer | None] = queue.Queue()
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None  # gathers, scatters
+        self._done_stream = torch.cuda.Stream(self.device) if cuda else None  # waits for NCCL only
+        self._side_tail: torch.cuda.Event | None = None  # after the last work queued on _stream
         self._thread = threading.Thread(target=self._complete_loop, name=f"kvlink {name}", daemon=True)
         self._thread.start()
 
@@ -80,57 +98,48 @@ class PGLink(KVLink):
     def send_pages(self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor) -> None:
         with self._on_stream(wait_compute=True):  # the gather must see the KV the forward wrote
             ids = as_page_ids(page_ids, cache.buffer.device)  # allocated on the side stream: freed safely
-            shape = pages_shape(cache, ids.numel())
-            buf = self._new_buf(xfer_id, cache.layout.page_bytes() * ids.numel())
-            # [num_layers, num_parts, n, page_size, heads, dim] gathered straight into the buffer
-            torch.index_select(cache.buffer, 2, ids, out=payload_view(buf, cache.buffer.dtype, shape))
-            self._post(xfer_id, "send", buf, None)
+            buf, header = new_send_buffer(xfer_id, cache.layout.page_bytes() * ids.numel(), self.device)
+            gather_pages(cache, ids, buf)  # [num_layers, num_parts, n, page_size, heads, dim]
+            self._post(xfer_id, "send", buf, None, header)
 
     def recv_pages(
         self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor, discard: bool = False
     ) -> None:
-        # the recv itself never waits for the compute stream (it fills a fresh buffer); only the
-        # scatter waits for the compute work posted before this call (kernels still reading the
-        # pages' previous owner)
-        compute_done = self._compute_event()
+        compute_done = self._compute_event()  # the scatter waits for kernels still reading old owners
         with self._on_stream(wait_compute=False):
             ids = as_page_ids(page_ids, cache.buffer.device)
-            shape = pages_shape(cache, ids.numel())
-
-            def sink(payload: torch.Tensor) -> None:
-                if compute_done is not None:
-                    self._stream.wait_event(compute_done)
-                cache.buffer.index_copy_(2, ids, payload.view(cache.buffer.dtype).view(shape))
-
-            buf = torch.empty(HEADER_BYTES + cache.layout.page_bytes() * ids.numel(), dtype=torch.uint8, device=self.device)
-            self._post(xfer_id, "recv", buf, None if discard else sink)
+            sink = None if discard else self._sink(compute_done, lambda p: scatter_pages(cache, ids, p))
+            self._post(xfer_id, "recv", self._recv_buf(cache.layout.page_bytes() * ids.numel()), sink)
 
     def send_tensor(self, xfer_id: str, tensor: torch.Tensor) -> None:
         with self._on_stream(wait_compute=True):
-            buf = self._new_buf(xfer_id, tensor.numel() * tensor.element_size())
+            buf, header = new_send_buffer(xfer_id, tensor.numel() * tensor.element_size(), self.device)
             payload_view(buf, tensor.dtype, tensor.shape).copy_(tensor)
             if self._stream is not None:
                 tensor.record_stream(self._stream)  # the caller may free it before the copy ran
-            self._post(xfer_id, "send", buf, None)
+            self._post(xfer_id, "send", buf, None, header)
 
     def recv_tensor(self, xfer_id: str, out: torch.Tensor, discard: bool = False) -> None:
         compute_done = self._compute_event()
+        with self._on_stream(wait_compute=False):
+            write = lambda p: out.copy_(p.view(out.dtype).view(out.shape))  # noqa: E731
+            sink = None if discard else self._sink(compute_done, write)
+            self._post(xfer_id, "recv", self._recv_buf(out.numel() * out.element_size()), sink)
 
-        def sink(payload: torch.Tensor) -> None:
+    def _recv_buf(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
+
+    def _sink(self, compute_done: torch.cuda.Event | None, write: Callable[[torch.Tensor], object]):
+        def sink(payload: torch.Tensor) -> None:  # CUDA: runs on the side stream
             if compute_done is not None:
                 self._stream.wait_event(compute_done)
-            out.copy_(payload.view(out.dtype).view(out.shape))
+            write(payload)
+        return sink
 
-        with self._on_stream(wait_compute=False):
-            buf = torch.empty(HEADER_BYTES + out.numel() * out.element_size(), dtype=torch.uint8, device=self.device)
-            self._post(xfer_id, "recv", buf, None if discard else sink)
-
-    def _new_buf(self, xfer_id: str, nbytes: int) -> torch.Tensor:
-        return new_send_buffer(xfer_id, nbytes, self.device)
-
-    def _post(self, xfer_id: str, kind: str, buf: torch.Tensor, sink) -> None:
+    def _post(self, xfer_id: str, kind: str, buf: torch.Tensor, sink, header=None) -> None:
         now = time.monotonic()
-        x = _Xfer(xfer_id, kind, buf.numel() - HEADER_BYTES, buf, now, now + self.timeout_s, sink=sink)
+        x = _Xfer(xfer_id, kind, buf.numel() - HEADER_BYTES, buf, now, now + self.timeout_s,
+                  header=header, sink=sink)
         with self._lock:
             if self.broken:
                 raise LinkError(f"KV link {self.name} is broken: {self.error}")
@@ -139,11 +148,24 @@ class PGLink(KVLink):
                 raise ValueError(f"KV link {self.name}: transfer {xfer_id!r} already in flight")
             op = self.pg.send if kind == "send" else self.pg.recv
             x.work = op([buf], self.peer, 0)
+            if self._stream is not None:
+                self._side_tail = _record(self._stream)
+                self._mark_completion(x)
             self._xfers.pop(xfer_id, None)
             self._xfers[xfer_id] = x
             self._pending[xfer_id] = x
             self._prune_locked()
         self._queue.put(x)
+
+    def _mark_completion(self, x: _Xfer) -> None:
+        """CUDA: on the done stream, wait for the op, copy a received header to pinned host
+        memory, record x.done. Only the done stream waits for NCCL (never the side stream)."""
+        with torch.cuda.stream(self._done_stream):
+            x.work.wait()
+            if x.kind == "recv":
+                x.header = torch.empty(2, dtype=torch.int64, pin_memory=True)
+                x.header.copy_(x.buf[:HEADER_BYTES].view(torch.int64), non_blocking=True)
+            x.done = _record(self._done_stream)
 
     @contextlib.contextmanager
     def _on_stream(self, wait_compute: bool):
@@ -159,57 +181,61 @@ class PGLink(KVLink):
 
     def _compute_event(self) -> torch.cuda.Event | None:
         """An event after the work queued so far on the caller's current stream (CUDA only)."""
-        if self._stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
+        return None if self._stream is None else _record(torch.cuda.current_stream(self.device))
 
     # ---- completion (link thread) ---------------------------------------------------
     def _complete_loop(self) -> None:
         while (x := self._queue.get()) is not None:
             if self.broken:
                 continue  # torn down: its ops are FAILED and the group aborted; wait for none
-            try:
-                header = self._wait_op(x)
-                err = "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
-            except Exception as e:  # noqa: BLE001 - any backend error breaks the link
-                err = f"{x.kind} {x.xfer_id!r} failed: {e}"
+            err = self._await_op(x)
             if err:
                 self.teardown(err)
+            if err is None or err or not self._scatter(x):
                 continue
-            event = self._finish_locked_part(x)
-            if event is not None:
-                event.synchronize()
             with self._lock:
                 if x.state is XferState.PENDING:
                     self._mark_locked(x, XferState.ABORTED if x.aborted else XferState.DONE)
 
-    def _wait_op(self, x: _Xfer) -> torch.Tensor | None:
-        """Block until the op completed; returns the received header (recv) as int64 [2] on CPU."""
-        if self._stream is None:
-            x.work.wait()
-            return x.buf[:HEADER_BYTES].view(torch.int64) if x.kind == "recv" else None
-        with torch.cuda.stream(self._stream):
-            x.work.wait()  # the side stream waits for NCCL's stream
-            if x.kind == "send":
-                self._stream.synchronize()
+    def _await_op(self, x: _Xfer) -> str | None:
+        """Wait for x's op: "" when it completed (and a recv's header matches), else the error;
+        None when the link was torn down meanwhile."""
+        try:
+            if self._stream is None:
+                x.work.wait()
+                header = x.buf[:HEADER_BYTES].view(torch.int64)
+            elif wait_event(x.done, lambda: self.broken, self._while_slow):
+                header = x.header
+            else:
                 return None
-            return x.buf[:HEADER_BYTES].view(torch.int64).cpu()  # syncs the side stream
+        except Exception as e:  # noqa: BLE001 - any backend error breaks the link
+            return f"{x.kind} {x.xfer_id!r} failed: {e}"
+        return "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
 
-    def _finish_locked_part(self, x: _Xfer) -> torch.cuda.Event | None:
-        """Scatter a completed recv into its destination unless torn down or aborted meanwhile."""
+    def _while_slow(self, waited_s: float) -> bool:
+        """Asked while an op is slow: fire deadlines and honour the peer's teardown notice
+        (True = torn down, stop waiting), also when no caller polls."""
+        self._check_deadlines()
+        reason = None if self.broken or self._signal is None else self._signal.peer_down()
+        if reason is not None:
+            self.teardown(f"the peer tore the link down ({reason})")
+        return self.broken
+
+    def _scatter(self, x: _Xfer) -> bool:
+        """Write a completed recv into its destination unless aborted; False if torn down."""
         with self._lock:
-            if x.state is not XferState.PENDING or x.sink is None or x.aborted:
-                return None
+            if x.state is not XferState.PENDING:
+                return False
+            if x.sink is None or x.aborted:
+                return True
             if self._stream is None:
                 x.sink(x.buf[HEADER_BYTES:])
-                return None
+                return True
             with torch.cuda.stream(self._stream):  # not _on_stream: never wait for the compute stream
+                self._stream.wait_event(x.done)
                 x.sink(x.buf[HEADER_BYTES:])
-                event = torch.cuda.Event()
-                event.record(self._stream)
-                return event
+                event = self._side_tail = _record(self._stream)
+        return wait_event(event, lambda: self.broken)
 
     def _mark_locked(self, x: _Xfer, state: XferState) -> None:
         x.state = state
@@ -218,7 +244,7 @@ class PGLink(KVLink):
         x.sink = None
         if state is XferState.FAILED:
             return  # buf and work stay referenced: a torn-down op may still touch its buffer
-        x.buf, x.work = _EMPTY, None  # free the payload now; the entry stays for poll()
+        x.buf, x.work, x.header = _EMPTY, None, None  # free the payload now; the entry stays for poll()
         s = self.stats
         s.seconds += time.monotonic() - x.posted
         if x.kind == "send":
@@ -279,7 +305,8 @@ class PGLink(KVLink):
             self._xfers.popitem(last=False)
 
     def teardown(self, reason: str) -> None:
-        """Abort the group, fail every unfinished transfer; afterwards the link writes no page."""
+        """Fail every unfinished transfer, tell the peer, abort the group; afterwards the link
+        writes no page. Every wait in here is bounded (see the module docstring)."""
         with self._lock:
             if self.broken:
                 return
@@ -287,14 +314,34 @@ class PGLink(KVLink):
             stuck = list(self._pending.values())
             for x in stuck:
                 self._mark_locked(x, XferState.FAILED)
-        with contextlib.suppress(Exception):
-            self.pg.abort()
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._stream.synchronize()
+            tail = self._side_tail
+        self._abort_group(reason)
+        if not settle(tail, SETTLE_S):
+            self.abort_error += f"; link kernels still queued after {SETTLE_S:g} s"
         self._queue.put(None)
         if not stuck and threading.current_thread() is not self._thread:
             # let the completion thread end now: if it held the last reference at interpreter
             # exit, the group's destructor would run in a dying thread (std::terminate)
             self._thread.join(timeout=5.0)
 
+    def _abort_group(self, reason: str) -> None:
+        """Notice to the peer, then pg.abort(), in a helper thread waited for ABORT_WAIT_S."""
+        def run() -> None:
+            if self._signal is not None:
+                self._signal.mark_down(reason)
+            try:
+                self.pg.abort()
+            except Exception as e:  # noqa: BLE001 - reported, the link is broken anyway
+                self.abort_error = f"abort failed: {type(e).__name__}: {e}"
+
+        helper = threading.Thread(target=run, name=f"kvlink abort {self.name}", daemon=True)
+        helper.start()
+        helper.join(ABORT_WAIT_S)
+        if helper.is_alive():
+            self.abort_error = f"group abort still running after {ABORT_WAIT_S:g} s"
+
+
+def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event

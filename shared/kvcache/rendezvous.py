@@ -23,8 +23,10 @@ Protocol (both calls block; run them off the worker's main loop, e.g. with `in_b
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, LinkStats, XferState
+from shared.kvcache.peer_signal import PeerSignal
 from shared.kvcache.pg_link import RECEIVER, SENDER, PGLink
 
 T = TypeVar("T")
@@ -101,7 +104,7 @@ def _join(
     if diffs:
         raise LinkMismatch(f"KV link {name} refused: " + "; ".join(diffs))
     pg = _make_group(dist.PrefixStore(f"{prefix}/pg", store), rank, torch.device(device), xfer_timeout_s)
-    link = PGLink(pg, rank, name, device, xfer_timeout_s)
+    link = PGLink(pg, rank, name, device, xfer_timeout_s, PeerSignal(store, prefix, role, peer))
     _warm(link, timeout_s)
     return link
 
@@ -115,8 +118,32 @@ def _make_group(store: dist.Store, rank: int, device: torch.device, xfer_timeout
         return dist.ProcessGroupGloo(store, rank, 2, timeout)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
-    with torch.cuda.device(device):
-        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    if os.environ.get("KVLINK_NCCL_BLOCKING", "0") != "1":
+        # a nonblocking communicator: no host thread ever sits inside an NCCL call, so
+        # ncclCommAbort (teardown) can always run and makes the blocked op return
+        opts.config.blocking = False
+        os.environ.setdefault("TORCH_NCCL_NONBLOCKING_TIMEOUT", str(int(xfer_timeout_s + GROUP_TIMEOUT_SLACK_S)))
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING is read when the group is built: 0 for the link's group, so
+    # NCCL's watchdog never kills the worker over a link op (the link's deadlines handle them)
+    with _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"), torch.cuda.device(device):
+        pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+        eager = getattr(pg, "eager_connect_single_device", None)
+        if eager is not None:  # set the communicator up now, both ends are here
+            eager(device)
+    return pg
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _warm(link: PGLink, timeout_s: float) -> None:

@@ -27,16 +27,36 @@ def xfer_hash(xfer_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(xfer_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def new_send_buffer(xfer_id: str, nbytes: int, device: torch.device) -> torch.Tensor:
-    """uint8 [HEADER_BYTES + nbytes] with the header written; the caller fills the payload."""
+def new_send_buffer(xfer_id: str, nbytes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [HEADER_BYTES + nbytes] with the header written, the host header it was copied from).
+
+    On CUDA the header is copied from pinned memory without a host sync (a pageable copy would
+    wait for the whole current stream); the caller keeps the returned host tensor alive until
+    the copy ran (the transfer completed)."""
     buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=device)
     header = torch.tensor([xfer_hash(xfer_id), nbytes], dtype=torch.int64)
-    buf[:HEADER_BYTES].copy_(header.view(torch.uint8))
-    return buf
+    if buf.is_cuda:
+        header = header.pin_memory()
+    buf[:HEADER_BYTES].copy_(header.view(torch.uint8), non_blocking=buf.is_cuda)
+    return buf, header
+
+
+def gather_pages(cache: PagedKVCache, ids: torch.Tensor, buf: torch.Tensor) -> None:
+    """Every layer's pages `ids` into buf's payload: [num_layers, num_parts, n, page_size, heads, dim]."""
+    out = payload_view(buf, cache.buffer.dtype, pages_shape(cache, ids.numel()))
+    torch.index_select(cache.buffer, 2, ids, out=out)
+
+
+def scatter_pages(cache: PagedKVCache, ids: torch.Tensor, payload: torch.Tensor) -> None:
+    """The inverse of gather_pages: payload (uint8 bytes of the pages) into pages `ids`."""
+    cache.buffer.index_copy_(2, ids, payload.view(cache.buffer.dtype).view(pages_shape(cache, ids.numel())))
 
 
 def as_page_ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     t = page_ids if isinstance(page_ids, torch.Tensor) else torch.tensor(list(page_ids), dtype=torch.int64)
+    if device.type == "cuda" and t.device.type == "cpu":
+        # pinned + non_blocking: a pageable copy would wait for the whole current stream
+        return t.to(dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     return t.to(device=device, dtype=torch.int64)
 
 

@@ -34,7 +34,7 @@ def test_differences_name_every_field_that_differs():
 
 
 def test_header_names_transfer_and_size():
-    buf = new_send_buffer("r1/0", 64, torch.device("cpu"))
+    buf, _ = new_send_buffer("r1/0", 64, torch.device("cpu"))
     header = buf[:HEADER_BYTES].view(torch.int64)
     assert header.tolist() == [xfer_hash("r1/0"), 64]
     assert check_header("r1/0", 64, header) == ""
