@@ -96,7 +96,7 @@ def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> N
 
 def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profile: bool) -> dict:
     """Eager vs graph time of one step at this shape, and its HBM floor (weights + KV read at bw GB/s)."""
-    runner.graphs = runner.verify_graphs = None
+    runner.graph_sets.clear()
     dec, kv = step_batch(runner, batch, ctx, q)
     eager = timed(lambda: runner.forward(dec, kv), 10)
     no_sync = sync_free(runner, dec, kv)

@@ -43,5 +43,4 @@ def capture(engine, spec: GraphSpec | None) -> list[int]:
     if spec is None:
         return []
     engine.lead(StepPlan(mode="", graphs=spec))
-    runner = engine.runner
-    return (runner.graphs if spec.tokens_per_seq == 1 else runner.verify_graphs).sizes
+    return next(iter(engine.runner.graph_sets.values())).sizes

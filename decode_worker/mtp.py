@@ -37,17 +37,40 @@ def seed_rows(seq: DecodeSeq) -> None:
     seq.mtp_hidden = seq.hidden[None, :]
 
 
+def _first_pass(batch: list[DecodeSeq], k: int, pad: bool) -> tuple[list, list[torch.Tensor], list[int]]:
+    """(seq plans, prev hidden per request, row of each request's last pending row in the pass).
+
+    pad: every request gets exactly k + 1 rows (the shape the DRAFT graphs were captured for): its
+    pending rows, then copies of the last one at the next positions. Those extra rows write MTP KV at
+    positions past the last pending row, inside the request's pages (it has room for k more tokens);
+    nothing reads a position before the row that owns it rewrites it (the chained drafts and the next
+    step's pending rows), the same argument that makes rejected drafts' KV harmless."""
+    plans, hidden, last, r0 = [], [], [], 0
+    for s in batch:
+        n = len(s.mtp_rows)
+        extra = k + 1 - n if pad else 0
+        ids = [t for _, t in s.mtp_rows] + [s.mtp_rows[-1][1]] * extra
+        plans.append(seq_plan(ids, s.mtp_rows[0][0], s.page_ids, logits_row=n - 1 if extra else -1))
+        hidden.append(torch.cat([s.mtp_hidden, s.mtp_hidden[-1:].expand(extra, -1)]) if extra else s.mtp_hidden)
+        last.append(r0 + n - 1)
+        r0 += n + extra
+    return plans, hidden, last
+
+
 def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | None = None) -> list[list[int]]:
     """k greedy drafts per request. The first MTP pass covers every pending row (writing their MTP
     KV); each further draft chains one row: position + 1, input = the previous draft, prev hidden =
     the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2). Only requests
-    with use[i] (pages for K more tokens) chain; the others get one draft they will not feed."""
-    plan = StepPlan(mode="draft", link_ops=link_ops, seqs=[
-        seq_plan([t for _, t in s.mtp_rows], s.mtp_rows[0][0], s.page_ids) for s in batch
-    ])
-    out = engine.lead(plan, prev_hidden=torch.cat([s.mtp_hidden for s in batch]).to(engine.device))
+    with use[i] (pages for K more tokens) chain; the others get one draft they will not feed.
+    With DRAFT graphs of k + 1 rows and room everywhere, the first pass is padded to that shape."""
+    from shared.runner.batch import ForwardMode
+
+    pad = (ForwardMode.DRAFT, k + 1) in engine.runner.graph_sets and use is not None and all(use)
+    plans, hidden, last_rows = _first_pass(batch, k, pad)
+    out = engine.lead(StepPlan(mode="draft", link_ops=link_ops, seqs=plans),
+                      prev_hidden=torch.cat(hidden).to(engine.device))
     drafts = [[d] for d in out.logits.argmax(-1).tolist()]
-    last = torch.tensor([len(s.mtp_rows) for s in batch]).cumsum(0) - 1
+    last = torch.tensor(last_rows)
     chain = [i for i in range(len(batch)) if use is None or use[i]]
     z = out.hidden[last[chain].to(out.hidden.device)]  # [B', H] MTP output at each chaining request's last row
     for j in range(1, k if chain else 1):

@@ -5,7 +5,8 @@ the caller. `forward(batch, kv_cache)` writes the batch tokens' KV into their sl
 ForwardOutput(logits [R, V] fp32 full vocab at batch.logits_indices, hidden [T, H] after the final norm).
 `mtp_forward` runs the checkpoint's MTP layer (cache layer num_hidden_layers), spec §3.2.
 `capture_decode_graphs` records CUDA graphs of DECODE steps per batch bucket (`DecodeGraphs`, below), or of
-VERIFY steps with a fixed K + 1 tokens per sequence (MTP).
+VERIFY / DRAFT steps with a fixed number of tokens per sequence (MTP); `forward` and `mtp_forward` replay
+them for the batches that fit and run the rest eagerly.
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ class ModelRunner:
         ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy)
         self.model = model_class(self.config)(self.config, ctx, with_mtp=with_mtp).eval()
         self.num_mtp_layers = self.model.num_mtp_layers
-        self.graphs = None  # DecodeGraphs of DECODE steps after capture_decode_graphs
-        self.verify_graphs = None  # DecodeGraphs of VERIFY steps (tokens_per_seq > 1)
+        self.graph_sets: dict[tuple[ForwardMode, int], DecodeGraphs] = {}  # (mode, tokens per seq) -> graphs
         if load_format == "dummy":
             init_dummy(self.model, self.config, seed)
         else:
@@ -97,10 +97,16 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
-        for graphs in (self.graphs, self.verify_graphs):
-            if graphs is not None and graphs.fits(batch, kv_cache):
-                return graphs.run(batch)
-        return self._eager(batch, kv_cache)
+        graphs = self._graphs_for(batch, kv_cache)
+        return graphs.run(batch) if graphs is not None else self._eager(batch, kv_cache)
+
+    def _graphs_for(self, batch: ForwardBatch, kv_cache) -> "DecodeGraphs | None":
+        return next((g for g in self.graph_sets.values() if g.fits(batch, kv_cache)), None)
+
+    @property
+    def graphs(self) -> "DecodeGraphs | None":
+        """The DECODE graphs (None before capture_decode_graphs)."""
+        return self.graph_sets.get((ForwardMode.DECODE, 1))
 
     def _eager(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
         hidden = self.model(batch, kv_cache)
@@ -108,30 +114,36 @@ class ModelRunner:
         return ForwardOutput(logits, hidden)
 
     def capture_decode_graphs(self, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int = 0,
-                              tokens_per_seq: int = 1) -> list[int]:
+                              tokens_per_seq: int = 1, mode: ForwardMode | None = None) -> list[int]:
         """Capture CUDA graphs of DECODE steps for batch buckets up to max_batch_size (all TP ranks together);
-        tokens_per_seq q > 1: of VERIFY steps with exactly q tokens per sequence instead.
+        tokens_per_seq q > 1: of VERIFY steps with exactly q tokens per sequence instead; mode DRAFT: of
+        `mtp_forward` over q rows per sequence (logits at every row; callers pick theirs by logits_indices).
 
         Later batches that fit (that mode, <= max_batch_size seqs, seq lens <= max_seq_len, this kv_cache) are
         padded to the next bucket and replayed; pad rows write only `dummy_page` (the allocator's reserved
         page 0; it must hold >= q slots). On CPU nothing is captured, but the padded path runs eagerly (so
         tests cover it). Returns the bucket sizes."""
-        graphs = DecodeGraphs(self, kv_cache, max_batch_size, max_seq_len, dummy_page, tokens_per_seq)
-        if tokens_per_seq == 1:
-            self.graphs = graphs
-        else:
-            self.verify_graphs = graphs
+        mode = mode or (ForwardMode.DECODE if tokens_per_seq == 1 else ForwardMode.VERIFY)
+        graphs = DecodeGraphs(self, kv_cache, max_batch_size, max_seq_len, dummy_page, tokens_per_seq, mode)
+        self.graph_sets[(mode, tokens_per_seq)] = graphs
         return graphs.sizes
 
     def graph_runs(self) -> int:
-        """Batches run through graph buckets so far (DECODE and VERIFY)."""
-        return sum(g.num_runs for g in (self.graphs, self.verify_graphs) if g is not None)
+        """Batches run through graph buckets so far (every mode)."""
+        return sum(g.num_runs for g in self.graph_sets.values())
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def mtp_forward(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
                     kv_cache) -> ForwardOutput:
         """Draft: row t carries target hidden prev_hidden[t] (position batch.positions[t]) and the next token
         input_ids[t]. Returns (logits [R, V] of the token after input_ids, hidden [T, H] pre shared_head.norm)."""
+        graphs = self._graphs_for(batch, kv_cache) if input_ids is batch.input_ids else None
+        if graphs is not None:
+            return graphs.run(batch, prev_hidden)
+        return self._mtp_eager(batch, input_ids, prev_hidden, kv_cache)
+
+    def _mtp_eager(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
+                   kv_cache) -> ForwardOutput:
         return ForwardOutput(*self.model.mtp_forward(batch, input_ids, prev_hidden, kv_cache))
 
 
@@ -143,14 +155,16 @@ def graph_buckets(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     """Static inputs (max-bucket buffers; bucket g uses the first g sequences = g * q tokens) and one graph
-    per bucket. q = tokens per sequence: 1 = DECODE, > 1 = VERIFY (logits at every row)."""
+    per bucket. q = tokens per sequence: DECODE q = 1, VERIFY q = K + 1; DRAFT runs the MTP layer with a
+    static prev_hidden [g * q, H] too. The static batch wants logits at every row."""
 
     def __init__(self, runner: ModelRunner, kv_cache, max_batch_size: int, max_seq_len: int, dummy_page: int,
-                 q: int = 1):
+                 q: int = 1, mode: ForwardMode = ForwardMode.DECODE):
         dev, page = runner.device, kv_cache.layout.page_size
         assert 1 <= q <= page, "pad rows keep their q tokens inside the dummy page"
+        assert mode != ForwardMode.PREFILL and (q == 1 or mode != ForwardMode.DECODE)
         self.runner, self.kv_cache, self.max_seq_len, self.page_size, self.q = runner, kv_cache, max_seq_len, page, q
-        self.mode = ForwardMode.DECODE if q == 1 else ForwardMode.VERIFY
+        self.mode = mode
         self.max_pages, self.dummy_slot = -(-max_seq_len // page), dummy_page * page
         self.sizes = graph_buckets(max_batch_size)
         n, t = max_batch_size, max_batch_size * q
@@ -163,6 +177,8 @@ class DecodeGraphs:
         self.prefix, self.qlens = torch.zeros(n, **i32), torch.full((n,), q, **i32)
         self.seq_lens, self.qsl = torch.full((n,), q, **i32), torch.arange(0, (n + 1) * q, q, **i32)
         self.rows = torch.arange(t, **i64)  # logits rows: every token (q = 1: every sequence)
+        self.hidden = torch.zeros(t if mode == ForwardMode.DRAFT else 0, runner.config.hidden_size,
+                                  dtype=runner.dtype, device=dev)  # DRAFT: prev_hidden [t, H]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardOutput]] = {}
         self.num_runs = 0  # batches run through `run` (replayed on CUDA, padded eager on CPU)
         if dev.type == "cuda":
@@ -183,21 +199,27 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.runner._eager(batch, self.kv_cache)
+                    self._forward(batch)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.runner._eager(batch, self.kv_cache)
+                out = self._forward(batch)
             self.graphs[g] = (graph, out)
+
+    def _forward(self, batch: ForwardBatch) -> ForwardOutput:
+        if self.mode == ForwardMode.DRAFT:
+            return self.runner._mtp_eager(batch, batch.input_ids, self.hidden[: batch.num_tokens], self.kv_cache)
+        return self.runner._eager(batch, self.kv_cache)
 
     def fits(self, batch: ForwardBatch, kv_cache) -> bool:
         return (batch.mode == self.mode and kv_cache is self.kv_cache and 0 < batch.num_seqs <= self.sizes[-1]
                 and all(n == self.q for n in batch.query_lens_cpu)
                 and max(batch.prefix_lens_cpu) + self.q <= self.max_seq_len)
 
-    def run(self, batch: ForwardBatch) -> ForwardOutput:
+    def run(self, batch: ForwardBatch, prev_hidden: torch.Tensor | None = None) -> ForwardOutput:
         """Pad the batch to its bucket, replay (CUDA) or run the padded batch eagerly (CPU).
-        Pad sequences: prefix 0, q tokens at positions 0..q-1, KV written to the dummy slot only."""
+        Pad sequences: prefix 0, q tokens at positions 0..q-1, KV written to the dummy slot only.
+        prev_hidden [b * q, H]: DRAFT batches' target hidden (pad rows keep stale, finite rows)."""
         b = batch.num_seqs
         g = next(size for size in self.sizes if size >= b)
         tb, tg = b * self.q, g * self.q
@@ -213,9 +235,11 @@ class DecodeGraphs:
         self.prefix[:b].copy_(batch.prefix_lens)
         self.prefix[b:g].zero_()
         torch.add(self.prefix[:g], self.q, out=self.seq_lens[:g])
+        if self.mode == ForwardMode.DRAFT:
+            self.hidden[:tb].copy_(prev_hidden)
         if g in self.graphs:
             graph, out = self.graphs[g]
             graph.replay()
         else:
-            out = self.runner._eager(self._static_batch(g, batch.prefix_lens_cpu + [0] * (g - b)), self.kv_cache)
+            out = self._forward(self._static_batch(g, batch.prefix_lens_cpu + [0] * (g - b)))
         return ForwardOutput(out.logits[batch.logits_indices].clone(), out.hidden[:tb].clone())

@@ -97,14 +97,21 @@ class Engine:
         return out
 
     def capture_graphs(self, max_batch_size: int, max_seq_len: int, tokens_per_seq: int = 1) -> list[int]:
-        """DECODE (or VERIFY, tokens_per_seq > 1) graph buckets over this rank's cache. Every rank runs it
-        from the same plan, so the collectives inside the captured forwards pair up. CPU: no capture, the
-        padded path runs eagerly."""
-        sizes = self.runner.capture_decode_graphs(self.cache, max_batch_size, max_seq_len,
-                                                  tokens_per_seq=tokens_per_seq)
-        log.info("rank %d: %s graphs for batch %s, seq len <= %d (%s)", self.tp_rank,
-                 "decode" if tokens_per_seq == 1 else f"verify q={tokens_per_seq}", sizes, max_seq_len,
-                 "captured" if self.device.type == "cuda" else "padded eager on cpu")
+        """Graph buckets over this rank's cache: DECODE (tokens_per_seq 1), or for MTP (q = K + 1) VERIFY
+        of q tokens, DRAFT of q rows (the first draft pass, padded by decode_worker.mtp) and DRAFT of 1 row
+        (the chained drafts, K > 1). Every rank runs it from the same plan, so the collectives inside the
+        captured forwards pair up. CPU: no capture, the padded path runs eagerly."""
+        from shared.runner.batch import ForwardMode
+
+        q = tokens_per_seq
+        sets = [(ForwardMode.DECODE, 1)] if q == 1 else [(ForwardMode.VERIFY, q)]
+        if q > 1 and self.runner.has_mtp:
+            sets += [(ForwardMode.DRAFT, q)] + ([(ForwardMode.DRAFT, 1)] if q > 2 else [])
+        for mode, n in sets:
+            sizes = self.runner.capture_decode_graphs(self.cache, max_batch_size, max_seq_len, tokens_per_seq=n,
+                                                      mode=mode)
+            log.info("rank %d: %s q=%d graphs for batch %s, seq len <= %d (%s)", self.tp_rank, mode.value, n,
+                     sizes, max_seq_len, "captured" if self.device.type == "cuda" else "padded eager on cpu")
         return sizes
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ class SeqPlan(msgspec.Struct, array_like=True):
     page_ids: bytes  # packed int32: pages covering prefix_len + len(token_ids) tokens
     want_logits: bool = True  # logits row for the sequence's last new token
     mtp_ids: bytes = b""  # prefill with MTP: the next token of each of the first m rows (MTP layer KV)
+    logits_row: int = -1  # which of this sequence's new tokens gets the logits row (-1: the last)
 
 
 class LinkOp(msgspec.Struct, array_like=True):
@@ -67,20 +68,24 @@ def decode_plan(data: bytes) -> StepPlan:
 
 
 def seq_plan(token_ids: list[int], prefix_len: int, page_ids: list[int], want_logits: bool = True,
-             mtp_ids: list[int] | None = None) -> SeqPlan:
-    return SeqPlan(pack_ids(token_ids), prefix_len, pack_ids(page_ids), want_logits, pack_ids(mtp_ids or []))
+             mtp_ids: list[int] | None = None, logits_row: int = -1) -> SeqPlan:
+    return SeqPlan(pack_ids(token_ids), prefix_len, pack_ids(page_ids), want_logits, pack_ids(mtp_ids or []),
+                   logits_row)
 
 
 def to_batch(plan: StepPlan, page_size: int, device: torch.device | str) -> ForwardBatch:
-    """ForwardBatch of the plan; logits rows only for sequences with want_logits (in order);
-    VERIFY plans want logits at every row."""
+    """ForwardBatch of the plan; logits rows only for sequences with want_logits (in order), at each
+    one's logits_row (default its last token); VERIFY plans want logits at every row."""
     seqs = [(unpack_ids(s.token_ids), s.prefix_len, unpack_ids(s.page_ids)) for s in plan.seqs]
     rows = "all" if plan.mode == ForwardMode.VERIFY.value else "last"
     batch = ForwardBatch.build(ForwardMode(plan.mode), seqs, page_size, logits_rows=rows, device=device)
-    if rows == "last" and not all(s.want_logits for s in plan.seqs):
-        ends = torch.cumsum(torch.tensor(batch.query_lens_cpu, dtype=torch.int64), 0) - 1
-        keep = torch.tensor([s.want_logits for s in plan.seqs], dtype=torch.bool)
-        batch.logits_indices = ends[keep].to(batch.input_ids.device)
+    if rows == "last" and not all(s.want_logits and s.logits_row < 0 for s in plan.seqs):
+        idx, start = [], 0
+        for s, n in zip(plan.seqs, batch.query_lens_cpu):
+            if s.want_logits:
+                idx.append(start + (s.logits_row if s.logits_row >= 0 else n - 1))
+            start += n
+        batch.logits_indices = torch.tensor(idx, dtype=torch.int64).to(batch.input_ids.device)
     return batch
 
 

@@ -29,16 +29,15 @@ def _check(model_dir, device, dtype, tol, q: int = 1):
     gen = torch.Generator().manual_seed(0)
     kv.buffer.normal_(generator=None)  # arbitrary prefix KV already in every page
     assert runner.capture_decode_graphs(kv, max_batch_size=10, max_seq_len=16, tokens_per_seq=q) == [1, 2, 4, 8, 10]
-    attr = "graphs" if q == 1 else "verify_graphs"
+    key = (ForwardMode.DECODE if q == 1 else ForwardMode.VERIFY, q)
     for num_seqs in (1, 3, 5, 9):
         batch = _decode_batch(num_seqs, gen, device, q)
-        graphs = getattr(runner, attr)
-        setattr(runner, attr, None)
+        graphs = runner.graph_sets.pop(key)
         before = kv.buffer.clone()
         want = runner.forward(batch, kv)
         eager_cache = kv.buffer.clone()
         kv.buffer.copy_(before)
-        setattr(runner, attr, graphs)
+        runner.graph_sets[key] = graphs
         assert graphs.fits(batch, kv) and not graphs.fits(_decode_batch(2, gen, device, q + 1), kv)
         got = runner.forward(batch, kv)
         real, ref = kv.buffer[:, :, 1:].float(), eager_cache[:, :, 1:].float()  # real pages: same writes

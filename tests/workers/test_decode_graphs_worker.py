@@ -5,6 +5,8 @@ leader -> follower capture plan without a GPU. On CUDA (gpu test) the same check
 - greedy tokens equal shared.generate's while batches of 3 are padded to bucket 4 and sequences
   past --graph_max_seq_len fall back to eager steps; the graph-step counter moved; pages return to 0;
 - the same with --mtp_step 2: VERIFY steps of 3 tokens per sequence padded to their buckets;
+- the constructed MTP checkpoint with K = 3 and graph buckets: the padded first draft pass picks each
+  request's real last row (every draft accepted: K + 1 tokens per step), several requests at once;
 - graph_spec: device defaults, the cap at --max_running, the seq-len fallbacks, MTP's VERIFY graphs.
 """
 
@@ -62,7 +64,7 @@ def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None, mtp_s
         assert got == ref
         _pages_zero(wp)  # heartbeats after the requests: the graph-step counter is current too
         assert _metric(wp, "d0", "glm_worker_decode_graph_steps_total") > 0
-        kind = "decode" if mtp_step == 0 else f"verify q={mtp_step + 1}"
+        kind = "decode q=1" if mtp_step == 0 else f"verify q={mtp_step + 1}"
         assert f"{kind} graphs for batch [1, 2, 4], seq len <= 32" in open(wp.logs["d0"]).read()
     finally:
         wp.stop()
@@ -74,9 +76,90 @@ def test_padded_decode_worker_equals_generate_cpu(tmp_path, mtp_step):
     _check_pair(tmp_path, "cpu", "float32", mtp_step=mtp_step)
 
 
+@pytest.mark.slow
+def test_padded_drafts_keep_full_acceptance_cpu(tmp_path):
+    from shared.weights.constructed_mtp import chain, next_token_map, write_constructed_mtp_checkpoint
+
+    k = 3
+    model_dir = write_constructed_mtp_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=2)
+    f = next_token_map(model_dir)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=96, chunked_prefill_size=16,
+                    extra_decode=("--graph_max_batch_size", "4", "--mtp_step", str(k)))
+    try:
+        wp.wait_ready(300)
+        prompts = [[17, 23, 101], [5, 9], [44, 45, 46, 47, 48, 49, 50]]
+        n = 1 + 3 * (k + 1)  # the prefill's first token, then 3 verify steps of K + 1 tokens
+        sp = P.SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            assert isinstance(_start(wp, f"c{i}", p, sp), P.Reserved)
+        events = _collect(wp, {f"c{i}" for i in range(len(prompts))}, timeout_s=120)
+        for i, p in enumerate(prompts):
+            assert [t for e in events[f"c{i}"] for t in P.unpack_ids(e.token_ids)] == chain(p[-1], f, n)
+        _pages_zero(wp)
+        assert _metric(wp, "d0", "glm_worker_mtp_accepted_tokens_total") == 3 * k * len(prompts)
+        assert _metric(wp, "d0", "glm_worker_decode_graph_steps_total") >= 3 * 3  # draft, chain, verify
+        log = open(wp.logs["d0"]).read()
+        assert all(f"{kind} graphs for batch [1, 2, 4]" in log for kind in ("verify q=4", "draft q=4", "draft q=1"))
+    finally:
+        wp.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("mtp_step", [0, 2])
 def test_graph_decode_worker_equals_generate_cuda(tmp_path, mtp_step):
     _check_pair(tmp_path, "cuda", "float32", gpus={"p0": "0", "d0": "1"}, mtp_step=mtp_step)
+
+
+def test_padded_first_draft_pass_equals_unpadded(tmp_path):
+    """In one process: drafts of requests with 1, 3 and 2 pending MTP rows (K = 3) are the same whether the
+    first pass runs as is or padded to K + 1 rows per request through the DRAFT graph buckets (CPU: padded
+    eager), and the pad rows leave the real rows' MTP KV untouched."""
+    import time
+
+    from decode_worker import mtp
+    from decode_worker.state import DecodeSeq
+    from shared.weights.tiny import write_tiny_checkpoint
+    from shared.worker_common.config import common_parser, worker_config
+    from shared.worker_common.engine import Engine
+    from shared.worker_common.tp import TPFanout
+
+    k, page = 3, 4
+    model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=5)
+    a = common_parser("decode").parse_args(["--model_dir", model_dir, "--control_addr", "tcp://127.0.0.1:1",
+                                            "--router_addr", "tcp://127.0.0.1:2", "--page_size", str(page),
+                                            "--num_pages", "16", "--mtp_step", str(k)])
+    engine = Engine(worker_config("decode", a), TPFanout(0, 1, 0, "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    engine.cache.buffer.normal_(generator=gen)  # arbitrary KV before the pending rows
+    h = engine.runner.config.hidden_size
+    seqs = []
+    for i, (n_rows, first_pos) in enumerate([(1, 5), (3, 2), (2, 7)]):
+        s = DecodeSeq(f"r{i}", 3, [1, 2, 3], P.SamplingParams(temperature=0), [1 + 4 * i + j for j in range(4)],
+                      "p0", time.monotonic())
+        s.mtp_rows = [(first_pos + j, int(torch.randint(3, 200, (1,), generator=gen))) for j in range(n_rows)]
+        s.mtp_hidden = torch.randn(n_rows, h, generator=gen)
+        seqs.append(s)
+    before = engine.cache.buffer.clone()
+    first = {}
+    for pad in (False, True):  # the first pass alone: same logits and last-row MTP output, tight
+        plans, hidden, last = mtp._first_pass(seqs, k, pad)
+        out = engine.run(StepPlan(mode="draft", seqs=plans), prev_hidden=torch.cat(hidden))
+        first[pad] = (out.logits, out.hidden[last])
+        assert out.hidden.shape[0] == (len(seqs) * (k + 1) if pad else 6)
+        engine.cache.buffer.copy_(before)
+    for got, ref in zip(first[True], first[False]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    want = mtp.draft(engine, seqs, [], k, [True] * 3)
+    want_cache = engine.cache.buffer.clone()
+    engine.cache.buffer.copy_(before)
+    engine.capture_graphs(4, 16, k + 1)
+    runs = engine.runner.graph_runs()
+    assert mtp.draft(engine, seqs, [], k, [True] * 3) == want
+    assert engine.runner.graph_runs() == runs + k  # the padded first pass and k - 1 chained passes
+    layer = engine.runner.config.num_hidden_layers  # the MTP layer's cache
+    for s in seqs:  # every position up to the last chained draft: the same MTP KV as unpadded
+        for pos in range(s.mtp_rows[-1][0] + k):
+            pg, off = s.page_ids[pos // page], pos % page
+            torch.testing.assert_close(engine.cache.buffer[layer, :, pg, off], want_cache[layer, :, pg, off])
