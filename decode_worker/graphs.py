@@ -9,8 +9,9 @@ tests' emulation of the graph path). Buckets stop at --max_running (a step never
 max_position_embeddings, so every admitted request fits). A larger L costs only page-table columns
 (B x L / page_size int32 copied per step) and, for GQA, more attention splits at small batch.
 With --mtp_step K > 0 the worker runs VERIFY and DRAFT steps, never DECODE: the graphs are of VERIFY
-steps with K + 1 tokens per sequence (every request drafting K; a step where some request has no page
-room for its drafts runs eagerly). DRAFT steps (the MTP layer) run eagerly. K + 1 must fit in a page.
+steps with K + 1 tokens per sequence, of the first DRAFT pass padded to K + 1 rows per request
+(decode_worker.mtp._first_pass) and of the chained DRAFT passes (1 row). A step where some request has
+no page room for its drafts runs eagerly. K + 1 must fit in a page.
 """
 
 from __future__ import annotations
