@@ -2,11 +2,17 @@
 
 Two processes (this one = prefill on the first GPU, a child = decode on the second), one
 KVLink between them built by the real rendezvous (signature check, warm-up). For each prompt
-size it times, median of --reps:
-- link:  post send_pages (gather of every layer -> one send) until the decode's ack arrives; the
-         decode recv_pages (recv -> header check -> scatter) then acks with a 4-byte send_tensor.
-- plain: the same bytes as one raw send/recv on the same process group, then a raw 4-byte ack;
-         the ceiling the link is compared with (measured in the same run, as DESIGN §7 asks).
+size, median of --reps after one warm-up rep:
+- link: the decode posts recv_pages and sends a 4-byte "go"; the prefill, once it has the go,
+        stamps CLOCK_MONOTONIC and posts send_pages; the decode stamps when wait() says DONE
+        (pages scattered into its cache). link ms = decode stamp - prefill stamp (one host, one
+        clock): what a request waits, gather + wire + scatter + the link's own overhead.
+- gather / scatter: the link's own kernels (xfer_buffer.gather_pages / scatter_pages) alone,
+        CUDA events.
+- plain gpu: the same bytes as one raw send/recv on the same process group, after a 4-byte ping
+        that lines both ends up; CUDA events around the op (decode side): the wire ceiling.
+- plain host: the raw send/recv timed like the link (go, stamps), for a like-for-like ratio.
+- other = link - (gather + plain gpu + scatter): what the link adds beyond its kernels.
 It also checks the bytes arrived (float64 sum of the pages on both ends).
 
 GPU (the lead): `python -m bench.kv_transfer --device cuda --gpus 0,1 --out kv_transfer.json`
@@ -30,6 +36,7 @@ import torch
 from shared.kvcache.cache import KVLayout, PagedKVCache
 from shared.kvcache.link import LinkSignature, XferState
 from shared.kvcache.rendezvous import accept_link, connect_link, open_store
+from shared.kvcache.xfer_buffer import HEADER_BYTES, gather_pages, scatter_pages
 
 MODEL = "glm4_moe_lite (GLM-4.7-Flash layout)"
 
@@ -97,62 +104,109 @@ def run_side(a: argparse.Namespace) -> list[dict]:
 
 
 def measure(a, link, cache: PagedKVCache, tokens: int, n: int, dev: str) -> dict:
+    """One prompt size on this side. Times are CLOCK_MONOTONIC (shared by both processes on one
+    host): the prefill returns when it posted, the decode when the pages were in its cache."""
     sender = a.role == "prefill"
     ids = page_ids(cache.num_pages, n, seed=1 if sender else 2, device=dev)
     nbytes = n * cache.layout.page_bytes()
-    ack = torch.zeros(1, dtype=torch.int32, device=dev)
-    link_s, plain_s = [], []
-    for rep in range(a.reps + 1):  # rep 0 warms buffers and the allocator
-        x = f"t{tokens}/r{rep}"
-        sync(dev)
-        t0 = time.perf_counter()
-        if sender:
-            link.send_pages(x, cache, ids)
-            link.recv_tensor(x + "/ack", ack)
-            assert link.wait(x + "/ack", 120) is XferState.DONE, link.error
-        else:
-            link.recv_pages(x, cache, ids)
-            assert link.wait(x, 120) is XferState.DONE, link.error
-            link.send_tensor(x + "/ack", ack)
-            assert link.wait(x + "/ack", 120) is XferState.DONE, link.error
-        dt = time.perf_counter() - t0
-        link.forget(x), link.forget(x + "/ack")
-        if rep:
-            link_s.append(dt)
+    stamps = [link_once(link, sender, cache, ids, f"t{tokens}/r{rep}") for rep in range(a.reps + 1)]
     checksum = float(cache.buffer.index_select(2, ids).double().sum())
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    for rep in range(a.reps + 1):
-        plain_s.append(plain_once(link.pg, sender, buf, ack, dev))
-    row = {"tokens": tokens, "pages": n, "bytes": nbytes, "checksum": checksum,
-           "link_s": statistics.median(link_s), "plain_s": statistics.median(plain_s[1:])}
+    buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=dev)
+    plain = [plain_once(link.pg, sender, buf, dev) for _ in range(a.reps + 1)]
+    kernel_ms = [time_kernel(cache, ids, buf, sender, dev) for _ in range(a.reps + 1)]
     del buf
-    return row
+    return {"tokens": tokens, "pages": n, "bytes": nbytes, "checksum": checksum,
+            "link_t": stamps[1:], "plain_t": [p[0] for p in plain[1:]],
+            "plain_gpu_ms": statistics.median(p[1] for p in plain[1:]),
+            "kernel_ms": statistics.median(kernel_ms[1:])}
 
 
-def plain_once(pg, sender: bool, buf: torch.Tensor, ack: torch.Tensor, dev: str) -> float:
-    """One raw send of buf plus a raw ack back, on the link's own process group."""
-    peer = 1 if sender else 0
-    sync(dev)
-    t0 = time.perf_counter()
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def link_once(link, sender: bool, cache: PagedKVCache, ids: torch.Tensor, x: str) -> float:
+    """The decode posts its recv, then says "go" (4 bytes back); the prefill stamps the time
+    and posts send_pages. Prefill returns its post time, the decode its DONE time."""
+    go = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if sender:
-        pg.send([buf], peer, 0).wait()
-        pg.recv([ack], peer, 0).wait()
+        link.recv_tensor(x + "/go", go)
+        assert link.wait(x + "/go", 120) is XferState.DONE, link.error
+        t = now()
+        link.send_pages(x, cache, ids)
     else:
-        pg.recv([buf], peer, 0).wait()
-        pg.send([ack], peer, 0).wait()
+        link.recv_pages(x, cache, ids)
+        link.send_tensor(x + "/go", go)
+    assert link.wait(x, 120) is XferState.DONE, link.error
+    t = t if sender else now()
+    assert link.wait(x + "/go", 120) is XferState.DONE, link.error
+    link.forget(x), link.forget(x + "/go")
+    return t
+
+
+def plain_once(pg, sender: bool, buf: torch.Tensor, dev: str) -> tuple[float, float]:
+    """The same bytes as one raw send/recv: (post time (prefill) / arrival time (decode), GPU ms).
+
+    A 4-byte ping first lines the two GPU streams up (both pass it at the same moment); the GPU
+    time is the CUDA-event time from there to the end of the big op, read on each side (the
+    decode's is the transfer). The host times use the link's method (go message, then stamps)."""
+    peer, ping = (1 if sender else 0), torch.zeros(1, dtype=torch.int32, device=buf.device)
+    go = pg.recv([ping], peer, 0) if sender else pg.send([ping], peer, 0)
+    go.wait()
     sync(dev)
-    return time.perf_counter() - t0
+    t0 = now()
+    start, end = _events(dev)
+    _record(start)
+    work = pg.send([buf], peer, 0) if sender else pg.recv([buf], peer, 0)
+    work.wait()
+    _record(end)
+    sync(dev)
+    t1 = now()
+    return (t0 if sender else t1), (start.elapsed_time(end) if start is not None else (t1 - t0) * 1e3)
+
+
+def _events(dev: str):
+    if not dev.startswith("cuda"):
+        return None, None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def _record(event) -> None:
+    if event is not None:
+        event.record()
+
+
+def time_kernel(cache: PagedKVCache, ids: torch.Tensor, buf: torch.Tensor, sender: bool, dev: str) -> float:
+    """ms of the link's own gather (prefill) / scatter (decode) kernel for these pages."""
+    start, end = _events(dev)
+    sync(dev)
+    t0 = now()
+    _record(start)
+    if sender:
+        gather_pages(cache, ids, buf)
+    else:
+        scatter_pages(cache, ids, buf[HEADER_BYTES:])
+    _record(end)
+    sync(dev)
+    return start.elapsed_time(end) if start is not None else (now() - t0) * 1e3
 
 
 def report(a: argparse.Namespace, mine: list[dict], theirs: list[dict]) -> dict:
     rows = []
     for p, d in zip(mine, theirs):
         gb = p["bytes"] / 1e9
+        link_ms = statistics.median(1e3 * (td - tp) for tp, td in zip(p["link_t"], d["link_t"]))
+        plain_ms = statistics.median(1e3 * (td - tp) for tp, td in zip(p["plain_t"], d["plain_t"]))
+        wire_ms = d["plain_gpu_ms"]
         rows.append({
             "tokens": p["tokens"], "pages": p["pages"], "bytes": p["bytes"],
-            "link_ms": p["link_s"] * 1e3, "link_gbps": gb / p["link_s"],
-            "plain_ms": p["plain_s"] * 1e3, "plain_gbps": gb / p["plain_s"],
-            "link_over_plain": p["plain_s"] / p["link_s"], "bytes_equal": p["checksum"] == d["checksum"],
+            "link_ms": link_ms, "link_gbps": gb / (link_ms / 1e3),
+            "gather_ms": p["kernel_ms"], "scatter_ms": d["kernel_ms"],
+            "plain_gpu_ms": wire_ms, "plain_gpu_gbps": gb / (wire_ms / 1e3),
+            "plain_host_ms": plain_ms, "plain_host_gbps": gb / (plain_ms / 1e3),
+            "link_over_plain": wire_ms / link_ms, "link_over_plain_host": plain_ms / link_ms,
+            "link_overhead_ms": link_ms - (p["kernel_ms"] + wire_ms + d["kernel_ms"]),
+            "bytes_equal": p["checksum"] == d["checksum"],
         })
     lay = layout_of(a)
     return {"device": a.device, "gpus": a.gpus if a.device == "cuda" else "", "model": MODEL,
@@ -164,12 +218,16 @@ def report(a: argparse.Namespace, mine: list[dict], theirs: list[dict]) -> dict:
 def print_table(res: dict) -> None:
     print(f"KV link vs plain send/recv ({res['device']} {res['gpu_name']}, {res['model']}, "
           f"page {res['layout']['page_size']}, {res['layout']['dtype']}, median of {res['reps']})")
-    print(f"{'tokens':>7} {'pages':>6} {'MB':>8} {'link ms':>8} {'link GB/s':>10} {'plain ms':>9} "
-          f"{'plain GB/s':>11} {'link/plain':>10} {'bytes ok':>8}")
+    print("link = prefill posts send_pages -> pages in the decode's cache (host clock, both ends);"
+          " gather/scatter = the link's own kernels (CUDA events); plain gpu = raw send/recv of the"
+          " same bytes after a ping (CUDA events); plain host = raw send/recv timed like the link")
+    print(f"{'tokens':>7} {'MB':>7} {'link ms':>8} {'GB/s':>6} {'gather':>7} {'plain gpu':>9} {'GB/s':>6} "
+          f"{'scatter':>7} {'other':>6} {'plain host':>10} {'link/plain':>10} {'(host)':>6} {'ok':>5}")
     for r in res["rows"]:
-        print(f"{r['tokens']:>7} {r['pages']:>6} {r['bytes'] / 1e6:>8.1f} {r['link_ms']:>8.2f} "
-              f"{r['link_gbps']:>10.1f} {r['plain_ms']:>9.2f} {r['plain_gbps']:>11.1f} "
-              f"{r['link_over_plain']:>10.2f} {str(r['bytes_equal']):>8}")
+        print(f"{r['tokens']:>7} {r['bytes'] / 1e6:>7.1f} {r['link_ms']:>8.2f} {r['link_gbps']:>6.0f} "
+              f"{r['gather_ms']:>7.2f} {r['plain_gpu_ms']:>9.2f} {r['plain_gpu_gbps']:>6.0f} "
+              f"{r['scatter_ms']:>7.2f} {r['link_overhead_ms']:>6.2f} {r['plain_host_ms']:>10.2f} "
+              f"{r['link_over_plain']:>10.2f} {r['link_over_plain_host']:>6.2f} {str(r['bytes_equal']):>5}")
 
 
 def free_port() -> int:
