@@ -14,6 +14,8 @@ next to the measured plain tok/s = B / decode. Projections are marked "projected
 are measured. Then it measures the first-draft acceptance on the random weights (teacher-forced:
 MTP argmax at row p vs the target argmax at row p + 1 over random prompts); expect ~0 (1/V chance).
 Output: a table on stdout and JSON at --out. Needs about 70 GB of GPU memory at --ctx 512.
+--graphs: every step replays CUDA graphs as the decode worker does (buckets captured per batch size:
+DECODE, VERIFY of K + 1, the first DRAFT pass padded to K + 1 rows per sequence, chained DRAFT of 1 row).
 """
 
 from __future__ import annotations
@@ -64,8 +66,22 @@ def _batch(mode: ForwardMode, b: int, n_new: int, ctx: int, vocab: int, device, 
     return ForwardBatch.build(mode, seqs, PAGE, logits_rows=rows, device=device)
 
 
-def time_batch(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], ctx: int, iters: int) -> dict:
+def _capture(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], max_seq_len: int) -> None:
+    """The decode worker's graph sets for batch b (buckets up to b), replacing earlier ones."""
+    runner.graph_sets.clear()
+    torch.cuda.empty_cache()
+    sets = [(ForwardMode.DECODE, 1), (ForwardMode.DRAFT, 1)]
+    sets += [(m, k + 1) for k in ks for m in (ForwardMode.VERIFY, ForwardMode.DRAFT)]
+    for mode, q in sets:
+        runner.capture_decode_graphs(kv, b, max_seq_len, tokens_per_seq=q, mode=mode)
+
+
+def time_batch(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], ctx: int, iters: int,
+               graphs: bool = False) -> dict:
     dev, vocab, h = runner.device, runner.config.vocab_size, runner.config.hidden_size
+    if graphs:
+        _capture(runner, kv, b, ks, ctx + max(ks) + 1)
+    runs = runner.graph_runs()
     dec = _batch(ForwardMode.DECODE, b, 1, ctx, vocab, dev, "last")
     row = {"batch": b, "decode_s": _timed(lambda: runner.forward(dec, kv), dev, iters)}
     row["plain_tok_s"] = b / row["decode_s"]
@@ -73,10 +89,12 @@ def time_batch(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], ctx
     for k in ks:
         ver = _batch(ForwardMode.VERIFY, b, k + 1, ctx, vocab, dev, "all")
         drf = _batch(ForwardMode.DRAFT, b, 1, ctx, vocab, dev, "last")
+        first = _batch(ForwardMode.DRAFT, b, k + 1 if graphs else 1, ctx, vocab, dev, "last")
+        first_hidden = hidden.repeat_interleave(k + 1 if graphs else 1, 0)
 
         def draft_chain():
-            z = hidden
-            for _ in range(k):  # the worker's chain: each draft feeds the MTP block's own output
+            z = runner.mtp_forward(first, first.input_ids, first_hidden, kv).hidden[: b]
+            for _ in range(k - 1):  # the worker's chain: each draft feeds the MTP block's own output
                 z = runner.mtp_forward(drf, drf.input_ids, z, kv).hidden
 
         t_ver = _timed(lambda: runner.forward(ver, kv), dev, iters)
@@ -86,6 +104,8 @@ def time_batch(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], ctx
         row[f"k{k}"] = {"verify_s": t_ver, "draft_s": t_drf, "verify_over_decode": t_ver / row["decode_s"],
                         "projected_tok_s": proj,
                         "projected_speedup": {a: v / row["plain_tok_s"] for a, v in proj.items()}}
+    row["graphs"] = graphs
+    assert not graphs or runner.graph_runs() > runs, "--graphs: the steps did not replay graphs"
     return row
 
 
@@ -139,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--ks", default="1,2,3")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--graphs", action="store_true", help="replay CUDA graphs (the decode worker's default on cuda)")
     ap.add_argument("--acc_prompt_len", type=int, default=256, help="random prompt length of the acceptance check")
     a = ap.parse_args(argv)
     batches, ks = [int(x) for x in a.batches.split(",")], [int(x) for x in a.ks.split(",")]
@@ -150,11 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     kv = PagedKVCache(runner.kv_layout(PAGE), 1 + max(max(batches) * per_seq, acc_pages), runner.device)
     load_s = time.time() - t0
     with torch.no_grad():
-        rows = [time_batch(runner, kv, b, ks, a.ctx, a.iters) for b in batches]
+        rows = [time_batch(runner, kv, b, ks, a.ctx, a.iters, a.graphs) for b in batches]
+        runner.graph_sets.clear()
         acc = measured_acceptance(runner, kv, 8, a.acc_prompt_len)
     result = {"model": "GLM-4.7-Flash config, dummy weights", "device": str(runner.device),
               "gpu": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
-              "dtype": a.dtype, "ctx": a.ctx, "page_size": PAGE, "load_s": load_s, "rows": rows,
+              "dtype": a.dtype, "ctx": a.ctx, "graphs": a.graphs, "page_size": PAGE, "load_s": load_s, "rows": rows,
               "acceptance_random_weights": acc, "total_s": time.time() - t0,
               "note": "projected_* = measured step times x an assumed per-token acceptance; not measured throughput"}
     print(_table(rows, ks))
