@@ -163,3 +163,31 @@ def test_padded_first_draft_pass_equals_unpadded(tmp_path):
         for pos in range(s.mtp_rows[-1][0] + k):
             pg, off = s.page_ids[pos // page], pos % page
             torch.testing.assert_close(engine.cache.buffer[layer, :, pg, off], want_cache[layer, :, pg, off])
+
+
+def test_to_batch_packs_the_host_copies_and_picks_logits_rows():
+    """to_batch moves the batch in two packed copies (to_device): every field equals ForwardBatch.build's,
+    with its dtype, shape and a 16-byte aligned start; logits_row / want_logits pick the logits rows."""
+    from shared.runner.batch import ForwardBatch, ForwardMode
+    from shared.worker_common.plan import seq_plan, to_batch, to_device
+
+    seqs = [([1, 2, 3], 5, [1, 2]), ([4], 0, [3]), ([6, 7], 2, [4])]
+    ref = ForwardBatch.build(ForwardMode.DRAFT, seqs, 4)
+    plan = StepPlan(mode="draft", seqs=[seq_plan(*seqs[0], logits_row=1), seq_plan(*seqs[1], want_logits=False),
+                                        seq_plan(*seqs[2])])
+    got = to_batch(plan, 4, "cpu")
+    assert got.logits_indices.tolist() == [1, 5]  # row 1 of seq 0; seq 1 none; the last row of seq 2
+    got.validate(4)
+    empty = dataclasses_replace_logits(ref)
+    for batch, want in ((got, ref), (to_device(empty, "cpu"), empty)):
+        for name in ("input_ids", "positions", "query_lens", "prefix_lens", "seq_lens", "query_start_loc",
+                     "page_table", "slot_mapping"):
+            a, b = getattr(batch, name), getattr(want, name)
+            assert torch.equal(a, b) and a.dtype == b.dtype and a.data_ptr() % 16 == 0, name
+    assert to_device(empty, "cpu").logits_indices.shape == (0,)
+
+
+def dataclasses_replace_logits(batch):
+    import dataclasses
+
+    return dataclasses.replace(batch, logits_indices=torch.zeros(0, dtype=torch.int64))
