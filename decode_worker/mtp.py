@@ -37,23 +37,27 @@ def seed_rows(seq: DecodeSeq) -> None:
     seq.mtp_hidden = seq.hidden[None, :]
 
 
-def _first_pass(batch: list[DecodeSeq], k: int, pad: bool) -> tuple[list, list[torch.Tensor], list[int]]:
-    """(seq plans, prev hidden per request, row of each request's last pending row in the pass).
+def _first_pass(batch: list[DecodeSeq], k: int, pad: bool) -> tuple[list, torch.Tensor, list[int]]:
+    """(seq plans, prev hidden [rows, H] of the pass, row of each request's last pending row in it).
 
     pad: every request gets exactly k + 1 rows (the shape the DRAFT graphs were captured for): its
     pending rows, then copies of the last one at the next positions. Those extra rows write MTP KV at
     positions past the last pending row, inside the request's pages (it has room for k more tokens);
     nothing reads a position before the row that owns it rewrites it (the chained drafts and the next
-    step's pending rows), the same argument that makes rejected drafts' KV harmless."""
-    plans, hidden, last, r0 = [], [], [], 0
+    step's pending rows), the same argument that makes rejected drafts' KV harmless.
+    The hidden rows are one cat and (when padding) one gather: no per-request device ops."""
+    plans, src, last, r0, s0 = [], [], [], 0, 0
     for s in batch:
         n = len(s.mtp_rows)
         extra = k + 1 - n if pad else 0
         ids = [t for _, t in s.mtp_rows] + [s.mtp_rows[-1][1]] * extra
         plans.append(seq_plan(ids, s.mtp_rows[0][0], s.page_ids, logits_row=n - 1 if extra else -1))
-        hidden.append(torch.cat([s.mtp_hidden, s.mtp_hidden[-1:].expand(extra, -1)]) if extra else s.mtp_hidden)
+        src.extend(list(range(s0, s0 + n)) + [s0 + n - 1] * extra)  # row of the cat feeding each pass row
         last.append(r0 + n - 1)
-        r0 += n + extra
+        r0, s0 = r0 + n + extra, s0 + n
+    hidden = torch.cat([s.mtp_hidden for s in batch])  # [sum n, H] the pending rows' target hidden
+    if pad:
+        hidden = hidden[torch.tensor(src, dtype=torch.int64).to(hidden.device)]
     return plans, hidden, last
 
 
@@ -67,8 +71,7 @@ def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | No
 
     pad = (ForwardMode.DRAFT, k + 1) in engine.runner.graph_sets and use is not None and all(use)
     plans, hidden, last_rows = _first_pass(batch, k, pad)
-    out = engine.lead(StepPlan(mode="draft", link_ops=link_ops, seqs=plans),
-                      prev_hidden=torch.cat(hidden).to(engine.device))
+    out = engine.lead(StepPlan(mode="draft", link_ops=link_ops, seqs=plans), prev_hidden=hidden.to(engine.device))
     drafts = [[d] for d in out.logits.argmax(-1).tolist()]
     last = torch.tensor(last_rows)
     chain = [i for i in range(len(batch)) if use is None or use[i]]
@@ -133,7 +136,7 @@ def commit(seq: DecodeSeq, rows: list[Sampled], hid: torch.Tensor) -> None:
     seq.num_cached += len(rows)
     seq.token_ids.extend(r.token_id for r in rows)
     seq.mtp_rows = [(n + j, rows[j].token_id) for j in range(len(rows))]
-    seq.mtp_hidden = hid.detach().clone()
+    seq.mtp_hidden = hid.detach()  # a view of this step's hidden (a fresh tensor every step): no per-request copy
 
 
 def ends_early(seq: DecodeSeq, rows: list[Sampled], eos_ids: frozenset[int]) -> list[Sampled]:

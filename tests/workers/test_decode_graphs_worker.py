@@ -145,7 +145,7 @@ def test_padded_first_draft_pass_equals_unpadded(tmp_path):
     first = {}
     for pad in (False, True):  # the first pass alone: same logits and last-row MTP output, tight
         plans, hidden, last = mtp._first_pass(seqs, k, pad)
-        out = engine.run(StepPlan(mode="draft", seqs=plans), prev_hidden=torch.cat(hidden))
+        out = engine.run(StepPlan(mode="draft", seqs=plans), prev_hidden=hidden)
         first[pad] = (out.logits, out.hidden[last])
         assert out.hidden.shape[0] == (len(seqs) * (k + 1) if pad else 6)
         engine.cache.buffer.copy_(before)
