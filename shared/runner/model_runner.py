@@ -97,11 +97,13 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place
     def forward(self, batch: ForwardBatch, kv_cache) -> ForwardOutput:
-        graphs = self._graphs_for(batch, kv_cache)
+        graphs = self._graphs_for(batch, kv_cache, draft=False)
         return graphs.run(batch) if graphs is not None else self._eager(batch, kv_cache)
 
-    def _graphs_for(self, batch: ForwardBatch, kv_cache) -> "DecodeGraphs | None":
-        return next((g for g in self.graph_sets.values() if g.fits(batch, kv_cache)), None)
+    def _graphs_for(self, batch: ForwardBatch, kv_cache, draft: bool) -> "DecodeGraphs | None":
+        """The graph set this batch fits (DRAFT sets only for mtp_forward, the others only for forward)."""
+        return next((g for (mode, _), g in self.graph_sets.items()
+                     if (mode == ForwardMode.DRAFT) == draft and g.fits(batch, kv_cache)), None)
 
     @property
     def graphs(self) -> "DecodeGraphs | None":
@@ -137,7 +139,7 @@ class ModelRunner:
                     kv_cache) -> ForwardOutput:
         """Draft: row t carries target hidden prev_hidden[t] (position batch.positions[t]) and the next token
         input_ids[t]. Returns (logits [R, V] of the token after input_ids, hidden [T, H] pre shared_head.norm)."""
-        graphs = self._graphs_for(batch, kv_cache) if input_ids is batch.input_ids else None
+        graphs = self._graphs_for(batch, kv_cache, draft=True) if input_ids is batch.input_ids else None
         if graphs is not None:
             return graphs.run(batch, prev_hidden)
         return self._mtp_eager(batch, input_ids, prev_hidden, kv_cache)
