@@ -37,14 +37,18 @@ case "${1:-models}" in
     step workers_gpu 330 $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py -p no:cacheprovider
     step mtp_step 200 $PY -m bench.mtp_step --out "$OUT/mtp_step.json"
     ;;
-  final)  # re-checks after fixes, in one call: models, NCCL link, KV GB/s, the GPU pair, step profile
-    step models_gpu 200 $PY -m pytest -q -s -m gpu tests/models -p no:cacheprovider
-    step kvlink_nccl 150 $PY -m pytest -q -s -m gpu tests/kvcache/test_link_nccl.py -p no:cacheprovider
-    step kv_transfer 120 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --out "$OUT/kv_transfer.json"
-    step workers_gpu 300 $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py -p no:cacheprovider \
-      --basetemp=/tmp/wgpu
-    for f in /tmp/wgpu/*/*.log; do echo "--- $f"; tail -40 "$f"; done > "$OUT/worker_logs.txt" 2>&1
-    step profile_step 150 $PY -m bench.profile_step --batch 16 --ctx 512 --out "$OUT/profile_step.json"
+  final)  # re-checks after fixes, in one call, most important first; each step gets what is left of ~570 s
+    end=$((SECONDS + ${FINAL_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kvlink_nccl "$(left 110)" $PY -m pytest -q -s -m gpu tests/kvcache/test_link_nccl.py -p no:cacheprovider
+    step kv_transfer "$(left 80)" $PY -m bench.kv_transfer --device cuda --gpus 0,1 --out "$OUT/kv_transfer.json"
+    step workers_gpu "$(left 230)" $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py \
+      tests/workers/test_decode_graphs_worker.py -p no:cacheprovider --basetemp=/tmp/wgpu
+    for f in /tmp/wgpu/*/*.log; do echo "--- $f"; tail -30 "$f"; done > "$OUT/worker_logs.txt" 2>&1
+    step profile_step "$(left 110)" $PY -m bench.profile_step --batches 1,16,64,128 --verify_tokens 1,4 --ctx 512 \
+      --out "$OUT/profile_step.json"
+    step models_gpu "$(left 120)" $PY -m pytest -q -s -m gpu tests/models/test_gpu.py tests/models/test_decode_graphs.py \
+      -p no:cacheprovider
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
