@@ -48,25 +48,37 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / timed(lambda: y.copy_(x), 10) / 1e9
 
 
-def active_weight_bytes(runner: ModelRunner, batch: int) -> float:
-    """Weights a decode step must read: everything but the routed experts, plus the share of experts the
-    batch can touch (at most batch * top_k of E per MoE layer; the embedding table read is ignored)."""
+def active_weight_bytes(runner: ModelRunner, touched: dict[int, int]) -> float:
+    """Weights one step must read: every non-expert weight (less the embedding table, of which only the
+    batch's rows are read) plus, per MoE layer, the experts the step's tokens were routed to
+    (`touched`: layer -> distinct experts, measured on the same batch)."""
     cfg = runner.config
     total = expert = 0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
         total += n
         expert += n if ".experts." in name else 0
-    embed = cfg.vocab_size * cfg.hidden_size * 2  # only B rows of it are read
-    used = min(1.0, batch * cfg.num_experts_per_tok / cfg.n_routed_experts)
-    return total - embed - expert + expert * used
+    embed = cfg.vocab_size * cfg.hidden_size * runner.model.model.embed_tokens.weight.element_size()
+    per_expert = expert / max(1, len(touched)) / cfg.n_routed_experts
+    return total - embed - expert + per_expert * sum(touched.values())
+
+
+def experts_touched(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> dict[int, int]:
+    """{MoE layer: distinct experts} for one eager forward of this batch (DESIGN §7: print it for dummy weights)."""
+    runner.track_expert_usage()
+    runner.forward(dec, kv)
+    touched = {i: int((c > 0).sum()) for i, c in runner.expert_usage().items() if c.sum() > 0}
+    runner.track_expert_usage(False)
+    return touched
 
 
 def step_batch(runner: ModelRunner, batch: int, ctx: int, q: int) -> tuple[ForwardBatch, PagedKVCache]:
     """batch sequences of ctx cached tokens feeding q tokens each (q = 1: DECODE, q > 1: VERIFY, MTP K = q - 1)."""
     per_seq = -(-(ctx + q) // PAGE)
     kv = PagedKVCache(runner.kv_layout(PAGE), 1 + batch * per_seq, "cuda")  # page 0: the graphs' dummy page
-    seqs = [([7] * q, ctx, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(batch)]
+    g = torch.Generator().manual_seed(batch * 1000 + q)  # distinct random tokens: realistic routing spread
+    ids = torch.randint(3, runner.config.vocab_size, (batch, q), generator=g).tolist()
+    seqs = [(ids[i], ctx, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(batch)]
     mode, rows = (ForwardMode.DECODE, "last") if q == 1 else (ForwardMode.VERIFY, "all")
     return ForwardBatch.build(mode, seqs, PAGE, logits_rows=rows, device="cuda"), kv
 
@@ -100,6 +112,7 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
     dec, kv = step_batch(runner, batch, ctx, q)
     eager = timed(lambda: runner.forward(dec, kv), 10)
     no_sync = sync_free(runner, dec, kv)
+    touched = experts_touched(runner, dec, kv)
     if profile:
         print_profile(runner, dec, kv)
     t0 = time.perf_counter()
@@ -108,12 +121,13 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
     runs = runner.graph_runs()
     graph = timed(lambda: runner.forward(dec, kv), 20)
     assert runner.graph_runs() > runs, "the step did not take the graph path"
-    wbytes = active_weight_bytes(runner, batch * q)
+    wbytes = active_weight_bytes(runner, touched)
     kv_bytes = kv.layout.page_bytes() / PAGE * ctx * batch
     floor = (wbytes + kv_bytes) / (bw * 1e9)
     del kv, dec
     return dict(batch=batch, tokens_per_seq=q, eager_ms=eager * 1e3, graph_ms=graph * 1e3, capture_s=capture_s,
-                sync_free=no_sync, weight_bytes=wbytes, kv_bytes=kv_bytes, roofline_ms=floor * 1e3,
+                sync_free=no_sync, experts_touched_mean=sum(touched.values()) / max(1, len(touched)),
+                experts_touched_min=min(touched.values(), default=0), weight_bytes=wbytes, kv_bytes=kv_bytes, roofline_ms=floor * 1e3,
                 graph_fraction_of_roofline=floor / graph, tok_s_graph=batch / graph)
 
 
@@ -136,9 +150,10 @@ def main() -> None:
             rows.append(measure(runner, b, a.ctx, q, bw, profile=(i == 0 and q == 1)))
             torch.cuda.empty_cache()
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}")
-    print("   B  q  eager ms  graph ms  roofline ms  graph/roofline  sync-free")
+    print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
-        print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
+        print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
+              f" {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
               f" {r['graph_fraction_of_roofline']:15.2f}  {r['sync_free']}")
     res = dict(preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows)
     print(json.dumps(res, indent=1))
