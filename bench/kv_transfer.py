@@ -3,7 +3,9 @@
 Two processes (this one = prefill on the first GPU, a child = decode on the second), one
 KVLink between them built by the real rendezvous (signature check, warm-up). For each prompt
 size, median of --reps after one warm-up rep:
-- link: the decode posts recv_pages and sends a 4-byte "go"; the prefill, once it has the go,
+- link: the decode sends a 4-byte "go" and posts recv_pages (in this order: the link's order is
+        go, pages on both ends; NCCL runs one end's ops in post order, so recv-then-go would
+        deadlock against the prefill's go-then-send); the prefill, once it has the go,
         stamps CLOCK_MONOTONIC and posts send_pages; the decode stamps when wait() says DONE
         (pages scattered into its cache). link ms = decode stamp - prefill stamp (one host, one
         clock): what a request waits, gather + wire + scatter + the link's own overhead.
@@ -98,7 +100,11 @@ def run_side(a: argparse.Namespace) -> list[dict]:
     else:
         store = open_store("127.0.0.1", a.port, is_host=True, timeout_s=120)
         link = accept_link(store, "bench-p", "bench-d", 0, sig, dev, timeout_s=120, xfer_timeout_s=120)
-    rows = [measure(a, link, cache, tokens, n, dev) for tokens, n in sizes(a)]
+    rows = []
+    for tokens, n in sizes(a):
+        t0 = time.monotonic()
+        rows.append(measure(a, link, cache, tokens, n, dev))
+        progress(a.role, rows[-1], time.monotonic() - t0)
     link.close()
     return rows
 
@@ -121,13 +127,27 @@ def measure(a, link, cache: PagedKVCache, tokens: int, n: int, dev: str) -> dict
             "kernel_ms": statistics.median(kernel_ms[1:])}
 
 
+def progress(role: str, row: dict, seconds: float) -> None:
+    """One line per size as soon as this side measured it (stderr, flushed): a run cut off by a
+    timeout still shows how far it got."""
+    t = row["link_t"]
+    span = f"post times {t[0]:.3f}..{t[-1]:.3f}" if role == "prefill" else f"done times {t[0]:.3f}..{t[-1]:.3f}"
+    print(f"[{role}] {row['tokens']} tokens, {row['bytes'] / 1e6:.1f} MB: {len(t)} link reps ok ({span}), "
+          f"plain gpu {row['plain_gpu_ms']:.2f} ms, kernel {row['kernel_ms']:.2f} ms, size took {seconds:.1f} s",
+          file=sys.stderr, flush=True)
+
+
 def now() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def link_once(link, sender: bool, cache: PagedKVCache, ids: torch.Tensor, x: str) -> float:
-    """The decode posts its recv, then says "go" (4 bytes back); the prefill stamps the time
-    and posts send_pages. Prefill returns its post time, the decode its DONE time."""
+    """The decode says "go" (4 bytes back), then posts its recv; the prefill stamps the time and
+    posts send_pages. Prefill returns its post time, the decode its DONE time.
+
+    Both ends post in the same order (go, then the pages), as the link contract requires: on
+    NCCL each end's ops run in post order on one stream, so a decode posting recv(pages) before
+    send(go) would wait forever for a send the prefill posts only after it got the go."""
     go = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if sender:
         link.recv_tensor(x + "/go", go)
@@ -135,8 +155,8 @@ def link_once(link, sender: bool, cache: PagedKVCache, ids: torch.Tensor, x: str
         t = now()
         link.send_pages(x, cache, ids)
     else:
-        link.recv_pages(x, cache, ids)
         link.send_tensor(x + "/go", go)
+        link.recv_pages(x, cache, ids)
     assert link.wait(x, 120) is XferState.DONE, link.error
     t = t if sender else now()
     assert link.wait(x + "/go", 120) is XferState.DONE, link.error

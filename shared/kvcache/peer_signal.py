@@ -7,6 +7,9 @@ TCPStore, and an end whose transfer has been pending for a while looks for the p
 (`PGLink`'s completion thread, every 0.25 s after 0.5 s of waiting) and tears down at once instead
 of waiting for its own deadline.
 
+The same store carries the send gate (see `PGLink`): each end counts the recvs it posted under
+`{prefix}/recvs/{role}`; a gated send is handed to NCCL only once the peer's count covers it.
+
 Each PeerSignal opens its own store client (when it can): a store call of another thread (a
 rendezvous `wait` of up to the connect timeout) must not delay the notice.
 """
@@ -26,6 +29,20 @@ class PeerSignal:
         self.store = _own_client(store)
         self.mine = f"{prefix}/down/{role}"
         self.theirs = f"{prefix}/down/{peer_role}"
+        self.my_recvs = f"{prefix}/recvs/{role}"  # counter: recvs this end committed to post
+        self.their_recvs = f"{prefix}/recvs/{peer_role}"
+
+    def commit_recv(self) -> None:
+        """Count one more recv posted by this end (the peer's gated send waits for it)."""
+        with contextlib.suppress(Exception):  # store gone: the peer's gate waits, its deadline fires
+            self.store.add(self.my_recvs, 1)
+
+    def peer_recvs(self) -> int:
+        """How many recvs the peer has posted so far (-1 when the store cannot be reached)."""
+        try:
+            return int(self.store.add(self.their_recvs, 0))
+        except Exception:  # noqa: BLE001 - unreachable store: keep waiting, the deadline decides
+            return -1
 
     def mark_down(self, reason: str) -> None:
         with contextlib.suppress(Exception):  # best effort: the store host may be gone too

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -40,6 +41,7 @@ import torch
 from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.cuda_wait import settle, wait_event
 from shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+from shared.kvcache.link_log import log_teardown
 from shared.kvcache.peer_signal import PeerSignal
 from shared.kvcache.xfer_buffer import (
     HEADER_BYTES, as_page_ids, check_header, gather_pages, new_send_buffer, payload_view, scatter_pages,
@@ -66,11 +68,12 @@ class _Xfer:
     sink: Callable[[torch.Tensor], None] | None = None  # recv: payload bytes -> destination
     aborted: bool = False
     state: XferState = XferState.PENDING
+    seq: int = 0  # sends: 1-based count of this end's sends (the peer's recv that matches it)
 
 
 class PGLink(KVLink):
     def __init__(self, pg, rank: int, name: str, device: torch.device | str, timeout_s: float,
-                 signal: PeerSignal | None = None):
+                 signal: PeerSignal | None = None, gate: bool | None = None):
         self.pg = pg
         self.rank = rank
         self.peer = 1 - rank
@@ -91,6 +94,13 @@ class PGLink(KVLink):
         self._stream = torch.cuda.Stream(self.device) if cuda else None  # gathers, scatters
         self._done_stream = torch.cuda.Stream(self.device) if cuda else None  # waits for NCCL only
         self._side_tail: torch.cuda.Event | None = None  # after the last work queued on _stream
+        # send gate: a send reaches NCCL only once the peer committed the matching recv (NCCL only
+        # by default; KVLINK_SEND_GATE=0/1 overrides). Ops queued behind a gated one wait too.
+        env = os.environ.get("KVLINK_SEND_GATE", "")
+        self.gate = (env == "1" if env else cuda) if gate is None else gate
+        self.gate = self.gate and signal is not None
+        self._num_sends = 0
+        self._deferred = 0  # ops posted but not yet handed to the backend (link thread does it)
         self._thread = threading.Thread(target=self._complete_loop, name=f"kvlink {name}", daemon=True)
         self._thread.start()
 
@@ -146,16 +156,32 @@ class PGLink(KVLink):
             old = self._xfers.get(xfer_id)
             if old is not None and old.state is XferState.PENDING:
                 raise ValueError(f"KV link {self.name}: transfer {xfer_id!r} already in flight")
-            op = self.pg.send if kind == "send" else self.pg.recv
-            x.work = op([buf], self.peer, 0)
-            if self._stream is not None:
-                self._side_tail = _record(self._stream)
-                self._mark_completion(x)
+            if kind == "send":
+                self._num_sends += 1
+                x.seq = self._num_sends
+            if self.gate and (kind == "send" or self._deferred > 0):
+                self._deferred += 1  # the link thread posts it (in order) once the gate opens
+            else:
+                self._launch_locked(x)
             self._xfers.pop(xfer_id, None)
             self._xfers[xfer_id] = x
             self._pending[xfer_id] = x
             self._prune_locked()
+        if kind == "recv" and self._signal is not None:
+            self._signal.commit_recv()  # opens the peer's gate for its matching send
         self._queue.put(x)
+
+    def _launch_locked(self, x: _Xfer) -> None:
+        """Hand x to the backend (under the lock, in post order). CUDA: on the side stream, so
+        NCCL waits for the gather queued there."""
+        op = self.pg.send if x.kind == "send" else self.pg.recv
+        if self._stream is None:
+            x.work = op([x.buf], self.peer, 0)
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            x.work = op([x.buf], self.peer, 0)
+            self._side_tail = _record(self._stream)
+            self._mark_completion(x)
 
     def _mark_completion(self, x: _Xfer) -> None:
         """CUDA: on the done stream, wait for the op, copy a received header to pinned host
@@ -188,6 +214,8 @@ class PGLink(KVLink):
         while (x := self._queue.get()) is not None:
             if self.broken:
                 continue  # torn down: its ops are FAILED and the group aborted; wait for none
+            if x.work is None and not self._launch_deferred(x):
+                continue
             err = self._await_op(x)
             if err:
                 self.teardown(err)
@@ -196,6 +224,27 @@ class PGLink(KVLink):
             with self._lock:
                 if x.state is XferState.PENDING:
                     self._mark_locked(x, XferState.ABORTED if x.aborted else XferState.DONE)
+
+    def _launch_deferred(self, x: _Xfer) -> bool:
+        """A gated op: wait until the peer posted the recv matching a send, then hand it to the
+        backend; its deadline restarts there (the gate wait had its own, from posting). False
+        when the link was torn down meanwhile."""
+        if x.kind == "send":
+            t0 = time.monotonic()
+            next_slow = t0 + 0.5
+            while self._signal.peer_recvs() < x.seq:
+                now = time.monotonic()
+                if self.broken or (now >= next_slow and self._while_slow(now - t0)):
+                    return False
+                next_slow = next_slow if now < next_slow else now + 0.25
+                time.sleep(min(2e-3, max(5e-5, 0.05 * (now - t0))))
+        with self._lock:
+            if self.broken or x.state is not XferState.PENDING:
+                return False
+            self._launch_locked(x)
+            self._deferred -= 1
+            x.deadline = time.monotonic() + self.timeout_s
+        return True
 
     def _await_op(self, x: _Xfer) -> str | None:
         """Wait for x's op: "" when it completed (and a recv's header matches), else the error;
@@ -209,8 +258,10 @@ class PGLink(KVLink):
             else:
                 return None
         except Exception as e:  # noqa: BLE001 - any backend error breaks the link
-            return f"{x.kind} {x.xfer_id!r} failed: {e}"
-        return "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
+            return f"backend error: {x.kind} {x.xfer_id!r} ({x.nbytes} B) failed after " \
+                   f"{time.monotonic() - x.posted:.1f} s: {e}"
+        bad = "" if x.kind == "send" else check_header(x.xfer_id, x.nbytes, header)
+        return f"header mismatch: {bad}" if bad else ""
 
     def _while_slow(self, waited_s: float) -> bool:
         """Asked while an op is slow: fire deadlines and honour the peer's teardown notice
@@ -218,7 +269,7 @@ class PGLink(KVLink):
         self._check_deadlines()
         reason = None if self.broken or self._signal is None else self._signal.peer_down()
         if reason is not None:
-            self.teardown(f"the peer tore the link down ({reason})")
+            self.teardown(f"the peer tore the link down ({reason}); this end waited {waited_s:.1f} s")
         return self.broken
 
     def _scatter(self, x: _Xfer) -> bool:
@@ -295,7 +346,8 @@ class PGLink(KVLink):
             oldest = next(iter(self._pending.values()), None)
             late = oldest if oldest is not None and now > oldest.deadline else None
         if late is not None:
-            self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s")
+            self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s "
+                          f"(deadline; {late.nbytes} B, posted {now - late.posted:.1f} s ago)")
 
     def _prune_locked(self) -> None:
         while len(self._xfers) > KEEP_TERMINAL:
@@ -315,9 +367,12 @@ class PGLink(KVLink):
             for x in stuck:
                 self._mark_locked(x, XferState.FAILED)
             tail = self._side_tail
+        log_teardown(self.name, reason, stuck, self.stats)
         self._abort_group(reason)
         if not settle(tail, SETTLE_S):
             self.abort_error += f"; link kernels still queued after {SETTLE_S:g} s"
+        if self.abort_error:
+            log_teardown(self.name, f"after teardown ({reason})", [], self.stats, self.abort_error)
         self._queue.put(None)
         if not stuck and threading.current_thread() is not self._thread:
             # let the completion thread end now: if it held the last reference at interpreter

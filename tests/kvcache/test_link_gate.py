@@ -1,0 +1,83 @@
+"""The send gate and late posting over gloo (in-process pair, two threads; CPU).
+
+The GPU failure this pins: an end that posts a send and then blocks its own thread on the GPU
+(a device-wide sync behind the spinning NCCL send) before it tells the peer to post the recv.
+With the gate, a send reaches the backend only after the peer committed the matching recv.
+"""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.link import XferState
+from shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
+from tests.kvcache import kv_peer as P
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _pair(name: str, xfer_timeout_s: float, monkeypatch, gate: str):
+    monkeypatch.setenv("KVLINK_SEND_GATE", gate)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = open_store("127.0.0.1", port, is_host=True)
+    fut = in_background(accept_link, host, name, "d0", 0, P.signature(P.GQA), "cpu", 20.0, xfer_timeout_s)
+    send = connect_link(open_store("127.0.0.1", port, False), name, "d0", 0, P.signature(P.GQA), "cpu", 20.0,
+                        xfer_timeout_s)
+    return send, fut.result(20)
+
+
+@pytest.mark.parametrize("gate", ["0", "1"])
+def test_send_posted_late_within_deadline_succeeds(monkeypatch, gate):
+    """The decode posts its recv; the prefill posts the send 5 s later (deadline 8 s): DONE, bytes equal."""
+    send, recv = _pair(f"late{gate}", 8.0, monkeypatch, gate)
+    src, dst = P.filled_cache(P.GQA, seed=3), PagedKVCache(P.GQA, P.NUM_PAGES)
+    recv.recv_pages("late/0", dst, [4, 5])
+    time.sleep(5.0)
+    send.send_pages("late/0", src, [1, 2])
+    assert send.wait("late/0", 10) is XferState.DONE, send.error
+    assert recv.wait("late/0", 10) is XferState.DONE, recv.error
+    assert bool((dst.buffer[:, :, [4, 5]] == src.buffer[:, :, [1, 2]]).all())
+    send.close(), recv.close()
+
+
+def test_gated_send_waits_for_the_peers_recv(monkeypatch):
+    """Gate on: a send posted before the peer's recv is not handed to the backend until that recv
+    is posted; then both complete in order (pages, then the hidden tensor)."""
+    send, recv = _pair("gated", 20.0, monkeypatch, "1")
+    assert send.gate and recv.gate
+    src, dst = P.filled_cache(P.GQA, seed=5), PagedKVCache(P.GQA, P.NUM_PAGES)
+    hidden, out = P.hidden_of(9), P.hidden_of(0) * 0
+    send.send_pages("g/0", src, [3])
+    send.send_tensor("g/0/h", hidden)
+    time.sleep(1.0)
+    assert send._xfers["g/0"].work is None and send._xfers["g/0/h"].work is None  # still gated
+    assert send.poll("g/0") is XferState.PENDING
+    recv.recv_pages("g/0", dst, [7])
+    recv.recv_tensor("g/0/h", out)
+    assert [recv.wait(x, 10) for x in ("g/0", "g/0/h")] == [XferState.DONE] * 2, recv.error
+    assert [send.wait(x, 10) for x in ("g/0", "g/0/h")] == [XferState.DONE] * 2, send.error
+    assert bool((dst.buffer[:, :, 7] == src.buffer[:, :, 3]).all()) and bool((out == hidden).all())
+    send.close(), recv.close()
+
+
+def test_gated_send_without_recv_fails_at_deadline_and_says_why(monkeypatch, caplog):
+    """Gate on, no recv ever posted: the send fails at its deadline, a WARNING names the reason,
+    the transfer, its bytes and how long it waited, and the link is broken."""
+    send, recv = _pair("nogate", 1.5, monkeypatch, "1")
+    src = P.filled_cache(P.GQA, seed=6)
+    with caplog.at_level("WARNING", logger="shared.kvcache.link"):
+        send.send_pages("n/0", src, [1, 2])
+        assert send.wait("n/0", 10) is XferState.FAILED
+        deadline = time.monotonic() + 5
+        while "torn down" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert send.broken and "timed out after 1.5 s" in send.error
+    nbytes = 2 * P.GQA.page_bytes() / 1e6
+    assert f"send 'n/0' {nbytes:.1f} MB posted" in caplog.text and "(deadline;" in caplog.text
+    assert "thread stacks at teardown" in caplog.text
+    threading.Thread(target=recv.close, daemon=True).start()
