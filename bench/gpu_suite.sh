@@ -18,6 +18,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 PY=${PY:-python3}
 summary=()
+worker_logs() {  # worker_logs BASETEMP FILE: per worker log, its WARNING/ERROR lines (with 3 lines after:
+  # tracebacks, thread stacks) and its last 60 lines
+  for f in "$1"/*/*.log; do
+    [ -f "$f" ] || continue
+    echo "=== $f"; echo "--- WARNING/ERROR lines"; grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -300
+    echo "--- thread stacks"; grep -n -A150 'thread stacks at teardown' "$f" | head -600
+    echo "--- last 60 lines"; tail -60 "$f"
+  done > "$2" 2>&1
+}
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
   echo "=== $name: $*"
@@ -44,7 +53,12 @@ case "${1:-models}" in
     step kv_transfer "$(left 80)" $PY -m bench.kv_transfer --device cuda --gpus 0,1 --out "$OUT/kv_transfer.json"
     step workers_gpu "$(left 230)" $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py \
       tests/workers/test_decode_graphs_worker.py -p no:cacheprovider --basetemp=/tmp/wgpu
-    for f in /tmp/wgpu/*/*.log; do echo "--- $f"; tail -30 "$f"; done > "$OUT/worker_logs.txt" 2>&1
+    worker_logs /tmp/wgpu "$OUT/worker_logs.txt"
+    # A/B of the KV send gate on the large handoff (226 MB in one push): gate off = the old order
+    # (NCCL send posted before the decode posts its recv); expected to fail if the gate is the fix
+    step workers_nogate "$(left 90)" env KVLINK_SEND_GATE=0 $PY -m pytest -q -s -m gpu \
+      "tests/workers/test_gpu_workers.py::test_gpu_pair_flash_dummy_bf16[4096]" -p no:cacheprovider --basetemp=/tmp/wgpu0
+    worker_logs /tmp/wgpu0 "$OUT/worker_logs_nogate.txt"
     step profile_step "$(left 110)" $PY -m bench.profile_step --batches 1,16,64,128 --verify_tokens 1,4 --ctx 512 \
       --out "$OUT/profile_step.json"
     step models_gpu "$(left 120)" $PY -m pytest -q -s -m gpu tests/models/test_gpu.py tests/models/test_decode_graphs.py \

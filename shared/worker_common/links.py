@@ -23,8 +23,8 @@ from shared.worker_common.plan import LinkOp
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = {"cpu": 10.0, "cuda": 90.0}  # rendezvous: the peer must join within this (NCCL init is slow)
-XFER_TIMEOUT_S = 30.0
-MAX_HIDDENS = 4096  # received MTP seed states kept until taken (oldest dropped first)  # a posted transfer must complete within this, else the link is torn down
+XFER_TIMEOUT_S = 30.0  # a posted transfer must complete within this, else the link is torn down
+MAX_HIDDENS = 4096  # received MTP seed states kept until taken (oldest dropped first)
 
 
 class LinkSet:
@@ -42,6 +42,7 @@ class LinkSet:
         self.posted: dict[str, object] = {}  # xfer id -> the link it was posted on (until waited)
         # xfer id -> received hidden [hidden]; bounded: followers and aborted requests never take theirs
         self.hiddens: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._warned: set[str] = set()  # xfer ids whose failure was logged (poll is called often)
 
     def apply(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
         getattr(self, "_" + op.kind)(op, hidden)
@@ -131,6 +132,8 @@ class LinkSet:
         for x in mine:
             while link.poll(x).value == "pending":
                 if time.monotonic() > deadline:
+                    log.warning("%s rank %d: transfer %s never completed (120 s); link error %r",
+                                self.worker_id, self.tp_rank, x, link.error)
                     raise TimeoutError(f"{self.worker_id} rank {self.tp_rank}: transfer {x} never completed")
                 time.sleep(0.0005)
             self.xfers[op.peer].discard(x)
@@ -169,8 +172,19 @@ class LinkSet:
         states = [link.poll(x).value for x in (xfer_id, xfer_id + "/h") if x in self.xfers.get(peer, ())]
         for s in states:
             if s not in ("pending", "done", "aborted"):
+                self._warn_failed(peer, xfer_id, s, link)
                 return s
         return "pending" if "pending" in states else "done"
+
+    def _warn_failed(self, peer: str, xfer_id: str, state: str, link) -> None:
+        """One WARNING per failed transfer: which, on which link, and the link's reason."""
+        if xfer_id in self._warned:
+            return
+        if len(self._warned) > MAX_HIDDENS:
+            self._warned.clear()
+        self._warned.add(xfer_id)
+        log.warning("%s rank %d: KV transfer %s with %s %s: %s", self.worker_id, self.tp_rank, xfer_id, peer,
+                    state, getattr(link, "error", "") or "no reason recorded")
 
     def take_hidden(self, peer: str, xfer_id: str) -> torch.Tensor | None:
         return self.hiddens.pop(xfer_id, None)
