@@ -7,6 +7,9 @@ announced pages (which must be this request's own, in order); the op is posted b
 rank before the next forward. Pushes for a request no longer held here (aborted, expired) are
 drained into scratch so the link's order stays intact and no page of another request is written.
 
+The handoff deadline runs from the Reserve and restarts at every accepted push (a long prompt
+on a prefill that compiles kernels for its first long step only counts its time once).
+
 Release happens exactly once, through `release`; an abort while recvs are in flight only marks
 the request, and it is released when the last posted recv completed (let it finish, then free).
 """
@@ -76,6 +79,7 @@ class Handoffs:
         if msg.chunk_index != seq.next_chunk or not _is_run(page_ids, seq.page_ids, seq.num_cached, self.page_size):
             return f"{msg.rid}: push {msg.chunk_index} out of order or into foreign pages"
         seq.next_chunk += 1
+        seq.deadline = time.monotonic() + self.deadline_s  # the prefill made progress: the clock restarts
         seq.advance(Phase.RECEIVING)
         if page_ids or msg.has_hidden:
             self.ops.append(LinkOp("recv", msg.prefill_id, xfer, msg.page_ids, hidden_row=int(msg.has_hidden)))
