@@ -98,3 +98,58 @@ def test_gpu_pair_flash_dummy_bf16(tmp_path, prompt_len):
         assert got == ref
     finally:
         wp.stop()
+
+
+@needs_2
+@pytest.mark.parametrize("gate", ["1", "0"])
+def test_gpu_link_send_then_device_sync_before_recv(monkeypatch, gate):
+    """The suspected large-handoff hang in isolation (one process, two threads, two GPUs).
+
+    The prefill end posts a 64 MB send_pages, then syncs its whole device (as a cudaFree, a lazy
+    kernel load or torch.cuda.synchronize in sampling would) and only then lets the decode post
+    its recv (as the prefill worker announces only after sampling). Without the send gate the
+    NCCL send kernel spins for a recv that is posted only after the sync, which waits for that
+    kernel: stuck until the link's deadline. With the gate (default on CUDA) it must be DONE.
+    The gate=0 case is printed, not asserted (it documents the mechanism on this machine)."""
+    import threading
+    import time
+
+    from shared.kvcache.cache import KVLayout, PagedKVCache
+    from shared.kvcache.link import LinkSignature, XferState
+    from shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
+    from tests.kvcache.test_link_gloo import _free_port
+
+    monkeypatch.setenv("KVLINK_SEND_GATE", gate)
+    lay = KVLayout(48, 1, 16, 1, 576, torch.bfloat16)  # GLM-4.7-Flash page layout: 884,736 B per page
+    n = 72  # ~64 MB in one push
+    sig = LinkSignature.for_cache("gate-test", lay, tp_size=1)
+    port = _free_port()
+    host = open_store("127.0.0.1", port, is_host=True)
+    fut = in_background(accept_link, host, f"gate{gate}", "d0", 0, sig, "cuda:1", 60.0, 8.0)
+    send = connect_link(open_store("127.0.0.1", port, False), f"gate{gate}", "d0", 0, sig, "cuda:0", 60.0, 8.0)
+    recv = fut.result(60)
+    src, dst = PagedKVCache(lay, n + 1, "cuda:0"), PagedKVCache(lay, n + 1, "cuda:1")
+    src.buffer.normal_()
+    synced = threading.Event()
+    recv_state: list[XferState] = []
+
+    def decode() -> None:
+        synced.wait(60)
+        recv.recv_pages("g/0", dst, list(range(1, n + 1)))
+        recv_state.append(recv.wait("g/0", 30))
+
+    t = threading.Thread(target=decode, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    send.send_pages("g/0", src, list(range(1, n + 1)))
+    torch.cuda.synchronize("cuda:0")  # device-wide: waits for every queued kernel of cuda:0
+    sync_s = time.monotonic() - t0
+    synced.set()
+    state = send.wait("g/0", 30)
+    t.join(40)
+    print(f"\n[gate={gate}] device sync took {sync_s:.2f} s; send {state.value}, recv "
+          f"{recv_state[0].value if recv_state else 'stuck'}; send error {send.error!r}")
+    if gate == "1":
+        assert state is XferState.DONE and recv_state == [XferState.DONE], (send.error, recv.error)
+        assert torch.equal(dst.buffer[:, :, 1:].cpu(), src.buffer[:, :, 1:].cpu())
+    send.close(), recv.close()
