@@ -63,6 +63,8 @@ class DecodeWorker:
     def handle(self, msg: P.Msg) -> None:
         if isinstance(msg, P.Reserve):
             self.on_reserve(msg)
+        elif isinstance(msg, P.KVChunkReady) and msg.link_epoch != self.epochs.get(msg.prefill_id):
+            self.on_stale_push(msg)
         elif isinstance(msg, P.KVChunkReady):
             err = self.handoffs.on_chunk(msg)
             if err:
@@ -120,6 +122,20 @@ class DecodeWorker:
         log.info("decode %s: KV link to %s up (epoch %d)", self.cfg.worker_id, p, self.epochs[p])
 
     # ---- handoffs -------------------------------------------------------------------
+    def on_stale_push(self, msg: P.KVChunkReady) -> None:
+        """A push posted on a link this end has since replaced (or on one from before this
+        process started): none of its bytes come on the current link, so post no recv (that
+        would pair with another transfer); a request still held here cannot complete."""
+        log.warning("decode %s: push %s/%d from %s on link epoch %d (current %s): dropped", self.cfg.worker_id,
+                    msg.rid, msg.chunk_index, msg.prefill_id, msg.link_epoch, self.epochs.get(msg.prefill_id))
+        seq = self.handoffs.seqs.get(msg.rid)
+        if seq is None or seq.aborted:
+            return
+        self.handoffs.abort(msg.rid)
+        self.metrics.handoff_failure("link_down")
+        self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, retryable=True,
+                                         message=f"KV link to {msg.prefill_id} was rebuilt during the handoff"))
+
     def poll_recvs(self) -> None:
         for seq in list(self.handoffs.seqs.values()):
             for xfer in list(seq.pending_xfers):

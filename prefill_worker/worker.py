@@ -93,7 +93,9 @@ class PrefillWorker:
             return
         self.metrics.aborts.inc()
         if seq.page_ids:  # admitted: the decode may be waiting for pushes; tell it none follow
-            self.io.to_peer(self.decodes[seq.decode_id], self.pusher.abort_announce(seq))
+            ann = self.pusher.abort_announce(seq)
+            ann.link_epoch = self.links.get(seq.decode_id, 0)
+            self.io.to_peer(self.decodes[seq.decode_id], ann)
         else:
             self.pages.release(rid)
 
@@ -138,6 +140,7 @@ class PrefillWorker:
         out = self.engine.lead(plan)  # forward, then this step's sends on every rank
         self._first_tokens(chunks, out.logits, pushes)
         for push in pushes.values():
+            push.announce.link_epoch = self.links.get(push.decode_id, 0)  # the link the send went on
             self.io.to_peer(self.decodes[push.decode_id], push.announce)
         self.metrics.add_tokens(sum(c.length for c in chunks))
         self.metrics.step_time.observe(time.monotonic() - t0)

@@ -56,9 +56,15 @@ def json_response(obj: dict, status: int = 200) -> Response:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
 
 
+# Characters that JSON may leave raw but that line readers treating text like str.splitlines
+# (httpx's iter_lines among them) take as line breaks, cutting an event's JSON in two.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(obj: dict | str) -> bytes:
+    """One server-sent event: `data: <json>` on one line, whatever text the tokens decode to."""
     payload = obj if isinstance(obj, str) else msgspec.json.encode(obj).decode()
-    return f"data: {payload}\n\n".encode()
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n".encode()
 
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:

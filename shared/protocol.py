@@ -150,6 +150,8 @@ class KVChunkReady(Msg):
     has_hidden: bool = False  # the last push also sends the final hidden state [hidden] (MTP seed)
     aborted: bool = False  # no KV follows (page_ids empty); the prefill gave this request up
     first_finished: bool = False  # the first token already ended the request (prefill sent finished)
+    link_epoch: int = 0  # LinkInfo.generation of the link the push was posted on; the decode drops
+    # pushes of any other epoch (posted on a link its current one replaced: no data follows here)
 
 
 # ---- prefill leader <-> decode leader: KV-link rendezvous ---------------------------

@@ -167,7 +167,7 @@ class PGLink(KVLink):
             self._xfers[xfer_id] = x
             self._pending[xfer_id] = x
             self._prune_locked()
-        if kind == "recv" and self._signal is not None:
+        if kind == "recv" and self.gate:  # both ends gate alike (CUDA, or KVLINK_SEND_GATE)
             self._signal.commit_recv()  # opens the peer's gate for its matching send
         self._queue.put(x)
 

@@ -43,6 +43,7 @@ class LinkSet:
         # xfer id -> received hidden [hidden]; bounded: followers and aborted requests never take theirs
         self.hiddens: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._warned: set[str] = set()  # xfer ids whose failure was logged (poll is called often)
+        self.failed: dict[str, str] = {}  # xfer id -> reason, for ops that could not be posted (bounded)
 
     def apply(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
         getattr(self, "_" + op.kind)(op, hidden)
@@ -89,7 +90,9 @@ class LinkSet:
         return self.stores[(host, port)]
 
     def _send(self, op: LinkOp, hidden: torch.Tensor | None) -> None:
-        link = self.links[op.peer]
+        link = self._link_for_post(op)
+        if link is None:
+            return
         link.send_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids))
         self.xfers[op.peer].add(op.xfer_id)
         self.posted[op.xfer_id] = link
@@ -107,7 +110,9 @@ class LinkSet:
         self._post_recv(op, discard=True)
 
     def _post_recv(self, op: LinkOp, discard: bool) -> None:
-        link = self.links[op.peer]
+        link = self._link_for_post(op)
+        if link is None:
+            return
         self.posted[op.xfer_id] = link
         if op.page_ids:
             link.recv_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids), discard=discard)
@@ -121,7 +126,22 @@ class LinkSet:
                     self.hiddens.popitem(last=False)
             self.xfers[op.peer].add(op.xfer_id + "/h")
 
+    def _link_for_post(self, op: LinkOp):
+        """The live link to op.peer, or None when it is gone or broken: then the transfer is
+        recorded as failed ("link_down" from poll) instead of raising out of the step."""
+        link = self.links.get(op.peer)
+        if link is not None and not link.broken:
+            return link
+        self.failed[op.xfer_id] = "link_down"
+        while len(self.failed) > MAX_HIDDENS:
+            del self.failed[next(iter(self.failed))]
+        log.warning("%s rank %d: KV %s %s with %s not posted: the link is %s", self.worker_id, self.tp_rank,
+                    op.kind, op.xfer_id, op.peer, "broken" if link is not None else "gone")
+        return None
+
     def _wait(self, op: LinkOp, _) -> None:
+        for x in [x for x in self.failed if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:
+            del self.failed[x]
         for x in [x for x in self.posted if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:
             del self.posted[x]
         link = self.links.get(op.peer)
@@ -163,6 +183,8 @@ class LinkSet:
 
         A transfer not posted yet (its op rides in the next plan) is "pending"; one posted on a
         link that has since been replaced or closed is "link_down"."""
+        if xfer_id in self.failed:
+            return self.failed[xfer_id]
         link = self.links.get(peer)
         posted_on = self.posted.get(xfer_id)
         if posted_on is None:

@@ -192,6 +192,29 @@ def test_decode_killed_prefill_frees_and_relinks(tmp_path):
         wp.stop()
 
 
+def test_push_on_an_old_link_epoch_is_dropped(pair):
+    """A push announced for a link this decode has replaced (a message from before a restart or a
+    rebuild) posts no recv: were it received, the recv would pair with the next real transfer
+    (header mismatch, link torn down). The held request fails; the link keeps serving."""
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+
+    sp = P.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    pair.send("d0", P.Reserve(rid="stale", prompt_ids=P.pack_ids([9] * 6), sampling=sp, prefill_id="p0"))
+    res = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", "") == "stale"), 30, "reserve")[0]
+    assert isinstance(res, P.Reserved)
+    pair.send("d0", P.KVChunkReady(rid="stale", prefill_id="p0", page_ids=res.page_ids, num_tokens=6, is_last=True,
+                                   first_token=5, has_hidden=True, link_epoch=1))  # never a live epoch
+    err = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", "") == "stale"), 30, "stale push refused")[0]
+    assert isinstance(err, P.RequestError) and "rebuilt" in err.message
+    prompt = [21, 22, 23, 24, 25, 26, 27]
+    ref = generate(ModelRunner(pair.model_dir), [prompt], max_new_tokens=4, ignore_eos=True)[0]["token_ids"]
+    _start(pair, "fresh", prompt, sp)
+    ev = _collect(pair, {"fresh"})["fresh"]
+    assert [t for e in ev for t in P.unpack_ids(e.token_ids)] == ref
+    _pages_zero(pair)
+
+
 def test_first_token_only_counted_once_and_logprobs(pair):
     """max_new_tokens=1: the prefill's token ends the request; the decode sends nothing for it.
     logprobs ride on the events (one per token, top-k pairs when asked) and match shared.generate."""
