@@ -5,6 +5,7 @@
 #   bash bench/gpu_suite.sh fleet    # prefill->decode pair on 2 GPUs (tiny + GLM-4.7-Flash dummy), MTP step times
 #   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
 #   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
+#   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
@@ -67,6 +68,15 @@ case "${1:-models}" in
       --out "$OUT/profile_step.json"
     step models_gpu "$(left 120)" $PY -m pytest -q -s -m gpu tests/models/test_gpu.py tests/models/test_decode_graphs.py \
       -p no:cacheprovider
+    ;;
+  handoff)  # the short re-check of the KV handoff fix (send gate, link epochs): pair tests, then KV GB/s
+    t=tests/workers/test_gpu_workers.py  # most telling first: the machine may be taken back early
+    step workers_gpu 170 $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wgpu \
+      "$t::test_gpu_pair_flash_dummy_bf16[4096]" "$t::test_gpu_pair_tiny_fp32_equals_generate[2]" \
+      "$t::test_gpu_link_send_then_device_sync_before_recv[1]" "$t::test_gpu_pair_flash_dummy_bf16[1024]" \
+      "$t::test_gpu_pair_tiny_fp32_equals_generate[0]" "$t::test_gpu_link_send_then_device_sync_before_recv[0]"
+    worker_logs /tmp/wgpu "$OUT/worker_logs.txt"
+    step kv_transfer 80 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --reps 3 --out "$OUT/kv_transfer.json"
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
