@@ -150,6 +150,10 @@ class PGLink(KVLink):
         now = time.monotonic()
         x = _Xfer(xfer_id, kind, buf.numel() - HEADER_BYTES, buf, now, now + self.timeout_s,
                   header=header, sink=sink)
+        if kind == "recv" and self.gate and not self.broken:
+            # commit BEFORE the backend call: NCCL's first p2p op on a communicator connects both
+            # ends inside the call, so a recv launched first would wait for a send gated on it
+            self._signal.commit_recv()
         with self._lock:
             if self.broken:
                 raise LinkError(f"KV link {self.name} is broken: {self.error}")
@@ -167,8 +171,6 @@ class PGLink(KVLink):
             self._xfers[xfer_id] = x
             self._pending[xfer_id] = x
             self._prune_locked()
-        if kind == "recv" and self.gate:  # both ends gate alike (CUDA, or KVLINK_SEND_GATE)
-            self._signal.commit_recv()  # opens the peer's gate for its matching send
         self._queue.put(x)
 
     def _launch_locked(self, x: _Xfer) -> None:
