@@ -88,10 +88,17 @@ class Handoffs:
         if msg.is_last:
             seq.last_announced = True
             seq.aborted = seq.aborted or msg.aborted
-            seq.first_finished = msg.first_finished
-            if not msg.aborted:
-                seq.token_ids.append(msg.first_token)
         return None
+
+    def on_first_token(self, msg: P.FirstToken) -> None:
+        """The prefill's first token (sent after its last push was announced); ignored for a
+        request no longer held or already given up."""
+        seq = self.seqs.get(msg.rid)
+        if seq is None or seq.aborted or seq.has_first:
+            return
+        seq.token_ids.append(msg.token_id)
+        seq.first_finished = msg.finished
+        seq.has_first = True
 
     def abort(self, rid: str) -> DecodeSeq | None:
         seq = self.seqs.get(rid)

@@ -3,7 +3,7 @@
 Life of a request here (states only move forward):
   RESERVED   pages reserved on Reserve; waiting for KVChunkReady announcements
   RECEIVING  some KV pushes announced; recvs posted on the KV link
-  RUNNING    last push arrived and every recv completed; in the running batch
+  RUNNING    last push announced, every recv completed, FirstToken arrived; in the running batch
   DONE       finished, aborted or failed; pages released exactly once (by `release`)
 
 Token accounting: `token_ids` = prompt + output; the first output token came from the
@@ -44,6 +44,7 @@ class DecodeSeq:
     num_cached: int = 0
     pending_xfers: set[str] = field(default_factory=set)
     last_announced: bool = False
+    has_first: bool = False  # FirstToken arrived (token_ids ends with it)
     first_finished: bool = False  # the prefill's first token ended it
     aborted: bool = False
     generator: torch.Generator | None = None
@@ -62,7 +63,8 @@ class DecodeSeq:
         self.phase = phase
 
     def handoff_complete(self) -> bool:
-        return self.last_announced and not self.pending_xfers
+        """Every push announced and received, and the first token known (not needed once aborted)."""
+        return self.last_announced and not self.pending_xfers and (self.has_first or self.aborted)
 
     def expired(self, now: float | None = None) -> bool:
         return self.phase < Phase.RUNNING and (now or time.monotonic()) > self.deadline

@@ -70,6 +70,8 @@ class DecodeWorker:
             if err:
                 self.metrics.handoff_failure("bad_push")
                 log.error("decode %s: %s", self.cfg.worker_id, err)
+        elif isinstance(msg, P.FirstToken):
+            self.handoffs.on_first_token(msg)
         elif isinstance(msg, P.Abort):
             self.on_abort(msg.rid)
         elif isinstance(msg, P.LinkHello):

@@ -50,7 +50,7 @@ class Pusher:
         """The next push of `seq` after a step (None when no new page is complete and not last).
 
         hidden_row: row of this step's hidden states holding the prompt's last token (last push).
-        The caller fills the announce's first_token / first_logprob / first_finished after sampling."""
+        The first token goes to the decode in its own FirstToken message, after sampling."""
         lo, hi = seq.num_pushed_pages, complete_pages(seq, self.page_size)
         is_last = seq.done
         if hi == lo and not is_last:

@@ -137,11 +137,11 @@ class PrefillWorker:
             plan.seqs.append(seq_plan(ids, c.start, c.seq.page_ids, want_logits=c.is_last,
                                       mtp_ids=mtp if self.engine.runner.has_mtp else None))
         pushes = self._pushes(chunks, plan)
-        out = self.engine.lead(plan)  # forward, then this step's sends on every rank
-        self._first_tokens(chunks, out.logits, pushes)
-        for push in pushes.values():
+        out = self.engine.lead(plan)  # forward, then this step's sends on every rank (queued, not waited)
+        for push in pushes.values():  # announce before sampling: its host sync may wait on the sends
             push.announce.link_epoch = self.links.get(push.decode_id, 0)  # the link the send went on
             self.io.to_peer(self.decodes[push.decode_id], push.announce)
+        self._first_tokens(chunks, out.logits)
         self.metrics.add_tokens(sum(c.length for c in chunks))
         self.metrics.step_time.observe(time.monotonic() - t0)
 
@@ -157,8 +157,9 @@ class PrefillWorker:
                 pushes[c.seq.rid] = push
         return pushes
 
-    def _first_tokens(self, chunks: list[Chunk], logits, pushes: dict[str, Push]) -> None:
-        """Sample the first token of every finished prompt; send it to the router now (counted once)."""
+    def _first_tokens(self, chunks: list[Chunk], logits) -> None:
+        """Sample the first token of every finished prompt; send it to the router now (counted once)
+        and to the decode (which continues from it)."""
         last = [c.seq for c in chunks if c.is_last]
         if not last:
             return
@@ -172,8 +173,8 @@ class PrefillWorker:
                 logprobs=[r.logprob] if want_lp else [], top_logprobs=[r.top] if want_lp else [],
                 finished=reason is not None, finish_reason=reason,
             ))
-            ann = pushes[seq.rid].announce
-            ann.first_token, ann.first_logprob, ann.first_finished = r.token_id, r.logprob, reason is not None
+            self.io.to_peer(self.decodes[seq.decode_id], P.FirstToken(
+                rid=seq.rid, prefill_id=self.cfg.worker_id, token_id=r.token_id, finished=reason is not None))
 
     # ---- transfers, heartbeat, leak check -------------------------------------------
     def poll_sends(self) -> None:

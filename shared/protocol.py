@@ -20,7 +20,7 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the first token left KVChunkReady for FirstToken
 
 
 def pack_ids(ids: list[int]) -> bytes:
@@ -137,21 +137,32 @@ class WorkerStatus(Msg):
 
 # ---- prefill leader -> decode leader (KV bytes go over the KVLink, not here) ---------
 class KVChunkReady(Msg):
-    """Announces the next KV push of `rid` on the pair's KVLink (posted in this order)."""
+    """Announces the next KV push of `rid` on the pair's KVLink (posted in this order).
+
+    Sent as soon as the push is posted on the prefill's link, before the step's sampling: the
+    decode posts the matching recv without waiting for anything else the prefill does (an NCCL
+    send otherwise spins until a recv the decode only posts after the prefill's next host sync)."""
 
     rid: str
     prefill_id: str
     page_ids: bytes  # packed int32: the decode-side pages this push fills
     num_tokens: int  # prompt tokens covered so far
-    is_last: bool = False
-    first_token: int = -1  # set on the last push
-    first_logprob: float = 0.0
+    is_last: bool = False  # a FirstToken follows (unless aborted)
     chunk_index: int = 0  # 0, 1, 2 ... per rid; the KVLink transfer id is f"{rid}/{chunk_index}"
     has_hidden: bool = False  # the last push also sends the final hidden state [hidden] (MTP seed)
     aborted: bool = False  # no KV follows (page_ids empty); the prefill gave this request up
-    first_finished: bool = False  # the first token already ended the request (prefill sent finished)
     link_epoch: int = 0  # LinkInfo.generation of the link the push was posted on; the decode drops
     # pushes of any other epoch (posted on a link its current one replaced: no data follows here)
+
+
+class FirstToken(Msg):
+    """After the last push of `rid`: the token the prefill sampled (already sent to the router).
+    The decode starts the request once this and every announced push have arrived."""
+
+    rid: str
+    prefill_id: str
+    token_id: int
+    finished: bool = False  # the first token already ended the request (the prefill sent finished)
 
 
 # ---- prefill leader <-> decode leader: KV-link rendezvous ---------------------------
@@ -190,6 +201,7 @@ Message = Union[
     RequestError,
     WorkerStatus,
     KVChunkReady,
+    FirstToken,
     LinkHello,
     LinkInfo,
 ]

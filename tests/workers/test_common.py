@@ -19,7 +19,8 @@ def test_protocol_roundtrip_new_messages():
     for msg in [P.LinkHello(prefill_id="p0", reply_addr="tcp://127.0.0.1:1", generation=7),
                 P.LinkInfo(decode_id="d0", link_host="h", link_port=5, generation=3),
                 P.KVChunkReady(rid="r", prefill_id="p0", page_ids=P.pack_ids([1, 2]), num_tokens=9,
-                               chunk_index=2, aborted=True)]:
+                               chunk_index=2, aborted=True, link_epoch=11),
+                P.FirstToken(rid="r", prefill_id="p0", token_id=5, finished=True)]:
         assert P.decode(P.encode(msg)) == msg
     with pytest.raises(P.ProtocolError):
         P.decode(P.encode(P.Abort(rid="x", version=99)))

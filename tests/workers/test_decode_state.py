@@ -14,9 +14,13 @@ def _reserve(h, rid, n_prompt, max_new=8):
                                sampling=P.SamplingParams(max_new_tokens=max_new), prefill_id="p0"))
 
 
-def _chunk(seq, k, lo, hi, n_tokens, last=False, tok=-1):
+def _chunk(seq, k, lo, hi, n_tokens, last=False):
     return P.KVChunkReady(rid=seq.rid, prefill_id="p0", page_ids=P.pack_ids(seq.page_ids[lo:hi]), num_tokens=n_tokens,
-                          is_last=last, first_token=tok, chunk_index=k, has_hidden=last)
+                          is_last=last, chunk_index=k, has_hidden=last)
+
+
+def _first(seq, tok, finished=False):
+    return P.FirstToken(rid=seq.rid, prefill_id="p0", token_id=tok, finished=finished)
 
 
 def test_reserve_allowance_and_busy():
@@ -38,10 +42,12 @@ def test_pushes_then_run_then_finish():
     seq = _reserve(h, "a", 6, max_new=3)
     assert h.on_chunk(_chunk(seq, 0, 0, 1, 4)) is None
     assert h.on_chunk(_chunk(seq, 0, 0, 1, 4)) is not None  # replayed chunk index is refused
-    assert h.on_chunk(_chunk(seq, 1, 1, 2, 6, last=True, tok=42)) is None
+    assert h.on_chunk(_chunk(seq, 1, 1, 2, 6, last=True)) is None
     assert [op.kind for op in h.ops] == ["recv", "recv"] and h.ops[1].hidden_row == 1
     assert h.ready_to_finish() == []  # recvs still pending
     seq.pending_xfers.clear()
+    assert h.ready_to_finish() == []  # every push in, but the first token not yet
+    h.on_first_token(_first(seq, 42))
     assert h.ready_to_finish() == [seq] and not h.seqs
     run = RunningSet(pages, 4)
     run.add(seq)
@@ -63,11 +69,26 @@ def test_abort_in_flight_releases_after_recv_and_drains_later_pushes():
     h.on_chunk(_chunk(seq, 0, 0, 2, 8))
     h.abort("a")
     assert h.ready_to_finish() == []  # the posted recv must finish first
-    h.on_chunk(_chunk(seq, 1, 2, 3, 9, last=True, tok=5))
+    h.on_chunk(_chunk(seq, 1, 2, 3, 9, last=True))
+    h.on_first_token(_first(seq, 5))  # ignored: aborted
     assert h.ops[-1].kind == "drain"  # late push after abort never lands in our pages
     seq.pending_xfers.clear()
-    assert h.ready_to_finish() == [seq] and seq.aborted
+    assert h.ready_to_finish() == [seq] and seq.aborted and seq.token_ids[-1] != 5
     assert pages.release("a") > 0 and pages.release("a") == 0
+
+
+def test_first_token_before_the_last_recv_and_first_finished():
+    """The first token may come before the last recv completes; a first token that ended the
+    request (max_new_tokens=1, EOS) hands over nothing to run: the worker releases it."""
+    pages = PageAllocator(32)
+    h = Handoffs(pages, page_size=4, max_running=8, reserve_cap=8, deadline_s=5)
+    seq = _reserve(h, "a", 4)
+    h.on_chunk(_chunk(seq, 0, 0, 1, 4, last=True))
+    h.on_first_token(_first(seq, 7, finished=True))
+    h.on_first_token(_first(seq, 8))  # a duplicate never appends twice
+    assert h.ready_to_finish() == []  # the recv is still in flight
+    seq.pending_xfers.clear()
+    assert h.ready_to_finish() == [seq] and seq.first_finished and seq.token_ids[-1] == 7 and seq.num_output == 1
 
 
 def test_page_growth_and_stall_victim():
@@ -111,7 +132,7 @@ def test_abort_between_pushes_releases_at_once():
     assert h.ready_to_finish() == []  # not aborted: waits for the next push
     h.abort("a")
     assert h.ready_to_finish() == [seq] and not h.seqs
-    h.on_chunk(_chunk(seq, 1, 1, 3, 12, last=True, tok=3))
+    h.on_chunk(_chunk(seq, 1, 1, 3, 12, last=True))
     assert h.ops[-1].kind == "drain" and h.ops[-1].xfer_id == "a/1"
 
 

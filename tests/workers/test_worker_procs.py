@@ -204,7 +204,7 @@ def test_push_on_an_old_link_epoch_is_dropped(pair):
     res = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", "") == "stale"), 30, "reserve")[0]
     assert isinstance(res, P.Reserved)
     pair.send("d0", P.KVChunkReady(rid="stale", prefill_id="p0", page_ids=res.page_ids, num_tokens=6, is_last=True,
-                                   first_token=5, has_hidden=True, link_epoch=1))  # never a live epoch
+                                   has_hidden=True, link_epoch=1))  # never a live epoch
     err = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", "") == "stale"), 30, "stale push refused")[0]
     assert isinstance(err, P.RequestError) and "rebuilt" in err.message
     prompt = [21, 22, 23, 24, 25, 26, 27]
