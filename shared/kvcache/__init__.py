@@ -4,6 +4,6 @@
 - `allocator.PageAllocator`: free list + owner accounting (leader only; pure Python).
 - `link.KVLink`: the transfer interface (contract in its docstring); `pg_link.PGLink` implements
   it over gloo (CPU) or NCCL (GPU); `rendezvous.connect_link` / `accept_link` build one.
-- `handoff.HandoffTable`: per-request handoff state machine (forward-only, deadlines, idempotent
-  release) on top of a KVLink and a PageAllocator.
+The per-request handoff state machines live with their workers (`decode_worker/handoff.py`,
+`prefill_worker/pusher.py`).
 """
