@@ -8,6 +8,7 @@ router, poll transfers and free pages whose sends completed, heartbeat every --h
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from shared import protocol as P
@@ -37,6 +38,9 @@ class PrefillWorker:
         self._last_beat = self._last_hello = 0.0
         self._hellos = 0
         self._idle_since: float | None = None
+        # GLM_PREFILL_SYNC_SENDS=1: after announcing a step's pushes, block until they completed,
+        # as a device-wide host sync in sampling would on CUDA (a CPU test of the ordering rule)
+        self._sync_sends = os.environ.get("GLM_PREFILL_SYNC_SENDS", "") == "1"
 
     # ---- readiness ----------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -141,6 +145,8 @@ class PrefillWorker:
         for push in pushes.values():  # announce before sampling: its host sync may wait on the sends
             push.announce.link_epoch = self.links.get(push.decode_id, 0)  # the link the send went on
             self.io.to_peer(self.decodes[push.decode_id], push.announce)
+        if self._sync_sends and pushes:
+            self.engine.links.wait_posted(timeout_s=20.0)
         self._first_tokens(chunks, out.logits)
         self.metrics.add_tokens(sum(c.length for c in chunks))
         self.metrics.step_time.observe(time.monotonic() - t0)

@@ -159,6 +159,19 @@ class LinkSet:
             self.xfers[op.peer].discard(x)
             link.forget(x)
 
+    def wait_posted(self, timeout_s: float) -> None:
+        """Block until every transfer posted on this rank's links is no longer pending (the
+        leader's stand-in for a device-wide sync, GLM_PREFILL_SYNC_SENDS); TimeoutError after
+        timeout_s names the stuck transfers."""
+        end = time.monotonic() + timeout_s
+        for peer, link in self.links.items():
+            for x in list(self.xfers.get(peer, ())):
+                while link.poll(x).value == "pending":
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"{self.worker_id}: transfer {x} to {peer} still pending after "
+                                           f"{timeout_s:g} s (its recv was never posted)")
+                    time.sleep(0.001)
+
     def _close(self, op: LinkOp, _) -> None:
         self._retire(self.links.pop(op.peer, None))
 

@@ -215,6 +215,34 @@ def test_push_on_an_old_link_epoch_is_dropped(pair):
     _pages_zero(pair)
 
 
+def test_pushes_complete_while_the_prefill_blocks_before_sampling(tmp_path, monkeypatch):
+    """The ordering rule behind the GPU handoff hang: the prefill must never need its sends to
+    complete before it has announced them. GLM_PREFILL_SYNC_SENDS=1 makes the prefill block,
+    after each step's announces and before sampling, until the step's sends completed (what a
+    device-wide sync does to a spinning NCCL send). Announced after sampling, every handoff
+    would time out here; announced first, the pair serves and equals the reference."""
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    monkeypatch.setenv("GLM_PREFILL_SYNC_SENDS", "1")
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=4)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=8)
+    try:
+        wp.wait_ready(60)
+        prompts = [[3 + (5 * i + j) % 200 for j in range(n)] for i, n in enumerate((6, 19))]
+        ref = generate(ModelRunner(model_dir), prompts, max_new_tokens=4, ignore_eos=True)
+        sp = P.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            assert isinstance(_start(wp, f"y{i}", p, sp), P.Reserved)
+        events = _collect(wp, {"y0", "y1"}, timeout_s=60)
+        assert [[t for e in events[f"y{i}"] for t in P.unpack_ids(e.token_ids)] for i in range(2)] == \
+            [r["token_ids"] for r in ref]
+        _pages_zero(wp)
+    finally:
+        wp.stop()
+
+
 def test_first_token_only_counted_once_and_logprobs(pair):
     """max_new_tokens=1: the prefill's token ends the request; the decode sends nothing for it.
     logprobs ride on the events (one per token, top-k pairs when asked) and match shared.generate."""
