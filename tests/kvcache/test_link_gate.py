@@ -81,3 +81,47 @@ def test_gated_send_without_recv_fails_at_deadline_and_says_why(monkeypatch, cap
     assert f"send 'n/0' {nbytes:.1f} MB posted" in caplog.text and "(deadline;" in caplog.text
     assert "thread stacks at teardown" in caplog.text
     threading.Thread(target=recv.close, daemon=True).start()
+
+
+class _ConnectInCall:
+    """A process group whose first send/recv on each end returns only once the other end has
+    entered its first send/recv too: NCCL's lazy p2p connect, which happens inside the call (a
+    recv call on a fresh communicator blocks until the peer's send call). Gloo does not do this,
+    so without the wrapper the gated warm-up's ordering is never exercised on CPU."""
+
+    def __init__(self, pg, barrier: threading.Barrier):
+        self._pg, self._barrier, self._connected = pg, barrier, False
+
+    def _connect(self) -> None:
+        if not self._connected:
+            self._barrier.wait()  # BrokenBarrierError after its timeout, like NCCL's
+            self._connected = True
+
+    def send(self, tensors, dst, tag=0):
+        self._connect()
+        return self._pg.send(tensors, dst, tag)
+
+    def recv(self, tensors, src, tag=0):
+        self._connect()
+        return self._pg.recv(tensors, src, tag)
+
+    def __getattr__(self, name):
+        return getattr(self._pg, name)
+
+
+def test_gate_with_connect_in_call_backend(monkeypatch):
+    """Gate on, over a backend that connects inside the first p2p call: the link's warm-up (the
+    decode's recv, the prefill's gated send) must come up and a push must arrive. Counting the
+    recv for the gate only after its backend call returned deadlocked exactly here on H200."""
+    from shared.kvcache import rendezvous
+
+    barrier = threading.Barrier(2, timeout=5.0)
+    make = rendezvous._make_group
+    monkeypatch.setattr(rendezvous, "_make_group", lambda *a: _ConnectInCall(make(*a), barrier))
+    send, recv = _pair("connect", 10.0, monkeypatch, "1")
+    src, dst = P.filled_cache(P.GQA, seed=8), PagedKVCache(P.GQA, P.NUM_PAGES)
+    send.send_pages("c/0", src, [2, 5])
+    recv.recv_pages("c/0", dst, [1, 3])
+    assert recv.wait("c/0", 10) is XferState.DONE and send.wait("c/0", 10) is XferState.DONE, (recv.error, send.error)
+    assert bool((dst.buffer[:, :, [1, 3]] == src.buffer[:, :, [2, 5]]).all())
+    send.close(), recv.close()
