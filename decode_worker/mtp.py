@@ -1,4 +1,5 @@
-"""MTP speculative decoding step of the decode worker leader (--mtp_step K; TP 1 for now).
+"""MTP speculative decoding step of the decode worker leader (--mtp_step K; any TP: the DRAFT
+input hidden states are broadcast to the followers by `Engine.run`).
 
 Per running request the state is `mtp_rows`: the (position, token) rows whose MTP-layer KV is not
 written yet, with `mtp_hidden` [k, H] the target's post-norm hidden at those positions. A step:

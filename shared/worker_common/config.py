@@ -95,8 +95,6 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
         raise ValueError("--tp must be >= 1")
     if not 0 <= a.mtp_step <= 4:
         raise ValueError(f"--mtp_step {a.mtp_step}: expected 0 (off) .. 4")
-    if a.mtp_step and a.tp > 1 and role == "decode":
-        raise ValueError("--mtp_step > 0 needs --tp 1 on the decode worker for now (drafts use leader-held hidden states)")
     if gpus and len(gpus) != a.tp:
         raise ValueError(f"--gpus lists {len(gpus)} GPUs but --tp is {a.tp}")
     return WorkerConfig(

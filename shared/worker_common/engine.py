@@ -58,7 +58,8 @@ class Engine:
                              hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype)
 
     def lead(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
-        """prev_hidden [T, H]: a DRAFT plan's target hidden states (leader-held; MTP needs tp 1)."""
+        """prev_hidden [T, H]: a DRAFT plan's target hidden states, one row per plan token (held by
+        the leader; `run` broadcasts them to the followers)."""
         assert self.tp_rank == 0
         if self.cfg.tp_size > 1:
             self.fanout.share(encode_plan(plan))
@@ -85,6 +86,7 @@ class Engine:
             batch = to_batch(plan, self.cfg.page_size, self.device)
             with torch.inference_mode():
                 if plan.mode == "draft":
+                    prev_hidden = self._share_hidden(prev_hidden, batch.input_ids.numel())
                     out = self.runner.mtp_forward(batch, batch.input_ids, prev_hidden, self.cache)
                 else:
                     out = self.runner.forward(batch, self.cache)
@@ -95,6 +97,21 @@ class Engine:
             if op.kind == "send":
                 self.links.apply(op, out.hidden if out is not None else None)
         return out
+
+    def _share_hidden(self, hidden: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+        """TP > 1: the leader's DRAFT input hidden [num_rows, H] on every rank (one broadcast over
+        the TP group, NCCL on GPU; the step's collectives pair up because every rank runs the same
+        plan). The MTP bookkeeping stays on the leader; followers only need the rows."""
+        if self.cfg.tp_size == 1:
+            return hidden
+        h = self.runner.config.hidden_size
+        if self.tp_rank == 0:
+            assert hidden is not None and tuple(hidden.shape) == (num_rows, h), (None if hidden is None else hidden.shape)
+            buf = hidden.to(device=self.device, dtype=self.runner.dtype).contiguous()
+        else:
+            buf = torch.empty(num_rows, h, dtype=self.runner.dtype, device=self.device)
+        torch.distributed.broadcast(buf, 0)
+        return buf
 
     def capture_graphs(self, max_batch_size: int, max_seq_len: int, tokens_per_seq: int = 1) -> list[int]:
         """Graph buckets over this rank's cache: DECODE (tokens_per_seq 1), or for MTP (q = K + 1) VERIFY

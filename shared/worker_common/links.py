@@ -119,8 +119,9 @@ class LinkSet:
             self.xfers[op.peer].add(op.xfer_id)
         if op.hidden_row > 0:  # recv ops use hidden_row as a flag: 1 = a hidden state follows
             buf = torch.empty(self.hidden_size, dtype=self.hidden_dtype, device=self.cache.buffer.device)
-            link.recv_tensor(op.xfer_id + "/h", buf, discard=discard)
-            if not discard:
+            keep = not discard and self.tp_rank == 0  # only the leader seeds MTP (followers get it broadcast)
+            link.recv_tensor(op.xfer_id + "/h", buf, discard=not keep)
+            if keep:
                 self.hiddens[op.xfer_id] = buf
                 while len(self.hiddens) > MAX_HIDDENS:
                     self.hiddens.popitem(last=False)
