@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
              help="decode tokens reserved up front per request (min with max_new_tokens); more grow on demand")
     add_flag(p, "handoff_timeout_s", type=float, default=60.0)
     add_flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"],
-             help="accepted for LightLLM compatibility; both chain the MTP layer on its own output (vLLM style)")
+             help="K > 1 chaining of the one MTP layer: vanilla_with_att feeds its block output back (vLLM), "
+                  "eagle_with_att that output after shared_head.norm (SGLang EAGLE)")
     add_flag(p, "graph_max_batch_size", type=int, default=None,
              help="CUDA graphs of DECODE steps up to this batch (default 128 on cuda, 0 = off; cpu: padded eager)")
     add_flag(p, "graph_max_seq_len", type=int, default=0,
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         pages = PageAllocator(cfg.num_pages)  # reserves page 0: graph pad rows write there
         return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,
                             a.reserve_new_tokens, a.handoff_timeout_s,
-                            max_seq_len=min(a.max_req_total_len or max_pos, max_pos))
+                            max_seq_len=min(a.max_req_total_len or max_pos, max_pos),
+                            mtp_chain_normed=a.mtp_mode == "eagle_with_att")
 
     from shared.worker_common.process import run_worker
 

@@ -62,10 +62,12 @@ def _first_pass(batch: list[DecodeSeq], k: int, pad: bool) -> tuple[list, torch.
     return plans, hidden, last
 
 
-def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | None = None) -> list[list[int]]:
+def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | None = None,
+          chain_normed: bool = False) -> list[list[int]]:
     """k greedy drafts per request. The first MTP pass covers every pending row (writing their MTP
     KV); each further draft chains one row: position + 1, input = the previous draft, prev hidden =
-    the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2). Only requests
+    the MTP block's own output there (vLLM's chaining for one MTP layer, spec §3.2; `vanilla_with_att`)
+    or with chain_normed that output after shared_head.norm (SGLang's EAGLE; `eagle_with_att`). Only requests
     with use[i] (pages for K more tokens) chain; the others get one draft they will not feed.
     With DRAFT graphs of k + 1 rows and room everywhere, the first pass is padded to that shape."""
     from shared.runner.batch import ForwardMode
@@ -78,6 +80,9 @@ def draft(engine, batch: list[DecodeSeq], link_ops, k: int, use: list[bool] | No
     chain = [i for i in range(len(batch)) if use is None or use[i]]
     z = out.hidden[last[chain].to(out.hidden.device)]  # [B', H] MTP output at each chaining request's last row
     for j in range(1, k if chain else 1):
+        if chain_normed:
+            with torch.inference_mode():
+                z = engine.runner.model.mtp_head_norm(z)
         plan = StepPlan(mode="draft", seqs=[
             seq_plan([drafts[i][-1]], batch[i].mtp_rows[-1][0] + j, batch[i].page_ids) for i in chain
         ])

@@ -27,8 +27,9 @@ log = logging.getLogger("decode_worker")
 class DecodeWorker:
     def __init__(self, cfg, engine, io, metrics, pages, link_host: str, link_port: int,
                  max_running: int, reserve_cap: int = 256, handoff_deadline_s: float = 60.0,
-                 max_seq_len: int = 0):
+                 max_seq_len: int = 0, mtp_chain_normed: bool = False):
         self.cfg, self.engine, self.io, self.metrics, self.pages = cfg, engine, io, metrics, pages
+        self.mtp_chain_normed = mtp_chain_normed  # --mtp_mode eagle_with_att (decode_worker/mtp.py)
         self.link_host, self.link_port = link_host, link_port
         engine.links.host_store(link_host, link_port)  # the KV-link rendezvous prefills connect to
         mc = engine.runner.config
@@ -204,7 +205,7 @@ class DecodeWorker:
         k = self.cfg.mtp_step
         num_pages_before = [len(s.page_ids) for s in batch]
         use = [self.running.has_room(s, extra=k) for s in batch]  # every request drafts (lossless accept)
-        drafts = mtp.draft(self.engine, batch, ops, k, use)
+        drafts = mtp.draft(self.engine, batch, ops, k, use, chain_normed=self.mtp_chain_normed)
         results = mtp.verify_and_accept(self.engine, batch, drafts, use)
         for seq, u, before, (rows, hid) in zip(batch, use, num_pages_before, results):
             if self.mtp_metrics is not None:

@@ -55,6 +55,10 @@ class GlmMoeCausalLM(nn.Module):
         """hidden [R, H] -> full-vocab logits [R, V] fp32."""
         return self.lm_head(hidden)
 
+    def mtp_head_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """z [T, H] (an MTP block output) -> shared_head.norm(z): the state SGLang's EAGLE chains on."""
+        return self.model.layers[self.cfg.num_hidden_layers].shared_head.norm(z)
+
     def mtp_forward(self, batch: ForwardBatch, input_ids: torch.Tensor, prev_hidden: torch.Tensor, kv_cache):
         """MTP draft over the batch rows (positions/slots from batch, tokens `input_ids` [T]).
 

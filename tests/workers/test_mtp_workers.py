@@ -16,17 +16,18 @@ from tests.workers.test_worker_procs import _collect, _pages_zero, _start
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("arch,k,tp", [("glm4_moe", 1, 1), ("glm4_moe_lite", 3, 1), ("glm4_moe", 2, 2)])
-def test_mtp_greedy_equals_plain_decoding(tmp_path, arch, k, tp):
+@pytest.mark.parametrize("arch,k,tp,mode", [("glm4_moe", 1, 1, "vanilla_with_att"), ("glm4_moe_lite", 3, 1, "eagle_with_att"),
+                                             ("glm4_moe", 2, 2, "vanilla_with_att")])
+def test_mtp_greedy_equals_plain_decoding(tmp_path, arch, k, tp, mode):
     """tp 2: both workers at TP 2 (4 processes, 2 gloo KV links); the decode's followers get each
-    DRAFT pass's input hidden states by broadcast from the leader."""
+    DRAFT pass's input hidden states by broadcast from the leader. Either chaining mode is lossless."""
     from shared.generate import generate
     from shared.runner.model_runner import ModelRunner
     from shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=128, chunked_prefill_size=16,
-                    extra_decode=("--mtp_step", str(k)), tp=tp)  # as deploy does: the prefill needs no flag
+                    extra_decode=("--mtp_step", str(k), "--mtp_mode", mode), tp=tp)  # as deploy does: the prefill needs no flag
     try:
         wp.wait_ready(60 * tp)
         rng = random.Random(5)
