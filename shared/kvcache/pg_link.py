@@ -163,15 +163,27 @@ class PGLink(KVLink):
             if kind == "send":
                 self._num_sends += 1
                 x.seq = self._num_sends
+            err = ""
             if self.gate and (kind == "send" or self._deferred > 0):
                 self._deferred += 1  # the link thread posts it (in order) once the gate opens
             else:
-                self._launch_locked(x)
+                err = self._try_launch_locked(x)
             self._xfers.pop(xfer_id, None)
             self._xfers[xfer_id] = x
             self._pending[xfer_id] = x
             self._prune_locked()
+        if err:  # the backend refused the op (peer gone): x ends FAILED with the link, no raise
+            self.teardown(err)
+            return
         self._queue.put(x)
+
+    def _try_launch_locked(self, x: _Xfer) -> str:
+        """_launch_locked; "" or the reason the backend call raised (the caller tears down)."""
+        try:
+            self._launch_locked(x)
+        except Exception as e:  # noqa: BLE001 - e.g. gloo "Connection reset by peer": the peer died
+            return f"backend error: posting {x.kind} {x.xfer_id!r} ({x.nbytes} B) failed: {e}"
+        return ""
 
     def _launch_locked(self, x: _Xfer) -> None:
         """Hand x to the backend (under the lock, in post order). CUDA: on the side stream, so
@@ -243,9 +255,12 @@ class PGLink(KVLink):
         with self._lock:
             if self.broken or x.state is not XferState.PENDING:
                 return False
-            self._launch_locked(x)
+            err = self._try_launch_locked(x)
             self._deferred -= 1
             x.deadline = time.monotonic() + self.timeout_s
+        if err:
+            self.teardown(err)
+            return False
         return True
 
     def _await_op(self, x: _Xfer) -> str | None:

@@ -17,6 +17,7 @@ import time
 import torch
 
 from shared.kvcache.cache import PagedKVCache
+from shared.kvcache.link import LinkError
 from shared.protocol import unpack_ids
 from shared.worker_common.plan import LinkOp
 
@@ -93,13 +94,23 @@ class LinkSet:
         link = self._link_for_post(op)
         if link is None:
             return
-        link.send_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids))
-        self.xfers[op.peer].add(op.xfer_id)
         self.posted[op.xfer_id] = link
+        if not self._posts(op, lambda: link.send_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids))):
+            return
+        self.xfers[op.peer].add(op.xfer_id)
         if op.hidden_row >= 0:
             assert hidden is not None, "a last push needs the step's hidden states"
-            link.send_tensor(op.xfer_id + "/h", hidden[op.hidden_row].contiguous())
-            self.xfers[op.peer].add(op.xfer_id + "/h")
+            if self._posts(op, lambda: link.send_tensor(op.xfer_id + "/h", hidden[op.hidden_row].contiguous())):
+                self.xfers[op.peer].add(op.xfer_id + "/h")
+
+    def _posts(self, op: LinkOp, post) -> bool:
+        """Run one post; a link that broke meanwhile (LinkError) fails the transfer instead of the step."""
+        try:
+            post()
+            return True
+        except LinkError as e:
+            self._fail(op, f"not posted: {e}")
+            return False
 
     def _recv(self, op: LinkOp, _) -> None:
         self._post_recv(op, discard=False)
@@ -115,12 +126,15 @@ class LinkSet:
             return
         self.posted[op.xfer_id] = link
         if op.page_ids:
-            link.recv_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids), discard=discard)
+            if not self._posts(op, lambda: link.recv_pages(op.xfer_id, self.cache, unpack_ids(op.page_ids),
+                                                           discard=discard)):
+                return
             self.xfers[op.peer].add(op.xfer_id)
         if op.hidden_row > 0:  # recv ops use hidden_row as a flag: 1 = a hidden state follows
             buf = torch.empty(self.hidden_size, dtype=self.hidden_dtype, device=self.cache.buffer.device)
             keep = not discard and self.tp_rank == 0  # only the leader seeds MTP (followers get it broadcast)
-            link.recv_tensor(op.xfer_id + "/h", buf, discard=not keep)
+            if not self._posts(op, lambda: link.recv_tensor(op.xfer_id + "/h", buf, discard=not keep)):
+                return
             if keep:
                 self.hiddens[op.xfer_id] = buf
                 while len(self.hiddens) > MAX_HIDDENS:
@@ -133,12 +147,15 @@ class LinkSet:
         link = self.links.get(op.peer)
         if link is not None and not link.broken:
             return link
+        self._fail(op, f"not posted: the link is {'broken' if link is not None else 'gone'}")
+        return None
+
+    def _fail(self, op: LinkOp, why: str) -> None:
+        """op's transfer is over: poll says "link_down" (bounded memory), one WARNING."""
         self.failed[op.xfer_id] = "link_down"
         while len(self.failed) > MAX_HIDDENS:
             del self.failed[next(iter(self.failed))]
-        log.warning("%s rank %d: KV %s %s with %s not posted: the link is %s", self.worker_id, self.tp_rank,
-                    op.kind, op.xfer_id, op.peer, "broken" if link is not None else "gone")
-        return None
+        log.warning("%s rank %d: KV %s %s with %s %s", self.worker_id, self.tp_rank, op.kind, op.xfer_id, op.peer, why)
 
     def _wait(self, op: LinkOp, _) -> None:
         for x in [x for x in self.failed if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:

@@ -125,3 +125,40 @@ def test_gate_with_connect_in_call_backend(monkeypatch):
     assert recv.wait("c/0", 10) is XferState.DONE and send.wait("c/0", 10) is XferState.DONE, (recv.error, send.error)
     assert bool((dst.buffer[:, :, [1, 3]] == src.buffer[:, :, [2, 5]]).all())
     send.close(), recv.close()
+
+
+class _FailsAfterWarmUp:
+    """A process group whose send raises once the link is up (what gloo does when the peer
+    process died: "Connection reset by peer" from inside the call)."""
+
+    def __init__(self, pg):
+        self._pg, self.calls = pg, 0
+
+    def send(self, tensors, dst, tag=0):
+        self.calls += 1
+        if self.calls > 1:  # the first send is the link's warm-up
+            raise RuntimeError("gloo/transport/tcp/pair.cc: Read error: Connection reset by peer")
+        return self._pg.send(tensors, dst, tag)
+
+    def __getattr__(self, name):
+        return getattr(self._pg, name)
+
+
+@pytest.mark.parametrize("gate", ["0", "1"])
+def test_backend_error_while_posting_fails_the_transfer_not_the_caller(monkeypatch, gate):
+    """The backend call raising (peer gone) must not raise out of send_pages (it would kill the
+    worker's step, as CI saw after a kill -9 of the decode): the transfer ends FAILED, the link
+    is torn down with the reason. Gate on: the raise happens on the link thread instead."""
+    from shared.kvcache import rendezvous
+
+    make = rendezvous._make_group
+    monkeypatch.setattr(rendezvous, "_make_group", lambda store, rank, *a: (
+        _FailsAfterWarmUp(make(store, rank, *a)) if rank == 0 else make(store, rank, *a)))
+    send, recv = _pair(f"fail{gate}", 10.0, monkeypatch, gate)
+    src, dst = P.filled_cache(P.GQA, seed=9), PagedKVCache(P.GQA, P.NUM_PAGES)
+    recv.recv_pages("f/0", dst, [1])
+    send.send_pages("f/0", src, [2])  # must not raise
+    assert send.wait("f/0", 10) is XferState.FAILED
+    assert send.broken and "backend error: posting send 'f/0'" in send.error and "Connection reset" in send.error
+    assert recv.wait("f/0", 15) is XferState.FAILED  # the peer's teardown notice reaches the decode end
+    send.close(), recv.close()
