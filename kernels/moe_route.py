@@ -6,6 +6,7 @@ moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (cuBLAS, fp32); then one T
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
 moe_align: sorts the T*k (token, slot) pairs by expert and pads each expert's run to a multiple of
 BLOCK_M so one GEMM tile never mixes experts; pure torch on the device, no host sync (sizes are bounds).
+The torch reference it is tested against is shared/model/ops.py::moe_route_ref (the CPU model's).
 """
 
 from __future__ import annotations
@@ -16,23 +17,6 @@ import triton
 import triton.language as tl
 
 from kernels._common import check, new_out, next_pow2
-
-
-def moe_route_ref(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
-    scores = F.linear(hidden.float(), gate_weight.float()).sigmoid()  # [T, E]
-    choice = scores + correction_bias.float()
-    t, e = choice.shape
-    if n_group > 1:
-        grouped = choice.view(t, n_group, e // n_group)
-        group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [T, n_group]
-        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
-        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
-        choice = choice.masked_fill(~mask[:, :, None].expand_as(grouped).reshape(t, e), float("-inf"))
-    ids = choice.topk(top_k, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
 
 
 @triton.jit

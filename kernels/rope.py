@@ -1,4 +1,5 @@
-"""Rotary position embedding on q and k (Triton on CUDA; torch reference beside). All worker ranks.
+"""Rotary position embedding on q and k (Triton on CUDA; the torch reference is shared/model/ops.py::
+rope_ref, the CPU model's). All worker ranks.
 
 Rotates dims [0, rotary_dim) of every head; the rest pass through.
 - NeoX (glm4_moe): dim j pairs with j + rotary_dim/2.
@@ -16,18 +17,6 @@ import triton
 import triton.language as tl
 
 from kernels._common import check, new_out, next_pow2
-
-
-def rope_ref(x, cos, sin, rotary_dim: int, interleaved: bool) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, rotary_dim // 2] fp32 -> new rotated tensor."""
-    c = cos[:, None, :].to(x.dtype)
-    s = sin[:, None, :].to(x.dtype)
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-    else:
-        x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
 
 
 def cos_sin_cache(rotary_dim: int, max_pos: int, theta: float, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels import act_quant, rmsnorm, rope
+from shared.model import ops
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter truncates fp32 -> bf16 (compiled kernels round): allow two bf16 steps
@@ -51,7 +52,7 @@ def test_rope_per_token(interleaved):
     pos = torch.randint(0, 50, (t,), device=DEV)
     cos, sin = rope.cos_sin_cache(rd, 64, 10000.0, DEV)
     out = rope.rope(x, cos[pos], sin[pos], rd, interleaved)
-    torch.testing.assert_close(out, rope.rope_ref(x, cos[pos], sin[pos], rd, interleaved), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ops.rope_ref(x, cos[pos], sin[pos], rd, interleaved), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -60,7 +61,7 @@ def test_rope_inplace_positions(interleaved):
     q, k = torch.randn(t, hq, d, device=DEV), torch.randn(t, hk, d, device=DEV)
     pos = torch.randint(0, 30, (t,), device=DEV)
     cos, sin = rope.cos_sin_cache(rd, 32, 1e6, DEV)
-    q_ref, k_ref = rope.rope_ref(q, cos[pos], sin[pos], rd, interleaved), rope.rope_ref(k, cos[pos], sin[pos], rd, interleaved)
+    q_ref, k_ref = ops.rope_ref(q, cos[pos], sin[pos], rd, interleaved), ops.rope_ref(k, cos[pos], sin[pos], rd, interleaved)
     rope.rope_inplace(q, k, pos, cos, sin, rd, interleaved)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.moe_route import moe_align, moe_route, moe_route_ref
+from kernels.moe_route import moe_align, moe_route
+from shared.model.ops import moe_route_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
