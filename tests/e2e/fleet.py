@@ -46,14 +46,20 @@ class Fleet:
         _spawn(name, self.cmds[name], os.path.dirname(self.logs[name]), self, mode="a")
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_procs(self.procs.values())
+
+
+def stop_procs(procs) -> None:
+    """SIGTERM every process still running, then wait up to 10 s each; SIGKILL what is left."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _spawn(name: str, args: list[str], log_dir: str, fleet: Fleet, mode: str = "w") -> None:

@@ -108,12 +108,8 @@ class WorkerPair:
         return {w: s.used_pages for w, s in self.status.items()}
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        from tests.e2e.fleet import stop_procs
+
+        stop_procs(self.procs.values())
         for s in [self.events, *self.push.values()]:
             s.close(linger=0)
