@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import queue
 import threading
 import time
@@ -43,6 +42,7 @@ from shared.kvcache.cuda_wait import settle, wait_event
 from shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
 from shared.kvcache.link_log import log_teardown
 from shared.kvcache.peer_signal import PeerSignal
+from shared.kvcache.send_gate import SendGate, gate_enabled
 from shared.kvcache.xfer_buffer import (
     HEADER_BYTES, as_page_ids, check_header, gather_pages, new_send_buffer, payload_view, scatter_pages,
 )
@@ -94,15 +94,16 @@ class PGLink(KVLink):
         self._stream = torch.cuda.Stream(self.device) if cuda else None  # gathers, scatters
         self._done_stream = torch.cuda.Stream(self.device) if cuda else None  # waits for NCCL only
         self._side_tail: torch.cuda.Event | None = None  # after the last work queued on _stream
-        # send gate: a send reaches NCCL only once the peer committed the matching recv (NCCL only
-        # by default; KVLINK_SEND_GATE=0/1 overrides). Ops queued behind a gated one wait too.
-        env = os.environ.get("KVLINK_SEND_GATE", "")
-        self.gate = (env == "1" if env else cuda) if gate is None else gate
-        self.gate = self.gate and signal is not None
-        self._num_sends = 0
+        # send gate (shared/kvcache/send_gate.py): ops queued behind a gated send wait their turn
+        self._gate = SendGate(signal) if gate_enabled(cuda, signal, gate) else None
         self._deferred = 0  # ops posted but not yet handed to the backend (link thread does it)
         self._thread = threading.Thread(target=self._complete_loop, name=f"kvlink {name}", daemon=True)
         self._thread.start()
+
+    @property
+    def gate(self) -> bool:
+        """Whether this end's sends wait for the peer's matching recv (send_gate.py)."""
+        return self._gate is not None
 
     # ---- posting (caller thread) ----------------------------------------------------
     def send_pages(self, xfer_id: str, cache: PagedKVCache, page_ids: Sequence[int] | torch.Tensor) -> None:
@@ -150,21 +151,18 @@ class PGLink(KVLink):
         now = time.monotonic()
         x = _Xfer(xfer_id, kind, buf.numel() - HEADER_BYTES, buf, now, now + self.timeout_s,
                   header=header, sink=sink)
-        if kind == "recv" and self.gate and not self.broken:
-            # commit BEFORE the backend call: NCCL's first p2p op on a communicator connects both
-            # ends inside the call, so a recv launched first would wait for a send gated on it
-            self._signal.commit_recv()
+        if kind == "recv" and self._gate is not None and not self.broken:
+            self._gate.commit_recv()  # before the backend call (send_gate.py says why)
         with self._lock:
             if self.broken:
                 raise LinkError(f"KV link {self.name} is broken: {self.error}")
             old = self._xfers.get(xfer_id)
             if old is not None and old.state is XferState.PENDING:
                 raise ValueError(f"KV link {self.name}: transfer {xfer_id!r} already in flight")
-            if kind == "send":
-                self._num_sends += 1
-                x.seq = self._num_sends
             err = ""
-            if self.gate and (kind == "send" or self._deferred > 0):
+            if self._gate is not None and kind == "send":
+                x.seq = self._gate.next_send()
+            if self._gate is not None and (kind == "send" or self._deferred > 0):
                 self._deferred += 1  # the link thread posts it (in order) once the gate opens
             else:
                 err = self._try_launch_locked(x)
@@ -243,15 +241,8 @@ class PGLink(KVLink):
         """A gated op: wait until the peer posted the recv matching a send, then hand it to the
         backend; its deadline restarts there (the gate wait had its own, from posting). False
         when the link was torn down meanwhile."""
-        if x.kind == "send":
-            t0 = time.monotonic()
-            next_slow = t0 + 0.5
-            while self._signal.peer_recvs() < x.seq:
-                now = time.monotonic()
-                if self.broken or (now >= next_slow and self._while_slow(now - t0)):
-                    return False
-                next_slow = next_slow if now < next_slow else now + 0.25
-                time.sleep(min(2e-3, max(5e-5, 0.05 * (now - t0))))
+        if x.kind == "send" and not self._gate.wait_open(x.seq, lambda: self.broken, self._while_slow):
+            return False
         with self._lock:
             if self.broken or x.state is not XferState.PENDING:
                 return False

@@ -61,11 +61,19 @@ class Peer:
         self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def peer():
+@pytest.fixture(scope="module", params=["0", "1"], ids=["ungated", "gated"])
+def peer(request):
+    """Every scenario twice: as gloo runs by default, and with the send gate on at both ends (the
+    CUDA default: sends wait for the peer's matching recv, recvs are counted before posting)."""
+    old = os.environ.get("KVLINK_SEND_GATE")
+    os.environ["KVLINK_SEND_GATE"] = request.param  # read by this process's links and the peer's
     p = Peer()
     yield p
     p.stop()
+    if old is None:
+        os.environ.pop("KVLINK_SEND_GATE", None)
+    else:
+        os.environ["KVLINK_SEND_GATE"] = old
 
 
 def connect(peer: Peer, name: str, layout, xfer_timeout_s: float = 20.0, dev: str = "cpu", **override):
