@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from shared.kvcache.cache import KVLayout, PagedKVCache
 from shared.kvcache.link import LinkSignature, XferState
 from shared.kvcache.rendezvous import accept_link, connect_link, open_store
 from shared.kvcache.xfer_buffer import HEADER_BYTES, gather_pages, scatter_pages
+from shared.ports import free_port
 
 MODEL = "glm4_moe_lite (GLM-4.7-Flash layout)"
 
@@ -248,12 +248,6 @@ def print_table(res: dict) -> None:
               f"{r['gather_ms']:>7.2f} {r['plain_gpu_ms']:>9.2f} {r['plain_gpu_gbps']:>6.0f} "
               f"{r['scatter_ms']:>7.2f} {r['link_overhead_ms']:>6.2f} {r['plain_host_ms']:>10.2f} "
               f"{r['link_over_plain']:>10.2f} {r['link_over_plain_host']:>6.2f} {str(r['bytes_equal']):>5}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import torch
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from shared.kvcache.cache import PagedKVCache
 from shared.model.parallel import SINGLE, TPGroup
+from shared.ports import free_port
 from shared.protocol import SamplingParams
 from shared.runner.batch import ForwardBatch, ForwardMode
 from shared.runner.model_runner import ModelRunner
@@ -139,12 +139,6 @@ def _tp_worker(rank: int, args: argparse.Namespace, port: int) -> None:
             print(json.dumps({"outputs": outputs}), flush=True)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,6 @@
 """Fixture: the timed OpenAI-compatible server (tests/bench/timed_server.py) in its own process."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,11 +8,7 @@ import time
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared.ports import free_port
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ can read /metrics (e.g. glm_worker_kv_pages_used) and check that pages return to
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared.ports import free_port
 
 
 @dataclass

@@ -5,7 +5,6 @@ The GPU failure this pins: an end that posts a send and then blocks its own thre
 With the gate, a send reaches the backend only after the peer committed the matching recv.
 """
 
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.link import XferState
 from shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
+from shared.ports import free_port
 from tests.kvcache import kv_peer as P
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def _pair(name: str, xfer_timeout_s: float, monkeypatch, gate: str):
     monkeypatch.setenv("KVLINK_SEND_GATE", gate)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     host = open_store("127.0.0.1", port, is_host=True)
     fut = in_background(accept_link, host, name, "d0", 0, P.signature(P.GQA), "cpu", 20.0, xfer_timeout_s)
     send = connect_link(open_store("127.0.0.1", port, False), name, "d0", 0, P.signature(P.GQA), "cpu", 20.0,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import pytest
 from shared.kvcache.cache import PagedKVCache
 from shared.kvcache.link import LinkMismatch, XferState
 from shared.kvcache.rendezvous import connect_link, open_store
+from shared.ports import free_port as _free_port
 
 from . import kv_peer as P
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Peer:

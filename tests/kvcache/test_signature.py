@@ -1,6 +1,5 @@
 """LinkSignature comparison texts, the transfer header, and an accept that nobody answers."""
 
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from shared.kvcache.cache import KVLayout
 from shared.kvcache.link import LinkError, LinkSignature
 from shared.kvcache.rendezvous import accept_link, open_store
 from shared.kvcache.xfer_buffer import HEADER_BYTES, check_header, new_send_buffer, xfer_hash
+from shared.ports import free_port
 
 MLA = KVLayout(num_layers=48, num_parts=1, page_size=16, local_kv_heads=1, entry_dim=576, dtype=torch.bfloat16)
 GQA = KVLayout(num_layers=93, num_parts=2, page_size=16, local_kv_heads=1, entry_dim=128, dtype=torch.bfloat16)
@@ -44,9 +44,7 @@ def test_header_names_transfer_and_size():
 
 
 def test_accept_without_a_prefill_gives_up_with_a_clear_error():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = open_store("127.0.0.1", port, is_host=True)
     sig = LinkSignature.for_cache("m", MLA, 1)
     with pytest.raises(LinkError, match="no connection attempt from the prefill within 0.3 s"):

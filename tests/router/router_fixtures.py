@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ import httpx
 
 from protocol_peer import PeerWorker, ProtocolPeer
 
+from shared.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RouterProc:
@@ -58,8 +53,6 @@ class RouterProc:
 
 def absent_workers() -> list[str]:
     return ["--prefill", f"p0=tcp://127.0.0.1:{free_port()}", "--decode", f"d0=tcp://127.0.0.1:{free_port()}"]
-
-
 
 
 @contextlib.contextmanager
