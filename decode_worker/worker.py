@@ -91,7 +91,10 @@ class DecodeWorker:
             return
         res.generator = generator_for(msg.sampling, self.engine.runner.config.vocab_size, draws_done=1,
                                       device=self.engine.device)
-        self.io.to_router(P.Reserved(rid=msg.rid, decode_id=self.cfg.worker_id, page_ids=P.pack_ids(res.page_ids)))
+        linked = self.engine.links.has(msg.prefill_id)
+        epoch = self.epochs[msg.prefill_id] if linked else self.generation  # else the floor (protocol.py)
+        self.io.to_router(P.Reserved(rid=msg.rid, decode_id=self.cfg.worker_id, page_ids=P.pack_ids(res.page_ids),
+                                     link_epoch=epoch))
 
     def on_abort(self, rid: str) -> None:
         seq = self.running.remove(rid)

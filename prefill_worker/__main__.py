@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     p = common_parser("prefill")
     add_flag(p, "decode", action="append", default=[], help="decode leader: id=tcp://host:port (repeat)")
     add_flag(p, "chunked_prefill_size", type=int, default=512)
+    add_flag(p, "relink_check_s", type=float, default=5.0,
+             help="how often LinkHello re-asks a linked decode for its link epoch (an idle link does not "
+                  "notice a restarted decode; a request reserved on another epoch also triggers a rebuild)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = worker_config("prefill", a)
     decodes = parse_peers(a.decode)
@@ -24,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         from prefill_worker.worker import PrefillWorker
 
         pages = PageAllocator(cfg.num_pages)
-        return PrefillWorker(cfg, decodes, engine, io, metrics, pages, a.chunked_prefill_size)
+        return PrefillWorker(cfg, decodes, engine, io, metrics, pages, a.chunked_prefill_size, a.relink_check_s)
 
     from shared.worker_common.process import run_worker
 

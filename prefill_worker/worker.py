@@ -23,10 +23,12 @@ from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq, pages_
 
 log = logging.getLogger("prefill_worker")
 
+LINK_WAIT_S = 5.0  # a request for a decode we are (re)linking to waits this long for the link
+
 
 class PrefillWorker:
     def __init__(self, cfg, decodes: dict[str, str], engine: Engine, io: WorkerIO, metrics: WorkerMetrics,
-                 pages, chunk_budget: int):
+                 pages, chunk_budget: int, relink_check_s: float = 5.0):
         self.cfg, self.decodes, self.engine, self.io, self.metrics, self.pages = cfg, decodes, engine, io, metrics, pages
         self.sched = PrefillScheduler(pages, cfg.page_size, chunk_budget)
         self.pusher = Pusher(cfg.worker_id, cfg.page_size, engine.cache.layout.page_bytes())
@@ -35,8 +37,10 @@ class PrefillWorker:
         self.links: dict[str, int] = {}  # decode id -> generation of the live link
         self.pending_ops: list[LinkOp] = []  # link ops for the next plan (connect / wait)
         self.alive = True
-        self._last_beat = self._last_hello = 0.0
-        self._hellos = 0
+        self._last_beat = self._last_hello = self._last_relink_check = 0.0
+        self.relink_check_s = relink_check_s
+        # requests whose decode has no KV link with us yet: rid -> (request, deadline); admitted when it is up
+        self.awaiting_link: dict[str, tuple[P.PrefillRequest, float]] = {}
         self._idle_since: float | None = None
         # GLM_PREFILL_SYNC_SENDS=1: after announcing a step's pushes, block until they completed,
         # as a device-wide host sync in sampling would on CUDA (a CPU test of the ordering rule)
@@ -73,9 +77,20 @@ class PrefillWorker:
 
     def on_request(self, msg: P.PrefillRequest) -> None:
         prompt = P.unpack_ids(msg.prompt_ids)
-        if msg.decode_id not in self.links:
-            self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, retryable=True,
-                                             message=f"prefill {self.cfg.worker_id} has no KV link to {msg.decode_id}"))
+        d = msg.decode_id
+        if d in self.links and msg.decode_link_epoch > self.links[d]:
+            # the decode restarted or rebuilt its end after our link was built (an idle gloo/NCCL
+            # link does not notice a dead peer): ours is stale. Rebuild it now.
+            log.warning("prefill %s: %s reserved on link epoch %d, ours is %d: rebuilding", self.cfg.worker_id,
+                        d, msg.decode_link_epoch, self.links[d])
+            self._lost_link(d)
+            self._last_hello = 0.0  # hello at the next housekeeping, not in 0.5 s
+        if d not in self.links:  # wait for the link (bounded) rather than fail a request it will serve
+            if d in self.decodes:
+                self.awaiting_link[msg.rid] = (msg, time.monotonic() + LINK_WAIT_S)
+            else:
+                self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id,
+                                                 message=f"prefill {self.cfg.worker_id} has no decode {d!r}"))
             return
         seq = PrefillSeq(msg.rid, prompt, msg.sampling, msg.decode_id, P.unpack_ids(msg.decode_page_ids))
         mc = self.engine.runner.config
@@ -92,6 +107,8 @@ class PrefillWorker:
             self.io.to_router(P.RequestError(rid=msg.rid, worker_id=self.cfg.worker_id, message=str(e)))
 
     def on_abort(self, rid: str) -> None:
+        if self.awaiting_link.pop(rid, None) is not None:
+            return  # not admitted: nothing allocated
         seq = self.sched.abort(rid)
         if seq is None:
             return
@@ -118,6 +135,19 @@ class PrefillWorker:
             return
         self.links[d] = msg.generation
         log.info("prefill %s: KV link to %s up (epoch %d)", self.cfg.worker_id, d, msg.generation)
+
+    def _admit_linked(self, now: float) -> None:
+        """Requests parked for a link: admit those whose link is up; fail (retryable: no token was
+        sent) those that waited LINK_WAIT_S."""
+        for rid, (msg, deadline) in list(self.awaiting_link.items()):
+            if msg.decode_id in self.links:
+                del self.awaiting_link[rid]
+                self.on_request(msg)
+            elif now > deadline:
+                del self.awaiting_link[rid]
+                self.io.to_router(P.RequestError(
+                    rid=rid, worker_id=self.cfg.worker_id, retryable=True,
+                    message=f"prefill {self.cfg.worker_id} has no KV link to {msg.decode_id} (waited {LINK_WAIT_S:g} s)"))
 
     def _lost_link(self, decode_id: str) -> None:
         """Forget the link and take a new hello generation, so the decode accepts a fresh one."""
@@ -210,11 +240,13 @@ class PrefillWorker:
             self._last_hello = now
             for d in [d for d in self.links if not self.engine.links.has(d)]:
                 self._lost_link(d)  # torn down (transfer deadline, peer gone)
-            self._hellos += 1
+            recheck = now - self._last_relink_check >= self.relink_check_s
+            self._last_relink_check = now if recheck else self._last_relink_check
             for wid, addr in self.decodes.items():
-                if wid not in self.links or self._hellos % 10 == 0:  # unlinked: every 0.5 s; else every 5 s
+                if wid not in self.links or recheck:  # unlinked: every 0.5 s; else every --relink_check_s
                     self.io.to_peer(addr, P.LinkHello(prefill_id=self.cfg.worker_id, reply_addr=self.cfg.control_addr,
                                                       tp_size=self.cfg.tp_size, generation=self.generation))
+        self._admit_linked(now)
         if now - self._last_beat >= self.cfg.heartbeat_s:
             self._last_beat = now
             self.heartbeat()

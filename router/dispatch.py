@@ -223,7 +223,8 @@ class Dispatcher:
             return
         run.phase = Phase.RUNNING
         req = P.PrefillRequest(rid=run.rid, prompt_ids=run.prompt_bytes, sampling=run.sampling,
-                               decode_id=msg.decode_id, decode_page_ids=msg.page_ids)
+                               decode_id=msg.decode_id, decode_page_ids=msg.page_ids,
+                               decode_link_epoch=msg.link_epoch)
         if not self._send(prefill.worker_id, req):
             self._requeue(run, f"prefill worker {prefill.worker_id} is not accepting messages")
 

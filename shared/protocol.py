@@ -77,6 +77,7 @@ class PrefillRequest(Msg):
     sampling: SamplingParams
     decode_id: str
     decode_page_ids: bytes  # packed int32, the pages the decode worker reserved
+    decode_link_epoch: int = 0  # Reserved.link_epoch, relayed: the prefill checks its link is that one
 
 
 # ---- router -> any worker leader -----------------------------------------------------
@@ -90,6 +91,9 @@ class Reserved(Msg):
     rid: str
     decode_id: str
     page_ids: bytes  # packed int32
+    link_epoch: int = 0  # epoch of the decode's live KV link with the request's prefill; with none, the
+    # decode's epoch floor (its start id: every link it builds later has a larger epoch). A prefill
+    # whose link epoch is smaller holds a link from before a decode restart or rebuild: stale.
 
 
 class Busy(Msg):

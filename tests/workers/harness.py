@@ -22,7 +22,7 @@ class WorkerPair:
     def __init__(self, model_dir: str, log_dir: str, page_size: int = 4, num_pages: int = 128,
                  chunked_prefill_size: int = 16, extra_decode: tuple[str, ...] = (), tp: int = 1,
                  device: str = "cpu", gpus: dict[str, str] | None = None, dtype: str = "float32",
-                 load_format: str = "auto", extra: tuple[str, ...] = ()):
+                 load_format: str = "auto", extra: tuple[str, ...] = (), extra_prefill: tuple[str, ...] = ()):
         self.ctx = zmq.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port("tcp://127.0.0.1")
@@ -41,7 +41,7 @@ class WorkerPair:
                    *(["--gpus", gpus["d0"]] if "d0" in gpus else [])],
             "p0": [sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr", self.addrs["p0"],
                    "--decode", f"d0={self.addrs['d0']}", "--health_port", str(self.health["p0"]),
-                   "--chunked_prefill_size", str(chunked_prefill_size), *common,
+                   "--chunked_prefill_size", str(chunked_prefill_size), *common, *extra_prefill,
                    *(["--gpus", gpus["p0"]] if "p0" in gpus else [])],
         }
         self.env = env

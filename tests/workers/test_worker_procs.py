@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import random
+import time
 import urllib.request
 
 import pytest
@@ -39,7 +40,8 @@ def _start(pair: WorkerPair, rid: str, prompt: list[int], sampling: P.SamplingPa
     ans = pair.wait(lambda: pair.take(lambda m: getattr(m, "rid", None) == rid), 30, f"reserve {rid}")[0]
     if isinstance(ans, P.Reserved):
         pair.send("p0", P.PrefillRequest(rid=rid, prompt_ids=P.pack_ids(prompt), sampling=sampling,
-                                         decode_id="d0", decode_page_ids=ans.page_ids))
+                                         decode_id="d0", decode_page_ids=ans.page_ids,
+                                         decode_link_epoch=ans.link_epoch))
     return ans
 
 
@@ -188,6 +190,39 @@ def test_decode_killed_prefill_frees_and_relinks(tmp_path):
         ev = _collect(wp, {"after"})["after"]
         assert ev[-1].finished and sum(len(P.unpack_ids(e.token_ids)) for e in ev) == 3
         _pages_zero(wp)
+    finally:
+        wp.stop()
+
+
+def test_idle_link_to_a_restarted_decode_is_rebuilt_at_the_next_request(tmp_path):
+    """kill -9 of the decode while its link is idle: nothing on the prefill notices (no transfer
+    fails, and --relink_check_s 600 keeps the periodic hello away). The next request is reserved
+    on the restarted decode, whose Reserved carries its epoch floor, newer than the prefill's
+    link: the prefill rebuilds the link before prefilling, holds the request meanwhile, then
+    serves it (equal to the reference). Before, it prefilled onto the dead link: a first token
+    reached the router and then the request failed."""
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=5)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16,
+                    extra_prefill=("--relink_check_s", "600"))
+    try:
+        wp.wait_ready(60)
+        sp = P.SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+        prompt = [9, 8, 7, 6, 5]
+        ref = generate(ModelRunner(model_dir), [prompt], max_new_tokens=3, ignore_eos=True)[0]["token_ids"]
+        for rid in ("before", "again"):  # the second one: the fresh link is not rebuilt again
+            assert isinstance(_start(wp, rid, prompt, sp), P.Reserved)
+            ev = _collect(wp, {rid})[rid]
+            assert [t for e in ev for t in P.unpack_ids(e.token_ids)] == ref
+            if rid == "before":
+                wp.kill_and_restart("d0")
+                wp.wait_ready(60)
+        _pages_zero(wp)
+        log = open(wp.logs["p0"]).read()
+        assert log.count(": rebuilding") == 1 and log.count("KV link to d0 up") == 2, log[-2000:]
     finally:
         wp.stop()
 
