@@ -114,9 +114,7 @@ class PrefillWorker:
             return
         self.metrics.aborts.inc()
         if seq.page_ids:  # admitted: the decode may be waiting for pushes; tell it none follow
-            ann = self.pusher.abort_announce(seq)
-            ann.link_epoch = self.links.get(seq.decode_id, 0)
-            self.io.to_peer(self.decodes[seq.decode_id], ann)
+            self._announce(seq.decode_id, self.pusher.abort_announce(seq))
         else:
             self.pages.release(rid)
 
@@ -173,13 +171,17 @@ class PrefillWorker:
         pushes = self._pushes(chunks, plan)
         out = self.engine.lead(plan)  # forward, then this step's sends on every rank (queued, not waited)
         for push in pushes.values():  # announce before sampling: its host sync may wait on the sends
-            push.announce.link_epoch = self.links.get(push.decode_id, 0)  # the link the send went on
-            self.io.to_peer(self.decodes[push.decode_id], push.announce)
+            self._announce(push.decode_id, push.announce)
         if self._sync_sends and pushes:
             self.engine.links.wait_posted(timeout_s=20.0)
         self._first_tokens(chunks, out.logits)
         self.metrics.add_tokens(sum(c.length for c in chunks))
         self.metrics.step_time.observe(time.monotonic() - t0)
+
+    def _announce(self, decode_id: str, ann: P.KVChunkReady) -> None:
+        """Send a push announcement stamped with the epoch of the link its send went on."""
+        ann.link_epoch = self.links.get(decode_id, 0)
+        self.io.to_peer(self.decodes[decode_id], ann)
 
     def _pushes(self, chunks: list[Chunk], plan: StepPlan) -> dict[str, Push]:
         """Send ops for every page this step completes (appended to the plan); by rid."""

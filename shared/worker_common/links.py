@@ -158,14 +158,14 @@ class LinkSet:
         log.warning("%s rank %d: KV %s %s with %s %s", self.worker_id, self.tp_rank, op.kind, op.xfer_id, op.peer, why)
 
     def _wait(self, op: LinkOp, _) -> None:
-        for x in [x for x in self.failed if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:
+        for x in _under(op.xfer_id, self.failed):
             del self.failed[x]
-        for x in [x for x in self.posted if x == op.xfer_id or x.startswith(op.xfer_id + "/")]:
+        for x in _under(op.xfer_id, self.posted):
             del self.posted[x]
         link = self.links.get(op.peer)
         if link is None:
             return
-        mine = [x for x in self.xfers.get(op.peer, ()) if x == op.xfer_id or x.startswith(op.xfer_id + "/")]
+        mine = _under(op.xfer_id, self.xfers.get(op.peer, ()))
         deadline = time.monotonic() + 120.0
         for x in mine:
             while link.poll(x).value == "pending":
@@ -246,3 +246,7 @@ class LinkSet:
         for peer in list(self.links):
             self._retire(self.links.pop(peer))
 
+
+def _under(key: str, xfer_ids) -> list[str]:
+    """The transfer ids of `key` (a rid or one transfer id): itself and those below it ("rid/0", "rid/0/h")."""
+    return [x for x in xfer_ids if x == key or x.startswith(key + "/")]
