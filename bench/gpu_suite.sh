@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh fleet    # prefill->decode pair on 2 GPUs (tiny + GLM-4.7-Flash dummy), MTP step times
 #   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
 #   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
-#   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s
+#   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s + link tests
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
@@ -77,6 +77,8 @@ case "${1:-models}" in
       "$t::test_gpu_pair_tiny_fp32_equals_generate[0]" "$t::test_gpu_link_send_then_device_sync_before_recv[0]"
     worker_logs /tmp/wgpu "$OUT/worker_logs.txt"
     step kv_transfer 80 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --reps 3 --out "$OUT/kv_transfer.json"
+    step kvlink_nccl 90 $PY -m pytest -q -s -m "gpu or not gpu" tests/kvcache/test_link_nccl.py \
+      tests/kernels/test_kv_pages.py -p no:cacheprovider
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh

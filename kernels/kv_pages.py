@@ -39,7 +39,10 @@ def _copy_pages_kernel(src_ptr, dst_ptr, ids_ptr, num_pages, n, CHUNK, SCATTER: 
         tl.store(dst_ptr + packed_off, tl.load(src_ptr + cache_off, mask=m), mask=m)
 
 
-def _launch(buffer, page_ids, packed, scatter: bool):
+def copy_pages(buffer: torch.Tensor, page_ids: torch.Tensor, packed: torch.Tensor, scatter: bool) -> None:
+    """gather (scatter=False): buffer pages -> packed; scatter: packed -> buffer pages. packed is
+    [num_layers, num_parts, n, page_size, heads, dim] contiguous (it may be a view into a wider
+    byte buffer, e.g. the KV link's payload after its header)."""
     check(buffer.dim() == 6 and buffer.is_contiguous(), "buffer must be the contiguous 6-d cache")
     check(page_ids.dtype in (torch.int32, torch.int64) and page_ids.dim() == 1, "page_ids must be 1-d ints")
     num_layers, parts, num_pages = buffer.shape[:3]
@@ -58,9 +61,9 @@ def _launch(buffer, page_ids, packed, scatter: bool):
 
 def gather_pages(buffer: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
     out = new_out((*buffer.shape[:2], page_ids.numel(), *buffer.shape[3:]), buffer.dtype, buffer.device)
-    _launch(buffer, page_ids, out, scatter=False)
+    copy_pages(buffer, page_ids, out, scatter=False)
     return out
 
 
 def scatter_pages(buffer: torch.Tensor, page_ids: torch.Tensor, data: torch.Tensor) -> None:
-    _launch(buffer, page_ids, data, scatter=True)
+    copy_pages(buffer, page_ids, data, scatter=True)

@@ -18,3 +18,22 @@ def test_gather_then_scatter_roundtrip():
     scatter_pages(dst, new_ids, packed)
     scatter_pages_ref(dst_ref, new_ids, packed)
     assert torch.equal(dst, dst_ref)
+
+
+def test_copy_pages_into_the_link_payload_keeps_the_header():
+    """The KV link gathers straight into its wire buffer (16-byte header, then the payload) and
+    scatters from it: the kernel must write only the payload, at the header's offset."""
+    from kernels.kv_pages import copy_pages
+    from shared.kvcache.xfer_buffer import HEADER_BYTES, payload_view
+
+    cache = torch.randn(2, 1, 9, 4, 1, 6, device=DEV).to(torch.bfloat16)
+    ids = torch.tensor([7, 2, 5, 0], dtype=torch.int64, device=DEV)
+    shape = (2, 1, 4, 4, 1, 6)
+    wire = torch.full((HEADER_BYTES + cache[:, :, :4].numel() * 2,), 0xAB, dtype=torch.uint8, device=DEV)
+    copy_pages(cache, ids, payload_view(wire, cache.dtype, shape), scatter=False)
+    assert torch.all(wire[:HEADER_BYTES] == 0xAB)
+    assert torch.equal(payload_view(wire, cache.dtype, shape), gather_pages_ref(cache, ids))
+    dst = torch.zeros_like(cache)
+    copy_pages(dst, ids, payload_view(wire, cache.dtype, shape), scatter=True)
+    assert torch.equal(dst[:, :, ids], cache[:, :, ids])
+    assert dst[:, :, [1, 3, 4, 6, 8]].abs().sum() == 0  # pages not named stay untouched
