@@ -6,6 +6,7 @@
 #   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
 #   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
 #   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s + link tests
+#   bash bench/gpu_suite.sh tp       # nvidia-h200-x4: TP 2 prefill + TP 2 decode worker pairs (MTP too)
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
@@ -79,6 +80,12 @@ case "${1:-models}" in
     step kv_transfer 80 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --reps 3 --out "$OUT/kv_transfer.json"
     step kvlink_nccl 90 $PY -m pytest -q -s -m "gpu or not gpu" tests/kvcache/test_link_nccl.py \
       tests/kernels/test_kv_pages.py -p no:cacheprovider
+    ;;
+  tp)  # nvidia-h200-x4: prefill TP 2 on GPUs 0,1, decode TP 2 on GPUs 2,3 (with and without MTP)
+    step workers_tp2 300 $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wtp \
+      tests/workers/test_gpu_workers.py::test_gpu_pair_tp2_equals_generate
+    worker_logs /tmp/wtp "$OUT/worker_logs_tp2.txt"
+    step models_tp 150 $PY -m pytest -q -s -m gpu tests/models/test_gpu.py::test_tp2_nccl_matches_tp1 -p no:cacheprovider
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh

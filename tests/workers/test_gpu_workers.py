@@ -22,6 +22,7 @@ from tests.workers.test_worker_procs import _collect, _pages_zero, _start
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 needs_2 = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+needs_4 = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
 
 
 def _metric(wp: WorkerPair, worker: str, name: str) -> float:
@@ -70,6 +71,34 @@ def test_gpu_pair_tiny_fp32_equals_generate(tmp_path, mtp_step):
             assert got[0] == generate(runner, [prompts[1]], max_new_tokens=8, temperature=0.9, seed=7,
                                       ignore_eos=True, page_size=16)[0]["token_ids"]
         _pages_zero(wp)
+    finally:
+        wp.stop()
+
+
+@needs_4
+@pytest.mark.parametrize("arch,mtp_step", [("glm4_moe", 2), ("glm4_moe_lite", 2), ("glm4_moe", 0)])
+def test_gpu_pair_tp2_equals_generate(tmp_path, arch, mtp_step):
+    """Prefill TP 2 on cuda:0,1 and decode TP 2 on cuda:2,3: two NCCL KV links (rank i -> rank i),
+    tensor-parallel NCCL inside each worker, and with MTP the decode leader's broadcast of each
+    draft pass's input hidden states. Greedy tokens equal single-process shared.generate (fp32
+    tiny checkpoint on cuda:0), and with MTP drafts were verified."""
+    from shared.generate import generate
+    from shared.runner.model_runner import ModelRunner
+    from shared.weights.tiny import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
+    wp = WorkerPair(model_dir, str(tmp_path), page_size=16, num_pages=256, chunked_prefill_size=64, tp=2,
+                    device="cuda", gpus={"p0": "0,1", "d0": "2,3"}, extra_decode=("--mtp_step", str(mtp_step)))
+    try:
+        wp.wait_ready(300)
+        rng = random.Random(1)
+        prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (3, 90, 200)]
+        runner = ModelRunner(model_dir, device="cuda:0")
+        ref = [generate(runner, [p], max_new_tokens=12, ignore_eos=True, page_size=16)[0]["token_ids"] for p in prompts]
+        assert _run(wp, prompts, 12) == ref
+        _pages_zero(wp)
+        if mtp_step:
+            assert _metric(wp, "d0", "glm_worker_mtp_draft_tokens_total") > 0
     finally:
         wp.stop()
 
