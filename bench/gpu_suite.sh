@@ -91,7 +91,12 @@ case "${1:-models}" in
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
     ;;
   serve)
-    step serve 540 env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" bash deploy/gpu_bench.sh
+    step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
+      bash deploy/gpu_bench.sh
+    for f in "$OUT"/serve/state/logs/*.log; do  # flat: the device tool returns only shallow files
+      [ -f "$f" ] && { grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -200; echo ...; tail -80 "$f"; } \
+        > "$OUT/serve_$(basename "$f" .log).txt"
+    done
     ;;
 esac
 printf '%s\n' "${summary[@]}"

@@ -82,8 +82,13 @@ def _chunk_text(data: dict) -> tuple[bool, str, int | None]:
     c0 = choices[0]
     delta = c0.get("delta") or {}
     text = c0.get("text") or delta.get("content") or delta.get("reasoning_content") or ""
-    has_ids = bool(c0.get("token_ids"))
-    return bool(text) or has_ids, text, n_out
+    # a completions chunk before the last is a token chunk even when its text is empty (ids the
+    # tokenizer does not know, a held-back partial UTF-8 character), as vLLM's client counts it; a
+    # chat chunk needs content, a tool call or ids (the opening role-only chunk and finish-only
+    # chunks are not tokens)
+    is_tok = (bool(text) or bool(c0.get("token_ids")) or bool(delta.get("tool_calls"))
+              or ("text" in c0 and c0.get("finish_reason") is None))
+    return is_tok, text, n_out
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, out: RequestOutput, st: float) -> int | None:

@@ -12,10 +12,10 @@ from bench.sharegpt.text import TokenCounter
 FIRST_S, GAP_S = 0.05, 0.01  # tests/bench/timed_server.py
 
 
-def _send(url: str, endpoint: str, max_tokens: int, ids=None):
+def _send(url: str, endpoint: str, max_tokens: int, ids=None, model: str = "timed-model"):
     async def go():
         async with httpx.AsyncClient(timeout=30) as client:
-            cfg = RequestConfig(url, endpoint, "timed-model", ignore_eos=True)
+            cfg = RequestConfig(url, endpoint, model, ignore_eos=True)
             req = SampleRequest("a b c d e f", 6, max_tokens, ids)
             return await send_request(client, cfg, req, TokenCounter())
     return asyncio.run(go())
@@ -33,6 +33,18 @@ def test_streamed_timings(timed_server, endpoint):
     assert out.latency >= FIRST_S + 5 * GAP_S * 0.9  # the last token cannot arrive before it is sent
     assert out.latency == pytest.approx(out.ttft + sum(out.itl))
     assert out.prompt_len == 6  # the server's usage.prompt_tokens (the timed server counts words / ids)
+
+
+def test_tokens_with_empty_text_still_time_the_stream(timed_server):
+    """Dummy weights emit ids the tokenizer does not know: every token's text is "". Such chunks are
+    still tokens (the first one is the TTFT), else every request fails ("Never received a valid
+    chunk") as the first GPU fleet run did."""
+    out = _send(timed_server, "/v1/completions", 6, ids=(5, 6, 7, 8, 9, 10), model="silent-model")
+    assert out.success, out.error
+    assert out.generated_text == ""
+    assert FIRST_S <= out.ttft < FIRST_S + 5.0
+    assert len(out.itl) == 5  # the finish-only chunk is still not a token
+    assert out.output_tokens == 6
 
 
 def test_server_prompt_count_wins(timed_server):

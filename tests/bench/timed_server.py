@@ -4,7 +4,8 @@ It answers /v1/completions, /v1/chat/completions (SSE, role chunk first, usage l
 /generate and /generate_stream, /v1/models and a Prometheus /metrics whose KV-transfer, pages,
 queue and MTP series move with every request, so the tool's client timing, token counting and
 server-metric deltas are checked against values fixed here:
-first token after FIRST_S, then one token every GAP_S; output length = max_tokens.
+first token after FIRST_S, then one token every GAP_S; output length = max_tokens. Model
+"silent-model": every token's text is "" (ids a tokenizer does not know, as with dummy weights).
 
     python tests/bench/timed_server.py PORT
 """
@@ -36,15 +37,16 @@ def _prompt_len(body: dict) -> int:
 
 async def _events(body: dict, chat: bool, lightllm: bool):
     n, STATE["requests"] = _max_tokens(body), STATE["requests"] + 1
+    tok = "" if body.get("model") == "silent-model" else " tok"
     if chat:
         yield {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
     for i in range(n):
         await asyncio.sleep(FIRST_S if i == 0 else GAP_S)
         STATE["tokens"] += 1
         if lightllm:
-            yield {"token": {"id": 7, "text": " tok"}, "finished": i == n - 1}
+            yield {"token": {"id": 7, "text": tok}, "finished": i == n - 1}
         else:
-            yield {"choices": [{"index": 0, "delta": {"content": " tok"}} if chat else {"index": 0, "text": " tok"}]}
+            yield {"choices": [{"index": 0, "delta": {"content": tok}} if chat else {"index": 0, "text": tok}]}
     if not lightllm:
         yield {"choices": [{"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}]}
         yield {"choices": [], "usage": {"prompt_tokens": _prompt_len(body), "completion_tokens": n}}
