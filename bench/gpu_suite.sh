@@ -6,6 +6,7 @@
 #   bash bench/gpu_suite.sh kernels  # kernel correctness at real shapes + bench/kernels.py (one GPU)
 #   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
 #   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s + link tests
+#   bash bench/gpu_suite.sh prefill  # MLA expanded prefill checks, bench.prefill_step, fleet 1k/4k/16k TTFT
 #   bash bench/gpu_suite.sh tp       # nvidia-h200-x4: TP 2 prefill + TP 2 decode worker pairs (MTP too)
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
@@ -80,6 +81,22 @@ case "${1:-models}" in
     step kv_transfer 80 $PY -m bench.kv_transfer --device cuda --gpus 0,1 --reps 3 --out "$OUT/kv_transfer.json"
     step kvlink_nccl 90 $PY -m pytest -q -s -m "gpu or not gpu" tests/kvcache/test_link_nccl.py \
       tests/kernels/test_kv_pages.py -p no:cacheprovider
+    ;;
+  prefill)  # MLA expanded prefill + 8192-token chunks: GPU checks, prefill times, then the fleet's 1k/4k/16k runs
+    end=$((SECONDS + ${PREFILL_BUDGET_S:-560}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernels_vs_refs "$(left 90)" $PY -m pytest -q -s -m gpu -p no:cacheprovider \
+      tests/kernels/test_model_with_kernels.py tests/kernels/test_paged_attention.py
+    step prefill_step "$(left 150)" $PY -m bench.prefill_step --tokens 1024,4096,16384 --reps 2 \
+      --out "$OUT/prefill_step.json"
+    step serve "$(left 240)" env OUT="$OUT/serve" PY=$PY PARTS=kv bash deploy/gpu_bench.sh
+    for f in "$OUT"/serve/state/logs/{prefill_p0,decode_d0,router}.log; do  # 8 files come back at most
+      [ -f "$f" ] && { grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -100; echo ...; tail -40 "$f"; } \
+        > "$OUT/serve_$(basename "$f" .log).txt"
+    done
+    rm -rf "$OUT/serve"  # the tables are in serve.txt; the device tool returns at most 8 files
+    step pair_4096 "$(left 120)" $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wgpu \
+      "tests/workers/test_gpu_workers.py::test_gpu_pair_flash_dummy_bf16[4096]"
     ;;
   tp)  # nvidia-h200-x4: prefill TP 2 on GPUs 0,1, decode TP 2 on GPUs 2,3 (with and without MTP)
     step workers_tp2 300 $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wtp \

@@ -46,7 +46,7 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "dtype", default="")
     _flag(p, "page_size", type=int, default=16)
     _flag(p, "num_pages", type=int, default=0)
-    _flag(p, "chunked_prefill_size", type=int, default=512)
+    _flag(p, "chunked_prefill_size", type=int, default=0, help="0: the prefill worker's default (8192 cuda, 512 cpu)")
     _flag(p, "max_running", type=int, default=64)
     _flag(p, "mtp_step", type=int, default=0)
     _flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])

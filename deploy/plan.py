@@ -35,7 +35,7 @@ class FleetSpec:
     dtype: str = ""  # "" -> float32 on cpu, bfloat16 on cuda
     page_size: int = 16
     num_pages: int = 0  # 0 -> 2048 on cpu (the tiny demo model: ~10 MB), 4096 on cuda
-    chunked_prefill_size: int = 512
+    chunked_prefill_size: int = 0  # 0 -> the prefill worker's default: 8192 on cuda, 512 on cpu
     max_running: int = 64
     mtp_step: int = 0
     mtp_mode: str = "vanilla_with_att"

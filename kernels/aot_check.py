@@ -23,15 +23,17 @@ from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_align, moe_rou
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
 
-def _attn(v_from_k: bool, splits: int, block_m: int, block_n: int, warps: int, stages: int, dims):
+def _attn(v_from_k: bool, splits: int, block_m: int, block_n: int, warps: int, stages: int, dims,
+          g_kv: tuple[int, int] | None = None):
     da, db, dv = dims
+    g, num_kv = g_kv or ((12, 8) if not v_from_k else (20, 1))
     sig = {n: P["bf16"] for n in ("q_ptr", "k_ptr", "v_ptr")}
     sig.update(out_ptr=P["bf16"] if splits == 1 else P["f32"], lse_ptr=P["f32"], page_table_ptr=P["i32"],
                seq_lens_ptr=P["i32"], qsl_ptr=P["i32"])
     sig.update({n: "i32" for n in ("q_st", "q_sh", "k_ss", "k_sh", "v_ss", "v_sh", "o_st", "o_sh", "o_ss",
                                    "pt_stride")})
     sig.update(scale_log2="fp32", page_size="i32", DA="i32", DB="i32", DV="i32")
-    const = dict(G=12 if not v_from_k else 20, NUM_KV=8 if not v_from_k else 1, NUM_SPLITS=splits,
+    const = dict(G=g, NUM_KV=num_kv, NUM_SPLITS=splits,
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv, HAS_B=db > 16,
                  V_FROM_K=v_from_k, UPCAST=False)
     return paged_attention._attn_kernel, sig, const, warps, stages
@@ -117,6 +119,10 @@ def cases():
     gqa, mla = paged_attention.CONFIGS, paged_attention.CONFIGS
     yield ("attn gqa decode", *_attn(False, 1, *gqa[("default", "gqa", "decode")], (128, 16, 128)))
     yield ("attn gqa prefill", *_attn(False, 1, *gqa[("default", "gqa", "prefill")], (128, 16, 128)))
+    # MLA's expanded prefill (shared/model/layers/mla.py): Dk = 192 + 64, Dv = 256, one query head per KV head
+    for phase in ("decode", "prefill"):
+        yield (f"attn gqa_wide {phase} (MLA expanded)",
+               *_attn(False, 1, *gqa[("default", "gqa_wide", phase)], (256, 16, 256), (1, 20)))
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
     yield ("mla decode latent", *_mla_latent())
     for key, cfg in fp8_gemm.CONFIGS.items():

@@ -138,6 +138,10 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.cons
 CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int]] = {
     ("default", "gqa", "decode"): (16, 64, 4, 2),
     ("default", "gqa", "prefill"): (64, 64, 4, 2),
+    # "gqa_wide": GQA layouts with Dk or Dv > 128 (MLA's expanded prefill: 256 / 256). The gqa tiles
+    # spill there (255 regs + stack at sm_90); 8 warps keep the 64 x 256 fp32 accumulator in registers.
+    ("default", "gqa_wide", "decode"): (16, 32, 4, 2),
+    ("default", "gqa_wide", "prefill"): (64, 64, 8, 2),
     ("default", "mla", "decode"): (32, 32, 8, 2),
     ("default", "mla", "prefill"): (32, 32, 8, 2),
 }
@@ -195,7 +199,8 @@ def paged_attention_fwd(
         from kernels.mla_decode import mla_decode  # one token per sequence: the latent-once kernel
 
         return mla_decode(q, k_cache, page_table, seq_lens, page_size, scale, max_seq_len, dv, num_splits)
-    block_m, block_n, warps, stages = _config(q.device, kind, "decode" if max_q_len <= 4 else "prefill")
+    tiles = "gqa_wide" if kind == "gqa" and max(dk, dv) > 128 else kind
+    block_m, block_n, warps, stages = _config(q.device, tiles, "decode" if max_q_len <= 4 else "prefill")
     if max_q_len == 1:
         block_m = max(block_m, min(64, next_pow2(g)))
     out = new_out((t, hq, dv), dtype=q.dtype, device=q.device)

@@ -14,12 +14,15 @@ from shared.worker_common.config import add_flag, common_parser, parse_peers, wo
 def main(argv: list[str] | None = None) -> None:
     p = common_parser("prefill")
     add_flag(p, "decode", action="append", default=[], help="decode leader: id=tcp://host:port (repeat)")
-    add_flag(p, "chunked_prefill_size", type=int, default=512)
+    add_flag(p, "chunked_prefill_size", type=int, default=0,
+             help="prompt tokens per prefill step; 0 = 8192 on cuda (as vLLM / SGLang on large GPUs: "
+                  "fewer, fuller forwards; every MoE forward reads all experts' weights), 512 on cpu")
     add_flag(p, "relink_check_s", type=float, default=5.0,
              help="how often LinkHello re-asks a linked decode for its link epoch (an idle link does not "
                   "notice a restarted decode; a request reserved on another epoch also triggers a rebuild)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = worker_config("prefill", a)
+    chunk = a.chunked_prefill_size or (8192 if cfg.device == "cuda" else 512)
     decodes = parse_peers(a.decode)
 
     def build(cfg, engine, io, metrics):
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         from prefill_worker.worker import PrefillWorker
 
         pages = PageAllocator(cfg.num_pages)
-        return PrefillWorker(cfg, decodes, engine, io, metrics, pages, a.chunked_prefill_size, a.relink_check_s)
+        return PrefillWorker(cfg, decodes, engine, io, metrics, pages, chunk, a.relink_check_s)
 
     from shared.worker_common.process import run_worker
 

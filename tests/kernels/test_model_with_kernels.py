@@ -62,8 +62,18 @@ def _with_kernels(runner: ModelRunner) -> tuple[torch.Tensor, set[str]]:
         ops.IMPL.update(before)
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_tiny_model_logits_same_with_kernels(tmp_path, arch):
+def _arch(arch: str, monkeypatch) -> str:
+    """"glm4_moe_lite-expanded": MLA's expanded prefill form (decompressed K/V, page size 1 into them)
+    for every PREFILL batch; "glm4_moe_lite": the absorbed form (these prompts are < EXPAND_MIN_Q)."""
+    import shared.model.layers.mla as mla
+
+    monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)
+    return arch.removesuffix("-expanded")
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded"])
+def test_tiny_model_logits_same_with_kernels(tmp_path, arch, monkeypatch):
+    arch = _arch(arch, monkeypatch)
     path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=3, num_nextn_predict_layers=0)
     runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False)
     ref = _with_refs(runner)
@@ -87,8 +97,9 @@ def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch):
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded"])
+def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch, monkeypatch):
+    arch = _arch(arch, monkeypatch)
     path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=5, num_nextn_predict_layers=0)
     runner = ModelRunner(path, device="cuda", dtype=torch.bfloat16, with_mtp=False)
     ref = _with_refs(runner)

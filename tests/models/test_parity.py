@@ -14,16 +14,26 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 3
 PAGE = 4
 
 
-def _load(model_dir):
+ARCHS = ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded"]
+
+
+def _load(tiny_dirs, arch: str, monkeypatch):
+    """arch "glm4_moe_lite-expanded": every PREFILL batch takes MLA's expanded form (decompressed K/V;
+    by default only queries of >= EXPAND_MIN_Q tokens do, longer than these prompts), "glm4_moe_lite"
+    the absorbed form; both must match transformers."""
+    import shared.model.layers.mla as mla
+
+    model_dir = tiny_dirs[arch.removesuffix("-expanded")]
+    monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     runner = ModelRunner(model_dir, dtype=torch.float32)
     kv = PagedKVCache(runner.kv_layout(PAGE), num_pages=64)
     return hf, runner, kv
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_prefill_then_greedy_decode(tiny_dirs, arch):
-    hf, runner, kv = _load(tiny_dirs[arch])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_then_greedy_decode(tiny_dirs, arch, monkeypatch):
+    hf, runner, kv = _load(tiny_dirs, arch, monkeypatch)
     pages = Pages(64, PAGE)
     out = step(runner.forward, pages, [(i, p, 0) for i, p in enumerate(PROMPTS)], ForwardMode.PREFILL, kv)
     assert out.hidden.shape == (sum(map(len, PROMPTS)), runner.config.hidden_size)
@@ -44,9 +54,9 @@ def test_prefill_then_greedy_decode(tiny_dirs, arch):
     assert worst <= 1e-4, worst
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_chunked_prefill(tiny_dirs, arch):
-    hf, runner, kv = _load(tiny_dirs[arch])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill(tiny_dirs, arch, monkeypatch):
+    hf, runner, kv = _load(tiny_dirs, arch, monkeypatch)
     pages = Pages(64, PAGE)
     done = [0] * len(PROMPTS)
     last = {}
@@ -62,10 +72,10 @@ def test_chunked_prefill(tiny_dirs, arch):
         assert rel_err(logits, hf_logits(hf, p)) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_mixed_decode_and_prefill_batch(tiny_dirs, arch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_decode_and_prefill_batch(tiny_dirs, arch, monkeypatch):
     """One batch holding a decode row of one sequence and a whole prompt of another (VERIFY-style all rows)."""
-    hf, runner, kv = _load(tiny_dirs[arch])
+    hf, runner, kv = _load(tiny_dirs, arch, monkeypatch)
     pages = Pages(64, PAGE)
     first = step(runner.forward, pages, [(0, PROMPTS[0], 0)], ForwardMode.PREFILL, kv)
     tok = int(first.logits[0].argmax())
@@ -79,10 +89,10 @@ def test_mixed_decode_and_prefill_batch(tiny_dirs, arch):
         assert rel_err(out.logits[1 + j], hf_logits(hf, PROMPTS[2][: j + 1])) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
-def test_verify_rows_over_cached_prefix(tiny_dirs, arch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verify_rows_over_cached_prefix(tiny_dirs, arch, monkeypatch):
     """VERIFY: K+1 tokens per sequence on top of a cached prefix, logits at every row."""
-    hf, runner, kv = _load(tiny_dirs[arch])
+    hf, runner, kv = _load(tiny_dirs, arch, monkeypatch)
     pages = Pages(64, PAGE)
     step(runner.forward, pages, [(i, p, 0) for i, p in enumerate(PROMPTS)], ForwardMode.PREFILL, kv)
     drafts = [[50 + i, 60 + i, 70 + i] for i in range(len(PROMPTS))]
