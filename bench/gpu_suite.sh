@@ -7,6 +7,7 @@
 #   bash bench/gpu_suite.sh final    # the re-checks of models, link, pair, plus a decode-step profile
 #   bash bench/gpu_suite.sh handoff  # short: the GPU worker-pair tests (4096-token handoff) + KV GB/s + link tests
 #   bash bench/gpu_suite.sh prefill  # MLA expanded prefill checks, bench.prefill_step, fleet 1k/4k/16k TTFT
+#   bash bench/gpu_suite.sh mla      # MLA decode split rule: tests, kernel before/after, decode step at 16k
 #   bash bench/gpu_suite.sh tp       # nvidia-h200-x4: TP 2 prefill + TP 2 decode worker pairs (MTP too)
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
@@ -97,6 +98,12 @@ case "${1:-models}" in
     rm -rf "$OUT/serve"  # the tables are in serve.txt; the device tool returns at most 8 files
     step pair_4096 "$(left 120)" $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wgpu \
       "tests/workers/test_gpu_workers.py::test_gpu_pair_flash_dummy_bf16[4096]"
+    ;;
+  mla)  # MLA decode splits: kernel tests, before/after kernel times, decode steps at 16k context
+    step kernel_tests 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
+      tests/models/test_decode_graphs.py
+    step mla_splits 100 $PY -m bench.mla_splits
+    step profile_16k 150 $PY -m bench.profile_step --batches 1,16 --ctx 16384 --out "$OUT/profile_16k.json"
     ;;
   tp)  # nvidia-h200-x4: prefill TP 2 on GPUs 0,1, decode TP 2 on GPUs 2,3 (with and without MTP)
     step workers_tp2 300 $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wtp \

@@ -77,7 +77,7 @@ def _mla_latent():
     sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["f32"], lse_ptr=P["f32"], page_table_ptr=P["i32"],
                seq_lens_ptr=P["i32"])
     sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
-    sig.update(scale_log2="fp32", page_size="i32", H="i32", DL="i32", DR="i32")
+    sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32", DL="i32", DR="i32")
     const = dict(NUM_SPLITS=4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False)
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
@@ -112,6 +112,9 @@ def _small_kernels():
     yield "attn merge", paged_attention._merge_kernel, dict(
         part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
         NUM_HEADS=20, NUM_SPLITS=5, BLOCK_S=8, BLOCK_DV=512), 4, 1
+    yield "attn merge 32 splits (mla_decode.MAX_SPLITS)", paged_attention._merge_kernel, dict(
+        part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
+        NUM_HEADS=20, NUM_SPLITS=32, BLOCK_S=32, BLOCK_DV=512), 4, 1
 
 
 def cases():

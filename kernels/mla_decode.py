@@ -33,16 +33,17 @@ def _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR):
 @triton.jit
 def _mla_decode_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
-    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, H, DL, DR,
+    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
     BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
-    plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head."""
+    plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
+    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0)."""
     seq = tl.program_id(0)
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_keys)
     lo = split * per_split
     hi = tl.minimum(seq_len, lo + per_split)
     h = tl.arange(0, BLOCK_H)
@@ -79,10 +80,16 @@ def _mla_decode_kernel(
 
 
 # (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)); H100 sweep, KERNEL_NOTES v7.
+# `splits` is the floor: batches of few sequences get up to cdiv(SMs, B) (at most MAX_SPLITS), and
+# each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
+# sequence uses while one 16k-token sequence spreads over 32 SMs instead of 4 (H200: TPOT 30 ms at
+# 16k before). Both are decided per sequence on the device: a CUDA graph captured at any length fits.
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (32, 4, 3, 4),
 }
 _CPU_CONFIG = (16, 4, 1, 0)
+MAX_SPLITS = 32  # the merge holds [splits, 512] fp32 partials per head in registers
+MIN_KEYS = 128
 
 
 def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
@@ -92,7 +99,8 @@ def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.devi
 
 
 def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
-               splits: int | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               splits: int | None = None, config: tuple[int, int, int, int] | None = None,
+               min_keys: int | None = None) -> torch.Tensor:
     """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
     from kernels._common import gpu_name
@@ -101,7 +109,11 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     b, h, dk = q.shape
     name = gpu_name(q.device)
     block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
-    n_split = splits or fixed or num_splits(b, max_seq_len, block_n, q.device)
+    if splits is None and fixed:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        splits = max(fixed, min(triton.cdiv(sms, max(1, b)), MAX_SPLITS))
+    n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
+    min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
     out = new_out((b, h, dl), dtype=q.dtype, device=q.device)
     if b == 0:
         return out
@@ -110,7 +122,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     strides = (out.stride(0), out.stride(1), 0) if n_split == 1 else (h * n_split * dl, n_split * dl, dl)
     _mla_decode_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
-        page_table.stride(0), scale * 1.4426950408889634, page_size, h, dl, dk - dl,
+        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
         NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
         BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
     )

@@ -100,3 +100,21 @@ def test_mla_decode_kernel_one_token_per_sequence(splits):
 
     out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits, (16, 4, 2, 0))
     _check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("min_keys", [16, 32, 1000])
+def test_mla_decode_min_keys_leaves_later_splits_empty(min_keys):
+    """8 splits, each at least min_keys keys: the 5-key sequence fills one split, the 37-key one 1..3,
+    the rest are empty (l = 0, lse -inf) and the merge must weigh them 0 (their partials start as NaN
+    under KERNELS_POISON)."""
+    from kernels.mla_decode import mla_decode
+
+    torch.manual_seed(6)
+    hq, d_latent, d_rope = 5, 40, 8
+    batch = _batch([37, 5, 60], [1, 1, 1], 32, seed=5)
+    cache = torch.randn(32 * PAGE, 1, d_latent + d_rope, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
+    ref = paged_attention_ref(q, cache, cache[..., :d_latent], batch, PAGE, 0.1)
+    out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 61, d_latent, 8, (16, 4, 1, 0),
+                     min_keys=min_keys)
+    _check(out, ref, torch.float32)
