@@ -112,9 +112,9 @@ def _small_kernels():
     yield "attn merge", paged_attention._merge_kernel, dict(
         part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
         NUM_HEADS=20, NUM_SPLITS=5, BLOCK_S=8, BLOCK_DV=512), 4, 1
-    yield "attn merge 32 splits (mla_decode.MAX_SPLITS)", paged_attention._merge_kernel, dict(
+    yield "attn merge 128 splits (mla_decode.MAX_SPLITS)", paged_attention._merge_kernel, dict(
         part_ptr=P["f32"], lse_ptr=P["f32"], out_ptr=P["bf16"], DV=i32, o_st=i32, o_sh=i32), dict(
-        NUM_HEADS=20, NUM_SPLITS=32, BLOCK_S=32, BLOCK_DV=512), 4, 1
+        NUM_HEADS=20, NUM_SPLITS=128, BLOCK_S=128, BLOCK_DV=512), 4, 1
 
 
 def cases():

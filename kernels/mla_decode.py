@@ -73,7 +73,11 @@ def _mla_decode_kernel(
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[None, :]
     o_p = out_ptr + seq.to(tl.int64) * o_st + h[None, :] * o_sh + split * o_ss + dl[:, None]
-    tl.store(o_p, o.to(out_ptr.dtype.element_ty), mask=h_ok[None, :] & (dl[:, None] < DL))
+    # a split without keys (lo >= hi) writes only its lse (-inf): the merge never reads its partial
+    dl_end = DL
+    if NUM_SPLITS > 1:
+        dl_end = tl.where(lo < hi, DL, 0)  # no keys: store nothing
+    tl.store(o_p, o.to(out_ptr.dtype.element_ty), mask=h_ok[None, :] & (dl[:, None] < dl_end))
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(lse_ptr + (seq.to(tl.int64) * H + h) * NUM_SPLITS + split, lse, mask=h_ok)
@@ -82,13 +86,13 @@ def _mla_decode_kernel(
 # (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)); H100 sweep, KERNEL_NOTES v7.
 # `splits` is the floor: batches of few sequences get up to cdiv(SMs, B) (at most MAX_SPLITS), and
 # each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
-# sequence uses while one 16k-token sequence spreads over 32 SMs instead of 4 (H200: TPOT 30 ms at
+# sequence uses while one 16k-token sequence spreads over 128 SMs instead of 4 (H200: TPOT 30 ms at
 # 16k before). Both are decided per sequence on the device: a CUDA graph captured at any length fits.
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (32, 4, 3, 4),
 }
 _CPU_CONFIG = (16, 4, 1, 0)
-MAX_SPLITS = 32  # the merge holds [splits, 512] fp32 partials per head in registers
+MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
 MIN_KEYS = 128
 
 

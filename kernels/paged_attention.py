@@ -24,6 +24,8 @@ import triton.language as tl
 
 from kernels._common import new_out, INTERPRET, check, dot_in, next_pow2
 
+MERGE_CHUNK = tl.constexpr(8)  # splits summed at once by _merge_kernel
+
 
 def paged_attention_ref(q, k_cache, v_cache, batch, page_size: int, scale: float) -> torch.Tensor:
     """Plain torch, per sequence: gather the sequence's slots, causal softmax in fp32."""
@@ -117,17 +119,23 @@ def _attn_kernel(
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """out[t, h] = sum_s 2^(lse_s - lse) * part[t, h, s] with lse = log2 sum_s 2^lse_s."""
+    """out[t, h] = sum_s 2^(lse_s - lse) * part[t, h, s] with lse = log2 sum_s 2^lse_s. A split with
+    lse -inf (no keys) weighs 0 and its partial is never read (it may be unwritten). The partials
+    are summed MERGE_CHUNK splits at a time: [MERGE_CHUNK, BLOCK_DV] fp32 in registers, any split count."""
     row = tl.program_id(0).to(tl.int64)  # t * NUM_HEADS + h
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
     lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
     m = tl.maximum(tl.max(lse, axis=0), -1.0e30)
-    w = tl.exp2(lse - m)
-    w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
-    part = tl.load(part_ptr + (row * NUM_SPLITS + s[:, None]) * DV + dv[None, :],
-                   mask=(s[:, None] < NUM_SPLITS) & (dv[None, :] < DV), other=0.0)
-    o = tl.sum(part * w[:, None], axis=0)
+    total = tl.maximum(tl.sum(tl.exp2(lse - m), axis=0), 1e-30)
+    o = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for c in range(0, BLOCK_S, MERGE_CHUNK):
+        sc = c + tl.arange(0, MERGE_CHUNK)
+        lse_c = tl.load(lse_ptr + row * NUM_SPLITS + sc, mask=sc < NUM_SPLITS, other=float("-inf"))
+        live = (sc < NUM_SPLITS) & (lse_c > float("-inf"))
+        part = tl.load(part_ptr + (row * NUM_SPLITS + sc[:, None]) * DV + dv[None, :],
+                       mask=live[:, None] & (dv[None, :] < DV), other=0.0)
+        o += tl.sum(part * (tl.exp2(lse_c - m) / total)[:, None], axis=0)
     t, h = row // NUM_HEADS, row % NUM_HEADS
     tl.store(out_ptr + t * o_st + h * o_sh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
