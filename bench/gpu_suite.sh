@@ -101,8 +101,9 @@ case "${1:-models}" in
     ;;
   mla)  # MLA decode splits: kernel tests, before/after kernel times, decode steps at 16k context
     step kernel_tests 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
-      tests/models/test_decode_graphs.py
+      ${MLA_GRAPH_TESTS-tests/models/test_decode_graphs.py}
     step mla_splits 100 $PY -m bench.mla_splits
+    [ -n "${MLA_QUICK:-}" ] && exit 0
     step profile_16k 150 $PY -m bench.profile_step --batches 1,16 --ctx 16384 --out "$OUT/profile_16k.json"
     ;;
   tp)  # nvidia-h200-x4: prefill TP 2 on GPUs 0,1, decode TP 2 on GPUs 2,3 (with and without MTP)

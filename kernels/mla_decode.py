@@ -84,8 +84,8 @@ def _mla_decode_kernel(
 
 
 # (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)); H100 sweep, KERNEL_NOTES v7.
-# `splits` is the floor: batches of few sequences get up to cdiv(SMs, B) (at most MAX_SPLITS), and
-# each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
+# `splits` is what batches that fill the SMs use; batches of few sequences (B * splits * 4 <= SMs) get
+# up to cdiv(SMs, B) (at most MAX_SPLITS), and each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
 # sequence uses while one 16k-token sequence spreads over 128 SMs instead of 4 (H200: TPOT 30 ms at
 # 16k before). Both are decided per sequence on the device: a CUDA graph captured at any length fits.
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
@@ -115,7 +115,9 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
     if splits is None and fixed:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-        splits = max(fixed, min(triton.cdiv(sms, max(1, b)), MAX_SPLITS))
+        # more splits only where the tuned grid would leave >= 3/4 of the SMs idle (H200: B <= 8);
+        # B = 16 at ctx 512 measured slower with 9 splits than with 4 (bench/gpu_results/h200x2_run11_mla)
+        splits = min(triton.cdiv(sms, max(1, b)), MAX_SPLITS) if 4 * b * fixed <= sms else fixed
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
     min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
     out = new_out((b, h, dl), dtype=q.dtype, device=q.device)
