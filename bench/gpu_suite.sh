@@ -31,6 +31,14 @@ worker_logs() {  # worker_logs BASETEMP FILE: per worker log, its WARNING/ERROR 
     echo "--- last 60 lines"; tail -60 "$f"
   done > "$2" 2>&1
 }
+serve_logs() {  # serve_logs HEAD TAIL WORKER...: the fleet's logs (deploy/gpu_bench.sh) as flat files under
+  # $OUT (the device tool returns only shallow files, 8 at most): WARNING/ERROR lines, then the last lines
+  for w in "${@:3}"; do
+    local f="$OUT/serve/state/logs/$w.log"
+    [ -f "$f" ] && { grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -"$1"; echo ...; tail -"$2" "$f"; } \
+      > "$OUT/serve_$w.txt"
+  done
+}
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
   echo "=== $name: $*"
@@ -91,10 +99,7 @@ case "${1:-models}" in
     step prefill_step "$(left 150)" $PY -m bench.prefill_step --tokens 1024,4096,16384 --reps 2 \
       --out "$OUT/prefill_step.json"
     step serve "$(left 240)" env OUT="$OUT/serve" PY=$PY PARTS=kv bash deploy/gpu_bench.sh
-    for f in "$OUT"/serve/state/logs/{prefill_p0,decode_d0,router}.log; do  # 8 files come back at most
-      [ -f "$f" ] && { grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -100; echo ...; tail -40 "$f"; } \
-        > "$OUT/serve_$(basename "$f" .log).txt"
-    done
+    serve_logs 100 40 prefill_p0 decode_d0 router  # 8 files come back at most
     rm -rf "$OUT/serve"  # the tables are in serve.txt; the device tool returns at most 8 files
     step pair_4096 "$(left 120)" $PY -m pytest -q -s -m gpu -p no:cacheprovider --basetemp=/tmp/wgpu \
       "tests/workers/test_gpu_workers.py::test_gpu_pair_flash_dummy_bf16[4096]"
@@ -118,10 +123,7 @@ case "${1:-models}" in
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
       bash deploy/gpu_bench.sh
-    for f in "$OUT"/serve/state/logs/*.log; do  # flat: the device tool returns only shallow files
-      [ -f "$f" ] && { grep -n -A3 -E 'WARNING|ERROR|Traceback' "$f" | head -200; echo ...; tail -80 "$f"; } \
-        > "$OUT/serve_$(basename "$f" .log).txt"
-    done
+    serve_logs 200 80 prefill_p0 decode_d0 router supervisord
     ;;
 esac
 printf '%s\n' "${summary[@]}"

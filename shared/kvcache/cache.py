@@ -56,11 +56,3 @@ class PagedKVCache:
         """[num_parts, num_pages * page_size, local_kv_heads, entry_dim] view: index by slot."""
         b = self.buffer[layer_id]
         return b.view(b.shape[0], -1, b.shape[3], b.shape[4])
-
-    def gather_pages(self, page_ids: torch.Tensor) -> torch.Tensor:
-        """[num_layers, num_parts, n, page_size, heads, dim] contiguous copy of the given pages."""
-        return self.buffer.index_select(2, page_ids.to(self.buffer.device)).contiguous()
-
-    def scatter_pages(self, page_ids: torch.Tensor, data: torch.Tensor) -> None:
-        """Write a gather_pages() result into the given pages (same layout)."""
-        self.buffer.index_copy_(2, page_ids.to(self.buffer.device), data)

@@ -42,25 +42,27 @@ def new_send_buffer(xfer_id: str, nbytes: int, device: torch.device) -> tuple[to
 
 
 def gather_pages(cache: PagedKVCache, ids: torch.Tensor, buf: torch.Tensor) -> None:
-    """Every layer's pages `ids` into buf's payload: [num_layers, num_parts, n, page_size, heads, dim].
-    CUDA: the Triton page copy (kernels/kv_pages.py, ~0.96 of HBM copy bandwidth; torch's
-    index_select on dim 2 reached ~0.4); CPU: index_select, the reference it is tested against."""
-    out = payload_view(buf, cache.buffer.dtype, pages_shape(cache, ids.numel()))
-    if cache.buffer.is_cuda:
-        from kernels.kv_pages import copy_pages
-        copy_pages(cache.buffer, ids, out, scatter=False)
-    else:
-        torch.index_select(cache.buffer, 2, ids, out=out)
+    """Every layer's pages `ids` into buf's payload: [num_layers, num_parts, n, page_size, heads, dim]."""
+    _copy_pages(cache, ids, payload_view(buf, cache.buffer.dtype, pages_shape(cache, ids.numel())), scatter=False)
 
 
 def scatter_pages(cache: PagedKVCache, ids: torch.Tensor, payload: torch.Tensor) -> None:
     """The inverse of gather_pages: payload (uint8 bytes of the pages) into pages `ids`."""
     data = payload.view(cache.buffer.dtype).view(pages_shape(cache, ids.numel()))
+    _copy_pages(cache, ids, data, scatter=True)
+
+
+def _copy_pages(cache: PagedKVCache, ids: torch.Tensor, packed: torch.Tensor, scatter: bool) -> None:
+    """pages `ids` of the cache -> packed (or back when scatter). CUDA: the Triton page copy
+    (kernels/kv_pages.py, ~0.96 of HBM copy bandwidth; torch's index_select on dim 2 reached ~0.4);
+    CPU: index_select / index_copy_, the reference it is tested against."""
     if cache.buffer.is_cuda:
         from kernels.kv_pages import copy_pages
-        copy_pages(cache.buffer, ids, data, scatter=True)
+        copy_pages(cache.buffer, ids, packed, scatter)
+    elif scatter:
+        cache.buffer.index_copy_(2, ids, packed)
     else:
-        cache.buffer.index_copy_(2, ids, data)
+        torch.index_select(cache.buffer, 2, ids, out=packed)
 
 
 def as_page_ids(page_ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
