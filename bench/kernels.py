@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import triton
 
-from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
-from shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
 

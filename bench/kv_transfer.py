@@ -34,11 +34,11 @@ import time
 
 import torch
 
-from shared.kvcache.cache import KVLayout, PagedKVCache
-from shared.kvcache.link import LinkSignature, XferState
-from shared.kvcache.rendezvous import accept_link, connect_link, open_store
-from shared.kvcache.xfer_buffer import HEADER_BYTES, gather_pages, scatter_pages
-from shared.ports import free_port
+from glmserve.shared.kvcache.cache import KVLayout, PagedKVCache
+from glmserve.shared.kvcache.link import LinkSignature, XferState
+from glmserve.shared.kvcache.rendezvous import accept_link, connect_link, open_store
+from glmserve.shared.kvcache.xfer_buffer import HEADER_BYTES, gather_pages, scatter_pages
+from glmserve.shared.ports import free_port
 
 MODEL = "glm4_moe_lite (GLM-4.7-Flash layout)"
 

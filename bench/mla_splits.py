@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from bench.profile_step import copy_bandwidth, timed
-from kernels.mla_decode import mla_decode
+from glmserve.kernels.mla_decode import mla_decode
 
 SHAPES = [(1, 16384), (1, 4096), (4, 16384), (16, 512), (16, 4096), (64, 512), (64, 4096), (128, 2048)]
 

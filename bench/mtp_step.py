@@ -29,13 +29,13 @@ import time
 
 import torch
 
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
 
 PAGE = 16
 ACCEPT_RATES = (0.5, 0.7, 0.9)
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "deploy", "model_configs", "glm-4.7-flash.json")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "glmserve", "deploy", "model_configs", "glm-4.7-flash.json")
 
 
 def _sync(device: torch.device) -> None:

@@ -19,11 +19,11 @@ import tempfile
 
 import torch
 
-import shared.model.layers.mla as mla
-from shared.config.presets import write_preset
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
+import glmserve.shared.model.layers.mla as mla
+from glmserve.shared.config.presets import write_preset
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
 from bench.profile_step import timed
 
 PAGE = 16

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/tp8_cpu.py [--new_tokens 24] [--num_prompts 8] [--out DIR]
 
 For each architecture (tiny checkpoints whose TP-sharded sizes divide by 8, tests/tp8/tp8_models.py):
-(1) `python -m shared.generate --tp 8` (one 8-rank gloo group) vs TP=1; (2) the real fleet, router + a
+(1) `python -m glmserve.shared.generate --tp 8` (one 8-rank gloo group) vs TP=1; (2) the real fleet, router + a
 TP-4 prefill worker + a TP-4 decode worker (8 worker processes, KV over 4 gloo links), all prompts sent
 at once with the openai client, vs TP=1. Prints one JSON line per run and a summary table; exits 1 on
 any mismatch. Runs in the operator's shell; CI runs the smaller tests/tp8/test_tp8_cpu.py.
@@ -34,7 +34,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_generate_tp(model_dir: str, prompts: list[list[int]], new_tokens: int, tp: int) -> tuple[list, float]:
-    cmd = [sys.executable, "-m", "shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
+    cmd = [sys.executable, "-m", "glmserve.shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
            json.dumps(prompts), "--max_new_tokens", str(new_tokens), "--ignore_eos", "--tp", str(tp)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)

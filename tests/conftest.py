@@ -2,6 +2,12 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One fleet key for the session: every fleet a test starts (its processes inherit this environment)
+# and every in-process encode/decode sign and check messages with it.
+if not os.environ.get("GLMSERVE_FLEET_KEY_FILE"):
+    import secrets
+
+    os.environ.setdefault("GLMSERVE_FLEET_KEY", secrets.token_hex(32))
 
 import pytest
 import torch

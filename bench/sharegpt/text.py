@@ -64,7 +64,7 @@ def load_counter(path: str | None) -> TokenCounter:
     if not path:
         return TokenCounter()
     try:
-        from shared.tokenizer import load_tokenizer  # the project's own (optional dependency)
+        from glmserve.shared.tokenizer import load_tokenizer  # the project's own (optional dependency)
 
         return TokenCounter(load_tokenizer(path, None), name=f"glmserve:{path}")
     except Exception:  # noqa: BLE001 - fall back to HF's loader for other engines' models

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from shared.ports import free_port
+from glmserve.shared.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ def timed_server():
 
 @pytest.fixture(scope="module")
 def cpu_fleet(tmp_path_factory):
-    """The CPU demo fleet via `python -m deploy up --detach`: (base_url, [metrics urls]); `deploy down` after."""
+    """The CPU demo fleet via `python -m glmserve.deploy up --detach`: (base_url, [metrics urls]); `deploy down` after."""
     import importlib.util
 
-    if any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")):
+    if any(importlib.util.find_spec(f"glmserve.{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")):
         pytest.skip("router / worker entry points not landed yet")
     try:
         from tests.deploy.fleet_ports import fleet_ports, seed_state_dir
@@ -50,7 +50,7 @@ def cpu_fleet(tmp_path_factory):
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path_factory.mktemp("fleet") / "state")
     seed_state_dir(state)
-    up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
+    up = subprocess.run([sys.executable, "-m", "glmserve.deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
                          "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "240"],
                         cwd=repo, capture_output=True, text=True, timeout=300)
     try:
@@ -58,4 +58,4 @@ def cpu_fleet(tmp_path_factory):
         metrics = [f"http://127.0.0.1:{p}/metrics" for p in (port, health_base + 1, health_base + 11)]
         yield f"http://127.0.0.1:{port}", metrics
     finally:
-        subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state], cwd=repo, timeout=120)
+        subprocess.run([sys.executable, "-m", "glmserve.deploy", "down", "--state_dir", state], cwd=repo, timeout=120)

@@ -28,7 +28,7 @@ def test_gpu_fleet_burst(tmp_path, preset, input_len):
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")
     model_flags = ["--preset", preset] if preset else []
-    up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--device", "cuda", "--state_dir", state,
+    up = subprocess.run([sys.executable, "-m", "glmserve.deploy", "up", "--detach", "--device", "cuda", "--state_dir", state,
                          "--port", str(port), "--port_base", str(port_base), "--health_base", str(health_base),
                          "--ready_timeout", "500", *model_flags], cwd=REPO, capture_output=True, text=True, timeout=560)
     try:
@@ -45,4 +45,4 @@ def test_gpu_fleet_burst(tmp_path, preset, input_len):
         print({k: r[k] for k in ("request_throughput", "output_throughput", "mean_ttft_ms", "mean_tpot_ms")},
               {k: v for k, v in r["server_metrics"].items() if k.startswith("kv_transfer")})
     finally:
-        subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state], cwd=REPO, timeout=120)
+        subprocess.run([sys.executable, "-m", "glmserve.deploy", "down", "--state_dir", state], cwd=REPO, timeout=120)

@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from deploy.default_model import ensure_default_model, write_default_model
+from glmserve.deploy.default_model import ensure_default_model, write_default_model
 
 
 def _digest(path: str) -> str:
@@ -16,8 +16,8 @@ def _digest(path: str) -> str:
 
 
 def test_default_model_is_deterministic_and_loads(tmp_path):
-    from shared.tokenizer import load_tokenizer
-    from shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_VOCAB_SIZE
+    from glmserve.shared.tokenizer import load_tokenizer
+    from glmserve.shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_VOCAB_SIZE
 
     path = ensure_default_model(str(tmp_path))
     assert path == str(tmp_path / "default_model")

@@ -1,4 +1,4 @@
-"""`python -m deploy up` on the CPU demo (real supervisord, router and workers): ready, one completion, down."""
+"""`python -m glmserve.deploy up` on the CPU demo (real supervisord, router and workers): ready, one completion, down."""
 
 import importlib.util
 import os
@@ -15,12 +15,12 @@ except ImportError:  # tests/ is not importable as a package (plain `pytest` wit
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_fleet = pytest.mark.skipif(
-    any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")),
+    any(importlib.util.find_spec(f"glmserve.{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")),
     reason="router / worker entry points not landed yet")
 
 
 def test_down_without_fleet(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "glmserve.deploy", "down", "--state_dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "no running fleet" in proc.stdout
 
@@ -75,7 +75,7 @@ def test_deploy_up_cpu_demo(tmp_path):
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")
     seed_state_dir(state)  # the embedded model, written once per session (its creation: test_default_model.py)
-    cmd = [sys.executable, "-m", "deploy", "up", "--state_dir", state, "--port", str(port),
+    cmd = [sys.executable, "-m", "glmserve.deploy", "up", "--state_dir", state, "--port", str(port),
            "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "240"]
     up = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -86,14 +86,14 @@ def test_deploy_up_cpu_demo(tmp_path):
         r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop")
         assert os.path.exists(os.path.join(state, "default_model", "config.json"))
-        st = subprocess.run([sys.executable, "-m", "deploy", "status", "--state_dir", state], cwd=REPO,
+        st = subprocess.run([sys.executable, "-m", "glmserve.deploy", "status", "--state_dir", state], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
         assert st.returncode == 0 and st.stdout.count("RUNNING") == 3, st.stdout
         _kill_and_see_restart(state, "decode_d0", port)
         r = client.completions.create(model=model, prompt="Hello again", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
     finally:
-        down = subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state],
+        down = subprocess.run([sys.executable, "-m", "glmserve.deploy", "down", "--state_dir", state],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         rc = up.wait(60)
     assert down.returncode == 0 and "fleet stopped" in down.stdout
@@ -108,7 +108,7 @@ def test_up_refuses_a_port_in_use(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "deploy", "up", "--state_dir", str(tmp_path), "--port", str(port),
+        proc = subprocess.run([sys.executable, "-m", "glmserve.deploy", "up", "--state_dir", str(tmp_path), "--port", str(port),
                                "--model_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "already in use" in proc.stderr
     assert not os.path.exists(tmp_path / "supervisord.pid")
@@ -119,7 +119,7 @@ def test_up_fails_fast_when_programs_keep_dying(tmp_path):
     port, port_base, health_base = fleet_ports()
     state = str(tmp_path / "state")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "deploy", "up", "--state_dir", state, "--model_dir",
+    proc = subprocess.run([sys.executable, "-m", "glmserve.deploy", "up", "--state_dir", state, "--model_dir",
                            str(tmp_path / "missing"), "--port", str(port), "--port_base", str(port_base),
                            "--health_base", str(health_base), "--start_retries", "0", "--ready_timeout", "120"],
                           cwd=REPO, capture_output=True, text=True, timeout=150)

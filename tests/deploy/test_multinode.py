@@ -19,7 +19,7 @@ except ImportError:  # tests/ is not importable as a package (plain `pytest` wit
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MULTINODE = os.path.join(REPO, "deploy", "multinode")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    any(importlib.util.find_spec(f"{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")),
+    any(importlib.util.find_spec(f"glmserve.{m}.__main__") is None for m in ("router", "prefill_worker", "decode_worker")),
     reason="router / worker entry points not landed yet")]
 
 

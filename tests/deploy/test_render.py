@@ -6,8 +6,8 @@ import shlex
 import pytest
 from supervisor.options import ServerOptions
 
-from deploy.__main__ import build_parser, spec_from_args
-from deploy.render import write_config
+from glmserve.deploy.__main__ import build_parser, spec_from_args
+from glmserve.deploy.render import write_config
 
 MULTINODE = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "multinode")
 
@@ -39,7 +39,7 @@ def test_cpu_demo(tmp_path):
     assert set(progs) == {"router", "prefill_p0", "decode_d0"}
     assert all(pc.autorestart is not False and pc.stopasgroup and pc.killasgroup for pc in progs.values())
     r, p, d = _argv(progs["router"]), _argv(progs["prefill_p0"]), _argv(progs["decode_d0"])
-    assert (r["_module"], p["_module"], d["_module"]) == (["router"], ["prefill_worker"], ["decode_worker"])
+    assert (r["_module"], p["_module"], d["_module"]) == (["glmserve.router"], ["glmserve.prefill_worker"], ["glmserve.decode_worker"])
     assert r["--port"] == ["8000"] and r["--events_addr"] == ["tcp://127.0.0.1:5600"]
     assert r["--prefill"] == ["p0=tcp://127.0.0.1:5601"] and r["--decode"] == ["d0=tcp://127.0.0.1:5611"]
     assert p["--control_addr"] == ["tcp://127.0.0.1:5601"] and p["--router_addr"] == ["tcp://127.0.0.1:5600"]
@@ -91,7 +91,7 @@ def _env_example() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("role,module", [("router", "router"), ("prefill", "prefill_worker"), ("decode", "decode_worker")])
+@pytest.mark.parametrize("role,module", [("router", "glmserve.router"), ("prefill", "glmserve.prefill_worker"), ("decode", "glmserve.decode_worker")])
 def test_multinode_templates_expand(tmp_path, monkeypatch, role, module):
     env = _env_example()
     env["GLM_STATE_DIR"] = str(tmp_path)
@@ -126,7 +126,7 @@ def test_multinode_template_needs_its_variables(tmp_path, monkeypatch):
 def test_preset_serves_the_real_config_with_dummy_weights(tmp_path):
     import json
 
-    from deploy.__main__ import main
+    from glmserve.deploy.__main__ import main
 
     out = tmp_path / "fleet.conf"
     assert main(["render", "--preset", "glm-4.7-flash", "--device", "cuda", "--state_dir", str(tmp_path),

@@ -14,11 +14,11 @@ from .fleet import Fleet, start_fleet
 
 
 def _write_model(path: str, arch: str) -> str:
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     kw = {}
     try:
-        from shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_VOCAB_SIZE, write_builtin_tokenizer
+        from glmserve.shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_VOCAB_SIZE, write_builtin_tokenizer
 
         kw = dict(vocab_size=BUILTIN_VOCAB_SIZE, eos_token_id=list(BUILTIN_EOS_IDS), pad_token_id=BUILTIN_PAD_ID)
     except ImportError:

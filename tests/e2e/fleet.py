@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from shared.ports import free_port
+from glmserve.shared.ports import free_port
 
 
 @dataclass
@@ -80,15 +80,15 @@ def start_fleet(model_dir: str, log_dir: str, num_prefill: int = 1, num_decode: 
     prefills = {f"p{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(num_prefill)}
     for wid, addr in decodes.items():
         fleet.health_ports[wid] = free_port()
-        _spawn(wid, ["decode_worker", "--worker_id", wid, "--control_addr", addr, "--link_port", str(free_port()),
+        _spawn(wid, ["glmserve.decode_worker", "--worker_id", wid, "--control_addr", addr, "--link_port", str(free_port()),
                      "--health_port", str(fleet.health_ports[wid]), *common], log_dir, fleet)
     peers = [a for wid, addr in decodes.items() for a in ("--decode", f"{wid}={addr}")]
     for wid, addr in prefills.items():
         fleet.health_ports[wid] = free_port()
-        _spawn(wid, ["prefill_worker", "--worker_id", wid, "--control_addr", addr, "--health_port",
+        _spawn(wid, ["glmserve.prefill_worker", "--worker_id", wid, "--control_addr", addr, "--health_port",
                      str(fleet.health_ports[wid]), "--chunked_prefill_size", str(chunked_prefill_size),
                      *peers, *common], log_dir, fleet)
-    _spawn("router", ["router", "--host", "127.0.0.1", "--port", str(port), "--model_dir", model_dir,
+    _spawn("router", ["glmserve.router", "--host", "127.0.0.1", "--port", str(port), "--model_dir", model_dir,
                       "--events_addr", events,
                       *[a for wid, addr in prefills.items() for a in ("--prefill", f"{wid}={addr}")],
                       *[a for wid, addr in decodes.items() for a in ("--decode", f"{wid}={addr}")],

@@ -57,9 +57,9 @@ def _pages_back_to_zero(fleet, timeout_s: float = 5.0) -> None:
 
 
 def test_greedy_equals_single_process(arch_fleet):
-    from shared.config.model import ModelConfig
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.config.model import ModelConfig
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     vocab = ModelConfig.from_dir(arch_fleet.model_dir).vocab_size
     prompts = _prompts(vocab)

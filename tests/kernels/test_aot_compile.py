@@ -16,7 +16,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     env.pop("KERNELS_POISON", None)
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "glmserve.kernels.aot_check"], env=env, capture_output=True, text=True,
                           timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) >= 15, proc.stdout + proc.stderr

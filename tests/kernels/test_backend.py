@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import backend
-from shared.model import ops
+from glmserve.kernels import backend
+from glmserve.shared.model import ops
 
 
 def test_install_wires_all_ops_and_keeps_cpu_reference():

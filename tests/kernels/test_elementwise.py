@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import act_quant, rmsnorm, rope
-from shared.model import ops
+from glmserve.kernels import act_quant, rmsnorm, rope
+from glmserve.shared.model import ops
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter truncates fp32 -> bf16 (compiled kernels round): allow two bf16 steps

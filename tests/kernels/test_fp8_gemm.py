@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import fp8_gemm
-from kernels.act_quant import quant_fp8_group_ref, quant_fp8_per_token_ref
+from glmserve.kernels import fp8_gemm
+from glmserve.kernels.act_quant import quant_fp8_group_ref, quant_fp8_per_token_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,7 +70,7 @@ def test_split_k_matches_reference(block, bias):
 @pytest.mark.parametrize("precise", [True, False])
 def test_tma_kernel_partial_tiles(precise):
     """kernels/fp8_gemm_tma.py (the M > 512 Hopper path) on tiles cut by M, N and K (zero-filled by TMA)."""
-    from kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+    from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
     m, n, k = 37, 45, 80  # K = 2.5 blocks of 32
     a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.fused_moe import fused_experts, fused_experts_ref
+from glmserve.kernels.fused_moe import fused_experts, fused_experts_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,7 +46,7 @@ def test_fused_experts_fp8_per_channel():
 
 
 def test_fused_experts_fp8_matches_quantized_activation_reference():
-    from kernels.act_quant import quant_fp8_per_token_ref, silu_and_mul_ref
+    from glmserve.kernels.act_quant import quant_fp8_per_token_ref, silu_and_mul_ref
 
     x, w13, w2, weights, ids = _inputs(6, 32, 16, 4, 2, torch.float32)
     s13 = w13.abs().amax(-1, keepdim=True) / 448.0
@@ -67,7 +67,7 @@ def test_fused_experts_fp8_matches_quantized_activation_reference():
 def test_launch_config_fits_shared_memory_for_fp32():
     """The GPU config table is sized for bf16/fp8 operands; fp32 models (tests, the tiny CPU-sized
     checkpoints on CUDA) must get stages/BLOCK_K cut so the tiles fit sm_90's shared memory."""
-    from kernels import fused_moe
+    from glmserve.kernels import fused_moe
 
     def smem(c, nbytes):
         return c[4] * (c[0] * c[2] + c[2] * c[1]) * nbytes

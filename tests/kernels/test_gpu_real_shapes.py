@@ -7,9 +7,9 @@ torch, so bf16 tolerances are tight-ish; fp8 outputs are compared to dequantized
 import pytest
 import torch
 
-from kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
-from shared.model import ops
-from shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
+from glmserve.shared.model import ops
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -155,7 +155,7 @@ def test_ops_signatures_at_air_shapes():
 
 @pytest.mark.parametrize("t,k,e", [(256, 4, 64), (64, 8, 160), (1024, 8, 128)])
 def test_one_launch_align_at_decode_sizes(t, k, e):
-    from kernels.moe_align import moe_align as align_kernel
+    from glmserve.kernels.moe_align import moe_align as align_kernel
 
     ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
     for block_m in (16, 32, 64):

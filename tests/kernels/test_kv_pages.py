@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels.kv_pages import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
+from glmserve.kernels.kv_pages import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,8 +23,8 @@ def test_gather_then_scatter_roundtrip():
 def test_copy_pages_into_the_link_payload_keeps_the_header():
     """The KV link gathers straight into its wire buffer (16-byte header, then the payload) and
     scatters from it: the kernel must write only the payload, at the header's offset."""
-    from kernels.kv_pages import copy_pages
-    from shared.kvcache.xfer_buffer import HEADER_BYTES, payload_view
+    from glmserve.kernels.kv_pages import copy_pages
+    from glmserve.shared.kvcache.xfer_buffer import HEADER_BYTES, payload_view
 
     cache = torch.randn(2, 1, 9, 4, 1, 6, device=DEV).to(torch.bfloat16)
     ids = torch.tensor([7, 2, 5, 0], dtype=torch.int64, device=DEV)

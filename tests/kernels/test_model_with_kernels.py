@@ -5,12 +5,12 @@ tensors the model layers hand them (views, strides, dtypes, the MLA latent cache
 import pytest
 import torch
 
-from kernels import backend
-from shared.kvcache.cache import PagedKVCache
-from shared.model import ops
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.kernels import backend
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.model import ops
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
 PAGE = 4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +65,7 @@ def _with_kernels(runner: ModelRunner) -> tuple[torch.Tensor, set[str]]:
 def _arch(arch: str, monkeypatch) -> str:
     """"glm4_moe_lite-expanded": MLA's expanded prefill form (decompressed K/V, page size 1 into them)
     for every PREFILL batch; "glm4_moe_lite": the absorbed form (these prompts are < EXPAND_MIN_Q)."""
-    import shared.model.layers.mla as mla
+    import glmserve.shared.model.layers.mla as mla
 
     monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)
     return arch.removesuffix("-expanded")

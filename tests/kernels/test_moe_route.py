@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.moe_route import moe_align, moe_route
-from shared.model.ops import moe_route_ref
+from glmserve.kernels.moe_route import moe_align, moe_route
+from glmserve.shared.model.ops import moe_route_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,7 +54,7 @@ def test_align_groups_pairs_by_expert():
 
 @pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16)])
 def test_one_launch_align_equals_torch_align(t, k, e, block_m):
-    from kernels.moe_align import moe_align as moe_align_kernel
+    from glmserve.kernels.moe_align import moe_align as moe_align_kernel
 
     ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
     pairs, blocks = moe_align_kernel(ids, e, block_m)

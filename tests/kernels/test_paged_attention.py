@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_fwd, paged_attention_ref
-from shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.kernels.paged_attention import paged_attention, paged_attention_fwd, paged_attention_ref
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -96,7 +96,7 @@ def test_mla_decode_kernel_one_token_per_sequence(splits):
     out = paged_attention_fwd(q, cache, v, batch.page_table, batch.seq_lens, batch.query_start_loc, PAGE, 0.1,
                               max_q_len=1, max_seq_len=38, num_splits=splits)
     _check(out, ref, torch.float32)
-    from kernels.mla_decode import mla_decode  # another config: 2 splits forced, BLOCK_N 16, 2 stages
+    from glmserve.kernels.mla_decode import mla_decode  # another config: 2 splits forced, BLOCK_N 16, 2 stages
 
     out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits, (16, 4, 2, 0))
     _check(out, ref, torch.float32)
@@ -107,7 +107,7 @@ def test_mla_decode_min_keys_leaves_later_splits_empty(min_keys):
     """8 splits, each at least min_keys keys: the 5-key sequence fills one split, the 37-key one 1..3,
     the rest are empty (l = 0, lse -inf) and the merge must weigh them 0 (their partials start as NaN
     under KERNELS_POISON)."""
-    from kernels.mla_decode import mla_decode
+    from glmserve.kernels.mla_decode import mla_decode
 
     torch.manual_seed(6)
     hq, d_latent, d_rope = 5, 40, 8

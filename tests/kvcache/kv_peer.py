@@ -20,9 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from shared.kvcache.cache import KVLayout, PagedKVCache  # noqa: E402
-from shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, XferState  # noqa: E402
-from shared.kvcache.rendezvous import accept_link, open_store  # noqa: E402
+from glmserve.shared.kvcache.cache import KVLayout, PagedKVCache  # noqa: E402
+from glmserve.shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, XferState  # noqa: E402
+from glmserve.shared.kvcache.rendezvous import accept_link, open_store  # noqa: E402
 
 NUM_PAGES = 12
 GQA = KVLayout(num_layers=3, num_parts=2, page_size=4, local_kv_heads=2, entry_dim=8, dtype=torch.float32)
@@ -191,7 +191,7 @@ SCENARIOS = {f.__name__[2:]: f for f in (s_gqa, s_mla, s_ordered, s_mismatch, s_
 
 def prefill_then_die(port: int) -> None:
     """`kv_peer.py PORT --prefill-then-die`: connect as prefill "dying", then SIGKILL itself."""
-    from shared.kvcache.rendezvous import connect_link
+    from glmserve.shared.kvcache.rendezvous import connect_link
 
     store = open_store("127.0.0.1", port, is_host=False)
     connect_link(store, "dying", "d0", 0, signature(GQA), "cpu", timeout_s=20.0)

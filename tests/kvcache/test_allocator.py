@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from shared.kvcache.allocator import ANON, PageAllocator
+from glmserve.shared.kvcache.allocator import ANON, PageAllocator
 
 
 def test_dummy_page_zero_is_never_handed_out():

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from shared.kvcache.cache import PagedKVCache
-from shared.kvcache.link import XferState
-from shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
-from shared.ports import free_port
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.kvcache.link import XferState
+from glmserve.shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
+from glmserve.shared.ports import free_port
 from tests.kvcache import kv_peer as P
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,7 +68,7 @@ def test_gated_send_without_recv_fails_at_deadline_and_says_why(monkeypatch, cap
     the transfer, its bytes and how long it waited, and the link is broken."""
     send, recv = _pair("nogate", 1.5, monkeypatch, "1")
     src = P.filled_cache(P.GQA, seed=6)
-    with caplog.at_level("WARNING", logger="shared.kvcache.link"):
+    with caplog.at_level("WARNING", logger="glmserve.shared.kvcache.link"):
         send.send_pages("n/0", src, [1, 2])
         assert send.wait("n/0", 10) is XferState.FAILED
         deadline = time.monotonic() + 5
@@ -111,7 +111,7 @@ def test_gate_with_connect_in_call_backend(monkeypatch):
     """Gate on, over a backend that connects inside the first p2p call: the link's warm-up (the
     decode's recv, the prefill's gated send) must come up and a push must arrive. Counting the
     recv for the gate only after its backend call returned deadlocked exactly here on H200."""
-    from shared.kvcache import rendezvous
+    from glmserve.shared.kvcache import rendezvous
 
     barrier = threading.Barrier(2, timeout=5.0)
     make = rendezvous._make_group
@@ -147,7 +147,7 @@ def test_backend_error_while_posting_fails_the_transfer_not_the_caller(monkeypat
     """The backend call raising (peer gone) must not raise out of send_pages (it would kill the
     worker's step, as CI saw after a kill -9 of the decode): the transfer ends FAILED, the link
     is torn down with the reason. Gate on: the raise happens on the link thread instead."""
-    from shared.kvcache import rendezvous
+    from glmserve.shared.kvcache import rendezvous
 
     make = rendezvous._make_group
     monkeypatch.setattr(rendezvous, "_make_group", lambda store, rank, *a: (

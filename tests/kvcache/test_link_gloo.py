@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from shared.kvcache.cache import PagedKVCache
-from shared.kvcache.link import LinkMismatch, XferState
-from shared.kvcache.rendezvous import connect_link, open_store
-from shared.ports import free_port as _free_port
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.kvcache.link import LinkMismatch, XferState
+from glmserve.shared.kvcache.rendezvous import connect_link, open_store
+from glmserve.shared.ports import free_port as _free_port
 
 from . import kv_peer as P
 
@@ -188,7 +188,7 @@ def test_send_past_deadline_fails_and_breaks_link():
     """In-process pair (two threads): a recv that never gets its send fails at its deadline."""
     port = _free_port()
     host = open_store("127.0.0.1", port, is_host=True)
-    from shared.kvcache.rendezvous import accept_link, in_background
+    from glmserve.shared.kvcache.rendezvous import accept_link, in_background
 
     fut = in_background(accept_link, host, "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 1.0)
     send = connect_link(open_store("127.0.0.1", port, False), "solo", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 1.0)
@@ -207,7 +207,7 @@ def test_peer_killed_mid_transfer_fails_the_link_fast():
     """kill -9 of the prefill while the decode waits for a push: FAILED in seconds, not at the deadline."""
     port = _free_port()
     host = open_store("127.0.0.1", port, is_host=True)
-    from shared.kvcache.rendezvous import accept_link, in_background
+    from glmserve.shared.kvcache.rendezvous import accept_link, in_background
 
     fut = in_background(accept_link, host, "dying", "d0", 0, P.signature(P.GQA), "cpu", 30.0, 60.0)
     proc = subprocess.Popen([sys.executable, P.__file__, str(port), "--prefill-then-die"])
@@ -225,7 +225,7 @@ def test_size_disagreement_fails_without_writing():
     """The decode expects 2 pages, the prefill sends 1: the header check fails the recv."""
     port = _free_port()
     host = open_store("127.0.0.1", port, is_host=True)
-    from shared.kvcache.rendezvous import accept_link, in_background
+    from glmserve.shared.kvcache.rendezvous import accept_link, in_background
 
     fut = in_background(accept_link, host, "size", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 10.0)
     send = connect_link(open_store("127.0.0.1", port, False), "size", "d0", 0, P.signature(P.GQA), "cpu", 20.0, 10.0)

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from shared.kvcache.cache import KVLayout
-from shared.kvcache.link import LinkError, LinkSignature
-from shared.kvcache.rendezvous import accept_link, open_store
-from shared.kvcache.xfer_buffer import HEADER_BYTES, check_header, new_send_buffer, xfer_hash
-from shared.ports import free_port
+from glmserve.shared.kvcache.cache import KVLayout
+from glmserve.shared.kvcache.link import LinkError, LinkSignature
+from glmserve.shared.kvcache.rendezvous import accept_link, open_store
+from glmserve.shared.kvcache.xfer_buffer import HEADER_BYTES, check_header, new_send_buffer, xfer_hash
+from glmserve.shared.ports import free_port
 
 MLA = KVLayout(num_layers=48, num_parts=1, page_size=16, local_kv_heads=1, entry_dim=576, dtype=torch.bfloat16)
 GQA = KVLayout(num_layers=93, num_parts=2, page_size=16, local_kv_heads=1, entry_dim=128, dtype=torch.bfloat16)

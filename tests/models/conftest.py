@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

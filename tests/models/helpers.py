@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
 
 class Pages:

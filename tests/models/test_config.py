@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.config.model import ModelConfig
+from glmserve.shared.config.model import ModelConfig
 
 GLM47 = {  # zai-org/GLM-4.7 config.json keys (spec §1.1), original top-level rope keys
     "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 5120,
@@ -72,7 +72,7 @@ def test_unknown_model_type_names_supported(tmp_path):
 
 
 def test_tiny_checkpoint_config(tmp_path):
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     c = ModelConfig.from_dir(write_tiny_checkpoint(str(tmp_path / "t"), "glm4_moe", vocab_size=300, eos_token_id=[7]))
     assert c.vocab_size == 300 and c.eos_token_ids == (7,) and c.num_nextn_predict_layers == 1
@@ -80,10 +80,10 @@ def test_tiny_checkpoint_config(tmp_path):
 
 
 def test_tiny_checkpoint_with_builtin_tokenizer(tmp_path, capsys):
-    from shared.generate import main
-    from shared.tokenizer import load_tokenizer
-    from shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_VOCAB_SIZE
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import main
+    from glmserve.shared.tokenizer import load_tokenizer
+    from glmserve.shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_VOCAB_SIZE
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     d = write_tiny_checkpoint(str(tmp_path / "t"), "glm4_moe_lite", with_tokenizer=True, num_nextn_predict_layers=0)
     c = ModelConfig.from_dir(d)
@@ -96,8 +96,8 @@ def test_tiny_checkpoint_with_builtin_tokenizer(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["glm-4.5-air", "glm-4.7", "glm-4.7-flash"])
 def test_presets_parse(tmp_path, name):
-    from shared.config.presets import write_preset
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.config.presets import write_preset
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     c = ModelConfig.from_dir(write_preset(str(tmp_path / name), name, fp8=True))
     assert c.quantization is not None and c.num_nextn_predict_layers == 1

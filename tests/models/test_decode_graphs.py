@@ -6,9 +6,9 @@ tests also run the eager DECODE/MTP forwards under torch's sync debug mode (no h
 import pytest
 import torch
 
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner, graph_buckets
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner, graph_buckets
 
 PAGE = 4
 

@@ -1,4 +1,4 @@
-"""`python -m shared.generate` (a real subprocess): greedy output equals transformers' greedy generate,
+"""`python -m glmserve.shared.generate` (a real subprocess): greedy output equals transformers' greedy generate,
 logprobs are the log-softmax of the chosen tokens, --tp 2 (gloo) gives the same tokens, and a seeded
 temperature run is reproducible."""
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _generate(model_dir, *extra):
-    cmd = [sys.executable, "-m", "shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
+    cmd = [sys.executable, "-m", "glmserve.shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
            json.dumps(PROMPTS), "--max-new-tokens", "8", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
@@ -42,8 +42,8 @@ def test_generate_stops_at_eos_and_seeded_sampling(tiny_dirs):
     model_dir = tiny_dirs["glm4_moe_lite"]
     greedy = _generate(model_dir, "--ignore_eos")
     eos = greedy[0]["token_ids"][2]
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     runner = ModelRunner(model_dir, with_mtp=False)
     object.__setattr__(runner.config, "eos_token_ids", (eos,))

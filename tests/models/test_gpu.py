@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.generate import free_port
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
-from shared.weights.fp8_convert import convert_to_fp8
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.generate import free_port
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.fp8_convert import convert_to_fp8
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 from tests.models.tp_scenario import run_workload, tp_rank_main
 
 pytestmark = pytest.mark.gpu
@@ -120,7 +120,7 @@ def test_flash_real_shape_dummy(tmp_path):
     >= 90% of the experts in every MoE layer, decode and MTP logits are finite, and graphs replay."""
     import time
 
-    from shared.config.presets import write_preset
+    from glmserve.shared.config.presets import write_preset
 
     runner = ModelRunner(write_preset(str(tmp_path / "flash"), "glm-4.7-flash"), device="cuda", dtype="bfloat16",
                          load_format="dummy")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
 from tests.models.helpers import Pages, hf_logits, rel_err, step
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42]]
@@ -21,7 +21,7 @@ def _load(tiny_dirs, arch: str, monkeypatch):
     """arch "glm4_moe_lite-expanded": every PREFILL batch takes MLA's expanded form (decompressed K/V;
     by default only queries of >= EXPAND_MIN_Q tokens do, longer than these prompts), "glm4_moe_lite"
     the absorbed form; both must match transformers."""
-    import shared.model.layers.mla as mla
+    import glmserve.shared.model.layers.mla as mla
 
     model_dir = tiny_dirs[arch.removesuffix("-expanded")]
     monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)

@@ -4,9 +4,9 @@ including kv-head replication (tp > num_key_value_heads), a vocab not divisible 
 import pytest
 import torch
 
-from shared.generate import free_port
-from shared.weights.fp8_convert import convert_to_fp8
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.generate import free_port
+from glmserve.shared.weights.fp8_convert import convert_to_fp8
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 from tests.models.tp_scenario import run_workload, tp_rank_main
 
 CASES = {

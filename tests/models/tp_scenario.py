@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shared.kvcache.cache import PagedKVCache
-from shared.model.parallel import SINGLE, TPGroup
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.model.parallel import SINGLE, TPGroup
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
 PAGE = 4

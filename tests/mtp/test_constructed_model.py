@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.generate import generate
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
-from shared.weights.constructed_mtp import chain, next_token_map, write_constructed_mtp_checkpoint
+from glmserve.shared.generate import generate
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.constructed_mtp import chain, next_token_map, write_constructed_mtp_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import mtp_step
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
 
 @pytest.mark.parametrize("graphs", [False, True])  # True on CPU: the padded graph path, run eagerly

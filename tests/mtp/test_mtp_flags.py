@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.worker_common.config import common_parser, worker_config
+from glmserve.shared.worker_common.config import common_parser, worker_config
 
 BASE = ["--model_dir", "m", "--control_addr", "tcp://127.0.0.1:1", "--router_addr", "tcp://127.0.0.1:2"]
 

@@ -52,9 +52,9 @@ def _pages_back(fleet: Fleet) -> None:
 
 
 def _write_model(path: str, arch: str, constructed: bool) -> str:
-    from shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_VOCAB_SIZE, write_builtin_tokenizer
-    from shared.weights.constructed_mtp import write_constructed_mtp_checkpoint
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.tokenizer.builtin import BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_VOCAB_SIZE, write_builtin_tokenizer
+    from glmserve.shared.weights.constructed_mtp import write_constructed_mtp_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     kw = dict(vocab_size=BUILTIN_VOCAB_SIZE, eos_token_id=list(BUILTIN_EOS_IDS), pad_token_id=BUILTIN_PAD_ID)
     (write_constructed_mtp_checkpoint if constructed else write_tiny_checkpoint)(path, arch, seed=2, **kw)
@@ -65,8 +65,8 @@ def _write_model(path: str, arch: str, constructed: bool) -> str:
 @pytest.mark.parametrize("arch,k", [("glm4_moe", 1), ("glm4_moe_lite", 2), ("glm4_moe", 4), ("glm4_moe_lite", 4),
                                     ("glm4_moe_lite", 1), ("glm4_moe", 2)])
 def test_greedy_mtp_equals_mtp_off(tmp_path, arch, k):
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     model_dir = _write_model(str(tmp_path / "m"), arch, constructed=False)
     rng = random.Random(k)
@@ -90,7 +90,7 @@ def test_greedy_mtp_equals_mtp_off(tmp_path, arch, k):
 
 
 def test_constructed_model_accepts_every_draft(tmp_path):
-    from shared.weights.constructed_mtp import chain, next_token_map
+    from glmserve.shared.weights.constructed_mtp import chain, next_token_map
 
     k = 3
     model_dir = _write_model(str(tmp_path / "m"), "glm4_moe_lite", constructed=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from shared.kvcache.allocator import PageAllocator
-from shared.protocol import SamplingParams
-from decode_worker.mtp import release_rejected_pages
-from decode_worker.running import RunningSet
-from decode_worker.state import DecodeSeq
+from glmserve.shared.kvcache.allocator import PageAllocator
+from glmserve.shared.protocol import SamplingParams
+from glmserve.decode_worker.mtp import release_rejected_pages
+from glmserve.decode_worker.running import RunningSet
+from glmserve.decode_worker.state import DecodeSeq
 
 PAGE = 4
 

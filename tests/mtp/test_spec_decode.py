@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.runner.spec_decode import accept_greedy, accept_rejection
+from glmserve.shared.runner.spec_decode import accept_greedy, accept_rejection
 
 V = 6
 N = 200_000

@@ -9,9 +9,9 @@ import random
 
 import torch
 
-from shared.protocol import SamplingParams
-from shared.runner.sampler import make_generator
-from shared.runner.spec_decode import plain_greedy, verify_requests, verify_requests_loop
+from glmserve.shared.protocol import SamplingParams
+from glmserve.shared.runner.sampler import make_generator
+from glmserve.shared.runner.spec_decode import plain_greedy, verify_requests, verify_requests_loop
 
 V = 40
 

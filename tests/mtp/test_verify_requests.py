@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from shared.protocol import SamplingParams
-from shared.runner.sampler import SamplingTensors, make_generator, sample
-from shared.runner.spec_decode import verify_requests
+from glmserve.shared.protocol import SamplingParams
+from glmserve.shared.runner.sampler import SamplingTensors, make_generator, sample
+from glmserve.shared.runner.spec_decode import verify_requests
 
 V = 32
 

@@ -115,3 +115,32 @@ def _pages_zero_and_serving(fleet) -> None:
     r = httpx.post(fleet.base_url + "/v1/completions", json={"prompt": "again", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
     assert 'router_requests_total{endpoint="/v1/completions",status="429"}' in httpx.get(fleet.base_url + "/metrics").text
+
+
+async def _one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
+    prompt = [5 + (11 * i + j) % 900 for j in range(PROMPT_LEN)]
+    body = {"model": "x", "prompt": prompt, "max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        return r.status_code, (await r.aread()).decode()
+
+
+def test_streaming_burst_gets_429_as_the_status_never_mid_stream(small_fleet):
+    """The queue bound counts runs awaiting a decode's reservation, and is checked only at admission:
+    a streamed request either gets the 429 status or a whole stream (no error event, no early end)."""
+    fleet = small_fleet
+    cap = capacity(fleet)
+
+    async def burst():
+        limits = httpx.Limits(max_connections=6 * cap, max_keepalive_connections=6 * cap)
+        async with httpx.AsyncClient(base_url=fleet.base_url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*[_one_stream(client, i) for i in range(6 * cap)])
+
+    results = asyncio.run(burst())
+    codes = [c for c, _ in results]
+    assert set(codes) == {200, 429}, codes
+    for code, text in results:
+        if code == 200:
+            assert '"error"' not in text and text.rstrip().endswith("data: [DONE]"), text[-500:]
+            assert text.count('"finish_reason":"length"') == 1
+    _pages_zero_and_serving(fleet)

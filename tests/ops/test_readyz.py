@@ -36,7 +36,7 @@ SLOW_SHAPE = dict(hidden_size=512, moe_intermediate_size=512, intermediate_size=
 
 def _slow_model(root: str) -> str:
     """A tiny checkpoint's tokenizer + its config.json scaled up (weights come from --load-format dummy)."""
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     tiny = write_tiny_checkpoint(os.path.join(root, "tiny"), "glm4_moe", seed=0, with_tokenizer=True)
     path = os.path.join(root, "slow")

@@ -1,6 +1,6 @@
 """Issue 4, worker death under supervisord: kill -9 of the decode worker, then of the prefill worker, mid-load.
 
-`python -m deploy up --detach` runs the CPU demo (router + prefill_p0 + decode_d0, embedded tiny model) under
+`python -m glmserve.deploy up --detach` runs the CPU demo (router + prefill_p0 + decode_d0, embedded tiny model) under
 a real supervisord. A load of long streams plus a steady trickle of new long-prompt requests runs while the
 test SIGKILLs one worker's process. Shown, for each kill: every request in flight at the kill ends (tokens
 to completion or an error event / error status) within 10 s; supervisord restarts the worker (new pid,
@@ -160,7 +160,7 @@ def test_kill9_decode_then_prefill_under_supervisord(tmp_path):
     state = str(tmp_path / "state")
     seed_state_dir(state)
     url = f"http://127.0.0.1:{port}"
-    up = subprocess.run([sys.executable, "-m", "deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
+    up = subprocess.run([sys.executable, "-m", "glmserve.deploy", "up", "--detach", "--state_dir", state, "--port", str(port),
                          "--port_base", str(port_base), "--health_base", str(health_base), "--ready_timeout", "180"],
                         cwd=REPO, capture_output=True, text=True, timeout=240)
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
@@ -172,6 +172,6 @@ def test_kill9_decode_then_prefill_under_supervisord(tmp_path):
             rows.append(row)
         print("\n".join(json.dumps(r) for r in rows))
     finally:
-        down = subprocess.run([sys.executable, "-m", "deploy", "down", "--state_dir", state],
+        down = subprocess.run([sys.executable, "-m", "glmserve.deploy", "down", "--state_dir", state],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

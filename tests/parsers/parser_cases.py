@@ -1,5 +1,5 @@
 """Shared tools and output texts for the parser tests (GLM-4.5 and GLM-4.7 shaped outputs)."""
-from router.parsers import ChatOutputParser, merge_deltas
+from glmserve.router.parsers import ChatOutputParser, merge_deltas
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {

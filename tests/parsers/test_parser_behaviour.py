@@ -4,7 +4,7 @@ import json
 import pytest
 
 from parser_cases import G45, G47, TOOLS, make, stream, without_ids
-from router.parsers import ChatOutputParser, normalize_parser_name
+from glmserve.router.parsers import ChatOutputParser, normalize_parser_name
 
 CALL47 = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"
 
@@ -158,7 +158,7 @@ def test_feed_batch_reads_as_one_merged_delta():
 
 
 def test_request_helpers():
-    from router.parsers import prompt_ends_in_think, thinking_enabled
+    from glmserve.router.parsers import prompt_ends_in_think, thinking_enabled
     assert prompt_ends_in_think("[gMASK]<sop><|user|>Hi<|assistant|><think>")
     assert not prompt_ends_in_think("[gMASK]<sop><|user|>\nHi<|assistant|>")
     assert not prompt_ends_in_think("<|assistant|>\n<think></think>")

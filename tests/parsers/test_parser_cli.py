@@ -1,4 +1,4 @@
-"""`python -m router.parsers` on a saved output: message JSON, and deltas + merged message with --stream-chunk."""
+"""`python -m glmserve.router.parsers` on a saved output: message JSON, and deltas + merged message with --stream-chunk."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ OUTPUT = ("Need weather.</think>Checking.<tool_call>get_weather<arg_key>city</ar
 
 
 def _run(args, stdin):
-    proc = subprocess.run([sys.executable, "-m", "router.parsers", *args], input=stdin, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "glmserve.router.parsers", *args], input=stdin, capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

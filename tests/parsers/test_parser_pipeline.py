@@ -3,8 +3,8 @@ delivers them) -> ChatOutputParser, against parse_full of the whole decoded text
 import pytest
 
 from parser_cases import CASES, make, stream
-from router.parsers import merge_deltas
-from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
+from glmserve.router.parsers import merge_deltas
+from glmserve.shared.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

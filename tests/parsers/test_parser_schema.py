@@ -1,7 +1,7 @@
 """Argument typing by JSON schema (spec §7.2 rules as chosen in router/parsers/schema.py)."""
 import pytest
 
-from router.parsers.schema import ANY, ToolSchemas, allowed_types, decode_value
+from glmserve.router.parsers.schema import ANY, ToolSchemas, allowed_types, decode_value
 
 S = frozenset
 

@@ -1,4 +1,4 @@
-"""Fixtures of the router tests: a real `python -m router` process on a real socket.
+"""Fixtures of the router tests: a real `python -m glmserve.router` process on a real socket.
 
 `router_url` (session) is a router that names one prefill and one decode worker that do not exist (generation
 answers 503), which is what validation tests want: they must fail before dispatch.

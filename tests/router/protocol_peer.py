@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 
 
 @dataclass

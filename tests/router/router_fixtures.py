@@ -1,4 +1,4 @@
-"""Router test helpers: a real `python -m router` process (RouterProc) and one wired to a
+"""Router test helpers: a real `python -m glmserve.router` process (RouterProc) and one wired to a
 scripted ProtocolPeer (peer_fleet, see protocol_peer.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 
 from protocol_peer import PeerWorker, ProtocolPeer
 
-from shared.ports import free_port
+from glmserve.shared.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +23,7 @@ class RouterProc:
         self.port = free_port()
         self.events_addr = f"tcp://127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "router", "--port", str(self.port), "--events_addr", self.events_addr,
+        cmd = [sys.executable, "-m", "glmserve.router", "--port", str(self.port), "--events_addr", self.events_addr,
                "--log_level", "warning", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -58,7 +58,7 @@ def absent_workers() -> list[str]:
 @contextlib.contextmanager
 def peer_fleet(reply: str, prefills: int = 1, decodes: int = 1, busy=(), fail=(), free_pages=None,
                token_delay_s: float = 0.0, router_args=()):
-    from shared.tokenizer.glm_tokenizer import load_tokenizer
+    from glmserve.shared.tokenizer.glm_tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     workers = [PeerWorker(f"p{i}", "prefill", f"tcp://127.0.0.1:{free_port()}", fail_retryable=f"p{i}" in fail)

@@ -8,7 +8,7 @@ import json
 
 import openai
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 
 REPLY = ("Let me think.</think>I will call it.<tool_call>get_weather<arg_key>city</arg_key>"
          "<arg_value>Paris</arg_value></tool_call>")

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 
 REPLY = "Hello world. STOP here, then more text follows."
 

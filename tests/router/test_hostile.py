@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 
 from hostile_corpus import corpus
-from shared.tokenizer.glm_tokenizer import load_tokenizer
+from glmserve.shared.tokenizer.glm_tokenizer import load_tokenizer
 
 
 def test_hostile_corpus_all_4xx(router_url):

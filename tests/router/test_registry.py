@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.workers import WorkerRegistry
-from shared.protocol import WorkerStatus
+from glmserve.router.workers import WorkerRegistry
+from glmserve.shared.protocol import WorkerStatus
 
 
 def _reg() -> WorkerRegistry:

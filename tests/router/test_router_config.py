@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.config import parse_config
+from glmserve.router.config import parse_config
 
 
 def test_flags_with_dashes_and_underscores(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 from httpx._decoders import LineDecoder
 
-from router.http_common import sse
+from glmserve.router.http_common import sse
 
 
 def test_unicode_line_separators_do_not_split_an_event():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from shared.protocol import SamplingParams
-from shared.runner.sampler import SamplingTensors, make_generator, sample, sampling_probs
+from glmserve.shared.protocol import SamplingParams
+from glmserve.shared.runner.sampler import SamplingTensors, make_generator, sample, sampling_probs
 
 
 def _tensors(n: int, **kw) -> SamplingTensors:

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from shared.tokenizer import load_tokenizer
-from shared.tokenizer.builtin import (BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_TOKEN_IDS, BUILTIN_VOCAB_SIZE,
+from glmserve.shared.tokenizer import load_tokenizer
+from glmserve.shared.tokenizer.builtin import (BUILTIN_EOS_IDS, BUILTIN_PAD_ID, BUILTIN_TOKEN_IDS, BUILTIN_VOCAB_SIZE,
                                       NUM_MERGES, train_merges, write_builtin_tokenizer)
-from shared.tokenizer.corpus import CORPUS
+from glmserve.shared.tokenizer.corpus import CORPUS
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """IncrementalDetokenizer: whole characters only, stop strings held back and cut, multi-token adds."""
 import pytest
 
-from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
+from glmserve.shared.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 TEXT = "Héllo 你好, world! 🙂👍 naïve café — done. <think>x</think> ЖΩ end"
 

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from shared.tokenizer import load_tokenizer, normalize_messages
-from shared.tokenizer.builtin import write_builtin_tokenizer
-from shared.tokenizer.render import render_chat_template
-from shared.tokenizer.templates import GLM45_TEMPLATE, GLM47_TEMPLATE, detect_template_format
+from glmserve.shared.tokenizer import load_tokenizer, normalize_messages
+from glmserve.shared.tokenizer.builtin import write_builtin_tokenizer
+from glmserve.shared.tokenizer.render import render_chat_template
+from glmserve.shared.tokenizer.templates import GLM45_TEMPLATE, GLM47_TEMPLATE, detect_template_format
 
 HERE = os.path.dirname(__file__)
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -181,7 +181,7 @@ def test_render_matches_sandbox_rules():
 def test_builtin_templates_render_the_same_through_transformers(tmp_path, fmt):
     """Each built-in template, written into tokenizer_config.json, renders identically in transformers."""
     from transformers import AutoTokenizer
-    from shared.tokenizer.templates import TEMPLATES
+    from glmserve.shared.tokenizer.templates import TEMPLATES
     write_builtin_tokenizer(str(tmp_path))
     config_path = tmp_path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

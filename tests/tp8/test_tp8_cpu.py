@@ -1,6 +1,6 @@
 """Issue 9 on CPU: tensor parallelism at TP-8 (gloo) gives the TP=1 single-process greedy output.
 
-- `python -m shared.generate --tp 8` (one 8-process gloo group: the CPU analogue of "a single TP-8
+- `python -m glmserve.shared.generate --tp 8` (one 8-process gloo group: the CPU analogue of "a single TP-8
   worker") equals `shared.generate` at TP=1, token for token, logprobs within 1e-4, both architectures;
 - the real fleet with a TP-4 prefill worker and a TP-4 decode worker (8 worker processes, KV moved rank
   i -> rank i over 4 gloo links) behind the real router equals the TP=1 reference for concurrent
@@ -39,7 +39,7 @@ def tp8_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 def _generate(model_dir: str, tp: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
+    cmd = [sys.executable, "-m", "glmserve.shared.generate", "--model_dir", model_dir, "--prompt_ids_json",
            json.dumps(PROMPTS), "--max_new_tokens", str(NEW_TOKENS), "--ignore_eos", "--tp", str(tp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
@@ -49,8 +49,8 @@ def _generate(model_dir: str, tp: int) -> list[dict]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_tp8_equals_tp1(tp8_dirs, arch):
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     want = generate(ModelRunner(tp8_dirs[arch], with_mtp=False), PROMPTS, NEW_TOKENS, ignore_eos=True)
     got = _generate(tp8_dirs[arch], 8)

@@ -19,7 +19,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22],
 
 def write_tp8_model(path: str, arch: str, seed: int = 5) -> str:
     """Write (once) a tiny `arch` checkpoint with the built-in tokenizer at `path`; return `path`."""
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
         return path
@@ -29,8 +29,8 @@ def write_tp8_model(path: str, arch: str, seed: int = 5) -> str:
 
 def reference_outputs(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy token ids of the TP=1 single-process reference (shared.generate), ignore_eos."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     runner = ModelRunner(model_dir, with_mtp=False)
     return [o["token_ids"] for o in generate(runner, prompts, max_new_tokens, ignore_eos=True)]

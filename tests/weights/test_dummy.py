@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from shared.kvcache.cache import PagedKVCache
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.runner.model_runner import ModelRunner
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
 FLASH_SHAPED = dict(arch="glm4_moe_lite", n_routed_experts=64, num_experts_per_tok=4, n_group=1, topk_group=1,
                     routed_scaling_factor=1.8, num_hidden_layers=4, vocab_size=1024, moe_intermediate_size=16)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.config.model import ModelConfig
-from shared.runner.model_runner import ModelRunner
-from shared.weights.fp8_convert import convert_to_fp8
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.config.model import ModelConfig
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.fp8_convert import convert_to_fp8
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 from tests.models.tp_scenario import run_workload
 
 

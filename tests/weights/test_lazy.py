@@ -4,7 +4,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shared.weights.lazy import LazyTensor
+from glmserve.shared.weights.lazy import LazyTensor
 
 
 def test_lazy_narrow_matches_full(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.runner.model_runner import ModelRunner
-from shared.weights.tiny import write_tiny_checkpoint
+from glmserve.shared.runner.model_runner import ModelRunner
+from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture()
@@ -62,8 +62,8 @@ def test_mtp_optional_copies_are_skipped(ckpt):
 def test_tied_embeddings_match_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from shared.kvcache.cache import PagedKVCache
-    from shared.runner.batch import ForwardBatch, ForwardMode
+    from glmserve.shared.kvcache.cache import PagedKVCache
+    from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
     d = write_tiny_checkpoint(str(tmp_path / "tied"), "glm4_moe", tie_word_embeddings=True)
     runner = ModelRunner(d)
@@ -79,8 +79,8 @@ def test_transformers_fused_expert_layout_loads(tmp_path):
     """A checkpoint saved with save_original_format=False (fused experts) gives the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from shared.kvcache.cache import PagedKVCache
-    from shared.runner.batch import ForwardBatch, ForwardMode
+    from glmserve.shared.kvcache.cache import PagedKVCache
+    from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
     src = write_tiny_checkpoint(str(tmp_path / "orig"), "glm4_moe_lite", num_nextn_predict_layers=0)
     AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(

@@ -1,6 +1,6 @@
 """Drive real prefill + decode worker processes over ZeroMQ the way the router does (tests only).
 
-`WorkerPair` starts `python -m decode_worker` and `python -m prefill_worker` on free ports,
+`WorkerPair` starts `python -m glmserve.decode_worker` and `python -m glmserve.prefill_worker` on free ports,
 binds the events PULL socket itself and plays the router: Reserve -> Reserved -> PrefillRequest,
 then collects TokenEvents. Heartbeats (WorkerStatus) are kept per worker for page checks.
 """
@@ -14,8 +14,8 @@ import time
 
 import zmq
 
-from shared import protocol as P
-from shared.worker_common.tp import free_port
+from glmserve.shared import protocol as P
+from glmserve.shared.worker_common.tp import free_port
 
 
 class WorkerPair:
@@ -36,10 +36,10 @@ class WorkerPair:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.logs = {w: os.path.join(log_dir, f"{w}.log") for w in self.addrs}
         self.cmds = {
-            "d0": [sys.executable, "-m", "decode_worker", "--worker_id", "d0", "--control_addr", self.addrs["d0"],
+            "d0": [sys.executable, "-m", "glmserve.decode_worker", "--worker_id", "d0", "--control_addr", self.addrs["d0"],
                    "--link_port", str(free_port()), "--health-port", str(self.health["d0"]), *common, *extra_decode,
                    *(["--gpus", gpus["d0"]] if "d0" in gpus else [])],
-            "p0": [sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--control_addr", self.addrs["p0"],
+            "p0": [sys.executable, "-m", "glmserve.prefill_worker", "--worker_id", "p0", "--control_addr", self.addrs["p0"],
                    "--decode", f"d0={self.addrs['d0']}", "--health_port", str(self.health["p0"]),
                    "--chunked_prefill_size", str(chunked_prefill_size), *common, *extra_prefill,
                    *(["--gpus", gpus["p0"]] if "p0" in gpus else [])],

@@ -7,12 +7,12 @@ import urllib.request
 
 import pytest
 
-from shared import protocol as P
-from shared.worker_common.config import common_parser, parse_peers, worker_config
-from shared.worker_common.health import HealthServer
-from shared.worker_common.metrics import WorkerMetrics
-from shared.worker_common.plan import StepPlan, LinkOp, decode_plan, encode_plan, seq_plan, to_batch
-from shared.worker_common.tp import TPFanout, free_port, strip_tp_flags
+from glmserve.shared import protocol as P
+from glmserve.shared.worker_common.config import common_parser, parse_peers, worker_config
+from glmserve.shared.worker_common.health import HealthServer
+from glmserve.shared.worker_common.metrics import WorkerMetrics
+from glmserve.shared.worker_common.plan import StepPlan, LinkOp, decode_plan, encode_plan, seq_plan, to_batch
+from glmserve.shared.worker_common.tp import TPFanout, free_port, strip_tp_flags
 
 
 def test_protocol_roundtrip_new_messages():

@@ -17,9 +17,9 @@ import random
 import pytest
 import torch
 
-from decode_worker.graphs import graph_spec
-from shared import protocol as P
-from shared.worker_common.plan import GraphSpec, StepPlan, decode_plan, encode_plan
+from glmserve.decode_worker.graphs import graph_spec
+from glmserve.shared import protocol as P
+from glmserve.shared.worker_common.plan import GraphSpec, StepPlan, decode_plan, encode_plan
 from tests.workers.harness import WorkerPair
 from tests.workers.test_worker_procs import _collect, _metric, _pages_zero, _start
 
@@ -40,9 +40,9 @@ def test_graph_spec_defaults_and_limits():
 
 
 def _check_pair(tmp_path, device: str, dtype: str, tp: int = 1, gpus=None, mtp_step: int = 0):
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=0)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16, tp=tp,
@@ -78,7 +78,7 @@ def test_padded_decode_worker_equals_generate_cpu(tmp_path, mtp_step):
 
 @pytest.mark.slow
 def test_padded_drafts_keep_full_acceptance_cpu(tmp_path):
-    from shared.weights.constructed_mtp import chain, next_token_map, write_constructed_mtp_checkpoint
+    from glmserve.shared.weights.constructed_mtp import chain, next_token_map, write_constructed_mtp_checkpoint
 
     k = 3
     model_dir = write_constructed_mtp_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=2)
@@ -118,12 +118,12 @@ def test_padded_first_draft_pass_equals_unpadded(tmp_path):
     eager), and the pad rows leave the real rows' MTP KV untouched."""
     import time
 
-    from decode_worker import mtp
-    from decode_worker.state import DecodeSeq
-    from shared.weights.tiny import write_tiny_checkpoint
-    from shared.worker_common.config import common_parser, worker_config
-    from shared.worker_common.engine import Engine
-    from shared.worker_common.tp import TPFanout
+    from glmserve.decode_worker import mtp
+    from glmserve.decode_worker.state import DecodeSeq
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.worker_common.config import common_parser, worker_config
+    from glmserve.shared.worker_common.engine import Engine
+    from glmserve.shared.worker_common.tp import TPFanout
 
     k, page = 3, 4
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=5)
@@ -168,8 +168,8 @@ def test_padded_first_draft_pass_equals_unpadded(tmp_path):
 def test_to_batch_packs_the_host_copies_and_picks_logits_rows():
     """to_batch moves the batch in two packed copies (to_device): every field equals ForwardBatch.build's,
     with its dtype, shape and a 16-byte aligned start; logits_row / want_logits pick the logits rows."""
-    from shared.runner.batch import ForwardBatch, ForwardMode
-    from shared.worker_common.plan import seq_plan, to_batch, to_device
+    from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+    from glmserve.shared.worker_common.plan import seq_plan, to_batch, to_device
 
     seqs = [([1, 2, 3], 5, [1, 2]), ([4], 0, [3]), ([6, 7], 2, [4])]
     ref = ForwardBatch.build(ForwardMode.DRAFT, seqs, 4)

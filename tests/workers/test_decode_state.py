@@ -2,11 +2,11 @@
 
 import pytest
 
-from shared import protocol as P
-from shared.kvcache.allocator import PageAllocator
-from decode_worker.handoff import Handoffs
-from decode_worker.running import RunningSet
-from decode_worker.state import Phase, finish_reason
+from glmserve.shared import protocol as P
+from glmserve.shared.kvcache.allocator import PageAllocator
+from glmserve.decode_worker.handoff import Handoffs
+from glmserve.decode_worker.running import RunningSet
+from glmserve.decode_worker.state import Phase, finish_reason
 
 
 def _reserve(h, rid, n_prompt, max_new=8):

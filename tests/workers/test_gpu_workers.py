@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import torch
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 from tests.workers.harness import WorkerPair
 from tests.workers.test_worker_procs import _collect, _pages_zero, _start
 
@@ -45,9 +45,9 @@ def _run(wp: WorkerPair, prompts, max_new: int) -> list[list[int]]:
 def test_gpu_pair_tiny_fp32_equals_generate(tmp_path, mtp_step):
     """Greedy (plain and with MTP drafts) equals shared.generate on cuda:0; a seed repeats its output
     (and, without drafts, equals shared.generate's seeded draws)."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=0)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=16, num_pages=256, chunked_prefill_size=64,
@@ -82,9 +82,9 @@ def test_gpu_pair_tp2_equals_generate(tmp_path, arch, mtp_step):
     tensor-parallel NCCL inside each worker, and with MTP the decode leader's broadcast of each
     draft pass's input hidden states. Greedy tokens equal single-process shared.generate (fp32
     tiny checkpoint on cuda:0), and with MTP drafts were verified."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=16, num_pages=256, chunked_prefill_size=64, tp=2,
@@ -106,8 +106,8 @@ def test_gpu_pair_tp2_equals_generate(tmp_path, arch, mtp_step):
 @needs_2
 @pytest.mark.parametrize("prompt_len", [1024, 4096])
 def test_gpu_pair_flash_dummy_bf16(tmp_path, prompt_len):
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     model_dir = tmp_path / "flash"
     model_dir.mkdir()
@@ -149,9 +149,9 @@ def test_gpu_link_send_then_device_sync_before_recv(monkeypatch, gate):
     import threading
     import time
 
-    from shared.kvcache.cache import KVLayout, PagedKVCache
-    from shared.kvcache.link import LinkSignature, XferState
-    from shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
+    from glmserve.shared.kvcache.cache import KVLayout, PagedKVCache
+    from glmserve.shared.kvcache.link import LinkSignature, XferState
+    from glmserve.shared.kvcache.rendezvous import accept_link, connect_link, in_background, open_store
     from tests.kvcache.test_link_gloo import _free_port
 
     monkeypatch.setenv("KVLINK_SEND_GATE", gate)

@@ -2,9 +2,9 @@
 
 import time
 
-from shared import protocol as P
-from shared.kvcache.allocator import PageAllocator
-from decode_worker.handoff import Handoffs
+from glmserve.shared import protocol as P
+from glmserve.shared.kvcache.allocator import PageAllocator
+from glmserve.decode_worker.handoff import Handoffs
 
 
 def test_handoff_deadline_restarts_at_each_push():

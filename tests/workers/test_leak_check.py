@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import logging
 
-from shared.kvcache.allocator import PageAllocator
-from shared.worker_common.config import common_parser, worker_config
-from shared.worker_common.engine import Engine
-from shared.worker_common.metrics import WorkerMetrics
-from shared.worker_common.tp import TPFanout
-from prefill_worker.worker import PrefillWorker
+from glmserve.shared.kvcache.allocator import PageAllocator
+from glmserve.shared.worker_common.config import common_parser, worker_config
+from glmserve.shared.worker_common.engine import Engine
+from glmserve.shared.worker_common.metrics import WorkerMetrics
+from glmserve.shared.worker_common.tp import TPFanout
+from glmserve.prefill_worker.worker import PrefillWorker
 
 
 def test_idle_prefill_reports_leaked_pages(tmp_path, caplog):
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=0)
     a = common_parser("prefill").parse_args(["--model_dir", model_dir, "--control_addr", "tcp://127.0.0.1:1",
@@ -30,7 +30,7 @@ def test_idle_prefill_reports_leaked_pages(tmp_path, caplog):
     assert metrics.page_leaks._value.get() == 0
     pages.alloc_for("ghost", 3)
     worker._idle_since = None
-    with caplog.at_level(logging.ERROR, logger="prefill_worker"):
+    with caplog.at_level(logging.ERROR, logger="glmserve.prefill_worker"):
         worker._check_idle(200.0)
         worker._check_idle(201.5)
     assert metrics.page_leaks._value.get() == 3

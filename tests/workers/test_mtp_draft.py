@@ -13,20 +13,20 @@ import time
 import pytest
 import torch
 
-from shared.protocol import SamplingParams
-from shared.runner.batch import ForwardBatch, ForwardMode
-from shared.kvcache.cache import PagedKVCache
-from shared.worker_common.config import common_parser, worker_config
-from shared.worker_common.engine import Engine
-from shared.worker_common.plan import StepPlan, seq_plan
-from shared.worker_common.tp import TPFanout
-from decode_worker import mtp
-from decode_worker.state import DecodeSeq
+from glmserve.shared.protocol import SamplingParams
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.worker_common.config import common_parser, worker_config
+from glmserve.shared.worker_common.engine import Engine
+from glmserve.shared.worker_common.plan import StepPlan, seq_plan
+from glmserve.shared.worker_common.tp import TPFanout
+from glmserve.decode_worker import mtp
+from glmserve.decode_worker.state import DecodeSeq
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
 def test_draft_after_chunked_prefill_equals_direct_mtp(tmp_path, arch):
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=4)
     a = common_parser("decode").parse_args(["--model_dir", model_dir, "--control_addr", "tcp://127.0.0.1:1",
@@ -62,7 +62,7 @@ def test_chained_drafts_follow_the_chosen_chaining(tmp_path, chain_normed):
     """K = 3: draft 2 and 3 equal a direct chain where the MTP layer's next "previous hidden" is its
     own block output (vanilla_with_att, vLLM) or that output after shared_head.norm (eagle_with_att,
     SGLang EAGLE); the two modes give different draft logits."""
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe", seed=6)
     a = common_parser("decode").parse_args(["--model_dir", model_dir, "--control_addr", "tcp://127.0.0.1:1",

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 from tests.workers.harness import WorkerPair
 from tests.workers.test_worker_procs import _collect, _pages_zero, _start
 
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 def test_mtp_greedy_equals_plain_decoding(tmp_path, arch, k, tp, mode):
     """tp 2: both workers at TP 2 (4 processes, 2 gloo KV links); the decode's followers get each
     DRAFT pass's input hidden states by broadcast from the leader. Either chaining mode is lossless."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), arch, seed=3)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=128, chunked_prefill_size=16,

@@ -2,7 +2,7 @@
 
 import socket
 
-from shared.ports import _ephemeral_low, free_port
+from glmserve.shared.ports import _ephemeral_low, free_port
 
 
 def test_free_port_is_bindable_and_below_the_ephemeral_range():

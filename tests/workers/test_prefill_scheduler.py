@@ -1,9 +1,9 @@
 """Prefill admission + chunking: token budget, several prompts per step, FIFO, page accounting."""
 
-from shared.kvcache.allocator import PageAllocator
-from shared.protocol import SamplingParams
-from prefill_worker.pusher import Pusher
-from prefill_worker.scheduler import PrefillScheduler, PrefillSeq
+from glmserve.shared.kvcache.allocator import PageAllocator
+from glmserve.shared.protocol import SamplingParams
+from glmserve.prefill_worker.pusher import Pusher
+from glmserve.prefill_worker.scheduler import PrefillScheduler, PrefillSeq
 
 
 def _seq(rid: str, n: int, page_size: int = 4) -> PrefillSeq:
@@ -64,7 +64,7 @@ def test_pusher_sends_complete_pages_then_last_with_hidden():
     s.schedule()  # 10 tokens: done
     p2 = pusher.push(seq, hidden_row=3)
     assert p2.announce.is_last and p2.announce.has_hidden and p2.op.hidden_row == 3
-    from shared.protocol import unpack_ids
+    from glmserve.shared.protocol import unpack_ids
     assert unpack_ids(p2.announce.page_ids) == [101, 102] and unpack_ids(p2.op.page_ids) == seq.page_ids[1:]
     assert pusher.releasable() == []  # sends not completed yet
     pusher.done_xfer("a", "a/0")

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from shared import protocol as P
+from glmserve.shared import protocol as P
 from tests.workers.harness import WorkerPair
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", params=["glm4_moe", "glm4_moe_lite"])
 def pair(request, tmp_path_factory):
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp(request.param)
     model_dir = write_tiny_checkpoint(str(root / "model"), request.param, seed=0)
@@ -71,8 +71,8 @@ def _metric(pair: WorkerPair, worker: str, name: str) -> float:
 
 
 def test_greedy_equals_single_process(pair):
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (3, 17, 40, 8)]
@@ -128,8 +128,8 @@ def test_busy_when_pages_short(pair):
 
 def test_seeded_sampling_equals_single_process(pair):
     """The decode continues the prefill's seeded generator: same seed -> same tokens as one process."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]
     ref = generate(ModelRunner(pair.model_dir), [prompt], max_new_tokens=8, temperature=0.9, seed=1234,
@@ -148,9 +148,9 @@ def test_tp2_workers_greedy_equals_single_process(tmp_path):
     """--tp 2 on both workers: followers spawned by the leaders, plans fanned out over gloo, KV moved
     rank i -> rank i over two links; tokens equal the single-process reference. The decode pads
     batches of 1-2 to graph buckets on both ranks (3 run eagerly)."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=1)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16, tp=2,
@@ -173,7 +173,7 @@ def test_tp2_workers_greedy_equals_single_process(tmp_path):
 def test_decode_killed_prefill_frees_and_relinks(tmp_path):
     """kill -9 of the decode while requests stream: the prefill notices the restarted decode's new
     generation, rebuilds its KV link, and the pair serves again with no page leaked on either side."""
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=2)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=256, chunked_prefill_size=16)
@@ -201,9 +201,9 @@ def test_idle_link_to_a_restarted_decode_is_rebuilt_at_the_next_request(tmp_path
     link: the prefill rebuilds the link before prefilling, holds the request meanwhile, then
     serves it (equal to the reference). Before, it prefilled onto the dead link: a first token
     reached the router and then the request failed."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=5)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=64, chunked_prefill_size=16,
@@ -231,8 +231,8 @@ def test_push_on_an_old_link_epoch_is_dropped(pair):
     """A push announced for a link this decode has replaced (a message from before a restart or a
     rebuild) posts no recv: were it received, the recv would pair with the next real transfer
     (header mismatch, link torn down). The held request fails; the link keeps serving."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     sp = P.SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
     pair.send("d0", P.Reserve(rid="stale", prompt_ids=P.pack_ids([9] * 6), sampling=sp, prefill_id="p0"))
@@ -256,9 +256,9 @@ def test_pushes_complete_while_the_prefill_blocks_before_sampling(tmp_path, monk
     after each step's announces and before sampling, until the step's sends completed (what a
     device-wide sync does to a spinning NCCL send). Announced after sampling, every handoff
     would time out here; announced first, the pair serves and equals the reference."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     monkeypatch.setenv("GLM_PREFILL_SYNC_SENDS", "1")
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe_lite", seed=4)
@@ -281,8 +281,8 @@ def test_pushes_complete_while_the_prefill_blocks_before_sampling(tmp_path, monk
 def test_first_token_only_counted_once_and_logprobs(pair):
     """max_new_tokens=1: the prefill's token ends the request; the decode sends nothing for it.
     logprobs ride on the events (one per token, top-k pairs when asked) and match shared.generate."""
-    from shared.generate import generate
-    from shared.runner.model_runner import ModelRunner
+    from glmserve.shared.generate import generate
+    from glmserve.shared.runner.model_runner import ModelRunner
 
     prompt = [21, 22, 23, 24, 25, 26]
     _start(pair, "one", prompt, P.SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True))
@@ -320,12 +320,12 @@ def test_prefill_not_ready_without_a_decode(tmp_path):
     import time
     import urllib.error
 
-    from shared.weights.tiny import write_tiny_checkpoint
-    from shared.worker_common.tp import free_port
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.worker_common.tp import free_port
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", seed=0)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "prefill_worker", "--worker_id", "p0", "--model_dir", model_dir,
+    proc = subprocess.Popen([sys.executable, "-m", "glmserve.prefill_worker", "--worker_id", "p0", "--model_dir", model_dir,
                              "--control_addr", f"tcp://127.0.0.1:{free_port()}",
                              "--router_addr", f"tcp://127.0.0.1:{free_port()}",
                              "--decode", f"d0=tcp://127.0.0.1:{free_port()}", "--health_port", str(port),
@@ -352,7 +352,7 @@ def test_prefill_killed_mid_handoff_decode_frees_and_relinks(tmp_path):
     """kill -9 of the prefill while long prompts are being pushed: once the router's aborts arrive the
     decode frees every reserved page (recvs in flight end first), relinks to the restarted prefill,
     and the pair serves again."""
-    from shared.weights.tiny import write_tiny_checkpoint
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(str(tmp_path / "model"), "glm4_moe", seed=2)
     wp = WorkerPair(model_dir, str(tmp_path), page_size=4, num_pages=512, chunked_prefill_size=8)

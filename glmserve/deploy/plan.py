@@ -1,0 +1,153 @@
+"""The fleet of one node as data: which processes, their command lines, ports and GPU sets (deploy CLI process).
+
+`FleetSpec` comes from `python -m glmserve.deploy up` flags; `plan(spec)` returns the `Program`s that the
+supervisord template renders. Ports on one node (defaults match the contract's examples):
+  router HTTP  --port (8000)
+  events PULL  port_base (5600)            prefill i control  port_base + 1 + i
+  decode j control  port_base + 11 + j     decode j KV link   port_base + 21 + j
+  prefill i health  health_base + 1 + i    decode j health    health_base + 11 + j
+so at most 10 prefill and 10 decode workers per node. GPU sets: prefill i takes `tp` GPUs, then
+decode j; or the explicit `prefill_gpus` / `decode_gpus` lists (each "a,b;c,d": one group per worker).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MAX_PER_ROLE = 10
+
+
+def fleet_key_path(state_dir: str) -> str:
+    """The fleet's control-message key (0600), written fresh by every `up` (shared/fleet_key.py)."""
+    return os.path.join(state_dir, "fleet.key")
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    python: str
+    workdir: str
+    state_dir: str
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    port_base: int = 5600
+    health_base: int = 8100
+    device: str = "cpu"
+    num_prefill: int = 1
+    num_decode: int = 1
+    tp: int = 1
+    load_format: str = "auto"
+    dtype: str = ""  # "" -> float32 on cpu, bfloat16 on cuda
+    page_size: int = 16
+    num_pages: int = 0  # 0 -> 2048 on cpu (the tiny demo model: ~10 MB), 4096 on cuda
+    chunked_prefill_size: int = 0  # 0 -> the prefill worker's default: 8192 on cuda, 512 on cpu
+    max_running: int = 64
+    mtp_step: int = 0
+    mtp_mode: str = "vanilla_with_att"
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
+    served_model_name: str = ""
+    max_queue: int = 0  # 0 -> the router's default
+    max_req_total_len: int = 0  # 0 -> the model's max_position_embeddings
+    tokenizer: str = ""
+    quantization: str = ""
+    prefill_gpus: str = ""
+    decode_gpus: str = ""
+    cpu_threads: int = 1  # OMP_NUM_THREADS per worker on cpu
+    start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    priority: int = 100
+    startsecs: int = 1
+    is_worker: bool = True
+    ports: tuple[int, ...] = field(default=())
+
+
+def tcp(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+def _gpu_groups(spec: FleetSpec) -> tuple[list[str], list[str]]:
+    """Per-worker GPU lists ("0,1") for prefill and decode workers."""
+    if spec.device != "cuda":
+        return [""] * spec.num_prefill, [""] * spec.num_decode
+
+    def explicit(text: str, count: int, role: str) -> list[str]:
+        groups = [g.strip() for g in text.split(";") if g.strip()]
+        if len(groups) != count or any(len(g.split(",")) != spec.tp for g in groups):
+            raise ValueError(f"--{role}_gpus {text!r}: need {count} groups of {spec.tp} GPUs, ';'-separated")
+        return groups
+
+    t = spec.tp
+    auto = [",".join(str(i * t + k) for k in range(t)) for i in range(spec.num_prefill + spec.num_decode)]
+    pre = explicit(spec.prefill_gpus, spec.num_prefill, "prefill") if spec.prefill_gpus else auto[: spec.num_prefill]
+    dec = explicit(spec.decode_gpus, spec.num_decode, "decode") if spec.decode_gpus else auto[spec.num_prefill:]
+    used = [g for grp in pre + dec for g in grp.split(",")]
+    if len(set(used)) != len(used):
+        raise ValueError(f"a GPU is in two workers' sets: prefill {pre}, decode {dec}")
+    return pre, dec
+
+
+def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, gpus: str) -> list[str]:
+    dtype = spec.dtype or ("bfloat16" if spec.device == "cuda" else "float32")
+    num_pages = spec.num_pages or (4096 if spec.device == "cuda" else 2048)
+    argv = ["--worker_id", worker_id, "--model_dir", spec.model_dir, "--load-format", spec.load_format,
+            "--control_addr", tcp(spec.host, control), "--router_addr", tcp(spec.host, spec.port_base),
+            "--health_port", str(health), "--device", spec.device, "--tp", str(spec.tp), "--dtype", dtype,
+            "--page_size", str(spec.page_size), "--num_pages", str(num_pages)]
+    argv += ["--quantization", spec.quantization] if spec.quantization else []
+    return argv + (["--gpus", gpus] if gpus else [])
+
+
+def _env(spec: FleetSpec) -> tuple[tuple[str, str], ...]:
+    env = [("PYTHONUNBUFFERED", "1"), ("GLMSERVE_FLEET_KEY_FILE", fleet_key_path(spec.state_dir))]
+    if spec.device == "cpu":
+        env.append(("OMP_NUM_THREADS", str(spec.cpu_threads)))
+    return tuple(env)
+
+
+def _decode_addrs(spec: FleetSpec) -> list[str]:
+    return [f"d{j}={tcp(spec.host, spec.port_base + 11 + j)}" for j in range(spec.num_decode)]
+
+
+def _router(spec: FleetSpec) -> Program:
+    argv = [spec.python, "-m", "glmserve.router", "--host", spec.host, "--port", str(spec.port), "--model_dir",
+            spec.model_dir, "--events_addr", tcp(spec.host, spec.port_base)]
+    for i in range(spec.num_prefill):
+        argv += ["--prefill", f"p{i}={tcp(spec.host, spec.port_base + 1 + i)}"]
+    for d in _decode_addrs(spec):
+        argv += ["--decode", d]
+    for flag in ("tokenizer", "served_model_name", "tool_call_parser", "reasoning_parser", "max_queue",
+                 "max_req_total_len"):
+        if getattr(spec, flag):
+            argv += [f"--{flag}", str(getattr(spec, flag))]
+    return Program("router", tuple(argv), _env(spec), priority=10, is_worker=False, ports=(spec.port, spec.port_base))
+
+
+def plan(spec: FleetSpec) -> list[Program]:
+    """Router + prefill workers + decode workers of one node, in start order (decode first: it hosts the link)."""
+    if not (1 <= spec.num_prefill <= MAX_PER_ROLE and 1 <= spec.num_decode <= MAX_PER_ROLE):
+        raise ValueError(f"--prefill and --decode must be 1..{MAX_PER_ROLE} per node")
+    pre_gpus, dec_gpus = _gpu_groups(spec)
+    progs = []
+    for j in range(spec.num_decode):
+        control, link, health = spec.port_base + 11 + j, spec.port_base + 21 + j, spec.health_base + 11 + j
+        argv = [spec.python, "-m", "glmserve.decode_worker", *_worker_common(spec, f"d{j}", control, health, dec_gpus[j]),
+                "--link_port", str(link), "--max_running", str(spec.max_running)]
+        if spec.mtp_step:
+            argv += ["--mtp_step", str(spec.mtp_step), "--mtp_mode", spec.mtp_mode]
+        progs.append(Program(f"decode_d{j}", tuple(argv), _env(spec), priority=20, ports=(control, link, health)))
+    for i in range(spec.num_prefill):
+        control, health = spec.port_base + 1 + i, spec.health_base + 1 + i
+        argv = [spec.python, "-m", "glmserve.prefill_worker", *_worker_common(spec, f"p{i}", control, health, pre_gpus[i]),
+                "--chunked_prefill_size", str(spec.chunked_prefill_size)]
+        for d in _decode_addrs(spec):
+            argv += ["--decode", d]
+        progs.append(Program(f"prefill_p{i}", tuple(argv), _env(spec), priority=30, ports=(control, health)))
+    return [_router(spec)] + progs

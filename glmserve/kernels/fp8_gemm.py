@@ -1,0 +1,241 @@
+"""FP8 (e4m3) GEMMs for FP8 checkpoints: Triton on CUDA, torch references beside; every worker rank.
+
+  y [M, N] = (A_q [M, K] . W_q [N, K]^T) * scales (+ bias), out in bf16 (or the activation dtype)
+- per-channel (GLM-4.x FP8, compressed-tensors): A scale per token [M, 1], W scale per row [N, 1];
+  the scales factor out of the K sum, so they multiply the fp32 accumulator once at the end.
+- block-scaled: W scale per 128x128 block [cdiv(N,128), cdiv(K,128)], A scale per 1x128 group
+  [M, cdiv(K,128)]; BLOCK_K = 128 so each K step scales its partial product before adding it.
+FLOPs 2MNK; bytes MK + NK + 2MN. Tiles are walked in GROUP_M-row bands so W tiles stay in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import FP8_DTYPE, cc_major, check, gpu_name, new_out, sm_count
+from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
+from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+
+
+def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
+    """Dequantize and multiply in fp32. block=0: per-token x per-channel; block=128: block-scaled."""
+    a = a_q.float()
+    w = w_q.float()
+    if block:
+        a = a * a_scale.repeat_interleave(block, dim=1)[:, : a.shape[1]]
+        w = w * w_scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: w.shape[0], : w.shape[1]]
+        y = a @ w.t()
+    else:
+        y = (a @ w.t()) * a_scale.float() * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, part_ptr, M, N, K,
+    a_sm, w_sn, c_sm, as_sm, ws_sn, k_blocks_per_split,
+    HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
+):
+    """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
+    when BLOCK_SCALED, raw otherwise) and _splitk_reduce_kernel finishes the tile."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * grid_n)
+    first_m = band * GROUP_M
+    rows_in_band = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_band
+    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_band
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_lo = tl.program_id(1) * k_blocks_per_split
+    kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        k_ok = rk < K - kb * BLOCK_K
+        a = tl.load(a_p, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
+        if BLOCK_SCALED:
+            sa = tl.load(as_ptr + rm * as_sm + kb, mask=rm < M, other=0.0)
+            sw = tl.load(ws_ptr + (rn // 128) * ws_sn + kb, mask=rn < N, other=0.0)
+            acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+        elif PRECISE_ACC:  # sm_90 fp8 MMA accumulates in reduced precision: add into fp32 every BLOCK_K
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, w, acc)
+        a_p += BLOCK_K
+        w_p += BLOCK_K
+    if SPLIT_K > 1:
+        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        return
+    if not BLOCK_SCALED:
+        sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
+        sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+        acc = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_p = c_ptr + rm.to(tl.int64)[:, None] * c_sm + rn[None, :]
+    tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, c_sm, as_sm, ws_sn,
+                          SPLIT_K: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """c[m, n] = (sum_s part[s, m, n]) (* s_a[m] * s_w[n] per-channel) (+ bias[n])."""
+    m = tl.program_id(0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=rn < N, other=0.0)
+    if SCALE:
+        acc = acc * tl.load(as_ptr + m * as_sm) * tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(c_ptr + m * c_sm + rn, acc.to(c_ptr.dtype.element_ty), mask=rn < N)
+
+
+# Full-precision fp8 accumulation (as torch._scaled_mm without use_fast_accum); False = the MMA's own
+# reduced-precision accumulation over all of K (faster, less exact).
+PRECISE_ACC = True
+
+# Launch configs as data: (gpu, M bucket) -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+# M buckets: "small" M <= 64 (decode), "mid" M <= 512, "large". Not yet tuned on hardware (see
+# bench/KERNEL_NOTES.md); chosen so the offline sm_90 compile (kernels/aot_check.py) shows no spills.
+CONFIGS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("default", "small"): (16, 64, 128, 1, 4, 4),
+    ("default", "small_narrow"): (16, 32, 128, 1, 4, 4),  # small M and narrow N: more programs in flight
+    ("default", "mid"): (64, 128, 128, 8, 4, 4),
+    ("default", "large"): (128, 128, 128, 8, 8, 4),
+    # 128x256 tiles spill 200 B/thread with PRECISE_ACC (two 128x256 fp32 fragments): 128x128 on Hopper
+    ("H100", "large"): (128, 128, 128, 8, 8, 4),
+    ("H200", "large"): (128, 128, 128, 8, 8, 4),
+    ("cpu", "small"): (16, 32, 32, 2, 4, 1),
+    ("cpu", "mid"): (16, 32, 32, 2, 4, 1),
+    ("cpu", "large"): (16, 32, 32, 2, 4, 1),
+}
+
+
+def _config(device, m: int, n: int, block_scaled: bool) -> tuple[int, ...]:
+    """Table entry for the M bucket; at decode sizes (weight-bound) a grid under two programs per SM
+    switches to BLOCK_N 32 so more weight bytes are in flight."""
+    bucket = "small" if m <= 64 else ("mid" if m <= 512 else "large")
+    name = gpu_name(device)
+    table_name = "cpu" if name == "cpu" else "default"
+    cfg = CONFIGS.get((name, bucket)) or CONFIGS[(table_name, bucket)]
+    if bucket == "small" and name != "cpu":
+        sms = sm_count(device)
+        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) < 2 * sms:
+            cfg = CONFIGS.get((name, "small_narrow")) or CONFIGS[("default", "small_narrow")]
+    if block_scaled and cfg[2] != 128:
+        cfg = (*cfg[:2], 128, *cfg[3:])  # one K step per scale group
+    return cfg
+
+
+def _check_args(a_q, a_scale, w_q, w_scale, bias, block: int) -> None:
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    check(a_q.dtype == FP8_DTYPE and w_q.dtype == FP8_DTYPE, "operands must be float8_e4m3fn")
+    check(w_q.shape[1] == k and a_q.stride(1) == 1 and w_q.stride(1) == 1, "K must match and be contiguous")
+    check(block in (0, 128), "block must be 0 (per-channel) or 128")
+    kb, nb = triton.cdiv(k, 128), triton.cdiv(n, 128)
+    want_a = (m, kb) if block else (m, 1)
+    want_w = (nb, kb) if block else (n, 1)
+    check(tuple(a_scale.shape) == want_a and tuple(w_scale.shape) == want_w, f"scales must be {want_a}, {want_w}")
+    check(a_scale.dtype == w_scale.dtype == torch.float32, "scales must be fp32")
+    check(bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]")
+
+
+def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, block: int = 0,
+             split_k: int | None = None) -> torch.Tensor:
+    """See the module docstring. a_q [M, K], w_q [N, K] e4m3 with contiguous K; block in {0, 128};
+    split_k None = automatic (splits K only for weight-bound decode shapes that underfill the GPU)."""
+    _check_args(a_q, a_scale, w_q, w_scale, bias, block)
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    a_scale, w_scale = a_scale.contiguous(), w_scale.contiguous()
+    out = new_out((m, n), out_dtype, a_q.device)
+    if m == 0:
+        return out
+    if _use_tma(a_q, w_q, m, block, split_k):
+        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device, m, n, PRECISE_ACC),
+                            PRECISE_ACC)
+    bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_blocks = triton.cdiv(k, bk)
+    splits = min(split_k or _auto_split_k(a_q.device, m, tiles, k_blocks), k_blocks)
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)  # no empty split
+    part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
+    bias_arg = bias if bias is not None else w_scale
+    _fp8_gemm_kernel[(tiles, splits)](
+        a_q, w_q, out, a_scale, w_scale, bias_arg, part, m, n, k,
+        a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
+        HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, num_warps=warps, num_stages=stages,
+    )
+    if splits > 1:
+        block_n = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
+            part, out, a_scale, w_scale, bias_arg, m, n, out.stride(0), a_scale.stride(0), w_scale.stride(0),
+            SPLIT_K=splits, SCALE=not block, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
+# Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
+# the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep
+# (bench/KERNEL_NOTES.md v7): 256x128 tiles when they fill the SMs, else 128x128 with 256-deep K steps;
+# "fast" is for PRECISE_ACC = False (128x256 spills with the precise partial accumulator).
+TMA_LARGE = True
+TMA_CONFIGS: dict[str, tuple[int, ...]] = {
+    "big": (256, 128, 128, 8, 8, 4),
+    "narrow": (128, 128, 256, 8, 8, 3),
+    "fast": (128, 256, 128, 8, 8, 3),
+}
+
+
+def tma_config(device, m: int, n: int, precise: bool) -> tuple[int, ...]:
+    if not precise:
+        return TMA_CONFIGS["fast"]
+    sms = sm_count(device)
+    return TMA_CONFIGS["big" if triton.cdiv(m, 256) * triton.cdiv(n, 128) >= sms else "narrow"]
+
+
+def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:
+    if not TMA_LARGE or block or m <= 512 or (split_k or 1) > 1 or a_q.device.type != "cuda":
+        return False
+    return cc_major(a_q.device) >= 9 and tma_ok(a_q, w_q)
+
+
+def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:
+    """Decode sizes (M <= 64, weight-bound) whose grid leaves SMs idle: split K, >= 4 K blocks each."""
+    if device.type != "cuda" or m > 64:
+        return 1
+    sms = sm_count(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 4))
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """shared.model.ops signature: W8A8 per-token x per-channel; x [..., K] -> [..., N] in x.dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quant_fp8_per_token(x2.contiguous())
+    y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """128x128 block-scaled weights (w_scale [cdiv(N,128), cdiv(K,128)]), 1x128 activation groups."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quant_fp8_group(x2.contiguous(), 128)
+    y = fp8_gemm(xq, xs, w_fp8, w_scale.float(), bias, x.dtype, block=128)
+    return y.reshape(*x.shape[:-1], -1)

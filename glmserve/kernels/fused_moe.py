@@ -1,0 +1,179 @@
+"""Fused routed-expert MLP: gate_up GEMM -> SiLU-mul -> down GEMM -> weighted combine, BF16 or FP8.
+Triton on CUDA, torch reference beside; every worker rank (MoE layers; I is this rank's TP slice).
+
+  out[t] = sum_j w[t, j] * W2_e (silu(W1_e x_t) * W3_e x_t),  e = ids[t, j]
+Pairs (t, j) are sorted by expert and padded per expert to BLOCK_M rows (kernels.moe_align: one launch at decode sizes),
+so each program multiplies BLOCK_M rows that share one expert's weights: a grouped GEMM that reads
+each used expert's weights once per M block. FP8 (GLM compressed-tensors format): e4m3 weights with a
+scale per output row (w13_scale [E, 2I, 1], w2_scale [E, H, 1]); activations are quantized per token
+on the fly (x per token, the SiLU-mul output per pair, fused into kernels.act_quant.silu_and_mul_fp8).
+Bytes at decode: the used experts' weights (3 * H * I each, once per M block) dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, gpu_name, new_out
+from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
+from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
+
+
+def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> torch.Tensor:
+    """Loop over experts in fp32 (weights dequantized, activations not quantized)."""
+    if w13_scale is not None:
+        w13 = w13.float() * w13_scale.float()
+        w2 = w2.float() * w2_scale.float()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])
+    for e in torch.unique(flat_ids).tolist():
+        sel = (flat_ids == e).nonzero().squeeze(1)
+        tok = token_of[sel]
+        gate, up = (x[tok].float() @ w13[e].float().t()).chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) * up) @ w2[e].float().t()
+        out.index_add_(0, tok, h * weights.reshape(-1)[sel, None].float())
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, w_ptr, pairs_ptr, block_expert_ptr,
+    num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
+    A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    a_rows = (pairs // A_DIV).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + a_rows[:, None] * a_sm + rk[None, :]
+    b_p = b_ptr + expert.to(tl.int64) * b_se + rn[None, :].to(tl.int64) * b_sn + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - kb * BLOCK_K
+        a = tl.load(a_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
+        if FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc)
+        a_p += BLOCK_K
+        b_p += BLOCK_K
+    if FP8:
+        sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
+        sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    if MUL_WEIGHT:
+        acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0)[:, None]
+    c_p = c_ptr + pairs.to(tl.int64)[:, None] * c_sm + rn[None, :]
+    tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_slots_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, :] = sum_j src[t * TOP_K + j, :] in fp32, one rounding to out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(TOP_K):
+        acc += tl.load(src_ptr + (t * TOP_K + j) * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+# Launch configs as data: (gpu, "decode" | "prefill", "bf16" | "fp8") -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# "decode" = at most 32 pairs per expert on average; untuned starting points (bench/KERNEL_NOTES.md).
+CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
+    ("default", "decode", "bf16"): (16, 64, 128, 4, 4),
+    ("default", "decode", "fp8"): (16, 128, 128, 4, 4),
+    ("default", "prefill", "bf16"): (64, 128, 64, 4, 3),
+    ("default", "prefill", "fp8"): (64, 128, 128, 4, 3),
+}
+_CPU_CONFIG = (16, 32, 32, 4, 1)
+
+
+def _config(device, num_pairs: int, num_experts: int, fp8: bool) -> tuple[int, int, int, int, int]:
+    """Table entry, with BLOCK_M sized to the mean pairs per expert (x1.5 headroom) when that is
+    under 64: a second M block of the same expert would read its weights again (decode is memory-bound)."""
+    name = gpu_name(device)
+    if name == "cpu":
+        return _CPU_CONFIG
+    phase = "decode" if num_pairs <= 32 * num_experts else "prefill"
+    key = (phase, "fp8" if fp8 else "bf16")
+    cfg = CONFIGS.get((name, *key), CONFIGS[("default", *key)])
+    mean = num_pairs / max(1, num_experts)
+    if mean < 64:
+        cfg = (min(64, max(16, triton.next_power_of_2(int(1.5 * mean) + 1))), *cfg[1:])
+    return cfg
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes; sm_90 allows 227 KB per block, keep headroom for the epilogue
+
+
+def _fit_smem(cfg: tuple[int, int, int, int, int], elem_bytes: int) -> tuple[int, int, int, int, int]:
+    """The table is sized for 1- and 2-byte operands: for wider ones (fp32 models) drop pipeline stages,
+    then halve BLOCK_K, until the A and B tiles of every stage fit in shared memory."""
+    bm, bn, bk, warps, stages = cfg
+    while stages * (bm * bk + bk * bn) * elem_bytes > _SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    return bm, bn, bk, warps, stages
+
+
+def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight):
+    bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
+    n, k = b.shape[1], b.shape[2]
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    fp8 = b.dtype == FP8_DTYPE
+    _moe_gemm_kernel[grid](
+        a, b, c, a_scale if fp8 else c, b_scale if fp8 else c, weights, pairs, block_expert,
+        num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0), b_scale.stride(0) if fp8 else 0,
+        A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> torch.Tensor:
+    """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k]."""
+    t, h = x.shape
+    num_experts, two_i, _ = w13.shape
+    fp8 = w13.dtype == FP8_DTYPE
+    check(w13.shape[2] == h and w2.shape == (num_experts, h, two_i // 2), "expert weight shapes")
+    check(w13.stride(2) == 1 and w2.stride(2) == 1 and x.stride(1) == 1, "K dims must be contiguous")
+    check(ids.shape == weights.shape and ids.shape[0] == t, "ids / weights must be [T, k]")
+    check(not fp8 or (w13_scale is not None and w2_scale is not None and w2.dtype == FP8_DTYPE), "fp8 needs scales")
+    top_k = ids.shape[1]
+    num_pairs = t * top_k
+    out = new_out((t, h), x.dtype, x.device)
+    if t == 0:
+        return out
+    cfg = _config(x.device, num_pairs, num_experts, fp8)
+    pairs, block_expert = moe_align(ids, num_experts, cfg[0])
+    flat_w = weights.reshape(-1).float().contiguous()
+    gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
+    down = new_out((num_pairs, h), x.dtype, x.device)
+    if fp8:
+        xq, xs = quant_fp8_per_token(x)
+        s13 = w13_scale.reshape(num_experts, two_i).float().contiguous()
+        s2 = w2_scale.reshape(num_experts, h).float().contiguous()
+        _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
+        act, act_s = silu_and_mul_fp8(gate_up)
+        _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    else:
+        _gemm(x, None, w13, None, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
+        act = silu_and_mul(gate_up)
+        _gemm(act, None, w2, None, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    block_h = min(1024, triton.next_power_of_2(h))
+    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return out

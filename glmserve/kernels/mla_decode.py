@@ -1,0 +1,140 @@
+"""MLA decode attention over the latent KV cache (one new token per sequence), Triton on CUDA; every
+worker rank of an MLA model (GLM-4.7-Flash). paged_attention_fwd routes single-token MLA batches here.
+
+Layout (shared/kvcache/cache.py): cache [num_slots, 1, DL + DR] = [latent | rope]; V = the latent.
+q [B, H, DL + DR] (absorbed query), out [B, H, DL]. The latent is shared by all H heads, so one
+program per (sequence, key split) reads each 2*(DL+DR)-byte cache row once and serves every head.
+The problem is computed transposed, keys in the M dimension: s^T [BLOCK_N, BLOCK_H] = K q^T and
+out^T [DL, BLOCK_H] += K_latent^T p^T, so M is BLOCK_N keys (>= 64: Hopper wgmma) or the 512 latent
+dims, and the head count is only padded to the N tile (20 -> 32), not to a 64-row M tile.
+Bytes: B * ctx * (DL + DR) * 2 (plus the split partials, [B, H, splits, DL] fp32, merged after).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import INTERPRET, dot_in, new_out, next_pow2
+
+
+@triton.jit
+def _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR):
+    """Cache rows of keys j (< hi): latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR], 0 beyond."""
+    j_ok = j < hi
+    page = tl.load(pt + j // page_size, mask=j_ok, other=0)
+    row = kv_ptr + (page.to(tl.int64) * page_size + j % page_size)[:, None] * kv_ss
+    k_lat = tl.load(row + dl[None, :], mask=j_ok[:, None] & (dl[None, :] < DL), other=0.0)
+    k_rope = tl.load(row + DL + dr[None, :], mask=j_ok[:, None] & (dr[None, :] < DR), other=0.0)
+    return k_lat, k_rope
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
+    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
+    plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
+    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0)."""
+    seq = tl.program_id(0)
+    split = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_keys)
+    lo = split * per_split
+    hi = tl.minimum(seq_len, lo + per_split)
+    h = tl.arange(0, BLOCK_H)
+    dl = tl.arange(0, BLOCK_DL)
+    dr = tl.arange(0, BLOCK_DR)
+    h_ok = h < H
+    q_row = q_ptr + seq.to(tl.int64) * q_st + h[None, :] * q_sh
+    q_lat = dot_in(tl.load(q_row + dl[:, None], mask=h_ok[None, :] & (dl[:, None] < DL), other=0.0), UPCAST)
+    q_rope = dot_in(tl.load(q_row + DL + dr[:, None], mask=h_ok[None, :] & (dr[:, None] < DR), other=0.0), UPCAST)
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DL, BLOCK_H], dtype=tl.float32)  # out^T
+    pt = page_table_ptr + seq.to(tl.int64) * pt_stride
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < hi
+        k_lat, k_rope = _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR)
+        k_lat, k_rope = dot_in(k_lat, UPCAST), dot_in(k_rope, UPCAST)
+        s = tl.dot(k_lat, q_lat) + tl.dot(k_rope, q_rope)  # [BLOCK_N, BLOCK_H] = scores^T
+        s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp2(s - m_new[None, :])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype))  # [BLOCK_DL, BLOCK_H]
+        m_i = m_new
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[None, :]
+    o_p = out_ptr + seq.to(tl.int64) * o_st + h[None, :] * o_sh + split * o_ss + dl[:, None]
+    # a split without keys (lo >= hi) writes only its lse (-inf): the merge never reads its partial
+    dl_end = DL
+    if NUM_SPLITS > 1:
+        dl_end = tl.where(lo < hi, DL, 0)  # no keys: store nothing
+    tl.store(o_p, o.to(out_ptr.dtype.element_ty), mask=h_ok[None, :] & (dl[:, None] < dl_end))
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(lse_ptr + (seq.to(tl.int64) * H + h) * NUM_SPLITS + split, lse, mask=h_ok)
+
+
+# (gpu name) -> (BLOCK_N, num_warps, num_stages, splits; 0 = cdiv(SMs, B)); H100 sweep, KERNEL_NOTES v7.
+# `splits` is what batches that fill the SMs use; batches of few sequences (B * splits * 4 <= SMs) get
+# up to cdiv(SMs, B) (at most MAX_SPLITS), and each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
+# sequence uses while one 16k-token sequence spreads over 128 SMs instead of 4 (H200: TPOT 30 ms at
+# 16k before). Both are decided per sequence on the device: a CUDA graph captured at any length fits.
+CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "default": (32, 4, 3, 4),
+}
+_CPU_CONFIG = (16, 4, 1, 0)
+MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
+MIN_KEYS = 128
+
+
+def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Fill the SMs about once (partials cost 8*H*DL bytes a split, so few splits): cdiv(SMs, B)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(triton.cdiv(sms, max(1, num_seqs)), triton.cdiv(max_seq_len, 4 * block_n), 16))
+
+
+def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
+               splits: int | None = None, config: tuple[int, int, int, int] | None = None,
+               min_keys: int | None = None) -> torch.Tensor:
+    """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
+    Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
+    from glmserve.kernels._common import gpu_name
+    from glmserve.kernels.paged_attention import _merge_kernel
+
+    b, h, dk = q.shape
+    name = gpu_name(q.device)
+    block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
+    if splits is None and fixed:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        # more splits only where the tuned grid would leave >= 3/4 of the SMs idle (H200: B <= 8);
+        # B = 16 at ctx 512 measured slower with 9 splits than with 4 (bench/gpu_results/h200x2_run11_mla)
+        splits = min(triton.cdiv(sms, max(1, b)), MAX_SPLITS) if 4 * b * fixed <= sms else fixed
+    n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
+    min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
+    out = new_out((b, h, dl), dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    part = out if n_split == 1 else new_out((b, h, n_split, dl), dtype=torch.float32, device=q.device)
+    lse = part if n_split == 1 else new_out((b, h, n_split), dtype=torch.float32, device=q.device)
+    strides = (out.stride(0), out.stride(1), 0) if n_split == 1 else (h * n_split * dl, n_split * dl, dl)
+    _mla_decode_kernel[(b, n_split)](
+        q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
+        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
+        NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
+        BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
+    )
+    if n_split > 1:
+        _merge_kernel[(b * h,)](
+            part, lse, out, dl, out.stride(0), out.stride(1), NUM_HEADS=h, NUM_SPLITS=n_split,
+            BLOCK_S=next_pow2(n_split), BLOCK_DV=max(16, next_pow2(dl)), num_warps=4,
+        )
+    return out

@@ -1,0 +1,109 @@
+"""MoE routing: GLM noaux_tc router and token sort/align by expert. Every worker rank (MoE layers).
+
+moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (cuBLAS, fp32); then one Triton program per token:
+  s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
+  each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
+  (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
+moe_align: sorts the T*k (token, slot) pairs by expert and pads each expert's run to a multiple of
+BLOCK_M so one GEMM tile never mixes experts; pure torch on the device, no host sync (sizes are bounds).
+The torch reference it is tested against is shared/model/ops.py::moe_route_ref (the CPU model's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import check, new_out, next_pow2
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, E, scaling,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr, K_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    ok = e < E
+    logit = tl.load(logits_ptr + t * E + e, mask=ok, other=0.0)
+    s = 1.0 / (1.0 + tl.exp(-logit))
+    c = tl.where(ok, s + tl.load(bias_ptr + e, mask=ok, other=0.0), float("-inf"))
+    if N_GROUP > 1:
+        group = e // (E // N_GROUP)
+        keep = e < 0
+        gscore = tl.zeros([BLOCK_E], dtype=tl.float32)  # group score broadcast to its experts
+        for g in range(N_GROUP):
+            cg = tl.where(group == g, c, float("-inf"))
+            top1 = tl.max(cg, axis=0)
+            first = tl.min(tl.where(cg == top1, e, BLOCK_E), axis=0)
+            top2 = tl.max(tl.where(e == first, float("-inf"), cg), axis=0)
+            gscore = tl.where(group == g, top1 + top2, gscore)
+        for _ in range(TOPK_GROUP):
+            best = tl.max(tl.where(keep | ~ok, float("-inf"), gscore), axis=0)
+            gbest = tl.min(tl.where((gscore == best) & ~keep & ok, group, N_GROUP), axis=0)
+            keep = keep | (group == gbest)
+        c = tl.where(keep, c, float("-inf"))
+    slots = tl.arange(0, K_PAD)
+    w_out = tl.zeros([K_PAD], dtype=tl.float32)
+    id_out = tl.zeros([K_PAD], dtype=tl.int64)
+    for j in range(TOP_K):
+        best = tl.max(c, axis=0)
+        pick = tl.min(tl.where(c == best, e, BLOCK_E), axis=0)  # lowest id among ties
+        w = tl.sum(tl.where(e == pick, s, 0.0), axis=0)  # unbiased score of the pick
+        w_out = tl.where(slots == j, w, w_out)
+        id_out = tl.where(slots == j, pick.to(tl.int64), id_out)
+        c = tl.where(e == pick, float("-inf"), c)
+    if NORM:
+        w_out = w_out / (tl.sum(w_out, axis=0) + 1e-20)
+    tl.store(w_ptr + t * TOP_K + slots, w_out * scaling, mask=slots < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slots, id_out, mask=slots < TOP_K)
+
+
+def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
+    """shared.model.ops signature -> (weights [T, k] fp32, ids [T, k] int64), ids highest score first."""
+    num_experts = gate_weight.shape[0]
+    check(hidden.shape[-1] == gate_weight.shape[1], "hidden size must match the gate")
+    check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
+    check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
+    logits = F.linear(hidden.float(), gate_weight.float()).contiguous()  # [T, E] fp32
+    t = logits.shape[0]
+    weights = new_out((t, top_k), torch.float32, hidden.device)
+    ids = new_out((t, top_k), torch.int64, hidden.device)
+    if t:
+        _route_kernel[(t,)](
+            logits, correction_bias.float().contiguous(), weights, ids, num_experts, float(scaling),
+            TOP_K=top_k, K_PAD=next_pow2(top_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
+            NORM=bool(norm_topk_prob), BLOCK_E=next_pow2(num_experts), num_warps=1 if num_experts <= 64 else 2,
+        )
+    return weights, ids
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32), P = T*k + E*(block_m-1)
+    rounded up to block_m (a bound, so no host sync).
+
+    sorted_pairs lists flat pair indices (t * k + j) grouped by expert, each expert's run padded to a
+    multiple of block_m with the sentinel T*k; block_expert[b] is the expert of rows b*block_m.. or -1
+    for blocks past the last used one.
+    """
+    flat = ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    cap = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    # scatter_add, not bincount: bincount reads max() on the host (a sync that breaks CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    run_start = torch.cumsum(padded, 0) - padded  # [E] first padded row of each expert
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    sorted_experts = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=ids.device) - first_of_expert[sorted_experts]
+    sorted_pairs = torch.full((cap,), num_pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs[run_start[sorted_experts] + rank] = order.to(torch.int32)
+    block_start = torch.arange(0, cap, block_m, device=ids.device)
+    ends = torch.cumsum(padded, 0)
+    block_expert = torch.searchsorted(ends, block_start, right=True).to(torch.int32)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return sorted_pairs, block_expert

@@ -1,0 +1,87 @@
+"""RMSNorm and fused residual-add + RMSNorm (Triton on CUDA; torch reference beside). All worker ranks.
+
+HF semantics (spec §1.2): y = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype). The fused form
+first computes s = x + residual in x.dtype (one rounding, as torch does) and returns (norm(s), s).
+One program normalises one row of D elements (D <= 16384; GLM rows are 128 .. 5120 wide).
+Bytes: read x (+ residual) and w, write y (+ s): memory-bound, one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import new_out, check, next_pow2
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm_ref(x, residual, weight, eps):
+    s = x + residual
+    return rms_norm_ref(s, weight, eps), s
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, s_ptr,
+    x_stride, res_stride, y_stride, s_stride, D, eps,
+    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounds like torch's x + residual
+        tl.store(s_ptr + row * s_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)  # cast back before the weight, as HF does
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * y_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    check(x.stride(-1) == 1, "last dim must be contiguous")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _launch(x, residual, weight, eps):
+    d = x.shape[-1]
+    check(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous")
+    check(d <= 16384, "row too wide for one program")
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    x2 = _rows(x)
+    y = new_out(x2.shape, dtype=out_dtype, device=x.device)
+    res2 = s = None
+    if residual is not None:
+        check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
+        res2 = _rows(residual)
+        s = new_out(x2.shape, x2.dtype, x2.device)
+    n_rows = x2.shape[0]
+    if n_rows:
+        block = next_pow2(d)
+        _rms_norm_kernel[(n_rows,)](
+            x2, res2 if res2 is not None else x2, weight, y, s if s is not None else y,
+            x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
+            s.stride(0) if s is not None else 0, d, float(eps),
+            HAS_RES=residual is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)),
+        )
+    y = y.view(x.shape)
+    return y, (s.view(x.shape) if s is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D] (last dim contiguous), weight: [D] -> [..., D]."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual), both shaped like x."""
+    return _launch(x, residual, weight, eps)

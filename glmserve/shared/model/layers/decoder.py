@@ -1,0 +1,40 @@
+"""One GLM decoder layer: RMSNorm -> attention -> RMSNorm -> dense MLP or MoE (each worker rank).
+
+The residual stream is carried beside the hidden state so the norms can fuse the add (vLLM style):
+forward(x, residual) returns (mlp_out, residual) and the caller's next norm adds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glmserve.shared.config.model import ModelConfig
+from glmserve.shared.model.context import BuildCtx
+from glmserve.shared.model.layers.mlp import GatedMLP
+from glmserve.shared.model.layers.moe import MoE
+from glmserve.shared.model.layers.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, attn: nn.Module, ctx: BuildCtx):
+        super().__init__()
+        prefix = f"model.layers.{layer_id}"
+        self.layer_id = layer_id  # also the KV cache layer this layer writes
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
+        if cfg.is_moe_layer(layer_id):
+            self.mlp = MoE(cfg, ctx, f"{prefix}.mlp")
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
+        """x, residual: [T, H] (residual None on the first layer) -> (out, residual)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos_sin, batch, kv_cache, self.layer_id)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual

@@ -1,0 +1,122 @@
+"""Multi-head latent attention over the paged cache (glm4_moe_lite; each worker rank).
+
+Cache entry per token (one "kv head", identical on every TP rank): [normed latent (L) | roped k_pe (R)].
+Decode, verify, draft and short prefills absorb the up-projections:
+  q_lat[t,h] = q_nope[t,h] @ W_UK[h]   (W_UK[h]: [nope, L] rows of kv_b_proj)
+  scores     = (q_lat . latent + q_pe . k_pe) * qk_head_dim^-0.5
+  o[t,h]     = (softmax(scores) @ latent) @ W_UV[h]^T   (W_UV[h]: [v, L])
+which equals HF's expanded form. Prefill batches with a query of >= EXPAND_MIN_Q tokens run HF's
+expanded form instead (as vLLM / SGLang prefill): every position's K/V decompressed from the cache by
+kv_b_proj, then plain causal attention with Dk = nope + R, Dv = v: per (query, key) pair 2 * (nope +
+R + v) FLOPs per head instead of 2 * (2L + R) (GLM-4.7-Flash: 896 vs 2176, 2.4x fewer), in the
+attention kernel's GQA tiles. The absorbed path stays the reference it is tested against. TP: q_b_proj / kv_b_proj column-parallel by head, o_proj row-parallel,
+q_a_proj / kv_a_proj_with_mqa replicated. q_a/kv_a layernorms use eps 1e-6 (as HF builds them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from glmserve.shared.config.model import ModelConfig
+from glmserve.shared.model import ops
+from glmserve.shared.model.context import BuildCtx
+from glmserve.shared.model.layers.norm import RMSNorm
+from glmserve.shared.model.layers.rope import RotaryEmbedding
+from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+
+LORA_NORM_EPS = 1e-6  # HF Glm4MoeLiteRMSNorm default, used for q_a_layernorm / kv_a_layernorm
+EXPAND_MIN_Q = 16  # a PREFILL batch whose longest query has this many tokens runs the expanded form
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ctx: BuildCtx, prefix: str):
+        super().__init__()
+        h, heads, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.lora, self.rope = cfg.kv_lora_rank, rope
+        self.num_heads = heads // ctx.tp.tp_size
+        self.scale = cfg.qk_head_dim ** -0.5
+        qk, lin = cfg.qk_head_dim, ctx.linear
+        self.q_lora = cfg.q_lora_rank or 0
+        if self.q_lora:  # q_a_proj and kv_a_proj_with_mqa as one replicated GEMM (vLLM's fused_qkv_a_proj)
+            self.fused_qkv_a_proj = ctx.merged(prefix, ("q_a_proj", "kv_a_proj_with_mqa"), h,
+                                               [self.q_lora, self.lora + self.rope_dim], bias, "replicated")
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, ctx.dtype, ctx.device)
+            self.q_b_proj = lin(f"{prefix}.q_b_proj", cfg.q_lora_rank, heads * qk, False, "column")
+        else:
+            self.q_proj = lin(f"{prefix}.q_proj", h, heads * qk, False, "column")
+            self.kv_a_proj_with_mqa = lin(f"{prefix}.kv_a_proj_with_mqa", h, self.lora + self.rope_dim, bias)
+        self.kv_a_layernorm = RMSNorm(self.lora, LORA_NORM_EPS, ctx.dtype, ctx.device)
+        self.kv_b_proj = lin(f"{prefix}.kv_b_proj", self.lora, heads * (self.nope + self.v_dim), False, "column")
+        self.o_proj = lin(f"{prefix}.o_proj", heads * self.v_dim, h, bias, "row")
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [h, nope, L], W_UV [h, v, L]) from kv_b_proj (dequantized when fp8)."""
+        w = self.kv_b_proj.weight
+        if self.kv_b_proj.fp8:
+            w = w.float() * self.kv_b_proj.weight_scale
+        w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q [T, h_local * qk_head_dim], ckv [T, L + R])."""
+        if self.q_lora:
+            q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x))
+            return self.q_b_proj(self.q_a_layernorm(q_a)), ckv
+        return self.q_proj(x), self.kv_a_proj_with_mqa(x)
+
+    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes [latent | k_pe] of the batch tokens into cache layer `cache_layer`."""
+        t = x.shape[0]
+        q, ckv = self._project(x)
+        q = q.view(t, self.num_heads, self.nope + self.rope_dim)
+        q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
+        latent = self.kv_a_layernorm(ckv[:, : self.lora])
+        k_pe = self.rope(ckv[:, None, self.lora :], cos_sin)  # [T, 1, R]
+        cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
+        cache.index_copy_(0, batch.slot_mapping, torch.cat([latent[:, None], k_pe], -1).to(cache.dtype))
+        if batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q:
+            o = self._expanded(q[..., : self.nope], q_pe, cache, batch, kv_cache.layout.page_size)
+        else:
+            o = self._absorbed(q[..., : self.nope], q_pe, cache, batch, kv_cache.layout.page_size)
+        return self.o_proj(o.to(x.dtype).reshape(t, self.num_heads * self.v_dim))
+
+    def _absorbed(self, q_nope, q_pe, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
+        """q_nope [T, h, nope], q_pe [T, h, R], cache [num_slots, 1, L + R] -> o [T, h, v]."""
+        w_uk, w_uv = self._up_weights()
+        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk.to(q_nope.dtype))  # [T, h, L]
+        query = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, L + R]
+        o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
+        return torch.einsum("thl,hvl->thv", o_lat.to(q_nope.dtype), w_uv.to(q_nope.dtype))
+
+    def _expanded(self, q_nope, q_pe, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
+        """The same o [T, h, v] through K/V decompressed for all S = sum(seq_lens) positions of the
+        batch's sequences (prefix and new tokens), laid out sequence after sequence: K [S, h, nope + R],
+        V [S, h, v]; the attention kernel reads them through a page table of page size 1."""
+        slots, table = _positions(batch, page_size)  # [S] cache slots, [B, max_seq_len] rows into K / V
+        kv = cache[slots, 0]  # [S, L + R]
+        s, h, dtype = kv.shape[0], self.num_heads, q_nope.dtype
+        up = self.kv_b_proj(kv[:, : self.lora].to(dtype)).view(s, h, self.nope + self.v_dim)
+        k = torch.cat([up[..., : self.nope], kv[:, None, self.lora :].to(dtype).expand(s, h, self.rope_dim)], -1)
+        v = up[..., self.nope :].contiguous()  # [S, h, v]
+        query = torch.cat([q_nope, q_pe], dim=-1)  # [T, h, nope + R]
+        return ops.paged_attention(query, k, v, dataclasses.replace(batch, page_table=table), 1, self.scale)
+
+
+def _positions(batch: ForwardBatch, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots [S] int64: the cache slot of every position 0 .. seq_len_i - 1 of every sequence i, in
+    order; table [B, max_seq_len] int32: row i = start_i + arange, start_i = the sum of the earlier
+    sequences' lengths: a page table of page size 1 into a buffer laid out like slots). No host sync:
+    the lengths' host copies size everything."""
+    lens_cpu = [q + p for q, p in zip(batch.query_lens_cpu, batch.prefix_lens_cpu)]
+    dev, total, longest = batch.page_table.device, sum(lens_cpu), max(lens_cpu)
+    lens = batch.seq_lens.to(torch.int64)
+    starts = torch.cumsum(lens, 0) - lens  # [B]
+    seq = torch.repeat_interleave(torch.arange(len(lens_cpu), device=dev), lens, output_size=total)  # [S]
+    pos = torch.arange(total, device=dev) - starts[seq]
+    slots = batch.page_table[seq, pos // page_size].to(torch.int64) * page_size + pos % page_size
+    table = (starts[:, None] + torch.arange(longest, device=dev)[None, :]).to(torch.int32)
+    return slots, table

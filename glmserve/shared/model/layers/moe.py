@@ -1,0 +1,104 @@
+"""GLM MoE block: sigmoid noaux_tc router + routed experts + ungated shared expert (each worker rank).
+
+TP: the router (fp32 `gate.weight` [E, H], fp32 `gate.e_score_correction_bias` [E]) is replicated;
+every expert's intermediate dim is split across ranks (w13 rows, w2 columns), the shared expert likewise;
+routed + shared partial sums are added and all-reduced once here.
+Checkpoint names `experts.{e}.{gate,up,down}_proj.weight[_scale]` load into the stacked
+`experts.w13` [E, 2*I_local, H] ([gate; up]) and `experts.w2` [E, H, I_local] via `load_expert`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glmserve.shared.config.model import ModelConfig
+from glmserve.shared.model import ops
+from glmserve.shared.model.layers.linear import copy_checked, quantize_per_channel, set_loader
+from glmserve.shared.model.layers.mlp import GatedMLP
+from glmserve.shared.model.context import BuildCtx
+from glmserve.shared.model.parallel import TPGroup
+from glmserve.shared.weights.lazy import materialize
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, device="cpu"):
+        super().__init__()
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        self.cfg = cfg
+        self.weight = set_loader(nn.Parameter(torch.empty(e, h, device=device), requires_grad=False),
+                                 lambda p, t: copy_checked(p, t))
+        self.e_score_correction_bias = set_loader(
+            nn.Parameter(torch.zeros(e, device=device), requires_grad=False), lambda p, t: copy_checked(p, t))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] fp32, ids [T, k])."""
+        c = self.cfg
+        return ops.moe_route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
+                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+
+
+class Experts(nn.Module):
+    """Stacked routed experts; this rank holds intermediate rows [r*I/tp, (r+1)*I/tp) of every expert."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, fp8: bool, dtype, device):
+        super().__init__()
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        self.inter_start, self.inter_local = tp.shard(cfg.moe_intermediate_size)
+        self.fp8 = fp8
+        self.quantized_online = False  # set when float checkpoint tensors were quantized at load
+        wdtype = torch.float8_e4m3fn if fp8 else dtype
+        i = self.inter_local
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=wdtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=wdtype, device=device), requires_grad=False)
+        self.w13_scale = self.w2_scale = None
+        if fp8:
+            self.w13_scale = nn.Parameter(torch.ones(e, 2 * i, 1, device=device), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.ones(e, h, 1, device=device), requires_grad=False)
+
+    def load_expert(self, expert: int, proj: str, kind: str, loaded: torch.Tensor) -> None:
+        """proj: gate_proj|up_proj|down_proj; kind: weight|weight_scale. loaded: the full checkpoint tensor."""
+        s, n = self.inter_start, self.inter_local
+        if kind == "weight_scale":
+            loaded = materialize(loaded)
+        if proj == "down_proj":
+            shard = loaded.narrow(1, s, n) if kind == "weight" else loaded.reshape(-1, 1)
+            dst, dst_scale = self.w2.data[expert], (self.w2_scale.data[expert] if self.fp8 else None)
+        else:
+            shard = loaded.narrow(0, s, n) if kind == "weight" else loaded.reshape(-1, 1).narrow(0, s, n)
+            off = 0 if proj == "gate_proj" else n
+            dst = self.w13.data[expert, off : off + n]
+            dst_scale = self.w13_scale.data[expert, off : off + n] if self.fp8 else None
+        if kind == "weight_scale":
+            copy_checked(dst_scale, shard.float(), f"experts.{expert}.{proj}.weight_scale")
+        elif self.fp8 and loaded.dtype != torch.float8_e4m3fn:  # --quantization fp8 (online)
+            q, scale = quantize_per_channel(materialize(shard))
+            copy_checked(dst, q)
+            dst_scale.copy_(scale)
+            self.quantized_online = True
+        else:
+            copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: BuildCtx, prefix: str):
+        super().__init__()
+        self.tp = ctx.tp
+        self.expert_counts: torch.Tensor | None = None  # [E] tokens routed per expert, when tracking
+        self.gate = Router(cfg, ctx.device)
+        fp8 = ctx.fp8_modules(f"{prefix}.experts.0.gate_proj")
+        self.experts = Experts(cfg, ctx.tp, fp8, ctx.dtype, ctx.device)
+        self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx,
+                                       f"{prefix}.shared_experts", reduce=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> routed + shared [T, H] (all-reduced)."""
+        weights, ids = self.gate(x)
+        if self.expert_counts is not None:
+            flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
+            self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
+        out = self.experts(x, weights, ids) + self.shared_experts(x)
+        return self.tp.all_reduce(out)

@@ -1,0 +1,227 @@
+"""Every model op that gets a Triton kernel on CUDA, with its plain-torch implementation (all worker ranks).
+
+The layers call only these functions. The CPU/GPU choice happens here, once: `set_backend` (called by the
+kernels package or the model runner) may replace entries of `IMPL` with Triton launchers; the torch
+versions below are the reference every kernel is tested against. Shapes use T tokens, B sequences.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from glmserve.shared.runner.batch import ForwardBatch
+
+FP8_MAX = 448.0  # e4m3fn
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: normalise in fp32, cast back to x.dtype, then multiply by weight. x: [..., D]."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); both [T, D]."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps), s
+
+
+def rope_ref(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool
+) -> torch.Tensor:
+    """Rotate dims [0, rotary_dim) of x [T, heads, D]; cos/sin: [T, rotary_dim // 2] fp32.
+
+    NeoX (interleaved=False): dim j pairs with j + rotary_dim/2. Interleaved (GPT-J, MLA): dims (2i, 2i+1)
+    pair, and the result is written de-interleaved [rot_even..., rot_odd...] exactly as HF does (q and k get
+    the same permutation, so q.k is that of the true interleaved rotation).
+    """
+    c = cos[:, None, :].to(x.dtype)
+    s = sin[:, None, :].to(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
+    out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([out, rest], dim=-1)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def moe_route_ref(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM noaux_tc router (spec §1.2): -> (weights [T, k] fp32, expert ids [T, k] int64).
+
+    fp32 sigmoid scores; the correction bias only picks experts; group score = sum of the top-2 biased
+    scores in the group, keep topk_group groups; weights from unbiased scores, renormalised, then scaled.
+    """
+    scores = F.linear(hidden.float(), gate_weight.float()).sigmoid()  # [T, E]
+    choice = scores + correction_bias.float()
+    num_tokens, num_experts = choice.shape
+    if n_group > 1:
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [T, n_group]
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+        mask = mask[:, :, None].expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(~mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def fused_experts_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j].
+
+    x: [T, H]; w13: [E, 2I, H] ([gate; up] rows); w2: [E, H, I]; weights: [T, k] fp32; ids: [T, k].
+    FP8 experts: w13/w2 are e4m3 with per-row scales w13_scale [E, 2I, 1], w2_scale [E, H, 1]
+    (this reference dequantizes the weights and keeps activations unquantized).
+    Returns [T, H] in x.dtype (this rank's partial sum when I is TP-split).
+    """
+    if w13_scale is not None:
+        w13 = (w13.float() * w13_scale.float()).to(x.dtype)
+        w2 = (w2.float() * w2_scale.float()).to(x.dtype)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])
+    flat_w = weights.reshape(-1)
+    for e in torch.unique(flat_ids).tolist():
+        sel = (flat_ids == e).nonzero().squeeze(1)
+        tok = token_of[sel]
+        h = silu_and_mul_ref(x[tok] @ w13[e].t()) @ w2[e].t()  # [n, H]
+        out.index_add_(0, tok, h.float() * flat_w[sel, None])
+    return out.to(x.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: "ForwardBatch",
+    page_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached tokens (new ones already written).
+
+    q: [T, Hq, Dk]; k_cache: [num_slots, Hkv, Dk]; v_cache: [num_slots, Hkv, Dv] (may be a view of k_cache);
+    batch gives query_start_loc / seq_lens / page_table [B, max_pages] (and their host copies).
+    Query row j of sequence i sits at position prefix_lens[i] + j. Returns [T, Hq, Dv] in q.dtype.
+    """
+    num_heads, num_kv = q.shape[1], k_cache.shape[1]
+    out = q.new_empty(q.shape[0], num_heads, v_cache.shape[-1])
+    start = 0
+    for i, (q_len, prefix_len) in enumerate(zip(batch.query_lens_cpu, batch.prefix_lens_cpu)):
+        end, seq_len = start + q_len, prefix_len + q_len
+        if q_len == 0:
+            continue
+        pos = torch.arange(seq_len, device=q.device)
+        slots = batch.page_table[i, pos // page_size].long() * page_size + pos % page_size
+        k = k_cache[slots].repeat_interleave(num_heads // num_kv, dim=1)  # [S, Hq, Dk]
+        v = v_cache[slots].repeat_interleave(num_heads // num_kv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k.float()) * scale
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)
+        start = end
+    return out
+
+
+def quant_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, K] -> (x_fp8 [T, K] e4m3, scale [T, 1] fp32) with x ~= x_fp8 * scale."""
+    scale = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear_ref(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """FP8 weight linear, CPU path: dequantize W = w_fp8 * w_scale (w_fp8 [N, K] e4m3, w_scale [N, 1] fp32)
+    and run y = x W^T (+ bias) in x.dtype. CUDA swaps in the W8A8 kernel (`fp8_linear_w8a8_ref` semantics)."""
+    w = (w_fp8.float() * w_scale.float()).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def fp8_linear_w8a8_ref(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 per-token x per-channel (the GPU kernel's reference): y = (q(x) . W^T) * s_x * s_w^T (+ bias)."""
+    xq, xs = quant_fp8_per_token_ref(x.reshape(-1, x.shape[-1]))
+    y = (xq.float() @ w_fp8.float().t()) * xs * w_scale.float().reshape(1, -1)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y + bias if bias is not None else y
+
+
+IMPL: dict[str, Callable] = {
+    "rms_norm": rms_norm_ref,
+    "add_rms_norm": add_rms_norm_ref,
+    "rope": rope_ref,
+    "silu_and_mul": silu_and_mul_ref,
+    "moe_route": moe_route_ref,
+    "fused_experts": fused_experts_ref,
+    "paged_attention": paged_attention_ref,
+    "quant_fp8_per_token": quant_fp8_per_token_ref,
+    "fp8_linear": fp8_linear_ref,
+}
+
+
+def set_impl(name: str, fn: Callable) -> None:
+    """Swap one op (kernels package on CUDA). Same signature and semantics as the *_ref function."""
+    if name not in IMPL:
+        raise KeyError(f"unknown op {name!r}; ops: {sorted(IMPL)}")
+    IMPL[name] = fn
+
+
+def rms_norm(x, weight, eps):
+    return IMPL["rms_norm"](x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    return IMPL["add_rms_norm"](x, residual, weight, eps)
+
+
+def rope(x, cos, sin, rotary_dim, interleaved):
+    return IMPL["rope"](x, cos, sin, rotary_dim, interleaved)
+
+
+def silu_and_mul(x):
+    return IMPL["silu_and_mul"](x)
+
+
+def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
+    return IMPL["moe_route"](hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+
+
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None):
+    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale)
+
+
+def paged_attention(q, k_cache, v_cache, batch, page_size, scale):
+    return IMPL["paged_attention"](q, k_cache, v_cache, batch, page_size, scale)
+
+
+def fp8_linear(x, w_fp8, w_scale, bias):
+    return IMPL["fp8_linear"](x, w_fp8, w_scale, bias)

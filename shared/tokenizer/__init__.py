@@ -1,9 +1,0 @@
-"""Tokenizer, GLM chat templates and incremental detokenization (router process).
-
-Public API: `load_tokenizer`, `GlmTokenizer`, `IncrementalDetokenizer`; the built-in
-tokenizer of the embedded default model is in `shared.tokenizer.builtin`.
-"""
-from shared.tokenizer.detokenizer import IncrementalDetokenizer
-from shared.tokenizer.glm_tokenizer import GlmTokenizer, load_tokenizer, normalize_messages
-
-__all__ = ["GlmTokenizer", "IncrementalDetokenizer", "load_tokenizer", "normalize_messages"]
