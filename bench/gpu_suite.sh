@@ -10,6 +10,8 @@
 #   bash bench/gpu_suite.sh mla      # MLA decode split rule: tests, kernel before/after, decode step at 16k
 #   bash bench/gpu_suite.sh tp       # nvidia-h200-x4: TP 2 prefill + TP 2 decode worker pairs (MTP too)
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
+#   bash bench/gpu_suite.sh onegpu   # nvidia-h200 (ONE GPU): cuda_ipc link checks + GB/s vs a device copy, then
+#                                    # the fleet with prefill and decode on GPU 0, random 512/256 at c64 and c256
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
 set -uo pipefail
@@ -119,6 +121,17 @@ case "${1:-models}" in
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
+    ;;
+  onegpu)  # one GPU: prefill and decode share it; their KV link is the same-GPU one (cuda_ipc)
+    end=$((SECONDS + ${ONEGPU_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step ipc_tests "$(left 120)" $PY -m pytest -q -s -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kvcache/test_bench_kv_ipc.py tests/kvcache/test_ipc_link.py tests/kernels/test_kv_pages.py
+    step kv_ipc "$(left 90)" $PY -m bench.kv_ipc --reps 5 --out "$OUT/kv_ipc.json"
+    step serve1 "$(left 420)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" bash deploy/gpu_onegpu.sh
+    cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+    serve_logs 100 40 prefill_p0 decode_d0 router
+    rm -rf "$OUT/serve"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 from glmserve.deploy.plan import FleetSpec
@@ -21,6 +22,18 @@ from glmserve.deploy.plan import FleetSpec
 # The state dir (config, logs, socket, default model) is under the directory `up` runs in; the
 # programs run there too, so no folder beside the checkout's packages is on their sys.path.
 DEFAULT_STATE = ".state"
+
+
+def visible_gpus() -> int:
+    """GPUs this node's workers can see (CUDA_VISIBLE_DEVICES, else nvidia-smi -L); 0 if unknown."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([g for g in env.split(",") if g.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
@@ -43,6 +56,8 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "tp", type=int, default=1)
     _flag(p, "prefill_gpus", default="", help='GPU groups, e.g. "0,1;2,3" (default: in order)')
     _flag(p, "decode_gpus", default="")
+    _flag(p, "kv_transport", default="auto", choices=["auto", "nccl", "gloo", "cuda_ipc"],
+          help="KV link of every pair: auto = cuda_ipc when a pair shares a GPU, else nccl (gloo on cpu)")
     _flag(p, "load_format", default="auto", choices=["auto", "dummy"])
     _flag(p, "dtype", default="")
     _flag(p, "page_size", type=int, default=16)
@@ -91,6 +106,7 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         served_model_name=a.served_model_name, tokenizer=a.tokenizer, max_queue=a.max_queue,
         max_req_total_len=a.max_req_total_len, quantization=a.quantization,
         prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads,
+        num_gpus=visible_gpus() if a.device == "cuda" else 0, kv_transport=a.kv_transport,
         start_retries=a.start_retries)
 
 

@@ -55,6 +55,8 @@ class FleetSpec:
     prefill_gpus: str = ""
     decode_gpus: str = ""
     cpu_threads: int = 1  # OMP_NUM_THREADS per worker on cpu
+    num_gpus: int = 0  # GPUs visible on this node (0: unknown, assume enough)
+    kv_transport: str = "auto"  # workers' --kv_transport
     start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
 
 
@@ -85,12 +87,15 @@ def _gpu_groups(spec: FleetSpec) -> tuple[list[str], list[str]]:
         return groups
 
     t = spec.tp
-    auto = [",".join(str(i * t + k) for k in range(t)) for i in range(spec.num_prefill + spec.num_decode)]
+    # In order; with fewer GPUs than the workers need (spec.num_gpus), the groups wrap around: on
+    # one GPU prefill and decode share it, and their KV link is the same-GPU one (cuda_ipc).
+    n = spec.num_gpus if spec.num_gpus >= t else 1 << 30
+    auto = [",".join(str((i * t + k) % n) for k in range(t)) for i in range(spec.num_prefill + spec.num_decode)]
     pre = explicit(spec.prefill_gpus, spec.num_prefill, "prefill") if spec.prefill_gpus else auto[: spec.num_prefill]
     dec = explicit(spec.decode_gpus, spec.num_decode, "decode") if spec.decode_gpus else auto[spec.num_prefill:]
-    used = [g for grp in pre + dec for g in grp.split(",")]
-    if len(set(used)) != len(used):
-        raise ValueError(f"a GPU is in two workers' sets: prefill {pre}, decode {dec}")
+    for grp in pre + dec:
+        if len(set(grp.split(","))) != t:
+            raise ValueError(f"GPU group {grp!r} names a GPU twice")
     return pre, dec
 
 
@@ -102,6 +107,7 @@ def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, g
             "--health_port", str(health), "--device", spec.device, "--tp", str(spec.tp), "--dtype", dtype,
             "--page_size", str(spec.page_size), "--num_pages", str(num_pages)]
     argv += ["--quantization", spec.quantization] if spec.quantization else []
+    argv += ["--kv_transport", spec.kv_transport] if spec.kv_transport != "auto" else []
     return argv + (["--gpus", gpus] if gpus else [])
 
 

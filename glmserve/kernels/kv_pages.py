@@ -67,3 +67,39 @@ def gather_pages(buffer: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
 
 def scatter_pages(buffer: torch.Tensor, page_ids: torch.Tensor, data: torch.Tensor) -> None:
     copy_pages(buffer, page_ids, data, scatter=True)
+
+
+# ---- cache -> cache (the same-host KV link: the decode copies from the prefill's mapped cache) ----
+def copy_between_ref(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    dst.index_copy_(2, dst_ids.to(dst.device), src.index_select(2, src_ids.to(src.device)).to(dst.device))
+
+
+@triton.jit
+def _copy_between_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_pages, dst_pages, n, CHUNK,
+                         BLOCK: tl.constexpr):
+    run = tl.program_id(0).to(tl.int64)  # (layer * parts + part) * n + i
+    lp, i = run // n, run % n
+    s = tl.load(src_ids_ptr + i).to(tl.int64)
+    d = tl.load(dst_ids_ptr + i).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < CHUNK
+    v = tl.load(src_ptr + (lp * src_pages + s) * CHUNK + offs, mask=m)
+    tl.store(dst_ptr + (lp * dst_pages + d) * CHUNK + offs, v, mask=m)
+
+
+def copy_between(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst pages dst_ids[i] <- src pages src_ids[i], every layer and part, in one pass (one read and one
+    write of each page: bytes = 2 * n * page_bytes). src and dst: 6-d caches of the same page shape
+    (their page counts may differ); src may be another process's cache mapped here."""
+    check(src.dim() == 6 and dst.dim() == 6 and src.is_contiguous() and dst.is_contiguous(), "6-d contiguous caches")
+    check(src.shape[:2] == dst.shape[:2] and src.shape[3:] == dst.shape[3:] and src.dtype == dst.dtype,
+          "src and dst must have the same page shape and dtype")
+    check(src_ids.numel() == dst_ids.numel(), "as many source as destination pages")
+    n = src_ids.numel()
+    if n == 0:
+        return
+    chunk = src[0, 0, 0].numel()
+    block = min(4096, triton.next_power_of_2(chunk))
+    grid = (src.shape[0] * src.shape[1] * n, triton.cdiv(chunk, block))
+    _copy_between_kernel[grid](src, dst, src_ids.to(dst.device), dst_ids.to(dst.device), src.shape[2], dst.shape[2],
+                               n, chunk, BLOCK=block, num_warps=4)

@@ -73,7 +73,7 @@ def test_explicit_gpu_sets(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--device", "cuda", "--tp", "2", "--prefill_gpus", "0,1", "--decode_gpus", "1,2"],  # GPU 1 twice
+    ["--device", "cuda", "--tp", "2", "--prefill_gpus", "1,1"],  # GPU 1 twice in one TP group
     ["--device", "cuda", "--tp", "2", "--prefill_gpus", "0"],  # group of 1 for tp 2
     ["--prefill", "11"],
 ])
@@ -138,3 +138,17 @@ def test_preset_serves_the_real_config_with_dummy_weights(tmp_path):
     assert (model / "tokenizer.json").exists()
     workers = [ln for ln in text.splitlines() if ln.startswith("command=") and "_worker" in ln]
     assert len(workers) == 2 and all(f"--model_dir {model} --load-format dummy" in ln for ln in workers)
+
+
+def test_one_gpu_node_shares_it(tmp_path, monkeypatch):
+    """One visible GPU: prefill and decode both on GPU 0 (their link is then the same-GPU cuda_ipc one);
+    two GPUs: one each, as before; every program reads the fleet key's file from the state dir."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    progs = _programs(tmp_path, "--device", "cuda")
+    assert {n: _argv(pc).get("--gpus") for n, pc in progs.items()} == {
+        "router": None, "prefill_p0": ["0"], "decode_d0": ["0"]}
+    assert all(pc.environment["GLMSERVE_FLEET_KEY_FILE"] == str(tmp_path / "fleet.key") for pc in progs.values())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    progs = _programs(tmp_path, "--device", "cuda", "--kv_transport", "cuda_ipc")
+    assert _argv(progs["prefill_p0"])["--gpus"] == ["0"] and _argv(progs["decode_d0"])["--gpus"] == ["1"]
+    assert _argv(progs["decode_d0"])["--kv_transport"] == ["cuda_ipc"]

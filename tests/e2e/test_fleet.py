@@ -22,9 +22,16 @@ pytestmark = pytest.mark.slow
 PROMPT_LENS = [3, 17, 40, 71]  # 71 tokens = 3 chunks of 32 (several prefill chunks)
 
 
-@pytest.fixture(scope="module", params=["glm4_moe", "glm4_moe_lite"])
+@pytest.fixture(scope="module", params=[("glm4_moe", "auto"), ("glm4_moe_lite", "auto"), ("glm4_moe_lite", "ipc")],
+                ids=["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-ipc"])
 def arch_fleet(request, tiny_model_dirs, tmp_path_factory):
-    f = start_fleet(tiny_model_dirs[request.param], str(tmp_path_factory.mktemp("logs")), chunked_prefill_size=32)
+    """auto on CPU = the gloo link; ipc = the same-host link (the decode copies from the prefill's
+    shared-memory cache: what one GPU runs, there through CUDA IPC)."""
+    arch, transport = request.param
+    f = start_fleet(tiny_model_dirs[arch], str(tmp_path_factory.mktemp("logs")), chunked_prefill_size=32,
+                    worker_args=("--kv_transport", transport))
+    want = "IPCLink" if transport == "ipc" else "PGLink"
+    assert f"KV link to p0 over {want}" in open(f.logs["d0"]).read()
     yield f
     f.stop()
 

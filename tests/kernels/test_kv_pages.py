@@ -37,3 +37,19 @@ def test_copy_pages_into_the_link_payload_keeps_the_header():
     copy_pages(dst, ids, payload_view(wire, cache.dtype, shape), scatter=True)
     assert torch.equal(dst[:, :, ids], cache[:, :, ids])
     assert dst[:, :, [1, 3, 4, 6, 8]].abs().sum() == 0  # pages not named stay untouched
+
+
+def test_copy_between_two_caches_of_different_page_counts():
+    """The same-host link's one copy: src pages -> dst pages of another cache (page counts differ),
+    equal to the index_select / index_copy_ reference; pages not named stay untouched."""
+    from glmserve.kernels.kv_pages import copy_between, copy_between_ref
+
+    src = torch.randn(3, 2, 13, 4, 2, 5, device=DEV).to(torch.bfloat16)
+    dst = torch.randn(3, 2, 7, 4, 2, 5, device=DEV).to(torch.bfloat16)
+    ref = dst.clone()
+    s_ids = torch.tensor([12, 0, 5], dtype=torch.int32, device=DEV)
+    d_ids = torch.tensor([2, 6, 3], dtype=torch.int64, device=DEV)
+    copy_between(src, s_ids, dst, d_ids)
+    copy_between_ref(src, s_ids.long(), ref, d_ids)
+    assert torch.equal(dst, ref)
+    assert torch.equal(dst[:, :, [2, 6, 3]], src[:, :, [12, 0, 5]])

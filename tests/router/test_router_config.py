@@ -36,6 +36,6 @@ def test_router_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, router.app, router.__main__; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, glmserve.router.app, glmserve.router.__main__; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -39,14 +39,19 @@ class KVLayout:
 
 
 class PagedKVCache:
-    def __init__(self, layout: KVLayout, num_pages: int, device: torch.device | str = "cpu"):
+    def __init__(self, layout: KVLayout, num_pages: int, device: torch.device | str = "cpu", shareable: bool = False):
+        """shareable: another process on this host may map the buffer (the IPC KV link; on CPU
+        it then lives in a named shared-memory segment, see ipc_map.py)."""
         self.layout = layout
         self.num_pages = num_pages
-        self.buffer = torch.zeros(
-            (layout.num_layers, layout.num_parts, num_pages, layout.page_size, layout.local_kv_heads, layout.entry_dim),
-            dtype=layout.dtype,
-            device=device,
-        )
+        shape = (layout.num_layers, layout.num_parts, num_pages, layout.page_size, layout.local_kv_heads,
+                 layout.entry_dim)
+        if shareable:
+            from glmserve.shared.kvcache.ipc_map import alloc_shareable
+
+            self.buffer = alloc_shareable(shape, layout.dtype, torch.device(device))
+        else:
+            self.buffer = torch.zeros(shape, dtype=layout.dtype, device=device)
 
     def layer(self, layer_id: int) -> torch.Tensor:
         """[num_parts, num_pages, page_size, local_kv_heads, entry_dim] view of one layer."""

@@ -15,9 +15,15 @@ Protocol (both calls block; run them off the worker's main loop, e.g. with `in_b
 - both: write their LinkSignature as JSON under `{prefix}/sig/{role}`, wait for the peer's and
   refuse (LinkMismatch, on BOTH ends) when any field differs, naming every differing field:
   "KV link p0->d0/r0 refused: page_size differs (prefill 16, decode 32)".
-- then a two-party ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA) over
-  PrefixStore(f"{prefix}/pg", store), rank 0 = prefill, 1 = decode, and one small warm-up
-  transfer (NCCL sets its communicator up on the first op: do it here, not on a request's path).
+- both: write where they run (`{prefix}/where/{role}`: host, GPU uuid, asked transport) and pick
+  the same transport (`pick_transport`): "ipc" (ipc_link.py: the decode maps the prefill's cache,
+  one device copy per push) when asked, or under "auto" when both ranks use the same GPU (NCCL
+  refuses two ranks on one device); else "pg".
+- "pg": a two-party ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA) over
+  PrefixStore(f"{prefix}/pg", store), rank 0 = prefill, 1 = decode. "ipc": the prefill publishes
+  its control block's name and its cache's handle under `{prefix}/ipc`; the decode maps both.
+- then one small warm-up transfer (NCCL sets its communicator up on the first op: do it here,
+  not on a request's path).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +42,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from glmserve.shared.kvcache.link import LinkError, LinkMismatch, LinkSignature, LinkStats, XferState
+from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.kvcache.link import KVLink, LinkError, LinkMismatch, LinkSignature, LinkStats, XferState
 from glmserve.shared.kvcache.peer_signal import PeerSignal
 from glmserve.shared.kvcache.pg_link import RECEIVER, SENDER, PGLink
 from glmserve.shared.ports import hosted_store
@@ -58,25 +66,62 @@ def link_base(prefill_id: str, decode_id: str, tp_rank: int) -> str:
     return f"kvlink/{prefill_id}->{decode_id}/r{tp_rank}"
 
 
+TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "ipc")  # --kv_transport; cuda_ipc == ipc
+
+
 def connect_link(
     store: dist.Store, prefill_id: str, decode_id: str, tp_rank: int, signature: LinkSignature,
     device: torch.device | str, timeout_s: float = 30.0, xfer_timeout_s: float = 60.0,
-) -> PGLink:
-    """Prefill side: start a new attempt and join it (blocks until the decode joined or timeout)."""
+    transport: str = "auto", cache: PagedKVCache | None = None,
+) -> KVLink:
+    """Prefill side: start a new attempt and join it (blocks until the decode joined or timeout).
+    cache: this rank's KV cache (the ipc transport shares it with the decode)."""
     base = link_base(prefill_id, decode_id, tp_rank)
     attempt = store.add(f"{base}/attempt", 1)
-    return _join(store, base, attempt, SENDER, signature, device, timeout_s, xfer_timeout_s)
+    return _join(store, base, attempt, SENDER, signature, device, timeout_s, xfer_timeout_s, transport, cache)
 
 
 def accept_link(
     store: dist.Store, prefill_id: str, decode_id: str, tp_rank: int, signature: LinkSignature,
     device: torch.device | str, timeout_s: float = 30.0, xfer_timeout_s: float = 60.0,
-) -> PGLink:
+    transport: str = "auto", cache: PagedKVCache | None = None,
+) -> KVLink:
     """Decode side: wait for the prefill's newest unjoined attempt and join it."""
     base = link_base(prefill_id, decode_id, tp_rank)
     attempt = _await_attempt(store, base, timeout_s)
     store.set(f"{base}/joined", str(attempt))
-    return _join(store, base, attempt, RECEIVER, signature, device, timeout_s, xfer_timeout_s)
+    return _join(store, base, attempt, RECEIVER, signature, device, timeout_s, xfer_timeout_s, transport, cache)
+
+
+def where(device: torch.device, transport: str) -> dict:
+    """What the transport choice needs to know about one end."""
+    gpu = ""
+    if device.type == "cuda":
+        try:
+            gpu = str(torch.cuda.get_device_properties(device).uuid)
+        except (AttributeError, RuntimeError):
+            gpu = f"index {device.index}"
+    return {"host": socket.gethostname(), "gpu": gpu, "transport": "ipc" if transport == "cuda_ipc" else transport}
+
+
+def pick_transport(prefill: dict, decode: dict) -> str:
+    """"ipc" or "pg" for this pair (the same answer on both ends), or LinkMismatch."""
+    asked = {prefill["transport"], decode["transport"]} - {"auto"}
+    if len(asked) > 1:
+        raise LinkMismatch(f"kv_transport differs (prefill {prefill['transport']}, decode {decode['transport']})")
+    same_host = prefill["host"] == decode["host"]
+    if asked == {"ipc"}:
+        if not same_host:
+            raise LinkMismatch(f"kv_transport ipc needs one host (prefill on {prefill['host']}, decode on "
+                               f"{decode['host']})")
+        return "ipc"
+    if not asked and same_host and prefill["gpu"] and prefill["gpu"] == decode["gpu"]:
+        return "ipc"  # one GPU: NCCL refuses two ranks on one device
+    if asked == {"nccl"} and not prefill["gpu"]:
+        raise LinkMismatch("kv_transport nccl needs CUDA devices")
+    if asked == {"gloo"} and prefill["gpu"]:
+        raise LinkMismatch("kv_transport gloo carries CPU caches only (use nccl or cuda_ipc on GPUs)")
+    return "pg"
 
 
 def _await_attempt(store: dist.Store, base: str, timeout_s: float) -> int:
@@ -91,8 +136,9 @@ def _await_attempt(store: dist.Store, base: str, timeout_s: float) -> int:
 
 def _join(
     store: dist.Store, base: str, attempt: int, rank: int, signature: LinkSignature,
-    device: torch.device | str, timeout_s: float, xfer_timeout_s: float,
-) -> PGLink:
+    device: torch.device | str, timeout_s: float, xfer_timeout_s: float, transport: str = "auto",
+    cache: PagedKVCache | None = None,
+) -> KVLink:
     prefix = f"{base}/a{attempt}"
     role, peer = ("prefill", "decode") if rank == SENDER else ("decode", "prefill")
     name = base.removeprefix("kvlink/")
@@ -106,10 +152,41 @@ def _join(
     diffs = prefill_sig.differences(decode_sig, "prefill", "decode")  # same text on both ends
     if diffs:
         raise LinkMismatch(f"KV link {name} refused: " + "; ".join(diffs))
-    pg = _make_group(dist.PrefixStore(f"{prefix}/pg", store), rank, torch.device(device), xfer_timeout_s)
-    link = PGLink(pg, rank, name, device, xfer_timeout_s, PeerSignal(store, prefix, role, peer))
+    store.set(f"{prefix}/where/{role}", json.dumps(where(torch.device(device), transport)))
+    store.wait([f"{prefix}/where/{peer}"], datetime.timedelta(seconds=timeout_s))
+    ends = {r: json.loads(store.get(f"{prefix}/where/{r}")) for r in ("prefill", "decode")}
+    try:
+        kind = pick_transport(ends["prefill"], ends["decode"])
+    except LinkMismatch as e:
+        raise LinkMismatch(f"KV link {name} refused: {e}") from None
+    if kind == "ipc":
+        link = _ipc_link(store, prefix, rank, name, torch.device(device), xfer_timeout_s, timeout_s, cache)
+    else:
+        pg = _make_group(dist.PrefixStore(f"{prefix}/pg", store), rank, torch.device(device), xfer_timeout_s)
+        link = PGLink(pg, rank, name, device, xfer_timeout_s, PeerSignal(store, prefix, role, peer))
     _warm(link, timeout_s)
     return link
+
+
+def _ipc_link(store: dist.Store, prefix: str, rank: int, name: str, device: torch.device, xfer_timeout_s: float,
+              timeout_s: float, cache: PagedKVCache | None) -> KVLink:
+    """The prefill shares its control block and cache; the decode maps them (ipc_link.py)."""
+    from glmserve.shared.kvcache.ipc_link import ControlBlock, IPCLink
+    from glmserve.shared.kvcache.ipc_map import export_buffer, open_buffer
+
+    key = f"{prefix}/ipc"
+    if rank == SENDER:
+        if cache is None:
+            raise LinkError(f"KV link {name}: the ipc transport needs the prefill's cache")
+        ctrl = ControlBlock()
+        store.set(key + "/ctrl", ctrl.name.encode())
+        store.set(key + "/cache", export_buffer(cache.buffer))
+        return IPCLink(SENDER, name, device, xfer_timeout_s, ctrl)
+    store.wait([key + "/ctrl", key + "/cache"], datetime.timedelta(seconds=timeout_s))
+    ctrl = ControlBlock(store.get(key + "/ctrl").decode())
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        peer_cache = open_buffer(store.get(key + "/cache"))
+    return IPCLink(RECEIVER, name, device, xfer_timeout_s, ctrl, peer_cache)
 
 
 def _make_group(store: dist.Store, rank: int, device: torch.device, xfer_timeout_s: float):
@@ -149,7 +226,7 @@ def _env(key: str, value: str):
             os.environ[key] = old
 
 
-def _warm(link: PGLink, timeout_s: float) -> None:
+def _warm(link: KVLink, timeout_s: float) -> None:
     """One 8-byte transfer prefill -> decode: both ends are connected when it completes."""
     t = torch.zeros(2, dtype=torch.int32, device=link.device)
     xfer_timeout_s, link.timeout_s = link.timeout_s, timeout_s  # the warm-up gets the connect deadline

@@ -55,6 +55,7 @@ class WorkerConfig:
     quantization: str | None
     heartbeat_s: float = 0.5
     mtp_step: int = 0  # decode: MTP draft tokens per step (0 = plain decoding)
+    kv_transport: str = "auto"  # auto | nccl | gloo | cuda_ipc (shared/kvcache/rendezvous.pick_transport)
     # TP follower only: which rank this process is and where the leader's TP store listens
     tp_rank: int = 0
     tp_store_port: int = 0
@@ -81,6 +82,9 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "num_pages", type=int, default=512)
     add_flag(p, "quantization", default=None)
     add_flag(p, "heartbeat_s", type=float, default=0.5)
+    add_flag(p, "kv_transport", default="auto", choices=["auto", "nccl", "gloo", "cuda_ipc", "ipc"],
+             help="KV link: auto = cuda_ipc when prefill and decode share a GPU, else nccl (gloo on cpu); "
+                  "cuda_ipc (ipc) = same host, one device copy per push (shared memory on cpu)")
     add_flag(p, "mtp_step", type=int, default=0, help="decode: MTP draft tokens per step (0 = off); ignored by prefill workers")
     p.add_argument("--num_speculative_tokens", "--num-speculative-tokens", dest="mtp_step", type=int,
                    default=argparse.SUPPRESS, help="alias of --mtp_step (vLLM's name)")
@@ -102,5 +106,5 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
         control_addr=a.control_addr, router_addr=a.router_addr, health_port=a.health_port,
         device=a.device, gpus=gpus, tp_size=a.tp, dtype=a.dtype, page_size=a.page_size,
         num_pages=a.num_pages, quantization=a.quantization, heartbeat_s=a.heartbeat_s,
-        tp_rank=a.tp_rank, tp_store_port=a.tp_store_port, mtp_step=a.mtp_step,
+        tp_rank=a.tp_rank, tp_store_port=a.tp_store_port, mtp_step=a.mtp_step, kv_transport=a.kv_transport,
     )

@@ -50,12 +50,15 @@ class Engine:
         layout = self.runner.kv_layout(cfg.page_size)
         if cfg.mtp_step and not self.runner.has_mtp:
             raise ValueError(f"--mtp_step {cfg.mtp_step}: the checkpoint has no MTP layer (num_nextn_predict_layers = 0)")
-        self.cache = PagedKVCache(layout, cfg.num_pages, self.device)
+        # a prefill's cache is mapped by its decodes under the ipc transport (on CPU: shared memory)
+        shareable = cfg.role == "prefill" and cfg.kv_transport in ("ipc", "cuda_ipc")
+        self.cache = PagedKVCache(layout, cfg.num_pages, self.device, shareable=shareable)
         mc = self.runner.config
         model_name = f"{mc.model_type}/L{mc.num_hidden_layers}/H{mc.hidden_size}/V{mc.vocab_size}"
         self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache,
                              LinkSignature.for_cache(model_name, layout, cfg.tp_size),
-                             hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype)
+                             hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype,
+                             transport=cfg.kv_transport)
 
     def lead(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
         """prev_hidden [T, H]: a DRAFT plan's target hidden states, one row per plan token (held by

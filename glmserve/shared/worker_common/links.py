@@ -30,9 +30,11 @@ MAX_HIDDENS = 4096  # received MTP seed states kept until taken (oldest dropped 
 
 class LinkSet:
     def __init__(self, role: str, worker_id: str, tp_rank: int, tp_size: int, cache: PagedKVCache,
-                 signature, hidden_size: int = 0, hidden_dtype: torch.dtype = torch.float32):
+                 signature, hidden_size: int = 0, hidden_dtype: torch.dtype = torch.float32,
+                 transport: str = "auto"):
         self.role, self.worker_id, self.tp_rank, self.tp_size = role, worker_id, tp_rank, tp_size
         self.cache = cache
+        self.transport = transport  # --kv_transport
         self.device = cache.buffer.device
         self.signature = signature  # shared.kvcache.link.LinkSignature of this rank's cache
         self.stores: dict[tuple[str, int], object] = {}  # (host, port) -> TCPStore client/host
@@ -61,15 +63,18 @@ class LinkSet:
             store = self._store(op.host, op.port)
             if self.role == "prefill":
                 link = rv.connect_link(store, self.worker_id, op.peer, self.tp_rank, self.signature, self.device,
-                                       timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S)
+                                       timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S,
+                                       transport=self.transport, cache=self.cache)
             else:
                 link = rv.accept_link(store, op.peer, self.worker_id, self.tp_rank, self.signature, self.device,
-                                      timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S)
+                                      timeout_s=CONNECT_TIMEOUT_S[self.device.type], xfer_timeout_s=XFER_TIMEOUT_S,
+                                      transport=self.transport, cache=self.cache)
         except Exception as e:  # noqa: BLE001 - LinkError, LinkMismatch, store errors: no link, retry later
             log.error("%s rank %d: KV link to %s failed: %s", self.worker_id, self.tp_rank, op.peer, e)
             return
         self.links[op.peer] = link
         self.xfers[op.peer] = set()
+        log.info("%s rank %d: KV link to %s over %s", self.worker_id, self.tp_rank, op.peer, type(link).__name__)
 
     def has(self, peer: str) -> bool:
         link = self.links.get(peer)
