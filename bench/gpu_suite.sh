@@ -10,6 +10,7 @@
 #   bash bench/gpu_suite.sh mla      # MLA decode split rule: tests, kernel before/after, decode step at 16k
 #   bash bench/gpu_suite.sh tp       # nvidia-h200-x4: TP 2 prefill + TP 2 decode worker pairs (MTP too)
 #   bash bench/gpu_suite.sh serve    # deploy up --device cuda + short load tests (bench/run_sharegpt.py)
+#   bash bench/gpu_suite.sh profile  # one decode step, bf16 and FP8, batch 1/64/128/256: per-kernel times, roofline
 #   bash bench/gpu_suite.sh onegpu   # nvidia-h200 (ONE GPU): cuda_ipc link checks + GB/s vs a device copy, then
 #                                    # the fleet with prefill and decode on GPU 0, random 512/256 at c64 and c256
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
@@ -121,6 +122,12 @@ case "${1:-models}" in
     ;;
   kernels)
     OUT=$OUT step kernels 400 bash bench/gpu_kernels.sh
+    ;;
+  profile)  # issue 14: one decode step, bf16 and FP8 weights, batch 1/64/128/256, with HBM-roofline fractions
+    step profile_bf16 280 $PY -m bench.profile_step --batches ${PROFILE_BATCHES:-1,64,128,256} --ctx 640 \
+      --out "$OUT/profile_bf16.json"
+    step profile_fp8 280 $PY -m bench.profile_step --batches ${PROFILE_BATCHES:-1,64,128,256} --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
     ;;
   onegpu)  # one GPU: prefill and decode share it; their KV link is the same-GPU one (cuda_ipc)
     end=$((SECONDS + ${ONEGPU_BUDGET_S:-570}))

@@ -58,17 +58,19 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _events_ms(fn, dev: str, reps: int) -> float:
-    """Median ms of fn() (CUDA events; wall clock on CPU)."""
+def _events_ms(fn, dev: str, reps: int, inner: int = 10) -> float:
+    """Median ms of fn() (CUDA events around `inner` back-to-back calls, so the GPU time is not the host's
+    launch time of one call; wall clock on CPU)."""
     out = []
     for _ in range(reps + 1):
         if dev.startswith("cuda"):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            fn()
+            for _ in range(inner):
+                fn()
             e.record()
             e.synchronize()
-            out.append(s.elapsed_time(e))
+            out.append(s.elapsed_time(e) / inner)
         else:
             t0 = time.perf_counter()
             fn()

@@ -138,24 +138,27 @@ def main() -> None:
     ap.add_argument("--batches", default="", help="comma list, e.g. 1,16,64,128")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--verify_tokens", default="1", help="comma list of tokens per sequence: 1 = DECODE, K+1 = VERIFY")
+    ap.add_argument("--quantization", default=None, choices=[None, "fp8"], help="fp8: W8A8 block-scaled weights")
+    ap.add_argument("--no_profile", action="store_true", help="skip the torch.profiler tables")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     d = tempfile.mkdtemp()
-    runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False)
+    runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
+                         quantization=a.quantization)
     bw = copy_bandwidth()
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
     rows = []
     for q in (int(x) for x in a.verify_tokens.split(",")):
         for i, b in enumerate(batches):
-            rows.append(measure(runner, b, a.ctx, q, bw, profile=(i == 0 and q == 1)))
+            rows.append(measure(runner, b, a.ctx, q, bw, profile=(i == 0 and q == 1 and not a.no_profile)))
             torch.cuda.empty_cache()
-    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}")
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
               f" {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
               f" {r['graph_fraction_of_roofline']:15.2f}  {r['sync_free']}")
-    res = dict(preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows)
+    res = dict(preset=a.preset, ctx=a.ctx, quantization=a.quantization or "bf16", copy_gbps=bw, rows=rows)
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:

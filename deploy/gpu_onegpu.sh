@@ -2,14 +2,14 @@
 # One GPU (nvidia-h200): `deploy up --device cuda` puts prefill and decode on GPU 0 (their KV link is
 # the same-GPU cuda_ipc one), GLM-4.7-Flash's real config with dummy weights (FP8 unless QUANT=""), then
 # bench/run_sharegpt.py --dataset random 512 in / 256 out at concurrency 64 and 256.
-# Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (8192).
+# Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (16384: 256 requests of 768 tokens need 12288).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}; OUT=${OUT:-out/onegpu}; PORT=${PORT:-8000}; STATE=$OUT/state
 mkdir -p "$OUT"
 Q=(); [ -n "${QUANT-fp8}" ] && Q=(--quantization "${QUANT-fp8}")
 "$PY" -m glmserve.deploy up --detach --device cuda --preset glm-4.7-flash "${Q[@]}" --state_dir "$STATE" \
-  --port "$PORT" --num_pages "${NUM_PAGES:-8192}" --max_running 256 --max_queue 4096 --ready_timeout 400 \
+  --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 \
   || { tail -60 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m glmserve.deploy down --state_dir "$STATE"' EXIT
 grep -h "KV link to" "$STATE"/logs/decode_d0.log | head -2

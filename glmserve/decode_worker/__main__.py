@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
              help="K > 1 chaining of the one MTP layer: vanilla_with_att feeds its block output back (vLLM), "
                   "eagle_with_att that output after shared_head.norm (SGLang EAGLE)")
     add_flag(p, "graph_max_batch_size", type=int, default=None,
-             help="CUDA graphs of DECODE steps up to this batch (default 128 on cuda, 0 = off; cpu: padded eager)")
+             help="CUDA graphs of DECODE steps up to this batch (default --max_running on cuda, at most 512; "
+                  "0 = off; cpu: padded eager)")
     add_flag(p, "graph_max_seq_len", type=int, default=0,
              help="longest sequence a graph step takes (0 = --max_req_total_len, else the model's max positions)")
     add_flag(p, "max_req_total_len", type=int, default=0,

@@ -3,7 +3,7 @@
 `--graph_max_batch_size N`: DECODE steps of at most N sequences are padded to a bucket (1, 2, 4, 8,
 16, 32, ... N) and replayed from a graph captured at start (shared.runner.model_runner.DecodeGraphs);
 larger batches, and batches with a sequence of --graph_max_seq_len tokens or more, run eagerly.
-Default: 128 on cuda, 0 (off) on cpu. On cpu a value > 0 runs the same padded batches eagerly (the
+Default: --max_running (at most 512) on cuda, 0 (off) on cpu. On cpu a value > 0 runs the same padded batches eagerly (the
 tests' emulation of the graph path). Buckets stop at --max_running (a step never holds more).
 `--graph_max_seq_len L` (default 0 = --max_req_total_len when given, else the model's
 max_position_embeddings, so every admitted request fits). A larger L costs only page-table columns
@@ -25,8 +25,10 @@ log = logging.getLogger("glmserve.decode_worker")
 
 def graph_spec(device: str, graph_max_batch_size: int | None, graph_max_seq_len: int, max_running: int,
                max_req_total_len: int, max_positions: int, mtp_step: int, page_size: int = 16) -> GraphSpec | None:
-    """What to capture, or None. graph_max_batch_size None = the device's default (cuda 128, cpu 0)."""
-    n = graph_max_batch_size if graph_max_batch_size is not None else (128 if device == "cuda" else 0)
+    """What to capture, or None. graph_max_batch_size None = the device's default: on cuda every batch
+    the decode may run (--max_running, at most 512: a batch past the graphs runs eager, ~5x slower on
+    H200 at 170 sequences), on cpu 0."""
+    n = graph_max_batch_size if graph_max_batch_size is not None else (min(512, max_running) if device == "cuda" else 0)
     if n < 0 or graph_max_seq_len < 0:
         raise ValueError("--graph_max_batch_size and --graph_max_seq_len must be >= 0")
     if n == 0:

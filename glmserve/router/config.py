@@ -36,7 +36,9 @@ class RouterConfig:
     reserve_timeout_s: float = 5.0  # a Reserve unanswered this long is re-tried elsewhere
     heartbeat_timeout_s: float = 3.0  # a worker silent this long is unready
     max_retries: int = 2  # re-runs of a request that produced no token yet
-    queue_timeout_s: float = 60.0  # a run queued this long without a decode accepting it fails (503)
+    # a run queued this long without a decode accepting it fails (503). Under a sustained load past the
+    # decode's capacity a request waits its turn (the queue is bounded by max_queue), so this is long.
+    queue_timeout_s: float = 600.0
     body_timeout_s: float = 30.0  # a request body not fully received this long after its headers: 408
     log_level: str = "info"
 

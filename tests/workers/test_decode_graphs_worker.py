@@ -27,7 +27,8 @@ from tests.workers.test_worker_procs import _collect, _metric, _pages_zero, _sta
 def test_graph_spec_defaults_and_limits():
     assert graph_spec("cpu", None, 0, 64, 0, 4096, 0) is None  # cpu: off unless asked
     assert graph_spec("cuda", None, 0, 64, 0, 4096, 0) == GraphSpec(64, 4096)  # capped at max_running
-    assert graph_spec("cuda", None, 0, 256, 2048, 4096, 0) == GraphSpec(128, 2048)
+    assert graph_spec("cuda", None, 0, 256, 2048, 4096, 0) == GraphSpec(256, 2048)  # every batch it may run
+    assert graph_spec("cuda", None, 0, 1024, 2048, 4096, 0) == GraphSpec(512, 2048)
     assert graph_spec("cuda", 16, 8192, 256, 2048, 4096, 0) == GraphSpec(16, 4096)  # never past the model
     assert graph_spec("cuda", 0, 0, 64, 0, 4096, 0) is None
     assert graph_spec("cpu", 8, 100, 64, 0, 4096, 0) == GraphSpec(8, 100)

@@ -42,6 +42,25 @@ class ShmHandle(msgspec.Struct, array_like=True, tag=True):
 
 Handle = CudaHandle | ShmHandle
 _SEGMENTS: dict[int, shared_memory.SharedMemory] = {}  # data_ptr -> segment, alive while the buffer is
+_OWNED: set[str] = set()  # segments this process created (it unlinks them)
+
+
+def create_segment(size: int) -> shared_memory.SharedMemory:
+    seg = shared_memory.SharedMemory(create=True, size=size)
+    _OWNED.add(seg._name)  # noqa: SLF001
+    return seg
+
+
+def attach_segment(name: str) -> shared_memory.SharedMemory:
+    """Another process's segment. Attaching registers it with this process's resource tracker, which
+    (Python < 3.13) would unlink it at our exit: unregister, unless this process owns it too."""
+    seg = shared_memory.SharedMemory(name=name)
+    if seg._name not in _OWNED:  # noqa: SLF001
+        try:
+            resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
+        except Exception:  # noqa: BLE001
+            pass
+    return seg
 
 
 def alloc_shareable(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -49,7 +68,7 @@ def alloc_shareable(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = max(1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
-    seg = shared_memory.SharedMemory(create=True, size=nbytes)
+    seg = create_segment(nbytes)
     t = torch.frombuffer(seg.buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
     t.zero_()
     _SEGMENTS[t.data_ptr()] = seg
@@ -82,11 +101,7 @@ def open_buffer(data: bytes) -> torch.Tensor:
     h = msgspec.msgpack.decode(data, type=Handle)
     dtype = getattr(torch, h.dtype)
     if isinstance(h, ShmHandle):
-        seg = shared_memory.SharedMemory(name=h.name)
-        try:  # attaching registers the segment for unlinking at our exit (Python < 3.13): the owner unlinks
-            resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
-        except Exception:  # noqa: BLE001
-            pass
+        seg = attach_segment(h.name)
         nbytes = math.prod(h.shape) * torch.empty((), dtype=dtype).element_size()
         t = torch.frombuffer(seg.buf, dtype=torch.uint8, count=nbytes).view(dtype).view(h.shape)
         _SEGMENTS[t.data_ptr()] = seg
