@@ -97,7 +97,7 @@ def run(a) -> list[dict]:
         n = tokens_n // a.page_size
         src_ids = list(range(1, n + 1))
         dst_ids = list(range(num_pages - n, num_pages))
-        times = []
+        times, stages = [], []
         for rep in range(a.reps + 1):
             x = f"t{tokens_n}/{rep}"
             if sender:
@@ -105,14 +105,17 @@ def run(a) -> list[dict]:
                 t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
                 link.send_pages(x, cache, src_ids)
                 assert link.wait(x, 60) is XferState.DONE, link.error
-                store.set(x + "/t0", repr(t0))
+                store.set(x + "/t0", json.dumps([t0, link.last_marks.get("published", t0)]))
             else:
                 link.recv_pages(x, cache, dst_ids)
                 store.set(x + "/go", "1")
                 assert link.wait(x, 60) is XferState.DONE, link.error
                 t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
                 store.wait([x + "/t0"])
-                times.append(1e3 * (t1 - float(store.get(x + "/t0").decode())))
+                t0, published = json.loads(store.get(x + "/t0").decode())
+                times.append(1e3 * (t1 - t0))
+                m = link.last_marks  # where the time goes, ms after the prefill's post
+                stages.append({k: 1e3 * (v - t0) for k, v in [("published", published), *m.items(), ("returned", t1)]})
         nbytes = n * layout.page_bytes()
         if sender:
             store.set(f"t{tokens_n}/sum", repr(cache.buffer[:, :, 1:n + 1].double().sum().item()))
@@ -134,6 +137,8 @@ def run(a) -> list[dict]:
                "link_gbps": nbytes / link_ms / 1e6, "copy_kernel_ms": copy_ms, "copy_kernel_gbps": nbytes / copy_ms / 1e6,
                "device_copy_ms": dcopy_ms, "device_copy_gbps": nbytes / dcopy_ms / 1e6, "bytes_ok": ok}
         row["link_vs_copy"] = row["link_gbps"] / row["device_copy_gbps"]
+        keys = [k for k in stages[-1] if k != "posted"]
+        row["stages_ms_after_post"] = {k: statistics.median(st[k] for st in stages[1:] if k in st) for k in keys}
         row["kernel_vs_copy"] = row["copy_kernel_gbps"] / row["device_copy_gbps"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['tokens']:>7} {r['mb']:>7.1f} {r['link_ms']:>8.3f} {r['link_gbps']:>10.0f} {r['copy_kernel_gbps']:>12.0f} "
               f"{r['device_copy_gbps']:>10.0f} {r['link_vs_copy']:>10.2f} {r['kernel_vs_copy']:>12.2f} {r['bytes_ok']}")
+    for r in rows:
+        print(f"{r['tokens']:>7} stages (ms after the prefill's post): " +
+              "  ".join(f"{k} {v:.3f}" for k, v in r["stages_ms_after_post"].items()))
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(a.gpu) if a.device == "cuda" else "cpu", "rows": rows}, f,

@@ -102,6 +102,7 @@ class _Xfer:
     discard: bool = False
     aborted: bool = False
     state: XferState = XferState.PENDING
+    marks: dict[str, float] | None = None  # CLOCK_MONOTONIC of each stage (bench/kv_ipc.py prints them)
 
 
 class IPCLink(KVLink):
@@ -122,6 +123,7 @@ class IPCLink(KVLink):
         self._posted = 0
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: torch.Tensor | None = None  # pinned source page ids of the copy in flight
+        self.last_marks: dict[str, float] = {}  # stage times of the last finished transfer
         self._thread = threading.Thread(target=self._run, name=f"kvlink-ipc {name}", daemon=True)
         self._thread.start()
 
@@ -225,6 +227,7 @@ class IPCLink(KVLink):
         slot[8 * _SLOT_HEAD:8 * _SLOT_HEAD + len(payload)] = payload
         np.ndarray((_SLOT_HEAD,), np.int64, slot)[:] = (x.seq, x.what, xfer_hash(x.xfer_id), x.nbytes, count)
         head[0] = x.seq  # publish (x86-64 and aarch64 Linux: the slot's stores are visible first)
+        x.marks = {"posted": x.posted, "published": time.monotonic()}
         if not self._until(x, lambda: head[1] >= x.seq):  # the decode read the pages
             return False
         self._finish(x, XferState.ABORTED if x.aborted else XferState.DONE)
@@ -234,6 +237,7 @@ class IPCLink(KVLink):
         head = self.ctrl.head
         if not self._until(x, lambda: head[0] >= x.seq):
             return False
+        x.marks = {"posted": x.posted, "seen": time.monotonic()}
         slot = self.ctrl.slot(x.seq)
         seq, what, h, nbytes, count = (int(v) for v in np.ndarray((_SLOT_HEAD,), np.int64, slot))
         if seq != x.seq or what != x.what or h != xfer_hash(x.xfer_id) or nbytes != x.nbytes:
@@ -249,6 +253,7 @@ class IPCLink(KVLink):
             data = torch.frombuffer(bytearray(slot[8 * _SLOT_HEAD:8 * _SLOT_HEAD + count]), dtype=torch.uint8)
             x.out.view(-1).view(torch.uint8).copy_(data.to(x.out.device))  # a few KB
         head[1] = x.seq  # acknowledge: the prefill may reuse the pages
+        x.marks["acked"] = time.monotonic()
         self._finish(x, XferState.DONE if keep else XferState.ABORTED)
         return True
 
@@ -271,7 +276,10 @@ class IPCLink(KVLink):
             copy_between(self.peer_cache, ids, dst, x.ids)
             done = torch.cuda.Event()
             done.record(self._stream)
-        return self._wait_cuda(x, done)
+        x.marks["launched"] = time.monotonic()
+        ok = self._wait_cuda(x, done)
+        x.marks["copied"] = time.monotonic()
+        return ok
 
     def _finish(self, x: _Xfer, state: XferState) -> None:
         with self._lock:
@@ -288,6 +296,9 @@ class IPCLink(KVLink):
                 self.stats.num_recv += 1
                 self.stats.bytes_recv += x.nbytes
             x.ids = x.out = x.cache = x.ready = None
+            if x.marks is not None:
+                x.marks["finished"] = time.monotonic()
+                self.last_marks = x.marks
             self._changed.notify_all()
 
     # ---- queries ----------------------------------------------------------------------
