@@ -13,8 +13,7 @@ WHEEL=$(ls "$WORK"/dist/glmserve-*.whl)
 python3 -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q --no-cache-dir --upgrade pip
-"$PY" -m pip install -q --no-cache-dir --no-index torch==2.13.0 2>/dev/null ||
-  "$PY" -m pip install -q --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+bash deploy/install_torch.sh "$PY" --no-cache-dir
 "$PY" -m pip install -q --no-cache-dir "$WHEEL"
 mkdir "$WORK/run" && cd "$WORK/run"
 PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

@@ -10,9 +10,5 @@ PIP_FLAGS=${PIP_FLAGS:-}
 PY="$VENV/bin/python"
 [ -x "$PY" ] || python3 -m venv "$VENV"
 "$PY" -m pip install -q $PIP_FLAGS --upgrade pip
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  # A CPU wheel this machine keeps on disk (pip's find-links) if there is one, else PyTorch's CPU index.
-  "$PY" -m pip install -q $PIP_FLAGS --no-index torch==2.13.0 2>/dev/null ||
-    "$PY" -m pip install -q $PIP_FLAGS torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-fi
+bash deploy/install_torch.sh "$PY" $PIP_FLAGS
 "$PY" -m pip install -q $PIP_FLAGS -e ".[$EXTRAS]"
