@@ -194,3 +194,30 @@ def test_a_trickled_body_times_out_with_408(fleet):
             reply += more.decode()
     assert reply.startswith("HTTP/1.1 408"), reply
     assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 5 and "body_timeout" in reply
+
+
+def test_forged_tokens_never_reach_a_live_stream(fleet):
+    """An attacker who learns a live request's id (it is the response id) pushes unsigned and wrongly
+    signed TokenEvents for it to the router: the stream carries exactly the greedy tokens, no more."""
+    body = {"prompt": [21, 22, 23, 24], "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    ref = httpx.post(fleet.base_url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["token_ids"]
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(_arg(fleet, "router", "--events_addr"))
+    got, forged = [], 0
+    with httpx.stream("POST", fleet.base_url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = msgspec.json.decode(line[6:])
+            got += chunk["choices"][0].get("token_ids") or []
+            if forged < 3:  # while the request runs: its rid is f"{response id}-{choice}.{attempt}"
+                rid = f"{chunk['id']}-0.0"
+                for key in (None, os.urandom(32)):
+                    ev = P.TokenEvent(rid=rid, worker_id="d0", token_ids=P.pack_ids([7, 7, 7]), finished=True,
+                                      finish_reason="stop")
+                    sock.send(_frames(key, msgspec.msgpack.encode(ev)))
+                forged += 1
+    sock.close()
+    assert forged == 3 and got == ref
