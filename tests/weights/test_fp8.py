@@ -63,3 +63,25 @@ def test_block_scaled_fp8_checkpoint(tmp_path):
     orig, deq = load_file(f"{src}/model.safetensors"), load_file(f"{tmp_path}/deq/model.safetensors")
     name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows: a partial block
     assert 0 < _rel(deq[name], orig[name]) <= 0.07  # the dequantized twin really is W_fp8 * block scale
+
+
+def test_mla_fp8_up_projection_is_dequantized_once_at_load(tmp_path):
+    """An FP8 kv_b_proj is dequantized by after_load, not per forward, with the same values: the
+    decode logits with the cached W_UK / W_UV equal those of the per-forward dequantization."""
+    src = write_tiny_checkpoint(str(tmp_path / "f"), "glm4_moe_lite", seed=7)
+    runner = ModelRunner(src, quantization="fp8")
+    attn = runner.model.model.layers[1].self_attn
+    assert attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    w_uk, w_uv = attn._up_weights()
+    assert w_uk.dtype == attn.kv_a_layernorm.weight.dtype and w_uk is attn._up[0]  # cached, not rebuilt
+    cached = run_workload(src, quantization="fp8")
+
+    cls = type(attn)
+    orig = cls.after_load
+    cls.after_load = lambda self: setattr(self, "_up", None)  # the per-forward path
+    try:
+        per_forward = run_workload(src, quantization="fp8")
+    finally:
+        cls.after_load = orig
+    for key in per_forward:
+        assert torch.equal(cached[key], per_forward[key]), key

@@ -73,6 +73,9 @@ class ModelRunner:
             q = self.config.quantization
             block = q.weight_block_size if q is not None and q.weight_strategy == "block" else None
             load_checkpoint(self.model, model_dir, self.config.num_hidden_layers, self.num_mtp_layers, block)
+        for m in self.model.modules():  # derived weights (e.g. MLA's dequantized absorbed projections)
+            if hasattr(m, "after_load"):
+                m.after_load()
 
     @property
     def has_mtp(self) -> bool:
