@@ -3,6 +3,8 @@
 Two processes on ONE GPU (this one = prefill, a child = decode), one IPCLink between them built by
 the real rendezvous (`--kv_transport cuda_ipc`: the decode maps the prefill's cache and copies the
 pages itself). For each prompt size (GLM-4.7-Flash layout), median of --reps after a warm-up rep:
+Each size twice: pages in one contiguous run on both ends, and scattered (a random order on both
+ends, as in a pool that has turned over: the link's general Triton copy instead of strided copies).
 - link: the decode posts recv_pages, then sets a "go" key in the link's store; the prefill stamps
         CLOCK_MONOTONIC and posts send_pages; the decode stamps when wait() says DONE (pages in its
         cache). link ms = decode stamp - prefill stamp (one host, one clock): what a request waits.
@@ -93,13 +95,17 @@ def run(a) -> list[dict]:
     fn = connect_link if sender else accept_link
     link = fn(store, "p0", "d0", 0, sig, dev, 60.0, 60.0, "cuda_ipc", cache)
     rows = []
-    for tokens_n in tokens:
+    for mode, tokens_n in [(m, t) for m in ("contiguous", "scattered") for t in tokens]:
         n = tokens_n // a.page_size
         src_ids = list(range(1, n + 1))
         dst_ids = list(range(num_pages - n, num_pages))
+        if mode == "scattered":  # pages of a long-running pool: no two neighbours adjacent
+            g = torch.Generator().manual_seed(n)
+            src_ids = [src_ids[i] for i in torch.randperm(n, generator=g).tolist()]
+            dst_ids = [dst_ids[i] for i in torch.randperm(n, generator=g).tolist()]
         times, stages = [], []
         for rep in range(a.reps + 1):
-            x = f"t{tokens_n}/{rep}"
+            x = f"{mode}{tokens_n}/{rep}"
             if sender:
                 store.wait([x + "/go"])
                 t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -118,10 +124,11 @@ def run(a) -> list[dict]:
                 stages.append({k: 1e3 * (v - t0) for k, v in [("published", published), *m.items(), ("returned", t1)]})
         nbytes = n * layout.page_bytes()
         if sender:
-            store.set(f"t{tokens_n}/sum", repr(cache.buffer[:, :, 1:n + 1].double().sum().item()))
+            store.set(f"{mode}{tokens_n}/sum", repr(cache.buffer[:, :, 1:n + 1].double().sum().item()))
             continue
-        store.wait([f"t{tokens_n}/sum"])
-        ok = abs(cache.buffer[:, :, num_pages - n:].double().sum().item() - float(store.get(f"t{tokens_n}/sum"))) < 1e-3
+        store.wait([f"{mode}{tokens_n}/sum"])
+        got = cache.buffer[:, :, num_pages - n:].double().sum().item()
+        ok = abs(got - float(store.get(f"{mode}{tokens_n}/sum"))) < 1e-3 * max(1.0, abs(got))
         from glmserve.kernels.kv_pages import copy_between, copy_between_ref
 
         s_ids = torch.tensor(src_ids, device=dev)
@@ -133,7 +140,7 @@ def run(a) -> list[dict]:
         flat_dst = torch.empty_like(flat_src)
         dcopy_ms = _events_ms(lambda: flat_dst.copy_(flat_src), dev, a.reps)
         link_ms = statistics.median(times[1:])
-        row = {"tokens": tokens_n, "pages": n, "mb": nbytes / 1e6, "link_ms": link_ms,
+        row = {"mode": mode, "tokens": tokens_n, "pages": n, "mb": nbytes / 1e6, "link_ms": link_ms,
                "link_gbps": nbytes / link_ms / 1e6, "copy_kernel_ms": copy_ms, "copy_kernel_gbps": nbytes / copy_ms / 1e6,
                "device_copy_ms": dcopy_ms, "device_copy_gbps": nbytes / dcopy_ms / 1e6, "bytes_ok": ok}
         row["link_vs_copy"] = row["link_gbps"] / row["device_copy_gbps"]
@@ -161,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     run(a)
     out, _ = child.communicate(timeout=300)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    print(f"{'tokens':>7} {'MB':>7} {'link ms':>8} {'link GB/s':>10} {'kernel GB/s':>12} {'copy GB/s':>10} "
+    print(f"{'pages':>10} {'tokens':>7} {'MB':>7} {'link ms':>8} {'link GB/s':>10} {'kernel GB/s':>12} {'copy GB/s':>10} "
           f"{'link/copy':>10} {'kernel/copy':>12} ok")
     for r in rows:
-        print(f"{r['tokens']:>7} {r['mb']:>7.1f} {r['link_ms']:>8.3f} {r['link_gbps']:>10.0f} {r['copy_kernel_gbps']:>12.0f} "
+        print(f"{r['mode']:>10} {r['tokens']:>7} {r['mb']:>7.1f} {r['link_ms']:>8.3f} {r['link_gbps']:>10.0f} {r['copy_kernel_gbps']:>12.0f} "
               f"{r['device_copy_gbps']:>10.0f} {r['link_vs_copy']:>10.2f} {r['kernel_vs_copy']:>12.2f} {r['bytes_ok']}")
     for r in rows:
-        print(f"{r['tokens']:>7} stages (ms after the prefill's post): " +
+        print(f"{r['mode']:>10} {r['tokens']:>7} stages (ms after the prefill's post): " +
               "  ".join(f"{k} {v:.3f}" for k, v in r["stages_ms_after_post"].items()))
     if a.out:
         with open(a.out, "w") as f:

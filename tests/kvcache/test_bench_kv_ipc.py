@@ -23,7 +23,9 @@ def _run(tmp_path, *args: str) -> list[dict]:
 
 def test_cpu_shared_memory_pair(tmp_path):
     rows = _run(tmp_path, "--device", "cpu", "--tokens", "64,256", "--num_layers", "3", "--reps", "1")
-    assert [r["tokens"] for r in rows] == [64, 256] and all(r["bytes_ok"] for r in rows)
+    assert [(r["mode"], r["tokens"]) for r in rows] == [("contiguous", 64), ("contiguous", 256), ("scattered", 64),
+                                                          ("scattered", 256)]
+    assert all(r["bytes_ok"] for r in rows)
     assert all(r["link_ms"] > 0 and r["device_copy_gbps"] > 0 for r in rows)
 
 
