@@ -39,8 +39,8 @@ def cached_default_model() -> str:
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     h = hashlib.sha256()
-    for rel in ("glmserve/deploy/default_model.py", "glmserve/shared/weights/tiny.py", "glmserve/shared/tokenizer/builtin.py",
-                "glmserve/shared/tokenizer/corpus.py", "glmserve/shared/tokenizer/templates.py"):
+    for rel in ("glmserve/deploy/default_model.py", "shared/weights/tiny.py", "shared/tokenizer/builtin.py",
+                "shared/tokenizer/corpus.py", "shared/tokenizer/templates.py"):
         with open(os.path.join(repo, rel), "rb") as f:
             h.update(f.read())
     root = os.path.join(tempfile.gettempdir(), f"glmserve-test-model-{os.getuid()}-{h.hexdigest()[:16]}")

@@ -67,7 +67,7 @@ class WorkerConfig:
 
 
 def common_parser(role: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {role}_worker")
+    p = argparse.ArgumentParser(prog=f"python -m glmserve.{role}_worker")
     add_flag(p, "worker_id", default=role[0] + "0")
     add_flag(p, "model_dir", required=True)
     add_flag(p, "load_format", default="auto", choices=["auto", "dummy"])
