@@ -40,7 +40,7 @@ import torch
 from glmserve.shared.kvcache.cache import PagedKVCache
 from glmserve.shared.kvcache.cuda_wait import wait_event
 from glmserve.shared.kvcache.ipc_map import attach_segment, create_segment
-from glmserve.shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+from glmserve.shared.kvcache.link import KVLink, LinkError, LinkStats, TransferTable, XferState
 from glmserve.shared.kvcache.xfer_buffer import as_page_ids, xfer_hash
 
 log = logging.getLogger("glmserve.shared.kvcache.link")
@@ -105,7 +105,7 @@ class _Xfer:
     marks: dict[str, float] | None = None  # CLOCK_MONOTONIC of each stage (bench/kv_ipc.py prints them)
 
 
-class IPCLink(KVLink):
+class IPCLink(TransferTable, KVLink):
     def __init__(self, rank: int, name: str, device: torch.device | str, timeout_s: float, ctrl: ControlBlock,
                  peer_cache: torch.Tensor | None = None):
         """rank 0 = prefill (sender), 1 = decode (receiver, with the prefill's cache mapped as peer_cache)."""
@@ -303,40 +303,7 @@ class IPCLink(KVLink):
                 self.last_marks = x.marks
             self._changed.notify_all()
 
-    # ---- queries ----------------------------------------------------------------------
-    def poll(self, xfer_id: str) -> XferState:
-        self._check_deadline()
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            return XferState.UNKNOWN if x is None else x.state
-
-    def wait(self, xfer_id: str, timeout_s: float | None = None) -> XferState:
-        end = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.poll(xfer_id)
-            if state is not XferState.PENDING or (end is not None and time.monotonic() > end):
-                return state
-            with self._lock:
-                self._changed.wait(0.01)
-
-    def abort(self, xfer_id: str) -> None:
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            if x is not None and x.state is XferState.PENDING:
-                x.aborted = True
-
-    def forget(self, xfer_id: str) -> None:
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            if x is not None and x.state.terminal:
-                del self._xfers[xfer_id]
-
-    def num_pending(self) -> int:
-        self._check_deadline()
-        with self._lock:
-            return len(self._pending)
-
-    def _check_deadline(self) -> None:
+    def _check_deadlines(self) -> None:
         with self._lock:
             oldest = next(iter(self._pending.values()), None)
         if oldest is not None and time.monotonic() > oldest.deadline + 1.0:  # the thread is stuck past it

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -150,3 +151,47 @@ class KVLink(abc.ABC):
 
     def close(self) -> None:
         self.teardown("closed")
+
+
+class TransferTable:
+    """poll / wait / abort / forget / num_pending over a link's transfer table, for KVLink backends.
+
+    The backend holds `_lock` (a Lock), `_changed` (a Condition on it, notified when a transfer ends),
+    `_xfers` (xfer id -> record with .state, .aborted, .deadline; post order) and `_pending` (the
+    unfinished ones, oldest first), and defines `_check_deadlines()` (tears the link down past one)."""
+
+    def poll(self, xfer_id: str) -> XferState:
+        self._check_deadlines()
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            return XferState.UNKNOWN if x is None else x.state
+
+    def wait(self, xfer_id: str, timeout_s: float | None = None) -> XferState:
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.poll(xfer_id)  # also fires deadlines
+            now = time.monotonic()
+            if state is not XferState.PENDING or (end is not None and now > end):
+                return state
+            with self._lock:
+                x = self._xfers.get(xfer_id)
+                if x is not None and x.state is XferState.PENDING:
+                    limit = x.deadline if end is None else min(end, x.deadline)
+                    self._changed.wait(max(0.0, min(limit - now, 1.0)) + 0.001)
+
+    def abort(self, xfer_id: str) -> None:
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            if x is not None and x.state is XferState.PENDING:
+                x.aborted = True
+
+    def forget(self, xfer_id: str) -> None:
+        with self._lock:
+            x = self._xfers.get(xfer_id)
+            if x is not None and x.state.terminal:
+                del self._xfers[xfer_id]
+
+    def num_pending(self) -> int:
+        self._check_deadlines()
+        with self._lock:
+            return len(self._pending)

@@ -39,7 +39,7 @@ import torch
 
 from glmserve.shared.kvcache.cache import PagedKVCache
 from glmserve.shared.kvcache.cuda_wait import settle, wait_event
-from glmserve.shared.kvcache.link import KVLink, LinkError, LinkStats, XferState
+from glmserve.shared.kvcache.link import KVLink, LinkError, LinkStats, TransferTable, XferState
 from glmserve.shared.kvcache.link_log import log_teardown
 from glmserve.shared.kvcache.peer_signal import PeerSignal
 from glmserve.shared.kvcache.send_gate import SendGate, gate_enabled
@@ -71,7 +71,7 @@ class _Xfer:
     seq: int = 0  # sends: 1-based count of this end's sends (the peer's recv that matches it)
 
 
-class PGLink(KVLink):
+class PGLink(TransferTable, KVLink):
     def __init__(self, pg, rank: int, name: str, device: torch.device | str, timeout_s: float,
                  signal: PeerSignal | None = None, gate: bool | None = None):
         self.pg = pg
@@ -312,42 +312,6 @@ class PGLink(KVLink):
             s.num_recv, s.bytes_recv = s.num_recv + 1, s.bytes_recv + x.nbytes
 
     # ---- state (caller thread) ------------------------------------------------------
-    def poll(self, xfer_id: str) -> XferState:
-        self._check_deadlines()
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            return XferState.UNKNOWN if x is None else x.state
-
-    def wait(self, xfer_id: str, timeout_s: float | None = None) -> XferState:
-        end = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.poll(xfer_id)  # also fires deadlines
-            now = time.monotonic()
-            if state is not XferState.PENDING or (end is not None and now > end):
-                return state
-            with self._lock:
-                x = self._xfers.get(xfer_id)
-                if x is not None and x.state is XferState.PENDING:
-                    limit = x.deadline if end is None else min(end, x.deadline)
-                    self._changed.wait(max(0.0, min(limit - now, 1.0)) + 0.001)
-
-    def abort(self, xfer_id: str) -> None:
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            if x is not None and x.state is XferState.PENDING:
-                x.aborted = True
-
-    def forget(self, xfer_id: str) -> None:
-        with self._lock:
-            x = self._xfers.get(xfer_id)
-            if x is not None and x.state.terminal:
-                del self._xfers[xfer_id]
-
-    def num_pending(self) -> int:
-        self._check_deadlines()
-        with self._lock:
-            return len(self._pending)
-
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         with self._lock:  # one timeout for all: the oldest pending transfer has the first deadline
