@@ -127,6 +127,8 @@ case "${1:-models}" in
     step kv_ipc 90 $PY -m bench.kv_ipc --reps 5 --out "$OUT/kv_ipc.json"
     ;;
   profile)  # issue 14: one decode step, bf16 and FP8 weights, batch 1/64/128/256, with HBM-roofline fractions
+    step moe_tests 120 $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_fused_moe.py \
+      tests/kernels/test_model_with_kernels.py
     [ -z "${PROFILE_FP8_ONLY:-}" ] && step profile_bf16 280 $PY -m bench.profile_step --batches ${PROFILE_BATCHES:-1,64,128,256} --ctx 640 \
       --out "$OUT/profile_bf16.json"
     step profile_fp8 280 $PY -m bench.profile_step --batches ${PROFILE_BATCHES:-1,64,128,256} --ctx 640 \
