@@ -79,3 +79,14 @@ def test_launch_config_fits_shared_memory_for_fp32():
         assert fused_moe._fit_smem(cfg, 1) == cfg  # fp8 configs untouched
     failed_on_h200 = (64, *fused_moe.CONFIGS[("default", "decode", "bf16")][1:])  # 256 KB of tiles in fp32
     assert smem(failed_on_h200, 4) > fused_moe._SMEM_BUDGET >= smem(fused_moe._fit_smem(failed_on_h200, 4), 4)
+
+
+def test_decode_blocks_fill_the_gpu():
+    """Few active experts (decode): BLOCK_N halves until the working blocks fill every SM twice, never
+    below 32; many active experts (prefill, large batches) keep the table's BLOCK_N."""
+    from glmserve.kernels.fused_moe import MIN_BLOCK_N, _narrow_n
+
+    assert _narrow_n(128, 2048, active_m=4, sms=132) == MIN_BLOCK_N == 32  # w2 at batch 1: 64 -> 256 programs
+    assert _narrow_n(128, 3072, active_m=4, sms=132) == 32  # w13: 96 -> 384
+    assert _narrow_n(128, 3072, active_m=8, sms=132) == 64  # 8 experts: 192 -> 384
+    assert _narrow_n(128, 3072, active_m=64, sms=132) == 128  # 1536 programs already
