@@ -101,7 +101,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -120,13 +120,19 @@ def _template_from_config(model_dir: str, tok_config: dict) -> str | None:
     return template
 
 
-def _eos_ids(tok: Tokenizer, model_dir: str | None, tok_config: dict) -> tuple[int, ...]:
+def config_eos_ids(model_dir: str | None) -> list[int]:
+    """EOS ids named by generation_config.json, then config.json (in that order, no repeats)."""
     ids: list[int] = []
     for name in ("generation_config.json", "config.json"):
-        value = _read_json(os.path.join(model_dir, name)).get("eos_token_id") if model_dir else None
+        value = read_json(os.path.join(model_dir, name)).get("eos_token_id") if model_dir else None
         for i in ([value] if isinstance(value, int) else value or []):
-            if i not in ids:
-                ids.append(int(i))
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def _eos_ids(tok: Tokenizer, model_dir: str | None, tok_config: dict) -> tuple[int, ...]:
+    ids = config_eos_ids(model_dir)
     if not ids:
         names = [tok_config.get("eos_token"), *GLM_STOP_TOKENS]
         for token in names:
@@ -138,7 +144,7 @@ def _eos_ids(tok: Tokenizer, model_dir: str | None, tok_config: dict) -> tuple[i
 
 
 def _default_format(model_dir: str | None) -> str:
-    model_type = _read_json(os.path.join(model_dir, "config.json")).get("model_type") if model_dir else None
+    model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type") if model_dir else None
     return "glm45" if model_type == "glm4_moe" else "glm47"
 
 
@@ -160,7 +166,7 @@ def load_tokenizer(model_dir: str | None, tokenizer: str | None = None,
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{tok_file} not found (write one with "
                                     "shared.tokenizer.builtin.write_builtin_tokenizer for tiny models)")
-        tok, tok_config = Tokenizer.from_file(tok_file), _read_json(os.path.join(tok_dir, "tokenizer_config.json"))
+        tok, tok_config = Tokenizer.from_file(tok_file), read_json(os.path.join(tok_dir, "tokenizer_config.json"))
     template = _template_from_config(tok_dir, tok_config) if tok_dir else tok_config.get("chat_template")
     fmt = template_format or _default_format(model_dir)
     if path is None and template_format:  # built-in tokenizer: the argument picks its template

@@ -6,20 +6,13 @@ stop strings and logprob text need a tokenizer and are refused with `NoTokenizer
 ValueError the router turns into a 400). Output text is always "" (ids decode to nothing).
 EOS ids come from generation_config.json / config.json, as for a real tokenizer.
 """
-import json
 import os
+
+from glmserve.shared.tokenizer.glm_tokenizer import read_json, config_eos_ids
 
 
 class NoTokenizerError(ValueError):
     """A request needs text <-> ids but the model has no tokenizer (client error: 400)."""
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 class IdsOnlyTokenizer:
@@ -33,15 +26,8 @@ class IdsOnlyTokenizer:
     def __init__(self, model_dir: str, reason: str):
         self.name = model_dir
         self.reason = reason  # e.g. "no tokenizer.json in /models/x"
-        hf = _read_json(os.path.join(model_dir, "config.json"))
-        self.vocab_size = int(hf.get("vocab_size") or 0)
-        ids: list[int] = []
-        for name in ("generation_config.json", "config.json"):
-            value = _read_json(os.path.join(model_dir, name)).get("eos_token_id")
-            for i in ([value] if isinstance(value, int) else value or []):
-                if isinstance(i, int) and i not in ids:
-                    ids.append(i)
-        self.eos_token_ids = tuple(ids)
+        self.vocab_size = int(read_json(os.path.join(model_dir, "config.json")).get("vocab_size") or 0)
+        self.eos_token_ids = tuple(config_eos_ids(model_dir))
 
     def refuse(self, what: str):
         raise NoTokenizerError(f"{what} needs a tokenizer, and this model has none ({self.reason}); send the "
