@@ -50,7 +50,6 @@ HEAD_WORDS = 8  # [published, acked, down, ...reserved]
 _SLOT_HEAD = 5  # seq, kind, hash, nbytes, count
 PAGES, TENSOR = 0, 1
 SPIN_S = 2e-4  # link-thread polls yield without sleeping this long, then back off
-KEEP_TERMINAL = 65536
 
 
 def control_bytes() -> int:
@@ -106,6 +105,8 @@ class _Xfer:
 
 
 class IPCLink(TransferTable, KVLink):
+    DEADLINE_SLACK_S = 1.0  # the link thread fires deadlines itself; poll() only catches a stuck thread
+
     def __init__(self, rank: int, name: str, device: torch.device | str, timeout_s: float, ctrl: ControlBlock,
                  peer_cache: torch.Tensor | None = None):
         """rank 0 = prefill (sender), 1 = decode (receiver, with the prefill's cache mapped as peer_cache)."""
@@ -168,11 +169,7 @@ class IPCLink(TransferTable, KVLink):
             x.seq, x.posted = self._posted, time.monotonic()
             x.deadline = x.posted + self.timeout_s
             self._xfers[x.xfer_id] = self._pending[x.xfer_id] = x
-            while len(self._xfers) > KEEP_TERMINAL:
-                old = next(iter(self._xfers))
-                if self._xfers[old].state is XferState.PENDING:
-                    break
-                del self._xfers[old]
+            self._prune_locked()
         self._queue.put(x)
 
     # ---- the link thread --------------------------------------------------------------
@@ -285,29 +282,16 @@ class IPCLink(TransferTable, KVLink):
 
     def _finish(self, x: _Xfer, state: XferState) -> None:
         with self._lock:
-            if x.state is not XferState.PENDING:
-                return
-            x.state = state
-            self._pending.pop(x.xfer_id, None)
-            secs = time.monotonic() - x.posted
-            self.stats.seconds += secs
-            if x.kind == "send":
-                self.stats.num_sent += 1
-                self.stats.bytes_sent += x.nbytes
-            else:
-                self.stats.num_recv += 1
-                self.stats.bytes_recv += x.nbytes
-            x.ids = x.out = x.cache = x.ready = None
-            if x.marks is not None:
-                x.marks["finished"] = time.monotonic()
-                self.last_marks = x.marks
-            self._changed.notify_all()
+            if x.state is XferState.PENDING:  # else a teardown failed it meanwhile
+                self._mark_locked(x, state)
 
-    def _check_deadlines(self) -> None:
-        with self._lock:
-            oldest = next(iter(self._pending.values()), None)
-        if oldest is not None and time.monotonic() > oldest.deadline + 1.0:  # the thread is stuck past it
-            self.teardown(f"{oldest.kind} {oldest.xfer_id!r} timed out after {self.timeout_s:g} s (deadline)")
+    def _mark_locked(self, x: _Xfer, state: XferState) -> None:
+        if x.marks is not None and state is not XferState.FAILED:
+            x.marks["finished"] = time.monotonic()
+            self.last_marks = x.marks
+        self._ended_locked(x, state)
+        if state is not XferState.FAILED:  # a failed one's copy may still be queued: keep its tensors
+            x.ids = x.out = x.cache = x.ready = None
 
     def close(self) -> None:
         self.teardown("closed")
@@ -317,15 +301,9 @@ class IPCLink(TransferTable, KVLink):
             self.ctrl.close()
 
     def teardown(self, reason: str) -> None:
-        with self._lock:
-            if self.broken:
-                return
-            self.broken, self.error = True, reason
-            stuck = list(self._pending.values())
-            for x in stuck:
-                x.state = XferState.FAILED
-            self._pending.clear()
-            self._changed.notify_all()
+        stuck = self._fail_all(reason)
+        if stuck is None:
+            return
         try:
             self.ctrl.head[2] = 1  # the peer's thread sees it within one poll
         except TypeError:  # control block already closed

@@ -153,12 +153,62 @@ class KVLink(abc.ABC):
         self.teardown("closed")
 
 
+KEEP_TERMINAL = 65536  # finished transfers remembered for poll() before the oldest is dropped
+
+
 class TransferTable:
-    """poll / wait / abort / forget / num_pending over a link's transfer table, for KVLink backends.
+    """The transfer table both KVLink backends keep: poll / wait / abort / forget / num_pending, the
+    deadline check, pruning, per-transfer stats and the first half of a teardown.
 
     The backend holds `_lock` (a Lock), `_changed` (a Condition on it, notified when a transfer ends),
-    `_xfers` (xfer id -> record with .state, .aborted, .deadline; post order) and `_pending` (the
-    unfinished ones, oldest first), and defines `_check_deadlines()` (tears the link down past one)."""
+    `_xfers` (xfer id -> record with .xfer_id, .kind, .nbytes, .posted, .deadline, .state, .aborted;
+    post order), `_pending` (the unfinished ones, oldest first), `stats`, `broken`, `error`, `timeout_s`,
+    and defines `_mark_locked(x, state)` (end a transfer: at least `_ended_locked`) and
+    `teardown(reason)` (which starts with `_fail_all`)."""
+
+    DEADLINE_SLACK_S = 0.0  # past a transfer's deadline by this much, poll() tears the link down
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:  # one timeout for all: the oldest pending transfer has the first deadline
+            oldest = next(iter(self._pending.values()), None)
+            late = oldest if oldest is not None and now > oldest.deadline + self.DEADLINE_SLACK_S else None
+        if late is not None:
+            self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s "
+                          f"(deadline; {late.nbytes} B, posted {now - late.posted:.1f} s ago)")
+
+    def _prune_locked(self) -> None:
+        while len(self._xfers) > KEEP_TERMINAL:
+            oldest = next(iter(self._xfers.values()))
+            if not oldest.state.terminal:
+                return
+            self._xfers.popitem(last=False)
+
+    def _ended_locked(self, x, state: XferState) -> None:
+        """x is `state` now: out of the pending set, waiters woken, counted in stats unless FAILED."""
+        x.state = state
+        self._pending.pop(x.xfer_id, None)
+        self._changed.notify_all()
+        if state is XferState.FAILED:
+            return
+        s = self.stats
+        s.seconds += time.monotonic() - x.posted
+        if x.kind == "send":
+            s.num_sent, s.bytes_sent = s.num_sent + 1, s.bytes_sent + x.nbytes
+        else:
+            s.num_recv, s.bytes_recv = s.num_recv + 1, s.bytes_recv + x.nbytes
+
+    def _fail_all(self, reason: str) -> list | None:
+        """Mark the link broken and every unfinished transfer FAILED; the failed ones, or None if the
+        link was broken already (the teardown is someone else's)."""
+        with self._lock:
+            if self.broken:
+                return None
+            self.broken, self.error = True, reason
+            stuck = list(self._pending.values())
+            for x in stuck:
+                self._mark_locked(x, XferState.FAILED)
+            return stuck
 
     def poll(self, xfer_id: str) -> XferState:
         self._check_deadlines()

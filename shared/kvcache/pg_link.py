@@ -47,7 +47,6 @@ from glmserve.shared.kvcache.xfer_buffer import (
     HEADER_BYTES, as_page_ids, check_header, gather_pages, new_send_buffer, payload_view, scatter_pages,
 )
 
-KEEP_TERMINAL = 65536  # finished transfers remembered for poll() before the oldest is dropped
 SENDER, RECEIVER = 0, 1  # group ranks: prefill, decode
 ABORT_WAIT_S = 5.0  # teardown waits this long for the group abort, then goes on (noted in abort_error)
 SETTLE_S = 5.0  # ... and this long for the link's own gather/scatter kernels
@@ -297,48 +296,20 @@ class PGLink(TransferTable, KVLink):
         return wait_event(event, lambda: self.broken)
 
     def _mark_locked(self, x: _Xfer, state: XferState) -> None:
-        x.state = state
-        self._pending.pop(x.xfer_id, None)
-        self._changed.notify_all()
+        self._ended_locked(x, state)
         x.sink = None
-        if state is XferState.FAILED:
-            return  # buf and work stay referenced: a torn-down op may still touch its buffer
-        x.buf, x.work, x.header = _EMPTY, None, None  # free the payload now; the entry stays for poll()
-        s = self.stats
-        s.seconds += time.monotonic() - x.posted
-        if x.kind == "send":
-            s.num_sent, s.bytes_sent = s.num_sent + 1, s.bytes_sent + x.nbytes
-        else:
-            s.num_recv, s.bytes_recv = s.num_recv + 1, s.bytes_recv + x.nbytes
+        if state is not XferState.FAILED:  # a torn-down op may still touch its buffer: keep it referenced
+            x.buf, x.work, x.header = _EMPTY, None, None  # free the payload now; the entry stays for poll()
 
     # ---- state (caller thread) ------------------------------------------------------
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        with self._lock:  # one timeout for all: the oldest pending transfer has the first deadline
-            oldest = next(iter(self._pending.values()), None)
-            late = oldest if oldest is not None and now > oldest.deadline else None
-        if late is not None:
-            self.teardown(f"{late.kind} {late.xfer_id!r} timed out after {self.timeout_s:g} s "
-                          f"(deadline; {late.nbytes} B, posted {now - late.posted:.1f} s ago)")
-
-    def _prune_locked(self) -> None:
-        while len(self._xfers) > KEEP_TERMINAL:
-            oldest = next(iter(self._xfers.values()))
-            if not oldest.state.terminal:
-                return
-            self._xfers.popitem(last=False)
-
     def teardown(self, reason: str) -> None:
         """Fail every unfinished transfer, tell the peer, abort the group; afterwards the link
         writes no page. Every wait in here is bounded (see the module docstring)."""
+        stuck = self._fail_all(reason)
+        if stuck is None:
+            return
         with self._lock:
-            if self.broken:
-                return
-            self.broken, self.error = True, reason
-            stuck = list(self._pending.values())
-            for x in stuck:
-                self._mark_locked(x, XferState.FAILED)
-            tail = self._side_tail
+            tail = self._side_tail  # no op is posted on a broken link: this is the last one
         log_teardown(self.name, reason, stuck, self.stats)
         self._abort_group(reason)
         if not settle(tail, SETTLE_S):
