@@ -69,10 +69,8 @@ def decode_json(body: bytes, typ: type[T]) -> T:
         raise bad("the request body is empty; expected a JSON object", code="invalid_json")
     try:
         return msgspec.json.decode(body, type=typ)
-    except msgspec.MsgspecError as e:
+    except msgspec.MsgspecError as e:  # (nesting past ~1000 levels raises RecursionError: guarded's 400)
         raise from_msgspec(e) from None
-    except RecursionError:
-        raise bad("the JSON body nests too deeply", code="invalid_json") from None
 
 
 def json_response(obj: dict, status: int = 200) -> Response:
