@@ -13,6 +13,8 @@
 #   bash bench/gpu_suite.sh profile  # one decode step, bf16 and FP8, batch 1/64/128/256: per-kernel times, roofline
 #   bash bench/gpu_suite.sh onegpu   # nvidia-h200 (ONE GPU): cuda_ipc link checks + GB/s vs a device copy, then
 #                                    # the fleet with prefill and decode on GPU 0, random 512/256 at c64 and c256
+#   bash bench/gpu_suite.sh overlap  # ONE GPU: decode overlap-loop tests, FP8 step profile (B 1, 256), the fleet
+#                                    # as onegpu per OVERLAP_MODES (on / off); OVERLAP_PARTS picks the parts
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
 set -uo pipefail
@@ -144,6 +146,27 @@ case "${1:-models}" in
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
     serve_logs 100 40 prefill_p0 decode_d0 router
     rm -rf "$OUT/serve"
+    ;;
+  overlap)  # issue 14: the decode overlap loop on one GPU: its tests, the FP8 step profiled at B 1 and 256, then
+    # the one-GPU fleet per OVERLAP_MODES ("on", "off" = --disable_overlap_schedule) at CONCS ("64 256")
+    end=$((SECONDS + ${OVERLAP_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    parts=" ${OVERLAP_PARTS:-tests profile serve} "
+    [[ $parts == *" tests "* ]] && step overlap_tests "$(left 150)" $PY -m pytest -q -s -m "gpu or not gpu" \
+      -p no:cacheprovider tests/workers/test_overlap.py
+    [[ $parts == *" profile "* ]] && step profile_fp8 "$(left 200)" $PY -m bench.profile_step --batches 1,64,256 \
+      --profile_batches 1,256 --ctx 640 --quantization fp8 --out "$OUT/profile_fp8.json"
+    if [[ $parts == *" serve "* ]]; then
+      for mode in ${OVERLAP_MODES:-on}; do
+        flags=""; [ "$mode" = off ] && flags="--disable_overlap_schedule"
+        step "serve_$mode" "$(left 420)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" DEPLOY_FLAGS="$flags" \
+          TAG="-$mode" CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
+        cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+        serve_logs 80 30 decode_d0 prefill_p0
+        for w in decode_d0 prefill_p0; do mv "$OUT/serve_$w.txt" "$OUT/serve_${mode}_$w.txt" 2>/dev/null; done
+        rm -rf "$OUT/serve"
+      done
+    fi
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--verify_tokens", default="1", help="comma list of tokens per sequence: 1 = DECODE, K+1 = VERIFY")
     ap.add_argument("--quantization", default=None, choices=[None, "fp8"], help="fp8: W8A8 block-scaled weights")
     ap.add_argument("--no_profile", action="store_true", help="skip the torch.profiler tables")
+    ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     d = tempfile.mkdtemp()
@@ -147,10 +148,14 @@ def main() -> None:
                          quantization=a.quantization)
     bw = copy_bandwidth()
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
+    profiled = {int(b) for b in a.profile_batches.split(",")} if a.profile_batches else set(batches[:1])
     rows = []
     for q in (int(x) for x in a.verify_tokens.split(",")):
-        for i, b in enumerate(batches):
-            rows.append(measure(runner, b, a.ctx, q, bw, profile=(i == 0 and q == 1 and not a.no_profile)))
+        for b in batches:
+            profile = b in profiled and q == 1 and not a.no_profile
+            if profile:
+                print(f"--- torch.profiler, batch {b}")
+            rows.append(measure(runner, b, a.ctx, q, bw, profile=profile))
             torch.cuda.empty_cache()
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")

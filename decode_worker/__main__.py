@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
              help="longest sequence a graph step takes (0 = --max_req_total_len, else the model's max positions)")
     add_flag(p, "max_req_total_len", type=int, default=0,
              help="prompt + new tokens limit of a request (0 = the model's max_position_embeddings)")
+    add_flag(p, "disable_overlap_schedule", action="store_true",
+             help="read each step's tokens back before launching the next (SGLang's flag); default: the "
+                  "overlap loop (decode_worker/worker.py), off anyway with --mtp_step")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = worker_config("decode", a)
     link_host = a.link_host or addr_host(a.control_addr)
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,
                             a.reserve_new_tokens, a.handoff_timeout_s,
                             max_seq_len=min(a.max_req_total_len or max_pos, max_pos),
-                            mtp_chain_normed=a.mtp_mode == "eagle_with_att")
+                            mtp_chain_normed=a.mtp_mode == "eagle_with_att",
+                            overlap=not a.disable_overlap_schedule)
 
     from glmserve.shared.worker_common.process import run_worker
 

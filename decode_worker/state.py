@@ -1,4 +1,4 @@
-"""Per-request state on the decode worker leader (pure Python, no torch).
+"""Per-request state on the decode worker leader.
 
 Life of a request here (states only move forward):
   RESERVED   pages reserved on Reserve; waiting for KVChunkReady announcements
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmserve.shared.protocol import SamplingParams
+from glmserve.shared.worker_common.sampling import PendingSample
 
 
 class Phase(enum.IntEnum):
@@ -81,3 +82,13 @@ def finish_reason(seq: DecodeSeq, eos_ids: frozenset[int]) -> str | None:
     if seq.num_output >= s.max_new_tokens:
         return "length"
     return None
+
+
+@dataclass
+class InFlight:
+    """A launched DECODE step whose sampled tokens are not read back yet (the overlap loop)."""
+
+    seqs: list[DecodeSeq]  # row i of the step is seqs[i]
+    rows: dict[str, int]  # rid -> row
+    sampled: PendingSample
+    release_after: list[str] = field(default_factory=list)  # rids whose pages free once the step has run

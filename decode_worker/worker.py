@@ -1,8 +1,9 @@
 """The decode worker leader's loop (TP rank 0 of a decode worker process).
 
 Each turn: read control messages (Reserve, KVChunkReady, Abort, LinkHello), post KV recvs,
-move requests whose handoff completed into the running set, run one DECODE step over all
-running requests, sample, stream TokenEvents, release finished requests' pages, expire stuck
+move requests whose handoff completed into the running set, launch one DECODE step over all
+running requests and sample on the device, then read back the step launched the turn before
+(overlap loop, `step`), stream TokenEvents, release finished requests' pages, expire stuck
 handoffs, heartbeat every --heartbeat_s, and check page accounting when idle.
 """
 
@@ -14,12 +15,12 @@ import time
 from glmserve.shared import protocol as P
 from glmserve.shared.worker_common.io import PROCESS_INSTANCE
 from glmserve.shared.worker_common.plan import LinkOp, StepPlan
-from glmserve.shared.worker_common.sampling import generator_for, sample_rows
+from glmserve.shared.worker_common.sampling import generator_for, needs_history, sample_async
 from glmserve.decode_worker import mtp
 from glmserve.decode_worker.mtp_metrics import MtpMetrics
 from glmserve.decode_worker.handoff import Handoffs
 from glmserve.decode_worker.running import RunningSet
-from glmserve.decode_worker.state import DecodeSeq, Phase, finish_reason
+from glmserve.decode_worker.state import DecodeSeq, InFlight, Phase, finish_reason
 
 log = logging.getLogger("glmserve.decode_worker")
 
@@ -27,7 +28,7 @@ log = logging.getLogger("glmserve.decode_worker")
 class DecodeWorker:
     def __init__(self, cfg, engine, io, metrics, pages, link_host: str, link_port: int,
                  max_running: int, reserve_cap: int = 256, handoff_deadline_s: float = 60.0,
-                 max_seq_len: int = 0, mtp_chain_normed: bool = False):
+                 max_seq_len: int = 0, mtp_chain_normed: bool = False, overlap: bool = True):
         self.cfg, self.engine, self.io, self.metrics, self.pages = cfg, engine, io, metrics, pages
         self.mtp_chain_normed = mtp_chain_normed  # --mtp_mode eagle_with_att (decode_worker/mtp.py)
         self.link_host, self.link_port = link_host, link_port
@@ -42,6 +43,9 @@ class DecodeWorker:
         self.prefill_gens: dict[str, int] = {}  # prefill id -> its LinkHello generation of the live link
         self.epochs: dict[str, int] = {}  # prefill id -> link epoch announced in LinkInfo
         self._epoch = self.generation  # epochs grow from the process's start id: unique across restarts
+        # overlap loop: the launched step not yet read back (DECODE without MTP only)
+        self.overlap = overlap and not cfg.mtp_step
+        self.inflight: InFlight | None = None
         self.alive = True
         self._last_beat = 0.0
         self._idle_since: float | None = None
@@ -51,8 +55,10 @@ class DecodeWorker:
 
     def run_forever(self) -> None:
         while self.alive:
-            busy = bool(self.running) or bool(self.handoffs.seqs)
-            for msg in self.io.recv(0 if busy else 20):
+            # stepping: don't wait; only handoffs in progress: wait 1 ms (the link's thread gets the
+            # GIL while this one sleeps in zmq); idle: 20 ms
+            stepping = bool(self.running) or self.inflight is not None
+            for msg in self.io.recv(0 if stepping else 1 if self.handoffs.seqs else 20):
                 try:
                     self.handle(msg)
                 except Exception:  # noqa: BLE001 - one bad message must not take the worker down
@@ -170,38 +176,93 @@ class DecodeWorker:
             self.release(seq)
 
     def release(self, seq: DecodeSeq) -> None:
-        if seq.phase != Phase.DONE:
-            seq.advance(Phase.DONE)
+        """End a request here once; its pages go back now, or after the step in flight that still
+        writes its KV (overlap loop)."""
+        if seq.phase == Phase.DONE:
+            return
+        seq.advance(Phase.DONE)
+        self.metrics.requests.inc()
+        if self.inflight is not None and seq.rid in self.inflight.rows:
+            self.inflight.release_after.append(seq.rid)
+        else:
             self.pages.release(seq.rid)
-            self.metrics.requests.inc()
 
     # ---- one step -------------------------------------------------------------------
     def step(self) -> None:
+        """Overlap loop (as mini-sglang's / SGLang's overlap scheduler): launch step N + 1, fed on the
+        device by step N's sampled ids, before reading step N's tokens back, so the host's work for N
+        (read back, emit, finish, plan) runs while the GPU computes N + 1. Without overlap (MTP,
+        --disable_overlap_schedule, or a batch whose sampling reads token histories) each step is
+        read back right after its launch: the same code with nothing in flight."""
         ops, self.handoffs.ops = self.handoffs.ops, []
-        batch, victim = self.running.schedule()
+        if self.cfg.mtp_step:
+            batch, victim = self.running.schedule()
+            if victim is not None:
+                self._fail_stalled(victim)
+            if batch:
+                t0 = time.monotonic()
+                self._mtp_step(batch, ops)
+                self.metrics.step_time.observe(time.monotonic() - t0)
+            elif ops:
+                self.engine.lead(StepPlan(mode="", link_ops=ops))
+            return
+        prev = self.inflight
+        if prev is not None and any(needs_history(s.sampling) for s in self.running.seqs.values()):
+            self._drain()
+            prev = None
+        pending = prev.rows if prev is not None else {}
+        batch, victim = self.running.schedule(pending)
         if victim is not None:
-            self.running.remove(victim.rid)
-            self.io.to_router(P.RequestError(rid=victim.rid, worker_id=self.cfg.worker_id, message="out of KV pages"))
-            self.release(victim)
+            self._fail_stalled(victim)
         if not batch:
             if ops:
                 self.engine.lead(StepPlan(mode="", link_ops=ops))
+            self._drain()
             return
         t0 = time.monotonic()
-        if self.cfg.mtp_step:
-            self._mtp_step(batch, ops)
-            self.metrics.step_time.observe(time.monotonic() - t0)
-            return
-        plan = self.running.plan_for(batch)
+        plan = self.running.plan_for(batch, pending)
         plan.link_ops = ops
+        plan.share_tokens = self.overlap
         out = self.engine.lead(plan)
-        rows = sample_rows(out.logits, [s.sampling for s in batch], [s.token_ids for s in batch],
-                           [s.prompt_len for s in batch], [s.generator for s in batch])
-        for seq, r in zip(batch, rows):
+        sampled = sample_async(out.logits, [s.sampling for s in batch], [s.token_ids for s in batch],
+                               [s.prompt_len for s in batch], [s.generator for s in batch])
+        if self.overlap:
+            self.engine.share_tokens(sampled.ids)
+        self.inflight = InFlight(batch, {s.rid: i for i, s in enumerate(batch)}, sampled)
+        if prev is not None:
+            self.metrics.overlap_steps.inc()
+            self._finish(prev)  # the GPU runs the step just launched meanwhile
+        if not self.overlap:
+            self._drain()
+        self.metrics.step_time.observe(time.monotonic() - t0)
+
+    def _drain(self) -> None:
+        """Read back the step in flight, if any (nothing is in flight afterwards)."""
+        inf, self.inflight = self.inflight, None
+        if inf is not None:
+            self._finish(inf)
+
+    def _finish(self, inf: InFlight) -> None:
+        """Commit and stream a launched step's tokens. A row whose request ended meanwhile (finished
+        at the step before, aborted, failed) is dropped; pages released while the step ran are freed
+        now that it has written its KV."""
+        rows = inf.sampled.rows()
+        n = 0
+        for seq, r in zip(inf.seqs, rows):
+            if self.running.seqs.get(seq.rid) is not seq:
+                self.metrics.overlap_dropped.inc()
+                continue
             self.running.commit(seq, [r.token_id])
             self._emit(seq, [r])
-        self.metrics.add_tokens(len(batch))
-        self.metrics.step_time.observe(time.monotonic() - t0)
+            n += 1
+        for rid in inf.release_after:
+            self.pages.release(rid)
+        self.metrics.add_tokens(n)
+
+    def _fail_stalled(self, victim: DecodeSeq) -> None:
+        self.running.remove(victim.rid)
+        self.io.to_router(P.RequestError(rid=victim.rid, worker_id=self.cfg.worker_id, message="out of KV pages"))
+        self.release(victim)
 
     def _mtp_step(self, batch: list[DecodeSeq], ops) -> None:
         """Draft one token per request with the MTP layer, verify, accept (decode_worker/mtp.py)."""
@@ -250,10 +311,11 @@ class DecodeWorker:
                 queued_tokens=sum(s.prompt_len for s in self.handoffs.seqs.values()),
                 free_pages=free, total_pages=self.pages.capacity, used_pages=used, tp_size=self.cfg.tp_size, instance=PROCESS_INSTANCE,
             ))
+        self.engine.links.report_stuck()
         self._check_idle(now)
 
     def _check_idle(self, now: float) -> None:
-        if self.running or self.handoffs.seqs:
+        if self.running or self.handoffs.seqs or self.inflight is not None:
             self._idle_since = None
             return
         if self._idle_since is None:

@@ -2,14 +2,15 @@
 # One GPU (nvidia-h200): `deploy up --device cuda` puts prefill and decode on GPU 0 (their KV link is
 # the same-GPU cuda_ipc one), GLM-4.7-Flash's real config with dummy weights (FP8 unless QUANT=""), then
 # bench/run_sharegpt.py --dataset random 512 in / 256 out at concurrency 64 and 256.
-# Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (16384: 256 requests of 768 tokens need 12288).
+# Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (16384: 256 requests of 768 tokens need 12288),
+# CONCS ("64 256"), DEPLOY_FLAGS (more `deploy up` flags, e.g. --disable_overlap_schedule), TAG (result-file tag).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}; OUT=${OUT:-out/onegpu}; PORT=${PORT:-8000}; STATE=$OUT/state
 mkdir -p "$OUT"
 Q=(); [ -n "${QUANT-fp8}" ] && Q=(--quantization "${QUANT-fp8}")
 "$PY" -m glmserve.deploy up --detach --device cuda --preset glm-4.7-flash "${Q[@]}" --state_dir "$STATE" \
-  --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 \
+  --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 ${DEPLOY_FLAGS:-} \
   || { tail -60 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m glmserve.deploy down --state_dir "$STATE"' EXIT
 grep -h "KV link to" "$STATE"/logs/decode_d0.log | head -2
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 B=("$PY" bench/run_sharegpt.py --base-url "http://127.0.0.1:$PORT" --ignore-eos --disable-tqdm --result-dir "$OUT"
    --metrics-url "http://127.0.0.1:$PORT/metrics" --metrics-url http://127.0.0.1:8101/metrics
    --metrics-url http://127.0.0.1:8111/metrics --dataset random --random-input-len 512 --random-output-len 256)
-for c in 64 256; do
-  "${B[@]}" --num-prompts $((c * 4)) --max-concurrency "$c" --result-filename "onegpu-c$c" 2>&1 | tee -a "$OUT/log.txt"
+for c in ${CONCS:-64 256}; do
+  "${B[@]}" --num-prompts $((c * 4)) --max-concurrency "$c" --result-filename "onegpu${TAG:-}-c$c" 2>&1 | tee -a "$OUT/log.txt"
 done
 true

@@ -55,8 +55,10 @@ class PrefillWorker:
     # ---- loop -----------------------------------------------------------------------
     def run_forever(self) -> None:
         while self.alive:
-            busy = self.sched.num_queued() > 0 or bool(self.pusher.inflight)
-            for msg in self.io.recv(0 if busy else 20):
+            # prompts queued: don't wait; only pushes in flight: wait 1 ms (the link's thread gets the
+            # GIL while this one sleeps in zmq); idle: 20 ms
+            queued = self.sched.num_queued() > 0
+            for msg in self.io.recv(0 if queued else 1 if self.pusher.inflight else 20):
                 try:
                     self.handle(msg)
                 except Exception:  # noqa: BLE001 - one bad message must not take the worker down
@@ -249,6 +251,7 @@ class PrefillWorker:
                     self.io.to_peer(addr, P.LinkHello(prefill_id=self.cfg.worker_id, reply_addr=self.cfg.control_addr,
                                                       tp_size=self.cfg.tp_size, generation=self.generation))
         self._admit_linked(now)
+        self.engine.links.report_stuck()
         if now - self._last_beat >= self.cfg.heartbeat_s:
             self._last_beat = now
             self.heartbeat()

@@ -106,6 +106,9 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, out: RequestO
             if payload == "[DONE]":
                 break
             data = json.loads(payload)
+            if isinstance(data.get("error"), dict):  # the server failed the request mid-stream
+                out.error = f"stream error: {str(data['error'].get('message'))[:300]}"
+                break
             is_tok, text, usage_out = _chunk_text(data)
             n_out = usage_out if usage_out is not None else n_out
             out.prompt_len = (data.get("usage") or {}).get("prompt_tokens") or out.prompt_len
@@ -119,7 +122,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, out: RequestO
             last = now
             out.generated_text += text
     out.latency = last - st
-    out.success = out.ttft > 0.0
+    out.success = out.ttft > 0.0 and not out.error
     if not out.success and not out.error:
         out.error = "Never received a valid chunk to calculate TTFT."
     return n_out

@@ -45,6 +45,7 @@ class FleetSpec:
     max_running: int = 64
     mtp_step: int = 0
     mtp_mode: str = "vanilla_with_att"
+    overlap: bool = True  # decode workers' overlap loop (False: --disable_overlap_schedule)
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     served_model_name: str = ""
@@ -148,6 +149,8 @@ def plan(spec: FleetSpec) -> list[Program]:
                 "--link_port", str(link), "--max_running", str(spec.max_running)]
         if spec.mtp_step:
             argv += ["--mtp_step", str(spec.mtp_step), "--mtp_mode", spec.mtp_mode]
+        if not spec.overlap:
+            argv += ["--disable_overlap_schedule"]
         progs.append(Program(f"decode_d{j}", tuple(argv), _env(spec), priority=20, ports=(control, link, health)))
     for i in range(spec.num_prefill):
         control, health = spec.port_base + 1 + i, spec.health_base + 1 + i

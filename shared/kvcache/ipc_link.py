@@ -122,6 +122,7 @@ class IPCLink(TransferTable, KVLink):
         self._pending: collections.OrderedDict[str, _Xfer] = collections.OrderedDict()
         self._queue: queue.Queue[_Xfer | None] = queue.Queue()
         self._posted = 0
+        self._stage = "idle"  # what the link thread waits for now (stuck_report)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: torch.Tensor | None = None  # pinned source page ids of the copy in flight
         self.last_marks: dict[str, float] = {}  # stage times of the last finished transfer
@@ -172,6 +173,14 @@ class IPCLink(TransferTable, KVLink):
             self._prune_locked()
         self._queue.put(x)
 
+    def _state_note(self) -> str:
+        try:
+            head = self.ctrl.head
+            counters = f"published {int(head[0])}, acked {int(head[1])}, down {int(head[2])}"
+        except (TypeError, ValueError):  # control block closed
+            counters = "control block closed"
+        return f"; posted {self._posted}, {counters}; link thread: {self._stage}"
+
     # ---- the link thread --------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -214,8 +223,10 @@ class IPCLink(TransferTable, KVLink):
 
     def _send(self, x: _Xfer) -> bool:
         head = self.ctrl.head
+        self._stage = f"send {x.xfer_id!r} (seq {x.seq}): its pages' forward"
         if not self._wait_cuda(x, x.ready):  # the forward wrote the pages
             return False
+        self._stage = f"send {x.xfer_id!r} (seq {x.seq}): a free descriptor"
         if not self._until(x, lambda: head[0] - head[1] < SLOTS):  # a free descriptor
             return False
         slot = self.ctrl.slot(x.seq)
@@ -225,15 +236,19 @@ class IPCLink(TransferTable, KVLink):
         np.ndarray((_SLOT_HEAD,), np.int64, slot)[:] = (x.seq, x.what, xfer_hash(x.xfer_id), x.nbytes, count)
         head[0] = x.seq  # publish (x86-64 and aarch64 Linux: the slot's stores are visible first)
         x.marks = {"posted": x.posted, "published": time.monotonic()}
+        self._stage = f"send {x.xfer_id!r} (seq {x.seq}): the decode's acknowledgement"
         if not self._until(x, lambda: head[1] >= x.seq):  # the decode read the pages
             return False
+        self._stage = "idle"
         self._finish(x, XferState.ABORTED if x.aborted else XferState.DONE)
         return True
 
     def _recv(self, x: _Xfer) -> bool:
         head = self.ctrl.head
+        self._stage = f"recv {x.xfer_id!r} (seq {x.seq}): its descriptor"
         if not self._until(x, lambda: head[0] >= x.seq):
             return False
+        self._stage = f"recv {x.xfer_id!r} (seq {x.seq}): the copy"
         x.marks = {"posted": x.posted, "seen": time.monotonic()}
         slot = self.ctrl.slot(x.seq)
         seq, what, h, nbytes, count = (int(v) for v in np.ndarray((_SLOT_HEAD,), np.int64, slot))
@@ -250,6 +265,7 @@ class IPCLink(TransferTable, KVLink):
             data = torch.frombuffer(bytearray(slot[8 * _SLOT_HEAD:8 * _SLOT_HEAD + count]), dtype=torch.uint8)
             x.out.view(-1).view(torch.uint8).copy_(data.to(x.out.device))  # a few KB
         head[1] = x.seq  # acknowledge: the prefill may reuse the pages
+        self._stage = "idle"
         x.marks["acked"] = time.monotonic()
         self._finish(x, XferState.DONE if keep else XferState.ABORTED)
         return True

@@ -144,6 +144,21 @@ class KVLink(abc.ABC):
     def forget(self, xfer_id: str) -> None: ...
 
     @abc.abstractmethod
+    def stuck_report(self, older_than_s: float) -> str | None:
+        """One line on the link when its oldest unfinished transfer was posted more than older_than_s
+        ago (workers log it long before the deadline fails the transfer), else None."""
+        with self._lock:
+            oldest = next(iter(self._pending.values()), None)
+            n = len(self._pending)
+        if oldest is None or time.monotonic() - oldest.posted < older_than_s:
+            return None
+        return (f"{n} unfinished, oldest {oldest.kind} {oldest.xfer_id!r} posted "
+                f"{time.monotonic() - oldest.posted:.1f} s ago{self._state_note()}")
+
+    def _state_note(self) -> str:
+        """Backend detail for stuck_report (e.g. the IPC control block's counters)."""
+        return ""
+
     def num_pending(self) -> int: ...
 
     @abc.abstractmethod
@@ -240,6 +255,21 @@ class TransferTable:
             x = self._xfers.get(xfer_id)
             if x is not None and x.state.terminal:
                 del self._xfers[xfer_id]
+
+    def stuck_report(self, older_than_s: float) -> str | None:
+        """One line on the link when its oldest unfinished transfer was posted more than older_than_s
+        ago (workers log it long before the deadline fails the transfer), else None."""
+        with self._lock:
+            oldest = next(iter(self._pending.values()), None)
+            n = len(self._pending)
+        if oldest is None or time.monotonic() - oldest.posted < older_than_s:
+            return None
+        return (f"{n} unfinished, oldest {oldest.kind} {oldest.xfer_id!r} posted "
+                f"{time.monotonic() - oldest.posted:.1f} s ago{self._state_note()}")
+
+    def _state_note(self) -> str:
+        """Backend detail for stuck_report (e.g. the IPC control block's counters)."""
+        return ""
 
     def num_pending(self) -> int:
         self._check_deadlines()

@@ -53,8 +53,10 @@ class SamplingTensors:
 
     @staticmethod
     def from_params(params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingTensors":
+        """On CUDA the rows' values go over from pinned memory without blocking the host (the decode
+        worker builds these while the previous step still runs)."""
         def f32(vals: list[float]) -> torch.Tensor:
-            return torch.tensor(vals, dtype=torch.float32, device=device)
+            return host_to_device(torch.tensor(vals, dtype=torch.float32), device)
 
         temps = [max(float(p.temperature), 0.0) for p in params]
         top_k = [int(p.top_k) for p in params]
@@ -66,7 +68,7 @@ class SamplingTensors:
         sampled = [t > 0 for t in temps]
         return SamplingTensors(
             temperature=f32(temps),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            top_k=host_to_device(torch.tensor(top_k, dtype=torch.int64), device),
             top_p=f32(top_p),
             min_p=f32(min_p),
             repetition_penalty=f32(rep),
@@ -81,6 +83,16 @@ class SamplingTensors:
             any_rep_penalty=any(r != 1.0 for r in rep),
             any_freq_presence=any(f != 0.0 or p != 0.0 for f, p in zip(freq, pres)),
         )
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` (a host tensor) on `device`. CUDA: through pinned memory, non-blocking: a pageable copy
+    would wait for every kernel already queued on the stream, i.e. sync the host with the GPU. The
+    caching host allocator keeps the pinned block until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

@@ -4,6 +4,8 @@ The leader (rank 0) calls `lead(plan)`: the plan's bytes go to every follower, t
 run the same `run(plan)`: link ops that prepare (connect, recv, wait, drain) first, then the
 forward, then the sends (they read KV the forward just wrote). Followers sit in `follow()`.
 Returns the runner's ForwardOutput (logits [R, V] fp32, hidden [T, H]) or None without a forward.
+The decode overlap loop chains steps on the device: a plan's `prev_rows` take inputs from the
+previous step's sampled ids (`last_tokens`, every rank's copy from `share_tokens`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 
 from glmserve.shared.kvcache.cache import PagedKVCache
 from glmserve.shared.kvcache.link import LinkSignature
+from glmserve.shared.protocol import unpack_ids
+from glmserve.shared.runner.sampler import host_to_device
 from glmserve.shared.worker_common.config import WorkerConfig
 from glmserve.shared.worker_common.links import LinkSet
 from glmserve.shared.worker_common.plan import StepPlan, decode_plan, encode_plan, prompt_mtp_batch, to_batch
@@ -55,6 +59,7 @@ class Engine:
         self.cache = PagedKVCache(layout, cfg.num_pages, self.device, shareable=shareable)
         mc = self.runner.config
         model_name = f"{mc.model_type}/L{mc.num_hidden_layers}/H{mc.hidden_size}/V{mc.vocab_size}"
+        self.last_tokens: torch.Tensor | None = None  # [R] int64: the last share_tokens step's sampled ids
         self.links = LinkSet(cfg.role, cfg.worker_id, self.tp_rank, cfg.tp_size, self.cache,
                              LinkSignature.for_cache(model_name, layout, cfg.tp_size),
                              hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype,
@@ -87,6 +92,8 @@ class Engine:
         out = None
         if plan.mode:
             batch = to_batch(plan, self.cfg.page_size, self.device)
+            if plan.prev_rows:
+                batch.input_ids = self._chained_inputs(plan.prev_rows, batch.input_ids)
             with torch.inference_mode():
                 if plan.mode == "draft":
                     prev_hidden = self._share_hidden(prev_hidden, batch.input_ids.numel())
@@ -99,7 +106,25 @@ class Engine:
         for op in plan.link_ops:
             if op.kind == "send":
                 self.links.apply(op, out.hidden if out is not None else None)
+        if plan.share_tokens and self.tp_rank > 0:
+            self.last_tokens = torch.empty(len(plan.seqs), dtype=torch.int64, device=self.device)
+            torch.distributed.broadcast(self.last_tokens, 0)  # pairs with the leader's share_tokens
         return out
+
+    def share_tokens(self, ids: torch.Tensor) -> None:
+        """Leader, after sampling a `share_tokens` plan's rows: ids [R] int64 on the device become
+        every rank's `last_tokens` (one broadcast over the TP group; no host sync)."""
+        assert self.tp_rank == 0
+        if self.cfg.tp_size > 1:
+            torch.distributed.broadcast(ids, 0)
+        self.last_tokens = ids
+
+    def _chained_inputs(self, prev_rows: bytes, host_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] of an overlap DECODE plan: row r of the previous step's sampled tokens where
+        prev_rows[i] = r >= 0, else the plan's own id (a request that was not in that step)."""
+        rows = host_to_device(torch.tensor(unpack_ids(prev_rows), dtype=torch.int64), self.device)
+        assert self.last_tokens is not None and rows.numel() == host_ids.numel()
+        return torch.where(rows >= 0, self.last_tokens[rows.clamp(min=0)], host_ids)
 
     def _share_hidden(self, hidden: torch.Tensor | None, num_rows: int) -> torch.Tensor:
         """TP > 1: the leader's DRAFT input hidden [num_rows, H] on every rank (one broadcast over

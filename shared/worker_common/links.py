@@ -39,6 +39,7 @@ class LinkSet:
         self.signature = signature  # shared.kvcache.link.LinkSignature of this rank's cache
         self.stores: dict[tuple[str, int], object] = {}  # (host, port) -> TCPStore client/host
         self._retired = (0, 0.0)  # (bytes, seconds) of links closed or replaced
+        self._last_stuck_check = 0.0
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.links: dict[str, object] = {}  # peer id -> KVLink
         self.xfers: dict[str, set[str]] = {}  # peer id -> xfer ids posted and not yet waited
@@ -204,6 +205,18 @@ class LinkSet:
         b, secs = self._retired
         self._retired = (b + link.stats.bytes_sent + link.stats.bytes_recv, secs + link.stats.seconds)
         link.close()
+
+    def report_stuck(self, older_than_s: float = 5.0, every_s: float = 5.0) -> None:
+        """WARNING per link whose oldest unfinished transfer is older than older_than_s (at most
+        every every_s): what each end waits for, long before the transfer deadline fails it."""
+        now = time.monotonic()
+        if now - self._last_stuck_check < every_s:
+            return
+        self._last_stuck_check = now
+        for peer, link in list(self.links.items()):
+            note = link.stuck_report(older_than_s)
+            if note is not None:
+                log.warning("%s rank %d: KV link with %s slow: %s", self.worker_id, self.tp_rank, peer, note)
 
     def totals(self) -> tuple[int, float]:
         """(bytes, seconds) moved by every link of this rank so far, sends and recvs; seconds sum

@@ -36,6 +36,9 @@ class WorkerMetrics:
         self.mtp_drafts = c("mtp_draft_tokens", "MTP draft tokens verified")
         self.mtp_accepted = c("mtp_accepted_tokens", "MTP draft tokens accepted")
         self.graph_steps = c("decode_graph_steps", "DECODE/VERIFY steps run from a graph bucket (cpu: padded eager)")
+        self.overlap_steps = c("decode_overlap_steps", "DECODE steps launched before the previous one was read back")
+        self.overlap_dropped = c("decode_overlap_dropped_rows",
+                                 "rows computed for requests that had ended the step before (the overlap loop's cost)")
         self._graph_seen = 0
         self.step_time = Histogram(
             "glm_worker_step_seconds", "one scheduler step (forward + sample)", **lab,

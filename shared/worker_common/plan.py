@@ -16,6 +16,7 @@ import torch
 
 from glmserve.shared.protocol import pack_ids, unpack_ids
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
+from glmserve.shared.runner.sampler import host_to_device
 
 
 class SeqPlan(msgspec.Struct, array_like=True):
@@ -55,6 +56,10 @@ class StepPlan(msgspec.Struct):
     link_ops: list[LinkOp] = []
     stop: bool = False  # followers exit their loop
     graphs: GraphSpec | None = None  # capture DECODE CUDA graphs on every rank (decode workers, at start)
+    # Overlap loop (decode): packed int32 per sequence, the row of the previous step's sampled tokens
+    # that is this sequence's input (-1: its token_ids hold it). The tokens never visit the host.
+    prev_rows: bytes = b""
+    share_tokens: bool = False  # the leader broadcasts this step's sampled ids to the TP ranks
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -97,7 +102,7 @@ _I32 = ("query_lens", "prefix_lens", "seq_lens", "query_start_loc", "page_table"
 
 def to_device(batch: ForwardBatch, device: torch.device | str) -> ForwardBatch:
     """The host batch's tensors on `device` in two copies (int64 fields packed, int32 fields packed)
-    instead of one blocking copy each. Every field is a view of its packed buffer starting on a
+    instead of one copy each; on CUDA non-blocking, from pinned memory (no wait for the queued step). Every field is a view of its packed buffer starting on a
     16-byte boundary (segments padded to multiples of 4 elements), with the field's own shape."""
     out = {}
     for names, dtype in ((_I64, torch.int64), (_I32, torch.int32)):
@@ -108,7 +113,7 @@ def to_device(batch: ForwardBatch, device: torch.device | str) -> ForwardBatch:
         for t, size in zip(parts, sizes):
             host[offset : offset + t.numel()] = t.reshape(-1)
             offset += size
-        dev = host.to(device)
+        dev = host_to_device(host, device)
         offset = 0
         for n, t, size in zip(names, parts, sizes):
             out[n] = dev[offset : offset + t.numel()].view(t.shape)
@@ -131,4 +136,4 @@ def prompt_mtp_batch(plan: StepPlan, page_size: int, device) -> tuple[ForwardBat
     if not seqs:
         return None
     batch = to_device(ForwardBatch.build(ForwardMode.DRAFT, seqs, page_size, logits_rows="none"), device)
-    return batch, torch.tensor(rows, dtype=torch.int64, device=batch.input_ids.device)
+    return batch, host_to_device(torch.tensor(rows, dtype=torch.int64), batch.input_ids.device)

@@ -68,6 +68,14 @@ def test_http_error_is_a_failed_request(timed_server):
     assert out.error.startswith("HTTP 400")
 
 
+def test_error_payload_mid_stream_is_a_failed_request(timed_server):
+    """A stream the server ends with an error payload after some tokens is a failure (the first
+    one-GPU overlap run counted 43 such requests as successes with no tokens)."""
+    out = _send(timed_server, "/v1/completions", 6, model="failing-model")
+    assert not out.success
+    assert out.error.startswith("stream error: KV transfer to d0 failed")
+
+
 def test_unreachable_server_is_a_failed_request():
     out = _send("http://127.0.0.1:9", "/v1/completions", 3)
     assert not out.success and "Connect" in out.error

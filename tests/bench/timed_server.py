@@ -5,7 +5,8 @@ It answers /v1/completions, /v1/chat/completions (SSE, role chunk first, usage l
 queue and MTP series move with every request, so the tool's client timing, token counting and
 server-metric deltas are checked against values fixed here:
 first token after FIRST_S, then one token every GAP_S; output length = max_tokens. Model
-"silent-model": every token's text is "" (ids a tokenizer does not know, as with dummy weights).
+"silent-model": every token's text is "" (ids a tokenizer does not know, as with dummy weights);
+"failing-model": two tokens, then an error payload ends the stream.
 
     python tests/bench/timed_server.py PORT
 """
@@ -43,6 +44,9 @@ async def _events(body: dict, chat: bool, lightllm: bool):
     for i in range(n):
         await asyncio.sleep(FIRST_S if i == 0 else GAP_S)
         STATE["tokens"] += 1
+        if body.get("model") == "failing-model" and i == 2:  # the server fails the request mid-stream
+            yield {"error": {"message": "KV transfer to d0 failed", "type": "server_error", "param": None, "code": 503}}
+            return
         if lightllm:
             yield {"token": {"id": 7, "text": tok}, "finished": i == n - 1}
         else:

@@ -71,6 +71,26 @@ def test_a_recv_posted_out_of_order_tears_both_ends_down_before_writing():
     tx.close(), rx.close()
 
 
+def test_stuck_report_names_what_each_end_waits_for():
+    """Long before a deadline the workers log what a slow link waits for (stuck_report)."""
+    tx, rx, src, dst, _ = _pair()
+    assert rx.stuck_report(0.0) is None and tx.stuck_report(0.0) is None  # nothing unfinished
+    rx.recv_pages("r/0", dst, [1])
+    rx.recv_pages("r/1", dst, [2])
+    time.sleep(0.2)
+    note = rx.stuck_report(0.1)
+    assert note.startswith("2 unfinished, oldest recv 'r/0' posted")
+    posted, published = rx._posted, int(rx.ctrl.head[0])  # the link's warm-up transfer counts too
+    assert f"posted {posted}, published {published}, acked {published}, down 0" in note and published == posted - 2
+    assert f"link thread: recv 'r/0' (seq {posted - 1}): its descriptor" in note
+    assert rx.stuck_report(60.0) is None  # not old enough
+    tx.send_pages("r/0", src, [3])
+    tx.send_pages("r/1", src, [4])
+    assert rx.wait("r/1", 10) is XferState.DONE and tx.wait("r/1", 10) is XferState.DONE
+    assert rx.stuck_report(0.0) is None and tx.stuck_report(0.0) is None
+    tx.close(), rx.close()
+
+
 def test_a_send_nobody_receives_fails_at_its_deadline():
     tx, rx, src, dst, _ = _pair(xfer_timeout_s=0.5)
     tx.send_pages("x/0", src, [1])  # published, never acknowledged
