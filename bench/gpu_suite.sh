@@ -15,6 +15,8 @@
 #                                    # the fleet with prefill and decode on GPU 0, random 512/256 at c64 and c256
 #   bash bench/gpu_suite.sh overlap  # ONE GPU: decode overlap-loop tests, FP8 step profile (B 1, 256), the fleet
 #                                    # as onegpu per OVERLAP_MODES (on / off); OVERLAP_PARTS picks the parts
+#   bash bench/gpu_suite.sh final14  # ONE GPU: kernel checks, decode-step table FP8 (+ B 256 profile) and bf16, fleet c64/c256
+#   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
 set -uo pipefail
@@ -167,6 +169,23 @@ case "${1:-models}" in
         rm -rf "$OUT/serve"
       done
     fi
+    ;;
+  final14)  # issue 14's closing run on ONE GPU: kernel checks, the decode-step table (FP8 with the B 256 profile,
+    # then bf16 if time is left) and the one-GPU fleet with the overlap loop at c64 and c256
+    end=$((SECONDS + ${FINAL_BUDGET_S:-560}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
+      tests/kernels/test_fp8_gemm.py tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py
+    step profile_fp8 "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
+      --quantization fp8
+    step serve_on "$(left 270)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" TAG="-on" bash deploy/gpu_onegpu.sh
+    cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+    serve_logs 80 30 decode_d0 prefill_p0
+    rm -rf "$OUT/serve"
+    step profile_bf16 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --no_profile
+    ;;
+  sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
+    step decode_sweep 400 $PY -m bench.decode_sweep --out "$OUT/decode_sweep.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

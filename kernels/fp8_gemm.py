@@ -112,7 +112,9 @@ PRECISE_ACC = True
 CONFIGS: dict[tuple[str, str], tuple[int, ...]] = {
     ("default", "small"): (16, 64, 128, 1, 4, 4),
     ("default", "small_narrow"): (16, 32, 128, 1, 4, 4),  # small M and narrow N: more programs in flight
-    ("default", "mid"): (64, 128, 128, 8, 4, 4),
+    # mid: 64x64 tiles (twice the programs of 64x128): H200, M 256 on GLM-4.7-Flash's five per-layer GEMMs
+    # 68 -> 52 us in all (bench/decode_sweep.py, bench/gpu_results/h200_run9_sweep)
+    ("default", "mid"): (64, 64, 128, 8, 4, 4),
     ("default", "large"): (128, 128, 128, 8, 8, 4),
     # 128x256 tiles spill 200 B/thread with PRECISE_ACC (two 128x256 fp32 fragments): 128x128 on Hopper
     ("H100", "large"): (128, 128, 128, 8, 8, 4),
@@ -154,9 +156,10 @@ def _check_args(a_q, a_scale, w_q, w_scale, bias, block: int) -> None:
 
 
 def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, block: int = 0,
-             split_k: int | None = None) -> torch.Tensor:
+             split_k: int | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """See the module docstring. a_q [M, K], w_q [N, K] e4m3 with contiguous K; block in {0, 128};
-    split_k None = automatic (splits K only for weight-bound decode shapes that underfill the GPU)."""
+    split_k None = automatic (splits K only for weight-bound decode shapes that underfill the GPU);
+    config: a pointer-kernel launch config instead of the table's (bench/decode_sweep.py)."""
     _check_args(a_q, a_scale, w_q, w_scale, bias, block)
     m, k = a_q.shape
     n = w_q.shape[0]
@@ -164,10 +167,10 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
-    if _use_tma(a_q, w_q, m, block, split_k):
+    if config is None and _use_tma(a_q, w_q, m, block, split_k):
         return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device, m, n, PRECISE_ACC),
                             PRECISE_ACC)
-    bm, bn, bk, group_m, warps, stages = _config(a_q.device, m, n, bool(block))
+    bm, bn, bk, group_m, warps, stages = config or _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
     splits = min(split_k or _auto_split_k(a_q.device, m, tiles, k_blocks), k_blocks)

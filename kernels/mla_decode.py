@@ -91,9 +91,26 @@ def _mla_decode_kernel(
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (32, 4, 3, 4),
 }
+# Batches of at least one sequence per SM: one program per sequence already fills the GPU, so no split
+# (no partials to write and merge) and 2 stages: H200, B 256 ctx 640: 157 -> 111 us (bench/decode_sweep.py,
+# bench/gpu_results/h200_run9_sweep). (BLOCK_N, num_warps, num_stages)
+WIDE_CONFIGS: dict[str, tuple[int, int, int]] = {
+    "default": (32, 4, 2),
+}
 _CPU_CONFIG = (16, 4, 1, 0)
 MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
 MIN_KEYS = 128
+
+
+def tuned_splits(num_seqs: int, sms: int, fixed: int) -> int:
+    """Splits per sequence on a tuned GPU: 1 once the batch fills the SMs (B >= SMs, see WIDE_CONFIGS);
+    up to cdiv(SMs, B) where the tuned `fixed` grid would leave >= 3/4 of the SMs idle (H200: B <= 8; B 16
+    at ctx 512 measured slower with 9 splits than with 4, bench/gpu_results/h200x2_run11_mla); else fixed."""
+    if num_seqs >= sms:
+        return 1
+    if 4 * num_seqs * fixed <= sms:
+        return min(triton.cdiv(sms, max(1, num_seqs)), MAX_SPLITS)
+    return fixed
 
 
 def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
@@ -115,9 +132,9 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
     if splits is None and fixed:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-        # more splits only where the tuned grid would leave >= 3/4 of the SMs idle (H200: B <= 8);
-        # B = 16 at ctx 512 measured slower with 9 splits than with 4 (bench/gpu_results/h200x2_run11_mla)
-        splits = min(triton.cdiv(sms, max(1, b)), MAX_SPLITS) if 4 * b * fixed <= sms else fixed
+        splits = tuned_splits(b, sms, fixed)
+        if b >= sms and config is None:
+            block_n, warps, stages = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
     min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
     out = new_out((b, h, dl), dtype=q.dtype, device=q.device)

@@ -3,9 +3,14 @@
 Same output as the torch reference kernels.moe_route.moe_align (which it falls back to above
 MAX_PAIRS pairs, where prefill's GEMMs dwarf the ~10 small torch launches): pairs grouped by expert in
 pair order (a stable sort), each expert's run padded to BLOCK_M rows with the sentinel num_pairs, and
-the expert of each BLOCK_M block (-1 past the last used block). A single program walks the pairs in
-CHUNK-sized pieces: pass 1 counts per expert; padded run starts by a cumsum over experts; pass 2 places
-each pair at run_start[e] + (pairs of e seen before it), the in-chunk rank from a cumsum of one-hots.
+the expert of each BLOCK_M block (-1 past the last used block).
+
+One program per expert, all in parallel: each counts every expert's pairs (CHUNK pairs at a time, a
+one-hot sum: the ids are a few KB, read from L2 by every program), takes its padded run's start from
+the cumsum, then writes only what is its own: its pairs (rank from a 1-D cumsum of its matches), its
+run's padding rows, its blocks' expert id; program 0 also writes the rows and blocks past the last run.
+Every output element has exactly one writer, so no barrier. (The single-program version walked the
+pairs twice with a [CHUNK, E] 2-D cumsum: 29 us per MoE layer at B 256 on an H200, 1.3 ms a step.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ MAX_PAIRS = 8192
 @triton.jit
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
                   BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    me = tl.program_id(0)
     ex = tl.arange(0, BLOCK_E)
     offs = tl.arange(0, CHUNK)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -31,23 +37,27 @@ def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
         counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] end row of each expert's padded run
-    for start in range(0, cap, CHUNK):
-        tl.store(pairs_ptr + start + offs, num_pairs, mask=start + offs < cap)
-    tl.debug_barrier()  # the sentinel fill lands before any thread places a pair over it
-    seen = ends - padded  # next free row of each expert's run
+    mine = ex == me
+    my_count = tl.sum(tl.where(mine, counts, 0), axis=0)
+    my_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    my_start = my_end - tl.sum(tl.where(mine, padded, 0), axis=0)
+    seen = my_start  # next free row of my run
     for start in range(0, num_pairs, CHUNK):
         p = start + offs
-        e = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1)
-        onehot = (e[:, None] == ex[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs earlier in this chunk
-        dest = tl.sum(onehot * (before + seen[None, :]), axis=1)
-        tl.store(pairs_ptr + dest, p, mask=p < num_pairs)
-        seen += tl.sum(onehot, axis=0)
-    for start in range(0, cap // BLOCK_M, CHUNK):
-        b = start + offs
-        done = (ends[None, :] <= (b * BLOCK_M)[:, None]) & (ex[None, :] < E)  # experts ending at or before b
-        expert = tl.sum(done.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(expert < E, expert, -1), mask=b < cap // BLOCK_M)
+        hit = (tl.load(ids_ptr + p, mask=p < num_pairs, other=-1) == me).to(tl.int32)
+        dest = seen + tl.cumsum(hit, axis=0) - hit  # my pairs earlier in this chunk come first
+        tl.store(pairs_ptr + dest, p, mask=hit > 0)
+        seen += tl.sum(hit, axis=0)
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(pairs_ptr + my_start + my_count + rows, num_pairs, mask=my_start + my_count + rows < my_end)
+    for b in range(my_start // BLOCK_M, my_end // BLOCK_M):
+        tl.store(block_expert_ptr + b, me)
+    if me == 0:  # past the last run: sentinel rows, blocks of no expert
+        total = tl.max(ends, axis=0)
+        for start in range(total, cap, CHUNK):
+            tl.store(pairs_ptr + start + offs, num_pairs, mask=start + offs < cap)
+        for start in range(total // BLOCK_M, cap // BLOCK_M, CHUNK):
+            tl.store(block_expert_ptr + start + offs, -1, mask=start + offs < cap // BLOCK_M)
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +70,6 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     pairs = new_out((cap,), torch.int32, ids.device)
     block_expert = new_out((cap // block_m,), torch.int32, ids.device)
     block_e = next_pow2(num_experts)
-    _align_kernel[(1,)](ids.contiguous(), pairs, block_expert, num_pairs, cap, num_experts,
-                        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 8192 // block_e), num_warps=8)
+    _align_kernel[(num_experts,)](ids.contiguous(), pairs, block_expert, num_pairs, cap, num_experts,
+                                  BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 8192 // block_e), num_warps=4)
     return pairs, block_expert

@@ -52,7 +52,7 @@ def test_align_groups_pairs_by_expert():
             assert (flat[rows] == e).all()
 
 
-@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16)])
+@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (256, 4, 64, 16)])
 def test_one_launch_align_equals_torch_align(t, k, e, block_m):
     from glmserve.kernels.moe_align import moe_align as moe_align_kernel
 
