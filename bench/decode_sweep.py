@@ -23,10 +23,12 @@ from glmserve.kernels.mla_decode import mla_decode
 
 ROTATE_BYTES = 256 << 20
 REPS = 16  # calls per timed graph
-MLA_SHAPES = ((1, 640), (64, 640), (256, 640), (64, 4096), (1, 16384))
-# (BLOCK_N, num_warps, num_stages, splits); None = the current rule
-MLA_VARIANTS = (None, (32, 4, 3, 1), (32, 4, 3, 2), (32, 8, 3, 1), (64, 4, 2, 1), (64, 8, 2, 1), (64, 8, 3, 1),
-                (64, 8, 2, 2), (64, 8, 2, 4), (16, 4, 3, 1), (32, 4, 2, 1))
+MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096), (1, 16384))
+# (BLOCK_N, num_warps, num_stages, splits, prefetch page ids); None = the current rule; "rule+prefetch" =
+# the current rule's configs with the page ids loaded a step ahead
+MLA_VARIANTS = (None, "rule+prefetch", (32, 4, 3, 1, 0), (32, 4, 2, 1, 0), (32, 4, 2, 1, 1), (32, 4, 3, 1, 1),
+                (32, 4, 3, 4, 0), (32, 4, 3, 4, 1), (64, 8, 2, 1, 1), (64, 8, 2, 2, 1), (32, 4, 3, 2, 1),
+                (64, 4, 2, 1, 1))
 # GLM-4.7-Flash's FP8 GEMMs per layer (N, K): fused q_a + kv_a, q_b, o_proj, shared expert gate_up and down
 GEMM_SHAPES = ((1344, 2048), (5120, 768), (2048, 5120), (3072, 2048), (2048, 1536))
 GEMM_MS = (1, 64, 256)
@@ -73,15 +75,18 @@ def sweep_mla(bw: float) -> list[dict]:
         table = torch.arange(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, 20, 576, device="cuda", dtype=torch.bfloat16)
-        ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512)
+        ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, prefetch=False)
         for v in MLA_VARIANTS:
-            cfg = None if v is None else v[:3] + (0,)
-            splits = None if v is None else v[3]
-            name = "rule" if v is None else "n%d w%d s%d split%d" % v
+            rule = v is None or isinstance(v, str)
+            cfg = None if rule else v[:3] + (0,)
+            splits = None if rule else v[3]
+            prefetch = (v is not None) if rule else bool(v[4])
+            name = ("rule" if v is None else v) if rule else "n%d w%d s%d split%d prefetch%d" % v
             try:
-                err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, splits=splits, config=cfg), ref)
+                err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, splits=splits, config=cfg,
+                                      prefetch=prefetch), ref)
                 t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512,
-                                                    splits=splits, config=cfg), n)
+                                                    splits=splits, config=cfg, prefetch=prefetch), n)
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
                 rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue

@@ -16,6 +16,7 @@
 #   bash bench/gpu_suite.sh overlap  # ONE GPU: decode overlap-loop tests, FP8 step profile (B 1, 256), the fleet
 #                                    # as onegpu per OVERLAP_MODES (on / off); OVERLAP_PARTS picks the parts
 #   bash bench/gpu_suite.sh final14  # ONE GPU: kernel checks, decode-step table FP8 (+ B 256 profile) and bf16, fleet c64/c256
+#   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing kernel checks + the FP8 decode-step table
 #   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, supervisor) are installed first when present.
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
@@ -184,8 +185,13 @@ case "${1:-models}" in
     rm -rf "$OUT/serve"
     step profile_bf16 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --no_profile
     ;;
+  steponly)  # kernel checks of attention + MoE routing, then the FP8 decode-step table alone (no profiler tables)
+    step kernel_tests 150 $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_paged_attention.py \
+      tests/kernels/test_moe_route.py
+    step profile_fp8 200 $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --quantization fp8 --no_profile
+    ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
-    step decode_sweep 400 $PY -m bench.decode_sweep --out "$OUT/decode_sweep.json"
+    step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -20,10 +20,9 @@ from glmserve.kernels._common import INTERPRET, dot_in, new_out, next_pow2
 
 
 @triton.jit
-def _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR):
-    """Cache rows of keys j (< hi): latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR], 0 beyond."""
-    j_ok = j < hi
-    page = tl.load(pt + j // page_size, mask=j_ok, other=0)
+def _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR):
+    """Cache rows of keys j (where j_ok; page = each key's page id): latent [BLOCK_N, BLOCK_DL] and rope
+    [BLOCK_N, BLOCK_DR], 0 elsewhere."""
     row = kv_ptr + (page.to(tl.int64) * page_size + j % page_size)[:, None] * kv_ss
     k_lat = tl.load(row + dl[None, :], mask=j_ok[:, None] & (dl[None, :] < DL), other=0.0)
     k_rope = tl.load(row + DL + dr[None, :], mask=j_ok[:, None] & (dr[None, :] < DR), other=0.0)
@@ -35,7 +34,7 @@ def _mla_decode_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
-    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
@@ -57,10 +56,17 @@ def _mla_decode_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_DL, BLOCK_H], dtype=tl.float32)  # out^T
     pt = page_table_ptr + seq.to(tl.int64) * pt_stride
+    j_next = lo + tl.arange(0, BLOCK_N)
+    page_next = tl.load(pt + j_next // page_size, mask=j_next < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         j_ok = j < hi
-        k_lat, k_rope = _load_tile(kv_ptr, pt, j, hi, page_size, kv_ss, dl, dr, DL, DR)
+        if PREFETCH:  # the next tile's page ids load a step ahead: the tile's own loads wait on nothing
+            page = page_next
+            page_next = tl.load(pt + (j + BLOCK_N) // page_size, mask=j + BLOCK_N < hi, other=0)
+        else:
+            page = tl.load(pt + j // page_size, mask=j_ok, other=0)
+        k_lat, k_rope = _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR)
         k_lat, k_rope = dot_in(k_lat, UPCAST), dot_in(k_rope, UPCAST)
         s = tl.dot(k_lat, q_lat) + tl.dot(k_rope, q_rope)  # [BLOCK_N, BLOCK_H] = scores^T
         s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
@@ -92,22 +98,29 @@ CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (32, 4, 3, 4),
 }
 # Batches of at least one sequence per SM: one program per sequence already fills the GPU, so no split
-# (no partials to write and merge) and 2 stages: H200, B 256 ctx 640: 157 -> 111 us (bench/decode_sweep.py,
-# bench/gpu_results/h200_run9_sweep). (BLOCK_N, num_warps, num_stages)
+# (no partials to write and merge): H200, B 256 ctx 640: 157 -> 111 us, 104 us with the page ids
+# prefetched (bench/decode_sweep.py; bench/gpu_results/h200_run11_sweep, h200_run13_mla). (BLOCK_N,
+# num_warps, num_stages)
 WIDE_CONFIGS: dict[str, tuple[int, int, int]] = {
-    "default": (32, 4, 2),
+    "default": (32, 4, 3),
 }
 _CPU_CONFIG = (16, 4, 1, 0)
+# Load each tile's page ids one step ahead, so the tile's loads wait on nothing: H200 with 3 stages, ctx 640
+# B 64 43 -> 39 us, B 128 81 -> 74, B 256 111 -> 104; B 64 ctx 4096 182 -> 165; B 1 within 1 us (h200_run13_mla)
+PREFETCH_PAGES = True
 MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
 MIN_KEYS = 128
 
 
 def tuned_splits(num_seqs: int, sms: int, fixed: int) -> int:
     """Splits per sequence on a tuned GPU: 1 once the batch fills the SMs (B >= SMs, see WIDE_CONFIGS);
-    up to cdiv(SMs, B) where the tuned `fixed` grid would leave >= 3/4 of the SMs idle (H200: B <= 8; B 16
-    at ctx 512 measured slower with 9 splits than with 4, bench/gpu_results/h200x2_run11_mla); else fixed."""
+    2 from half the SMs (H200, B 128 ctx 640: 63 us vs 74 with 4 splits, h200_run13_mla); up to
+    cdiv(SMs, B) where the tuned `fixed` grid would leave >= 3/4 of the SMs idle (H200: B <= 8; B 16 at
+    ctx 512 measured slower with 9 splits than with 4, bench/gpu_results/h200x2_run11_mla); else fixed."""
     if num_seqs >= sms:
         return 1
+    if 2 * num_seqs >= sms:
+        return min(2, fixed)
     if 4 * num_seqs * fixed <= sms:
         return min(triton.cdiv(sms, max(1, num_seqs)), MAX_SPLITS)
     return fixed
@@ -121,7 +134,7 @@ def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.devi
 
 def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
                splits: int | None = None, config: tuple[int, int, int, int] | None = None,
-               min_keys: int | None = None) -> torch.Tensor:
+               min_keys: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
     from glmserve.kernels._common import gpu_name
@@ -147,7 +160,8 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
         NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
-        BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
+        BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
+        num_warps=warps, num_stages=stages,
     )
     if n_split > 1:
         _merge_kernel[(b * h,)](

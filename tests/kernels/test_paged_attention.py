@@ -100,6 +100,10 @@ def test_mla_decode_kernel_one_token_per_sequence(splits):
 
     out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits, (16, 4, 2, 0))
     _check(out, ref, torch.float32)
+    for prefetch in (False, True):  # page ids loaded in the step or one step ahead: same keys, same result
+        out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 38, d_latent, splits,
+                         (16, 4, 2, 0), prefetch=prefetch)
+        _check(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("min_keys", [16, 32, 1000])
@@ -122,10 +126,11 @@ def test_mla_decode_min_keys_leaves_later_splits_empty(min_keys):
 
 def test_mla_split_rule_on_a_tuned_gpu():
     """tuned_splits with the H200's 132 SMs and 4 tuned splits: a batch that fills the SMs takes one split
-    (no partials; B 256 measured 157 -> 111 us), a tiny batch spreads its keys over the idle SMs, batches
-    in between keep the tuned 4."""
+    (no partials; B 256 measured 157 -> 111 us), from half the SMs two, a tiny batch spreads its keys over
+    the idle SMs, batches in between keep the tuned 4."""
     from glmserve.kernels.mla_decode import MAX_SPLITS, tuned_splits
 
     assert tuned_splits(256, 132, 4) == tuned_splits(132, 132, 4) == 1
-    assert tuned_splits(131, 132, 4) == tuned_splits(64, 132, 4) == tuned_splits(16, 132, 4) == 4
+    assert tuned_splits(131, 132, 4) == tuned_splits(66, 132, 4) == 2
+    assert tuned_splits(65, 132, 4) == tuned_splits(64, 132, 4) == tuned_splits(16, 132, 4) == 4
     assert tuned_splits(8, 132, 4) == 17 and tuned_splits(1, 132, 4) == min(132, MAX_SPLITS)
