@@ -144,22 +144,11 @@ class KVLink(abc.ABC):
     def forget(self, xfer_id: str) -> None: ...
 
     @abc.abstractmethod
-    def stuck_report(self, older_than_s: float) -> str | None:
-        """One line on the link when its oldest unfinished transfer was posted more than older_than_s
-        ago (workers log it long before the deadline fails the transfer), else None."""
-        with self._lock:
-            oldest = next(iter(self._pending.values()), None)
-            n = len(self._pending)
-        if oldest is None or time.monotonic() - oldest.posted < older_than_s:
-            return None
-        return (f"{n} unfinished, oldest {oldest.kind} {oldest.xfer_id!r} posted "
-                f"{time.monotonic() - oldest.posted:.1f} s ago{self._state_note()}")
-
-    def _state_note(self) -> str:
-        """Backend detail for stuck_report (e.g. the IPC control block's counters)."""
-        return ""
-
     def num_pending(self) -> int: ...
+
+    @abc.abstractmethod
+    def stuck_report(self, older_than_s: float) -> str | None:
+        """A line on what the oldest unfinished transfer waits for, once older than older_than_s."""
 
     @abc.abstractmethod
     def teardown(self, reason: str) -> None: ...
