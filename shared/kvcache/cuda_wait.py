@@ -21,9 +21,10 @@ SLOWDOWN = 0.05  # sleep at most this fraction of the time already waited
 
 
 def wait_event(event: torch.cuda.Event, stop: Callable[[], bool],
-               on_slow: Callable[[float], bool] | None = None) -> bool:
+               on_slow: Callable[[float], bool] | None = None, max_sleep_s: float = MAX_SLEEP_S) -> bool:
     """Wait until `event` completed: True; False once `stop()` (checked every wake-up) is true or
-    `on_slow(waited_s)` returns True (it is asked at most every 0.25 s after the first 0.5 s)."""
+    `on_slow(waited_s)` returns True (it is asked at most every 0.25 s after the first 0.5 s).
+    max_sleep_s caps one sleep (a caller on a step's critical path passes MIN_SLEEP_S)."""
     t0 = time.monotonic()
     next_slow = t0 + 0.5
     while not event.query():
@@ -34,7 +35,7 @@ def wait_event(event: torch.cuda.Event, stop: Callable[[], bool],
             if on_slow(now - t0):
                 return False
             next_slow = now + 0.25
-        time.sleep(min(MAX_SLEEP_S, max(MIN_SLEEP_S, SLOWDOWN * (now - t0))))
+        time.sleep(min(max_sleep_s, max(MIN_SLEEP_S, SLOWDOWN * (now - t0))))
     return True
 
 

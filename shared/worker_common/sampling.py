@@ -6,11 +6,11 @@ Python results ready for TokenEvents. Seeded requests keep one torch.Generator f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
+from glmserve.shared.kvcache.cuda_wait import MIN_SLEEP_S, wait_event
 from glmserve.shared.protocol import SamplingParams
 from glmserve.shared.runner.sampler import SampleOutput, SamplingTensors, make_generator, sample
 
@@ -73,12 +73,10 @@ class PendingSample:
 
 
 def wait_released(event: "torch.cuda.Event") -> None:
-    """Wait for `event` by polling, sleeping between queries: the waiting thread never holds the
-    GIL (a blocking synchronize may keep it for the whole step, and the KV link's thread, which
-    needs it to receive the next requests' pages, then stalls for as long)."""
-    t0 = time.perf_counter()
-    while not event.query():
-        time.sleep(0 if time.perf_counter() - t0 < 1e-4 else 2e-5)
+    """Wait for `event` by polling with 20 us sleeps (cuda_wait.wait_event): the waiting thread never
+    holds the GIL (a blocking synchronize may keep it for the whole step, and the KV link's thread,
+    which needs it to receive the next requests' pages, then stalls for as long)."""
+    wait_event(event, lambda: False, max_sleep_s=MIN_SLEEP_S)
 
 
 def sample_async(
