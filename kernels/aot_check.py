@@ -70,15 +70,20 @@ def _gemm_tma(cfg, precise: bool):
     return fp8_gemm_tma._fp8_gemm_tma_kernel, sig, const, warps, stages
 
 
-def _mla_latent():
+def _mla_latent(wide: bool):
+    """The default split config (NUM_SPLITS 4), or the one-split config for batches that fill the SMs."""
     from glmserve.kernels import mla_decode
 
-    block_n, warps, stages, _ = mla_decode.CONFIGS["default"]
+    if wide:
+        block_n, warps, stages = mla_decode.WIDE_CONFIGS["default"]
+    else:
+        block_n, warps, stages, _ = mla_decode.CONFIGS["default"]
     sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["f32"], lse_ptr=P["f32"], page_table_ptr=P["i32"],
                seq_lens_ptr=P["i32"])
     sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
     sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32", DL="i32", DR="i32")
-    const = dict(NUM_SPLITS=4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False)
+    const = dict(NUM_SPLITS=1 if wide else 4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False,
+                 PREFETCH=mla_decode.PREFETCH_PAGES)
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 
@@ -127,7 +132,8 @@ def cases():
         yield (f"attn gqa_wide {phase} (MLA expanded)",
                *_attn(False, 1, *gqa[("default", "gqa_wide", phase)], (256, 16, 256), (1, 20)))
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
-    yield ("mla decode latent", *_mla_latent())
+    yield ("mla decode latent", *_mla_latent(False))
+    yield ("mla decode latent wide", *_mla_latent(True))
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
@@ -158,7 +164,7 @@ NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", 
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 # Known small spills kept on purpose: MLA latent n32 w4 s3 spills 112 B here (triton 3.9) yet measured
 # fastest on the H100 (triton 3.6, KERNEL_NOTES v7): two CTAs per SM beat the spill-free 8-warp configs.
-ALLOWED_STACK = {"mla decode latent": 256}
+ALLOWED_STACK = {"mla decode latent": 256, "mla decode latent wide": 256}
 
 
 def compile_one(fn, sig, const, warps, stages):
