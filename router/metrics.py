@@ -2,12 +2,13 @@
 
 Runs in the router process. Request counts by endpoint and status; TTFT, inter-token latency
 and end-to-end latency histograms (seconds, measured from request arrival at the router);
-in-flight requests (HTTP) and runs (per choice, dispatched); queue depth; worker readiness.
+in-flight requests (HTTP) and runs (per choice, dispatched); queue depth; worker readiness; the
+process's CPU seconds and memory (prometheus-client's process collector).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5)
@@ -16,6 +17,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the load test's CPU use per process
         self.requests = Counter("router_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.ttft = Histogram("router_time_to_first_token_seconds", "arrival -> first token",

@@ -86,7 +86,7 @@ def run_one(args, cfg: RequestConfig, requests, counter, info: RunInfo, stem: st
     m = calculate_metrics(run.outputs, run.duration, percentiles, slos)
     server = server_metrics.summarize(before, after, run.duration, sampler.peaks) if urls and not (errs or errs2) else {}
     print(format_table(m, info, args.percentile_metrics.split(","), bool(slos)))
-    _print_server(server, errs + errs2)
+    _print_server(server, errs + errs2, m.total_output)
     result = result_json(info, m, run.outputs, server)
     path = os.path.join(args.result_dir, stem + ".json")
     with open(path, "w") as f:
@@ -97,7 +97,7 @@ def run_one(args, cfg: RequestConfig, requests, counter, info: RunInfo, stem: st
     return result
 
 
-def _print_server(server: dict, errors: list[str]) -> None:
+def _print_server(server: dict, errors: list[str], output_tokens: int) -> None:
     for err in errors:
         print(f"server /metrics not read: {err}")
     for key in ("kv_transfer_gb", "kv_transfer_gb_per_s_while_sending", "kv_transfer_gb_per_s_over_run",
@@ -106,6 +106,9 @@ def _print_server(server: dict, errors: list[str]) -> None:
             print("{:<40} {:<10.4g}".format(key + ":", server[key]))
     if server.get("moe_experts"):
         print("moe experts (per label set): " + ", ".join(f"{k}={v:g}" for k, v in server["moe_experts"].items()))
+    for url, cpu in (server.get("process_cpu") or {}).items():
+        per_tok = 1e6 * cpu["cpu_s"] / output_tokens if output_tokens else float("nan")
+        print(f"cpu {url}: {cpu['cpu_s']:.2f} s, {cpu['cores_busy']:.2f} cores busy, {per_tok:.0f} us per output token")
     for name, depth in (server.get("queue_depths_peak") or {}).items():
         print("{:<40} {:<10.0f}".format("peak " + name + ":", depth))
 

@@ -7,6 +7,8 @@ is also kept per role as `name[role=R]`. The fleet's `glm_worker_kv_transfer_byt
 (or `*_kv_pages_total`), `*queue*` gauges and `*_mtp_draft_tokens_total` /
 `*_mtp_accepted_tokens_total` counters become KV transfer GB/s, pages used, queue depths and MTP acceptance;
 any labelled `*expert*` series (e.g. distinct experts touched per MoE layer) is reported as it is.
+`process_cpu_seconds_total` is kept per URL: each process's CPU seconds over the run and the cores it
+kept busy (1.0 = one core saturated: a single-threaded router at 1.0 is the fleet's bottleneck).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 Sample = dict[str, float]  # metric sample name -> value summed over labels and URLs
+CPU = "process_cpu_seconds_total"  # prometheus-client's process collector (router and worker leaders)
 
 
 def parse(text: str) -> Sample:
@@ -45,6 +48,8 @@ def scrape(urls: list[str], timeout_s: float = 5.0) -> tuple[Sample, list[str]]:
             resp.raise_for_status()
             for k, v in parse(resp.text).items():
                 total[k] += v
+                if k == CPU:  # CPU time is per process: kept per URL as well as summed
+                    total[f"{CPU}[url={url}]"] = v
         except Exception as exc:  # noqa: BLE001 - a missing /metrics is reported, not fatal
             errors.append(f"{url}: {type(exc).__name__}: {exc}")
     return dict(total), errors
@@ -136,6 +141,10 @@ def summarize(before: Sample, after: Sample, duration: float, peaks: Sample | No
         out["mtp_draft_tokens"] = drafted
         out["mtp_accepted_tokens"] = accepted or 0.0
         out["mtp_acceptance_rate"] = (accepted or 0.0) / drafted
+    cpu = {k[len(CPU) + 5:-1]: after[k] - before.get(k, 0.0) for k in after if k.startswith(f"{CPU}[url=")}
+    if cpu:
+        out["process_cpu"] = {url: {"cpu_s": d, "cores_busy": d / duration if duration > 0 else 0.0}
+                              for url, d in cpu.items()}
     experts = {k: v for k, v in after.items() if "expert" in k and "{" in k}
     if experts:  # dummy weights can pin tokens to few experts: DESIGN §7 asks to show it
         out["moe_experts"] = experts

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 
 class WorkerMetrics:
     def __init__(self, worker_id: str, role: str):
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total of the leader process
         lab = dict(labelnames=("worker", "role"), registry=self.registry)
         self._ids = (worker_id, role)
         g = lambda n, d: Gauge(f"glm_worker_{n}", d, **lab).labels(*self._ids)  # noqa: E731

@@ -66,3 +66,38 @@ def test_expert_coverage_is_reported_per_layer():
     s = summarize({}, parse(text), 1.0)
     assert s["moe_experts"] == {"glm_worker_moe_distinct_experts{layer=1,worker=p0}": 5.0,
                                 "glm_worker_moe_distinct_experts{layer=2,worker=p0}": 64.0}
+
+
+def test_cpu_seconds_are_kept_per_process():
+    """Each scraped URL's process CPU time becomes its own figure (summing routers and workers would
+    hide a saturated single-threaded router); the fleet's registries export it over real HTTP."""
+    import time
+
+    from prometheus_client import start_http_server
+
+    from bench.sharegpt import server_metrics
+    from glmserve.router.metrics import RouterMetrics
+    from glmserve.shared.worker_common.metrics import WorkerMetrics
+    from glmserve.shared.ports import free_port
+
+    urls, servers = [], []
+    for m in (RouterMetrics(), WorkerMetrics("d0", "decode")):
+        port = free_port()
+        servers.append(start_http_server(port, addr="127.0.0.1", registry=m.registry)[0])
+        urls.append(f"http://127.0.0.1:{port}/metrics")
+    try:
+        before, errs = server_metrics.scrape(urls)
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.3:  # burn CPU in this (the served) process
+            sum(range(1000))
+        burned = time.process_time() - t0
+        after, errs2 = server_metrics.scrape(urls)
+    finally:
+        for srv in servers:
+            srv.shutdown()
+    assert not errs and not errs2
+    s = summarize(before, after, duration=2.0)
+    assert set(s["process_cpu"]) == set(urls)
+    for cpu in s["process_cpu"].values():  # each URL's own delta, not the sum over both
+        assert burned - 0.05 <= cpu["cpu_s"] <= burned + 0.3
+        assert cpu["cores_busy"] == pytest.approx(cpu["cpu_s"] / 2.0)
