@@ -45,6 +45,7 @@ class ChoiceStream:
         self.t_last: float | None = None
         self.num_tokens = 0
         self.done = False
+        self._held_failure: Failure | None = None  # met while merging; raised by the next call
 
     def _timing(self) -> None:
         now = time.monotonic()
@@ -55,12 +56,18 @@ class ChoiceStream:
         self.t_last = now
 
     async def next(self) -> Delta:
-        """The next delta; raises the run's APIError on failure."""
-        item = await self.run.queue.get()
+        """The next delta; raises the run's APIError on failure. Chunks already queued behind the
+        first one are merged into it (as vLLM's output collector merges deltas): a consumer that
+        lags (a slow client, or the router itself under load) sends one event for several steps'
+        tokens instead of falling further behind. A Failure after merged chunks is kept for the
+        next call, so tokens received before an error are still delivered."""
+        item = self._held_failure or await self.run.queue.get()
+        self._held_failure = None
         if isinstance(item, Failure):
             self.done = True
             raise item.error
         assert isinstance(item, Chunk)
+        item = self._merge_queued(item)
         if item.token_ids:
             self._timing()
         self.num_tokens += len(item.token_ids)
@@ -79,6 +86,24 @@ class ChoiceStream:
             self.metrics.e2e.observe(time.monotonic() - self.t_arrival)
             self.metrics.output_tokens.inc(self.num_tokens)
         return Delta(self.index, text, item.token_ids, item.logprobs, item.top_logprobs, reason)
+
+    def _merge_queued(self, first: Chunk) -> Chunk:
+        """`first` plus every Chunk queued behind it, up to the finishing one or a Failure."""
+        queue = self.run.queue
+        if first.finished or queue.empty():
+            return first
+        ids, lps, tops = list(first.token_ids), list(first.logprobs), list(first.top_logprobs)
+        last = first
+        while not last.finished and not queue.empty():
+            nxt = queue.get_nowait()
+            if isinstance(nxt, Failure):
+                self._held_failure = nxt
+                break
+            ids += nxt.token_ids
+            lps += nxt.logprobs
+            tops += nxt.top_logprobs
+            last = nxt
+        return Chunk(ids, lps, tops, last.finished, last.finish_reason)
 
 
 def start_choices(dispatcher: Dispatcher, metrics: RouterMetrics, tokenizer, base_rid: str,
@@ -109,7 +134,15 @@ def abort_all(streams: list[ChoiceStream], reason: str) -> None:
 
 
 async def merged(streams: list[ChoiceStream]) -> AsyncIterator[Delta]:
-    """Deltas of all choices as they come; aborts every unfinished run on exit (cancel included)."""
+    """Deltas of all choices as they come; aborts every unfinished run on exit (cancel included).
+    One choice (the common case) is read directly; several are pumped into one queue by a task each."""
+    if len(streams) == 1:
+        try:
+            while not streams[0].done:
+                yield await streams[0].next()
+        finally:
+            abort_all(streams, "client gone")
+        return
     out: asyncio.Queue = asyncio.Queue()
 
     async def pump(s: ChoiceStream) -> None:
