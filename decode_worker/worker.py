@@ -46,6 +46,7 @@ class DecodeWorker:
         # overlap loop: the launched step not yet read back (DECODE without MTP only)
         self.overlap = overlap and not cfg.mtp_step
         self.inflight: InFlight | None = None
+        self._events: list[P.TokenEvent] = []  # of the step being read back (_emit), sent by _send_events
         self.alive = True
         self._last_beat = 0.0
         self._idle_since: float | None = None
@@ -255,6 +256,7 @@ class DecodeWorker:
             self.running.commit(seq, [r.token_id])
             self._emit(seq, [r])
             n += 1
+        self._send_events()
         for rid in inf.release_after:
             self.pages.release(rid)
         self.metrics.add_tokens(n)
@@ -279,13 +281,21 @@ class DecodeWorker:
             mtp.release_rejected_pages(seq, self.pages, self.cfg.page_size, before)
             self.metrics.add_tokens(len(rows))
             self._emit(seq, rows)
+        self._send_events()
         self.metrics.mtp_drafts.inc(k * sum(use))
         self.metrics.mtp_accepted.inc(sum(len(r) - 1 for r, _ in results))
 
+    def _send_events(self) -> None:
+        """The step's TokenEvents to the router, in one frame (protocol.TokenEvents)."""
+        events, self._events = self._events, []
+        if events:
+            self.io.tokens_to_router(events)
+
     def _emit(self, seq: DecodeSeq, rows) -> None:
+        """Queue `rows`' tokens for the router (sent by _send_events at the end of the step)."""
         reason = finish_reason(seq, self.eos_ids)
         lp = seq.sampling.logprobs
-        self.io.to_router(P.TokenEvent(
+        self._events.append(P.TokenEvent(
             rid=seq.rid, worker_id=self.cfg.worker_id, token_ids=P.pack_ids([r.token_id for r in rows]),
             logprobs=[r.logprob for r in rows] if lp else [], top_logprobs=[r.top for r in rows] if lp else [],
             finished=reason is not None, finish_reason=reason,

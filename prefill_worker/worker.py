@@ -205,16 +205,20 @@ class PrefillWorker:
             return
         rows = sample_rows(logits, [s.sampling for s in last], [s.prompt_ids for s in last],
                            [s.prompt_len for s in last], [generator_for(s.sampling, device=logits.device) for s in last])
+        events, firsts = [], []
         for seq, r in zip(last, rows):
             reason = first_finish_reason(r.token_id, seq.sampling, self.eos_ids)
             want_lp = seq.sampling.logprobs
-            self.io.to_router(P.TokenEvent(
+            events.append(P.TokenEvent(
                 rid=seq.rid, worker_id=self.cfg.worker_id, token_ids=P.pack_ids([r.token_id]),
                 logprobs=[r.logprob] if want_lp else [], top_logprobs=[r.top] if want_lp else [],
                 finished=reason is not None, finish_reason=reason,
             ))
-            self.io.to_peer(self.decodes[seq.decode_id], P.FirstToken(
-                rid=seq.rid, prefill_id=self.cfg.worker_id, token_id=r.token_id, finished=reason is not None))
+            firsts.append((seq.decode_id, P.FirstToken(
+                rid=seq.rid, prefill_id=self.cfg.worker_id, token_id=r.token_id, finished=reason is not None)))
+        self.io.tokens_to_router(events)  # before the decodes hear of them: the router sees this token first
+        for decode_id, msg in firsts:
+            self.io.to_peer(self.decodes[decode_id], msg)
 
     # ---- transfers, heartbeat, leak check -------------------------------------------
     def poll_sends(self) -> None:

@@ -186,10 +186,11 @@ class Dispatcher:
             except P.ProtocolError as e:
                 log.warning("dropped a bad event: %s", e)
                 continue
-            try:
-                self._on_message(msg)
-            except Exception:  # one bad event must not stop the loop that serves every request
-                log.exception("error handling %s", type(msg).__name__)
+            for m in P.unbatch(msg):
+                try:
+                    self._on_message(m)
+                except Exception:  # one bad event must not stop the loop that serves every request
+                    log.exception("error handling %s", type(m).__name__)
 
     def _on_message(self, msg: P.Msg) -> None:
         now = time.monotonic()

@@ -3,7 +3,7 @@
 - control: a PULL socket bound at --control_addr; the router and (for a decode leader) its
   prefill peers push here. Only messages signed with the fleet key and within every field's bounds
   are accepted (protocol.decode); anything else is logged and dropped.
-- events: a PUSH connected to the router's events address (TokenEvent, Reserved, Busy,
+- events: a PUSH connected to the router's events address (TokenEvent(s), Reserved, Busy,
   RequestError, WorkerStatus).
 - peers: PUSH sockets to other worker leaders, connected lazily by address.
 Sends never block the step loop: a full peer queue raises instead of hanging (SNDTIMEO).
@@ -63,6 +63,15 @@ class WorkerIO:
 
     def to_router(self, msg: protocol.Msg) -> None:
         self.events.send(protocol.encode(msg))
+
+    def tokens_to_router(self, events: list[protocol.TokenEvent]) -> None:
+        """A step's TokenEvents, in order: one TokenEvents frame per MAX_BATCHED_EVENTS (one event
+        alone goes as itself)."""
+        if len(events) == 1:
+            self.to_router(events[0])
+            return
+        for i in range(0, len(events), protocol.MAX_BATCHED_EVENTS):
+            self.to_router(protocol.TokenEvents(events=events[i: i + protocol.MAX_BATCHED_EVENTS]))
 
     def to_peer(self, addr: str, msg: protocol.Msg) -> None:
         sock = self._peers.get(addr)

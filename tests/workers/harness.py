@@ -49,6 +49,7 @@ class WorkerPair:
         self.push = {w: self._push(a) for w, a in self.addrs.items()}
         self.status: dict[str, P.WorkerStatus] = {}
         self.inbox: list[P.Msg] = []
+        self.batched_frames: list[tuple[str, int]] = []  # (worker, events) of every TokenEvents frame
 
     def _start(self, worker: str, mode: str = "w") -> subprocess.Popen:
         return subprocess.Popen(self.cmds[worker], stdout=open(self.logs[worker], mode), stderr=subprocess.STDOUT,
@@ -81,7 +82,9 @@ class WorkerPair:
                 if isinstance(msg, P.WorkerStatus):
                     self.status[msg.worker_id] = msg
                 else:
-                    self.inbox.append(msg)
+                    if isinstance(msg, P.TokenEvents):
+                        self.batched_frames.append((msg.events[0].worker_id, len(msg.events)))
+                    self.inbox.extend(P.unbatch(msg))
         for name, p in self.procs.items():
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited {p.returncode}:\n" + open(self.logs[name]).read()[-3000:])

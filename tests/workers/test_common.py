@@ -20,10 +20,18 @@ def test_protocol_roundtrip_new_messages():
                 P.LinkInfo(decode_id="d0", link_host="h", link_port=5, generation=3),
                 P.KVChunkReady(rid="r", prefill_id="p0", page_ids=P.pack_ids([1, 2]), num_tokens=9,
                                chunk_index=2, aborted=True, link_epoch=11),
-                P.FirstToken(rid="r", prefill_id="p0", token_id=5, finished=True)]:
+                P.FirstToken(rid="r", prefill_id="p0", token_id=5, finished=True),
+                P.TokenEvents(events=[P.TokenEvent(rid="a", worker_id="d0", token_ids=P.pack_ids([3])),
+                                      P.TokenEvent(rid="b", worker_id="d0", token_ids=P.pack_ids([4, 5]),
+                                                   finished=True, finish_reason="length")])]:
         assert P.decode(P.encode(msg)) == msg
     with pytest.raises(P.ProtocolError):
         P.decode(P.encode(P.Abort(rid="x", version=99)))
+    with pytest.raises(P.ProtocolError):  # a frame holds 1 .. MAX_BATCHED_EVENTS events
+        P.decode(P.encode(P.TokenEvents(events=[])))
+    ev = P.TokenEvent(rid="a", worker_id="d0", token_ids=b"")
+    with pytest.raises(P.ProtocolError):
+        P.decode(P.encode(P.TokenEvents(events=[ev] * (P.MAX_BATCHED_EVENTS + 1))))
 
 
 def test_cli_accepts_dashes_and_underscores():

@@ -87,6 +87,8 @@ def test_greedy_equals_single_process(pair):
         got = [t for e in ev for t in P.unpack_ids(e.token_ids)]
         assert got == r["token_ids"], f"prompt {i}"
         assert ev[-1].finish_reason == "length"
+    # the decode sends a step's events in one frame (the four requests share steps)
+    assert any(w == "d0" and n > 1 for w, n in pair.batched_frames), pair.batched_frames
     _pages_zero(pair)
     for w in ("p0", "d0"):  # both ends count the KV bytes (the heartbeat after the transfers)
         assert _metric(pair, w, "glm_worker_kv_transfer_bytes_total") > 0
