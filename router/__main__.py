@@ -13,6 +13,7 @@ import uvicorn
 
 from glmserve.router.app import build_app
 from glmserve.router.config import parse_config
+from glmserve.router.http_protocol import BoundedHttpToolsProtocol
 from glmserve.shared.fleet_key import FleetKeyError, fleet_key
 
 
@@ -24,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"router: {e}")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     app = build_app(cfg)
-    # Headers: at most 64 KiB per request head; an idle keep-alive connection closes after 5 s.
-    # Bodies: read_body's --body_timeout_s. Planning (template, tokenizer) runs off the loop.
+    # Headers: at most 64 KiB per request head (http_protocol.py); an idle keep-alive connection closes
+    # after 5 s. Bodies: read_body's --body_timeout_s. Planning (template, tokenizer) runs off the loop.
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5,
-                h11_max_incomplete_event_size=64 * 1024, timeout_keep_alive=5)
+                http=BoundedHttpToolsProtocol, loop="uvloop", timeout_keep_alive=5)
 
 
 if __name__ == "__main__":
