@@ -18,7 +18,13 @@
 #   bash bench/gpu_suite.sh final14  # ONE GPU: kernel checks, decode-step table FP8 (+ B 256 profile) and bf16, fleet c64/c256
 #   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing kernel checks + the FP8 decode-step table
 #   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
-# Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when present.
+#   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
+# Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
+# present; .whl is not committed: fetch them here (the GPU image runs Python 3.12, no network) with
+#   .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_28_x86_64 --platform any -d .whl pyzmq msgspec starlette uvicorn httptools uvloop \
+#     supervisor prometheus-client httpx h11 anyio sniffio idna click httpcore certifi
+# and run with carry [".whl"].
 # Writes logs and JSON under $OUT (default ./out/gpu); prints a short summary last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -192,6 +198,15 @@ case "${1:-models}" in
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"
+    ;;
+  fleet14)  # issue 14's fleet goal as stated: FP8 dummy Flash, random 512 in / 256 out at c64 and c256, overlap
+    # loop on; on nvidia-h200-x2 prefill on GPU 0 and decode on GPU 1 (NCCL link), on one GPU both on GPU 0
+    ngpu=$(nvidia-smi -L | wc -l)
+    step "serve_${ngpu}gpu" "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" TAG="-${ngpu}gpu" \
+      CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
+    cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+    serve_logs 80 30 decode_d0 prefill_p0 router
+    rm -rf "$OUT/serve"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

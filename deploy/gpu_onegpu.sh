@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU (nvidia-h200): `deploy up --device cuda` puts prefill and decode on GPU 0 (their KV link is
-# the same-GPU cuda_ipc one), GLM-4.7-Flash's real config with dummy weights (FP8 unless QUANT=""), then
+# the same-GPU cuda_ipc one); with two GPUs (nvidia-h200-x2) prefill on GPU 0 and decode on GPU 1 (NCCL
+# link). GLM-4.7-Flash's real config with dummy weights (FP8 unless QUANT=""), then
 # bench/run_sharegpt.py --dataset random 512 in / 256 out at concurrency 64 and 256.
 # Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (16384: 256 requests of 768 tokens need 12288),
 # CONCS ("64 256"), DEPLOY_FLAGS (more `deploy up` flags, e.g. --disable_overlap_schedule), TAG (result-file tag).
