@@ -311,6 +311,8 @@ class DecodeWorker:
             self._last_beat = now
             used, free = self.pages.num_used, self.pages.num_free
             self.metrics.pages(used, free)
+            if self.engine.experts is not None:
+                self.metrics.experts(self.engine.experts.window())
             self.metrics.ready.set(1)
             self.metrics.running.set(len(self.running))
             self.metrics.queue_depth.set(len(self.handoffs.seqs))

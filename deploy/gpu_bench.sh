@@ -18,7 +18,7 @@ elif [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); TOK="$MODEL
 else MODEL=(--preset glm-4.7-flash); TOK="$STATE/presets/glm-4.7-flash"; fi
 MTP=(); [ "${MTP_STEP:-0}" != 0 ] && MTP=(--mtp_step "$MTP_STEP")
 "$PY" -m glmserve.deploy up --detach --device "$DEVICE" "${MODEL[@]}" "${MTP[@]}" --state_dir "$STATE" --port "$PORT" \
-  --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 \
+  --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 --expert_stats \
   || { tail -50 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m glmserve.deploy down --state_dir "$STATE"' EXIT
 METRICS=(--metrics-url "http://127.0.0.1:$PORT/metrics" --metrics-url http://127.0.0.1:8101/metrics

@@ -11,7 +11,8 @@ PY=${PY:-.venv/bin/python}; OUT=${OUT:-out/onegpu}; PORT=${PORT:-8000}; STATE=$O
 mkdir -p "$OUT"
 Q=(); [ -n "${QUANT-fp8}" ] && Q=(--quantization "${QUANT-fp8}")
 "$PY" -m glmserve.deploy up --detach --device cuda --preset glm-4.7-flash "${Q[@]}" --state_dir "$STATE" \
-  --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 ${DEPLOY_FLAGS:-} \
+  --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 --expert_stats \
+  ${DEPLOY_FLAGS:-} \
   || { tail -60 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m glmserve.deploy down --state_dir "$STATE"' EXIT
 grep -h "KV link to" "$STATE"/logs/decode_d0.log | head -2

@@ -265,6 +265,8 @@ class PrefillWorker:
         ok, _ = self.ready()
         used, free = self.pages.num_used, self.pages.num_free
         self.metrics.pages(used, free)
+        if self.engine.experts is not None:
+            self.metrics.experts(self.engine.experts.window())
         self.metrics.ready.set(int(ok))
         self.metrics.queue_depth.set(self.sched.num_queued())
         self.metrics.queued_tokens.set(self.sched.queued_tokens())

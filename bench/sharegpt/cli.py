@@ -104,8 +104,8 @@ def _print_server(server: dict, errors: list[str], output_tokens: int) -> None:
                 "kv_pages_used_peak", "kv_pages_total", "mtp_acceptance_rate"):
         if key in server:
             print("{:<40} {:<10.4g}".format(key + ":", server[key]))
-    if server.get("moe_experts"):
-        print("moe experts (per label set): " + ", ".join(f"{k}={v:g}" for k, v in server["moe_experts"].items()))
+    for line in server_metrics.expert_lines(server.get("moe_experts") or {}):
+        print(line)
     for url, cpu in (server.get("process_cpu") or {}).items():
         per_tok = 1e6 * cpu["cpu_s"] / output_tokens if output_tokens else float("nan")
         print(f"cpu {url}: {cpu['cpu_s']:.2f} s, {cpu['cores_busy']:.2f} cores busy, {per_tok:.0f} us per output token")

@@ -151,3 +151,14 @@ def summarize(before: Sample, after: Sample, duration: float, peaks: Sample | No
     counters = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total") or "_total[" in k}
     out["counter_deltas"] = {k: v for k, v in counters.items() if v}
     return out
+
+
+def expert_lines(experts: Sample) -> list[str]:
+    """One line per (series, role, worker) of the per-layer expert figures: mean / min / max over layers."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for key, value in experts.items():
+        name, _, labels = key.partition("{")
+        who = ",".join(kv for kv in labels.rstrip("}").split(",") if not kv.startswith("layer="))
+        groups[(name, who)].append(value)
+    return [f"{name} [{who}]: mean {sum(v) / len(v):.3g}, min {min(v):.3g}, max {max(v):.3g} over {len(v)} layers"
+            for (name, who), v in sorted(groups.items())]

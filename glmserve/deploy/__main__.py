@@ -66,6 +66,8 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "max_running", type=int, default=64)
     _flag(p, "mtp_step", type=int, default=0)
     _flag(p, "mtp_mode", default="vanilla_with_att", choices=["vanilla_with_att", "eagle_with_att"])
+    _flag(p, "expert_stats", action="store_true",
+          help="workers export experts touched per MoE layer (load tests print them; ~2 us a layer a step)")
     _flag(p, "disable_overlap_schedule", action="store_true",
           help="decode workers read each step back before launching the next (default: overlap loop)")
     _flag(p, "tool_call_parser", default="")
@@ -104,7 +106,7 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         num_prefill=a.prefill, num_decode=a.decode, tp=a.tp, load_format=a.load_format, dtype=a.dtype,
         page_size=a.page_size, num_pages=a.num_pages, chunked_prefill_size=a.chunked_prefill_size,
         max_running=a.max_running, mtp_step=a.mtp_step, mtp_mode=a.mtp_mode,
-        overlap=not a.disable_overlap_schedule,
+        overlap=not a.disable_overlap_schedule, expert_stats=a.expert_stats,
         tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
         served_model_name=a.served_model_name, tokenizer=a.tokenizer, max_queue=a.max_queue,
         max_req_total_len=a.max_req_total_len, quantization=a.quantization,

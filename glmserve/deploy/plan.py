@@ -58,6 +58,7 @@ class FleetSpec:
     cpu_threads: int = 1  # OMP_NUM_THREADS per worker on cpu
     num_gpus: int = 0  # GPUs visible on this node (0: unknown, assume enough)
     kv_transport: str = "auto"  # workers' --kv_transport
+    expert_stats: bool = False  # workers' --expert_stats (experts touched per MoE layer in /metrics)
     start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
 
 
@@ -109,6 +110,7 @@ def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, g
             "--page_size", str(spec.page_size), "--num_pages", str(num_pages)]
     argv += ["--quantization", spec.quantization] if spec.quantization else []
     argv += ["--kv_transport", spec.kv_transport] if spec.kv_transport != "auto" else []
+    argv += ["--expert_stats"] if spec.expert_stats else []
     return argv + (["--gpus", gpus] if gpus else [])
 
 

@@ -87,11 +87,23 @@ class ModelRunner:
                              self.config.num_hidden_layers + self.num_mtp_layers)
 
     def track_expert_usage(self, enabled: bool = True) -> None:
-        """Start (and zero) or stop counting tokens routed to each expert of every MoE layer."""
+        """Start (and zero) or stop counting tokens routed to each expert of every MoE layer. The counts
+        of model.model.layers' MoE layers are rows of one [num MoE layers, E] tensor (`expert_counts_all`), so one copy
+        reads them all. Set before CUDA graphs are captured for the graphs to count."""
+        layers = [layer.mlp for layer in self.model.model.layers if isinstance(layer.mlp, MoE)]
+        self.expert_counts_all = torch.zeros(len(layers), self.config.n_routed_experts, dtype=torch.int64,
+                                             device=self.device) if enabled else None
         for m in self.model.modules():
             if isinstance(m, MoE):
                 m.expert_counts = torch.zeros(self.config.n_routed_experts, dtype=torch.int64,
                                               device=self.device) if enabled else None
+        for row, m in enumerate(layers if enabled else []):
+            m.expert_counts = self.expert_counts_all[row]
+
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the MoE layers in model.model.layers (an MTP layer there too), in the row order of
+        `expert_counts_all`."""
+        return [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.mlp, MoE)]
 
     def expert_usage(self) -> dict[int, torch.Tensor]:
         """{layer index: [E] tokens routed per expert} since track_expert_usage (benchmarks print it)."""

@@ -56,6 +56,7 @@ class WorkerConfig:
     heartbeat_s: float = 0.5
     mtp_step: int = 0  # decode: MTP draft tokens per step (0 = plain decoding)
     kv_transport: str = "auto"  # auto | nccl | gloo | cuda_ipc (shared/kvcache/rendezvous.pick_transport)
+    expert_stats: bool = False  # leader: export experts touched per MoE layer (shared/worker_common/expert_stats.py)
     # TP follower only: which rank this process is and where the leader's TP store listens
     tp_rank: int = 0
     tp_store_port: int = 0
@@ -88,6 +89,9 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "mtp_step", type=int, default=0, help="decode: MTP draft tokens per step (0 = off); ignored by prefill workers")
     p.add_argument("--num_speculative_tokens", "--num-speculative-tokens", dest="mtp_step", type=int,
                    default=argparse.SUPPRESS, help="alias of --mtp_step (vLLM's name)")
+    add_flag(p, "expert_stats", action="store_true",
+             help="count tokens per expert per MoE layer (one scatter_add per layer per forward) and export "
+                  "experts touched per layer per heartbeat (glm_worker_moe_experts_touched)")
     add_flag(p, "tp_rank", type=int, default=0, help=argparse.SUPPRESS)
     add_flag(p, "tp_store_port", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -107,4 +111,5 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
         device=a.device, gpus=gpus, tp_size=a.tp, dtype=a.dtype, page_size=a.page_size,
         num_pages=a.num_pages, quantization=a.quantization, heartbeat_s=a.heartbeat_s,
         tp_rank=a.tp_rank, tp_store_port=a.tp_store_port, mtp_step=a.mtp_step, kv_transport=a.kv_transport,
+        expert_stats=a.expert_stats,
     )

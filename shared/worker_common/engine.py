@@ -19,6 +19,7 @@ from glmserve.shared.kvcache.link import LinkSignature
 from glmserve.shared.protocol import unpack_ids
 from glmserve.shared.runner.sampler import host_to_device
 from glmserve.shared.worker_common.config import WorkerConfig
+from glmserve.shared.worker_common.expert_stats import ExpertWindow
 from glmserve.shared.worker_common.links import LinkSet
 from glmserve.shared.worker_common.plan import StepPlan, decode_plan, encode_plan, prompt_mtp_batch, to_batch
 from glmserve.shared.worker_common.tp import TPFanout
@@ -51,6 +52,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.runner = load_runner(cfg, self.tp_rank)
+        # before any CUDA graph is captured, so the graphs count too (the leader alone: routing is replicated)
+        self.experts = ExpertWindow(self.runner) if cfg.expert_stats and self.tp_rank == 0 else None
         layout = self.runner.kv_layout(cfg.page_size)
         if cfg.mtp_step and not self.runner.has_mtp:
             raise ValueError(f"--mtp_step {cfg.mtp_step}: the checkpoint has no MTP layer (num_nextn_predict_layers = 0)")

@@ -49,6 +49,11 @@ class WorkerMetrics:
             "glm_worker_handoff_failures", "KV handoff failures", labelnames=("worker", "role", "reason"),
             registry=self.registry,
         )
+        exp = dict(labelnames=("worker", "role", "layer"), registry=self.registry)
+        self._experts_touched = Gauge("glm_worker_moe_experts_touched",
+                                      "experts with >= 1 routed token in the last heartbeat window, per MoE layer", **exp)
+        self._expert_max_share = Gauge("glm_worker_moe_expert_max_share",
+                                       "the busiest expert's share of the layer's routed tokens, last window", **exp)
         self._win_start = time.monotonic()
         self._win_tokens = 0
         self._kv_seen = (0, 0.0)
@@ -82,6 +87,12 @@ class WorkerMetrics:
         self.kv_seconds.inc(seconds)
         if seconds > 0:
             self.kv_gbps.set(num_bytes / seconds / 1e9)
+
+    def experts(self, layers) -> None:
+        """Per-layer expert figures of one window (expert_stats.LayerWindow list)."""
+        for w in layers:
+            self._experts_touched.labels(*self._ids, str(w.layer)).set(w.touched)
+            self._expert_max_share.labels(*self._ids, str(w.layer)).set(w.max_share)
 
     def pages(self, used: int, free: int) -> None:
         self.pages_used.set(used)
