@@ -3,8 +3,9 @@
 Prints, per batch size and tokens per sequence (1 = DECODE; K + 1 = an MTP VERIFY step), the eager step
 time, the CUDA-graph replay time of the same step (the difference is launch and host overhead), whether
 the eager step is free of host syncs (torch's sync debug mode), the HBM roofline of the step (bytes of the
-active weights + KV read / copy bandwidth measured in the same run), and for the first DECODE shape
-torch.profiler's top ops by CUDA and by CPU time.
+active weights + KV read / copy bandwidth measured in the same run), and for the profiled DECODE shapes
+torch.profiler's top ops by CUDA and by CPU time and the fraction of HBM bandwidth the step's big kernels
+reach (MoE GEMM: touched experts' weights; MLA decode: the latent cache; dense FP8 GEMMs: their weights).
     python -m bench.profile_step --preset glm-4.7-flash --batch 16 --ctx 512 --out step.json
     python -m bench.profile_step --batches 1,16,64,128 --verify_tokens 1,2,4 --out steps.json
 """
@@ -63,6 +64,49 @@ def active_weight_bytes(runner: ModelRunner, touched: dict[int, int]) -> float:
     return total - embed - expert + per_expert * sum(touched.values())
 
 
+def kernel_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float) -> list[tuple[str, tuple[str, ...], float]]:
+    """(label, kernel-name substrings, HBM bytes one step must move through those kernels) for the kernels
+    that dominate a decode step: the routed experts' GEMMs read the touched experts' weights (and scales),
+    MLA decode reads the latent cache, the dense FP8 GEMMs read every non-expert FP8 weight and scale."""
+    moe = dense_fp8 = 0.0
+    for name, p in runner.model.named_parameters():
+        n = p.numel() * p.element_size()
+        if ".experts." in name:
+            layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else -1
+            moe += n * touched.get(layer, 0) / runner.config.n_routed_experts
+        elif p.dtype == torch.float8_e4m3fn or (name.endswith("weight_scale") and ".experts." not in name):
+            dense_fp8 += n
+    groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
+    if dense_fp8:
+        groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm",), dense_fp8))
+    return groups
+
+
+def hbm_by_kernel(averages, groups: list[tuple[str, tuple[str, ...], float]], bw_gbps: float) -> list[dict]:
+    """Per group: CUDA ms summed over its kernels (torch.profiler key averages), the bytes it must move,
+    and its fraction of the copy bandwidth; then everything else as one row (no bytes)."""
+    rows, seen = [], set()
+    for label, patterns, nbytes in groups:
+        us, calls = 0.0, 0
+        for evt in averages:
+            if evt.key not in seen and any(s in evt.key for s in patterns):
+                seen.add(evt.key)
+                us += _device_us(evt)
+                calls += evt.count
+        ms = us / 1e3
+        rows.append(dict(kernel=label, calls=calls, ms=ms, gb=nbytes / 1e9,
+                         fraction_of_hbm=(nbytes / bw_gbps / 1e9) / (ms / 1e3) if ms else 0.0))
+    rest = [e for e in averages if e.key not in seen and _device_us(e) > 0 and not e.key.startswith("aten::")]
+    rows.append(dict(kernel="all other kernels", calls=sum(e.count for e in rest),
+                     ms=sum(_device_us(e) for e in rest) / 1e3, gb=0.0, fraction_of_hbm=0.0))
+    return rows
+
+
+def _device_us(evt) -> float:
+    """Self device time of a key average, in us (torch renamed the attribute from cuda to device)."""
+    return float(getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0) or 0.0)
+
+
 def experts_touched(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> dict[int, int]:
     """{MoE layer: distinct experts} for one eager forward of this batch (DESIGN §7: print it for dummy weights)."""
     runner.track_expert_usage()
@@ -96,7 +140,9 @@ def sync_free(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> None:
+def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache, groups, bw: float) -> list[dict]:
+    """torch.profiler's top ops by CUDA and by CPU time for one eager step, then the HBM fraction of the
+    kernels that move the step's bytes (`kernel_bytes`); returns those rows."""
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
     with prof:
         runner.forward(dec, kv)
@@ -104,6 +150,11 @@ def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> N
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cuda_time_total", row_limit=18))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=18))
+    rows = hbm_by_kernel(ka, groups, bw)
+    print(f"{'kernel':32s} {'calls':>6s} {'ms':>8s} {'GB':>8s} {'of HBM':>7s}")
+    for r in rows:
+        print(f"{r['kernel']:32s} {r['calls']:6d} {r['ms']:8.3f} {r['gb']:8.3f} {r['fraction_of_hbm']:7.2f}")
+    return rows
 
 
 def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profile: bool) -> dict:
@@ -113,8 +164,8 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
     eager = timed(lambda: runner.forward(dec, kv), 10)
     no_sync = sync_free(runner, dec, kv)
     touched = experts_touched(runner, dec, kv)
-    if profile:
-        print_profile(runner, dec, kv)
+    kv_bytes = kv.layout.page_bytes() / PAGE * ctx * batch
+    kernels = print_profile(runner, dec, kv, kernel_bytes(runner, touched, kv_bytes), bw) if profile else []
     t0 = time.perf_counter()
     runner.capture_decode_graphs(kv, max_batch_size=batch, max_seq_len=ctx + q, tokens_per_seq=q)
     capture_s = time.perf_counter() - t0
@@ -122,13 +173,12 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
     graph = timed(lambda: runner.forward(dec, kv), 20)
     assert runner.graph_runs() > runs, "the step did not take the graph path"
     wbytes = active_weight_bytes(runner, touched)
-    kv_bytes = kv.layout.page_bytes() / PAGE * ctx * batch
     floor = (wbytes + kv_bytes) / (bw * 1e9)
     del kv, dec
     return dict(batch=batch, tokens_per_seq=q, eager_ms=eager * 1e3, graph_ms=graph * 1e3, capture_s=capture_s,
                 sync_free=no_sync, experts_touched_mean=sum(touched.values()) / max(1, len(touched)),
                 experts_touched_min=min(touched.values(), default=0), weight_bytes=wbytes, kv_bytes=kv_bytes, roofline_ms=floor * 1e3,
-                graph_fraction_of_roofline=floor / graph, tok_s_graph=batch / graph)
+                graph_fraction_of_roofline=floor / graph, tok_s_graph=batch / graph, kernels_hbm=kernels)
 
 
 def main() -> None:
