@@ -6,8 +6,9 @@ CPU per streamed token 115 -> 92-96 us (bench/README.md, "Router CPU per token")
 (uvicorn's h11_max_incomplete_event_size); httptools has no such bound, so this subclass adds one:
 a head that has not completed within MAX_HEAD_BYTES is answered 400 and its connection closed, as
 h11 does. Bytes are counted only over data_received calls that begin and end inside a head (or
-before one): a call in which a head completes, or which carries body bytes, resets the count, so a
-large body never counts, and what a client can make the parser buffer is the bound plus one read.
+before one) and complete none: a call in which a head completes (a whole request can arrive in one
+read) or which carries body bytes resets the count, so a large body never counts, and what a client
+can make the parser buffer is the bound plus one read.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ MAX_HEAD_BYTES = 64 * 1024  # the router's bound under h11 before (request line 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_head = True  # waiting for, or inside, a request head
     _head_bytes = 0  # bytes of the current head (or of the wait before it) seen so far
+    _head_done = False  # a head completed during the current data_received call
 
     def data_received(self, data: bytes) -> None:
-        was_in_head = self._in_head
+        was_in_head, self._head_done = self._in_head, False
         super().data_received(data)
-        if not (was_in_head and self._in_head):
+        if not (was_in_head and self._in_head) or self._head_done:  # a whole request can fit in one read
             self._head_bytes = 0
             return
         self._head_bytes += len(data)
@@ -37,7 +39,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._head_done = False, True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
