@@ -88,17 +88,20 @@ class ModelRunner:
 
     def track_expert_usage(self, enabled: bool = True) -> None:
         """Start (and zero) or stop counting tokens routed to each expert of every MoE layer. The counts
-        of model.model.layers' MoE layers are rows of one [num MoE layers, E] tensor (`expert_counts_all`), so one copy
-        reads them all. Set before CUDA graphs are captured for the graphs to count."""
-        layers = [layer.mlp for layer in self.model.model.layers if isinstance(layer.mlp, MoE)]
-        self.expert_counts_all = torch.zeros(len(layers), self.config.n_routed_experts, dtype=torch.int64,
-                                             device=self.device) if enabled else None
+        of model.model.layers' MoE layers are rows of one [num MoE layers, E] tensor
+        (`expert_counts_all`, rows in moe_layer_indices order), so one copy reads them all; any other
+        MoE module gets its own. Set before CUDA graphs are captured for the graphs to count."""
+        e = self.config.n_routed_experts
+        rows = {id(self.model.model.layers[i].mlp): r for r, i in enumerate(self.moe_layer_indices())}
+        self.expert_counts_all = torch.zeros(len(rows), e, dtype=torch.int64, device=self.device) if enabled else None
         for m in self.model.modules():
             if isinstance(m, MoE):
-                m.expert_counts = torch.zeros(self.config.n_routed_experts, dtype=torch.int64,
-                                              device=self.device) if enabled else None
-        for row, m in enumerate(layers if enabled else []):
-            m.expert_counts = self.expert_counts_all[row]
+                if not enabled:
+                    m.expert_counts = None
+                elif id(m) in rows:
+                    m.expert_counts = self.expert_counts_all[rows[id(m)]]
+                else:
+                    m.expert_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
 
     def moe_layer_indices(self) -> list[int]:
         """Indices of the MoE layers in model.model.layers (an MTP layer there too), in the row order of
