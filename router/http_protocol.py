@@ -2,8 +2,9 @@
 
 Runs in the router process (uvicorn's uvloop event loop). httptools (llhttp) and uvloop handle a
 streamed response with less Python per event than h11 and asyncio: measured on the CPU fleet, router
-CPU per streamed token 115 -> 92-96 us (bench/README.md, "Router CPU per token"). h11 bounds a request's line + headers
-(uvicorn's h11_max_incomplete_event_size); httptools has no such bound, so this subclass adds one:
+CPU per streamed token 115 -> 92-96 us (bench/README.md, "Router CPU per token"). h11 bounds a
+request's line + headers (uvicorn's h11_max_incomplete_event_size); httptools has no such bound, so
+this subclass adds one:
 a head that has not completed within MAX_HEAD_BYTES is answered 400 and its connection closed, as
 h11 does. Bytes are counted only over data_received calls that begin and end inside a head (or
 before one) and complete none: a call in which a head completes (a whole request can arrive in one
