@@ -108,7 +108,9 @@ def test_not_ready_while_weights_load(rising_fleet):
     samples = _watch(rising_fleet, ("p0", "d0"), timeout_s=180)
     times = _check_loading_then_ready(samples, ("p0", "d0"))
     print("ready times (s after spawn):", {k: round(v, 2) for k, v in times.items()})
-    r = httpx.post(rising_fleet.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    # ignore_eos: the random model samples an EOS id now and then (temperature 1), ending the request early
+    r = httpx.post(rising_fleet.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True},
+                   timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
@@ -128,5 +130,5 @@ def test_not_ready_without_decode_and_back_after_restart(rising_fleet):
     samples = _watch(fleet, ("d0",), timeout_s=180)
     times = _check_loading_then_ready(samples, ("d0",))
     print("after restart:", {k: round(v, 2) for k, v in times.items()})
-    r = httpx.post(fleet.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    r = httpx.post(fleet.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
