@@ -87,9 +87,14 @@ def _launch(x, out, cos, sin, positions, rotary_dim, interleaved, rest: int = 0)
     )
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
-    """Out-of-place form with shared.model.ops' signature: cos/sin [T, rotary_dim // 2]."""
-    out = new_out(x.shape, x.dtype, x.device)  # every element written: rotated dims + copied rest
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Out-of-place form with shared.model.ops' signature: cos/sin [T, rotary_dim // 2]; `out` (x's
+    shape, any token / head strides, contiguous last dim) receives the result when given."""
+    if out is None:
+        out = new_out(x.shape, x.dtype, x.device)  # every element written: rotated dims + copied rest
+    check(out.shape == x.shape and out.dtype == x.dtype and out.stride(2) == 1,
+          "out must be like x, last dim contiguous")
     _launch(x, out, cos, sin, None, rotary_dim, interleaved, rest=x.shape[2] - rotary_dim)
     return out
 

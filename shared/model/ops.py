@@ -34,9 +34,11 @@ def add_rms_norm_ref(
 
 
 def rope_ref(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotate dims [0, rotary_dim) of x [T, heads, D]; cos/sin: [T, rotary_dim // 2] fp32.
+    """Rotate dims [0, rotary_dim) of x [T, heads, D]; cos/sin: [T, rotary_dim // 2] fp32. With `out`
+    (x's shape, any strides, e.g. a slice of a wider buffer) the result is written there and returned.
 
     NeoX (interleaved=False): dim j pairs with j + rotary_dim/2. Interleaved (GPT-J, MLA): dims (2i, 2i+1)
     pair, and the result is written de-interleaved [rot_even..., rot_odd...] exactly as HF does (q and k get
@@ -49,8 +51,8 @@ def rope_ref(
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
     else:
         x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
-    out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-    return torch.cat([out, rest], dim=-1)
+    res = torch.cat([torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1), rest], dim=-1)
+    return res if out is None else out.copy_(res)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +205,8 @@ def add_rms_norm(x, residual, weight, eps):
     return IMPL["add_rms_norm"](x, residual, weight, eps)
 
 
-def rope(x, cos, sin, rotary_dim, interleaved):
-    return IMPL["rope"](x, cos, sin, rotary_dim, interleaved)
+def rope(x, cos, sin, rotary_dim, interleaved, out=None):
+    return IMPL["rope"](x, cos, sin, rotary_dim, interleaved, out)
 
 
 def silu_and_mul(x):

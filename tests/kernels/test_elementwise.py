@@ -56,6 +56,23 @@ def test_rope_per_token(interleaved):
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_into_a_slice_of_a_head_major_buffer(interleaved):
+    """MLA's absorbed query: RoPE writes q_pe into dims [L, L + R) of a [h, T, L + R] buffer seen as
+    [T, h, L + R]; the rest of the buffer is left as it was (the kernel and the reference alike)."""
+    t, h, lat, rd = 5, 3, 16, 8
+    x = torch.randn(t, h, rd, device=DEV)
+    pos = torch.randint(0, 50, (t,), device=DEV)
+    cos, sin = rope.cos_sin_cache(rd, 64, 10000.0, DEV)
+    want = ops.rope_ref(x, cos[pos], sin[pos], rd, interleaved)
+    for fn in (rope.rope, ops.rope_ref):
+        buf = torch.full((h, t, lat + rd), 7.0, device=DEV)
+        got = fn(x, cos[pos], sin[pos], rd, interleaved, buf.transpose(0, 1)[..., lat:])
+        torch.testing.assert_close(buf.transpose(0, 1)[..., lat:], want, rtol=1e-5, atol=1e-5)
+        assert got.data_ptr() == buf.data_ptr() + lat * buf.element_size()
+        assert bool((buf[..., :lat] == 7.0).all())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_inplace_positions(interleaved):
     t, hq, hk, d, rd = 6, 5, 1, 18, 18
     q, k = torch.randn(t, hq, d, device=DEV), torch.randn(t, hk, d, device=DEV)

@@ -86,24 +86,35 @@ class MLAAttention(nn.Module):
         t = x.shape[0]
         q, ckv = self._project(x)
         q = q.view(t, self.num_heads, self.nope + self.rope_dim)
-        q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
         latent = self.kv_a_layernorm(ckv[:, : self.lora])
         k_pe = self.rope(ckv[:, None, self.lora :], cos_sin)  # [T, 1, R]
         cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
         cache.index_copy_(0, batch.slot_mapping, torch.cat([latent[:, None], k_pe], -1).to(cache.dtype))
+        page_size = kv_cache.layout.page_size
         if batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q:
-            o = self._expanded(q[..., : self.nope], q_pe, cache, batch, kv_cache.layout.page_size)
+            q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
+            o = self._expanded(q[..., : self.nope], q_pe, cache, batch, page_size).reshape(t, -1)
         else:
-            o = self._absorbed(q[..., : self.nope], q_pe, cache, batch, kv_cache.layout.page_size)
-        return self.o_proj(o.to(x.dtype).reshape(t, self.num_heads * self.v_dim))
+            o = self._absorbed(q, cos_sin, cache, batch, page_size)
+        return self.o_proj(o.to(x.dtype))
 
-    def _absorbed(self, q_nope, q_pe, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
-        """q_nope [T, h, nope], q_pe [T, h, R], cache [num_slots, 1, L + R] -> o [T, h, v]."""
+    def _absorbed(self, q, cos_sin, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
+        """q [T, h, nope + R] (before RoPE), cache [num_slots, 1, L + R] -> o [T, h * v], o_proj's input.
+        No concatenation or reshape copies: the query is built in one [h, T, L + R] buffer (the attention
+        kernels take any token / head strides), W_UK's product written into its first L dims by bmm and
+        the roped q_pe into the rest by the RoPE kernel; W_UV's product lands in a [T, h * v] buffer
+        through its [h, T, v] view. Same values as einsum + cat + reshape (tests/models: HF parity)."""
         w_uk, w_uv = self._up_weights()
-        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk.to(q_nope.dtype))  # [T, h, L]
-        query = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, L + R]
+        t, h, dtype = q.shape[0], self.num_heads, q.dtype
+        query_ht = torch.empty(h, t, self.lora + self.rope_dim, dtype=dtype, device=q.device)
+        query = query_ht.transpose(0, 1)  # [T, h, L + R]
+        torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk.to(dtype), out=query_ht[..., : self.lora])
+        self.rope(q[..., self.nope :], cos_sin, out=query[..., self.lora :])
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
-        return torch.einsum("thl,hvl->thv", o_lat.to(q_nope.dtype), w_uv.to(q_nope.dtype))
+        o = torch.empty(t, h * self.v_dim, dtype=dtype, device=q.device)
+        torch.bmm(o_lat.to(dtype).transpose(0, 1), w_uv.to(dtype).transpose(1, 2),
+                  out=o.view(t, h, self.v_dim).transpose(0, 1))
+        return o
 
     def _expanded(self, q_nope, q_pe, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
         """The same o [T, h, v] through K/V decompressed for all S = sum(seq_lens) positions of the

@@ -22,6 +22,7 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         return freqs.cos(), freqs.sin()
 
-    def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, heads, D]: rotate the first rotary_dim dims."""
-        return ops.rope(x, cos_sin[0], cos_sin[1], self.rotary_dim, self.interleaved)
+    def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, heads, D]: rotate the first rotary_dim dims (into `out`, x's shape, when given)."""
+        return ops.rope(x, cos_sin[0], cos_sin[1], self.rotary_dim, self.interleaved, out)
