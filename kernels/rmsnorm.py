@@ -52,13 +52,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, out=None):
     d = x.shape[-1]
     check(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous")
     check(d <= 16384, "row too wide for one program")
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     x2 = _rows(x)
-    y = new_out(x2.shape, dtype=out_dtype, device=x.device)
+    if out is None:
+        y = new_out(x2.shape, dtype=out_dtype, device=x.device)
+    else:  # rows of a wider buffer: [T, D] with any row stride
+        check(out.dim() == 2 and out.shape == x2.shape and out.dtype == out_dtype and out.stride(1) == 1,
+              "out must be [T, D] rows of the output dtype, last dim contiguous")
+        y = out
     res2 = s = None
     if residual is not None:
         check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
@@ -77,9 +82,10 @@ def _launch(x, residual, weight, eps):
     return y, (s.view(x.shape) if s is not None else None)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D] (last dim contiguous), weight: [D] -> [..., D]."""
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., D] (last dim contiguous), weight: [D] -> [..., D]; with `out` ([T, D] rows, any row
+    stride, e.g. a slice of a wider buffer; x then [T, D]) the result is written there."""
+    return _launch(x, None, weight, eps, out)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 FP8_MAX = 448.0  # e4m3fn
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF RMSNorm: normalise in fp32, cast back to x.dtype, then multiply by weight. x: [..., D]."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """HF RMSNorm: normalise in fp32, cast back to x.dtype, then multiply by weight. x: [..., D]. With
+    `out` (x's shape, any strides) the result is written there and returned."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
+    return weight * y.to(x.dtype) if out is None else torch.mul(weight, y.to(x.dtype), out=out)
 
 
 def add_rms_norm_ref(
@@ -197,8 +198,8 @@ def set_impl(name: str, fn: Callable) -> None:
     IMPL[name] = fn
 
 
-def rms_norm(x, weight, eps):
-    return IMPL["rms_norm"](x, weight, eps)
+def rms_norm(x, weight, eps, out=None):
+    return IMPL["rms_norm"](x, weight, eps, out)
 
 
 def add_rms_norm(x, residual, weight, eps):

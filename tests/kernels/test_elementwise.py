@@ -40,6 +40,19 @@ def test_add_rms_norm(dtype):
     torch.testing.assert_close(y, y_ref, **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL))
 
 
+def test_rms_norm_into_rows_of_a_wider_buffer():
+    """MLA's cache entry: the normed latent goes into dims [0, L) of a [T, L + R] buffer in place."""
+    t, lat, r = 5, 16, 8
+    x = torch.randn(t, lat + r, device=DEV)[:, :lat]  # strided rows, as ckv[:, :L]
+    w = torch.randn(lat, device=DEV)
+    want = ops.rms_norm_ref(x, w, 1e-6)
+    for fn in (rmsnorm.rms_norm, ops.rms_norm_ref):
+        buf = torch.full((t, lat + r), 7.0, device=DEV)
+        got = fn(x, w, 1e-6, buf[:, :lat])
+        torch.testing.assert_close(buf[:, :lat], want, rtol=1e-5, atol=1e-5)
+        assert got.data_ptr() == buf.data_ptr() and bool((buf[:, lat:] == 7.0).all())
+
+
 def test_rms_norm_rejects_bad_weight():
     with pytest.raises(ValueError):
         rmsnorm.rms_norm(torch.randn(3, 8), torch.randn(7), 1e-5)

@@ -86,10 +86,13 @@ class MLAAttention(nn.Module):
         t = x.shape[0]
         q, ckv = self._project(x)
         q = q.view(t, self.num_heads, self.nope + self.rope_dim)
-        latent = self.kv_a_layernorm(ckv[:, : self.lora])
-        k_pe = self.rope(ckv[:, None, self.lora :], cos_sin)  # [T, 1, R]
+        # the batch tokens' cache entries [T, L + R] = [normed latent | roped k_pe], written in place
+        kv_new = torch.empty(t, self.lora + self.rope_dim, device=x.device,
+                             dtype=torch.promote_types(ckv.dtype, self.kv_a_layernorm.weight.dtype))
+        self.kv_a_layernorm(ckv[:, : self.lora], out=kv_new[:, : self.lora])
+        self.rope(ckv[:, None, self.lora :], cos_sin, out=kv_new[:, None, self.lora :])
         cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
-        cache.index_copy_(0, batch.slot_mapping, torch.cat([latent[:, None], k_pe], -1).to(cache.dtype))
+        cache.index_copy_(0, batch.slot_mapping, kv_new[:, None].to(cache.dtype))
         page_size = kv_cache.layout.page_size
         if batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q:
             q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]

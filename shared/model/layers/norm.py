@@ -18,8 +18,9 @@ class RMSNorm(nn.Module):
             lambda p, t: copy_checked(p, t),
         )
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """x [..., dim] -> normed; with residual -> (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """x [..., dim] -> normed (into `out`, [T, dim] rows, when given); with residual ->
+        (norm(x + residual), x + residual)."""
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps, out)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
