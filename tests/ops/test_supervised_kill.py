@@ -148,7 +148,7 @@ def _serving_again(url: str, health_ports: tuple[int, ...]) -> float:
     t0 = time.monotonic()
     time.sleep(1.0)  # let the router see the new instance's heartbeats
     _wait(lambda: _ready(url), 120, "router /readyz after the restart")
-    r = httpx.post(url + "/v1/completions", json={"prompt": "again", "max_tokens": 4}, timeout=60)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "again", "max_tokens": 4, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     _wait(lambda: all(_pages_used(p) == 0 for p in health_ports), 15, "pages back to zero after the restart")
     return time.monotonic() - t0
