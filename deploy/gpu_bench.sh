@@ -4,6 +4,7 @@
 # and the 1k / 4k / 16k-token prompt runs of issue 3 with the fleet's KV-transfer figures.
 #   bash deploy/gpu_bench.sh            # results in out/gpu_bench/*.json|png, tables in out/gpu_bench/log.txt
 # Env: DEVICE (cuda), PARTS ("kv sharegpt random": any subset, to fit a time limit), NUM_PROMPTS (200), MTP_STEP (0),
+#      EXPERT_STATS (1; 0 = without --expert_stats),
 #      PORT (8000), OUT (out/gpu_bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,9 @@ if [ "$DEVICE" = cpu ]; then MODEL=(); TOK="$STATE/default_model"
 elif [ -n "${MODEL_DIR:-}" ]; then MODEL=(--model_dir "$MODEL_DIR"); TOK="$MODEL_DIR"
 else MODEL=(--preset glm-4.7-flash); TOK="$STATE/presets/glm-4.7-flash"; fi
 MTP=(); [ "${MTP_STEP:-0}" != 0 ] && MTP=(--mtp_step "$MTP_STEP")
+ES=(--expert_stats); [ "${EXPERT_STATS:-1}" = 0 ] && ES=()  # experts touched per MoE layer in /metrics
 "$PY" -m glmserve.deploy up --detach --device "$DEVICE" "${MODEL[@]}" "${MTP[@]}" --state_dir "$STATE" --port "$PORT" \
-  --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 --expert_stats \
+  --prefill 1 --decode 1 --tp 1 --num_pages 16384 --max_running 256 --max_queue 4096 --ready_timeout 900 "${ES[@]}" \
   || { tail -50 "$STATE"/logs/*.log; exit 1; }
 trap '"$PY" -m glmserve.deploy down --state_dir "$STATE"' EXIT
 METRICS=(--metrics-url "http://127.0.0.1:$PORT/metrics" --metrics-url http://127.0.0.1:8101/metrics
