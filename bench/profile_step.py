@@ -74,7 +74,7 @@ def kernel_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float) 
         if ".experts." in name:
             layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else -1
             moe += n * touched.get(layer, 0) / runner.config.n_routed_experts
-        elif p.dtype == torch.float8_e4m3fn or (name.endswith("weight_scale") and ".experts." not in name):
+        elif p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
             dense_fp8 += n
     groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
     if dense_fp8:
