@@ -209,6 +209,17 @@ case "${1:-models}" in
     serve_logs 80 30 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
+  fusion)  # the shared-expert fusion A/B (shared/model/layers/moe.py) with the per-kernel HBM table
+    end=$((SECONDS + ${FUSION_BUDGET_S:-560}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
+      tests/kernels/test_fused_moe.py tests/kernels/test_elementwise.py tests/models/test_shared_fusion.py \
+      tests/kernels/test_model_with_kernels.py
+    step profile_fp8 "$(left 220)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_unfused "$(left 150)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
+      --no_profile --disable_shared_experts_fusion
+    ;;
   check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 1, 256), the fleet
     end=$((SECONDS + ${CHECK_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }

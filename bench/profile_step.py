@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 from glmserve.shared.config.presets import write_preset
 from glmserve.shared.kvcache.cache import PagedKVCache
@@ -49,42 +50,41 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / timed(lambda: y.copy_(x), 10) / 1e9
 
 
-def active_weight_bytes(runner: ModelRunner, touched: dict[int, int]) -> float:
-    """Weights one step must read: every non-expert weight (less the embedding table, of which only the
-    batch's rows are read) plus, per MoE layer, the experts the step's tokens were routed to
-    (`touched`: layer -> distinct experts, measured on the same batch)."""
-    cfg = runner.config
-    total = expert = 0
+def step_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float
+               ) -> tuple[float, list[tuple[str, tuple[str, ...], float]]]:
+    """One pass over the parameters -> (weight bytes one step must read, kernel groups).
+
+    Weights: every non-expert weight (less the embedding table, of which only the batch's rows are read)
+    plus, per MoE layer, the expert slots the step reads: the experts its tokens were routed to (`touched`:
+    layer -> distinct routed experts, measured on the same batch) and a fused shared expert (the stacked
+    experts' slots past E, read by every token). Groups: (label, kernel-name substrings, HBM bytes one step
+    must move through those kernels) for the kernels that dominate a decode step: the MoE GEMMs read those
+    expert slots' weights (and scales), MLA decode the latent cache, the dense FP8 GEMMs every non-expert
+    FP8 weight and scale."""
+    e = runner.config.n_routed_experts
+    total = moe = dense_fp8 = 0.0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
-        total += n
-        expert += n if ".experts." in name else 0
-    embed = cfg.vocab_size * cfg.hidden_size * runner.model.model.embed_tokens.weight.element_size()
-    per_expert = expert / max(1, len(touched)) / cfg.n_routed_experts
-    return total - embed - expert + per_expert * sum(touched.values())
-
-
-def kernel_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float) -> list[tuple[str, tuple[str, ...], float]]:
-    """(label, kernel-name substrings, HBM bytes one step must move through those kernels) for the kernels
-    that dominate a decode step: the routed experts' GEMMs read the touched experts' weights (and scales),
-    MLA decode reads the latent cache, the dense FP8 GEMMs read every non-expert FP8 weight and scale."""
-    moe = dense_fp8 = 0.0
-    for name, p in runner.model.named_parameters():
-        n = p.numel() * p.element_size()
-        if ".experts." in name:
+        if ".experts." in name:  # stacked [S, ...]: slots 0..E-1 routed, E.. shared (always read)
             layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else -1
-            moe += n * touched.get(layer, 0) / runner.config.n_routed_experts
-        elif p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
-            dense_fp8 += n
+            slots = p.shape[0]
+            moe += n / slots * (touched.get(layer, 0) + (slots - e if layer in touched else 0))
+        else:
+            total += n
+            if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
+                dense_fp8 += n
+    embed = runner.model.model.embed_tokens.weight
+    weights = total - embed.numel() * embed.element_size() + moe
     groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
     if dense_fp8:
         groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm",), dense_fp8))
-    return groups
+    return weights, groups
 
 
 def hbm_by_kernel(averages, groups: list[tuple[str, tuple[str, ...], float]], bw_gbps: float) -> list[dict]:
     """Per group: CUDA ms summed over its kernels (torch.profiler key averages), the bytes it must move,
-    and its fraction of the copy bandwidth; then everything else as one row (no bytes)."""
+    and its fraction of the copy bandwidth; then every other device kernel as one row (no bytes). Host-side
+    rows (aten:: ops, whose time is their kernels', and launch calls such as cuLaunchKernelEx) are left out."""
     rows, seen = [], set()
     for label, patterns, nbytes in groups:
         us, calls = 0.0, 0
@@ -96,10 +96,15 @@ def hbm_by_kernel(averages, groups: list[tuple[str, tuple[str, ...], float]], bw
         ms = us / 1e3
         rows.append(dict(kernel=label, calls=calls, ms=ms, gb=nbytes / 1e9,
                          fraction_of_hbm=(nbytes / bw_gbps / 1e9) / (ms / 1e3) if ms else 0.0))
-    rest = [e for e in averages if e.key not in seen and _device_us(e) > 0 and not e.key.startswith("aten::")]
+    rest = [e for e in averages if e.key not in seen and _device_us(e) > 0 and _on_device(e)]
     rows.append(dict(kernel="all other kernels", calls=sum(e.count for e in rest),
                      ms=sum(_device_us(e) for e in rest) / 1e3, gb=0.0, fraction_of_hbm=0.0))
     return rows
+
+
+def _on_device(evt) -> bool:
+    """A device kernel's row (not a host op or a runtime call, whose device_type is CPU)."""
+    return getattr(evt, "device_type", None) not in (None, DeviceType.CPU)
 
 
 def _device_us(evt) -> float:
@@ -142,7 +147,7 @@ def sync_free(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> str:
 
 def print_profile(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache, groups, bw: float) -> list[dict]:
     """torch.profiler's top ops by CUDA and by CPU time for one eager step, then the HBM fraction of the
-    kernels that move the step's bytes (`kernel_bytes`); returns those rows."""
+    kernels that move the step's bytes (`step_bytes`); returns those rows."""
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
     with prof:
         runner.forward(dec, kv)
@@ -165,14 +170,14 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
     no_sync = sync_free(runner, dec, kv)
     touched = experts_touched(runner, dec, kv)
     kv_bytes = kv.layout.page_bytes() / PAGE * ctx * batch
-    kernels = print_profile(runner, dec, kv, kernel_bytes(runner, touched, kv_bytes), bw) if profile else []
+    wbytes, groups = step_bytes(runner, touched, kv_bytes)
+    kernels = print_profile(runner, dec, kv, groups, bw) if profile else []
     t0 = time.perf_counter()
     runner.capture_decode_graphs(kv, max_batch_size=batch, max_seq_len=ctx + q, tokens_per_seq=q)
     capture_s = time.perf_counter() - t0
     runs = runner.graph_runs()
     graph = timed(lambda: runner.forward(dec, kv), 20)
     assert runner.graph_runs() > runs, "the step did not take the graph path"
-    wbytes = active_weight_bytes(runner, touched)
     floor = (wbytes + kv_bytes) / (bw * 1e9)
     del kv, dec
     return dict(batch=batch, tokens_per_seq=q, eager_ms=eager * 1e3, graph_ms=graph * 1e3, capture_s=capture_s,
@@ -191,11 +196,13 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, choices=[None, "fp8"], help="fp8: W8A8 block-scaled weights")
     ap.add_argument("--no_profile", action="store_true", help="skip the torch.profiler tables")
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
+    ap.add_argument("--disable_shared_experts_fusion", action="store_true",
+                    help="the shared expert as its own MLP (A/B against the default fused slot)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
-                         quantization=a.quantization)
+                         quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)
     bw = copy_bandwidth()
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
     profiled = {int(b) for b in a.profile_batches.split(",")} if a.profile_batches else set(batches[:1])
@@ -207,13 +214,15 @@ def main() -> None:
                 print(f"--- torch.profiler, batch {b}")
             rows.append(measure(runner, b, a.ctx, q, bw, profile=profile))
             torch.cuda.empty_cache()
-    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}")
+    fused = "off" if a.disable_shared_experts_fusion else "on"
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
               f" {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
               f" {r['graph_fraction_of_roofline']:15.2f}  {r['sync_free']}")
-    res = dict(preset=a.preset, ctx=a.ctx, quantization=a.quantization or "bf16", copy_gbps=bw, rows=rows)
+    res = dict(preset=a.preset, ctx=a.ctx, quantization=a.quantization or "bf16", shared_fusion=fused, copy_gbps=bw,
+               rows=rows)
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:

@@ -102,16 +102,17 @@ def _small_kernels():
     yield "quant_fp8 per-token 4096", act_quant._quant_group_kernel, dict(
         x_ptr=P["bf16"], q_ptr=P["f8"], s_ptr=P["f32"], x_stride=i32, q_stride=i32, s_stride=i32, K=i32), dict(
         GROUP=4096, BLOCK=4096, PRE_ROUND=False), 16, 1
-    yield "moe_route E160 k8", moe_route._route_kernel, dict(
+    yield "moe_route E160 k8 + shared slot", moe_route._route_kernel, dict(
         logits_ptr=P["f32"], bias_ptr=P["f32"], w_ptr=P["f32"], ids_ptr=P["i64"], E=i32, scaling="fp32"), dict(
-        TOP_K=8, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_E=256, K_PAD=8), 2, 1
+        TOP_K=8, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_E=256, K_PAD=16), 2, 1
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1
-    for e in (64, 160):
-        yield f"moe_align one launch E{e}", moe_align._align_kernel, dict(
+    for e, k, dense in ((64, 4, 1), (160, 8, 1), (160, 8, 0)):  # + the fused shared expert (dense) or not
+        yield f"moe_align one launch E{e} k{k} dense_last {dense}", moe_align._align_kernel, dict(
             ids_ptr=P["i64"], pairs_ptr=P["i32"], block_expert_ptr=P["i32"], num_pairs=i32, cap=i32, E=i32), dict(
-            BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=max(16, 8192 // triton.next_power_of_2(e))), 8, 1
+            BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=max(16, 8192 // triton.next_power_of_2(e)),
+            DENSE_LAST=dense, K=k + dense), 4, 1
     yield "moe sum slots k8", fused_moe._sum_slots_kernel, dict(src_ptr=P["bf16"], out_ptr=P["bf16"], H=i32), dict(
         TOP_K=8, BLOCK_H=1024), 4, 1
     yield "attn merge", paged_attention._merge_kernel, dict(

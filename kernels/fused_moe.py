@@ -21,8 +21,8 @@ from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_a
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
 
-def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> torch.Tensor:
-    """Loop over experts in fp32 (weights dequantized, activations not quantized)."""
+def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False) -> torch.Tensor:
+    """Loop over experts in fp32 (weights dequantized, activations not quantized); shared_last changes nothing."""
     if w13_scale is not None:
         w13 = w13.float() * w13_scale.float()
         w2 = w2.float() * w2_scale.float()
@@ -158,8 +158,9 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
     )
 
 
-def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> torch.Tensor:
-    """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k]."""
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False) -> torch.Tensor:
+    """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k].
+    shared_last: ids[:, -1] is expert E - 1 for every token (the fused shared expert; moe_align skips counting it)."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     fp8 = w13.dtype == FP8_DTYPE
@@ -173,7 +174,7 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None) -> to
     if t == 0:
         return out
     cfg = _config(x.device, num_pairs, num_experts, fp8)
-    pairs, block_expert = moe_align(ids, num_experts, cfg[0])
+    pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
     flat_w = weights.reshape(-1).float().contiguous()
     gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
     down = new_out((num_pairs, h), x.dtype, x.device)

@@ -27,7 +27,10 @@ MAX_PAIRS = 8192
 
 @triton.jit
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
-                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                  DENSE_LAST: tl.constexpr, K: tl.constexpr):
+    # DENSE_LAST: expert E - 1 is the fused shared expert, every token's slot K - 1 (pairs t*K + K-1, in order):
+    # its run needs no counting or matching and goes last, after the E - 1 routed experts' runs.
     me = tl.program_id(0)
     ex = tl.arange(0, BLOCK_E)
     offs = tl.arange(0, CHUNK)
@@ -35,33 +38,48 @@ def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
     for start in range(0, num_pairs, CHUNK):
         e = tl.load(ids_ptr + start + offs, mask=start + offs < num_pairs, other=-1)
         counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(ex < E - DENSE_LAST, counts, 0)  # the dense expert's run is not in `ends`
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] end row of each expert's padded run
-    mine = ex == me
-    my_count = tl.sum(tl.where(mine, counts, 0), axis=0)
-    my_end = tl.sum(tl.where(mine, ends, 0), axis=0)
-    my_start = my_end - tl.sum(tl.where(mine, padded, 0), axis=0)
-    seen = my_start  # next free row of my run
-    for start in range(0, num_pairs, CHUNK):
-        p = start + offs
-        hit = (tl.load(ids_ptr + p, mask=p < num_pairs, other=-1) == me).to(tl.int32)
-        dest = seen + tl.cumsum(hit, axis=0) - hit  # my pairs earlier in this chunk come first
-        tl.store(pairs_ptr + dest, p, mask=hit > 0)
-        seen += tl.sum(hit, axis=0)
+    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] end row of each counted expert's padded run
+    total = tl.max(ends, axis=0)
+    num_tokens = num_pairs // K
+    if DENSE_LAST:
+        total += (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if me == E - DENSE_LAST:  # the dense expert's program (none when DENSE_LAST is 0: me < E)
+        my_count = num_tokens
+        my_end = total
+        my_start = total - (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        for start in range(0, num_tokens, CHUNK):
+            t = start + offs
+            tl.store(pairs_ptr + my_start + t, t * K + K - 1, mask=t < num_tokens)
+    else:
+        mine = ex == me
+        my_count = tl.sum(tl.where(mine, counts, 0), axis=0)
+        my_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+        my_start = my_end - tl.sum(tl.where(mine, padded, 0), axis=0)
+        seen = my_start  # next free row of my run
+        for start in range(0, num_pairs, CHUNK):
+            p = start + offs
+            hit = (tl.load(ids_ptr + p, mask=p < num_pairs, other=-1) == me).to(tl.int32)
+            dest = seen + tl.cumsum(hit, axis=0) - hit  # my pairs earlier in this chunk come first
+            tl.store(pairs_ptr + dest, p, mask=hit > 0)
+            seen += tl.sum(hit, axis=0)
     rows = tl.arange(0, BLOCK_M)
     tl.store(pairs_ptr + my_start + my_count + rows, num_pairs, mask=my_start + my_count + rows < my_end)
     for b in range(my_start // BLOCK_M, my_end // BLOCK_M):
         tl.store(block_expert_ptr + b, me)
     if me == 0:  # past the last run: sentinel rows, blocks of no expert
-        total = tl.max(ends, axis=0)
         for start in range(total, cap, CHUNK):
             tl.store(pairs_ptr + start + offs, num_pairs, mask=start + offs < cap)
         for start in range(total // BLOCK_M, cap // BLOCK_M, CHUNK):
             tl.store(block_expert_ptr + start + offs, -1, mask=start + offs < cap // BLOCK_M)
 
 
-def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [T, k] -> (sorted_pairs [cap] int32, block_expert [cap // block_m] int32); see moe_align_ref."""
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, dense_last: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (sorted_pairs [cap] int32, block_expert [cap // block_m] int32); see moe_align_ref.
+    dense_last: a promise that ids[:, -1] == num_experts - 1 (the fused shared expert) and no other slot
+    holds it; the output is the same, the kernel just skips counting and matching that expert."""
     check(ids.dim() == 2 and ids.dtype in (torch.int32, torch.int64), "ids must be [T, k] ints")
     num_pairs = ids.numel()
     if num_pairs > MAX_PAIRS or num_experts > 1024:
@@ -69,7 +87,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     cap = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     pairs = new_out((cap,), torch.int32, ids.device)
     block_expert = new_out((cap // block_m,), torch.int32, ids.device)
-    block_e = next_pow2(num_experts)
+    block_e = next_pow2(num_experts - int(dense_last))  # the experts counted
     _align_kernel[(num_experts,)](ids.contiguous(), pairs, block_expert, num_pairs, cap, num_experts,
-                                  BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 8192 // block_e), num_warps=4)
+                                  BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 8192 // block_e),
+                                  DENSE_LAST=int(dense_last), K=ids.shape[1], num_warps=4)
     return pairs, block_expert

@@ -4,6 +4,7 @@ moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (cuBLAS, fp32); then one T
   s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
   each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
+  shared_slot=True appends slot k: id E (the shared expert stacked after the routed ones), weight 1.0.
 moe_align: sorts the T*k (token, slot) pairs by expert and pads each expert's run to a multiple of
 BLOCK_M so one GEMM tile never mixes experts; pure torch on the device, no host sync (sizes are bounds).
 The torch reference it is tested against is shared/model/ops.py::moe_route_ref (the CPU model's).
@@ -22,7 +23,7 @@ from glmserve.kernels._common import check, new_out, next_pow2
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, E, scaling,
-    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
     BLOCK_E: tl.constexpr, K_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -58,24 +59,32 @@ def _route_kernel(
         c = tl.where(e == pick, float("-inf"), c)
     if NORM:
         w_out = w_out / (tl.sum(w_out, axis=0) + 1e-20)
-    tl.store(w_ptr + t * TOP_K + slots, w_out * scaling, mask=slots < TOP_K)
-    tl.store(ids_ptr + t * TOP_K + slots, id_out, mask=slots < TOP_K)
+    w_out = w_out * scaling
+    if SHARED:  # the shared expert's slot: id E, weight 1 (not normalised, not scaled)
+        w_out = tl.where(slots == TOP_K, 1.0, w_out)
+        id_out = tl.where(slots == TOP_K, E, id_out)
+    out_k = TOP_K + SHARED
+    tl.store(w_ptr + t * out_k + slots, w_out, mask=slots < out_k)
+    tl.store(ids_ptr + t * out_k + slots, id_out, mask=slots < out_k)
 
 
-def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
-    """shared.model.ops signature -> (weights [T, k] fp32, ids [T, k] int64), ids highest score first."""
+def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+              shared_slot=False):
+    """shared.model.ops signature -> (weights [T, k'] fp32, ids [T, k'] int64), ids highest score first;
+    k' = k + 1 with the shared slot last when shared_slot."""
     num_experts = gate_weight.shape[0]
     check(hidden.shape[-1] == gate_weight.shape[1], "hidden size must match the gate")
     check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
     check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
     logits = F.linear(hidden.float(), gate_weight.float()).contiguous()  # [T, E] fp32
     t = logits.shape[0]
-    weights = new_out((t, top_k), torch.float32, hidden.device)
-    ids = new_out((t, top_k), torch.int64, hidden.device)
+    out_k = top_k + int(shared_slot)
+    weights = new_out((t, out_k), torch.float32, hidden.device)
+    ids = new_out((t, out_k), torch.int64, hidden.device)
     if t:
         _route_kernel[(t,)](
             logits, correction_bias.float().contiguous(), weights, ids, num_experts, float(scaling),
-            TOP_K=top_k, K_PAD=next_pow2(top_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
+            TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
             NORM=bool(norm_topk_prob), BLOCK_E=next_pow2(num_experts), num_warps=1 if num_experts <= 64 else 2,
         )
     return weights, ids

@@ -69,6 +69,8 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "expert_stats", action="store_true",
           help="workers export experts touched per MoE layer (load tests print them); costs one scatter_add "
                "per MoE layer per step")
+    _flag(p, "disable_shared_experts_fusion", action="store_true",
+          help="workers run each MoE layer's shared expert as its own MLP (default: the fused experts' last slot)")
     _flag(p, "disable_overlap_schedule", action="store_true",
           help="decode workers read each step back before launching the next (default: overlap loop)")
     _flag(p, "tool_call_parser", default="")
@@ -108,6 +110,7 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         page_size=a.page_size, num_pages=a.num_pages, chunked_prefill_size=a.chunked_prefill_size,
         max_running=a.max_running, mtp_step=a.mtp_step, mtp_mode=a.mtp_mode,
         overlap=not a.disable_overlap_schedule, expert_stats=a.expert_stats,
+        fuse_shared_experts=not a.disable_shared_experts_fusion,
         tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
         served_model_name=a.served_model_name, tokenizer=a.tokenizer, max_queue=a.max_queue,
         max_req_total_len=a.max_req_total_len, quantization=a.quantization,

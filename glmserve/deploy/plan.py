@@ -59,6 +59,7 @@ class FleetSpec:
     num_gpus: int = 0  # GPUs visible on this node (0: unknown, assume enough)
     kv_transport: str = "auto"  # workers' --kv_transport
     expert_stats: bool = False  # workers' --expert_stats (experts touched per MoE layer in /metrics)
+    fuse_shared_experts: bool = True  # False: workers' --disable_shared_experts_fusion
     start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
 
 
@@ -111,6 +112,7 @@ def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, g
     argv += ["--quantization", spec.quantization] if spec.quantization else []
     argv += ["--kv_transport", spec.kv_transport] if spec.kv_transport != "auto" else []
     argv += ["--expert_stats"] if spec.expert_stats else []
+    argv += [] if spec.fuse_shared_experts else ["--disable_shared_experts_fusion"]
     return argv + (["--gpus", gpus] if gpus else [])
 
 

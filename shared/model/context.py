@@ -25,6 +25,7 @@ class BuildCtx:
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     fp8_modules: Callable[[str], bool] = field(default=_never)
+    fuse_shared_experts: bool = True  # MoE: the shared expert as the stacked experts' last slot (layers/moe.py)
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = False,
                parallel: str = "replicated", out_shard: tuple[int, int] | None = None,

@@ -71,8 +71,11 @@ def moe_route_ref(
     topk_group: int,
     norm_topk_prob: bool,
     scaling: float,
+    shared_slot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM noaux_tc router (spec §1.2): -> (weights [T, k] fp32, expert ids [T, k] int64).
+    shared_slot: one more slot, last, routes every token to expert E (the shared expert stacked after
+    the E routed ones by MoE's shared-expert fusion) with weight 1.0: -> [T, k + 1].
 
     fp32 sigmoid scores; the correction bias only picks experts; group score = sum of the top-2 biased
     scores in the group, keep topk_group groups; weights from unbiased scores, renormalised, then scaled.
@@ -91,15 +94,21 @@ def moe_route_ref(
     weights = scores.gather(1, ids)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    weights = weights * scaling
+    if shared_slot:
+        weights = torch.cat([weights, torch.ones_like(weights[:, :1])], dim=1)
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], num_experts)], dim=1)
+    return weights, ids
 
 
 def fused_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, shared_last: bool = False,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j].
 
+    shared_last: a promise that ids[:, -1] == E - 1 (MoE's fused shared expert) for every token and no other
+    slot holds E - 1; the math is the same (the kernels use it to skip sorting that expert's pairs).
     x: [T, H]; w13: [E, 2I, H] ([gate; up] rows); w2: [E, H, I]; weights: [T, k] fp32; ids: [T, k].
     FP8 experts: w13/w2 are e4m3 with per-row scales w13_scale [E, 2I, 1], w2_scale [E, H, 1]
     (this reference dequantizes the weights and keeps activations unquantized).
@@ -214,12 +223,14 @@ def silu_and_mul(x):
     return IMPL["silu_and_mul"](x)
 
 
-def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
-    return IMPL["moe_route"](hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+              shared_slot=False):
+    return IMPL["moe_route"](hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                             shared_slot)
 
 
-def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None):
-    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale)
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False):
+    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last)
 
 
 def paged_attention(q, k_cache, v_cache, batch, page_size, scale):

@@ -51,9 +51,11 @@ class ModelRunner:
         quantization: str | None = None,
         with_mtp: bool = True,
         seed: int = 0,
+        fuse_shared_experts: bool = True,
     ):
         """load_format: "auto" (safetensors in model_dir) | "dummy" (random weights, realistic routing).
-        quantization: None (as the checkpoint is) | "fp8" (quantize a float checkpoint at load)."""
+        quantization: None (as the checkpoint is) | "fp8" (quantize a float checkpoint at load).
+        fuse_shared_experts: the MoE's shared expert runs as the fused experts' last slot (layers/moe.py)."""
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format {load_format!r}: expected auto or dummy")
         self.config = ModelConfig.from_dir(model_dir)
@@ -63,7 +65,8 @@ class ModelRunner:
 
             install()
         policy = fp8_policy(self.config, model_dir if load_format == "auto" else None, quantization)
-        ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy)
+        ctx = BuildCtx(tp=tp, dtype=self.dtype, device=self.device, fp8_modules=policy,
+                       fuse_shared_experts=fuse_shared_experts)
         self.model = model_class(self.config)(self.config, ctx, with_mtp=with_mtp).eval()
         self.num_mtp_layers = self.model.num_mtp_layers
         self.graph_sets: dict[tuple[ForwardMode, int], DecodeGraphs] = {}  # (mode, tokens per seq) -> graphs
@@ -88,10 +91,11 @@ class ModelRunner:
 
     def track_expert_usage(self, enabled: bool = True) -> None:
         """Start (and zero) or stop counting tokens routed to each expert of every MoE layer. The counts
-        of model.model.layers' MoE layers are rows of one [num MoE layers, E] tensor
+        of model.model.layers' MoE layers are rows of one [num MoE layers, S] tensor
         (`expert_counts_all`, rows in moe_layer_indices order), so one copy reads them all; any other
-        MoE module gets its own. Set before CUDA graphs are captured for the graphs to count."""
-        e = self.config.n_routed_experts
+        MoE module gets its own. Set before CUDA graphs are captured for the graphs to count. Rows have
+        one column per expert slot (a fused shared expert's last: every token); readers take [:, :E]."""
+        e = max((m.num_slots for m in self.model.modules() if isinstance(m, MoE)), default=1)  # S
         rows = {id(self.model.model.layers[i].mlp): r for r, i in enumerate(self.moe_layer_indices())}
         self.expert_counts_all = torch.zeros(len(rows), e, dtype=torch.int64, device=self.device) if enabled else None
         for m in self.model.modules():
@@ -110,7 +114,8 @@ class ModelRunner:
 
     def expert_usage(self) -> dict[int, torch.Tensor]:
         """{layer index: [E] tokens routed per expert} since track_expert_usage (benchmarks print it)."""
-        return {i: layer.mlp.expert_counts.cpu() for i, layer in enumerate(self.model.model.layers)
+        e = self.config.n_routed_experts
+        return {i: layer.mlp.expert_counts[:e].cpu() for i, layer in enumerate(self.model.model.layers)
                 if isinstance(layer.mlp, MoE) and layer.mlp.expert_counts is not None}
 
     @torch.no_grad()  # not inference_mode: callers may update the outputs in place

@@ -1,7 +1,8 @@
 """Load HF safetensors (single file or sharded with an index) into a model by the checkpoint's own names.
 
 Runs in every worker rank; each parameter's `weight_loader` cuts this rank's TP shard. Routed experts
-`...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale]` go to the stacked expert tensors. An unknown
+`...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale]` go to the stacked expert tensors, and so does
+`...mlp.shared_experts.*` when the MoE fuses its shared expert (its slot E). An unknown
 checkpoint key, or a model parameter nothing loaded, is an error that names it. Keys skipped on purpose:
 MTP layers when the MTP layer is not built, the MTP's optional copies of embed_tokens / shared_head.head
 (equal to the main ones, spec §3.1), and rotary inv_freq buffers.
@@ -21,6 +22,7 @@ from torch import nn
 from glmserve.shared.weights.lazy import LazyTensor, materialize
 
 EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
+SHARED_EXPERT_RE = re.compile(r"^(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale)$")
 FUSED_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")  # transformers-5 in-memory layout
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -99,12 +101,12 @@ class WeightLoader:
             return self._load_fused_experts(key, fused.group(1), fused.group(2), tensor)
         m = EXPERT_RE.match(key)
         if m is not None:
-            experts = self.model.get_submodule(m.group(1)) if f"{m.group(1)}.w13" in self.params else None
-            if experts is None or (m.group(4) == "weight_scale" and not experts.fp8):
-                raise KeyError(f"unknown checkpoint key {key!r} (no such expert parameter in the model)")
-            experts.load_expert(int(m.group(2)), m.group(3), m.group(4), tensor)
-            self.expert_loads[m.group(1)] = self.expert_loads.get(m.group(1), 0) + 1
-            return
+            return self._load_expert(key, m.group(1), int(m.group(2)), m.group(3), m.group(4), tensor)
+        m = SHARED_EXPERT_RE.match(key)
+        owner = f"{m.group(1)}.experts" if m is not None else ""
+        if m is not None and f"{owner}.w13" in self.params and self.model.get_submodule(owner).shared_slot is not None:
+            slot = self.model.get_submodule(owner).shared_slot
+            return self._load_expert(key, owner, slot, m.group(2), m.group(3), tensor)
         if key == "model.embed_tokens.weight" and "lm_head.weight" in self.params and self.tie_embeddings:
             self.load_one("lm_head.weight", tensor)  # tie_word_embeddings: lm_head is not in the checkpoint
         name, part = self.aliases.get(key, (key, 0))
@@ -116,6 +118,13 @@ class WeightLoader:
         else:
             param.weight_loader(param, tensor)
         self.loaded.add((name, part))
+
+    def _load_expert(self, key: str, owner: str, slot: int, proj: str, kind: str, tensor) -> None:
+        experts = self.model.get_submodule(owner) if f"{owner}.w13" in self.params else None
+        if experts is None or (kind == "weight_scale" and not experts.fp8):
+            raise KeyError(f"unknown checkpoint key {key!r} (no such expert parameter in the model)")
+        experts.load_expert(slot, proj, kind, tensor)
+        self.expert_loads[owner] = self.expert_loads.get(owner, 0) + 1
 
     def _load_fused_experts(self, key: str, owner: str, kind: str, tensor) -> None:
         """gate_up_proj [E, 2I, H] ([gate; up] rows) or down_proj [E, H, I], as save_original_format=False writes."""

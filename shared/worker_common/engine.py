@@ -38,6 +38,7 @@ def load_runner(cfg: WorkerConfig, tp_rank: int):
         tp=TPGroup(tp_rank, cfg.tp_size),
         load_format=cfg.load_format,
         quantization=cfg.quantization,
+        fuse_shared_experts=cfg.fuse_shared_experts,
         with_mtp=True,  # when the checkpoint has it: the KV layout (and link signature) is then the
         # same on every worker whatever --mtp_step says, and prefills always fill the MTP-layer KV
     )

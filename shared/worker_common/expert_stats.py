@@ -32,7 +32,8 @@ class LayerWindow:
 class ExpertWindow:
     def __init__(self, runner: ModelRunner):
         runner.track_expert_usage()
-        self.counts = runner.expert_counts_all  # [L_moe, E] int64, on the model's device
+        self.counts = runner.expert_counts_all  # [L_moe, S] int64, on the model's device (S >= E slots)
+        self.num_experts = runner.config.n_routed_experts  # routed experts: the counts' first E columns
         self.layers = runner.moe_layer_indices()
         pin = self.counts.device.type == "cuda"
         self._host = [torch.zeros_like(self.counts, device="cpu", pin_memory=pin) for _ in range(2)]
@@ -61,7 +62,7 @@ class ExpertWindow:
         self._last = ready.clone()
         out = []
         for row, layer in enumerate(self.layers):
-            d = delta[row]
+            d = delta[row, : self.num_experts]
             total = int(d.sum())
             if total > 0:
                 out.append(LayerWindow(layer, int((d > 0).sum()), float(d.max()) / total, total))

@@ -49,6 +49,7 @@ def test_cpu_demo(tmp_path):
     assert d["--model_dir"] == [str(tmp_path / "model")]
     assert "--disable_overlap_schedule" not in d  # the overlap loop is the default
     assert "--expert_stats" not in d and "--expert_stats" not in p
+    assert "--disable_shared_experts_fusion" not in d  # shared-expert fusion is the default
     assert progs["decode_d0"].environment["OMP_NUM_THREADS"] == "1"
     # decode (link host) starts before prefill; router first
     assert progs["router"].priority < progs["decode_d0"].priority < progs["prefill_p0"].priority
@@ -58,13 +59,15 @@ def test_gpu_node_sets_and_options(tmp_path):
     progs = _programs(tmp_path, "--device", "cuda", "--prefill", "2", "--decode", "1", "--tp", "2",
                       "--load-format", "dummy", "--mtp_step", "2", "--tool-call-parser", "glm47",
                       "--reasoning_parser", "glm45", "--port", "9000", "--port-base", "7000",
-                      "--max-queue", "2048", "--disable-overlap-schedule", "--expert-stats")
+                      "--max-queue", "2048", "--disable-overlap-schedule", "--expert-stats",
+                      "--disable-shared-experts-fusion")
     gpus = {name: _argv(pc).get("--gpus") for name, pc in progs.items()}
     assert gpus == {"router": None, "prefill_p0": ["0,1"], "prefill_p1": ["2,3"], "decode_d0": ["4,5"]}
     d, r = _argv(progs["decode_d0"]), _argv(progs["router"])
     assert d["--mtp_step"] == ["2"] and d["--dtype"] == ["bfloat16"] and d["--load-format"] == ["dummy"]
     assert "--mtp_step" not in _argv(progs["prefill_p1"]) and "--disable_overlap_schedule" in d
     assert all("--expert_stats" in _argv(progs[w]) for w in ("prefill_p0", "prefill_p1", "decode_d0"))
+    assert all("--disable_shared_experts_fusion" in _argv(progs[w]) for w in ("prefill_p0", "prefill_p1", "decode_d0"))
     assert r["--tool_call_parser"] == ["glm47"] and r["--reasoning_parser"] == ["glm45"]
     assert r["--max_queue"] == ["2048"] and "--max_req_total_len" not in r
     assert r["--prefill"] == ["p0=tcp://127.0.0.1:7001", "p1=tcp://127.0.0.1:7002"] and r["--port"] == ["9000"]

@@ -61,3 +61,32 @@ def test_one_launch_align_equals_torch_align(t, k, e, block_m):
     pairs_ref, blocks_ref = moe_align(ids, e, block_m)
     assert torch.equal(pairs, pairs_ref)
     assert torch.equal(blocks, blocks_ref)
+
+
+@pytest.mark.parametrize("e,k,n_group,topk_group", [(13, 3, 1, 1), (24, 4, 4, 2)])
+def test_route_shared_slot(e, k, n_group, topk_group):
+    """shared_slot appends slot k: id E, weight 1 (the fused shared expert), the first k slots unchanged."""
+    h = torch.randn(7, 20, device=DEV)
+    gate = torch.randn(e, 20, device=DEV)
+    bias = torch.randn(e, device=DEV) * 0.5
+    w0, ids0 = moe_route(h, gate, bias, k, n_group, topk_group, True, 2.5)
+    for fn in (moe_route, moe_route_ref):
+        w, ids = fn(h, gate, bias, k, n_group, topk_group, True, 2.5, True)
+        assert w.shape == ids.shape == (7, k + 1)
+        assert (ids[:, k] == e).all() and (w[:, k] == 1.0).all()
+        a, b = _sorted(w[:, :k], ids[:, :k]), _sorted(w0, ids0)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (70, 4, 64, 16)])
+def test_one_launch_align_dense_last_equals_torch_align(t, k, e, block_m):
+    """dense_last (the fused shared expert, id e, every token's last slot): same output as sorting it."""
+    from glmserve.kernels.moe_align import moe_align as moe_align_kernel
+
+    routed = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    ids = torch.cat([routed, torch.full((t, 1), e, device=DEV, dtype=routed.dtype)], dim=1)
+    pairs, blocks = moe_align_kernel(ids, e + 1, block_m, dense_last=True)
+    pairs_ref, blocks_ref = moe_align(ids, e + 1, block_m)
+    assert torch.equal(pairs, pairs_ref)
+    assert torch.equal(blocks, blocks_ref)

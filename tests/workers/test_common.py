@@ -41,6 +41,10 @@ def test_cli_accepts_dashes_and_underscores():
     cfg = worker_config("prefill", a)
     assert (cfg.model_dir, cfg.num_pages, cfg.page_size, cfg.tp_size, cfg.gpus) == ("/m", 7, 4, 2, (0, 1))
     assert cfg.device_for_rank(1) == "cuda:1"
+    assert cfg.fuse_shared_experts  # the default
+    assert not worker_config("prefill", p.parse_args(["--model-dir", "/m", "--control_addr", "tcp://127.0.0.1:1",
+                                                      "--router-addr", "tcp://127.0.0.1:2",
+                                                      "--disable-shared-experts-fusion"])).fuse_shared_experts
     assert parse_peers(["d0=tcp://127.0.0.1:5611"]) == {"d0": "tcp://127.0.0.1:5611"}
     with pytest.raises(ValueError):
         parse_peers(["d0:5611"])

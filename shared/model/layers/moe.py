@@ -4,7 +4,13 @@ TP: the router (fp32 `gate.weight` [E, H], fp32 `gate.e_score_correction_bias` [
 every expert's intermediate dim is split across ranks (w13 rows, w2 columns), the shared expert likewise;
 routed + shared partial sums are added and all-reduced once here.
 Checkpoint names `experts.{e}.{gate,up,down}_proj.weight[_scale]` load into the stacked
-`experts.w13` [E, 2*I_local, H] ([gate; up]) and `experts.w2` [E, H, I_local] via `load_expert`.
+`experts.w13` [S, 2*I_local, H] ([gate; up]) and `experts.w2` [S, H, I_local] via `load_expert`.
+
+Shared-expert fusion (default; BuildCtx.fuse_shared_experts): with one shared expert of the routed experts'
+width and the same FP8-ness, `shared_experts.*` load into slot E of the stacked experts (S = E + 1) and the
+router adds a last slot (id E, weight 1.0) to every token, so one fused-MoE call computes routed + shared:
+no separate quantize / two GEMMs / silu / add for the shared expert (6 launches a layer at FP8 decode).
+Otherwise S = E and the shared expert is its own GatedMLP.
 """
 
 from __future__ import annotations
@@ -31,19 +37,22 @@ class Router(nn.Module):
         self.e_score_correction_bias = set_loader(
             nn.Parameter(torch.zeros(e, device=device), requires_grad=False), lambda p, t: copy_checked(p, t))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] fp32, ids [T, k])."""
+    def forward(self, x: torch.Tensor, shared_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k'] fp32, ids [T, k']); k' = k + 1 (last: id E, weight 1) with shared_slot."""
         c = self.cfg
         return ops.moe_route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
-                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor, shared_slot)
 
 
 class Experts(nn.Module):
-    """Stacked routed experts; this rank holds intermediate rows [r*I/tp, (r+1)*I/tp) of every expert."""
+    """Stacked experts (the E routed ones, then the shared one at `shared_slot` when fused); this rank holds
+    intermediate rows [r*I/tp, (r+1)*I/tp) of every expert."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, fp8: bool, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, fp8: bool, dtype, device, fuse_shared: bool = False):
         super().__init__()
-        e, h = cfg.n_routed_experts, cfg.hidden_size
+        h = cfg.hidden_size
+        self.shared_slot = cfg.n_routed_experts if fuse_shared else None
+        e = cfg.n_routed_experts + int(fuse_shared)  # slots S
         self.inter_start, self.inter_local = tp.shard(cfg.moe_intermediate_size)
         self.fp8 = fp8
         self.quantized_online = False  # set when float checkpoint tensors were quantized at load
@@ -80,25 +89,32 @@ class Experts(nn.Module):
             copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
+        return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
+                                 self.shared_slot is not None)
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: BuildCtx, prefix: str):
         super().__init__()
         self.tp = ctx.tp
-        self.expert_counts: torch.Tensor | None = None  # [E] tokens routed per expert, when tracking
+        self.expert_counts: torch.Tensor | None = None  # [S] tokens routed per expert slot, when tracking
         self.gate = Router(cfg, ctx.device)
         fp8 = ctx.fp8_modules(f"{prefix}.experts.0.gate_proj")
-        self.experts = Experts(cfg, ctx.tp, fp8, ctx.dtype, ctx.device)
-        self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx,
-                                       f"{prefix}.shared_experts", reduce=False)
+        fuse = (ctx.fuse_shared_experts and cfg.n_shared_experts == 1
+                and fp8 == ctx.fp8_modules(f"{prefix}.shared_experts.gate_proj"))
+        self.experts = Experts(cfg, ctx.tp, fp8, ctx.dtype, ctx.device, fuse_shared=fuse)
+        self.num_slots = self.experts.w13.shape[0]
+        self.shared_experts = None if fuse else GatedMLP(
+            cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx, f"{prefix}.shared_experts",
+            reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> routed + shared [T, H] (all-reduced)."""
-        weights, ids = self.gate(x)
+        weights, ids = self.gate(x, shared_slot=self.shared_experts is None)
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
-        out = self.experts(x, weights, ids) + self.shared_experts(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return self.tp.all_reduce(out)
