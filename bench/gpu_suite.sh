@@ -220,6 +220,18 @@ case "${1:-models}" in
     step profile_fp8_unfused "$(left 150)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
       --no_profile --disable_shared_experts_fusion
     ;;
+  prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
+    end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    ngpu=$(nvidia-smi -L | wc -l)
+    step prefill_fp8 "$(left 150)" $PY -m bench.prefill_step --tokens 512 --prompts 64 \
+      --configs absorbed:8192,expanded:8192 --quantization fp8 --profile --out "$OUT/prefill_fp8.json"
+    step "serve_${ngpu}gpu" "$(left 400)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" TAG="-${ngpu}gpu" \
+      CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
+    cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+    serve_logs 60 25 decode_d0 prefill_p0
+    rm -rf "$OUT/serve"
+    ;;
   check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 1, 256), the fleet
     end=$((SECONDS + ${CHECK_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }

@@ -9,6 +9,10 @@ model FLOPs (2 x active parameters per token + causal attention as the model def
 expanded form's FLOPs) / time / that peak.
     python -m bench.prefill_step --preset glm-4.7-flash --tokens 1024,4096,16384 \
         --configs absorbed:512,absorbed:8192,expanded:8192
+With --prompts P, each row prefills P prompts of `tokens` each, as many whole prompts per forward as fit
+in `chunk` tokens (how the prefill worker batches a load test's short prompts); --quantization fp8 runs
+the FP8 weights the fleet benchmarks use; --profile prints torch.profiler's top kernels of one such row.
+    python -m bench.prefill_step --tokens 512 --prompts 64 --configs expanded:8192 --quantization fp8 --profile
 """
 
 from __future__ import annotations
@@ -37,17 +41,19 @@ def matmul_peak() -> float:
 
 
 def active_params(runner: ModelRunner) -> float:
-    """Parameters one token multiplies: non-expert weights (less the embedding) + top-k routed experts'."""
+    """Parameters one token multiplies: non-expert weights (less the embedding) + its top-k routed experts'
+    + a fused shared expert's (the stacked experts' slots past E)."""
     cfg = runner.config
-    dense = experts = 0
+    dense = experts = 0.0
     for name, p in runner.model.named_parameters():
         if "embed_tokens" in name:
             continue
-        if ".experts." in name:
-            experts += p.numel()
+        if ".experts." in name:  # [S, ...]: E routed slots, then the shared one when fused
+            slots = p.shape[0]
+            experts += p.numel() / slots * (cfg.num_experts_per_tok + slots - cfg.n_routed_experts)
         else:
             dense += p.numel()
-    return dense + experts * cfg.num_experts_per_tok / max(1, cfg.n_routed_experts)
+    return dense + experts
 
 
 def attention_flops(runner: ModelRunner, n: int) -> float:
@@ -60,12 +66,31 @@ def attention_flops(runner: ModelRunner, n: int) -> float:
     return 2 * c.num_hidden_layers * c.num_attention_heads * (dk + dv) * n * n / 2
 
 
-def prefill(runner: ModelRunner, kv: PagedKVCache, ids: list[int], chunk: int) -> None:
-    pages = list(range(1, -(-len(ids) // PAGE) + 1))
-    for start in range(0, len(ids), chunk):
-        part = ids[start: start + chunk]
-        batch = ForwardBatch.build(ForwardMode.PREFILL, [(part, start, pages)], PAGE, device="cuda")
-        runner.forward(batch, kv)
+def prefill(runner: ModelRunner, kv: PagedKVCache, ids: list[int], chunk: int, prompts: int = 1) -> None:
+    """One prompt in chunks of `chunk` tokens or, with prompts > 1, that many copies of it (distinct pages),
+    whole prompts batched into forwards of at most `chunk` tokens."""
+    per_prompt = -(-len(ids) // PAGE)
+    if prompts == 1:
+        pages = list(range(1, per_prompt + 1))
+        for start in range(0, len(ids), chunk):
+            part = ids[start: start + chunk]
+            batch = ForwardBatch.build(ForwardMode.PREFILL, [(part, start, pages)], PAGE, device="cuda")
+            runner.forward(batch, kv)
+        return
+    group = max(1, chunk // len(ids))
+    for first in range(0, prompts, group):
+        seqs = [(ids, 0, list(range(1 + i * per_prompt, 1 + (i + 1) * per_prompt)))
+                for i in range(first, min(prompts, first + group))]
+        runner.forward(ForwardBatch.build(ForwardMode.PREFILL, seqs, PAGE, device="cuda"), kv)
+
+
+def print_kernels(run) -> None:
+    """torch.profiler's top kernels by device time over one call of `run`."""
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    with prof:
+        run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,35 +100,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", default="absorbed:512,absorbed:8192,expanded:8192",
                    help="form:chunk pairs (form absorbed|expanded; ignored for GQA models)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=1, help="prompts of `tokens` each per row (batched per chunk)")
+    p.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    p.add_argument("--profile", action="store_true", help="torch.profiler top kernels of the first row")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     tokens = [int(x) for x in a.tokens.split(",")]
     with tempfile.TemporaryDirectory() as d:
         runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy",
-                             with_mtp=False)
-    kv = PagedKVCache(runner.kv_layout(PAGE), max(tokens) // PAGE + 2, device="cuda")
+                             with_mtp=False, quantization=a.quantization)
+    kv = PagedKVCache(runner.kv_layout(PAGE), a.prompts * (max(tokens) // PAGE + 1) + 2, device="cuda")
     peak, act = matmul_peak(), active_params(runner)
     configs = [(f, int(c)) for f, c in (x.split(":") for x in a.configs.split(","))]
     if runner.config.model_type != "glm4_moe_lite":
         configs = sorted({("-", c) for _, c in configs})
     rows = []
-    print(f"bf16 matmul peak {peak:.0f} TFLOP/s; active params {act / 1e9:.2f} B", flush=True)
+    print(f"bf16 matmul peak {peak:.0f} TFLOP/s; active params {act / 1e9:.2f} B; weights {a.quantization or 'bf16'}; "
+          f"{a.prompts} prompt(s) per row", flush=True)
     print(f"{'tokens':>7} {'chunk':>6} {'form':>9} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'util':>5}")
     for n in tokens:
         ids = [(7 * i) % 150000 + 3 for i in range(n)]
-        flops = 2 * act * n + attention_flops(runner, n)
+        flops = (2 * act * n + attention_flops(runner, n)) * a.prompts
         for form, chunk in configs:
             mla.EXPAND_MIN_Q = 10 ** 9 if form == "absorbed" else 16
-            s = timed(lambda: prefill(runner, kv, ids, chunk), a.reps)
-            row = dict(tokens=n, chunk=chunk, form=form, ms=s * 1e3, tok_s=n / s, tflops=flops / s / 1e12,
-                       util=flops / s / 1e12 / peak)
+            run = lambda: prefill(runner, kv, ids, chunk, a.prompts)  # noqa: E731
+            s = timed(run, a.reps)
+            if a.profile and not rows:
+                print_kernels(run)
+            row = dict(tokens=n, prompts=a.prompts, chunk=chunk, form=form, ms=s * 1e3, tok_s=n * a.prompts / s,
+                       tflops=flops / s / 1e12, util=flops / s / 1e12 / peak)
             rows.append(row)
             print(f"{n:7d} {chunk:6d} {form:>9} {row['ms']:9.1f} {row['tok_s']:9.0f} {row['tflops']:8.1f} "
                   f"{row['util']:5.2f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"preset": a.preset, "matmul_peak_tflops": peak, "active_params": act, "rows": rows}, f,
-                      indent=1)
+            json.dump({"preset": a.preset, "quantization": a.quantization or "bf16", "matmul_peak_tflops": peak,
+                       "active_params": act, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,14 @@ def test_fraction_of_hbm_per_kernel_group():
     # the rest: device kernels only (an aten:: op's time is its kernels' time, already in the list; a launch
     # call is host time)
     assert rows["all other kernels"]["ms"] == pytest.approx(0.15) and rows["all other kernels"]["calls"] == 9
+
+
+def test_prefill_active_params_same_fused_or_not(tmp_path):
+    """bench/prefill_step's FLOP count: a fused shared expert is a stacked slot every token multiplies."""
+    from bench.prefill_step import active_params
+
+    path = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe", seed=0)
+    fused, plain = ModelRunner(path, with_mtp=False), ModelRunner(path, with_mtp=False, fuse_shared_experts=False)
+    assert fused.model.model.layers[1].mlp.shared_experts is None
+    assert active_params(fused) == pytest.approx(active_params(plain))
+    assert active_params(fused) < sum(p.numel() for p in fused.model.parameters())
