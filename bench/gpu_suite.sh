@@ -214,7 +214,7 @@ case "${1:-models}" in
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
       tests/kernels/test_fused_moe.py tests/kernels/test_elementwise.py tests/models/test_shared_fusion.py \
-      tests/kernels/test_model_with_kernels.py
+      tests/kernels/test_model_with_kernels.py tests/kernels/test_gpu_real_shapes.py -k "not mla and not gqa"
     step profile_fp8 "$(left 220)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
       --quantization fp8 --out "$OUT/profile_fp8.json"
     step profile_fp8_unfused "$(left 150)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \

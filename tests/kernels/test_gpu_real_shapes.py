@@ -74,9 +74,11 @@ def test_fp8_gemm_block_scaled():
     assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32, block=128)) < 5e-3
 
 
+@pytest.mark.parametrize("t", [1, 512])
 @pytest.mark.parametrize("e,k,h,scale", [(128, 8, 4096, 1.0), (64, 4, 2048, 1.8), (160, 8, 5120, 2.5)])
-def test_router(e, k, h, scale):
-    x = torch.randn(512, h, device=DEV, dtype=BF16)
+def test_router(e, k, h, scale, t):
+    """Flash's gate (64 x 2048) takes the in-kernel fp32 GEMM at these batch sizes, the others cuBLAS."""
+    x = torch.randn(t, h, device=DEV, dtype=BF16)
     gate = torch.randn(e, h, device=DEV, dtype=BF16) * 0.02
     bias = torch.randn(e, device=DEV) * 0.01
     w, ids = moe_route.moe_route(x, gate, bias, k, 1, 1, True, scale)
@@ -160,6 +162,10 @@ def test_one_launch_align_at_decode_sizes(t, k, e):
     ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
     for block_m in (16, 32, 64):
         got, ref = align_kernel(ids, e, block_m), moe_route.moe_align(ids, e, block_m)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    shared = torch.cat([ids, torch.full_like(ids[:, :1], e)], dim=1)  # + the fused shared expert's slot
+    for block_m in (16, 32, 64):
+        got, ref = align_kernel(shared, e + 1, block_m, dense_last=True), moe_route.moe_align(shared, e + 1, block_m)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 

@@ -14,10 +14,16 @@ def _sorted(w, ids):
     return w.gather(1, order), ids.gather(1, order)
 
 
+@pytest.mark.parametrize("gemm", [True, False])
 @pytest.mark.parametrize("e,k,n_group,topk_group,norm,scale", [(13, 3, 1, 1, True, 2.5), (24, 4, 4, 2, True, 1.8), (9, 2, 1, 1, False, 1.0)])
-def test_route_matches_reference(e, k, n_group, topk_group, norm, scale):
-    h = torch.randn(11, 20, device=DEV).to(torch.bfloat16)
-    gate = torch.randn(e, 20, device=DEV).to(torch.bfloat16)
+def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gemm, monkeypatch):
+    """gemm: the logits computed in the kernel (fp32, small gate, decode sizes); else cuBLAS then the kernel.
+    19 tokens: two BLOCK_T blocks, the second partial."""
+    import glmserve.kernels.moe_route as mr
+
+    monkeypatch.setattr(mr, "GEMM_MAX_TOKENS", 512 if gemm else 0)
+    h = torch.randn(19, 40, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(e, 40, device=DEV).to(torch.bfloat16)
     bias = torch.randn(e, device=DEV) * 0.5
     w, ids = moe_route(h, gate, bias, k, n_group, topk_group, norm, scale)
     w_ref, ids_ref = moe_route_ref(h, gate, bias, k, n_group, topk_group, norm, scale)
