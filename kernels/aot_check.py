@@ -89,9 +89,13 @@ def _mla_latent(wide: bool):
 
 def _small_kernels():
     i32 = "i32"
-    yield "rms_norm add H4096", rmsnorm._rms_norm_kernel, dict(
-        x_ptr=P["bf16"], res_ptr=P["bf16"], w_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"], x_stride=i32,
-        res_stride=i32, y_stride=i32, s_stride=i32, D=i32, eps="fp32"), dict(HAS_RES=True, BLOCK_D=4096), 16, 1
+    norm_args = dict(x_ptr=P["bf16"], res_ptr=P["bf16"], w_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"],
+                     q_ptr=P["f8"], qs_ptr=P["f32"], x_stride=i32, res_stride=i32, y_stride=i32, s_stride=i32,
+                     q_stride=i32, D=i32, eps="fp32")
+    yield "rms_norm add H4096", rmsnorm._rms_norm_kernel, norm_args, dict(
+        HAS_RES=True, QUANT=False, PRE_ROUND=False, BLOCK_D=4096), 16, 1
+    yield "rms_norm add + fp8 H2048", rmsnorm._rms_norm_kernel, norm_args, dict(
+        HAS_RES=True, QUANT=True, PRE_ROUND=False, BLOCK_D=2048), 8, 1
     yield "rope neox 96x128", rope._rope_kernel, dict(
         x_ptr=P["bf16"], cos_ptr=P["f32"], sin_ptr=P["f32"], pos_ptr=P["i64"], out_ptr=P["bf16"], x_stride_t=i32,
         x_stride_h=i32, out_stride_t=i32, out_stride_h=i32, cs_stride=i32, num_heads=i32), dict(

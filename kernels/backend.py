@@ -3,8 +3,8 @@
 `install()` wraps each op so that CUDA inputs go to the kernel and anything else to the torch
 reference that was in ops.IMPL before, so one process can still run CPU tensors (tests, tools).
 Idempotent. Ops wired (same signatures as the *_ref functions in shared.model.ops):
-rms_norm, add_rms_norm, rope, silu_and_mul, moe_route, fused_experts, paged_attention,
-quant_fp8_per_token, fp8_linear.
+rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, silu_and_mul, moe_route, fused_experts,
+paged_attention, quant_fp8_per_token, fp8_linear.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def _kernels() -> dict[str, Callable]:
     return {
         "rms_norm": rmsnorm.rms_norm,
         "add_rms_norm": rmsnorm.add_rms_norm,
+        "rms_norm_fp8": rmsnorm.rms_norm_fp8,
+        "add_rms_norm_fp8": rmsnorm.add_rms_norm_fp8,
         "rope": rope.rope,
         "silu_and_mul": act_quant.silu_and_mul,
         "moe_route": moe_route.moe_route,

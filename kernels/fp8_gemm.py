@@ -228,10 +228,12 @@ def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 4))
 
 
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
-    """shared.model.ops signature: W8A8 per-token x per-channel; x [..., K] -> [..., N] in x.dtype."""
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """shared.model.ops signature: W8A8 per-token x per-channel; x [..., K] -> [..., N] in x.dtype.
+    x_fp8: x's per-token FP8 form (q [T, K], scale [T, 1]) when its producer made it (a fused norm)."""
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quant_fp8_per_token(x2.contiguous())
+    xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x2.contiguous())
     y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
     return y.reshape(*x.shape[:-1], -1)
 

@@ -21,8 +21,10 @@ from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_a
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
 
-def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False) -> torch.Tensor:
-    """Loop over experts in fp32 (weights dequantized, activations not quantized); shared_last changes nothing."""
+def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
+                      x_fp8=None) -> torch.Tensor:
+    """Loop over experts in fp32 (weights dequantized, activations not quantized); shared_last and x_fp8
+    change nothing."""
     if w13_scale is not None:
         w13 = w13.float() * w13_scale.float()
         w2 = w2.float() * w2_scale.float()
@@ -158,9 +160,11 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
     )
 
 
-def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False) -> torch.Tensor:
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
+                  x_fp8=None) -> torch.Tensor:
     """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k].
-    shared_last: ids[:, -1] is expert E - 1 for every token (the fused shared expert; moe_align skips counting it)."""
+    shared_last: ids[:, -1] is expert E - 1 for every token (the fused shared expert; moe_align skips counting it).
+    x_fp8: x's per-token FP8 form (q [T, H], scale [T, 1]) when its producer made it (FP8 experts only)."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     fp8 = w13.dtype == FP8_DTYPE
@@ -179,7 +183,7 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
     down = new_out((num_pairs, h), x.dtype, x.device)
     if fp8:
-        xq, xs = quant_fp8_per_token(x)
+        xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)
         s13 = w13_scale.reshape(num_experts, two_i).float().contiguous()
         s2 = w2_scale.reshape(num_experts, h).float().contiguous()
         _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)

@@ -4,6 +4,8 @@ HF semantics (spec §1.2): y = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dty
 first computes s = x + residual in x.dtype (one rounding, as torch does) and returns (norm(s), s).
 One program normalises one row of D elements (D <= 16384; GLM rows are 128 .. 5120 wide).
 Bytes: read x (+ residual) and w, write y (+ s): memory-bound, one pass.
+The _fp8 forms also quantize y per token for the next W8A8 GEMM (as kernels.act_quant.quant_fp8_per_token
+on y, from the same registers: one launch fewer) -> (..., q [T, D] e4m3, scale [T, 1] fp32).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import new_out, check, next_pow2
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, new_out, check, fp8_grid_round, next_pow2
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,9 +30,9 @@ def add_rms_norm_ref(x, residual, weight, eps):
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, s_ptr,
-    x_stride, res_stride, y_stride, s_stride, D, eps,
-    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
+    x_stride, res_stride, y_stride, s_stride, q_stride, D, eps,
+    HAS_RES: tl.constexpr, QUANT: tl.constexpr, PRE_ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -44,7 +46,16 @@ def _rms_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)  # cast back before the weight, as HF does
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y = (normed * w).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
+    if QUANT:  # per-token FP8 of y as stored (quant_fp8_per_token's arithmetic)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        scale = tl.maximum(tl.max(tl.abs(yf), axis=0) / 448.0, 1e-12)
+        tl.store(qs_ptr + row, scale)
+        q = tl.clamp(yf / scale, -448.0, 448.0)
+        if PRE_ROUND:
+            q = fp8_grid_round(q)
+        tl.store(q_ptr + row * q_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +63,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _launch(x, residual, weight, eps, out=None):
+def _launch(x, residual, weight, eps, out=None, quant: bool = False):
     d = x.shape[-1]
     check(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous")
     check(d <= 16384, "row too wide for one program")
@@ -70,16 +81,22 @@ def _launch(x, residual, weight, eps, out=None):
         res2 = _rows(residual)
         s = new_out(x2.shape, x2.dtype, x2.device)
     n_rows = x2.shape[0]
+    q = qs = None
+    if quant:
+        q = new_out(x2.shape, FP8_DTYPE, x2.device)
+        qs = new_out((n_rows, 1), torch.float32, x2.device)
     if n_rows:
         block = next_pow2(d)
         _rms_norm_kernel[(n_rows,)](
             x2, res2 if res2 is not None else x2, weight, y, s if s is not None else y,
+            q if quant else y, qs if quant else y,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
-            s.stride(0) if s is not None else 0, d, float(eps),
-            HAS_RES=residual is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)),
+            s.stride(0) if s is not None else 0, q.stride(0) if quant else 0, d, float(eps),
+            HAS_RES=residual is not None, QUANT=quant, PRE_ROUND=INTERPRET, BLOCK_D=block,
+            num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(x.shape)
-    return y, (s.view(x.shape) if s is not None else None)
+    return y, (s.view(x.shape) if s is not None else None), ((q, qs) if quant else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,4 +107,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual), both shaped like x."""
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps)[:2]
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x [T, D] -> (y [T, D], (q [T, D] e4m3, scale [T, 1] fp32)): y = rms_norm(x), q * scale ~= y."""
+    y, _, q = _launch(x, None, weight, eps, quant=True)
+    return y, q
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x, residual [T, D] -> (rms_norm(x + residual), x + residual, (q, scale) of the former)."""
+    return _launch(x, residual, weight, eps, quant=True)

@@ -26,6 +26,18 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     return weight * y.to(x.dtype) if out is None else torch.mul(weight, y.to(x.dtype), out=out)
 
 
+def rms_norm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, None]:
+    """(rms_norm(x), its per-token FP8 form or None). The references run FP8 layers on dequantized weights
+    with unquantized activations, so they make no FP8 form (None: the consumer quantizes if it wants one);
+    the CUDA kernel returns (q [T, D] e4m3, scale [T, 1] fp32) made from the same registers."""
+    return rms_norm_ref(x, weight, eps), None
+
+
+def add_rms_norm_fp8_ref(x, residual, weight, eps):
+    """(rms_norm(x + residual), x + residual, FP8 form of the former or None) — see rms_norm_fp8_ref."""
+    return (*add_rms_norm_ref(x, residual, weight, eps), None)
+
+
 def add_rms_norm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +116,10 @@ def moe_route_ref(
 def fused_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, shared_last: bool = False,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j].
+    """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j]. x_fp8 (x's per-token FP8 form,
+    from a fused norm) is for the W8A8 kernel; this reference keeps activations unquantized and ignores it.
 
     shared_last: a promise that ids[:, -1] == E - 1 (MoE's fused shared expert) for every token and no other
     slot holds E - 1; the math is the same (the kernels use it to skip sorting that expert's pairs).
@@ -169,10 +183,12 @@ def quant_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def fp8_linear_ref(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """FP8 weight linear, CPU path: dequantize W = w_fp8 * w_scale (w_fp8 [N, K] e4m3, w_scale [N, 1] fp32)
-    and run y = x W^T (+ bias) in x.dtype. CUDA swaps in the W8A8 kernel (`fp8_linear_w8a8_ref` semantics)."""
+    and run y = x W^T (+ bias) in x.dtype. CUDA swaps in the W8A8 kernel (`fp8_linear_w8a8_ref` semantics),
+    which takes x's per-token FP8 form `x_fp8` when a fused norm made it; this path ignores it."""
     w = (w_fp8.float() * w_scale.float()).to(x.dtype)
     return F.linear(x, w, bias)
 
@@ -197,6 +213,8 @@ IMPL: dict[str, Callable] = {
     "paged_attention": paged_attention_ref,
     "quant_fp8_per_token": quant_fp8_per_token_ref,
     "fp8_linear": fp8_linear_ref,
+    "rms_norm_fp8": rms_norm_fp8_ref,
+    "add_rms_norm_fp8": add_rms_norm_fp8_ref,
 }
 
 
@@ -215,6 +233,14 @@ def add_rms_norm(x, residual, weight, eps):
     return IMPL["add_rms_norm"](x, residual, weight, eps)
 
 
+def rms_norm_fp8(x, weight, eps):
+    return IMPL["rms_norm_fp8"](x, weight, eps)
+
+
+def add_rms_norm_fp8(x, residual, weight, eps):
+    return IMPL["add_rms_norm_fp8"](x, residual, weight, eps)
+
+
 def rope(x, cos, sin, rotary_dim, interleaved, out=None):
     return IMPL["rope"](x, cos, sin, rotary_dim, interleaved, out)
 
@@ -229,13 +255,13 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
                              shared_slot)
 
 
-def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False):
-    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last)
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False, x_fp8=None):
+    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8)
 
 
 def paged_attention(q, k_cache, v_cache, batch, page_size, scale):
     return IMPL["paged_attention"](q, k_cache, v_cache, batch, page_size, scale)
 
 
-def fp8_linear(x, w_fp8, w_scale, bias):
-    return IMPL["fp8_linear"](x, w_fp8, w_scale, bias)
+def fp8_linear(x, w_fp8, w_scale, bias, x_fp8=None):
+    return IMPL["fp8_linear"](x, w_fp8, w_scale, bias, x_fp8)

@@ -120,3 +120,26 @@ def test_quant_fp8_group_and_per_token(group):
     q, s = act_quant.quant_fp8_per_token(x)
     q_ref, s_ref = act_quant.quant_fp8_per_token_ref(x)
     _fp8_close(q, q_ref, s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_fp8_quantizes_its_output(dtype, residual):
+    """The fused norm + per-token FP8 (a W8A8 GEMM's input, one launch): the norm's outputs are those of
+    the plain kernel, and (q, scale) are quant_fp8_per_token of the normed output exactly (same
+    arithmetic), and within one e4m3 step of torch's quantizer."""
+    x, r = (torch.randn(9, 45, device=DEV) * 3).to(dtype), torch.randn(9, 45, device=DEV).to(dtype)
+    w = torch.rand(45, device=DEV).to(dtype)
+    if residual:
+        y, s, (q, qs) = rmsnorm.add_rms_norm_fp8(x, r, w, 1e-6)
+        y_plain, s_plain = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+        assert torch.equal(s, s_plain)
+    else:
+        y, (q, qs) = rmsnorm.rms_norm_fp8(x, w, 1e-6)
+        y_plain = rmsnorm.rms_norm(x, w, 1e-6)
+    assert torch.equal(y, y_plain) and q.dtype == torch.float8_e4m3fn and qs.shape == (9, 1)
+    q_k, qs_k = act_quant.quant_fp8_per_token(y)
+    assert torch.equal(qs, qs_k) and torch.equal(q.float(), q_k.float())
+    _fp8_close(q, *act_quant.quant_fp8_per_token_ref(y)[:1], qs, act_quant.quant_fp8_per_token_ref(y)[1])
+    # the references make no FP8 form: their consumers keep activations unquantized
+    assert ops.rms_norm_fp8_ref(x, w, 1e-6)[1] is None and ops.add_rms_norm_fp8_ref(x, r, w, 1e-6)[2] is None

@@ -62,6 +62,18 @@ def _with_kernels(runner: ModelRunner) -> tuple[torch.Tensor, set[str]]:
         ops.IMPL.update(before)
 
 
+def _with_kernels_keeping(runner: ModelRunner, keep: set[str]) -> tuple[torch.Tensor, set[str]]:
+    """_with_kernels, except the ops named in `keep` stay as ops.IMPL has them now."""
+    before, called = dict(ops.IMPL), set()
+    try:
+        for name, kernel in backend._kernels().items():
+            if name in ops.IMPL and name not in keep:
+                ops.set_impl(name, kernel)
+        return _run(runner), called
+    finally:
+        ops.IMPL.update(before)
+
+
 def _arch(arch: str, monkeypatch) -> str:
     """"glm4_moe_lite-expanded": MLA's expanded prefill form (decompressed K/V, page size 1 into them)
     for every PREFILL batch; "glm4_moe_lite": the absorbed form (these prompts are < EXPAND_MIN_Q)."""
@@ -91,9 +103,18 @@ def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
     runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False, quantization="fp8")
     ref = _with_refs(runner)
     got, called = _with_kernels(runner)
-    assert {"fp8_linear", "fused_experts"} <= called, called
+    assert {"fp8_linear", "fused_experts", "rms_norm_fp8", "add_rms_norm_fp8"} <= called, called
     err = ((got[0] - ref[0]).norm() / ref[0].norm()).item()  # prefill logits (decode may pick other tokens)
     assert err < 0.1, err
+    # the norms' fused per-token FP8 outputs are exactly what the GEMMs would have quantized themselves
+    norms, kernels = ("rms_norm_fp8", "add_rms_norm_fp8"), backend._kernels()
+    before = dict(ops.IMPL)
+    try:  # the norm kernels with their FP8 form dropped: every GEMM quantizes its input itself
+        ops.IMPL.update({name: (lambda *a, f=kernels[name]: (*f(*a)[:-1], None)) for name in norms})
+        plain, _ = _with_kernels_keeping(runner, set(norms))
+    finally:
+        ops.IMPL.update(before)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

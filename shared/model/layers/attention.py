@@ -49,15 +49,18 @@ class GQAAttention(nn.Module):
         self.qkv_proj = ctx.merged(prefix, ("q_proj", "k_proj", "v_proj"), h, [q_full, kv_full, kv_full], bias,
                                    "column", [tp.shard(q_full), kv_shard, kv_shard])
         self.o_proj = ctx.linear(f"{prefix}.o_proj", cfg.num_attention_heads * d, h, False, "row")
+        self.input_fp8 = self.qkv_proj.fp8  # forward may be handed x's per-token FP8 form (a fused norm)
         self.q_norm = self.k_norm = None
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, ctx.dtype, ctx.device)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, ctx.dtype, ctx.device)
 
-    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
-        """x [T, H] -> [T, H]; writes this layer's K/V of the batch tokens into cache layer `cache_layer`."""
+    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> [T, H]; writes this layer's K/V of
+        the batch tokens into cache layer `cache_layer`."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x, x_fp8))
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv, self.head_dim)
         v = v.reshape(t, self.num_kv, self.head_dim)

@@ -30,11 +30,13 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"{prefix}.mlp")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
-        """x, residual: [T, H] (residual None on the first layer) -> (out, residual)."""
+        """x, residual: [T, H] (residual None on the first layer) -> (out, residual). Each norm also hands
+        its consumer the per-token FP8 form of its output when that consumer's first GEMM is FP8."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            h, _, h_fp8 = self.input_layernorm.apply(x, None, self.self_attn.input_fp8)
+            residual = x
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos_sin, batch, kv_cache, self.layer_id)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+            h, residual, h_fp8 = self.input_layernorm.apply(x, residual, self.self_attn.input_fp8)
+        h = self.self_attn(h, cos_sin, batch, kv_cache, self.layer_id, x_fp8=h_fp8)
+        h, residual, h_fp8 = self.post_attention_layernorm.apply(h, residual, self.mlp.input_fp8)
+        return self.mlp(h, x_fp8=h_fp8), residual

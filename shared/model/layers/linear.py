@@ -119,12 +119,13 @@ class Linear(nn.Module):
         """[T, out_local] -> one view per part."""
         return list(y.split([p[1][1] for p in self.parts], dim=-1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in_local] -> [T, out_local] (row: full out, all-reduced, then bias)."""
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: [T, in_local] -> [T, out_local] (row: full out, all-reduced, then bias). x_fp8: x's per-token
+        FP8 form (q [T, in], scale [T, 1]) when a fused norm made it (used by FP8 layers' W8A8 kernel)."""
         row_bias = self.bias if self.parallel == "row" else None
         bias = None if self.parallel == "row" else self.bias
         if self.fp8:
-            y = ops.fp8_linear(x, self.weight, self.weight_scale, bias)
+            y = ops.fp8_linear(x, self.weight, self.weight_scale, bias, x_fp8)
         else:
             y = F.linear(x, self.weight, bias)
         if self.parallel == "row" and self.reduce:

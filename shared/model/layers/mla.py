@@ -52,6 +52,8 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.lora, LORA_NORM_EPS, ctx.dtype, ctx.device)
         self.kv_b_proj = lin(f"{prefix}.kv_b_proj", self.lora, heads * (self.nope + self.v_dim), False, "column")
         self.o_proj = lin(f"{prefix}.o_proj", heads * self.v_dim, h, bias, "row")
+        # forward may be handed x's per-token FP8 form (a fused norm) when the first GEMM is FP8
+        self.input_fp8 = (self.fused_qkv_a_proj if self.q_lora else self.q_proj).fp8
 
     def after_load(self) -> None:
         """The weights are final (ModelRunner calls this after loading): an FP8 kv_b_proj is dequantized
@@ -74,17 +76,20 @@ class MLAAttention(nn.Module):
         w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor, x_fp8) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (q [T, h_local * qk_head_dim], ckv [T, L + R])."""
         if self.q_lora:
-            q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x))
-            return self.q_b_proj(self.q_a_layernorm(q_a)), ckv
-        return self.q_proj(x), self.kv_a_proj_with_mqa(x)
+            q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x, x_fp8))
+            q_a, _, q_a_fp8 = self.q_a_layernorm.apply(q_a, None, self.q_b_proj.fp8)
+            return self.q_b_proj(q_a, q_a_fp8), ckv
+        return self.q_proj(x, x_fp8), self.kv_a_proj_with_mqa(x, x_fp8)
 
-    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int) -> torch.Tensor:
-        """x [T, H] -> [T, H]; writes [latent | k_pe] of the batch tokens into cache layer `cache_layer`."""
+    def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> [T, H]; writes [latent | k_pe] of
+        the batch tokens into cache layer `cache_layer`."""
         t = x.shape[0]
-        q, ckv = self._project(x)
+        q, ckv = self._project(x, x_fp8)
         q = q.view(t, self.num_heads, self.nope + self.rope_dim)
         # the batch tokens' cache entries [T, L + R] = [normed latent | roped k_pe], written in place
         kv_new = torch.empty(t, self.lora + self.rope_dim, device=x.device,

@@ -20,7 +20,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = ctx.merged(prefix, ("gate_proj", "up_proj"), hidden, [inter, inter])
         # reduce=False: this rank's partial sum; the caller all-reduces
         self.down_proj = ctx.linear(f"{prefix}.down_proj", inter, hidden, False, "row", reduce=reduce)
+        self.input_fp8 = self.gate_up_proj.fp8  # callers may hand forward x's per-token FP8 form
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> [T, H]."""
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, x_fp8)))

@@ -88,9 +88,10 @@ class Experts(nn.Module):
         else:
             copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
-                                 self.shared_slot is not None)
+                                 self.shared_slot is not None, x_fp8 if self.fp8 else None)
 
 
 class MoE(nn.Module):
@@ -104,17 +105,18 @@ class MoE(nn.Module):
                 and fp8 == ctx.fp8_modules(f"{prefix}.shared_experts.gate_proj"))
         self.experts = Experts(cfg, ctx.tp, fp8, ctx.dtype, ctx.device, fuse_shared=fuse)
         self.num_slots = self.experts.w13.shape[0]
+        self.input_fp8 = fp8  # callers may hand forward x's per-token FP8 form
         self.shared_experts = None if fuse else GatedMLP(
             cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx, f"{prefix}.shared_experts",
             reduce=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> routed + shared [T, H] (all-reduced)."""
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> routed + shared [T, H] (all-reduced)."""
         weights, ids = self.gate(x, shared_slot=self.shared_experts is None)
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, weights, ids, x_fp8)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, x_fp8 if self.shared_experts.input_fp8 else None)
         return self.tp.all_reduce(out)

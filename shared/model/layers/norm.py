@@ -24,3 +24,14 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps, out)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+    def apply(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: bool = False):
+        """x [T, dim] -> (normed, x + residual or None, FP8 form of normed or None). quant: the consumer is an
+        FP8 GEMM, so the norm kernel also quantizes its output per token (one launch fewer; the CPU
+        references return None and the consumer quantizes, or not, as before)."""
+        if not quant:
+            return (self.forward(x), None, None) if residual is None else (*self.forward(x, residual), None)
+        if residual is None:
+            y, x_fp8 = ops.rms_norm_fp8(x, self.weight, self.eps)
+            return y, None, x_fp8
+        return ops.add_rms_norm_fp8(x, residual, self.weight, self.eps)
