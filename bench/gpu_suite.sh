@@ -217,8 +217,10 @@ case "${1:-models}" in
       tests/kernels/test_model_with_kernels.py tests/kernels/test_gpu_real_shapes.py -k "not mla and not gqa"
     step profile_fp8 "$(left 220)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
       --quantization fp8 --out "$OUT/profile_fp8.json"
-    step profile_fp8_unfused "$(left 150)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
+    step profile_fp8_unfused "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
       --no_profile --disable_shared_experts_fusion
+    step profile_fp8_router_cublas "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 \
+      --quantization fp8 --no_profile --router_gemm off
     ;;
   prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
     end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))

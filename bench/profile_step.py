@@ -198,8 +198,14 @@ def main() -> None:
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--disable_shared_experts_fusion", action="store_true",
                     help="the shared expert as its own MLP (A/B against the default fused slot)")
+    ap.add_argument("--router_gemm", default="auto", choices=["auto", "off"],
+                    help="off: the router's fp32 logits always by cuBLAS (A/B against the in-kernel GEMM)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.router_gemm == "off":
+        from glmserve.kernels import moe_route
+
+        moe_route.GEMM_MAX_TOKENS = 0
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
                          quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)
@@ -215,13 +221,15 @@ def main() -> None:
             rows.append(measure(runner, b, a.ctx, q, bw, profile=profile))
             torch.cuda.empty_cache()
     fused = "off" if a.disable_shared_experts_fusion else "on"
-    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}")
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
+          f"  router GEMM {a.router_gemm}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
               f" {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['roofline_ms']:12.2f}"
               f" {r['graph_fraction_of_roofline']:15.2f}  {r['sync_free']}")
-    res = dict(preset=a.preset, ctx=a.ctx, quantization=a.quantization or "bf16", shared_fusion=fused, copy_gbps=bw,
+    res = dict(preset=a.preset, ctx=a.ctx, quantization=a.quantization or "bf16", shared_fusion=fused,
+               router_gemm=a.router_gemm, copy_gbps=bw,
                rows=rows)
     print(json.dumps(res, indent=1))
     if a.out:
