@@ -22,8 +22,8 @@ def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gemm, m
     import glmserve.kernels.moe_route as mr
 
     monkeypatch.setattr(mr, "GEMM_MAX_TOKENS", 512 if gemm else 0)
-    h = torch.randn(19, 40, device=DEV).to(torch.bfloat16)
-    gate = torch.randn(e, 40, device=DEV).to(torch.bfloat16)
+    h = torch.randn(19, 72, device=DEV).to(torch.bfloat16)  # 72: two BLOCK_K steps, the second partial
+    gate = torch.randn(e, 72, device=DEV).to(torch.bfloat16)
     bias = torch.randn(e, device=DEV) * 0.5
     w, ids = moe_route(h, gate, bias, k, n_group, topk_group, norm, scale)
     w_ref, ids_ref = moe_route_ref(h, gate, bias, k, n_group, topk_group, norm, scale)
