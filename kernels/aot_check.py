@@ -113,7 +113,7 @@ def _small_kernels():
         K_PAD=16), 2, 1
     yield "moe_route E64 k4 + shared slot (in-kernel fp32 GEMM)", moe_route._route_kernel, route_args, dict(
         TOP_K=4, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, GEMM=True, BLOCK_T=16, BLOCK_E=64, BLOCK_K=64,
-        K_PAD=8), 4, 1
+        K_PAD=8), 8, 1
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1

@@ -118,7 +118,7 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
             x.stride(0), float(scaling),
             TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
             NORM=bool(norm_topk_prob), GEMM=gemm, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=64,
-            num_warps=4 if gemm else (1 if num_experts <= 64 else 2),
+            num_warps=8 if gemm else (1 if num_experts <= 64 else 2),  # 8: no spills at BLOCK_K 64 (aot_check)
         )
     return weights, ids
 
