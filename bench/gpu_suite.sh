@@ -231,7 +231,7 @@ case "${1:-models}" in
     step "serve_${ngpu}gpu" "$(left 400)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" TAG="-${ngpu}gpu" \
       CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
-    serve_logs 60 25 decode_d0 prefill_p0
+    serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
   check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 1, 256), the fleet

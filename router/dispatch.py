@@ -123,8 +123,10 @@ class Dispatcher:
         run.queue.put_nowait(final)
         self._update_gauges()
 
-    def _requeue(self, run: Run, why: str) -> None:
-        """Re-run `run` from scratch (no token was sent) under a new rid, or fail it."""
+    def _requeue(self, run: Run, why: str, reason: str) -> None:
+        """Re-run `run` from scratch (no token was sent) under a new rid, or fail it. reason: a short
+        label for router_reruns_total (why: the log's words)."""
+        self.metrics.reruns.labels(reason).inc()
         self._send_abort(run, "rerun")
         self._detach(run)
         run.failed_workers.update(run.workers())
@@ -223,14 +225,14 @@ class Dispatcher:
             return
         prefill = self.registry.workers[run.prefill_id]
         if not prefill.ready(now, self.cfg.heartbeat_timeout_s):
-            self._requeue(run, f"prefill worker {prefill.worker_id} is not ready")
+            self._requeue(run, f"prefill worker {prefill.worker_id} is not ready", "prefill_not_ready")
             return
         run.phase = Phase.RUNNING
         req = P.PrefillRequest(rid=run.rid, prompt_ids=run.prompt_bytes, sampling=run.sampling,
                                decode_id=msg.decode_id, decode_page_ids=msg.page_ids,
                                decode_link_epoch=msg.link_epoch)
         if not self._send(prefill.worker_id, req):
-            self._requeue(run, f"prefill worker {prefill.worker_id} is not accepting messages")
+            self._requeue(run, f"prefill worker {prefill.worker_id} is not accepting messages", "prefill_send_failed")
 
     def _on_busy(self, run: Run, decode_id: str) -> None:
         if run.phase is not Phase.RESERVING or decode_id != run.decode_id:
@@ -262,7 +264,7 @@ class Dispatcher:
 
     def _on_error(self, run: Run, msg: P.RequestError) -> None:
         if msg.retryable and run.num_tokens == 0:
-            self._requeue(run, f"{msg.worker_id}: {msg.message}")
+            self._requeue(run, f"{msg.worker_id}: {msg.message}", "worker_error")
         else:
             self._fail(run, f"worker {msg.worker_id} failed the request: {msg.message}")
 
@@ -282,6 +284,7 @@ class Dispatcher:
             if now - run.created > self.cfg.request_timeout_s:
                 self._fail(run, f"request timed out after {self.cfg.request_timeout_s:.0f} s", 504, "timeout")
             elif run.phase is Phase.RESERVING and now > run.deadline:
+                self.metrics.reserve_timeouts.inc()
                 self._on_busy(run, run.decode_id)
         for run in [r for r in self.queue if now - r.created > self.cfg.queue_timeout_s]:
             self._fail(run, "no decode worker accepted the request in time", 503, "queue_timeout")
@@ -300,6 +303,6 @@ class Dispatcher:
             return  # its part is done; the decode carries on
         why = f"worker {wid} stopped answering (no heartbeat for {self.cfg.heartbeat_timeout_s:.0f} s, or restarted)"
         if run.num_tokens == 0:
-            self._requeue(run, why)
+            self._requeue(run, why, "worker_lost")
         else:
             self._fail(run, why, 503, "worker_lost")

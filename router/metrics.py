@@ -34,6 +34,10 @@ class RouterMetrics:
         self.prompt_tokens = Counter("router_prompt_tokens", "prompt tokens of served requests", registry=r)
         self.output_tokens = Counter("router_generation_tokens", "generated tokens", registry=r)
         self.aborts = Counter("router_aborts", "runs aborted by the router", ["reason"], registry=r)
+        self.reruns = Counter("router_reruns", "runs re-run from scratch before their first token", ["reason"],
+                              registry=r)
+        self.reserve_timeouts = Counter("router_reserve_timeouts", "decode reservations not answered in time "
+                                        "(the run goes back to the queue)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -111,6 +111,10 @@ def _print_server(server: dict, errors: list[str], output_tokens: int) -> None:
         print(f"cpu {url}: {cpu['cpu_s']:.2f} s, {cpu['cores_busy']:.2f} cores busy, {per_tok:.0f} us per output token")
     for name, depth in (server.get("queue_depths_peak") or {}).items():
         print("{:<40} {:<10.0f}".format("peak " + name + ":", depth))
+    for name, n in sorted((server.get("counter_deltas") or {}).items()):  # work redone or dropped in the run
+        if n and name.startswith(("router_reruns_total", "router_reserve_timeouts_total", "router_aborts_total",
+                                  "glm_worker_aborts_total")):
+            print("{:<40} {:<10.0f}".format(name + ":", n))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

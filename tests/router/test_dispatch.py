@@ -106,6 +106,8 @@ def test_retryable_error_reruns_on_other_prefill(fleet):
     r = httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert peer.messages(P.PrefillRequest, "p1")
+    metrics = httpx.get(router.url + "/metrics").text
+    assert 'router_reruns_total{reason="worker_error"} 1.0' in metrics  # load tests report re-runs by reason
 
 
 def test_silent_decode_ends_stream_with_error(fleet):
