@@ -234,18 +234,19 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 1, 256), the fleet
+  check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 256), the fleet
     end=$((SECONDS + ${CHECK_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     ngpu=$(nvidia-smi -L | wc -l)
     step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_elementwise.py tests/kernels/test_paged_attention.py tests/workers/test_expert_stats.py
-    step profile_fp8 "$(left 200)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      tests/kernels/test_elementwise.py tests/kernels/test_moe_route.py tests/kernels/test_fused_moe.py \
+      tests/models/test_shared_fusion.py tests/kernels/test_model_with_kernels.py tests/workers/test_expert_stats.py
+    step profile_fp8 "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
       --quantization fp8
     step "serve_${ngpu}gpu" "$(left 330)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" TAG="-${ngpu}gpu" \
       CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
-    serve_logs 60 25 decode_d0 prefill_p0
+    serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
   serve)
