@@ -19,6 +19,12 @@
 #   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing kernel checks + the FP8 decode-step table
 #   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
+#   bash bench/gpu_suite.sh fusion   # ONE GPU: MoE kernel checks, FP8 step table + per-kernel HBM (B 1, 256) with the
+#                                    # shared expert fused (default), then A/B rows: unfused, router logits by cuBLAS
+#   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
+#                                    # fleet14's fleet
+#   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
+#                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
 # present; .whl is not committed: fetch them here (the GPU image runs Python 3.12, no network) with
 #   .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
