@@ -43,12 +43,13 @@ def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
     ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] end row of each counted expert's padded run
     total = tl.max(ends, axis=0)
     num_tokens = num_pairs // K
+    dense_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # the dense expert's padded run
     if DENSE_LAST:
-        total += (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        total += dense_rows
     if me == E - DENSE_LAST:  # the dense expert's program (none when DENSE_LAST is 0: me < E)
         my_count = num_tokens
         my_end = total
-        my_start = total - (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        my_start = total - dense_rows
         for start in range(0, num_tokens, CHUNK):
             t = start + offs
             tl.store(pairs_ptr + my_start + t, t * K + K - 1, mask=t < num_tokens)

@@ -91,7 +91,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
-                                 self.shared_slot is not None, x_fp8 if self.fp8 else None)
+                                 self.shared_slot is not None, x_fp8)
 
 
 class MoE(nn.Module):
@@ -118,5 +118,5 @@ class MoE(nn.Module):
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
         out = self.experts(x, weights, ids, x_fp8)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x, x_fp8 if self.shared_experts.input_fp8 else None)
+            out = out + self.shared_experts(x, x_fp8)  # a bf16 layer ignores x_fp8
         return self.tp.all_reduce(out)
