@@ -23,6 +23,7 @@
 #                                    # shared expert fused (default), then A/B rows: unfused, router logits by cuBLAS
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
+#   bash bench/gpu_suite.sh h100     # ONE H100 call: kernel checks, FP8 + bf16 step tables, A/B rows, FP8 prefill
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -225,8 +226,8 @@ case "${1:-models}" in
       --quantization fp8 --out "$OUT/profile_fp8.json"
     step profile_fp8_unfused "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
       --no_profile --disable_shared_experts_fusion
-    step profile_fp8_router_cublas "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 \
-      --quantization fp8 --no_profile --router_gemm off
+    step profile_fp8_router_kernel "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 \
+      --quantization fp8 --no_profile --router_gemm kernel
     ;;
   prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
     end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))
@@ -254,6 +255,23 @@ case "${1:-models}" in
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
+    ;;
+  h100)  # ONE H100 call (~7 min): kernel checks, FP8 step table (+ per-kernel HBM at B 1, 256), the router
+    # in-kernel-GEMM and unfused-shared-expert A/B rows, the bf16 table (+ B 256 profile), FP8 prefill 64 x 512
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_elementwise.py tests/kernels/test_moe_route.py tests/kernels/test_fused_moe.py \
+      tests/models/test_shared_fusion.py tests/kernels/test_model_with_kernels.py tests/workers/test_expert_stats.py
+    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_ab "$(left 120)" bash -c "$PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
+      --no_profile --router_gemm kernel; $PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
+      --no_profile --disable_shared_experts_fusion"
+    step profile_bf16 "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
+      --out "$OUT/profile_bf16.json"
+    step prefill_fp8 "$(left 120)" $PY -m bench.prefill_step --tokens 512 --prompts 64 \
+      --configs absorbed:8192,expanded:8192 --quantization fp8 --profile --out "$OUT/prefill_fp8.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -198,14 +198,14 @@ def main() -> None:
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--disable_shared_experts_fusion", action="store_true",
                     help="the shared expert as its own MLP (A/B against the default fused slot)")
-    ap.add_argument("--router_gemm", default="auto", choices=["auto", "off"],
-                    help="off: the router's fp32 logits always by cuBLAS (A/B against the in-kernel GEMM)")
+    ap.add_argument("--router_gemm", default="cublas", choices=["cublas", "kernel"],
+                    help="kernel: the router's fp32 logits inside the routing kernel up to 512 tokens (A/B)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.router_gemm == "off":
+    if a.router_gemm == "kernel":
         from glmserve.kernels import moe_route
 
-        moe_route.GEMM_MAX_TOKENS = 0
+        moe_route.GEMM_MAX_TOKENS = 512
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
                          quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)

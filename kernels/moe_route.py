@@ -1,7 +1,7 @@
 """MoE routing: GLM noaux_tc router and token sort/align by expert. Every worker rank (MoE layers).
 
-moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32: in the kernel for a small gate at decode sizes,
-else cuBLAS); then per token (BLOCK_T tokens a Triton program):
+moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32, cuBLAS; in the kernel only when
+GEMM_MAX_TOKENS allows, an A/B variant); then per token (BLOCK_T tokens a Triton program):
   s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
   each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
@@ -86,7 +86,10 @@ def _route_kernel(
 
 
 GEMM_MAX_GATE_BYTES = 1 << 20  # fp32 gate weights up to 1 MiB (GLM-4.7-Flash: 64 x 2048 x 4 = 512 KiB) in-kernel
-GEMM_MAX_TOKENS = 512  # decode sizes; larger batches: cuBLAS (many SMs share the weight reads)
+# In-kernel logits are OFF by default (0): measured on an H100 (run 15) the fused GEMM took 150 us a layer at
+# B 256 (16 programs, each a serial 32-step fp32 K loop; cuBLAS + the routing kernel: ~10 us) and made B 1
+# 12.4 ms a step. Kept only for the A/B (`bench/profile_step.py --router_gemm kernel` sets 512).
+GEMM_MAX_TOKENS = 0
 GEMM_BLOCK_T = 16  # tokens a program (tl.dot's minimum M)
 
 
