@@ -24,6 +24,7 @@
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh h100     # ONE H100 call: kernel checks, FP8 + bf16 step tables, A/B rows, FP8 prefill
+#   bash bench/gpu_suite.sh h100b    # ONE H100 call: kernel checks, MLA split sizes, FP8 table + router / MLA A/B, bf16
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -272,6 +273,23 @@ case "${1:-models}" in
       --out "$OUT/profile_bf16.json"
     step prefill_fp8 "$(left 120)" $PY -m bench.prefill_step --tokens 512 --prompts 64 \
       --configs absorbed:8192,expanded:8192 --quantization fp8 --profile --out "$OUT/prefill_fp8.json"
+    ;;
+  h100b)  # ONE H100 call (~6 min): route / MLA / model kernel checks (+ each kernel alone in the fp32 model),
+    # MLA split sizes (bench.mla_splits), the FP8 step table (+ per-kernel HBM at B 1, 256), A/B rows: the
+    # router's fp32 GEMM (before: x.float() + SIMT sgemm), MLA min keys 32, the bf16 table
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 130)" $PY -m pytest -q -s -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_moe_route.py tests/kernels/test_model_with_kernels.py tests/kernels/test_paged_attention.py \
+      tests/models/test_shared_fusion.py -k "not interpret"
+    step mla_splits "$(left 60)" $PY -m bench.mla_splits
+    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_ab "$(left 150)" bash -c "$PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
+      --no_profile --router_gemm fp32; $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
+      --no_profile --mla_min_keys 32"
+    step profile_bf16 "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --out "$OUT/profile_bf16.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -22,6 +22,7 @@ from torch.autograd import DeviceType
 
 from glmserve.shared.config.presets import write_preset
 from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.model.layers.moe import Router
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 from glmserve.shared.runner.model_runner import ModelRunner
 
@@ -198,17 +199,24 @@ def main() -> None:
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--disable_shared_experts_fusion", action="store_true",
                     help="the shared expert as its own MLP (A/B against the default fused slot)")
-    ap.add_argument("--router_gemm", default="cublas", choices=["cublas", "kernel"],
-                    help="kernel: the router's fp32 logits inside the routing kernel up to 512 tokens (A/B)")
+    ap.add_argument("--router_gemm", default="bf16", choices=["bf16", "fp32"],
+                    help="fp32: the router gate kept fp32, logits by an fp32 GEMM of x.float() (A/B against the "
+                         "bf16-in fp32-out GEMM an exactly-bf16 gate gets)")
+    ap.add_argument("--mla_min_keys", type=int, default=None,
+                    help="MLA decode: keys a split holds at least (kernels.mla_decode.MIN_KEYS; A/B)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.router_gemm == "kernel":
-        from glmserve.kernels import moe_route
+    if a.mla_min_keys is not None:
+        from glmserve.kernels import mla_decode
 
-        moe_route.GEMM_MAX_TOKENS = 512
+        mla_decode.MIN_KEYS = a.mla_min_keys
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
                          quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)
+    if a.router_gemm == "fp32":
+        for m in runner.model.modules():
+            if isinstance(m, Router):
+                m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=False)
     bw = copy_bandwidth()
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
     profiled = {int(b) for b in a.profile_batches.split(",")} if a.profile_batches else set(batches[:1])
@@ -222,7 +230,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     fused = "off" if a.disable_shared_experts_fusion else "on"
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
-          f"  router GEMM {a.router_gemm}")
+          f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

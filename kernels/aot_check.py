@@ -106,14 +106,12 @@ def _small_kernels():
     yield "quant_fp8 per-token 4096", act_quant._quant_group_kernel, dict(
         x_ptr=P["bf16"], q_ptr=P["f8"], s_ptr=P["f32"], x_stride=i32, q_stride=i32, s_stride=i32, K=i32), dict(
         GROUP=4096, BLOCK=4096, PRE_ROUND=False), 16, 1
-    route_args = dict(x_ptr=P["bf16"], gate_ptr=P["f32"], logits_ptr=P["f32"], bias_ptr=P["f32"], w_ptr=P["f32"],
-                      ids_ptr=P["i64"], T=i32, H=i32, E=i32, x_stride=i32, scaling="fp32")
-    yield "moe_route E160 k8 + shared slot (cuBLAS logits)", moe_route._route_kernel, route_args, dict(
-        TOP_K=8, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, GEMM=False, BLOCK_T=1, BLOCK_E=256, BLOCK_K=32,
-        K_PAD=16), 2, 1
-    yield "moe_route E64 k4 + shared slot (in-kernel fp32 GEMM)", moe_route._route_kernel, route_args, dict(
-        TOP_K=4, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, GEMM=True, BLOCK_T=16, BLOCK_E=64, BLOCK_K=64,
-        K_PAD=8), 8, 1
+    route_args = dict(logits_ptr=P["f32"], bias_ptr=P["f32"], w_ptr=P["f32"], ids_ptr=P["i64"], T=i32, E=i32,
+                      scaling="fp32")
+    yield "moe_route E160 k8 + shared slot", moe_route._route_kernel, route_args, dict(
+        TOP_K=8, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=1, BLOCK_E=256, K_PAD=16), 2, 1
+    yield "moe_route E64 k4 + shared slot", moe_route._route_kernel, route_args, dict(
+        TOP_K=4, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=1, BLOCK_E=64, K_PAD=8), 1, 1
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1

@@ -1,7 +1,7 @@
 """MoE routing: GLM noaux_tc router and token sort/align by expert. Every worker rank (MoE layers).
 
-moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32, cuBLAS; in the kernel only when
-GEMM_MAX_TOKENS allows, an A/B variant); then per token (BLOCK_T tokens a Triton program):
+moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32 out of cuBLAS, see router_logits); then
+per token (BLOCK_T tokens a Triton program):
   s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
   each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
@@ -23,27 +23,17 @@ from glmserve.kernels._common import check, new_out, next_pow2
 
 @triton.jit
 def _route_kernel(
-    x_ptr, gate_ptr, logits_ptr, bias_ptr, w_ptr, ids_ptr, T, H, E, x_stride, scaling,
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scaling,
     TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-    GEMM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """BLOCK_T tokens a program. GEMM: logits [BLOCK_T, E] = x . gate^T here, fp32 inputs and accumulation
-    (x [T, H] any float dtype, upcast exactly; gate [E, H] fp32); else read from logits [T, E] fp32."""
+    """BLOCK_T tokens a program; logits [T, E] fp32."""
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     row_ok = rt < T
     ok = e < E
-    if GEMM:
-        logit = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + rt[:, None].to(tl.int64) * x_stride + kk[None, :],
-                         mask=row_ok[:, None] & (kk[None, :] < H), other=0.0).to(tl.float32)
-            gk = tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=ok[:, None] & (kk[None, :] < H), other=0.0)
-            logit += tl.dot(xk, tl.trans(gk), input_precision="ieee")
-    else:
-        logit = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + e[None, :],
-                        mask=row_ok[:, None] & ok[None, :], other=0.0)
+    logit = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + e[None, :], mask=row_ok[:, None] & ok[None, :],
+                    other=0.0)
     s = 1.0 / (1.0 + tl.exp(-logit))  # [BLOCK_T, BLOCK_E]
     c = tl.where(ok[None, :], s + tl.load(bias_ptr + e, mask=ok, other=0.0)[None, :], float("-inf"))
     ee = e[None, :] + tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)  # expert id of each element
@@ -85,43 +75,38 @@ def _route_kernel(
     tl.store(ids_ptr + out, id_out, mask=mask)
 
 
-GEMM_MAX_GATE_BYTES = 1 << 20  # fp32 gate weights up to 1 MiB (GLM-4.7-Flash: 64 x 2048 x 4 = 512 KiB) in-kernel
-# In-kernel logits are OFF by default (0): measured on an H100 (run 15) the fused GEMM took 150 us a layer at
-# B 256 (16 programs, each a serial 32-step fp32 K loop; cuBLAS + the routing kernel: ~10 us) and made B 1
-# 12.4 ms a step. Kept only for the A/B (`bench/profile_step.py --router_gemm kernel` sets 512).
-GEMM_MAX_TOKENS = 0
-GEMM_BLOCK_T = 16  # tokens a program (tl.dot's minimum M)
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H], gate [E, H] -> fp32 logits [T, E]. A bf16 gate (the checkpoint's dtype; Router.after_load keeps
+    it bf16 when that is exact) with bf16 x on CUDA: one tensor-core GEMM with fp32 output -- bf16 x bf16
+    products are exact in fp32 and accumulate in fp32, so this is the fp32 router up to summation order,
+    without the fp32 copy of x (H100 B 256: 5.8 us copy + 6.5 us SIMT sgemm a layer before)."""
+    if x.is_cuda and x.dtype == gate_weight.dtype == torch.bfloat16:
+        return torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), gate_weight.float())
 
 
 def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
               shared_slot=False):
     """shared.model.ops signature -> (weights [T, k'] fp32, ids [T, k'] int64), ids highest score first;
-    k' = k + 1 with the shared slot last when shared_slot.
-
-    One launch when the fp32 gate is small and the batch decode-sized (the logits computed in the kernel:
-    no fp32 copy of hidden, no cuBLAS GEMM); else cuBLAS fp32 logits, then the kernel."""
+    k' = k + 1 with the shared slot last when shared_slot. The fp32 logits by router_logits, then one kernel.
+    (An in-kernel fp32 GEMM variant was measured on an H100, run 15: 150 us a layer at B 256 and a 12.4 ms
+    B 1 step against 6.3; removed.)"""
     num_experts, h = gate_weight.shape
     check(hidden.shape[-1] == h, "hidden size must match the gate")
     check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
     check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
     x = hidden.reshape(-1, h)
     t = x.shape[0]
-    gate = gate_weight.float().contiguous()
-    gemm = (t <= GEMM_MAX_TOKENS and gate.numel() * 4 <= GEMM_MAX_GATE_BYTES and x.stride(-1) == 1
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
-    logits = gate if gemm else F.linear(x.float(), gate).contiguous()  # [T, E] fp32 (placeholder when gemm)
+    logits = router_logits(x, gate_weight).contiguous()  # [T, E] fp32
     out_k = top_k + int(shared_slot)
     weights = new_out((t, out_k), torch.float32, hidden.device)
     ids = new_out((t, out_k), torch.int64, hidden.device)
     if t:
-        block_t = GEMM_BLOCK_T if gemm else 1
-        block_e = max(16, next_pow2(num_experts)) if gemm else next_pow2(num_experts)  # tl.dot: N >= 16
-        _route_kernel[(triton.cdiv(t, block_t),)](
-            x, gate, logits, correction_bias.float().contiguous(), weights, ids, t, h, num_experts,
-            x.stride(0), float(scaling),
+        _route_kernel[(t,)](
+            logits, correction_bias.float().contiguous(), weights, ids, t, num_experts, float(scaling),
             TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
-            NORM=bool(norm_topk_prob), GEMM=gemm, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=64,
-            num_warps=8 if gemm else (1 if num_experts <= 64 else 2),  # 8: no spills at BLOCK_K 64 (aot_check)
+            NORM=bool(norm_topk_prob), BLOCK_T=1, BLOCK_E=next_pow2(num_experts),
+            num_warps=1 if num_experts <= 64 else 2,
         )
     return weights, ids
 

@@ -27,7 +27,8 @@ def _fill(name: str, p: torch.Tensor, cfg: ModelConfig, gen: torch.Generator) ->
     elif name.endswith("e_score_correction_bias"):
         p.copy_(1e-3 * torch.randn(shape, generator=gen, device=dev))
     elif name.endswith("mlp.gate.weight"):
-        p.copy_(torch.randn(shape, generator=gen, device=dev) / cfg.hidden_size ** 0.5)
+        w = torch.randn(shape, generator=gen, device=dev) / cfg.hidden_size ** 0.5
+        p.copy_(w.to(torch.bfloat16))  # bf16 values, as checkpoints store the gate
     elif name.endswith("bias"):
         p.copy_(0.02 * torch.randn(shape, generator=gen, device=dev))
     else:

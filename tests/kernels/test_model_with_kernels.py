@@ -130,3 +130,32 @@ def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch, monkeypatch):
     assert "paged_attention" in called and not torch.isnan(got).any()
     err = ((got[0] - ref[0]).norm() / ref[0].norm()).item()  # prefill logits
     assert err < 5e-2, err
+
+
+def _with_one_kernel(runner: ModelRunner, name: str) -> torch.Tensor:
+    """_run with every op on its torch reference except `name`, on its kernel."""
+    before = dict(ops.IMPL)
+    try:
+        ops.IMPL.update({n: getattr(fn, "ref", fn) for n, fn in before.items()})
+        ops.set_impl(name, backend._kernels()[name])
+        return _run(runner)
+    finally:
+        ops.IMPL.update(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_tiny_model_fp32_on_cuda_one_kernel_at_a_time(tmp_path, arch):
+    """Each kernel alone in the fp32 model on CUDA (the rest on refs) stays within 1e-2 of the refs:
+    names the op when the all-kernels parity above fails on the GPU (runs 7 and 15: glm4_moe 0.096)."""
+    path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=3, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, device="cuda", dtype=torch.float32, with_mtp=False)
+    ref = _with_refs(runner)
+    errs = {}
+    for name in sorted(backend._kernels()):
+        if name in ops.IMPL and name not in ("fp8_linear", "quant_fp8_per_token", "rms_norm_fp8",
+                                             "add_rms_norm_fp8"):  # FP8 ops: not called at fp32
+            got = _with_one_kernel(runner, name)
+            errs[name] = ((got - ref).abs().max() / ref.abs().max()).item()
+    print(arch, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) < 1e-2, errs

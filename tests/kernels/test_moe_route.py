@@ -14,23 +14,33 @@ def _sorted(w, ids):
     return w.gather(1, order), ids.gather(1, order)
 
 
-@pytest.mark.parametrize("gemm", [True, False])
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("e,k,n_group,topk_group,norm,scale", [(13, 3, 1, 1, True, 2.5), (24, 4, 4, 2, True, 1.8), (9, 2, 1, 1, False, 1.0)])
-def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gemm, monkeypatch):
-    """gemm: the logits computed in the kernel (fp32, small gate, decode sizes); else cuBLAS then the kernel.
-    19 tokens: two BLOCK_T blocks, the second partial."""
-    import glmserve.kernels.moe_route as mr
-
-    monkeypatch.setattr(mr, "GEMM_MAX_TOKENS", 512 if gemm else 0)
-    h = torch.randn(19, 72, device=DEV).to(torch.bfloat16)  # 72: two BLOCK_K steps, the second partial
-    gate = torch.randn(e, 72, device=DEV).to(torch.bfloat16)
+def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gate_dtype):
+    """gate bf16 (as Router.after_load keeps an exactly-bf16 checkpoint gate): on CUDA the logits come from
+    one bf16 GEMM with fp32 output, which must pick the experts the fp32 reference picks."""
+    h = torch.randn(19, 72, device=DEV).to(torch.bfloat16)
+    gate = torch.randn(e, 72, device=DEV).to(torch.bfloat16).to(gate_dtype)
     bias = torch.randn(e, device=DEV) * 0.5
     w, ids = moe_route(h, gate, bias, k, n_group, topk_group, norm, scale)
-    w_ref, ids_ref = moe_route_ref(h, gate, bias, k, n_group, topk_group, norm, scale)
+    w_ref, ids_ref = moe_route_ref(h, gate.float(), bias, k, n_group, topk_group, norm, scale)
     w, ids = _sorted(w, ids)
     w_ref, ids_ref = _sorted(w_ref, ids_ref)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_router_logits_bf16_gemm_matches_fp32():
+    """router_logits: the bf16-in, fp32-out GEMM (CUDA) equals the fp32 GEMM of the same values to fp32
+    rounding -- the products are exact; only the summation order differs."""
+    from glmserve.kernels.moe_route import router_logits
+
+    x = torch.randn(256, 2048, device=DEV).to(torch.bfloat16)
+    gate = (torch.randn(64, 2048, device=DEV) / 2048 ** 0.5).to(torch.bfloat16)
+    got = router_logits(x, gate)
+    assert got.dtype == torch.float32
+    ref = x.double() @ gate.double().t()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
 
 
 def test_bias_only_selects():
@@ -96,3 +106,16 @@ def test_one_launch_align_dense_last_equals_torch_align(t, k, e, block_m):
     pairs_ref, blocks_ref = moe_align(ids, e + 1, block_m)
     assert torch.equal(pairs, pairs_ref)
     assert torch.equal(blocks, blocks_ref)
+
+
+@pytest.mark.parametrize("ckpt_dtype", [torch.bfloat16, torch.float32])
+def test_router_keeps_gate_bf16_only_when_exact(tmp_path, ckpt_dtype):
+    """Router.after_load: a bf16 checkpoint's gate is held bf16 (its values, read as fp32, unchanged); an
+    fp32 checkpoint's gate (not bf16-representable) stays fp32."""
+    from glmserve.shared.runner.model_runner import ModelRunner
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe", seed=2, dtype=ckpt_dtype, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, dtype=torch.float32, with_mtp=False)
+    gate = runner.model.model.layers[1].mlp.gate.weight
+    assert gate.dtype == ckpt_dtype

@@ -1,6 +1,6 @@
 """GLM MoE block: sigmoid noaux_tc router + routed experts + ungated shared expert (each worker rank).
 
-TP: the router (fp32 `gate.weight` [E, H], fp32 `gate.e_score_correction_bias` [E]) is replicated;
+TP: the router (`gate.weight` [E, H], fp32 values, held bf16 when exact, fp32 `gate.e_score_correction_bias` [E]) is replicated;
 every expert's intermediate dim is split across ranks (w13 rows, w2 columns), the shared expert likewise;
 routed + shared partial sums are added and all-reduced once here.
 Checkpoint names `experts.{e}.{gate,up,down}_proj.weight[_scale]` load into the stacked
@@ -36,6 +36,13 @@ class Router(nn.Module):
                                  lambda p, t: copy_checked(p, t))
         self.e_score_correction_bias = set_loader(
             nn.Parameter(torch.zeros(e, device=device), requires_grad=False), lambda p, t: copy_checked(p, t))
+
+    def after_load(self) -> None:
+        """Keep the gate bf16 when that is exact (GLM checkpoints store it bf16): the fp32 router's values
+        unchanged, and the kernel's logits one bf16-in fp32-out GEMM (kernels.moe_route.router_logits)."""
+        w = self.weight
+        if w.dtype == torch.float32 and torch.equal(w.to(torch.bfloat16).float(), w):
+            self.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
 
     def forward(self, x: torch.Tensor, shared_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k'] fp32, ids [T, k']); k' = k + 1 (last: id E, weight 1) with shared_slot."""
