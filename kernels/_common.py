@@ -75,6 +75,13 @@ def dot_in(x, UPCAST: tl.constexpr):
         return x
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 operands (the fp32 reference model on CUDA, tests) multiply in full fp32,
+    not TF32 (10-bit mantissa: GQA attention alone put the tiny fp32 model 0.096 off its refs, H100 run 15);
+    16-bit and fp8 operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 POISON = os.environ.get("KERNELS_POISON", "0") == "1"  # tests: every output starts as NaN / garbage
 
 

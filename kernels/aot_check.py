@@ -35,7 +35,7 @@ def _attn(v_from_k: bool, splits: int, block_m: int, block_n: int, warps: int, s
     sig.update(scale_log2="fp32", page_size="i32", DA="i32", DB="i32", DV="i32")
     const = dict(G=g, NUM_KV=num_kv, NUM_SPLITS=splits,
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv, HAS_B=db > 16,
-                 V_FROM_K=v_from_k, UPCAST=False)
+                 V_FROM_K=v_from_k, UPCAST=False, PREC="tf32")
     return paged_attention._attn_kernel, sig, const, warps, stages
 
 
@@ -45,7 +45,7 @@ def _moe(fp8: bool, cfg):
     sig = dict(a_ptr=a, b_ptr=a, c_ptr=P["bf16"], as_ptr=P["f32"], bs_ptr=P["f32"], w_ptr=P["f32"],
                pairs_ptr=P["i32"], block_expert_ptr=P["i32"])
     sig.update({n: "i32" for n in ("num_pairs", "N", "K", "a_sm", "b_se", "b_sn", "c_sm", "bs_se")})
-    const = dict(A_DIV=4, FP8=fp8, MUL_WEIGHT=True, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    const = dict(A_DIV=4, FP8=fp8, MUL_WEIGHT=True, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC="tf32")
     return fused_moe._moe_gemm_kernel, sig, const, warps, stages
 
 
@@ -83,7 +83,7 @@ def _mla_latent(wide: bool):
     sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
     sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32", DL="i32", DR="i32")
     const = dict(NUM_SPLITS=1 if wide else 4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False,
-                 PREFETCH=mla_decode.PREFETCH_PAGES)
+                 PREFETCH=mla_decode.PREFETCH_PAGES, PREC="tf32")
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 

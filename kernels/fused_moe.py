@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, gpu_name, new_out, sm_count
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out, sm_count
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -45,7 +45,7 @@ def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, w_ptr, pairs_ptr, block_expert_ptr,
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
 ):
     """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
     pid_m = tl.program_id(0)
@@ -68,7 +68,7 @@ def _moe_gemm_kernel(
         if FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         else:
-            acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc)
+            acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc, input_precision=PREC)
         a_p += BLOCK_K
         b_p += BLOCK_K
     if FP8:
@@ -156,7 +156,7 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
         a, b, c, a_scale if fp8 else c, b_scale if fp8 else c, weights, pairs, block_expert,
         num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0), b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
     )
 
 

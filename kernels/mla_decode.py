@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import INTERPRET, dot_in, new_out, next_pow2
+from glmserve.kernels._common import INTERPRET, dot_in, dot_precision, new_out, next_pow2
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _mla_decode_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
-    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr = "tf32",
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
@@ -68,13 +68,13 @@ def _mla_decode_kernel(
             page = tl.load(pt + j // page_size, mask=j_ok, other=0)
         k_lat, k_rope = _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR)
         k_lat, k_rope = dot_in(k_lat, UPCAST), dot_in(k_rope, UPCAST)
-        s = tl.dot(k_lat, q_lat) + tl.dot(k_rope, q_rope)  # [BLOCK_N, BLOCK_H] = scores^T
+        s = tl.dot(k_lat, q_lat, input_precision=PREC) + tl.dot(k_rope, q_rope, input_precision=PREC)  # [BLOCK_N, BLOCK_H] = scores^T
         s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp2(s - m_new[None, :])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype))  # [BLOCK_DL, BLOCK_H]
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[None, :]
@@ -109,7 +109,10 @@ _CPU_CONFIG = (16, 4, 1, 0)
 # B 64 43 -> 39 us, B 128 81 -> 74, B 256 111 -> 104; B 64 ctx 4096 182 -> 165; B 1 within 1 us (h200_run13_mla)
 PREFETCH_PAGES = True
 MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
-MIN_KEYS = 128
+# Keys a split covers at least. H100 run 15 (bench/mla_splits.py, CUDA graphs, us for min keys 128 / 64 / 32):
+# B 1 ctx 640 26.9 / 19.8 / 16.8, B 4 26.0 / 18.9 / 15.6, B 16 27.8 all three, B 256 107.3 / 107.5 / 105.7,
+# B 1 ctx 4096 29.0 / 24.0 / 25.7: 32 wins at the serving lengths (512 in + 256 out), 64 by 1.7 us at 4k.
+MIN_KEYS = 32
 
 
 def tuned_splits(num_seqs: int, sms: int, fixed: int) -> int:
@@ -161,6 +164,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
         NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
         BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
+        PREC=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     if n_split > 1:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import new_out, INTERPRET, check, dot_in, next_pow2
+from glmserve.kernels._common import new_out, INTERPRET, check, dot_in, dot_precision, next_pow2
 
 MERGE_CHUNK = tl.constexpr(8)  # splits summed at once by _merge_kernel
 
@@ -53,6 +53,7 @@ def _attn_kernel(
     G: tl.constexpr, NUM_KV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     BLOCK_DV: tl.constexpr, HAS_B: tl.constexpr, V_FROM_K: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr = "tf32",
 ):
     seq = tl.program_id(1) // NUM_KV
     kvh = tl.program_id(1) % NUM_KV
@@ -89,10 +90,10 @@ def _attn_kernel(
         slot = page.to(tl.int64) * page_size + j % page_size
         k_row = k_ptr + slot[:, None] * k_ss + kvh * k_sh
         ka = dot_in(tl.load(k_row + da[None, :], mask=j_ok[:, None] & (da[None, :] < DA), other=0.0), UPCAST)
-        s = tl.dot(qa, tl.trans(ka))
+        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
         if HAS_B:
             kb = dot_in(tl.load(k_row + DA + db[None, :], mask=j_ok[:, None] & (db[None, :] < DB), other=0.0), UPCAST)
-            s += tl.dot(qb, tl.trans(kb))
+            s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
         ok = j_ok[None, :] & (j[None, :] <= pos[:, None])
         s = tl.where(ok, s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -105,7 +106,7 @@ def _attn_kernel(
             v = tl.load(v_ptr + slot[:, None] * v_ss + kvh * v_sh + dv[None, :],
                         mask=j_ok[:, None] & (dv[None, :] < DV), other=0.0)
             v = dot_in(v, UPCAST)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
@@ -226,7 +227,7 @@ def paged_attention_fwd(
         o_st, o_sh, o_ss, page_table.stride(0), scale * 1.4426950408889634, page_size, da, dk - da, dv,
         G=g, NUM_KV=num_kv, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=block_da,
         BLOCK_DB=max(16, next_pow2(dk - da)), BLOCK_DV=block_da if v_from_k else max(16, next_pow2(dv)),
-        HAS_B=dk > da, V_FROM_K=v_from_k, UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
+        HAS_B=dk > da, V_FROM_K=v_from_k, UPCAST=INTERPRET, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _merge_kernel[(t * hq,)](

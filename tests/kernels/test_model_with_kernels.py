@@ -96,7 +96,7 @@ def test_tiny_model_logits_same_with_kernels(tmp_path, arch, monkeypatch):
             "paged_attention"} <= called, called
     assert not torch.isnan(got).any()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert err < (1e-4 if got.device.type == "cpu" else 1e-2), err
+    assert err < 1e-4, err  # fp32 dots are full fp32 on CUDA too (dot_precision), not TF32
 
 
 def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
@@ -146,8 +146,9 @@ def _with_one_kernel(runner: ModelRunner, name: str) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
 def test_tiny_model_fp32_on_cuda_one_kernel_at_a_time(tmp_path, arch):
-    """Each kernel alone in the fp32 model on CUDA (the rest on refs) stays within 1e-2 of the refs:
-    names the op when the all-kernels parity above fails on the GPU (runs 7 and 15: glm4_moe 0.096)."""
+    """Each kernel alone in the fp32 model on CUDA (the rest on refs) stays within 1e-4 of the refs:
+    names the op when the all-kernels parity above fails on the GPU (runs 7 and 15: glm4_moe 0.096, from
+    paged_attention's TF32 dots alone; fused_experts' TF32 1.8e-3)."""
     path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=3, num_nextn_predict_layers=0)
     runner = ModelRunner(path, device="cuda", dtype=torch.float32, with_mtp=False)
     ref = _with_refs(runner)
@@ -158,4 +159,4 @@ def test_tiny_model_fp32_on_cuda_one_kernel_at_a_time(tmp_path, arch):
             got = _with_one_kernel(runner, name)
             errs[name] = ((got - ref).abs().max() / ref.abs().max()).item()
     print(arch, {k: f"{v:.1e}" for k, v in errs.items()})
-    assert max(errs.values()) < 1e-2, errs
+    assert max(errs.values()) < 1e-4, errs
