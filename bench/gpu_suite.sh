@@ -19,12 +19,11 @@
 #   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing kernel checks + the FP8 decode-step table
 #   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
-#   bash bench/gpu_suite.sh fusion   # ONE GPU: MoE kernel checks, FP8 step table + per-kernel HBM (B 1, 256) with the
-#                                    # shared expert fused (default), then A/B rows: unfused, router logits by cuBLAS
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
-#   bash bench/gpu_suite.sh h100     # ONE H100 call: kernel checks, FP8 + bf16 step tables, A/B rows, FP8 prefill
 #   bash bench/gpu_suite.sh h100b    # ONE H100 call: kernel checks, MLA split sizes, FP8 table + router / MLA A/B, bf16
+#   bash bench/gpu_suite.sh h100c    # ONE H100 call: kernel checks (fp32 parity at 1e-4), FP8 table (+ per-kernel HBM
+#                                    # at B 1, 256), A/B: MLA cache write unfused; the bf16 table
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -217,19 +216,6 @@ case "${1:-models}" in
     serve_logs 80 30 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  fusion)  # the shared-expert fusion A/B (shared/model/layers/moe.py) with the per-kernel HBM table
-    end=$((SECONDS + ${FUSION_BUDGET_S:-560}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
-      tests/kernels/test_fused_moe.py tests/kernels/test_elementwise.py tests/models/test_shared_fusion.py \
-      tests/kernels/test_model_with_kernels.py tests/kernels/test_gpu_real_shapes.py -k "not mla and not gqa"
-    step profile_fp8 "$(left 220)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
-      --quantization fp8 --out "$OUT/profile_fp8.json"
-    step profile_fp8_unfused "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
-      --no_profile --disable_shared_experts_fusion
-    step profile_fp8_router_kernel "$(left 120)" $PY -m bench.profile_step --batches 1,256 --ctx 640 \
-      --quantization fp8 --no_profile --router_gemm kernel
-    ;;
   prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
     end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
@@ -257,23 +243,6 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  h100)  # ONE H100 call (~7 min): kernel checks, FP8 step table (+ per-kernel HBM at B 1, 256), the router
-    # in-kernel-GEMM and unfused-shared-expert A/B rows, the bf16 table (+ B 256 profile), FP8 prefill 64 x 512
-    end=$((SECONDS + ${H100_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_elementwise.py tests/kernels/test_moe_route.py tests/kernels/test_fused_moe.py \
-      tests/models/test_shared_fusion.py tests/kernels/test_model_with_kernels.py tests/workers/test_expert_stats.py
-    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
-      --quantization fp8 --out "$OUT/profile_fp8.json"
-    step profile_fp8_ab "$(left 120)" bash -c "$PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
-      --no_profile --router_gemm kernel; $PY -m bench.profile_step --batches 1,256 --ctx 640 --quantization fp8 \
-      --no_profile --disable_shared_experts_fusion"
-    step profile_bf16 "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
-      --out "$OUT/profile_bf16.json"
-    step prefill_fp8 "$(left 120)" $PY -m bench.prefill_step --tokens 512 --prompts 64 \
-      --configs absorbed:8192,expanded:8192 --quantization fp8 --profile --out "$OUT/prefill_fp8.json"
-    ;;
   h100b)  # ONE H100 call (~6 min): route / MLA / model kernel checks (+ each kernel alone in the fp32 model),
     # MLA split sizes (bench.mla_splits), the FP8 step table (+ per-kernel HBM at B 1, 256), A/B rows: the
     # router's fp32 GEMM (before: x.float() + SIMT sgemm), MLA min keys 32, the bf16 table
@@ -289,6 +258,20 @@ case "${1:-models}" in
       --no_profile --router_gemm fp32; $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
       --no_profile --mla_min_keys 32"
     step profile_bf16 "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --out "$OUT/profile_bf16.json"
+    ;;
+  h100c)  # ONE H100 call (~8 min): kernel checks (exact fp32 dots: model parity 1e-4, each kernel alone), the FP8
+    # step table (+ per-kernel HBM at B 1, 256), A/B: MLA's cache write + q RoPE as 4 launches, the bf16 table
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 150)" $PY -m pytest -q -s -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py tests/kernels/test_mla_kv_write.py \
+      tests/kernels/test_moe_route.py tests/kernels/test_model_with_kernels.py tests/models/test_shared_fusion.py
+    step profile_fp8 "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_ab "$(left 110)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
+      --no_profile --unfused_mla_write
+    step profile_bf16 "$(left 130)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --out "$OUT/profile_bf16.json"
     ;;
   serve)

@@ -187,6 +187,16 @@ def measure(runner: ModelRunner, batch: int, ctx: int, q: int, bw: float, profil
                 graph_fraction_of_roofline=floor / graph, tok_s_graph=batch / graph, kernels_hbm=kernels)
 
 
+def _unfused_mla_kv_write(ckv, weight, eps, cos, sin, cache, slots, q_pe, q_out, rotary_dim, interleaved):
+    """A/B: ops.mla_kv_write as it ran before its fused kernel: RMSNorm, k RoPE, index_copy_, q RoPE kernels."""
+    lora = weight.shape[0]
+    kv_new = torch.empty(ckv.shape, dtype=ckv.dtype, device=ckv.device)
+    ops.rms_norm(ckv[:, :lora], weight, eps, kv_new[:, :lora])
+    ops.rope(ckv[:, None, lora:], cos, sin, rotary_dim, interleaved, kv_new[:, None, lora:])
+    cache.index_copy_(0, slots, kv_new[:, None].to(cache.dtype))
+    ops.rope(q_pe, cos, sin, rotary_dim, interleaved, q_out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="glm-4.7-flash")
@@ -204,8 +214,12 @@ def main() -> None:
                          "bf16-in fp32-out GEMM an exactly-bf16 gate gets)")
     ap.add_argument("--mla_min_keys", type=int, default=None,
                     help="MLA decode: keys a split holds at least (kernels.mla_decode.MIN_KEYS; A/B)")
+    ap.add_argument("--unfused_mla_write", action="store_true",
+                    help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.unfused_mla_write:
+        ops.set_impl("mla_kv_write", _unfused_mla_kv_write)
     if a.mla_min_keys is not None:
         from glmserve.kernels import mla_decode
 
@@ -230,7 +244,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     fused = "off" if a.disable_shared_experts_fusion else "on"
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
-          f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}")
+          f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
+          f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

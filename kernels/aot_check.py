@@ -18,7 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmserve.kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_align, moe_route, paged_attention, rmsnorm, rope
+from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, kv_pages, mla_kv_write, moe_align, moe_route,
+                              paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
@@ -100,6 +101,11 @@ def _small_kernels():
         x_ptr=P["bf16"], cos_ptr=P["f32"], sin_ptr=P["f32"], pos_ptr=P["i64"], out_ptr=P["bf16"], x_stride_t=i32,
         x_stride_h=i32, out_stride_t=i32, out_stride_h=i32, cs_stride=i32, num_heads=i32), dict(
         HALF=32, BLOCK_HALF=32, BLOCK_H=128, INTERLEAVED=False, HAS_POS=True, REST=64, BLOCK_REST=64), 4, 1
+    yield "mla_kv_write L512 R64 20 heads", mla_kv_write._mla_kv_write_kernel, dict(
+        ckv_ptr=P["bf16"], w_ptr=P["bf16"], cos_ptr=P["f32"], sin_ptr=P["f32"], cache_ptr=P["bf16"], slot_ptr=P["i64"],
+        q_ptr=P["bf16"], qo_ptr=P["bf16"], ckv_st=i32, cs_st=i32, cache_ss=i32, q_st=i32, q_sh=i32, qo_st=i32,
+        qo_sh=i32, num_heads=i32, eps="fp32"), dict(
+        L=512, BLOCK_L=512, HALF=32, BLOCK_HALF=32, BLOCK_H=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), 4, 1
     yield "silu_mul_fp8 I1536", act_quant._silu_mul_kernel, dict(
         x_ptr=P["bf16"], out_ptr=P["f8"], scale_ptr=P["f32"], x_stride=i32, out_stride=i32, I=i32), dict(
         QUANT=True, BLOCK=2048, NUM_CHUNKS=1, PRE_ROUND=False), 8, 1
@@ -118,7 +124,7 @@ def _small_kernels():
     for e, k, dense in ((64, 4, 1), (160, 8, 1), (160, 8, 0)):  # + the fused shared expert (dense) or not
         yield f"moe_align one launch E{e} k{k} dense_last {dense}", moe_align._align_kernel, dict(
             ids_ptr=P["i64"], pairs_ptr=P["i32"], block_expert_ptr=P["i32"], num_pairs=i32, cap=i32, E=i32), dict(
-            BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=max(16, 8192 // triton.next_power_of_2(e)),
+            BLOCK_M=32, BLOCK_E=triton.next_power_of_2(e), CHUNK=moe_align.CHUNK,
             DENSE_LAST=dense, K=k + dense), 4, 1
     yield "moe sum slots k8", fused_moe._sum_slots_kernel, dict(src_ptr=P["bf16"], out_ptr=P["bf16"], H=i32), dict(
         TOP_K=8, BLOCK_H=1024), 4, 1

@@ -68,6 +68,24 @@ def rope_ref(
     return res if out is None else out.copy_(res)
 
 
+def mla_kv_write_ref(
+    ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+    cache: torch.Tensor, slot_mapping: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor, rotary_dim: int,
+    interleaved: bool,
+) -> None:
+    """MLA's cache write and query RoPE (one kernel on CUDA, kernels/mla_kv_write.py):
+    cache[slot_mapping[t], 0] = [rms_norm(ckv[t, :L]) | rope(ckv[t, L:])] and q_out = rope(q_pe).
+    ckv [T, L + R] (L = norm_weight's length), cos/sin [T, rotary_dim / 2] fp32 (RoPE on the first rotary_dim
+    of the R dims, the rest pass through), cache [num_slots, 1, L + R], slot_mapping [T] int64,
+    q_pe / q_out [T, h, R] (q_out may be a strided slice of a wider buffer)."""
+    lora, t = norm_weight.shape[0], ckv.shape[0]
+    kv_new = torch.empty(t, ckv.shape[1], device=ckv.device, dtype=torch.promote_types(ckv.dtype, norm_weight.dtype))
+    rms_norm_ref(ckv[:, :lora], norm_weight, eps, out=kv_new[:, :lora])
+    rope_ref(ckv[:, None, lora:], cos, sin, rotary_dim, interleaved, out=kv_new[:, None, lora:])
+    cache.index_copy_(0, slot_mapping, kv_new[:, None].to(cache.dtype))
+    rope_ref(q_pe, cos, sin, rotary_dim, interleaved, out=q_out)
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]."""
     gate, up = x.chunk(2, dim=-1)
@@ -207,6 +225,7 @@ IMPL: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
     "rope": rope_ref,
+    "mla_kv_write": mla_kv_write_ref,
     "silu_and_mul": silu_and_mul_ref,
     "moe_route": moe_route_ref,
     "fused_experts": fused_experts_ref,
@@ -243,6 +262,11 @@ def add_rms_norm_fp8(x, residual, weight, eps):
 
 def rope(x, cos, sin, rotary_dim, interleaved, out=None):
     return IMPL["rope"](x, cos, sin, rotary_dim, interleaved, out)
+
+
+def mla_kv_write(ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim, interleaved):
+    return IMPL["mla_kv_write"](ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim,
+                                interleaved)
 
 
 def silu_and_mul(x):

@@ -68,7 +68,8 @@ def test_align_groups_pairs_by_expert():
             assert (flat[rows] == e).all()
 
 
-@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (256, 4, 64, 16)])
+@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (256, 4, 64, 16),
+                                               (300, 4, 64, 16)])  # 1,200 pairs: two chunks
 def test_one_launch_align_equals_torch_align(t, k, e, block_m):
     from glmserve.kernels.moe_align import moe_align as moe_align_kernel
 
@@ -95,7 +96,8 @@ def test_route_shared_slot(e, k, n_group, topk_group):
         torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (70, 4, 64, 16)])
+@pytest.mark.parametrize("t,k,e,block_m", [(9, 3, 5, 4), (37, 4, 13, 16), (1, 8, 40, 16), (70, 4, 64, 16),
+                                           (256, 4, 64, 16)])  # 1,280 pairs: two chunks
 def test_one_launch_align_dense_last_equals_torch_align(t, k, e, block_m):
     """dense_last (the fused shared expert, id e, every token's last slot): same output as sorting it."""
     from glmserve.kernels.moe_align import moe_align as moe_align_kernel

@@ -91,33 +91,34 @@ class MLAAttention(nn.Module):
         t = x.shape[0]
         q, ckv = self._project(x, x_fp8)
         q = q.view(t, self.num_heads, self.nope + self.rope_dim)
-        # the batch tokens' cache entries [T, L + R] = [normed latent | roped k_pe], written in place
-        kv_new = torch.empty(t, self.lora + self.rope_dim, device=x.device,
-                             dtype=torch.promote_types(ckv.dtype, self.kv_a_layernorm.weight.dtype))
-        self.kv_a_layernorm(ckv[:, : self.lora], out=kv_new[:, : self.lora])
-        self.rope(ckv[:, None, self.lora :], cos_sin, out=kv_new[:, None, self.lora :])
         cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
-        cache.index_copy_(0, batch.slot_mapping, kv_new[:, None].to(cache.dtype))
         page_size = kv_cache.layout.page_size
-        if batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q:
-            q_pe = self.rope(q[..., self.nope :], cos_sin)  # [T, h, R]
+        expanded = batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q
+        # the roped q_pe's destination: its own [T, h, R] (expanded) or the last R dims of the absorbed
+        # form's [h, T, L + R] query buffer (the attention kernels take any token / head strides)
+        query_ht = None if expanded else torch.empty(self.num_heads, t, self.lora + self.rope_dim, dtype=q.dtype,
+                                                     device=q.device)
+        q_pe = (torch.empty(t, self.num_heads, self.rope_dim, dtype=q.dtype, device=q.device) if expanded
+                else query_ht.transpose(0, 1)[..., self.lora :])
+        # one op: the batch tokens' cache entries [normed latent | roped k_pe] written at their slots, q_pe roped
+        ops.mla_kv_write(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, *cos_sin, cache,
+                         batch.slot_mapping, q[..., self.nope :], q_pe, self.rope.rotary_dim, self.rope.interleaved)
+        if expanded:
             o = self._expanded(q[..., : self.nope], q_pe, cache, batch, page_size).reshape(t, -1)
         else:
-            o = self._absorbed(q, cos_sin, cache, batch, page_size)
+            o = self._absorbed(q, query_ht, cache, batch, page_size)
         return self.o_proj(o.to(x.dtype))
 
-    def _absorbed(self, q, cos_sin, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
-        """q [T, h, nope + R] (before RoPE), cache [num_slots, 1, L + R] -> o [T, h * v], o_proj's input.
-        No concatenation or reshape copies: the query is built in one [h, T, L + R] buffer (the attention
-        kernels take any token / head strides), W_UK's product written into its first L dims by bmm and
-        the roped q_pe into the rest by the RoPE kernel; W_UV's product lands in a [T, h * v] buffer
-        through its [h, T, v] view. Same values as einsum + cat + reshape (tests/models: HF parity)."""
+    def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
+        """q [T, h, nope + R] (before RoPE), query_ht [h, T, L + R] (its last R dims: the roped q_pe),
+        cache [num_slots, 1, L + R] -> o [T, h * v], o_proj's input. No concatenation or reshape copies:
+        W_UK's product is written into the query's first L dims by bmm; W_UV's product lands in a
+        [T, h * v] buffer through its [h, T, v] view. Same values as einsum + cat + reshape (tests/models:
+        HF parity)."""
         w_uk, w_uv = self._up_weights()
         t, h, dtype = q.shape[0], self.num_heads, q.dtype
-        query_ht = torch.empty(h, t, self.lora + self.rope_dim, dtype=dtype, device=q.device)
         query = query_ht.transpose(0, 1)  # [T, h, L + R]
         torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk.to(dtype), out=query_ht[..., : self.lora])
-        self.rope(q[..., self.nope :], cos_sin, out=query[..., self.lora :])
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
         o = torch.empty(t, h * self.v_dim, dtype=dtype, device=q.device)
         torch.bmm(o_lat.to(dtype).transpose(0, 1), w_uv.to(dtype).transpose(1, 2),
