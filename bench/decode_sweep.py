@@ -6,7 +6,9 @@ Every variant is checked against the current rule's output (relative Frobenius e
 timed, as a CUDA graph of 16+ calls (GPU time, no launch cost); inputs rotate over enough copies that
 nothing is served from L2 (> 200 MB per rotation), so each time is an HBM time. Fraction = bytes the kernel must read / time / the copy bandwidth measured
 in the same run (GB/s read + written, as bench/profile_step.py's roofline).
-    python -m bench.decode_sweep --out $OUT/decode_sweep.json [--only mla,gemm]
+    python -m bench.decode_sweep --out $OUT/decode_sweep.json [--only mla,gemm,moe]
+The fused MoE's two grouped GEMMs (kernels/fused_moe.py, 55 % of the FP8 step at B 256 on an H100, run 16)
+are swept the same way ("moe").
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import torch
 
 from bench.profile_step import copy_bandwidth, timed
-from glmserve.kernels.act_quant import quant_fp8_group
+from glmserve.kernels import fused_moe
+from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
+from glmserve.kernels.moe_align import moe_align
 from glmserve.kernels.fp8_gemm import fp8_gemm
 from glmserve.kernels.mla_decode import mla_decode
 
@@ -37,6 +41,15 @@ GEMM_VARIANTS = (None, (16, 64, 128, 1, 4, 4, 1), (16, 32, 128, 1, 4, 4, 1), (32
                  (64, 64, 128, 8, 4, 4, 1), (64, 128, 128, 8, 4, 4, 2), (64, 64, 128, 8, 4, 4, 2),
                  (64, 128, 128, 8, 4, 3, 4), (128, 64, 128, 8, 4, 4, 1), (32, 128, 128, 1, 4, 4, 1),
                  (64, 32, 128, 8, 4, 4, 1))
+
+
+# GLM-4.7-Flash's fused MoE: 64 routed experts + the shared one stacked last, top-4 (+ the shared slot), H 2048, I 1536
+MOE_E, MOE_K, MOE_H, MOE_I = 65, 4, 2048, 1536
+MOE_BATCHES = (1, 64, 256)
+# (BLOCK_M (0 = the rule's), BLOCK_N, BLOCK_K, warps, stages), BLOCK_N as given; None = the rule (BLOCK_N narrowed)
+MOE_VARIANTS = (None, (0, 32, 128, 4, 4), (0, 64, 128, 4, 4), (0, 128, 128, 4, 4), (0, 32, 256, 4, 3),
+                (0, 64, 256, 4, 3), (0, 128, 256, 4, 3), (0, 64, 128, 4, 6), (0, 128, 128, 8, 4), (0, 128, 256, 8, 3),
+                (0, 256, 128, 8, 3), (0, 32, 128, 2, 5), (16, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4))
 
 
 def graph_time(fn, copies: int) -> float:
@@ -126,6 +139,63 @@ def sweep_gemm(bw: float) -> list[dict]:
     return rows
 
 
+def _moe_inputs(b: int, gen: torch.Generator):
+    """Batch b of GLM-4.7-Flash's MoE: top-4 of 64 routed experts + the fused shared expert (id 64, last)."""
+    routed = torch.stack([torch.randperm(MOE_E - 1, generator=gen)[:MOE_K] for _ in range(b)])
+    ids = torch.cat([routed, torch.full((b, 1), MOE_E - 1)], 1).to("cuda")
+    weights = torch.rand(b, MOE_K + 1, generator=gen).to("cuda")
+    x = torch.randn(b, MOE_H, generator=gen).to("cuda", torch.bfloat16)
+    return ids, weights, x
+
+
+def sweep_moe(bw: float) -> list[dict]:
+    """The two grouped FP8 GEMMs of the fused MoE (kernels/fused_moe.py) at decode batches, per launch
+    config. Bytes = the touched experts' weights (+ scales); the rule's BLOCK_M unless a variant sets it."""
+    rows, gen = [], torch.Generator().manual_seed(0)
+    shapes = {"w13": (2 * MOE_I, MOE_H), "w2": (MOE_H, MOE_I)}
+    weights_fp8 = {}
+    for name, (n_out, k) in shapes.items():
+        copies = _copies(MOE_E * n_out * k)
+        weights_fp8[name] = [torch.randn(MOE_E, n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies)]
+    scales = {name: torch.rand(MOE_E, n_out, device="cuda") + 0.5 for name, (n_out, _) in shapes.items()}
+    for b in MOE_BATCHES:
+        ids, weights, x = _moe_inputs(b, gen)
+        num_pairs, touched = ids.numel(), ids.unique().numel()
+        flat_w = weights.reshape(-1).float().contiguous()
+        rule = fused_moe._config(x.device, num_pairs, MOE_E, True)
+        inputs = {"w13": quant_fp8_per_token(x), "w2": quant_fp8_per_token(torch.randn(num_pairs, MOE_I, device="cuda",
+                                                                                      dtype=torch.bfloat16))}
+        for name, (n_out, k) in shapes.items():
+            a, a_s = inputs[name]
+            a_div, mul = (MOE_K + 1, False) if name == "w13" else (1, True)
+            out = torch.empty(num_pairs, n_out, device="cuda", dtype=torch.bfloat16)
+            ws = weights_fp8[name]
+            nbytes = touched * n_out * (k + 4)
+            ref = None
+            for v in MOE_VARIANTS:
+                cfg = rule if v is None else ((v[0] or rule[0]),) + v[1:]
+                label = "rule %dx%dx%d w%d s%d" % rule if v is None else "bm%d %dx%d w%d s%d" % v
+                pairs, block_expert = moe_align(ids, MOE_E, cfg[0], dense_last=True)
+
+                def call(i, cfg=cfg, pairs=pairs, block_expert=block_expert, narrow=v is None):
+                    fused_moe._gemm(a, a_s, ws[i], scales[name], out, flat_w, pairs, block_expert, num_pairs, a_div,
+                                    cfg, mul, narrow=narrow)
+                    return out
+                try:
+                    got = call(0).clone()
+                    ref = got if ref is None else ref
+                    err = _rel(got, ref)
+                    t = graph_time(call, len(ws))
+                except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
+                    rows.append(dict(kernel="moe", b=b, gemm=name, variant=label, error=f"{type(e).__name__}: {e}"[:200]))
+                    continue
+                rows.append(dict(kernel="moe", b=b, gemm=name, variant=label, us=t * 1e6, rel_err=err,
+                                 frac=nbytes / t / 1e9 / bw, experts_touched=touched))
+    del weights_fp8
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="mla,gemm")
@@ -137,10 +207,13 @@ def main() -> None:
         rows += sweep_mla(bw)
     if "gemm" in a.only:
         rows += sweep_gemm(bw)
+    if "moe" in a.only:
+        rows += sweep_moe(bw)
     print(f"copy GB/s {bw:.0f}")
-    key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n")))  # noqa: E731
+    key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
     for r in rows:
-        shape = f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}"
+        shape = (f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else
+                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] == "moe" else f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
         if "error" in r:
             print(f"{r['kernel']:4s} {shape}  {r['variant']:32s}  ERROR {r['error'][:80]}")
         else:

@@ -22,6 +22,7 @@ from torch.autograd import DeviceType
 
 from glmserve.shared.config.presets import write_preset
 from glmserve.shared.kvcache.cache import PagedKVCache
+from glmserve.shared.model import ops
 from glmserve.shared.model.layers.moe import Router
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 from glmserve.shared.runner.model_runner import ModelRunner

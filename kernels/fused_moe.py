@@ -145,10 +145,12 @@ def _narrow_n(bn: int, n: int, active_m: int, sms: int) -> int:
     return bn
 
 
-def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight):
+def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
+          narrow: bool = True):
+    """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py)."""
     bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
     n, k = b.shape[1], b.shape[2]
-    if b.is_cuda:  # blocks with work: at most one per pair, at most one per expert at decode sizes
+    if b.is_cuda and narrow:  # blocks with work: at most one per pair, at most one per expert at decode sizes
         bn = _narrow_n(bn, n, min(block_expert.numel(), num_pairs, b.shape[0]), sm_count(b.device))
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE

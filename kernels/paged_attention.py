@@ -122,15 +122,18 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.cons
                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out[t, h] = sum_s 2^(lse_s - lse) * part[t, h, s] with lse = log2 sum_s 2^lse_s. A split with
     lse -inf (no keys) weighs 0 and its partial is never read (it may be unwritten). The partials
-    are summed MERGE_CHUNK splits at a time: [MERGE_CHUNK, BLOCK_DV] fp32 in registers, any split count."""
+    are summed MERGE_CHUNK splits at a time: [MERGE_CHUNK, BLOCK_DV] fp32 in registers, any split count,
+    up to the last split with keys (MLA decode at B 1: 20 of 128 splits hold keys at ctx 640; the walk over
+    all 128 cost 6.4 us a layer on an H100, run 16)."""
     row = tl.program_id(0).to(tl.int64)  # t * NUM_HEADS + h
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
     lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
     m = tl.maximum(tl.max(lse, axis=0), -1.0e30)
     total = tl.maximum(tl.sum(tl.exp2(lse - m), axis=0), 1e-30)
+    live_end = tl.max(tl.where(lse > float("-inf"), s + 1, 0), axis=0)  # splits past the last live one: skipped
     o = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for c in range(0, BLOCK_S, MERGE_CHUNK):
+    for c in range(0, live_end, MERGE_CHUNK):
         sc = c + tl.arange(0, MERGE_CHUNK)
         lse_c = tl.load(lse_ptr + row * NUM_SPLITS + sc, mask=sc < NUM_SPLITS, other=float("-inf"))
         live = (sc < NUM_SPLITS) & (lse_c > float("-inf"))
