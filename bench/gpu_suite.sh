@@ -24,7 +24,7 @@
 #   bash bench/gpu_suite.sh h100b    # ONE H100 call: kernel checks, MLA split sizes, FP8 table + router / MLA A/B, bf16
 #   bash bench/gpu_suite.sh h100c    # ONE H100 call: kernel checks (fp32 parity at 1e-4), FP8 table (+ per-kernel HBM
 #                                    # at B 1, 256), A/B: MLA cache write unfused; the bf16 table
-#   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention checks, fused-MoE config sweep, FP8 table, MLA write A/B
+#   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention / KV-write checks, fused-MoE config sweep, FP8 table, A/B
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -279,8 +279,9 @@ case "${1:-models}" in
     # --only moe), the FP8 step table (+ per-kernel HBM at B 1), A/B: MLA's cache write + q RoPE as 4 launches
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 90)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py
+    step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py tests/kernels/test_gqa_kv_write.py \
+      tests/kernels/test_mla_kv_write.py tests/kernels/test_model_with_kernels.py
     step moe_sweep "$(left 240)" $PY -m bench.decode_sweep --only moe --out "$OUT/moe_sweep.json"
     step profile_fp8 "$(left 130)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1 --ctx 640 \
       --quantization fp8 --out "$OUT/profile_fp8.json"

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, kv_pages, mla_kv_write, moe_align, moe_route,
+from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_kv_write, moe_align, moe_route,
                               paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
@@ -106,6 +106,13 @@ def _small_kernels():
         q_ptr=P["bf16"], qo_ptr=P["bf16"], ckv_st=i32, cs_st=i32, cache_ss=i32, q_st=i32, q_sh=i32, qo_st=i32,
         qo_sh=i32, num_heads=i32, eps="fp32"), dict(
         L=512, BLOCK_L=512, HALF=32, BLOCK_HALF=32, BLOCK_H=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), 4, 1
+    yield "gqa_kv_write 96/8 heads D128 rot64 qk-norm", gqa_kv_write._gqa_kv_write_kernel, dict(
+        q_ptr=P["bf16"], k_ptr=P["bf16"], v_ptr=P["bf16"], qw_ptr=P["bf16"], kw_ptr=P["bf16"], cos_ptr=P["f32"],
+        sin_ptr=P["f32"], qo_ptr=P["bf16"], kc_ptr=P["bf16"], vc_ptr=P["bf16"], slot_ptr=P["i64"],
+        **{n: i32 for n in ("q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh", "qo_st", "qo_sh", "kc_ss", "kc_sh",
+                            "vc_ss", "vc_sh", "cs_st", "num_q", "num_kv")}, eps="fp32"), dict(
+        D=128, BLOCK_D=128, HALF=32, BLOCK_HALF=32, REST=64, BLOCK_REST=64, BLOCK_HQ=128, BLOCK_HKV=8, HAS_NORM=True,
+        INTERLEAVED=False), gqa_kv_write._warps(96, 128), 1
     yield "silu_mul_fp8 I1536", act_quant._silu_mul_kernel, dict(
         x_ptr=P["bf16"], out_ptr=P["f8"], scale_ptr=P["f32"], x_stride=i32, out_stride=i32, I=i32), dict(
         QUANT=True, BLOCK=2048, NUM_CHUNKS=1, PRE_ROUND=False), 8, 1

@@ -86,6 +86,23 @@ def mla_kv_write_ref(
     rope_ref(q_pe, cos, sin, rotary_dim, interleaved, out=q_out)
 
 
+def gqa_kv_write_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+    interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """GQA attention's prologue (one kernel on CUDA, kernels/gqa_kv_write.py): per-head RMSNorm of q and k
+    when the weights are given (use_qk_norm), RoPE of both, K and V written at the tokens' cache slots.
+    q [T, Hq, D], k / v [T, Hkv, D], cos/sin [T, rotary_dim / 2] fp32, caches [num_slots, Hkv, D],
+    slot_mapping [T] int64 -> the roped q [T, Hq, D]."""
+    if q_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
+    q, k = rope_ref(q, cos, sin, rotary_dim, interleaved), rope_ref(k, cos, sin, rotary_dim, interleaved)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    return q
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]."""
     gate, up = x.chunk(2, dim=-1)
@@ -226,6 +243,7 @@ IMPL: dict[str, Callable] = {
     "add_rms_norm": add_rms_norm_ref,
     "rope": rope_ref,
     "mla_kv_write": mla_kv_write_ref,
+    "gqa_kv_write": gqa_kv_write_ref,
     "silu_and_mul": silu_and_mul_ref,
     "moe_route": moe_route_ref,
     "fused_experts": fused_experts_ref,
@@ -267,6 +285,12 @@ def rope(x, cos, sin, rotary_dim, interleaved, out=None):
 def mla_kv_write(ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim, interleaved):
     return IMPL["mla_kv_write"](ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim,
                                 interleaved)
+
+
+def gqa_kv_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, rotary_dim, interleaved, k_cache, v_cache,
+                 slot_mapping):
+    return IMPL["gqa_kv_write"](q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, rotary_dim, interleaved,
+                                k_cache, v_cache, slot_mapping)
 
 
 def silu_and_mul(x):

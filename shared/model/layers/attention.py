@@ -64,11 +64,11 @@ class GQAAttention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv, self.head_dim)
         v = v.reshape(t, self.num_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, cos_sin), self.rope(k, cos_sin)
         cache = kv_cache.flat_layer(cache_layer)  # [2, num_slots, num_kv, head_dim]
-        cache[0].index_copy_(0, batch.slot_mapping, k.to(cache.dtype))
-        cache[1].index_copy_(0, batch.slot_mapping, v.to(cache.dtype))
+        norm = self.q_norm is not None
+        # one op: q/k norms (use_qk_norm), RoPE of both, K and V written at the batch tokens' slots
+        q = ops.gqa_kv_write(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                             self.q_norm.eps if norm else 0.0, *cos_sin, self.rope.rotary_dim, self.rope.interleaved,
+                             cache[0], cache[1], batch.slot_mapping)
         o = ops.paged_attention(q, cache[0], cache[1], batch, kv_cache.layout.page_size, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim).to(x.dtype))
