@@ -22,17 +22,27 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
+_HANDED: set[int] = set()  # ports this process has handed out: never twice (callers bind them later)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing is bound to now, outside the ephemeral range when the range allows."""
+    """A port nothing is bound to now, outside the ephemeral range when the range allows, and not one
+    this process handed out before: several picked before any is bound (a worker pair's five) must
+    differ (a CI run failed with a prefill's control port already in use)."""
     hi = _ephemeral_low()
     for _ in range(200):
         port = random.randrange(_LOW, hi) if hi - _LOW > 1000 else 0
+        if port in _HANDED:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.add(port)
+            return port
     raise RuntimeError("no free TCP port found")
 
 
