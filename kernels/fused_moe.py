@@ -97,6 +97,10 @@ def _sum_slots_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.cons
 CONFIGS: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("default", "decode", "bf16"): (16, 64, 128, 4, 4),
     ("default", "decode", "fp8"): (16, 128, 128, 4, 4),
+    # H100 run 17 (bench.decode_sweep --only moe, Flash shapes, L2-cold CUDA graphs): BLOCK_K 256 / 3 stages /
+    # BLOCK_N 64 beat the default at every decode batch, w13 + w2 per layer: B 1 28.4 -> 26.3 us, B 64
+    # 218.5 -> 210.6, B 256 233.7 -> 223.7 (0.99 / 0.94 of copy at B 64 / 256)
+    ("H100", "decode", "fp8"): (16, 64, 256, 4, 3),
     ("default", "prefill", "bf16"): (64, 128, 64, 4, 3),
     ("default", "prefill", "fp8"): (64, 128, 128, 4, 3),
 }
@@ -134,13 +138,15 @@ def _fit_smem(cfg: tuple[int, int, int, int, int], elem_bytes: int) -> tuple[int
 
 
 MIN_BLOCK_N = 32
+# per GPU: narrowing below this lost in the sweeps (H100 run 17: 64 -> 32 at B 1, w13 15.6 -> 16.9 us)
+NARROW_FLOOR: dict[str, int] = {"H100": 64}
 
 
-def _narrow_n(bn: int, n: int, active_m: int, sms: int) -> int:
+def _narrow_n(bn: int, n: int, active_m: int, sms: int, floor: int = MIN_BLOCK_N) -> int:
     """BLOCK_N halved (not below MIN_BLOCK_N) until the blocks that do work fill every SM twice: at
     decode few experts are active (4 at batch 1), and 4 x 2048/128 = 64 programs left half of an
     H200's 132 SMs idle on a memory-bound GEMM (14 us for 4 experts' 12.6 MB of FP8 weights)."""
-    while bn > MIN_BLOCK_N and active_m * triton.cdiv(n, bn) < 2 * sms:
+    while bn > floor and active_m * triton.cdiv(n, bn) < 2 * sms:
         bn //= 2
     return bn
 
@@ -151,7 +157,8 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
     bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
     n, k = b.shape[1], b.shape[2]
     if b.is_cuda and narrow:  # blocks with work: at most one per pair, at most one per expert at decode sizes
-        bn = _narrow_n(bn, n, min(block_expert.numel(), num_pairs, b.shape[0]), sm_count(b.device))
+        bn = _narrow_n(bn, n, min(block_expert.numel(), num_pairs, b.shape[0]), sm_count(b.device),
+                       NARROW_FLOOR.get(gpu_name(b.device), MIN_BLOCK_N))
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE
     _moe_gemm_kernel[grid](

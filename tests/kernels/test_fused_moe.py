@@ -90,3 +90,6 @@ def test_decode_blocks_fill_the_gpu():
     assert _narrow_n(128, 3072, active_m=4, sms=132) == 32  # w13: 96 -> 384
     assert _narrow_n(128, 3072, active_m=8, sms=132) == 64  # 8 experts: 192 -> 384
     assert _narrow_n(128, 3072, active_m=64, sms=132) == 128  # 1536 programs already
+    from glmserve.kernels.fused_moe import NARROW_FLOOR
+
+    assert _narrow_n(64, 3072, active_m=5, sms=132, floor=NARROW_FLOOR["H100"]) == 64  # H100: 64 beat 32 (run 17)
