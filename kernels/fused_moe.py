@@ -143,7 +143,7 @@ NARROW_FLOOR: dict[str, int] = {"H100": 64}
 
 
 def _narrow_n(bn: int, n: int, active_m: int, sms: int, floor: int = MIN_BLOCK_N) -> int:
-    """BLOCK_N halved (not below MIN_BLOCK_N) until the blocks that do work fill every SM twice: at
+    """BLOCK_N halved (not below `floor`: MIN_BLOCK_N, or the GPU's NARROW_FLOOR) until the blocks that do work fill every SM twice: at
     decode few experts are active (4 at batch 1), and 4 x 2048/128 = 64 programs left half of an
     H200's 132 SMs idle on a memory-bound GEMM (14 us for 4 experts' 12.6 MB of FP8 weights)."""
     while bn > floor and active_m * triton.cdiv(n, bn) < 2 * sms:
