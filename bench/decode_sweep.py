@@ -28,11 +28,10 @@ from glmserve.kernels.mla_decode import mla_decode
 ROTATE_BYTES = 256 << 20
 REPS = 16  # calls per timed graph
 MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096), (1, 16384))
-# (BLOCK_N, num_warps, num_stages, splits, prefetch page ids); None = the current rule; "rule+prefetch" =
-# the current rule's configs with the page ids loaded a step ahead
-MLA_VARIANTS = (None, "rule+prefetch", (32, 4, 3, 1, 0), (32, 4, 2, 1, 0), (32, 4, 2, 1, 1), (32, 4, 3, 1, 1),
-                (32, 4, 3, 4, 0), (32, 4, 3, 4, 1), (64, 8, 2, 1, 1), (64, 8, 2, 2, 1), (32, 4, 3, 2, 1),
-                (64, 4, 2, 1, 1))
+# (BLOCK_N, num_warps, num_stages, splits, prefetch page ids, lazy rescale); splits 0 = the rule's splits for the
+# batch; None = the current rule. Earlier sweeps (n32/n64 with and without prefetch, H200 run 13) led to the rule.
+MLA_VARIANTS = (None, (32, 4, 3, 0, 1, 1), (16, 4, 3, 0, 1, 0), (16, 4, 3, 0, 1, 1), (16, 4, 4, 0, 1, 1),
+                (16, 4, 6, 0, 1, 1), (16, 8, 3, 0, 1, 1), (16, 8, 4, 0, 1, 0), (64, 8, 2, 0, 1, 1))
 # GLM-4.7-Flash's FP8 GEMMs per layer (N, K): fused q_a + kv_a, q_b, o_proj, shared expert gate_up and down
 GEMM_SHAPES = ((1344, 2048), (5120, 768), (2048, 5120), (3072, 2048), (2048, 1536))
 GEMM_MS = (1, 64, 256)
@@ -90,16 +89,16 @@ def sweep_mla(bw: float) -> list[dict]:
         q = torch.randn(b, 20, 576, device="cuda", dtype=torch.bfloat16)
         ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, prefetch=False)
         for v in MLA_VARIANTS:
-            rule = v is None or isinstance(v, str)
-            cfg = None if rule else v[:3] + (0,)
-            splits = None if rule else v[3]
-            prefetch = (v is not None) if rule else bool(v[4])
-            name = ("rule" if v is None else v) if rule else "n%d w%d s%d split%d prefetch%d" % v
+            # a given config with splits 0 keeps the rule's split count (config[3] = 4 = CONFIGS' fixed)
+            cfg = None if v is None else v[:3] + (0 if v[3] else 4,)
+            splits = None if v is None or not v[3] else v[3]
+            prefetch, lazy = (None, None) if v is None else (bool(v[4]), bool(v[5]))
+            name = "rule" if v is None else "n%d w%d s%d split%d prefetch%d lazy%d" % v
             try:
                 err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, splits=splits, config=cfg,
-                                      prefetch=prefetch), ref)
-                t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512,
-                                                    splits=splits, config=cfg, prefetch=prefetch), n)
+                                      prefetch=prefetch, lazy=lazy), ref)
+                t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512, splits=splits,
+                                                    config=cfg, prefetch=prefetch, lazy=lazy), n)
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
                 rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue

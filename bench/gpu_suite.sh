@@ -25,6 +25,7 @@
 #   bash bench/gpu_suite.sh h100c    # ONE H100 call: kernel checks (fp32 parity at 1e-4), FP8 table (+ per-kernel HBM
 #                                    # at B 1, 256), A/B: MLA cache write unfused; the bf16 table
 #   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention / KV-write checks, fused-MoE config sweep, FP8 table, A/B
+#   bash bench/gpu_suite.sh h100e    # ONE H100 call: MLA decode config sweep (BLOCK_N 16, lazy rescale), FP8 table, A/B
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -287,6 +288,19 @@ case "${1:-models}" in
       --quantization fp8 --out "$OUT/profile_fp8.json"
     step profile_fp8_ab "$(left 100)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
       --no_profile --unfused_mla_write
+    ;;
+  h100e)  # ONE H100 call (~8 min): attention / MoE kernel checks, the MLA decode config sweep (BLOCK_N 16, lazy
+    # rescale), the FP8 step table with the H100 MoE config (+ per-kernel HBM at B 256), A/B: the sweep's best MLA config
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 110)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py
+    step mla_sweep "$(left 170)" $PY -m bench.decode_sweep --only mla --out "$OUT/mla_sweep.json"
+    step profile_fp8 "$(left 140)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    best=$($PY -m bench.best_mla "$OUT/mla_sweep.json" 2>/dev/null)
+    [ -n "$best" ] && step profile_fp8_mla "$(left 110)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 \
+      --quantization fp8 --no_profile --mla_config "$best" --out "$OUT/profile_fp8_mla.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

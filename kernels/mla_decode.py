@@ -19,6 +19,9 @@ import triton.language as tl
 from glmserve.kernels._common import INTERPRET, dot_in, dot_precision, new_out, next_pow2
 
 
+LAZY_MARGIN = tl.constexpr(8.0)  # base-2 headroom of the lazy rescale (p <= 256)
+
+
 @triton.jit
 def _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR):
     """Cache rows of keys j (where j_ok; page = each key's page id): latent [BLOCK_N, BLOCK_DL] and rope
@@ -35,10 +38,14 @@ def _mla_decode_kernel(
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
     BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr = "tf32",
+    LAZY: tl.constexpr = False,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
-    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0)."""
+    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0).
+    LAZY: m_i is a reference max, moved (and acc, l rescaled) only when some head's running max exceeds it
+    by more than LAZY_MARGIN (base 2), so most tiles skip the [BLOCK_DL, BLOCK_H] rescale; p = 2^(s - m_i)
+    stays <= 2^LAZY_MARGIN, exact in fp32 and as relative in bf16 as any p <= 1."""
     seq = tl.program_id(0)
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -71,11 +78,21 @@ def _mla_decode_kernel(
         s = tl.dot(k_lat, q_lat, input_precision=PREC) + tl.dot(k_rope, q_rope, input_precision=PREC)  # [BLOCK_N, BLOCK_H] = scores^T
         s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp2(s - m_new[None, :])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
-        m_i = m_new
+        if LAZY:
+            if tl.max(m_new - m_i, axis=0) > LAZY_MARGIN:  # scalar: the whole program rescales, or none
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[None, :]
+                m_i = m_new
+            p = tl.exp2(s - m_i[None, :])
+            l_i = l_i + tl.sum(p, axis=0)
+            acc = tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), acc, input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
+        else:
+            p = tl.exp2(s - m_new[None, :])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
+            m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[None, :]
     o_p = out_ptr + seq.to(tl.int64) * o_st + h[None, :] * o_sh + split * o_ss + dl[:, None]
@@ -108,6 +125,8 @@ _CPU_CONFIG = (16, 4, 1, 0)
 # Load each tile's page ids one step ahead, so the tile's loads wait on nothing: H200 with 3 stages, ctx 640
 # B 64 43 -> 39 us, B 128 81 -> 74, B 256 111 -> 104; B 64 ctx 4096 182 -> 165; B 1 within 1 us (h200_run13_mla)
 PREFETCH_PAGES = True
+# Rescale acc only when a head's max grew by > LAZY_MARGIN (see the kernel); A/B'd by bench/decode_sweep.py
+LAZY_RESCALE = False
 MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
 # Keys a split covers at least. H100 run 15 (bench/mla_splits.py, CUDA graphs, us for min keys 128 / 64 / 32):
 # B 1 ctx 640 26.9 / 19.8 / 16.8, B 4 26.0 / 18.9 / 15.6, B 16 27.8 all three, B 256 107.3 / 107.5 / 105.7,
@@ -137,7 +156,7 @@ def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.devi
 
 def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
                splits: int | None = None, config: tuple[int, int, int, int] | None = None,
-               min_keys: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+               min_keys: int | None = None, prefetch: bool | None = None, lazy: bool | None = None) -> torch.Tensor:
     """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
     from glmserve.kernels._common import gpu_name
@@ -164,7 +183,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
         NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
         BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
-        PREC=dot_precision(q.dtype),
+        PREC=dot_precision(q.dtype), LAZY=LAZY_RESCALE if lazy is None else lazy,
         num_warps=warps, num_stages=stages,
     )
     if n_split > 1:

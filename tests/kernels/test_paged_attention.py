@@ -135,3 +135,30 @@ def test_mla_split_rule_on_a_tuned_gpu():
     assert tuned_splits(131, 132, 4) == tuned_splits(66, 132, 4) == 2
     assert tuned_splits(65, 132, 4) == tuned_splits(64, 132, 4) == tuned_splits(16, 132, 4) == 4
     assert tuned_splits(8, 132, 4) == 17 and tuned_splits(1, 132, 4) == min(132, MAX_SPLITS)
+
+
+@pytest.mark.parametrize("scale", [0.1, 4.0])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_lazy_rescale(scale, splits):
+    """LAZY: acc and l are rescaled only when a head's running max outgrows the reference by > 8 (base 2).
+    Keys whose scores climb along the sequence (a ramp in the rope dims) force rescales after the first
+    tile at scale 4 and stay under the margin at 0.1; both must equal the reference softmax."""
+    from glmserve.kernels.mla_decode import mla_decode
+
+    torch.manual_seed(7)
+    hq, d_latent, d_rope = 5, 40, 8
+    batch = _batch([70, 5, 33], [1, 1, 1], 64, seed=6)
+    cache = torch.randn(64 * PAGE, 1, d_latent + d_rope, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
+    q[..., d_latent:] = q[..., d_latent:].abs()
+    pos = torch.zeros(64 * PAGE, device=DEV)
+    for i in range(batch.num_tokens):  # the ramp: key slot of position p gets +p/8 in every rope dim
+        n = int(batch.seq_lens[i])
+        for p in range(n):
+            pos[batch.page_table[i, p // PAGE] * PAGE + p % PAGE] = p / 8
+    cache[:, 0, d_latent:] += pos[:, None]
+    ref = paged_attention_ref(q, cache, cache[..., :d_latent], batch, PAGE, scale)
+    for lazy in (False, True):
+        out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, scale, 71, d_latent, splits,
+                         (16, 4, 2, 0), min_keys=0, lazy=lazy)
+        _check(out, ref, torch.float32)
