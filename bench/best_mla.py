@@ -1,6 +1,7 @@
-"""The MLA decode config that bench/decode_sweep.py measured fastest over the serving batches (B 64, 128, 256 at
-ctx 640, summed us; rel err < 2e-2), printed as profile_step's --mla_config "BLOCK_N,warps,stages,lazy".
-Only variants that keep the rule's split counts (splits 0) and prefetch the page ids are candidates.
+"""The MLA decode config that bench/decode_sweep.py measured fastest at B 256 ctx 640 (a batch that fills the SMs:
+kernels.mla_decode.WIDE_CONFIGS' case; rel err < 2e-2), printed as profile_step's --mla_wide_config
+"BLOCK_N,warps,stages,lazy,groups". Only variants with the rule's split count (splits 0: one at B 256) that
+prefetch the page ids are candidates; nothing is printed (exit 1) when the rule itself was fastest.
     python -m bench.best_mla OUT/mla_sweep.json
 """
 
@@ -10,7 +11,7 @@ import json
 import re
 import sys
 
-SERVING = {(64, 640), (128, 640), (256, 640)}
+SERVING = {(256, 640)}
 
 
 def best(rows: list[dict]) -> str | None:
@@ -25,7 +26,7 @@ def best(rows: list[dict]) -> str | None:
     if not full:
         return None
     name = min(full, key=full.get)
-    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1 lazy(\d)", name)
+    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1 lazy(\d) groups(\d+)", name)
     if m is None:  # the rule itself won, or a fixed-split variant: nothing to A/B
         return None
     return ",".join(m.groups())

@@ -289,8 +289,9 @@ case "${1:-models}" in
     step profile_fp8_ab "$(left 100)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
       --no_profile --unfused_mla_write
     ;;
-  h100e)  # ONE H100 call (~8 min): attention / MoE kernel checks, the MLA decode config sweep (BLOCK_N 16, lazy
-    # rescale), the FP8 step table with the H100 MoE config (+ per-kernel HBM at B 256), A/B: the sweep's best MLA config
+  h100e)  # ONE H100 call (~6 min): attention / MoE kernel checks, the MLA decode config sweep (BLOCK_N 16, lazy
+    # rescale, head groups), the FP8 step table (+ per-kernel HBM at B 256), A/B: the sweep's best B 256 MLA config
+    # (bench/best_mla.py), the bf16 table
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 110)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
@@ -300,7 +301,9 @@ case "${1:-models}" in
       --quantization fp8 --out "$OUT/profile_fp8.json"
     best=$($PY -m bench.best_mla "$OUT/mla_sweep.json" 2>/dev/null)
     [ -n "$best" ] && step profile_fp8_mla "$(left 110)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 \
-      --quantization fp8 --no_profile --mla_config "$best" --out "$OUT/profile_fp8_mla.json"
+      --quantization fp8 --no_profile --mla_wide_config "$best" --out "$OUT/profile_fp8_mla.json"
+    step profile_bf16 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --out "$OUT/profile_bf16.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -215,9 +215,9 @@ def main() -> None:
                          "bf16-in fp32-out GEMM an exactly-bf16 gate gets)")
     ap.add_argument("--mla_min_keys", type=int, default=None,
                     help="MLA decode: keys a split holds at least (kernels.mla_decode.MIN_KEYS; A/B)")
-    ap.add_argument("--mla_config", default="",
-                    help="MLA decode block config for every batch, BLOCK_N,warps,stages,lazy (e.g. 16,4,3,1; A/B "
-                         "against kernels.mla_decode.CONFIGS / WIDE_CONFIGS / LAZY_RESCALE)")
+    ap.add_argument("--mla_wide_config", default="",
+                    help="MLA decode config of batches that fill the SMs, BLOCK_N,warps,stages,lazy,groups (e.g. "
+                         "16,4,3,0,2; A/B against kernels.mla_decode.WIDE_CONFIGS / LAZY_RESCALE)")
     ap.add_argument("--unfused_mla_write", action="store_true",
                     help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
     ap.add_argument("--out", default="")
@@ -228,13 +228,12 @@ def main() -> None:
         from glmserve.kernels import mla_decode
 
         mla_decode.MIN_KEYS = a.mla_min_keys
-    if a.mla_config:
+    if a.mla_wide_config:
         from glmserve.kernels import mla_decode
 
-        n, w, st, lazy = (int(v) for v in a.mla_config.split(","))
-        for table in (mla_decode.CONFIGS, mla_decode.WIDE_CONFIGS):  # every GPU's entry: the run's GPU is unknown
-            for k in table:
-                table[k] = (n, w, st) + table[k][3:]
+        n, w, st, lazy, groups = (int(v) for v in a.mla_wide_config.split(","))
+        for k in mla_decode.WIDE_CONFIGS:  # every GPU's entry: the run's GPU is unknown
+            mla_decode.WIDE_CONFIGS[k] = (n, w, st, groups)
         mla_decode.LAZY_RESCALE = bool(lazy)
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
@@ -257,7 +256,7 @@ def main() -> None:
     fused = "off" if a.disable_shared_experts_fusion else "on"
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
-          f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA config {a.mla_config or 'default'}")
+          f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

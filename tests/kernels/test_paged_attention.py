@@ -162,3 +162,21 @@ def test_mla_decode_lazy_rescale(scale, splits):
         out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, scale, 71, d_latent, splits,
                          (16, 4, 2, 0), min_keys=0, lazy=lazy)
         _check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("groups", [2, 3, 5])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_head_groups(groups, splits):
+    """groups programs per (sequence, split), each with cdiv(H, groups) heads (the last may hold fewer: 5
+    heads in groups of 2 / 2 / 1): every head written once, the same as one program with all heads."""
+    from glmserve.kernels.mla_decode import mla_decode
+
+    torch.manual_seed(8)
+    hq, d_latent, d_rope = 5, 40, 8
+    batch = _batch([37, 5, 60], [1, 1, 1], 32, seed=7)
+    cache = torch.randn(32 * PAGE, 1, d_latent + d_rope, device=DEV)
+    q = torch.randn(batch.num_tokens, hq, d_latent + d_rope, device=DEV)
+    ref = paged_attention_ref(q, cache, cache[..., :d_latent], batch, PAGE, 0.1)
+    out = mla_decode(q, cache, batch.page_table, batch.seq_lens, PAGE, 0.1, 61, d_latent, splits, (16, 4, 2, 0),
+                     min_keys=0, groups=groups)
+    _check(out, ref, torch.float32)
