@@ -41,7 +41,8 @@ GEMM_MS = (1, 64, 256)
 GEMM_VARIANTS = (None, (16, 64, 128, 1, 4, 4, 1), (16, 32, 128, 1, 4, 4, 1), (32, 64, 128, 1, 4, 4, 1),
                  (64, 64, 128, 8, 4, 4, 1), (64, 128, 128, 8, 4, 4, 2), (64, 64, 128, 8, 4, 4, 2),
                  (64, 128, 128, 8, 4, 3, 4), (128, 64, 128, 8, 4, 4, 1), (32, 128, 128, 1, 4, 4, 1),
-                 (64, 32, 128, 8, 4, 4, 1))
+                 (64, 32, 128, 8, 4, 4, 1), (64, 64, 128, 8, 4, 4, 4), (64, 32, 128, 8, 4, 4, 2),
+                 (128, 64, 128, 8, 8, 3, 2), (64, 64, 128, 8, 4, 3, 2))
 
 
 # GLM-4.7-Flash's fused MoE: 64 routed experts + the shared one stacked last, top-4 (+ the shared slot), H 2048, I 1536
@@ -111,13 +112,13 @@ def sweep_mla(bw: float) -> list[dict]:
     return rows
 
 
-def sweep_gemm(bw: float) -> list[dict]:
+def sweep_gemm(bw: float, ms: tuple[int, ...] = GEMM_MS, shapes: int = len(GEMM_SHAPES)) -> list[dict]:
     rows = []
-    for n_out, k in GEMM_SHAPES:
+    for n_out, k in GEMM_SHAPES[:shapes]:
         n = _copies(n_out * k)
         ws = [torch.randn(n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
         w_scale = torch.rand(-(-n_out // 128), -(-k // 128), device="cuda") + 0.5
-        for m in GEMM_MS:
+        for m in ms:
             aq, a_scale = quant_fp8_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), 128)
             nbytes = n_out * k + m * k + 2 * m * n_out
             ref = fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16, block=128)
@@ -200,6 +201,9 @@ def sweep_moe(bw: float) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="mla,gemm")
+    ap.add_argument("--gemm_ms", default=",".join(map(str, GEMM_MS)), help="GEMM M values (comma list)")
+    ap.add_argument("--gemm_shapes", type=int, default=len(GEMM_SHAPES),
+                    help="the first N of GEMM_SHAPES (3: the attention GEMMs, shared experts fused into the MoE)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     bw = copy_bandwidth()
@@ -207,7 +211,7 @@ def main() -> None:
     if "mla" in a.only:
         rows += sweep_mla(bw)
     if "gemm" in a.only:
-        rows += sweep_gemm(bw)
+        rows += sweep_gemm(bw, tuple(int(m) for m in a.gemm_ms.split(",")), a.gemm_shapes)
     if "moe" in a.only:
         rows += sweep_moe(bw)
     print(f"copy GB/s {bw:.0f}")

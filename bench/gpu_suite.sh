@@ -296,7 +296,8 @@ case "${1:-models}" in
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 110)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py
-    step mla_sweep "$(left 170)" $PY -m bench.decode_sweep --only mla --out "$OUT/mla_sweep.json"
+    step mla_sweep "$(left 170)" $PY -m bench.decode_sweep --only mla,gemm --gemm_ms 256 --gemm_shapes 3 \
+      --out "$OUT/mla_sweep.json"
     step profile_fp8 "$(left 140)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
       --quantization fp8 --out "$OUT/profile_fp8.json"
     best=$($PY -m bench.best_mla "$OUT/mla_sweep.json" 2>/dev/null)
