@@ -1,6 +1,6 @@
 """The MLA decode config that bench/decode_sweep.py measured fastest at B 256 ctx 640 (a batch that fills the SMs:
 kernels.mla_decode.WIDE_CONFIGS' case; rel err < 2e-2), printed as profile_step's --mla_wide_config
-"BLOCK_N,warps,stages,lazy,groups". Only variants with the rule's split count (splits 0: one at B 256) that
+"BLOCK_N,warps,stages". Only variants with the rule's split count (splits 0: one at B 256) that
 prefetch the page ids are candidates; nothing is printed (exit 1) when the rule itself was fastest.
     python -m bench.best_mla OUT/mla_sweep.json
 """
@@ -26,7 +26,7 @@ def best(rows: list[dict]) -> str | None:
     if not full:
         return None
     name = min(full, key=full.get)
-    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1 lazy(\d) groups(\d+)", name)
+    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1", name)
     if m is None:  # the rule itself won, or a fixed-split variant: nothing to A/B
         return None
     return ",".join(m.groups())

@@ -28,12 +28,10 @@ from glmserve.kernels.mla_decode import mla_decode
 ROTATE_BYTES = 256 << 20
 REPS = 16  # calls per timed graph
 MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096), (1, 16384))
-# (BLOCK_N, num_warps, num_stages, splits, prefetch page ids, lazy rescale, head groups); splits 0 = the rule's
-# splits for the batch; None = the current rule. Earlier sweeps (n32/n64 with and without prefetch, H200 run 13;
-# n16, lazy, H100 run 18) led to the rule.
-MLA_VARIANTS = (None, (32, 4, 3, 0, 1, 0, 1), (16, 4, 3, 0, 1, 0, 1), (16, 4, 3, 0, 1, 0, 2), (16, 4, 4, 0, 1, 0, 2),
-                (16, 4, 3, 0, 1, 1, 2), (32, 4, 3, 0, 1, 0, 2), (16, 8, 3, 0, 1, 0, 1), (16, 4, 3, 2, 1, 0, 2),
-                (16, 4, 2, 0, 1, 0, 2))
+# (BLOCK_N, num_warps, num_stages, splits, prefetch page ids); splits 0 = the rule's splits for the batch; None =
+# the current rule. Earlier sweeps (n32/n64 with and without prefetch, H200 run 13; n16, a lazy rescale, head
+# groups, H100 runs 18 / 19) led to the rule.
+MLA_VARIANTS = (None, (32, 4, 3, 0, 1), (16, 4, 3, 0, 1), (16, 4, 4, 0, 1), (16, 8, 3, 0, 1), (16, 4, 3, 2, 1))
 # GLM-4.7-Flash's FP8 GEMMs per layer (N, K): fused q_a + kv_a, q_b, o_proj, shared expert gate_up and down
 GEMM_SHAPES = ((1344, 2048), (5120, 768), (2048, 5120), (3072, 2048), (2048, 1536))
 GEMM_MS = (1, 64, 256)
@@ -95,13 +93,13 @@ def sweep_mla(bw: float) -> list[dict]:
             # a given config with splits 0 keeps the rule's split count (config[3] = 4 = CONFIGS' fixed)
             cfg = None if v is None else v[:3] + (0 if v[3] else 4,)
             splits = None if v is None or not v[3] else v[3]
-            prefetch, lazy, groups = (None, None, None) if v is None else (bool(v[4]), bool(v[5]), v[6])
-            name = "rule" if v is None else "n%d w%d s%d split%d prefetch%d lazy%d groups%d" % v
+            prefetch = None if v is None else bool(v[4])
+            name = "rule" if v is None else "n%d w%d s%d split%d prefetch%d" % v
             try:
                 err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, splits=splits, config=cfg,
-                                      prefetch=prefetch, lazy=lazy, groups=groups), ref)
+                                      prefetch=prefetch), ref)
                 t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512, splits=splits,
-                                                    config=cfg, prefetch=prefetch, lazy=lazy, groups=groups), n)
+                                                    config=cfg, prefetch=prefetch), n)
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
                 rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue

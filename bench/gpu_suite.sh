@@ -25,7 +25,7 @@
 #   bash bench/gpu_suite.sh h100c    # ONE H100 call: kernel checks (fp32 parity at 1e-4), FP8 table (+ per-kernel HBM
 #                                    # at B 1, 256), A/B: MLA cache write unfused; the bf16 table
 #   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention / KV-write checks, fused-MoE config sweep, FP8 table, A/B
-#   bash bench/gpu_suite.sh h100e    # ONE H100 call: MLA decode config sweep (BLOCK_N 16, lazy rescale), FP8 table, A/B
+#   bash bench/gpu_suite.sh h100e    # ONE H100 call: MLA decode + M 256 GEMM config sweeps, FP8 table, A/B, bf16 table
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -289,8 +289,8 @@ case "${1:-models}" in
     step profile_fp8_ab "$(left 100)" $PY -m bench.profile_step --batches 1,64,256 --ctx 640 --quantization fp8 \
       --no_profile --unfused_mla_write
     ;;
-  h100e)  # ONE H100 call (~6 min): attention / MoE kernel checks, the MLA decode config sweep (BLOCK_N 16, lazy
-    # rescale, head groups), the FP8 step table (+ per-kernel HBM at B 256), A/B: the sweep's best B 256 MLA config
+  h100e)  # ONE H100 call (~4 min): attention / MoE kernel checks, the MLA decode config sweep (+ the attention
+    # GEMMs at M 256), the FP8 step table (+ per-kernel HBM at B 256), A/B: the sweep's best B 256 MLA config
     # (bench/best_mla.py), the bf16 table
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }

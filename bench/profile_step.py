@@ -216,8 +216,8 @@ def main() -> None:
     ap.add_argument("--mla_min_keys", type=int, default=None,
                     help="MLA decode: keys a split holds at least (kernels.mla_decode.MIN_KEYS; A/B)")
     ap.add_argument("--mla_wide_config", default="",
-                    help="MLA decode config of batches that fill the SMs, BLOCK_N,warps,stages,lazy,groups (e.g. "
-                         "16,4,3,0,2; A/B against kernels.mla_decode.WIDE_CONFIGS / LAZY_RESCALE)")
+                    help="MLA decode config of batches that fill the SMs, BLOCK_N,warps,stages (e.g. 16,4,3; A/B "
+                         "against kernels.mla_decode.WIDE_CONFIGS)")
     ap.add_argument("--unfused_mla_write", action="store_true",
                     help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
     ap.add_argument("--out", default="")
@@ -231,10 +231,9 @@ def main() -> None:
     if a.mla_wide_config:
         from glmserve.kernels import mla_decode
 
-        n, w, st, lazy, groups = (int(v) for v in a.mla_wide_config.split(","))
+        cfg = tuple(int(v) for v in a.mla_wide_config.split(","))
         for k in mla_decode.WIDE_CONFIGS:  # every GPU's entry: the run's GPU is unknown
-            mla_decode.WIDE_CONFIGS[k] = (n, w, st, groups)
-        mla_decode.LAZY_RESCALE = bool(lazy)
+            mla_decode.WIDE_CONFIGS[k] = cfg
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
                          quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)

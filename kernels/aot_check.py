@@ -76,16 +76,15 @@ def _mla_latent(wide: bool):
     from glmserve.kernels import mla_decode
 
     if wide:
-        block_n, warps, stages, groups = mla_decode.WIDE_CONFIGS["default"]
+        block_n, warps, stages = mla_decode.WIDE_CONFIGS["default"]
     else:
         block_n, warps, stages, _ = mla_decode.CONFIGS["default"]
-        groups = 1
     sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["f32"], lse_ptr=P["f32"], page_table_ptr=P["i32"],
                seq_lens_ptr=P["i32"])
     sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
     sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32", DL="i32", DR="i32")
-    const = dict(NUM_SPLITS=1 if wide else 4, BLOCK_H=32 // groups, HG=-(-20 // groups), BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False,
-                 PREFETCH=mla_decode.PREFETCH_PAGES, PREC="tf32", LAZY=mla_decode.LAZY_RESCALE)
+    const = dict(NUM_SPLITS=1 if wide else 4, BLOCK_H=32, BLOCK_N=block_n, BLOCK_DL=512, BLOCK_DR=64, UPCAST=False,
+                 PREFETCH=mla_decode.PREFETCH_PAGES, PREC="tf32")
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 
@@ -182,7 +181,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 # Integer args that are not multiples of 16 at run time; every other pointer and int gets the
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
-NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split", "H", "HG"}
+NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 # Known small spills kept on purpose: MLA latent n32 w4 s3 spills 112 B here (triton 3.9) yet measured
 # fastest on the H100 (triton 3.6, KERNEL_NOTES v7): two CTAs per SM beat the spill-free 8-warp configs.

@@ -19,9 +19,6 @@ import triton.language as tl
 from glmserve.kernels._common import INTERPRET, dot_in, dot_precision, new_out, next_pow2
 
 
-LAZY_MARGIN = tl.constexpr(8.0)  # base-2 headroom of the lazy rescale (p <= 256)
-
-
 @triton.jit
 def _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR):
     """Cache rows of keys j (where j_ok; page = each key's page id): latent [BLOCK_N, BLOCK_DL] and rope
@@ -35,30 +32,23 @@ def _load_tile(kv_ptr, page, j, j_ok, page_size, kv_ss, dl, dr, DL, DR):
 @triton.jit
 def _mla_decode_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
-    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR, HG: tl.constexpr,
+    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
     BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr = "tf32",
-    LAZY: tl.constexpr = False,
 ):
-    """Program (head group, sequence, split): keys [lo, hi) of the sequence, heads [g * HG, g * HG + HG)
-    (HG = H: one group, all heads); out (or its split partial
+    """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
-    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0).
-    LAZY: m_i is a reference max, moved (and acc, l rescaled) only when some head's running max exceeds it
-    by more than LAZY_MARGIN (base 2), so most tiles skip the [BLOCK_DL, BLOCK_H] rescale; p = 2^(s - m_i)
-    stays <= 2^LAZY_MARGIN, exact in fp32 and as relative in bf16 as any p <= 1."""
-    group = tl.program_id(0)  # fastest-varying: a sequence's head groups run side by side and share its keys in L2
-    seq = tl.program_id(1)
-    split = tl.program_id(2)
+    keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0)."""
+    seq = tl.program_id(0)
+    split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_keys)
     lo = split * per_split
     hi = tl.minimum(seq_len, lo + per_split)
-    h_loc = tl.arange(0, BLOCK_H)
-    h = group * HG + h_loc
+    h = tl.arange(0, BLOCK_H)
     dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
-    h_ok = (h_loc < HG) & (h < H)
+    h_ok = h < H
     q_row = q_ptr + seq.to(tl.int64) * q_st + h[None, :] * q_sh
     q_lat = dot_in(tl.load(q_row + dl[:, None], mask=h_ok[None, :] & (dl[:, None] < DL), other=0.0), UPCAST)
     q_rope = dot_in(tl.load(q_row + DL + dr[:, None], mask=h_ok[None, :] & (dr[:, None] < DR), other=0.0), UPCAST)
@@ -81,21 +71,11 @@ def _mla_decode_kernel(
         s = tl.dot(k_lat, q_lat, input_precision=PREC) + tl.dot(k_rope, q_rope, input_precision=PREC)  # [BLOCK_N, BLOCK_H] = scores^T
         s = tl.where(j_ok[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        if LAZY:
-            if tl.max(m_new - m_i, axis=0) > LAZY_MARGIN:  # scalar: the whole program rescales, or none
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[None, :]
-                m_i = m_new
-            p = tl.exp2(s - m_i[None, :])
-            l_i = l_i + tl.sum(p, axis=0)
-            acc = tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), acc, input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
-        else:
-            p = tl.exp2(s - m_new[None, :])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
-            m_i = m_new
+        p = tl.exp2(s - m_new[None, :])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(k_lat), p.to(k_lat.dtype), input_precision=PREC)  # [BLOCK_DL, BLOCK_H]
+        m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[None, :]
     o_p = out_ptr + seq.to(tl.int64) * o_st + h[None, :] * o_sh + split * o_ss + dl[:, None]
@@ -114,28 +94,26 @@ def _mla_decode_kernel(
 # up to cdiv(SMs, B) (at most MAX_SPLITS), and each split covers at least MIN_KEYS keys, so the 4 splits tuned at ctx 512 stay what a short
 # sequence uses while one 16k-token sequence spreads over 128 SMs instead of 4 (H200: TPOT 30 ms at
 # 16k before). Both are decided per sequence on the device: a CUDA graph captured at any length fits.
-# BLOCK_N 16 (H100 run 18, bench/gpu_results/h100_run18_h100e, us for BLOCK_N 32 / 16 at 4 warps, 3 stages):
+# BLOCK_N 16 (H100 runs 18 / 19, bench/gpu_results/h100_run18_h100e, us for BLOCK_N 32 / 16 at 4 warps, 3 stages):
 # B 1 ctx 640 13.7 / 11.2, B 64 41.4 / 34.6, B 128 67.0 / 56.7, B 64 ctx 4096 165.1 / 144.9, B 1 ctx 16k 33.1 /
 # 27.2: a 16-key tile is one MMA row block, so the key reductions stay inside a warp and no warp repeats
-# another's score MMAs (the 32-key tile's [32 x 32] scores split over 4 warps did, 144 vs 36 mma.sync a tile).
+# another's score MMAs (the 32-key tile's [32 x 32] scores split over 4 warps did: 144 vs 36 mma.sync a tile).
 CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "default": (16, 4, 3, 4),
 }
 # Batches of at least one sequence per SM: one program per sequence already fills the GPU, so no split
 # (no partials to write and merge): H200, B 256 ctx 640: 157 -> 111 us, 104 us with the page ids
 # prefetched (bench/decode_sweep.py; bench/gpu_results/h200_run11_sweep, h200_run13_mla). (BLOCK_N,
-# num_warps, num_stages, head groups: programs per sequence, each with cdiv(H, groups) heads; 2 halves the
-# [512, H] accumulator so more programs fit an SM, and a sequence's pair reads its keys once from HBM, once
-# from L2). BLOCK_N 16 is no faster here (H100 run 18: 105.5 vs 106.3 us at B 256).
-WIDE_CONFIGS: dict[str, tuple[int, int, int, int]] = {
-    "default": (32, 4, 3, 1),
+# num_warps, num_stages). H100 runs 18 / 19 at B 256 ctx 640 (us): BLOCK_N 32 106.3 / 107.0, BLOCK_N 16 105.5 /
+# 104.0 (noise); rejected there: a lazy rescale (acc rescaled only when a head's max grows by > 2^8) 109.6, two
+# programs per sequence with half the heads each (smaller accumulator, keys shared through L2) 277.5, 8 warps 160.4.
+WIDE_CONFIGS: dict[str, tuple[int, int, int]] = {
+    "default": (32, 4, 3),
 }
 _CPU_CONFIG = (16, 4, 1, 0)
 # Load each tile's page ids one step ahead, so the tile's loads wait on nothing: H200 with 3 stages, ctx 640
 # B 64 43 -> 39 us, B 128 81 -> 74, B 256 111 -> 104; B 64 ctx 4096 182 -> 165; B 1 within 1 us (h200_run13_mla)
 PREFETCH_PAGES = True
-# Rescale acc only when a head's max grew by > LAZY_MARGIN (see the kernel); A/B'd by bench/decode_sweep.py
-LAZY_RESCALE = False
 MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by splits that hold keys
 # Keys a split covers at least. H100 run 15 (bench/mla_splits.py, CUDA graphs, us for min keys 128 / 64 / 32):
 # B 1 ctx 640 26.9 / 19.8 / 16.8, B 4 26.0 / 18.9 / 15.6, B 16 27.8 all three, B 256 107.3 / 107.5 / 105.7,
@@ -165,11 +143,8 @@ def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.devi
 
 def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
                splits: int | None = None, config: tuple[int, int, int, int] | None = None,
-               min_keys: int | None = None, prefetch: bool | None = None, lazy: bool | None = None,
-               groups: int | None = None) -> torch.Tensor:
+               min_keys: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
-    groups: programs per (sequence, split), each with cdiv(H, groups) of the heads (WIDE_CONFIGS' for batches
-    that fill the SMs, else 1).
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
     from glmserve.kernels._common import gpu_name
     from glmserve.kernels.paged_attention import _merge_kernel
@@ -181,8 +156,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
         splits = tuned_splits(b, sms, fixed)
         if b >= sms and config is None:
-            block_n, warps, stages, wide_groups = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
-            groups = wide_groups if groups is None else groups
+            block_n, warps, stages = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
     min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
     out = new_out((b, h, dl), dtype=q.dtype, device=q.device)
@@ -191,14 +165,12 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     part = out if n_split == 1 else new_out((b, h, n_split, dl), dtype=torch.float32, device=q.device)
     lse = part if n_split == 1 else new_out((b, h, n_split), dtype=torch.float32, device=q.device)
     strides = (out.stride(0), out.stride(1), 0) if n_split == 1 else (h * n_split * dl, n_split * dl, dl)
-    groups = min(groups or 1, h)
-    hg = triton.cdiv(h, groups)
-    _mla_decode_kernel[(groups, b, n_split)](
+    _mla_decode_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
-        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl, HG=hg,
-        NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(hg)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
+        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
+        NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
         BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
-        PREC=dot_precision(q.dtype), LAZY=LAZY_RESCALE if lazy is None else lazy,
+        PREC=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     if n_split > 1:
