@@ -94,3 +94,16 @@ def new_out(shape, dtype: torch.dtype, device) -> torch.Tensor:
         else:
             t.view(torch.uint8).fill_(0x7F) if t.numel() else None
     return t
+
+
+@triton.jit
+def rope_pair(i, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Offsets of the two dims rotation pair i rotates: interleaved (2i, 2i + 1), NeoX (i, i + HALF). Every
+    RoPE kernel writes the pair back de-interleaved, at (i, i + HALF), as HF does."""
+    if INTERLEAVED:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + HALF
+    return i1, i2

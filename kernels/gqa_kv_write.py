@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2
+from glmserve.kernels._common import check, new_out, next_pow2, rope_pair
 
 
 @triton.jit
@@ -33,10 +33,7 @@ def _norm_rope_heads(src, dst, w_ptr, c, s, heads, eps, num_heads, D: tl.constex
     h_ok = heads[:, None] < num_heads
     m1 = h_ok & (i < HALF)
     mr = h_ok & (r < REST)
-    if INTERLEAVED:
-        i1, i2 = 2 * i, 2 * i + 1
-    else:
-        i1, i2 = i, i + HALF
+    i1, i2 = rope_pair(i, HALF, INTERLEAVED)
     x1 = tl.load(src + i1, mask=m1, other=0.0)
     x2 = tl.load(src + i2, mask=m1, other=0.0)
     xr = tl.load(src + 2 * HALF + r, mask=mr, other=0.0)

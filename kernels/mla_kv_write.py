@@ -19,19 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, next_pow2
+from glmserve.kernels._common import check, next_pow2, rope_pair
 
 
 @triton.jit
 def _rope_pair(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The two halves a rotation pairs, fp32: interleaved (2i, 2i+1), NeoX (i, i + HALF)."""
-    if INTERLEAVED:
-        x1 = tl.load(base + 2 * i, mask=mask, other=0.0)
-        x2 = tl.load(base + 2 * i + 1, mask=mask, other=0.0)
-    else:
-        x1 = tl.load(base + i, mask=mask, other=0.0)
-        x2 = tl.load(base + i + HALF, mask=mask, other=0.0)
-    return x1.to(tl.float32), x2.to(tl.float32)
+    i1, i2 = rope_pair(i, HALF, INTERLEAVED)
+    return tl.load(base + i1, mask=mask, other=0.0).to(tl.float32), tl.load(base + i2, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

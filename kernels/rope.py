@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2
+from glmserve.kernels._common import check, new_out, next_pow2, rope_pair
 
 
 def cos_sin_cache(rotary_dim: int, max_pos: int, theta: float, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +44,9 @@ def _rope_kernel(
     s = tl.load(sin_ptr + cs_row * cs_stride + i, mask=i < HALF, other=0.0).to(tl.float32)
     mask = (heads[:, None] < num_heads) & (i[None, :] < HALF)  # [BLOCK_H, BLOCK_HALF]
     base = x_ptr + tok * x_stride_t + heads[:, None] * x_stride_h
-    if INTERLEAVED:
-        x1 = tl.load(base + 2 * i[None, :], mask=mask, other=0.0)
-        x2 = tl.load(base + 2 * i[None, :] + 1, mask=mask, other=0.0)
-    else:
-        x1 = tl.load(base + i[None, :], mask=mask, other=0.0)
-        x2 = tl.load(base + i[None, :] + HALF, mask=mask, other=0.0)
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
+    i1, i2 = rope_pair(i[None, :], HALF, INTERLEAVED)
+    x1 = tl.load(base + i1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + i2, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * c[None, :] - x2 * s[None, :]
     o2 = x2 * c[None, :] + x1 * s[None, :]
     obase = out_ptr + tok * out_stride_t + heads[:, None] * out_stride_h
