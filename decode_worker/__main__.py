@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = graphs.graph_spec(cfg.device, a.graph_max_batch_size, a.graph_max_seq_len, a.max_running,
                                  a.max_req_total_len, max_pos, cfg.mtp_step, cfg.page_size)
         graphs.capture(engine, spec)  # before the worker exists: /readyz stays 503 until it is done
-        pages = PageAllocator(cfg.num_pages)  # reserves page 0: graph pad rows write there
+        pages = PageAllocator(engine.num_pages)  # reserves page 0: graph pad rows write there
         return DecodeWorker(cfg, engine, io, metrics, pages, link_host, a.link_port, a.max_running,
                             a.reserve_new_tokens, a.handoff_timeout_s,
                             max_seq_len=min(a.max_req_total_len or max_pos, max_pos),

@@ -5,13 +5,16 @@
 # bench/run_sharegpt.py --dataset random 512 in / 256 out at concurrency 64 and 256.
 # Env: OUT (out/onegpu), PY, PORT (8000), QUANT (fp8), NUM_PAGES (16384: 256 requests of 768 tokens need 12288),
 # CONCS ("64 256"), DEPLOY_FLAGS (more `deploy up` flags, e.g. --disable_overlap_schedule), TAG (result-file tag),
-# EXPERT_STATS (1: workers export experts touched per MoE layer, one scatter_add per layer per step; 0: off, as runs 1-12).
+# EXPERT_STATS (1: workers export experts touched per MoE layer, one scatter_add per layer per step; 0: off, as runs 1-12),
+# MEM_FRACTION (e.g. 0.45: each worker's KV pages from its share of the GPU, --gpu_memory_utilization; an 80 GB
+# H100 cannot hold two FP8 Flash copies and 2 x 16384 pages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}; OUT=${OUT:-out/onegpu}; PORT=${PORT:-8000}; STATE=$OUT/state
 mkdir -p "$OUT"
 Q=(); [ -n "${QUANT-fp8}" ] && Q=(--quantization "${QUANT-fp8}")
 ES=(--expert_stats); [ "${EXPERT_STATS:-1}" = 0 ] && ES=()
+[ -n "${MEM_FRACTION:-}" ] && ES+=(--gpu_memory_utilization "$MEM_FRACTION")
 "$PY" -m glmserve.deploy up --detach --device cuda --preset glm-4.7-flash "${Q[@]}" --state_dir "$STATE" \
   --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 "${ES[@]}" \
   ${DEPLOY_FLAGS:-} \

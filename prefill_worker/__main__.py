@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         from glmserve.shared.kvcache.allocator import PageAllocator
         from glmserve.prefill_worker.worker import PrefillWorker
 
-        pages = PageAllocator(cfg.num_pages)
+        pages = PageAllocator(engine.num_pages)
         return PrefillWorker(cfg, decodes, engine, io, metrics, pages, chunk, a.relink_check_s)
 
     from glmserve.shared.worker_common.process import run_worker

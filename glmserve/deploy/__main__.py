@@ -62,6 +62,9 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "dtype", default="")
     _flag(p, "page_size", type=int, default=16)
     _flag(p, "num_pages", type=int, default=0)
+    _flag(p, "gpu_memory_utilization", type=float, default=0.0,
+          help="cuda: each worker's share of its GPU's memory, weights included; sizes its KV cache instead of "
+               "--num_pages (prefill and decode on one GPU: e.g. 0.45 each)")
     _flag(p, "chunked_prefill_size", type=int, default=0, help="0: the prefill worker's default (8192 cuda, 512 cpu)")
     _flag(p, "max_running", type=int, default=64)
     _flag(p, "mtp_step", type=int, default=0)
@@ -107,7 +110,8 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         python=sys.executable, workdir=os.path.abspath(a.state_dir), state_dir=os.path.abspath(a.state_dir), model_dir=model_dir,
         host=a.host, port=a.port, port_base=a.port_base, health_base=a.health_base, device=a.device,
         num_prefill=a.prefill, num_decode=a.decode, tp=a.tp, load_format=a.load_format, dtype=a.dtype,
-        page_size=a.page_size, num_pages=a.num_pages, chunked_prefill_size=a.chunked_prefill_size,
+        page_size=a.page_size, num_pages=a.num_pages, gpu_memory_utilization=a.gpu_memory_utilization,
+        chunked_prefill_size=a.chunked_prefill_size,
         max_running=a.max_running, mtp_step=a.mtp_step, mtp_mode=a.mtp_mode,
         overlap=not a.disable_overlap_schedule, expert_stats=a.expert_stats,
         fuse_shared_experts=not a.disable_shared_experts_fusion,

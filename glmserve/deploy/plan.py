@@ -41,6 +41,7 @@ class FleetSpec:
     dtype: str = ""  # "" -> float32 on cpu, bfloat16 on cuda
     page_size: int = 16
     num_pages: int = 0  # 0 -> 2048 on cpu (the tiny demo model: ~10 MB), 4096 on cuda
+    gpu_memory_utilization: float = 0.0  # > 0: each worker's KV pages from its share of its GPU (overrides num_pages)
     chunked_prefill_size: int = 0  # 0 -> the prefill worker's default: 8192 on cuda, 512 on cpu
     max_running: int = 64
     mtp_step: int = 0
@@ -110,6 +111,7 @@ def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, g
             "--health_port", str(health), "--device", spec.device, "--tp", str(spec.tp), "--dtype", dtype,
             "--page_size", str(spec.page_size), "--num_pages", str(num_pages)]
     argv += ["--quantization", spec.quantization] if spec.quantization else []
+    argv += ["--gpu_memory_utilization", str(spec.gpu_memory_utilization)] if spec.gpu_memory_utilization else []
     argv += ["--kv_transport", spec.kv_transport] if spec.kv_transport != "auto" else []
     argv += ["--expert_stats"] if spec.expert_stats else []
     argv += [] if spec.fuse_shared_experts else ["--disable_shared_experts_fusion"]

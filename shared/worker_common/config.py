@@ -51,13 +51,14 @@ class WorkerConfig:
     tp_size: int
     dtype: str
     page_size: int
-    num_pages: int
+    num_pages: int  # KV pages, unless gpu_memory_utilization sizes them (Engine.num_pages has the count)
     quantization: str | None
     heartbeat_s: float = 0.5
     mtp_step: int = 0  # decode: MTP draft tokens per step (0 = plain decoding)
     kv_transport: str = "auto"  # auto | nccl | gloo | cuda_ipc (shared/kvcache/rendezvous.pick_transport)
     expert_stats: bool = False  # leader: export experts touched per MoE layer (shared/worker_common/expert_stats.py)
     fuse_shared_experts: bool = True  # MoE shared expert as the fused experts' last slot (shared/model/layers/moe.py)
+    gpu_memory_utilization: float = 0.0  # > 0 on cuda: KV pages from this share of the GPU (kv_budget.py)
     # TP follower only: which rank this process is and where the leader's TP store listens
     tp_rank: int = 0
     tp_store_port: int = 0
@@ -82,6 +83,12 @@ def common_parser(role: str) -> argparse.ArgumentParser:
     add_flag(p, "dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_flag(p, "page_size", type=int, default=16)
     add_flag(p, "num_pages", type=int, default=512)
+    add_flag(p, "gpu_memory_utilization", type=float, default=0.0,
+             help="cuda: size the KV cache so this process holds at most this fraction of the GPU's memory, "
+                  "weights included (vLLM's flag; two workers sharing a GPU take e.g. 0.45 each); overrides "
+                  "--num_pages; 0 = use --num_pages; ignored on cpu")
+    p.add_argument("--mem_fraction_static", "--mem-fraction-static", dest="gpu_memory_utilization", type=float,
+                   default=argparse.SUPPRESS, help="alias of --gpu_memory_utilization (SGLang's name)")
     add_flag(p, "quantization", default=None)
     add_flag(p, "heartbeat_s", type=float, default=0.5)
     add_flag(p, "kv_transport", default="auto", choices=["auto", "nccl", "gloo", "cuda_ipc", "ipc"],
@@ -116,4 +123,5 @@ def worker_config(role: str, a: argparse.Namespace) -> WorkerConfig:
         num_pages=a.num_pages, quantization=a.quantization, heartbeat_s=a.heartbeat_s,
         tp_rank=a.tp_rank, tp_store_port=a.tp_store_port, mtp_step=a.mtp_step, kv_transport=a.kv_transport,
         expert_stats=a.expert_stats, fuse_shared_experts=not a.disable_shared_experts_fusion,
+        gpu_memory_utilization=a.gpu_memory_utilization,
     )

@@ -20,6 +20,7 @@ from glmserve.shared.protocol import unpack_ids
 from glmserve.shared.runner.sampler import host_to_device
 from glmserve.shared.worker_common.config import WorkerConfig
 from glmserve.shared.worker_common.expert_stats import ExpertWindow
+from glmserve.shared.worker_common.kv_budget import kv_pages_on_device
 from glmserve.shared.worker_common.links import LinkSet
 from glmserve.shared.worker_common.plan import StepPlan, decode_plan, encode_plan, prompt_mtp_batch, to_batch
 from glmserve.shared.worker_common.tp import TPFanout
@@ -60,7 +61,8 @@ class Engine:
             raise ValueError(f"--mtp_step {cfg.mtp_step}: the checkpoint has no MTP layer (num_nextn_predict_layers = 0)")
         # a prefill's cache is mapped by its decodes under the ipc transport (on CPU: shared memory)
         shareable = cfg.role == "prefill" and cfg.kv_transport in ("ipc", "cuda_ipc")
-        self.cache = PagedKVCache(layout, cfg.num_pages, self.device, shareable=shareable)
+        self.num_pages = self._num_pages(layout)
+        self.cache = PagedKVCache(layout, self.num_pages, self.device, shareable=shareable)
         mc = self.runner.config
         model_name = f"{mc.model_type}/L{mc.num_hidden_layers}/H{mc.hidden_size}/V{mc.vocab_size}"
         self.last_tokens: torch.Tensor | None = None  # [R] int64: the last share_tokens step's sampled ids
@@ -68,6 +70,21 @@ class Engine:
                              LinkSignature.for_cache(model_name, layout, cfg.tp_size),
                              hidden_size=mc.hidden_size, hidden_dtype=self.runner.dtype,
                              transport=cfg.kv_transport)
+
+    def _num_pages(self, layout) -> int:
+        """--num_pages, or on cuda with --gpu_memory_utilization the pages that fit its share of the GPU
+        (every TP rank the same: the fewest any rank fits)."""
+        cfg = self.cfg
+        if not cfg.gpu_memory_utilization or self.device.type != "cuda":
+            return cfg.num_pages
+        pages = kv_pages_on_device(self.device, layout.page_bytes(), cfg.gpu_memory_utilization)
+        if cfg.tp_size > 1:
+            t = torch.tensor([pages], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.runner.tp.group)
+            pages = int(t.item())
+        log.info("KV cache: %d pages (%.1f GiB) from --gpu_memory_utilization %.2f", pages,
+                 pages * layout.page_bytes() / (1 << 30), cfg.gpu_memory_utilization)
+        return pages
 
     def lead(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
         """prev_hidden [T, H]: a DRAFT plan's target hidden states, one row per plan token (held by

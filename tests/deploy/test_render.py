@@ -73,6 +73,15 @@ def test_gpu_node_sets_and_options(tmp_path):
     assert r["--prefill"] == ["p0=tcp://127.0.0.1:7001", "p1=tcp://127.0.0.1:7002"] and r["--port"] == ["9000"]
 
 
+def test_gpu_memory_utilization_reaches_every_worker(tmp_path):
+    """deploy's --gpu-memory-utilization is each worker's KV sizing flag; without it, --num_pages."""
+    progs = _programs(tmp_path, "--device", "cuda", "--gpu-memory-utilization", "0.45")
+    for w in ("prefill_p0", "decode_d0"):
+        assert _argv(progs[w])["--gpu_memory_utilization"] == ["0.45"]
+    plain = _programs(tmp_path, "--device", "cuda")
+    assert "--gpu_memory_utilization" not in _argv(plain["decode_d0"])
+
+
 def test_explicit_gpu_sets(tmp_path):
     progs = _programs(tmp_path, "--device", "cuda", "--tp", "2", "--prefill_gpus", "6,7", "--decode_gpus", "0,1")
     assert _argv(progs["prefill_p0"])["--gpus"] == ["6,7"] and _argv(progs["decode_d0"])["--gpus"] == ["0,1"]

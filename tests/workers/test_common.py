@@ -49,6 +49,27 @@ def test_cli_accepts_dashes_and_underscores():
     with pytest.raises(ValueError):
         parse_peers(["d0:5611"])
     assert strip_tp_flags(["--tp", "2", "--tp_rank", "1", "--tp-store-port=5", "--x"]) == ["--tp", "2", "--x"]
+    base = ["--model-dir", "/m", "--control_addr", "tcp://127.0.0.1:1", "--router-addr", "tcp://127.0.0.1:2"]
+    assert worker_config("decode", p.parse_args(base)).gpu_memory_utilization == 0.0  # off: --num_pages
+    for flag in ("--gpu-memory-utilization", "--mem-fraction-static", "--mem_fraction_static"):
+        assert worker_config("decode", p.parse_args([*base, flag, "0.45"])).gpu_memory_utilization == 0.45
+
+
+def test_kv_pages_for_budget():
+    """fraction * total - weights held - the activation/context reserve, in whole pages; too little is a
+    ValueError naming the numbers, never a cache of 0 or 1 pages."""
+    from glmserve.shared.worker_common.kv_budget import GiB, kv_pages_for_budget
+
+    page = 866 * 1024  # GLM-4.7-Flash: 47 layers x 16 tokens x 576 bf16
+    # one GPU of 80 GiB shared by prefill and decode, FP8 Flash (~29 GiB of weights) in each: 0.45 each
+    pages = kv_pages_for_budget(80 * GiB, 29 * GiB, page, 0.45, reserve=4 * GiB)
+    assert pages == int((0.45 * 80 - 29 - 4) * GiB) // page == 3632
+    assert kv_pages_for_budget(80 * GiB, 29 * GiB, page, 0.9, reserve=4 * GiB) == (int(0.9 * 80 * GiB) - 33 * GiB) // page
+    with pytest.raises(ValueError, match="raise the fraction"):
+        kv_pages_for_budget(80 * GiB, 35 * GiB, page, 0.45, reserve=4 * GiB)  # the weights alone exceed the share
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="expected 0 < fraction <= 1"):
+            kv_pages_for_budget(80 * GiB, 0, page, bad)
 
 
 def test_plan_roundtrip_and_batch():
