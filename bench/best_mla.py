@@ -11,22 +11,15 @@ import json
 import re
 import sys
 
-SERVING = {(256, 640)}
+SHAPE = (256, 640)  # (B, ctx)
 
 
 def best(rows: list[dict]) -> str | None:
-    total: dict[str, float] = {}
-    seen: dict[str, int] = {}
-    for r in rows:
-        if r.get("kernel") != "mla" or "error" in r or (r["b"], r["ctx"]) not in SERVING or r["rel_err"] >= 2e-2:
-            continue
-        total[r["variant"]] = total.get(r["variant"], 0.0) + r["us"]
-        seen[r["variant"]] = seen.get(r["variant"], 0) + 1
-    full = {v: t for v, t in total.items() if seen[v] == len(SERVING)}
-    if not full:
+    ok = [r for r in rows if r.get("kernel") == "mla" and "error" not in r and (r["b"], r["ctx"]) == SHAPE
+          and r["rel_err"] < 2e-2]
+    if not ok:
         return None
-    name = min(full, key=full.get)
-    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1", name)
+    m = re.fullmatch(r"n(\d+) w(\d+) s(\d+) split0 prefetch1", min(ok, key=lambda r: r["us"])["variant"])
     if m is None:  # the rule itself won, or a fixed-split variant: nothing to A/B
         return None
     return ",".join(m.groups())

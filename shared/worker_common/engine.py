@@ -77,13 +77,14 @@ class Engine:
         cfg = self.cfg
         if not cfg.gpu_memory_utilization or self.device.type != "cuda":
             return cfg.num_pages
-        pages = kv_pages_on_device(self.device, layout.page_bytes(), cfg.gpu_memory_utilization)
+        page_bytes = layout.page_bytes()
+        pages = kv_pages_on_device(self.device, page_bytes, cfg.gpu_memory_utilization)
         if cfg.tp_size > 1:
             t = torch.tensor([pages], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.runner.tp.group)
             pages = int(t.item())
         log.info("KV cache: %d pages (%.1f GiB) from --gpu_memory_utilization %.2f", pages,
-                 pages * layout.page_bytes() / (1 << 30), cfg.gpu_memory_utilization)
+                 pages * page_bytes / (1 << 30), cfg.gpu_memory_utilization)
         return pages
 
     def lead(self, plan: StepPlan, prev_hidden: torch.Tensor | None = None):
