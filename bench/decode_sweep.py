@@ -31,7 +31,9 @@ MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096), (1, 16384
 # (BLOCK_N, num_warps, num_stages, splits, prefetch page ids); splits 0 = the rule's splits for the batch; None =
 # the current rule. Earlier sweeps (n32/n64 with and without prefetch, H200 run 13; n16, a lazy rescale, head
 # groups, H100 runs 18 / 19) led to the rule.
-MLA_VARIANTS = (None, (32, 4, 3, 0, 1), (16, 4, 3, 0, 1), (16, 4, 4, 0, 1), (16, 8, 3, 0, 1), (16, 4, 3, 2, 1))
+MLA_VARIANTS = (None, (32, 4, 3, 0, 1), (16, 4, 3, 0, 1))
+# The Hopper warpgroup-MMA kernel (kernels/mla_decode_wg.py): (num_warps, stages, splits); splits 0 = the rule's
+MLA_WG_VARIANTS = ((4, 2, 0), (8, 2, 0), (8, 2, 1), (4, 2, 1))
 # GLM-4.7-Flash's FP8 GEMMs per layer (N, K): fused q_a + kv_a, q_b, o_proj, shared expert gate_up and down
 GEMM_SHAPES = ((1344, 2048), (5120, 768), (2048, 5120), (3072, 2048), (2048, 1536))
 GEMM_MS = (1, 64, 256)
@@ -89,17 +91,21 @@ def sweep_mla(bw: float) -> list[dict]:
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, 20, 576, device="cuda", dtype=torch.bfloat16)
         ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, prefetch=False)
-        for v in MLA_VARIANTS:
-            # a given config with splits 0 keeps the rule's split count (config[3] = 4 = CONFIGS' fixed)
-            cfg = None if v is None else v[:3] + (0 if v[3] else 4,)
-            splits = None if v is None or not v[3] else v[3]
-            prefetch = None if v is None else bool(v[4])
-            name = "rule" if v is None else "n%d w%d s%d split%d prefetch%d" % v
+        wg_ok = torch.cuda.get_device_capability()[0] == 9
+        for v in MLA_VARIANTS + (MLA_WG_VARIANTS if wg_ok else ()):
+            kw = {}
+            if v is not None and len(v) == 3:  # warpgroup-MMA kernel
+                kw = dict(wg=v[:2], splits=v[2] or None)
+                name = "wg w%d s%d split%d" % v
+            elif v is not None:
+                # a given config with splits 0 keeps the rule's split count (config[3] = 4 = CONFIGS' fixed)
+                kw = dict(config=v[:3] + (0 if v[3] else 4,), splits=v[3] or None, prefetch=bool(v[4]))
+                name = "n%d w%d s%d split%d prefetch%d" % v
+            else:
+                name = "rule"
             try:
-                err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, splits=splits, config=cfg,
-                                      prefetch=prefetch), ref)
-                t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512, splits=splits,
-                                                    config=cfg, prefetch=prefetch), n)
+                err = _rel(mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, **kw), ref)
+                t = graph_time(lambda i: mla_decode(q, caches[i], table, lens, 16, 0.1, ctx, 512, **kw), n)
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
                 rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue

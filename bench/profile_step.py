@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--mla_wide_config", default="",
                     help="MLA decode config of batches that fill the SMs, BLOCK_N,warps,stages (e.g. 16,4,3; A/B "
                          "against kernels.mla_decode.WIDE_CONFIGS)")
+    ap.add_argument("--mla_wg", default="",
+                    help="MLA decode on the Hopper warpgroup-MMA kernel from this batch on: min_batch,warps,stages "
+                         "(A/B against kernels.mla_decode.WG_CONFIGS; 'off' = never)")
     ap.add_argument("--unfused_mla_write", action="store_true",
                     help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
     ap.add_argument("--out", default="")
@@ -234,6 +237,13 @@ def main() -> None:
         cfg = tuple(int(v) for v in a.mla_wide_config.split(","))
         for k in mla_decode.WIDE_CONFIGS:  # every GPU's entry: the run's GPU is unknown
             mla_decode.WIDE_CONFIGS[k] = cfg
+    if a.mla_wg:
+        from glmserve.kernels import mla_decode
+        from glmserve.kernels._common import gpu_name
+
+        mla_decode.WG_CONFIGS.pop(gpu_name(torch.device("cuda")), None)
+        if a.mla_wg != "off":
+            mla_decode.WG_CONFIGS[gpu_name(torch.device("cuda"))] = tuple(int(v) for v in a.mla_wg.split(","))
     d = tempfile.mkdtemp()
     runner = ModelRunner(write_preset(d, a.preset), device="cuda", dtype="bfloat16", load_format="dummy", with_mtp=False,
                          quantization=a.quantization, fuse_shared_experts=not a.disable_shared_experts_fusion)
@@ -255,7 +265,8 @@ def main() -> None:
     fused = "off" if a.disable_shared_experts_fusion else "on"
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
-          f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}")
+          f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
+          f"  MLA wgmma {a.mla_wg or 'default'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

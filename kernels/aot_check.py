@@ -88,6 +88,18 @@ def _mla_latent(wide: bool):
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 
+def _mla_wg(splits: int, warps: int, stages: int):
+    """The Hopper warpgroup-MMA MLA decode kernel (Gluon), GLM-4.7-Flash shapes."""
+    from glmserve.kernels import mla_decode_wg
+
+    sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["bf16"] if splits == 1 else P["f32"], lse_ptr=P["f32"],
+               page_table_ptr=P["i32"], seq_lens_ptr=P["i32"])
+    sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
+    sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32")
+    const = dict(NUM_SPLITS=splits, BH=32, DL=512, DR=64, STAGES=stages, num_warps=warps)
+    return mla_decode_wg._mla_decode_wg_kernel, sig, const, warps, 1
+
+
 def _small_kernels():
     i32 = "i32"
     norm_args = dict(x_ptr=P["bf16"], res_ptr=P["bf16"], w_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"],
@@ -155,6 +167,8 @@ def cases():
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
     yield ("mla decode latent", *_mla_latent(False))
     yield ("mla decode latent wide", *_mla_latent(True))
+    for splits, warps in ((1, 4), (4, 4), (1, 8), (4, 8)):
+        yield (f"mla decode wgmma (gluon) splits {splits} w{warps}", *_mla_wg(splits, warps, 2))
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
@@ -191,7 +205,13 @@ ALLOWED_STACK = {"mla decode latent": 256, "mla decode latent wide": 256}
 def compile_one(fn, sig, const, warps, stages):
     hinted = [n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in NOT_DIV16)]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    src = ASTSource(fn, sig, const, attrs)
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        sig = dict(sig, **{n: "constexpr" for n in const})
+        src = GluonASTSource(fn, sig, const, attrs)
+    else:
+        src = ASTSource(fn, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 

@@ -121,6 +121,11 @@ MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by spl
 MIN_KEYS = 32
 
 
+# Hopper warpgroup-MMA kernel (mla_decode_wg.py) per GPU: (min batch, num_warps, num_stages); batches of at
+# least `min batch` sequences use it with the split rule below. Absent = the Triton kernel everywhere.
+WG_CONFIGS: dict[str, tuple[int, int, int]] = {}
+
+
 def tuned_splits(num_seqs: int, sms: int, fixed: int) -> int:
     """Splits per sequence on a tuned GPU: 1 once the batch fills the SMs (B >= SMs, see WIDE_CONFIGS);
     2 from half the SMs (H200, B 128 ctx 640: 63 us vs 74 with 4 splits, h200_run13_mla); up to
@@ -143,19 +148,27 @@ def num_splits(num_seqs: int, max_seq_len: int, block_n: int, device: torch.devi
 
 def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int, dl: int,
                splits: int | None = None, config: tuple[int, int, int, int] | None = None,
-               min_keys: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+               min_keys: int | None = None, prefetch: bool | None = None,
+               wg: tuple[int, int] | None = None) -> torch.Tensor:
     """q [B, H, DL + DR], cache [slots, 1, DL + DR] (row stride any, last dim contiguous) -> [B, H, DL].
+    wg (num_warps, num_stages): the Hopper warpgroup-MMA kernel (default: WG_CONFIGS' rule for this GPU).
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
+    from glmserve.kernels import mla_decode_wg
     from glmserve.kernels._common import gpu_name
     from glmserve.kernels.paged_attention import _merge_kernel
 
     b, h, dk = q.shape
     name = gpu_name(q.device)
+    if wg is None and config is None and name in WG_CONFIGS and b >= WG_CONFIGS[name][0]:
+        wg = WG_CONFIGS[name][1:]
+    wg = wg if wg is not None and mla_decode_wg.supported(q, cache) else None
     block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
+    if wg is not None:
+        block_n = mla_decode_wg.BLOCK_N
     if splits is None and fixed:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
         splits = tuned_splits(b, sms, fixed)
-        if b >= sms and config is None:
+        if b >= sms and config is None and wg is None:
             block_n, warps, stages = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
     min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
@@ -165,14 +178,18 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     part = out if n_split == 1 else new_out((b, h, n_split, dl), dtype=torch.float32, device=q.device)
     lse = part if n_split == 1 else new_out((b, h, n_split), dtype=torch.float32, device=q.device)
     strides = (out.stride(0), out.stride(1), 0) if n_split == 1 else (h * n_split * dl, n_split * dl, dl)
-    _mla_decode_kernel[(b, n_split)](
-        q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
-        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
-        NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
-        BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
-        PREC=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    if wg is not None:
+        mla_decode_wg.launch(q, cache, part, lse, page_table, seq_lens, strides, page_size, scale, min_keys, dl,
+                             n_split, warps=wg[0], stages=wg[1])
+    else:
+        _mla_decode_kernel[(b, n_split)](
+            q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
+            page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, dl, dk - dl,
+            NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
+            BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
+            PREC=dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )
     if n_split > 1:
         _merge_kernel[(b * h,)](
             part, lse, out, dl, out.stride(0), out.stride(1), NUM_HEADS=h, NUM_SPLITS=n_split,

@@ -131,6 +131,41 @@ def test_mla_attention_flash(num_seqs, ctx, q_len):
     assert _rel(out, ref) < 1e-2
 
 
+def _mixed_decode_batch(lens, page_size=16):
+    """One decode token per sequence at the given context lengths, pages shuffled."""
+    pages = [-(-n // page_size) for n in lens]
+    perm = torch.randperm(sum(pages)).tolist()
+    seqs, at = [], 0
+    for n, p in zip(lens, pages):
+        seqs.append(([1], n - 1, perm[at:at + p]))
+        at += p
+    return ForwardBatch.build(ForwardMode.DECODE, seqs, page_size, device=DEV), sum(pages)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="Hopper warpgroup MMA")
+@pytest.mark.parametrize("warps,stages", [(4, 2), (8, 2)])
+@pytest.mark.parametrize("splits,min_keys", [(1, 0), (4, 32), (3, 64), (None, None)])
+def test_mla_decode_wg_flash(warps, stages, splits, min_keys):
+    """The Hopper warpgroup-MMA kernel (kernels/mla_decode_wg.py) vs the torch reference and the Triton kernel,
+    GLM-4.7-Flash shapes: lengths off the 64-key tile (1, 63, 65, 130), exact tiles (64, 640) and long ones;
+    split partials with empty splits (min_keys) merged; 20 heads padded to the 32-wide MMA N."""
+    from glmserve.kernels.mla_decode import mla_decode
+
+    lens = [1, 63, 64, 65, 130, 640, 1000, 2049, 7]
+    batch, num_pages = _mixed_decode_batch(lens)
+    cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
+    q = torch.randn(len(lens), 20, 576, device=DEV, dtype=BF16)
+    ref = paged_attention.paged_attention_ref(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
+    out = mla_decode(q, cache, batch.page_table, batch.seq_lens, 16, 256 ** -0.5, max(lens), 512, splits,
+                     min_keys=min_keys, wg=(warps, stages))
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < 1e-2
+    tri = mla_decode(q, cache, batch.page_table, batch.seq_lens, 16, 256 ** -0.5, max(lens), 512, splits,
+                     min_keys=min_keys)
+    assert _rel(out, tri) < 1e-2
+
+
 def test_kv_pages_air_layout():
     buf = torch.randn(47, 2, 300, 16, 8, 128, device=DEV, dtype=BF16)
     ids = torch.randperm(300, device=DEV)[:37]
