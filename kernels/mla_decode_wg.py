@@ -27,12 +27,19 @@ BLOCK_N = 64  # keys a tile: the wgmma M
 
 
 @gluon.jit
-def _issue_tile(kl_s, kr_s, kv_ptr, pt, start, hi, page_size, kv_ss,
+def _tile_pages(pt, start, hi, page_size, LD: gl.constexpr):
+    """Page id of each key in [start, start + BLOCK_N) (0 past hi): [64], rows of LD."""
+    j = start + gl.arange(0, 64, layout=gl.SliceLayout(1, LD))
+    return gl.load(pt + j // page_size, mask=j < hi, other=0)
+
+
+@gluon.jit
+def _issue_tile(kl_s, kr_s, kv_ptr, page, start, hi, page_size, kv_ss,
                 DL: gl.constexpr, DR: gl.constexpr, LD: gl.constexpr):
-    """cp.async of keys [start, start + BLOCK_N) (rows >= hi zero-filled) into kl_s [64, DL], kr_s [64, DR]."""
+    """cp.async of keys [start, start + BLOCK_N) (rows >= hi zero-filled; page = their page ids, _tile_pages)
+    into kl_s [64, DL], kr_s [64, DR], one commit group."""
     j = start + gl.arange(0, 64, layout=gl.SliceLayout(1, LD))
     j_ok = j < hi
-    page = gl.load(pt + j // page_size, mask=j_ok, other=0)
     row = kv_ptr + (page.to(gl.int64) * page_size + j % page_size)[:, None] * kv_ss
     c = gl.arange(0, 64, layout=gl.SliceLayout(0, LD))[None, :]
     for i in gl.static_range(DL // 64):
@@ -87,7 +94,10 @@ def _mla_decode_wg_kernel(
 
     pt = page_table_ptr + seq.to(gl.int64) * pt_stride
     for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill)
-        _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, pt, lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
+        _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, _tile_pages(pt, lo + t * 64, hi, page_size, LD),
+                    lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
+    # page ids load a tile ahead of their copies: the issue never waits on the page table
+    page_next = _tile_pages(pt, lo + (STAGES - 1) * 64, hi, page_size, LD)
 
     m_i = gl.full([BH], -1.0e30, gl.float32, layout=gl.SliceLayout(0, S_L))
     l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, S_L))
@@ -99,8 +109,9 @@ def _mla_decode_wg_kernel(
         fence_async_shared()  # ... are visible to the wgmma (async proxy)
         _barrier()  # ... as are every thread's; and every warp is done with tile t-1's buffers
         nxt = t + STAGES - 1
-        _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, pt, lo + nxt * 64, hi,
+        _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, page_next, lo + nxt * 64, hi,
                     page_size, kv_ss, DL, DR, LD)
+        page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
         kl = kl_s.index(st)
         s = warpgroup_mma(kl, ql_s.permute((1, 0)), gl.zeros([64, BH], gl.float32, layout=S_L),
                           use_acc=False, is_async=True)
