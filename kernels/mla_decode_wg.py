@@ -57,7 +57,7 @@ def _mla_decode_wg_kernel(
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence (the split rule of mla_decode), every head;
     out (or its fp32 split partial plus the base-2 log-sum-exp when NUM_SPLITS > 1)."""
-    gl.static_assert(DR == 64, "one rope chunk: DR == CHUNK")
+    gl.static_assert(DR == 64, "the rope part is one 64-column copy chunk")
     gl.static_assert(DL % 64 == 0)
     # registers: s^T [64, BH] (warps split keys, then heads); out^T [DL, BH] (warps split the latent dims)
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
