@@ -23,6 +23,7 @@ from glmserve.kernels import fused_moe
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.moe_align import moe_align
 from glmserve.kernels.fp8_gemm import fp8_gemm
+from glmserve.kernels import mla_decode as mla_decode_mod
 from glmserve.kernels.mla_decode import mla_decode
 
 ROTATE_BYTES = 256 << 20
@@ -32,8 +33,9 @@ MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096), (1, 16384
 # the current rule. Earlier sweeps (n32/n64 with and without prefetch, H200 run 13; n16, a lazy rescale, head
 # groups, H100 runs 18 / 19) led to the rule.
 MLA_VARIANTS = (None, (32, 4, 3, 0, 1), (16, 4, 3, 0, 1))
-# The Hopper warpgroup-MMA kernel (kernels/mla_decode_wg.py): (num_warps, stages, splits); splits 0 = the rule's
-MLA_WG_VARIANTS = ((4, 2, 0), (8, 2, 0), (8, 2, 1), (4, 2, 1))
+# The Hopper warpgroup-MMA kernel (kernels/mla_decode_wg.py): (num_warps, stages, splits); splits 0 = its rule's
+# (mla_decode.wg_splits). The "rule" row is the default path: the wg kernel where WG_CONFIGS enables it.
+MLA_WG_VARIANTS = ((4, 2, 0), (8, 2, 0), (4, 2, 1), (4, 2, 2), (4, 2, 4))
 # GLM-4.7-Flash's FP8 GEMMs per layer (N, K): fused q_a + kv_a, q_b, o_proj, shared expert gate_up and down
 GEMM_SHAPES = ((1344, 2048), (5120, 768), (2048, 5120), (3072, 2048), (2048, 1536))
 GEMM_MS = (1, 64, 256)
@@ -90,11 +92,14 @@ def sweep_mla(bw: float) -> list[dict]:
         table = torch.arange(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, 20, 576, device="cuda", dtype=torch.bfloat16)
-        ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, prefetch=False)
+        ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, config=(16, 4, 3, 4), prefetch=False)
         wg_ok = torch.cuda.get_device_capability()[0] == 9
-        for v in MLA_VARIANTS + (MLA_WG_VARIANTS if wg_ok else ()):
-            kw = {}
-            if v is not None and len(v) == 3:  # warpgroup-MMA kernel
+        for v in MLA_VARIANTS + (("triton rule",) + MLA_WG_VARIANTS if wg_ok else ()):
+            kw, wg_rules = {}, dict(mla_decode_mod.WG_CONFIGS)
+            if v == ("triton rule",):  # the Triton kernel's own rule (WG_CONFIGS off)
+                mla_decode_mod.WG_CONFIGS.clear()
+                name = "triton rule"
+            elif v is not None and len(v) == 3:  # warpgroup-MMA kernel
                 kw = dict(wg=v[:2], splits=v[2] or None)
                 name = "wg w%d s%d split%d" % v
             elif v is not None:
@@ -109,6 +114,8 @@ def sweep_mla(bw: float) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - a config that does not fit is a result
                 rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue
+            finally:
+                mla_decode_mod.WG_CONFIGS.update(wg_rules)
             rows.append(dict(kernel="mla", b=b, ctx=ctx, variant=name, us=t * 1e6, rel_err=err,
                              frac=nbytes / t / 1e9 / bw))
         del caches

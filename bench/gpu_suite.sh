@@ -26,7 +26,7 @@
 #                                    # at B 1, 256), A/B: MLA cache write unfused; the bf16 table
 #   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention / KV-write checks, fused-MoE config sweep, FP8 table, A/B
 #   bash bench/gpu_suite.sh h100e    # ONE H100 call: MLA decode + M 256 GEMM config sweeps, FP8 table, A/B, bf16 table
-#   bash bench/gpu_suite.sh h100f    # ONE H100 call: the warpgroup-MMA MLA kernel: GPU tests, sweep, FP8 A/B, bf16
+#   bash bench/gpu_suite.sh h100f    # ONE H100 call: the warpgroup-MMA MLA kernel: GPU tests, sweep, FP8 (wg / Triton), bf16
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -308,24 +308,21 @@ case "${1:-models}" in
     step profile_bf16 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --out "$OUT/profile_bf16.json"
     ;;
-  h100f)  # ONE H100 call (~6 min): the Hopper warpgroup-MMA MLA kernel's GPU tests, the MLA sweep with its variants,
-    # the FP8 step table (+ per-kernel HBM at B 256) with the Triton MLA rule, then with the wg kernel from the batch
-    # the sweep says it wins (bench/best_mla.py --wg), the bf16 table with it
+  h100f)  # ONE H100 call (~6 min): the Hopper warpgroup-MMA MLA kernel's GPU tests, the MLA sweep (its variants,
+    # the Triton rule), the FP8 step table (+ per-kernel HBM at B 256) with the default (wg) MLA path and with the
+    # Triton kernel (--mla_wg off), the bf16 table
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_gpu_real_shapes.py -k "mla" tests/kernels/test_paged_attention.py
+      tests/kernels/test_gpu_real_shapes.py -k "mla" tests/kernels/test_paged_attention.py \
+      tests/kernels/test_model_with_kernels.py
     step mla_sweep "$(left 120)" $PY -m bench.decode_sweep --only mla --out "$OUT/mla_sweep.json"
     step profile_fp8 "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
-      --quantization fp8 --mla_wg off --out "$OUT/profile_fp8.json"
-    wg=$($PY -m bench.best_mla --wg "$OUT/mla_sweep.json" 2>/dev/null)
-    echo "wg rule from the sweep: ${wg:-none}" | tee "$OUT/wg_rule.txt"
-    if [ -n "$wg" ]; then
-      step profile_fp8_wg "$(left 120)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 \
-        --ctx 640 --quantization fp8 --mla_wg "$wg" --out "$OUT/profile_fp8_wg.json"
-      step profile_bf16_wg "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
-        --mla_wg "$wg" --out "$OUT/profile_bf16_wg.json"
-    fi
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_triton "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8 --mla_wg off --out "$OUT/profile_fp8_triton.json"
+    step profile_bf16 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --out "$OUT/profile_bf16.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

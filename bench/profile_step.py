@@ -241,7 +241,7 @@ def main() -> None:
         from glmserve.kernels import mla_decode
         from glmserve.kernels._common import gpu_name
 
-        mla_decode.WG_CONFIGS.pop(gpu_name(torch.device("cuda")), None)
+        mla_decode.WG_CONFIGS.clear()  # 'off': the Triton kernel at every batch
         if a.mla_wg != "off":
             mla_decode.WG_CONFIGS[gpu_name(torch.device("cuda"))] = tuple(int(v) for v in a.mla_wg.split(","))
     d = tempfile.mkdtemp()

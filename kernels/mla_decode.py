@@ -121,9 +121,19 @@ MAX_SPLITS = 128  # partials: B * H * splits * DL * 4 bytes, written only by spl
 MIN_KEYS = 32
 
 
-# Hopper warpgroup-MMA kernel (mla_decode_wg.py) per GPU: (min batch, num_warps, num_stages); batches of at
-# least `min batch` sequences use it with the split rule below. Absent = the Triton kernel everywhere.
-WG_CONFIGS: dict[str, tuple[int, int, int]] = {}
+# Hopper warpgroup-MMA kernel (mla_decode_wg.py), on any GPU it supports (sm_90): (min batch, num_warps,
+# num_stages); batches of at least `min batch` sequences use it with wg_splits. H100 run 20 (bench/gpu_results/
+# h100_run20_h100f, us at ctx 640, Triton rule -> wg): B 1 10.7 -> 10.3, B 128 56.4 -> 40.8 (1 split), B 256
+# 106.2 -> 79.2 (0.60 -> 0.80 of the copy ceiling), B 64 ctx 4096 141.6 -> 122.2, B 1 ctx 16k 27.0 -> 23.8.
+# w8 within 2 % of w4 everywhere.
+WG_CONFIGS: dict[str, tuple[int, int, int]] = {"default": (1, 4, 2)}
+
+
+def wg_splits(num_seqs: int, sms: int) -> int:
+    """Splits per sequence for the warpgroup-MMA kernel: its 189 KB program takes a whole SM, so fill the SMs
+    about once, sms // B, and no split once B >= SMs (H100 run 20: B 128 ctx 640 one split 40.8 us vs 57.6
+    with the Triton rule's 2; B 64 ctx 4096 four 122.2 vs one 147.0); MIN_KEYS keeps short sequences on few."""
+    return max(1, min(sms // max(1, num_seqs), MAX_SPLITS))
 
 
 def tuned_splits(num_seqs: int, sms: int, fixed: int) -> int:
@@ -159,15 +169,16 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
 
     b, h, dk = q.shape
     name = gpu_name(q.device)
-    if wg is None and config is None and name in WG_CONFIGS and b >= WG_CONFIGS[name][0]:
-        wg = WG_CONFIGS[name][1:]
+    rule = WG_CONFIGS.get(name, WG_CONFIGS.get("default"))
+    if wg is None and config is None and rule is not None and b >= rule[0]:
+        wg = rule[1:]
     wg = wg if wg is not None and mla_decode_wg.supported(q, cache) else None
     block_n, warps, stages, fixed = config or (_CPU_CONFIG if name == "cpu" else CONFIGS.get(name, CONFIGS["default"]))
     if wg is not None:
         block_n = mla_decode_wg.BLOCK_N
     if splits is None and fixed:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-        splits = tuned_splits(b, sms, fixed)
+        splits = wg_splits(b, sms) if wg is not None else tuned_splits(b, sms, fixed)
         if b >= sms and config is None and wg is None:
             block_n, warps, stages = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)

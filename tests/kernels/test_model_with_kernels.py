@@ -161,3 +161,30 @@ def test_tiny_model_fp32_on_cuda_one_kernel_at_a_time(tmp_path, arch):
             errs[name] = ((got - ref).abs().max() / ref.abs().max()).item()
     print(arch, {k: f"{v:.1e}" for k, v in errs.items()})
     assert max(errs.values()) < 1e-4, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="Hopper warpgroup MMA")
+def test_flash_latent_dims_decode_on_the_wgmma_kernel(tmp_path, monkeypatch):
+    """A tiny glm4_moe_lite at GLM-4.7-Flash's latent dims (kv_lora_rank 512, rope 64): its decode steps take
+    the Hopper warpgroup-MMA MLA kernel (kernels/mla_decode_wg.py) through the model's own tensors (the
+    layer's cache view, the absorbed q), and every step's logits match the torch references and the
+    Triton kernel's."""
+    from glmserve.kernels import mla_decode, mla_decode_wg
+
+    arch = _arch("glm4_moe_lite", monkeypatch)
+    path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=7, num_nextn_predict_layers=0, kv_lora_rank=512,
+                                 qk_rope_head_dim=64)
+    runner = ModelRunner(path, device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    launches = []
+    real_launch = mla_decode_wg.launch
+    monkeypatch.setattr(mla_decode_wg, "launch", lambda *a, **k: launches.append(1) or real_launch(*a, **k))
+    ref = _with_refs(runner)
+    got, _ = _with_kernels(runner)
+    assert launches, "the decode steps did not take the warpgroup-MMA kernel"
+    monkeypatch.setattr(mla_decode, "WG_CONFIGS", {})
+    triton_path, _ = _with_kernels(runner)
+    for step in range(3):  # prefill, then the two decode steps
+        assert ((got[step] - ref[step]).norm() / ref[step].norm()).item() < 5e-2, step
+        assert ((got[step] - triton_path[step]).norm() / triton_path[step].norm()).item() < 2e-2, step
