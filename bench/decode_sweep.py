@@ -94,7 +94,7 @@ def sweep_mla(bw: float) -> list[dict]:
         q = torch.randn(b, 20, 576, device="cuda", dtype=torch.bfloat16)
         ref = mla_decode(q, caches[0], table, lens, 16, 0.1, ctx, 512, config=(16, 4, 3, 4), prefetch=False)
         wg_ok = torch.cuda.get_device_capability()[0] == 9
-        for v in MLA_VARIANTS + (("triton rule",) + MLA_WG_VARIANTS if wg_ok else ()):
+        for v in MLA_VARIANTS + ((("triton rule",),) + MLA_WG_VARIANTS if wg_ok else ()):
             kw, wg_rules = {}, dict(mla_decode_mod.WG_CONFIGS)
             if v == ("triton rule",):  # the Triton kernel's own rule (WG_CONFIGS off)
                 mla_decode_mod.WG_CONFIGS.clear()

@@ -166,7 +166,7 @@ def test_tiny_model_fp32_on_cuda_one_kernel_at_a_time(tmp_path, arch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="Hopper warpgroup MMA")
-def test_flash_latent_dims_decode_on_the_wgmma_kernel(tmp_path, monkeypatch):
+def test_mla_flash_latent_dims_decode_on_the_wgmma_kernel(tmp_path, monkeypatch):
     """A tiny glm4_moe_lite at GLM-4.7-Flash's latent dims (kv_lora_rank 512, rope 64): its decode steps take
     the Hopper warpgroup-MMA MLA kernel (kernels/mla_decode_wg.py) through the model's own tensors (the
     layer's cache view, the absorbed q), and every step's logits match the torch references and the
