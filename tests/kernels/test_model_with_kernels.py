@@ -184,7 +184,9 @@ def test_mla_flash_latent_dims_decode_on_the_wgmma_kernel(tmp_path, monkeypatch)
     got, _ = _with_kernels(runner)
     assert launches, "the decode steps did not take the warpgroup-MMA kernel"
     monkeypatch.setattr(mla_decode, "WG_CONFIGS", {})
+    launches.clear()
     triton_path, _ = _with_kernels(runner)
+    assert not launches, "WG_CONFIGS empty must keep the Triton kernel"
     def rel(a, b):
         return [((a[i] - b[i]).norm() / b[i].norm()).item() for i in range(3)]  # prefill, then two decode steps
 
