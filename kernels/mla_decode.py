@@ -122,17 +122,18 @@ MIN_KEYS = 32
 
 
 # Hopper warpgroup-MMA kernel (mla_decode_wg.py), on any GPU it supports (sm_90): (min batch, num_warps,
-# num_stages); batches of at least `min batch` sequences use it with wg_splits. H100 run 20 (bench/gpu_results/
-# h100_run20_h100f, us at ctx 640, Triton rule -> wg): B 1 10.7 -> 10.3, B 128 56.4 -> 40.8 (1 split), B 256
-# 106.2 -> 79.2 (0.60 -> 0.80 of the copy ceiling), B 64 ctx 4096 141.6 -> 122.2, B 1 ctx 16k 27.0 -> 23.8.
-# w8 within 2 % of w4 everywhere.
+# num_stages); batches of at least `min batch` sequences use it with wg_splits. H100 run 23 (bench/gpu_results/
+# h100_run23_mla, us at ctx 640, Triton rule -> wg): B 64 33.7 -> 29.3, B 128 57.5 -> 40.7, B 256 108.2 -> 79.0
+# (0.58 -> 0.80 of the copy ceiling), B 64 ctx 4096 141.0 -> 110.7 (0.91), B 1 ctx 16k 27.1 -> 23.8; B 1 ctx
+# 640 10.7 -> 10.3 (run 20). 8 warps within 2 % of 4 everywhere.
 WG_CONFIGS: dict[str, tuple[int, int, int]] = {"default": (1, 4, 2)}
 
 
 def wg_splits(num_seqs: int, sms: int) -> int:
     """Splits per sequence for the warpgroup-MMA kernel: its 189 KB program takes a whole SM, so fill the SMs
-    about once, sms // B, and no split once B >= SMs (H100 run 20: B 128 ctx 640 one split 40.8 us vs 57.6
-    with the Triton rule's 2; B 64 ctx 4096 four 122.2 vs one 147.0); MIN_KEYS keeps short sequences on few."""
+    about once, sms // B, and no split once B >= SMs (H100 run 23, us: B 128 ctx 640 one split 40.7, two 57.3;
+    B 256 one 79.8, two 107.7; B 64 ctx 4096 two 110.8, one 148.3, four 122.3); MIN_KEYS keeps short
+    sequences on few."""
     return max(1, min(sms // max(1, num_seqs), MAX_SPLITS))
 
 

@@ -135,3 +135,14 @@ def test_mla_split_rule_on_a_tuned_gpu():
     assert tuned_splits(131, 132, 4) == tuned_splits(66, 132, 4) == 2
     assert tuned_splits(65, 132, 4) == tuned_splits(64, 132, 4) == tuned_splits(16, 132, 4) == 4
     assert tuned_splits(8, 132, 4) == 17 and tuned_splits(1, 132, 4) == min(132, MAX_SPLITS)
+
+
+def test_mla_wg_split_rule():
+    """wg_splits: the warpgroup-MMA kernel's one-program-per-SM grid filled about once (132 SMs): no split
+    once B fills the SMs (B 128: 40.7 us vs 57.3 with two, H100 run 23), two at B 64 (ctx 4096: 110.8 vs
+    148.3 with one), a single sequence over MAX_SPLITS programs (MIN_KEYS then keeps short ones on few)."""
+    from glmserve.kernels.mla_decode import MAX_SPLITS, wg_splits
+
+    assert wg_splits(256, 132) == wg_splits(132, 132) == wg_splits(128, 132) == wg_splits(67, 132) == 1
+    assert wg_splits(66, 132) == wg_splits(64, 132) == 2
+    assert wg_splits(8, 132) == 16 and wg_splits(1, 132) == MAX_SPLITS and wg_splits(0, 132) == MAX_SPLITS
