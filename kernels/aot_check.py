@@ -18,8 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_kv_write, moe_align, moe_route,
-                              paged_attention, rmsnorm, rope)
+from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_decode, mla_kv_write,
+                              moe_align, moe_route, paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
@@ -73,8 +73,6 @@ def _gemm_tma(cfg, precise: bool):
 
 def _mla_latent(wide: bool):
     """The default split config (NUM_SPLITS 4), or the one-split config for batches that fill the SMs."""
-    from glmserve.kernels import mla_decode
-
     if wide:
         block_n, warps, stages = mla_decode.WIDE_CONFIGS["default"]
     else:
@@ -167,8 +165,8 @@ def cases():
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
     yield ("mla decode latent", *_mla_latent(False))
     yield ("mla decode latent wide", *_mla_latent(True))
-    for splits, warps in ((1, 4), (4, 4), (1, 8), (4, 8)):
-        yield (f"mla decode wgmma (gluon) splits {splits} w{warps}", *_mla_wg(splits, warps, 2))
+    for splits in (1, 4):  # the shipped config (mla_decode.WG_CONFIGS): 4 warps, 2 stages
+        yield (f"mla decode wgmma (gluon) splits {splits}", *_mla_wg(splits, *mla_decode.WG_CONFIGS["default"][1:]))
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))
