@@ -6,7 +6,7 @@ Every variant is checked against the current rule's output (relative Frobenius e
 timed, as a CUDA graph of 16+ calls (GPU time, no launch cost); inputs rotate over enough copies that
 nothing is served from L2 (> 200 MB per rotation), so each time is an HBM time. Fraction = bytes the kernel must read / time / the copy bandwidth measured
 in the same run (GB/s read + written, as bench/profile_step.py's roofline).
-    python -m bench.decode_sweep --out $OUT/decode_sweep.json [--only mla,gemm,moe]
+    python -m bench.decode_sweep --out $OUT/decode_sweep.json [--only mla,gemm,moe,dense]
 The fused MoE's two grouped GEMMs (kernels/fused_moe.py, 55 % of the FP8 step at B 256 on an H100, run 16)
 are swept the same way ("moe").
 """
@@ -152,6 +152,41 @@ def sweep_gemm(bw: float, ms: tuple[int, ...] = GEMM_MS, shapes: int = len(GEMM_
     return rows
 
 
+DENSE_MS = (1, 64, 128, 256)
+
+
+def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
+    """The per-channel W8A8 GEMMs the FP8 decode step runs (GEMM_SHAPES' three attention GEMMs: the shared
+    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M)."""
+    from glmserve.kernels import fp8_gemm as fp8_gemm_mod
+
+    rows = []
+    for n_out, k in GEMM_SHAPES[:3]:
+        n = _copies(n_out * k)
+        ws = [torch.randn(n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
+        w_scale = torch.rand(n_out, 1, device="cuda") + 0.5
+        for m in ms:
+            aq, a_scale = quant_fp8_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            nbytes = n_out * k + m * k + 2 * m * n_out
+            ref = fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16)
+            for name, window in (("rule", None), ("scaled_mm", (1, 1 << 30))):
+                saved, fp8_gemm_mod.SCALED_MM_M = fp8_gemm_mod.SCALED_MM_M, window
+                try:
+                    err = _rel(fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16), ref)
+                    t = graph_time(lambda i: fp8_gemm(aq, a_scale, ws[i], w_scale, None, torch.bfloat16), n)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(kernel="gemm", m=m, n=n_out, k=k, variant=name,
+                                     error=f"{type(e).__name__}: {e}"[:200]))
+                    continue
+                finally:
+                    fp8_gemm_mod.SCALED_MM_M = saved
+                rows.append(dict(kernel="gemm", m=m, n=n_out, k=k, variant=name, us=t * 1e6, rel_err=err,
+                                 frac=nbytes / t / 1e9 / bw))
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _moe_inputs(b: int, gen: torch.Generator):
     """Batch b of GLM-4.7-Flash's MoE: top-4 of 64 routed experts + the fused shared expert (id 64, last)."""
     routed = torch.stack([torch.randperm(MOE_E - 1, generator=gen)[:MOE_K] for _ in range(b)])
@@ -225,6 +260,8 @@ def main() -> None:
         rows += sweep_gemm(bw, tuple(int(m) for m in a.gemm_ms.split(",")), a.gemm_shapes)
     if "moe" in a.only:
         rows += sweep_moe(bw)
+    if "dense" in a.only:
+        rows += sweep_dense(bw)
     print(f"copy GB/s {bw:.0f}")
     key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
     for r in rows:

@@ -27,6 +27,8 @@
 #   bash bench/gpu_suite.sh h100d    # ONE H100 call: attention / KV-write checks, fused-MoE config sweep, FP8 table, A/B
 #   bash bench/gpu_suite.sh h100e    # ONE H100 call: MLA decode + M 256 GEMM config sweeps, FP8 table, A/B, bf16 table
 #   bash bench/gpu_suite.sh h100f    # ONE H100 call: the warpgroup-MMA MLA kernel: GPU tests, sweep, FP8 (wg / Triton), bf16
+#   bash bench/gpu_suite.sh h100g    # ONE H100 call: slot sum in the next norm, _scaled_mm window: tests, dense GEMM
+#                                    # sweep, FP8 table (default / _scaled_mm / separate slot sum), bf16 table
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -322,6 +324,25 @@ case "${1:-models}" in
     step profile_fp8_triton "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --mla_wg off --out "$OUT/profile_fp8_triton.json"
     step profile_bf16 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --out "$OUT/profile_bf16.json"
+    ;;
+  h100g)  # ONE H100 call (~5 min): the slot sum in the next norm and the torch._scaled_mm window: kernel / model
+    # tests, the dense GEMM sweep (Triton rule vs _scaled_mm at M 1-256), the FP8 step table (+ per-kernel HBM
+    # at B 256) as committed, with _scaled_mm for M <= 512 (+ its B 256 profile), with the slot sum separate
+    # (A/B), the bf16 table
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_elementwise.py tests/kernels/test_fused_moe.py tests/kernels/test_fp8_gemm.py \
+      tests/kernels/test_model_with_kernels.py
+    step dense_sweep "$(left 60)" $PY -m bench.decode_sweep --only dense --out "$OUT/dense_sweep.json"
+    step profile_fp8 "$(left 110)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
+      --quantization fp8 --out "$OUT/profile_fp8.json"
+    step profile_fp8_smm "$(left 110)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 \
+      --ctx 640 --quantization fp8 --scaled_mm 1,512 --out "$OUT/profile_fp8_smm.json"
+    step profile_fp8_sep "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8 --separate_slot_sum --out "$OUT/profile_fp8_sep.json"
+    step profile_bf16 "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --out "$OUT/profile_bf16.json"
     ;;
   serve)

@@ -79,7 +79,8 @@ def step_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float
     weights = total - embed.numel() * embed.element_size() + moe
     groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
     if dense_fp8:
-        groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm",), dense_fp8))
+        # Triton's, or torch._scaled_mm's (CUTLASS rowwise / cuBLASLt FP8 kernel names)
+        groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm", "f8f8bf16", "e4m3", "qqtst", "qqtss"), dense_fp8))
     return weights, groups
 
 
@@ -223,8 +224,21 @@ def main() -> None:
                          "(A/B against kernels.mla_decode.WG_CONFIGS; 'off' = never)")
     ap.add_argument("--unfused_mla_write", action="store_true",
                     help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
+    ap.add_argument("--scaled_mm", default="",
+                    help="per-channel FP8 GEMMs with lo <= M <= hi on torch._scaled_mm: lo,hi (A/B against "
+                         "kernels.fp8_gemm.SCALED_MM_M; 'off' = never)")
+    ap.add_argument("--separate_slot_sum", action="store_true",
+                    help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.scaled_mm:
+        from glmserve.kernels import fp8_gemm
+
+        fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
+    if a.separate_slot_sum:
+        from glmserve.shared.model.layers import moe
+
+        moe.SLOT_SUM_IN_NORM = False
     if a.unfused_mla_write:
         ops.set_impl("mla_kv_write", _unfused_mla_kv_write)
     if a.mla_min_keys is not None:
@@ -266,7 +280,8 @@ def main() -> None:
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  shared fusion {fused}"
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
-          f"  MLA wgmma {a.mla_wg or 'default'}")
+          f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
+          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

@@ -164,6 +164,11 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     m, k = a_q.shape
     n = w_q.shape[0]
     a_scale, w_scale = a_scale.contiguous(), w_scale.contiguous()
+    if config is None and split_k is None and _use_scaled_mm(a_q, m, n, k, block, out_dtype):
+        # cuBLAS / CUTLASS rowwise FP8 (fp32 accumulation, as PRECISE_ACC); bias added after (rowwise + bias
+        # is not supported on every torch build)
+        y = torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale.view(1, n), out_dtype=out_dtype)
+        return y if bias is None else y.add_(bias)
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
@@ -216,6 +221,18 @@ def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:
     if not TMA_LARGE or block or m <= 512 or (split_k or 1) > 1 or a_q.device.type != "cuda":
         return False
     return cc_major(a_q.device) >= 9 and tma_ok(a_q, w_q)
+
+
+# Per-channel GEMMs with SCALED_MM_M[0] <= M <= SCALED_MM_M[1] on sm_90+ go to torch._scaled_mm (rowwise
+# scales, no fast accumulation) instead of the Triton kernel; None: never. bench/decode_sweep.py --only dense
+# compares the two at the decode step's shapes.
+SCALED_MM_M: tuple[int, int] | None = None
+
+
+def _use_scaled_mm(a_q, m: int, n: int, k: int, block: int, out_dtype) -> bool:
+    if SCALED_MM_M is None or block or a_q.device.type != "cuda" or out_dtype != torch.bfloat16:
+        return False
+    return SCALED_MM_M[0] <= m <= SCALED_MM_M[1] and n % 16 == 0 and k % 16 == 0 and cc_major(a_q.device) >= 9
 
 
 def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:

@@ -170,10 +170,12 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 
 
 def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
-                  x_fp8=None) -> torch.Tensor:
+                  x_fp8=None, keep_slots=False) -> torch.Tensor:
     """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k].
     shared_last: ids[:, -1] is expert E - 1 for every token (the fused shared expert; moe_align skips counting it).
-    x_fp8: x's per-token FP8 form (q [T, H], scale [T, 1]) when its producer made it (FP8 experts only)."""
+    x_fp8: x's per-token FP8 form (q [T, H], scale [T, 1]) when its producer made it (FP8 experts only).
+    keep_slots: return the down GEMM's weighted per-pair rows as [T, k, H] (the slot form; the next
+    add_rms_norm kernel sums them) instead of launching the slot sum."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     fp8 = w13.dtype == FP8_DTYPE
@@ -183,9 +185,8 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     check(not fp8 or (w13_scale is not None and w2_scale is not None and w2.dtype == FP8_DTYPE), "fp8 needs scales")
     top_k = ids.shape[1]
     num_pairs = t * top_k
-    out = new_out((t, h), x.dtype, x.device)
     if t == 0:
-        return out
+        return new_out((t, top_k, h) if keep_slots else (t, h), x.dtype, x.device)
     cfg = _config(x.device, num_pairs, num_experts, fp8)
     pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
     flat_w = weights.reshape(-1).float().contiguous()
@@ -202,6 +203,9 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
         _gemm(x, None, w13, None, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
         act = silu_and_mul(gate_up)
         _gemm(act, None, w2, None, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    if keep_slots:
+        return down.view(t, top_k, h)
+    out = new_out((t, h), x.dtype, x.device)
     block_h = min(1024, triton.next_power_of_2(h))
     _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out

@@ -2,6 +2,9 @@
 
 HF semantics (spec §1.2): y = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype). The fused form
 first computes s = x + residual in x.dtype (one rounding, as torch does) and returns (norm(s), s).
+The fused form also takes x in the MoE's slot form [T, S, D] (the fused experts' weighted per-slot
+outputs, ops.fused_experts(keep_slots=True) at TP 1): x = sum of the S rows in fp32, one rounding to
+x.dtype (what kernels.fused_moe's slot sum wrote before), then the add: one launch instead of two.
 One program normalises one row of D elements (D <= 16384; GLM rows are 128 .. 5120 wide).
 Bytes: read x (+ residual) and w, write y (+ s): memory-bound, one pass.
 The _fp8 forms also quantize y per token for the next W8A8 GEMM (as kernels.act_quant.quant_fp8_per_token
@@ -24,6 +27,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def add_rms_norm_ref(x, residual, weight, eps):
+    if x.dim() == residual.dim() + 1:  # slot form [T, S, D]
+        x = x.float().sum(-2).to(x.dtype)
     s = x + residual
     return rms_norm_ref(s, weight, eps), s
 
@@ -31,13 +36,19 @@ def add_rms_norm_ref(x, residual, weight, eps):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
-    x_stride, res_stride, y_stride, s_stride, q_stride, D, eps,
+    x_stride, res_stride, y_stride, s_stride, q_stride, D, eps, slot_stride,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, PRE_ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
+    SLOTS: tl.constexpr = 1,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if SLOTS > 1:  # slot form: x row = sum of SLOTS rows slot_stride apart, fp32, one rounding
+        xs = x.to(tl.float32)
+        for j in range(1, SLOTS):
+            xs += tl.load(x_ptr + row * x_stride + j * slot_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = xs.to(x.dtype)
     if HAS_RES:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounds like torch's x + residual
@@ -68,6 +79,11 @@ def _launch(x, residual, weight, eps, out=None, quant: bool = False):
     check(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous")
     check(d <= 16384, "row too wide for one program")
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    slots, slot_stride = 1, 0
+    if residual is not None and x.dim() == residual.dim() + 1:  # slot form [T, S, D]: sum the S rows
+        check(x.dim() == 3 and x.stride(-1) == 1, "slot form must be [T, S, D] with D contiguous")
+        slots, slot_stride = x.shape[1], x.stride(1)
+        x = x[:, 0]  # [T, D] view: row t's first slot; the kernel walks the rest
     x2 = _rows(x)
     if out is None:
         y = new_out(x2.shape, dtype=out_dtype, device=x.device)
@@ -91,8 +107,8 @@ def _launch(x, residual, weight, eps, out=None, quant: bool = False):
             x2, res2 if res2 is not None else x2, weight, y, s if s is not None else y,
             q if quant else y, qs if quant else y,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
-            s.stride(0) if s is not None else 0, q.stride(0) if quant else 0, d, float(eps),
-            HAS_RES=residual is not None, QUANT=quant, PRE_ROUND=INTERPRET, BLOCK_D=block,
+            s.stride(0) if s is not None else 0, q.stride(0) if quant else 0, d, float(eps), slot_stride,
+            HAS_RES=residual is not None, QUANT=quant, PRE_ROUND=INTERPRET, BLOCK_D=block, SLOTS=slots,
             num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(x.shape)
@@ -106,7 +122,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(rms_norm(x + residual), x + residual), both shaped like x."""
+    """(rms_norm(x + residual), x + residual), both shaped like residual; x [T, D] or the slot form [T, S, D]."""
     return _launch(x, residual, weight, eps)[:2]
 
 
@@ -117,5 +133,6 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x, residual [T, D] -> (rms_norm(x + residual), x + residual, (q, scale) of the former)."""
+    """x [T, D] (or the slot form [T, S, D]), residual [T, D] -> (rms_norm(x + residual), x + residual,
+    (q, scale) of the former)."""
     return _launch(x, residual, weight, eps, quant=True)

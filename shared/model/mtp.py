@@ -35,6 +35,5 @@ class MtpLayer(DecoderLayer):
     def draft(self, embeds: torch.Tensor, prev_hidden: torch.Tensor, cos_sin, batch, kv_cache):
         """embeds, prev_hidden: [T, H] -> (normed [T, H] for the lm_head, pre-norm block output [T, H])."""
         z = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(prev_hidden)], dim=-1))
-        out, residual = self.forward(z, None, cos_sin, batch, kv_cache)
-        z = out + residual
-        return self.shared_head.norm(z), z
+        out, residual = self.forward(z, None, cos_sin, batch, kv_cache)  # out: [T, H] or the MoE's slot form
+        return self.shared_head.norm(out, residual)  # (norm(out + residual), out + residual)

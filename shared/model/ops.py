@@ -41,7 +41,10 @@ def add_rms_norm_fp8_ref(x, residual, weight, eps):
 def add_rms_norm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual); both [T, D]."""
+    """(rms_norm(x + residual), x + residual); both [T, D]. x may be the MoE's slot form [T, S, D]
+    (fused_experts(keep_slots=True)): its S rows are summed in fp32 and rounded once to x.dtype first."""
+    if x.dim() == residual.dim() + 1:
+        x = x.float().sum(-2).to(x.dtype)
     s = x + residual
     return rms_norm_ref(s, weight, eps), s
 
@@ -151,7 +154,7 @@ def moe_route_ref(
 def fused_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, shared_last: bool = False,
-    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j]. x_fp8 (x's per-token FP8 form,
     from a fused norm) is for the W8A8 kernel; this reference keeps activations unquantized and ignores it.
@@ -161,21 +164,24 @@ def fused_experts_ref(
     x: [T, H]; w13: [E, 2I, H] ([gate; up] rows); w2: [E, H, I]; weights: [T, k] fp32; ids: [T, k].
     FP8 experts: w13/w2 are e4m3 with per-row scales w13_scale [E, 2I, 1], w2_scale [E, H, 1]
     (this reference dequantizes the weights and keeps activations unquantized).
-    Returns [T, H] in x.dtype (this rank's partial sum when I is TP-split).
+    Returns [T, H] in x.dtype (this rank's partial sum when I is TP-split); keep_slots: the weighted per-slot
+    outputs [T, k, H] in x.dtype instead, unsummed ("slot form": the next add_rms_norm sums them, TP 1).
     """
     if w13_scale is not None:
         w13 = (w13.float() * w13_scale.float()).to(x.dtype)
         w2 = (w2.float() * w2_scale.float()).to(x.dtype)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])
     flat_w = weights.reshape(-1)
+    # [T, H] fp32 sum, or [T * k, H] per pair (pair t * k + j) for the slot form
+    out = torch.zeros((flat_ids.numel() if keep_slots else x.shape[0], x.shape[1]), dtype=torch.float32,
+                      device=x.device)
     for e in torch.unique(flat_ids).tolist():
         sel = (flat_ids == e).nonzero().squeeze(1)
         tok = token_of[sel]
         h = silu_and_mul_ref(x[tok] @ w13[e].t()) @ w2[e].t()  # [n, H]
-        out.index_add_(0, tok, h.float() * flat_w[sel, None])
-    return out.to(x.dtype)
+        out.index_add_(0, sel if keep_slots else tok, h.float() * flat_w[sel, None])
+    return out.to(x.dtype).view(x.shape[0], ids.shape[1], -1) if keep_slots else out.to(x.dtype)
 
 
 def paged_attention_ref(
@@ -303,8 +309,9 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
                              shared_slot)
 
 
-def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False, x_fp8=None):
-    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8)
+def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False, x_fp8=None,
+                  keep_slots=False):
+    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, keep_slots)
 
 
 def paged_attention(q, k_cache, v_cache, batch, page_size, scale):

@@ -143,3 +143,33 @@ def test_rms_norm_fp8_quantizes_its_output(dtype, residual):
     _fp8_close(q, *act_quant.quant_fp8_per_token_ref(y)[:1], qs, act_quant.quant_fp8_per_token_ref(y)[1])
     # the references make no FP8 form: their consumers keep activations unquantized
     assert ops.rms_norm_fp8_ref(x, w, 1e-6)[1] is None and ops.add_rms_norm_fp8_ref(x, r, w, 1e-6)[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", [False, True])
+def test_add_rms_norm_sums_the_moe_slot_form(dtype, quant):
+    """x in the MoE's slot form [T, S, D] (fused_experts(keep_slots=True)): the norm kernel's result is
+    bit-identical to the slot-sum kernel followed by the plain fused norm (the two launches it replaces),
+    and matches the torch references, which sum the slots the same way."""
+    from glmserve.kernels.fused_moe import _sum_slots_kernel
+
+    t, slots, d = 6, 5, 48
+    x3 = torch.randn(t, slots, d, device=DEV).to(dtype)
+    r = torch.randn(t, d, device=DEV).to(dtype)
+    w = torch.rand(d, device=DEV).to(dtype)
+    summed = torch.empty(t, d, device=DEV, dtype=dtype)
+    _sum_slots_kernel[(t, 1)](x3, summed, d, TOP_K=slots, BLOCK_H=64, num_warps=4)
+    if quant:
+        y, s, (q, qs) = rmsnorm.add_rms_norm_fp8(x3, r, w, 1e-6)
+        y2, s2, (q2, qs2) = rmsnorm.add_rms_norm_fp8(summed, r, w, 1e-6)
+        assert torch.equal(q.float(), q2.float()) and torch.equal(qs, qs2)
+    else:
+        y, s = rmsnorm.add_rms_norm(x3, r, w, 1e-6)
+        y2, s2 = rmsnorm.add_rms_norm(summed, r, w, 1e-6)
+    assert y.shape == s.shape == (t, d) and torch.equal(y, y2) and torch.equal(s, s2)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL
+    for ref in (rmsnorm.add_rms_norm_ref, ops.add_rms_norm_ref):
+        y_ref, s_ref = ref(x3, r, w, 1e-6)
+        torch.testing.assert_close(s, s_ref, **tol)
+        torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(ops.add_rms_norm_ref(x3, r, w, 1e-6)[1], (x3.float().sum(1).to(dtype) + r))

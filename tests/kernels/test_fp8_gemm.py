@@ -81,3 +81,24 @@ def test_tma_kernel_partial_tiles(precise):
     fp8_gemm_tma(a_q, a_s, w_q, w_s, b, out, (16, 32, 32, 2, 4, 1), precise)
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._scaled_mm rowwise, sm_90)")
+@pytest.mark.parametrize("m", [1, 64, 256])
+def test_scaled_mm_window_matches_reference(m, monkeypatch):
+    """SCALED_MM_M routes per-channel GEMMs in its M window to torch._scaled_mm; bf16 out, bias added after."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("rowwise _scaled_mm needs sm_90")
+    monkeypatch.setattr(fp8_gemm, "SCALED_MM_M", (1, 512))
+    n, k = 1344, 2048
+    a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
+    w_q, w_s = _weight(n, k)
+    b = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32)
+    assert fp8_gemm._use_scaled_mm(a_q, m, n, k, 0, torch.bfloat16)
+    out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    monkeypatch.setattr(fp8_gemm, "SCALED_MM_M", None)
+    assert not fp8_gemm._use_scaled_mm(a_q, m, n, k, 0, torch.bfloat16)

@@ -93,3 +93,30 @@ def test_decode_blocks_fill_the_gpu():
     from glmserve.kernels.fused_moe import NARROW_FLOOR
 
     assert _narrow_n(64, 3072, active_m=5, sms=132, floor=NARROW_FLOOR["H100"]) == 64  # H100: 64 beat 32 (run 17)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_keep_slots_returns_the_rows_the_sum_would_add(fp8):
+    """keep_slots=True (TP 1: the next add_rms_norm sums the slots): [T, k, H] whose fp32 sum rounded once is
+    exactly the summed output; the reference's slot form agrees with its own sum and with the kernel's."""
+    from glmserve.shared.model import ops
+
+    x, w13, w2, weights, ids = _inputs(7, 48, 20, 5, 3, torch.float32)
+    scales = ()
+    if fp8:
+        s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
+        w13, w2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+        scales = (s13, s2)
+    out = fused_experts(x, w13, w2, weights, ids, *scales)
+    slots = fused_experts(x, w13, w2, weights, ids, *scales, keep_slots=True)
+    assert slots.shape == (7, 3, 48)
+    assert torch.equal(slots.float().sum(1).to(out.dtype), out)
+    ref_sum = ops.fused_experts_ref(x, w13, w2, weights, ids, *(scales or (None, None)))
+    ref_slots = ops.fused_experts_ref(x, w13, w2, weights, ids, *(scales or (None, None)), keep_slots=True)
+    assert ref_slots.shape == (7, 3, 48)
+    torch.testing.assert_close(ref_slots.sum(1), ref_sum, rtol=1e-5, atol=1e-5)
+    if not fp8:  # W8A8 quantizes activations, the reference does not
+        torch.testing.assert_close(slots, ref_slots, rtol=1e-4, atol=1e-4)
+    # a slot row is its pair's weighted expert output: the last slot alone, through the reference
+    one = ops.fused_experts_ref(x, w13, w2, weights[:, 2:], ids[:, 2:], *(scales or (None, None)))
+    torch.testing.assert_close(ref_slots[:, 2], one, rtol=1e-5, atol=1e-5)

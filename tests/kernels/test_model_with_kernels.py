@@ -196,3 +196,28 @@ def test_mla_flash_latent_dims_decode_on_the_wgmma_kernel(tmp_path, monkeypatch)
     # kernel under test must add nothing beyond the Triton kernel's own error
     assert max(wg_tri) < 2e-2, wg_tri
     assert all(w <= t + 1e-2 for w, t in zip(wg_ref, tri_ref)), (wg_ref, tri_ref)
+
+
+def test_tp1_moe_layers_hand_the_slot_form_to_the_next_norm(tmp_path, monkeypatch):
+    """TP 1 with the shared expert fused: every MoE layer returns its per-slot rows [T, k + 1, H] and the next
+    add_rms_norm (or the final norm) sums them; the slot-sum kernel never launches, and the logits equal
+    the references' (test_tiny_model_logits_same_with_kernels checks the same at 1e-4 for every arch)."""
+    from glmserve.kernels import fused_moe
+    from glmserve.shared.model.layers.moe import MoE
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the slot-sum kernel launched at TP 1")
+
+    monkeypatch.setattr(fused_moe, "_sum_slots_kernel", NoLaunch())
+    path = write_tiny_checkpoint(str(tmp_path / "lite"), "glm4_moe_lite", seed=5, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False)
+    shapes = []
+    for m in runner.model.modules():
+        if isinstance(m, MoE):
+            m.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    ref = _with_refs(runner)
+    got, _ = _with_kernels(runner)
+    assert shapes and all(len(s) == 3 and s[1] == runner.model.cfg.num_experts_per_tok + 1 for s in shapes), shapes
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, err

@@ -30,7 +30,8 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"{prefix}.mlp")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
-        """x, residual: [T, H] (residual None on the first layer) -> (out, residual). Each norm also hands
+        """x, residual: [T, H] (residual None on the first layer; x may be the MoE's slot form [T, k', H],
+        which only add_rms_norm takes) -> (out, residual). Each norm also hands
         its consumer the per-token FP8 form of its output when that consumer's first GEMM is FP8."""
         if residual is None:
             h, _, h_fp8 = self.input_layernorm.apply(x, None, self.self_attn.input_fp8)

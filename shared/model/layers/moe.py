@@ -27,6 +27,11 @@ from glmserve.shared.model.parallel import TPGroup
 from glmserve.shared.weights.lazy import materialize
 
 
+# TP 1 + fused shared expert: MoE returns the slot form and the next add_rms_norm sums it (False: the
+# experts sum their slots themselves; bench/profile_step.py --separate_slot_sum A/B)
+SLOT_SUM_IN_NORM = True
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, device="cpu"):
         super().__init__()
@@ -96,9 +101,10 @@ class Experts(nn.Module):
             copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False) -> torch.Tensor:
+        """-> [T, H], or the slot form [T, k', H] with keep_slots (see ops.fused_experts_ref)."""
         return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
-                                 self.shared_slot is not None, x_fp8)
+                                 self.shared_slot is not None, x_fp8, keep_slots)
 
 
 class MoE(nn.Module):
@@ -118,11 +124,16 @@ class MoE(nn.Module):
             reduce=False)
 
     def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> routed + shared [T, H] (all-reduced)."""
+        """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> routed + shared [T, H] (all-reduced).
+        At TP 1 with the shared expert fused (nothing to add or all-reduce after the experts) the output is
+        the slot form [T, k', H] instead: the experts' weighted per-slot rows, summed by the next layer's
+        add_rms_norm (the decoder's consumer) in the same launch (one slot-sum kernel fewer a layer)."""
         weights, ids = self.gate(x, shared_slot=self.shared_experts is None)
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
+        if SLOT_SUM_IN_NORM and self.shared_experts is None and self.tp.tp_size == 1:
+            return self.experts(x, weights, ids, x_fp8, keep_slots=True)
         out = self.experts(x, weights, ids, x_fp8)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, x_fp8)  # a bf16 layer ignores x_fp8
