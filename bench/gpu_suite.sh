@@ -29,6 +29,8 @@
 #   bash bench/gpu_suite.sh h100f    # ONE H100 call: the warpgroup-MMA MLA kernel: GPU tests, sweep, FP8 (wg / Triton), bf16
 #   bash bench/gpu_suite.sh h100g    # ONE H100 call: slot sum in the next norm, _scaled_mm window: tests, dense GEMM
 #                                    # sweep, FP8 table (default / _scaled_mm / separate slot sum), bf16 table
+#   bash bench/gpu_suite.sh h100h    # ONE H100 call: PDL launches: tests incl. CUDA graphs, FP8 table with / without
+#                                    # PDL (A/B, twice with), bf16 table
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -344,6 +346,23 @@ case "${1:-models}" in
       --quantization fp8 --separate_slot_sum --out "$OUT/profile_fp8_sep.json"
     step profile_bf16 "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --out "$OUT/profile_bf16.json"
+    ;;
+  h100h)  # ONE H100 call (~5 min): programmatic dependent launch (PDL) of the Triton kernels: kernel / model /
+    # CUDA-graph tests, then the FP8 step table (+ per-kernel HBM at B 1 and 256) with PDL, without (A/B), with
+    # again (table only), the bf16 table. Tables and JSON in the .txt files (the device returns 8 files at most).
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 170)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_elementwise.py tests/kernels/test_fused_moe.py tests/kernels/test_fp8_gemm.py \
+      tests/kernels/test_model_with_kernels.py tests/kernels/test_moe_route.py tests/kernels/test_mla_kv_write.py \
+      tests/kernels/test_gpu_real_shapes.py tests/models/test_decode_graphs.py
+    step profile_fp8 "$(left 110)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8
+    step profile_fp8_nopdl "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8 --pdl off
+    step profile_fp8_again "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8
+    step profile_bf16 "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -229,8 +229,14 @@ def main() -> None:
                          "kernels.fp8_gemm.SCALED_MM_M; 'off' = never)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
+    ap.add_argument("--pdl", default="on", choices=["on", "off"],
+                    help="programmatic dependent launch of the Triton kernels (kernels._common.PDL_ENABLED; A/B)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.pdl == "off":
+        from glmserve.kernels import _common
+
+        _common.PDL_ENABLED = False
     if a.scaled_mm:
         from glmserve.kernels import fp8_gemm
 
@@ -281,7 +287,7 @@ def main() -> None:
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
-          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}")
+          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

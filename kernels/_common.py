@@ -65,6 +65,35 @@ def fp8_grid_round(x):
     return tl.where(x < 0, -r, r)
 
 
+# Programmatic dependent launch (sm_90+): a kernel launched with launch_pdl may start while its predecessor in
+# the stream drains (the predecessor's programs trigger it on entry) and waits in-kernel (gdc_wait) until every
+# prior grid has completed and its writes are visible, before it touches global memory. That hides part of the
+# gap between dependent launches in a CUDA graph. Every PDL-launched kernel calls pdl_enter first, on every
+# path, so completion stays transitive (a grid completes only after the grids it waited on). Off under the
+# interpreter; GLMSERVE_PDL=0 turns it off (A/B: bench/profile_step.py --pdl off).
+PDL_ENABLED = not INTERPRET and os.environ.get("GLMSERVE_PDL", "1") != "0"
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch this device's kernels with programmatic dependent launch (pass as both PDL= and launch_pdl=)."""
+    return PDL_ENABLED and device.type == "cuda" and cc_major(device) >= 9
+
+
+def pdl_kw(device: torch.device) -> dict:
+    """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter) and launch_pdl= together."""
+    p = use_pdl(device)
+    return {"PDL": p, "launch_pdl": p}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The first statement of a kernel that may be PDL-launched: let the next kernel's launch begin, then wait
+    for the prior grids (before any global load or store: read-after-write and write-after-read both)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
 # The interpreter's tl.dot on bf16 operands returns garbage (triton 3.9, numpy has no bf16): under the
 # interpreter kernels upcast 16-bit dot operands to fp32 (the products are exact either way).
 @triton.jit

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import new_out, FP8_DTYPE, FP8_MAX, INTERPRET, check, fp8_grid_round, next_pow2
+from glmserve.kernels._common import (new_out, FP8_DTYPE, FP8_MAX, INTERPRET, check, fp8_grid_round, next_pow2,
+                                      pdl_enter, pdl_kw)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,9 @@ def silu_and_mul_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _silu_mul_kernel(
     x_ptr, out_ptr, scale_ptr, x_stride, out_stride, I,
     QUANT: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     if QUANT and NUM_CHUNKS == 1:  # whole row in registers: one read of x, no second pass
@@ -101,7 +104,7 @@ def _silu_launch(x: torch.Tensor, quant: bool):
         _silu_mul_kernel[(t,)](
             x, out, scale, x.stride(0), out.stride(0), i,
             QUANT=quant, BLOCK=block, NUM_CHUNKS=triton.cdiv(i, block), PRE_ROUND=INTERPRET,
-            num_warps=SILU_WARPS or min(8, max(1, block // (512 if quant else 256))),
+            num_warps=SILU_WARPS or min(8, max(1, block // (512 if quant else 256))), **pdl_kw(x.device),
         )
     return out, scale
 
@@ -117,9 +120,10 @@ def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _quant_group_kernel(
     x_ptr, q_ptr, s_ptr, x_stride, q_stride, s_stride, K,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, PRE_ROUND: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, PRE_ROUND: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program quantizes one group of GROUP columns of one row (GROUP = K for per-token)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, BLOCK)
@@ -145,7 +149,7 @@ def quant_fp8_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, to
         block = next_pow2(group)
         _quant_group_kernel[(t, num_groups)](
             x, q, s, x.stride(0), q.stride(0), s.stride(0), k,
-            GROUP=group, BLOCK=block, PRE_ROUND=INTERPRET, num_warps=min(16, max(1, block // 256)),
+            GROUP=group, BLOCK=block, PRE_ROUND=INTERPRET, num_warps=min(16, max(1, block // 256)), **pdl_kw(x.device),
         )
     return q, s
 

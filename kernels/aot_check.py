@@ -9,6 +9,7 @@ tile sizes) show up here. Shapes are the GLM-4.5-Air / GLM-4.7-Flash launch conf
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -102,11 +103,13 @@ def _small_kernels():
     i32 = "i32"
     norm_args = dict(x_ptr=P["bf16"], res_ptr=P["bf16"], w_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"],
                      q_ptr=P["f8"], qs_ptr=P["f32"], x_stride=i32, res_stride=i32, y_stride=i32, s_stride=i32,
-                     q_stride=i32, D=i32, eps="fp32")
+                     q_stride=i32, D=i32, eps="fp32", slot_stride=i32)
     yield "rms_norm add H4096", rmsnorm._rms_norm_kernel, norm_args, dict(
         HAS_RES=True, QUANT=False, PRE_ROUND=False, BLOCK_D=4096), 16, 1
     yield "rms_norm add + fp8 H2048", rmsnorm._rms_norm_kernel, norm_args, dict(
         HAS_RES=True, QUANT=True, PRE_ROUND=False, BLOCK_D=2048), 8, 1
+    yield "rms_norm add 5 slots + fp8 H2048 pdl", rmsnorm._rms_norm_kernel, norm_args, dict(
+        HAS_RES=True, QUANT=True, PRE_ROUND=False, BLOCK_D=2048, SLOTS=5, PDL=True), 8, 1
     yield "rope neox 96x128", rope._rope_kernel, dict(
         x_ptr=P["bf16"], cos_ptr=P["f32"], sin_ptr=P["f32"], pos_ptr=P["i64"], out_ptr=P["bf16"], x_stride_t=i32,
         x_stride_h=i32, out_stride_t=i32, out_stride_h=i32, cs_stride=i32, num_heads=i32), dict(
@@ -179,6 +182,8 @@ def cases():
         c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1
     for key, cfg in fused_moe.CONFIGS.items():
         yield (f"fused_moe {key}", *_moe(key[2] == "fp8", cfg))
+    fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("H100", "decode", "fp8")])
+    yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -201,6 +206,10 @@ ALLOWED_STACK = {"mla decode latent": 256, "mla decode latent wide": 256}
 
 
 def compile_one(fn, sig, const, warps, stages):
+    # constexprs left at their defaults (PDL, SLOTS, PREC...) must still be named for an ASTSource
+    defaults = {p.name: p.default for p in getattr(fn, "params", ())
+                if p.is_constexpr and p.name not in sig and p.name not in const and p.default is not inspect.Parameter.empty}
+    const = dict(defaults, **const)
     hinted = [n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in NOT_DIV16)]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
     if getattr(fn, "is_gluon", lambda: False)():
@@ -226,6 +235,8 @@ def main() -> int:
         res = _resources(k.asm["cubin"])
         ok = (res.get("stack", 1) <= ALLOWED_STACK.get(name, 0) and res.get("local", 1) == 0
               and k.metadata.shared <= SMEM_LIMIT)
+        if name.endswith(" pdl"):  # programmatic dependent launch: the trigger and the wait are in the PTX
+            ok = ok and "griddepcontrol.launch_dependents" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
         bad += not ok
         print(f"{name:42s} {'ok ' if ok else 'BAD'} smem {k.metadata.shared:6d} B  {res}")
     return 1 if bad else 0

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, cc_major, check, gpu_name, new_out, sm_count
+from glmserve.kernels._common import FP8_DTYPE, cc_major, check, gpu_name, new_out, sm_count, pdl_enter, pdl_kw
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
@@ -40,9 +40,11 @@ def _fp8_gemm_kernel(
     a_sm, w_sn, c_sm, as_sm, ws_sn, k_blocks_per_split,
     HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
     when BLOCK_SCALED, raw otherwise) and _splitk_reduce_kernel finishes the tile."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * grid_n)
@@ -88,8 +90,10 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, c_sm, as_sm, ws_sn,
-                          SPLIT_K: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                          SPLIT_K: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """c[m, n] = (sum_s part[s, m, n]) (* s_a[m] * s_w[n] per-channel) (+ bias[n])."""
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -188,12 +192,14 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
         a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
         HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, num_warps=warps, num_stages=stages,
+        **pdl_kw(a_q.device),
     )
     if splits > 1:
         block_n = min(1024, triton.next_power_of_2(n))
         _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
             part, out, a_scale, w_scale, bias_arg, m, n, out.stride(0), a_scale.stride(0), w_scale.stride(0),
             SPLIT_K=splits, SCALE=not block, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4,
+            **pdl_kw(out.device),
         )
     return out
 

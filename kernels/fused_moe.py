@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out, sm_count
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
+                                      sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -46,8 +47,10 @@ def _moe_gemm_kernel(
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
+    PDL: tl.constexpr = False,
 ):
     """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -82,8 +85,9 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _sum_slots_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sum_slots_kernel(src_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, :] = sum_j src[t * TOP_K + j, :] in fp32, one rounding to out's dtype."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -166,6 +170,7 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
         num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0), b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
+        **pdl_kw(b.device),
     )
 
 
@@ -207,5 +212,6 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
         return down.view(t, top_k, h)
     out = new_out((t, h), x.dtype, x.device)
     block_h = min(1024, triton.next_power_of_2(h))
-    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+                                                    **pdl_kw(x.device))
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2, rope_pair
+from glmserve.kernels._common import check, new_out, next_pow2, rope_pair, pdl_enter, pdl_kw
 
 
 @triton.jit
@@ -59,8 +59,9 @@ def _gqa_kv_write_kernel(
     q_st, q_sh, k_st, k_sh, v_st, v_sh, qo_st, qo_sh, kc_ss, kc_sh, vc_ss, vc_sh, cs_st, num_q, num_kv, eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, HAS_NORM: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
@@ -113,6 +114,6 @@ def gqa_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weigh
         cos.stride(0), num_q, num_kv, float(eps),
         D=d, BLOCK_D=next_pow2(d), HALF=half, BLOCK_HALF=max(2, next_pow2(half)), REST=rest,
         BLOCK_REST=max(2, next_pow2(rest)), BLOCK_HQ=next_pow2(num_q), BLOCK_HKV=next_pow2(num_kv),
-        HAS_NORM=has_norm, INTERLEAVED=bool(interleaved), num_warps=_warps(num_q, d),
+        HAS_NORM=has_norm, INTERLEAVED=bool(interleaved), num_warps=_warps(num_q, d), **pdl_kw(q.device),
     )
     return q_out

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import INTERPRET, dot_in, dot_precision, new_out, next_pow2
+from glmserve.kernels._common import INTERPRET, dot_in, dot_precision, new_out, next_pow2, pdl_enter, pdl_kw
 
 
 @triton.jit
@@ -35,10 +35,12 @@ def _mla_decode_kernel(
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H, DL, DR,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
     BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr = "tf32",
+    PDL: tl.constexpr = False,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence, all heads; out (or its split partial
     plus the base-2 log-sum-exp when NUM_SPLITS > 1) for every head. A split holds at least min_keys
     keys, so a short sequence uses few of the NUM_SPLITS (the rest store l = 0: lse -inf, weight 0)."""
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -200,11 +202,11 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
             NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
             BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
             PREC=dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, **pdl_kw(q.device),
         )
     if n_split > 1:
         _merge_kernel[(b * h,)](
             part, lse, out, dl, out.stride(0), out.stride(1), NUM_HEADS=h, NUM_SPLITS=n_split,
-            BLOCK_S=next_pow2(n_split), BLOCK_DV=max(16, next_pow2(dl)), num_warps=4,
+            BLOCK_S=next_pow2(n_split), BLOCK_DV=max(16, next_pow2(dl)), num_warps=4, **pdl_kw(out.device),
         )
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, next_pow2, rope_pair
+from glmserve.kernels._common import check, next_pow2, rope_pair, pdl_enter, pdl_kw
 
 
 @triton.jit
@@ -35,7 +35,9 @@ def _mla_kv_write_kernel(
     ckv_st, cs_st, cache_ss, q_st, q_sh, qo_st, qo_sh, num_heads, eps,
     L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     row = ckv_ptr + t * ckv_st
     dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * cache_ss
@@ -96,5 +98,5 @@ def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: 
         q_out.stride(1), q_pe.shape[1], float(eps),
         L=lora, BLOCK_L=next_pow2(lora), HALF=half, BLOCK_HALF=max(2, next_pow2(half)),
         BLOCK_H=next_pow2(q_pe.shape[1]), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
-        BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4,
+        BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4, **pdl_kw(ckv.device),
     )

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2
+from glmserve.kernels._common import check, new_out, next_pow2, pdl_enter, pdl_kw
 from glmserve.kernels.moe_route import moe_align as moe_align_ref
 
 MAX_PAIRS = 8192
@@ -31,7 +31,8 @@ CHUNK = 1024  # pairs per step of both walks (histogram count, 1-D cumsum scatte
 @triton.jit
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, cap, E,
                   BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-                  DENSE_LAST: tl.constexpr, K: tl.constexpr):
+                  DENSE_LAST: tl.constexpr, K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # DENSE_LAST: expert E - 1 is the fused shared expert, every token's slot K - 1 (pairs t*K + K-1, in order):
     # its run needs no counting or matching and goes last, after the E - 1 routed experts' runs.
     me = tl.program_id(0)
@@ -93,5 +94,5 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, dense_last: boo
     block_e = next_pow2(num_experts - int(dense_last))  # the experts counted
     _align_kernel[(num_experts,)](ids.contiguous(), pairs, block_expert, num_pairs, cap, num_experts,
                                   BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=CHUNK,
-                                  DENSE_LAST=int(dense_last), K=ids.shape[1], num_warps=4)
+                                  DENSE_LAST=int(dense_last), K=ids.shape[1], num_warps=4, **pdl_kw(ids.device))
     return pairs, block_expert

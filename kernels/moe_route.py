@@ -18,16 +18,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2
+from glmserve.kernels._common import check, new_out, next_pow2, pdl_enter, pdl_kw
 
 
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scaling,
     TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """BLOCK_T tokens a program; logits [T, E] fp32."""
+    pdl_enter(PDL)
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     row_ok = rt < T
@@ -106,7 +107,7 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
             logits, correction_bias.float().contiguous(), weights, ids, t, num_experts, float(scaling),
             TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
             NORM=bool(norm_topk_prob), BLOCK_T=1, BLOCK_E=next_pow2(num_experts),
-            num_warps=1 if num_experts <= 64 else 2,
+            num_warps=1 if num_experts <= 64 else 2, **pdl_kw(hidden.device),
         )
     return weights, ids
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import new_out, INTERPRET, check, dot_in, dot_precision, next_pow2
+from glmserve.kernels._common import new_out, INTERPRET, check, dot_in, dot_precision, next_pow2, pdl_enter, pdl_kw
 
 MERGE_CHUNK = tl.constexpr(8)  # splits summed at once by _merge_kernel
 
@@ -53,8 +53,9 @@ def _attn_kernel(
     G: tl.constexpr, NUM_KV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     BLOCK_DV: tl.constexpr, HAS_B: tl.constexpr, V_FROM_K: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr = "tf32",
+    PREC: tl.constexpr = "tf32", PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(1) // NUM_KV
     kvh = tl.program_id(1) % NUM_KV
     split = tl.program_id(2)
@@ -119,12 +120,13 @@ def _attn_kernel(
 
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, out_ptr, DV, o_st, o_sh, NUM_HEADS: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, h] = sum_s 2^(lse_s - lse) * part[t, h, s] with lse = log2 sum_s 2^lse_s. A split with
     lse -inf (no keys) weighs 0 and its partial is never read (it may be unwritten). The partials
     are summed MERGE_CHUNK splits at a time: [MERGE_CHUNK, BLOCK_DV] fp32 in registers, any split count,
     up to the last split with keys (MLA decode at B 1: 20 of 128 splits hold keys at ctx 640; the walk over
     all 128 cost 6.4 us a layer on an H100, run 16)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)  # t * NUM_HEADS + h
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
@@ -231,11 +233,12 @@ def paged_attention_fwd(
         G=g, NUM_KV=num_kv, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=block_da,
         BLOCK_DB=max(16, next_pow2(dk - da)), BLOCK_DV=block_da if v_from_k else max(16, next_pow2(dv)),
         HAS_B=dk > da, V_FROM_K=v_from_k, UPCAST=INTERPRET, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        **pdl_kw(q.device),
     )
     if splits > 1:
         _merge_kernel[(t * hq,)](
             part, lse, out, dv, out.stride(0), out.stride(1), NUM_HEADS=hq, NUM_SPLITS=splits,
-            BLOCK_S=next_pow2(splits), BLOCK_DV=max(16, next_pow2(dv)), num_warps=4,
+            BLOCK_S=next_pow2(splits), BLOCK_DV=max(16, next_pow2(dv)), num_warps=4, **pdl_kw(out.device),
         )
     return out
 

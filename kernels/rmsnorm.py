@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, new_out, check, fp8_grid_round, next_pow2
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, new_out, check, fp8_grid_round, next_pow2, pdl_enter, pdl_kw
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,15 +38,16 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
     x_stride, res_stride, y_stride, s_stride, q_stride, D, eps, slot_stride,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, PRE_ROUND: tl.constexpr, BLOCK_D: tl.constexpr,
-    SLOTS: tl.constexpr = 1,
+    SLOTS: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if SLOTS > 1:  # slot form: x row = sum of SLOTS rows slot_stride apart, fp32, one rounding
         xs = x.to(tl.float32)
-        for j in range(1, SLOTS):
+        for j in tl.static_range(1, SLOTS):  # unrolled: the SLOTS row loads are issued together
             xs += tl.load(x_ptr + row * x_stride + j * slot_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x = xs.to(x.dtype)
     if HAS_RES:
@@ -109,6 +110,7 @@ def _launch(x, residual, weight, eps, out=None, quant: bool = False):
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, q.stride(0) if quant else 0, d, float(eps), slot_stride,
             HAS_RES=residual is not None, QUANT=quant, PRE_ROUND=INTERPRET, BLOCK_D=block, SLOTS=slots,
+            **pdl_kw(x2.device),
             num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(x.shape)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2, rope_pair
+from glmserve.kernels._common import check, new_out, next_pow2, rope_pair, pdl_enter, pdl_kw
 
 
 def cos_sin_cache(rotary_dim: int, max_pos: int, theta: float, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,9 @@ def _rope_kernel(
     x_stride_t, x_stride_h, out_stride_t, out_stride_h, cs_stride, num_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
@@ -78,7 +80,7 @@ def _launch(x, out, cos, sin, positions, rotary_dim, interleaved, rest: int = 0)
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), num_heads,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
         INTERLEAVED=bool(interleaved), HAS_POS=positions is not None,
-        REST=rest, BLOCK_REST=next_pow2(rest) if rest else 1, num_warps=4,
+        REST=rest, BLOCK_REST=next_pow2(rest) if rest else 1, num_warps=4, **pdl_kw(x.device),
     )
 
 
