@@ -74,14 +74,22 @@ def fp8_grid_round(x):
 PDL_ENABLED = not INTERPRET and os.environ.get("GLMSERVE_PDL", "1") != "0"
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Launch this device's kernels with programmatic dependent launch (pass as both PDL= and launch_pdl=)."""
-    return PDL_ENABLED and device.type == "cuda" and cc_major(device) >= 9
+# Launches with more rows than this (tokens, or (token, expert) pairs for the MoE kernels) run without PDL. H100
+# run 27 (bench/gpu_suite.sh h100i, FP8 GLM-4.7-Flash step, PDL on / off alternated): B 1 4.67 -> 4.19-4.21 ms,
+# B 64 / 128 within noise, B 256 19.11-19.23 -> 19.70-19.95 (the small kernels' sum 2.6 -> 3.3 ms): on at decode
+# batches of a few sequences only.
+PDL_MAX_ROWS = 32
 
 
-def pdl_kw(device: torch.device) -> dict:
-    """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter) and launch_pdl= together."""
-    p = use_pdl(device)
+def use_pdl(device: torch.device, rows: int = 1) -> bool:
+    """Launch this kernel with programmatic dependent launch (pass as both PDL= and launch_pdl=)."""
+    return PDL_ENABLED and rows <= PDL_MAX_ROWS and device.type == "cuda" and cc_major(device) >= 9
+
+
+def pdl_kw(device: torch.device, rows: int) -> dict:
+    """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter) and launch_pdl= together;
+    rows: the launch's tokens (or pairs), against PDL_MAX_ROWS."""
+    p = use_pdl(device, rows)
     return {"PDL": p, "launch_pdl": p}
 
 

@@ -104,7 +104,7 @@ def _silu_launch(x: torch.Tensor, quant: bool):
         _silu_mul_kernel[(t,)](
             x, out, scale, x.stride(0), out.stride(0), i,
             QUANT=quant, BLOCK=block, NUM_CHUNKS=triton.cdiv(i, block), PRE_ROUND=INTERPRET,
-            num_warps=SILU_WARPS or min(8, max(1, block // (512 if quant else 256))), **pdl_kw(x.device),
+            num_warps=SILU_WARPS or min(8, max(1, block // (512 if quant else 256))), **pdl_kw(x.device, t),
         )
     return out, scale
 
@@ -149,7 +149,8 @@ def quant_fp8_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, to
         block = next_pow2(group)
         _quant_group_kernel[(t, num_groups)](
             x, q, s, x.stride(0), q.stride(0), s.stride(0), k,
-            GROUP=group, BLOCK=block, PRE_ROUND=INTERPRET, num_warps=min(16, max(1, block // 256)), **pdl_kw(x.device),
+            GROUP=group, BLOCK=block, PRE_ROUND=INTERPRET, num_warps=min(16, max(1, block // 256)),
+            **pdl_kw(x.device, t),
         )
     return q, s
 

@@ -192,14 +192,14 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
         a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
         HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, num_warps=warps, num_stages=stages,
-        **pdl_kw(a_q.device),
+        **pdl_kw(a_q.device, m),
     )
     if splits > 1:
         block_n = min(1024, triton.next_power_of_2(n))
         _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
             part, out, a_scale, w_scale, bias_arg, m, n, out.stride(0), a_scale.stride(0), w_scale.stride(0),
             SPLIT_K=splits, SCALE=not block, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4,
-            **pdl_kw(out.device),
+            **pdl_kw(out.device, m),
         )
     return out
 

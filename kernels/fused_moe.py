@@ -170,7 +170,7 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
         num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0), b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
-        **pdl_kw(b.device),
+        **pdl_kw(b.device, num_pairs),
     )
 
 
@@ -213,5 +213,5 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     out = new_out((t, h), x.dtype, x.device)
     block_h = min(1024, triton.next_power_of_2(h))
     _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
-                                                    **pdl_kw(x.device))
+                                                    **pdl_kw(x.device, t))
     return out

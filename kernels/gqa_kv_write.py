@@ -114,6 +114,6 @@ def gqa_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weigh
         cos.stride(0), num_q, num_kv, float(eps),
         D=d, BLOCK_D=next_pow2(d), HALF=half, BLOCK_HALF=max(2, next_pow2(half)), REST=rest,
         BLOCK_REST=max(2, next_pow2(rest)), BLOCK_HQ=next_pow2(num_q), BLOCK_HKV=next_pow2(num_kv),
-        HAS_NORM=has_norm, INTERLEAVED=bool(interleaved), num_warps=_warps(num_q, d), **pdl_kw(q.device),
+        HAS_NORM=has_norm, INTERLEAVED=bool(interleaved), num_warps=_warps(num_q, d), **pdl_kw(q.device, t),
     )
     return q_out

@@ -202,11 +202,11 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
             NUM_SPLITS=n_split, BLOCK_H=max(16, next_pow2(h)), BLOCK_N=block_n, BLOCK_DL=max(16, next_pow2(dl)),
             BLOCK_DR=max(16, next_pow2(dk - dl)), UPCAST=INTERPRET, PREFETCH=PREFETCH_PAGES if prefetch is None else prefetch,
             PREC=dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages, **pdl_kw(q.device),
+            num_warps=warps, num_stages=stages, **pdl_kw(q.device, b),
         )
     if n_split > 1:
         _merge_kernel[(b * h,)](
             part, lse, out, dl, out.stride(0), out.stride(1), NUM_HEADS=h, NUM_SPLITS=n_split,
-            BLOCK_S=next_pow2(n_split), BLOCK_DV=max(16, next_pow2(dl)), num_warps=4, **pdl_kw(out.device),
+            BLOCK_S=next_pow2(n_split), BLOCK_DV=max(16, next_pow2(dl)), num_warps=4, **pdl_kw(out.device, b),
         )
     return out

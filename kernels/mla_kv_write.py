@@ -98,5 +98,5 @@ def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: 
         q_out.stride(1), q_pe.shape[1], float(eps),
         L=lora, BLOCK_L=next_pow2(lora), HALF=half, BLOCK_HALF=max(2, next_pow2(half)),
         BLOCK_H=next_pow2(q_pe.shape[1]), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
-        BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4, **pdl_kw(ckv.device),
+        BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4, **pdl_kw(ckv.device, t),
     )

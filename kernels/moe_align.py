@@ -94,5 +94,6 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, dense_last: boo
     block_e = next_pow2(num_experts - int(dense_last))  # the experts counted
     _align_kernel[(num_experts,)](ids.contiguous(), pairs, block_expert, num_pairs, cap, num_experts,
                                   BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=CHUNK,
-                                  DENSE_LAST=int(dense_last), K=ids.shape[1], num_warps=4, **pdl_kw(ids.device))
+                                  DENSE_LAST=int(dense_last), K=ids.shape[1], num_warps=4,
+                                  **pdl_kw(ids.device, num_pairs))
     return pairs, block_expert

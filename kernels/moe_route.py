@@ -107,7 +107,7 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
             logits, correction_bias.float().contiguous(), weights, ids, t, num_experts, float(scaling),
             TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
             NORM=bool(norm_topk_prob), BLOCK_T=1, BLOCK_E=next_pow2(num_experts),
-            num_warps=1 if num_experts <= 64 else 2, **pdl_kw(hidden.device),
+            num_warps=1 if num_experts <= 64 else 2, **pdl_kw(hidden.device, t),
         )
     return weights, ids
 

@@ -233,12 +233,12 @@ def paged_attention_fwd(
         G=g, NUM_KV=num_kv, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=block_da,
         BLOCK_DB=max(16, next_pow2(dk - da)), BLOCK_DV=block_da if v_from_k else max(16, next_pow2(dv)),
         HAS_B=dk > da, V_FROM_K=v_from_k, UPCAST=INTERPRET, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
-        **pdl_kw(q.device),
+        **pdl_kw(q.device, t),
     )
     if splits > 1:
         _merge_kernel[(t * hq,)](
             part, lse, out, dv, out.stride(0), out.stride(1), NUM_HEADS=hq, NUM_SPLITS=splits,
-            BLOCK_S=next_pow2(splits), BLOCK_DV=max(16, next_pow2(dv)), num_warps=4, **pdl_kw(out.device),
+            BLOCK_S=next_pow2(splits), BLOCK_DV=max(16, next_pow2(dv)), num_warps=4, **pdl_kw(out.device, t),
         )
     return out
 

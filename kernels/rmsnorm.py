@@ -110,7 +110,7 @@ def _launch(x, residual, weight, eps, out=None, quant: bool = False):
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, q.stride(0) if quant else 0, d, float(eps), slot_stride,
             HAS_RES=residual is not None, QUANT=quant, PRE_ROUND=INTERPRET, BLOCK_D=block, SLOTS=slots,
-            **pdl_kw(x2.device),
+            **pdl_kw(x2.device, n_rows),
             num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(x.shape)

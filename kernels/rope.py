@@ -80,7 +80,7 @@ def _launch(x, out, cos, sin, positions, rotary_dim, interleaved, rest: int = 0)
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), num_heads,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
         INTERLEAVED=bool(interleaved), HAS_POS=positions is not None,
-        REST=rest, BLOCK_REST=next_pow2(rest) if rest else 1, num_warps=4, **pdl_kw(x.device),
+        REST=rest, BLOCK_REST=next_pow2(rest) if rest else 1, num_warps=4, **pdl_kw(x.device, x.shape[0]),
     )
 
 
