@@ -32,7 +32,7 @@
 #   bash bench/gpu_suite.sh h100h    # ONE H100 call: PDL launches: tests incl. CUDA graphs, FP8 table with / without
 #                                    # PDL (A/B, twice with), bf16 table
 #   bash bench/gpu_suite.sh h100i    # ONE H100 call: PDL (wait, then trigger): graph tests, FP8 table PDL on/off x 2
-#   bash bench/gpu_suite.sh h100j    # ONE H100 call: final FP8 (B 1 / 256 profiles) and bf16 tables, slot-sum A/B x 2
+#   bash bench/gpu_suite.sh h100j    # ONE H100 call: final FP8 (B 1 / 256 profiles) and bf16 tables, slot-sum A/B
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -380,8 +380,8 @@ case "${1:-models}" in
         --ctx 640 --quantization fp8 --pdl $p
     done
     ;;
-  h100j)  # ONE H100 call (~5 min): the session's final tables: graph / model tests, the FP8 step table (+ per-kernel
-    # HBM at B 1 and 256) with PDL at <= PDL_MAX_ROWS rows, the slot sum A/B alternated twice, the bf16 table
+  h100j)  # ONE H100 call (~4 min): the session's final tables: graph / model tests, the FP8 step table (+ per-kernel
+    # HBM at B 1 and 256) with PDL at <= PDL_MAX_ROWS rows, slot sum separate (A/B), default again, the bf16 table
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
@@ -392,8 +392,6 @@ case "${1:-models}" in
       --quantization fp8 --separate_slot_sum
     step profile_fp8_again "$(left 80)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8
-    step profile_fp8_sep2 "$(left 80)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
-      --quantization fp8 --separate_slot_sum
     step profile_bf16 "$(left 80)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640
     ;;
   serve)
