@@ -20,3 +20,23 @@ def test_install_wires_all_ops_and_keeps_cpu_reference():
     finally:
         ops.IMPL.update(before)
         backend._INSTALLED.clear()
+
+
+def test_pdl_only_on_cuda_for_small_launches(monkeypatch):
+    """Programmatic dependent launch: never on CPU tensors (the interpreter has no griddepcontrol), never past
+    PDL_MAX_ROWS rows, never when GLMSERVE_PDL turned it off; PDL= and launch_pdl= always agree."""
+    import torch
+
+    from glmserve.kernels import _common
+
+    monkeypatch.setattr(_common, "PDL_ENABLED", True)
+    assert _common.pdl_kw(torch.device("cpu"), 1) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(_common, "cc_major", lambda device: 9)
+    cuda = torch.device("cuda", 0)
+    assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS) == {"PDL": True, "launch_pdl": True}
+    assert not _common.use_pdl(cuda, _common.PDL_MAX_ROWS + 1)
+    monkeypatch.setattr(_common, "cc_major", lambda device: 8)
+    assert not _common.use_pdl(cuda, 1)
+    monkeypatch.setattr(_common, "cc_major", lambda device: 9)
+    monkeypatch.setattr(_common, "PDL_ENABLED", False)
+    assert not _common.use_pdl(cuda, 1)
