@@ -79,8 +79,7 @@ def step_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float
     weights = total - embed.numel() * embed.element_size() + moe
     groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
     if dense_fp8:
-        # Triton's, or torch._scaled_mm's (CUTLASS rowwise / cuBLASLt FP8 kernel names)
-        groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm", "f8f8bf16", "e4m3", "qqtst", "qqtss"), dense_fp8))
+        groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm",), dense_fp8))
     return weights, groups
 
 
@@ -226,7 +225,7 @@ def main() -> None:
                     help="MLA's cache write + q RoPE as the four launches before kernels/mla_kv_write.py (A/B)")
     ap.add_argument("--scaled_mm", default="",
                     help="per-channel FP8 GEMMs with lo <= M <= hi on torch._scaled_mm: lo,hi (A/B against "
-                         "kernels.fp8_gemm.SCALED_MM_M; 'off' = never)")
+                         "kernels.fp8_gemm.SCALED_MM_M; 'off' = never; its kernels count under \"all other kernels\")")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
