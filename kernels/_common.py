@@ -66,8 +66,9 @@ def fp8_grid_round(x):
 
 
 # Programmatic dependent launch (sm_90+): a kernel launched with launch_pdl may start while its predecessor in
-# the stream drains (the predecessor's programs trigger it on entry) and waits in-kernel (gdc_wait) until every
-# prior grid has completed and its writes are visible, before it touches global memory. That hides part of the
+# the stream still runs (the predecessor's programs trigger it once past their own wait, pdl_enter) and waits
+# in-kernel (gdc_wait) until every prior grid has completed and its writes are visible, before it touches
+# global memory. That hides part of the
 # gap between dependent launches in a CUDA graph. Every PDL-launched kernel calls pdl_enter first, on every
 # path, so completion stays transitive (a grid completes only after the grids it waited on). Off under the
 # interpreter; GLMSERVE_PDL=0 turns it off (A/B: bench/profile_step.py --pdl off).

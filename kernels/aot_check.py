@@ -208,7 +208,8 @@ ALLOWED_STACK = {"mla decode latent": 256, "mla decode latent wide": 256}
 def compile_one(fn, sig, const, warps, stages):
     # constexprs left at their defaults (PDL, SLOTS, PREC...) must still be named for an ASTSource
     defaults = {p.name: p.default for p in getattr(fn, "params", ())
-                if p.is_constexpr and p.name not in sig and p.name not in const and p.default is not inspect.Parameter.empty}
+                if p.is_constexpr and p.name not in sig and p.name not in const
+                and p.default is not inspect.Parameter.empty}
     const = dict(defaults, **const)
     hinted = [n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in NOT_DIV16)]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
