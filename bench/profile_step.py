@@ -64,7 +64,7 @@ def step_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float
     expert slots' weights (and scales), MLA decode the latent cache, the dense FP8 GEMMs every non-expert
     FP8 weight and scale."""
     e = runner.config.n_routed_experts
-    total = moe = dense_fp8 = 0.0
+    total = moe = dense_fp8 = absorb = 0.0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
         if ".experts." in name:  # stacked [S, ...]: slots 0..E-1 routed, E.. shared (always read)
@@ -73,13 +73,17 @@ def step_bytes(runner: ModelRunner, touched: dict[int, int], kv_bytes: float
             moe += n / slots * (touched.get(layer, 0) + (slots - e if layer in touched else 0))
         else:
             total += n
-            if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
+            if ".kv_b_proj." in name:  # read at decode by the absorbed form's two GEMMs (kernels/mla_absorb.py)
+                absorb += n
+            elif p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
                 dense_fp8 += n
     embed = runner.model.model.embed_tokens.weight
     weights = total - embed.numel() * embed.element_size() + moe
     groups = [("MoE GEMM (touched experts)", ("_moe_gemm",), moe), ("MLA decode (latent cache)", ("_mla_decode",), kv_bytes)]
     if dense_fp8:
         groups.append(("dense FP8 GEMMs (weights)", ("_fp8_gemm",), dense_fp8))
+    if absorb:
+        groups.append(("MLA absorb (kv_b_proj)", ("_mla_absorb",), absorb))
     return weights, groups
 
 
@@ -198,6 +202,23 @@ def _unfused_mla_kv_write(ckv, weight, eps, cos, sin, cache, slots, q_pe, q_out,
     ops.rope(q_pe, cos, sin, rotary_dim, interleaved, q_out)
 
 
+def _bmm_absorb():
+    """A/B: ops.mla_absorb as it ran before its kernel: torch.bmm on a bf16 copy of W_UK / W_UV dequantized at
+    the first call (load time, as MLAAttention.after_load did), cached by the weight view's address."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def absorb(a, w, w_scale, k_rows, out):
+        key = (w.data_ptr(), tuple(w.shape))
+        if key not in cache:
+            wd = w if w_scale is None else w.float() * w_scale.float()[..., None]
+            cache[key] = wd.to(a.dtype).contiguous()
+        wd = cache[key]
+        torch.bmm(a.transpose(0, 1), wd if k_rows else wd.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+
+    return absorb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="glm-4.7-flash")
@@ -210,9 +231,13 @@ def main() -> None:
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--disable_shared_experts_fusion", action="store_true",
                     help="the shared expert as its own MLP (A/B against the default fused slot)")
-    ap.add_argument("--router_gemm", default="bf16", choices=["bf16", "fp32"],
-                    help="fp32: the router gate kept fp32, logits by an fp32 GEMM of x.float() (A/B against the "
-                         "bf16-in fp32-out GEMM an exactly-bf16 gate gets)")
+    ap.add_argument("--router_gemm", default="fused", choices=["fused", "bf16", "fp32"],
+                    help="fused: the logits in the routing kernel (kernels.moe_route.FUSED_GEMM); bf16: a cuBLAS "
+                         "bf16-in fp32-out GEMM, then the routing kernel; fp32: the gate kept fp32, an fp32 GEMM of "
+                         "x.float() (A/B)")
+    ap.add_argument("--absorb", default="kernel", choices=["kernel", "bmm"],
+                    help="bmm: MLA's absorbed up-projections as torch.bmm on a dequantized bf16 copy made once "
+                         "(as before kernels/mla_absorb.py; A/B)")
     ap.add_argument("--mla_min_keys", type=int, default=None,
                     help="MLA decode: keys a split holds at least (kernels.mla_decode.MIN_KEYS; A/B)")
     ap.add_argument("--mla_wide_config", default="",
@@ -246,6 +271,12 @@ def main() -> None:
         moe.SLOT_SUM_IN_NORM = False
     if a.unfused_mla_write:
         ops.set_impl("mla_kv_write", _unfused_mla_kv_write)
+    if a.router_gemm != "fused":
+        from glmserve.kernels import moe_route
+
+        moe_route.FUSED_GEMM = False
+    if a.absorb == "bmm":
+        ops.set_impl("mla_absorb", _bmm_absorb())
     if a.mla_min_keys is not None:
         from glmserve.kernels import mla_decode
 
@@ -286,7 +317,7 @@ def main() -> None:
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
-          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}")
+          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

@@ -19,8 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_decode, mla_kv_write,
-                              moe_align, moe_route, paged_attention, rmsnorm, rope)
+from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_absorb, mla_decode,
+                              mla_kv_write, moe_align, moe_route, paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
@@ -138,6 +138,20 @@ def _small_kernels():
         TOP_K=8, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=1, BLOCK_E=256, K_PAD=16), 2, 1
     yield "moe_route E64 k4 + shared slot", moe_route._route_kernel, route_args, dict(
         TOP_K=4, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=1, BLOCK_E=64, K_PAD=8), 1, 1
+    gemm_route_args = dict(x_ptr=P["bf16"], gate_ptr=P["bf16"], bias_ptr=P["f32"], w_ptr=P["f32"], ids_ptr=P["i64"],
+                           T=i32, E=i32, H=i32, x_st=i32, scaling="fp32")
+    for e, k, bk in ((64, 4, 128), (160, 8, 32)):  # moe_route's BLOCK_K rule: gate tile <= 16 KB a stage
+        yield f"moe_route + router GEMM E{e} k{k} + shared slot pdl", moe_route._gemm_route_kernel, gemm_route_args, dict(
+            TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
+            BLOCK_K=bk, K_PAD=16 if k == 8 else 8, UPCAST=False, PDL=True), moe_route.GEMM_ROUTE_WARPS, 3
+    for k_rows, fp8 in ((True, True), (False, True), (True, False), (False, False)):
+        bm, bn, bk, warps, stages = mla_absorb.CONFIGS[k_rows]
+        yield f"mla_absorb {'W_UK' if k_rows else 'W_UV'} {'fp8' if fp8 else 'bf16'} pdl", \
+            mla_absorb._mla_absorb_kernel, dict(
+                a_ptr=P["bf16"], w_ptr=P["f8" if fp8 else "bf16"], s_ptr=P["f32"], o_ptr=P["bf16"],
+                **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
+                K_ROWS=k_rows, FP8=fp8, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True), \
+            warps, stages
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1
@@ -198,7 +212,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 # Integer args that are not multiples of 16 at run time; every other pointer and int gets the
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
-NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split"}
+NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split", "T"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 # Known small spills kept on purpose: MLA latent n32 w4 s3 spills 112 B here (triton 3.9) yet measured
 # fastest on the H100 (triton 3.6, KERNEL_NOTES v7): two CTAs per SM beat the spill-free 8-warp configs.

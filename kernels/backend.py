@@ -3,8 +3,8 @@
 `install()` wraps each op so that CUDA inputs go to the kernel and anything else to the torch
 reference that was in ops.IMPL before, so one process can still run CPU tensors (tests, tools).
 Idempotent. Ops wired (same signatures as the *_ref functions in shared.model.ops):
-rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, gqa_kv_write, silu_and_mul, moe_route, fused_experts,
-paged_attention, quant_fp8_per_token, fp8_linear.
+rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, mla_absorb, gqa_kv_write, silu_and_mul,
+moe_route, fused_experts, paged_attention, quant_fp8_per_token, fp8_linear.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ _INSTALLED: dict[str, Callable] = {}
 
 
 def _kernels() -> dict[str, Callable]:
-    from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, mla_kv_write, moe_route, paged_attention,
-                                  rmsnorm, rope)
+    from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, mla_absorb, mla_kv_write, moe_route,
+                                  paged_attention, rmsnorm, rope)
 
     def attention(q, k_cache, v_cache, batch, page_size, scale):
         out = paged_attention.paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch, page_size, scale)
@@ -29,6 +29,7 @@ def _kernels() -> dict[str, Callable]:
         "add_rms_norm_fp8": rmsnorm.add_rms_norm_fp8,
         "rope": rope.rope,
         "mla_kv_write": mla_kv_write.mla_kv_write,
+        "mla_absorb": mla_absorb.mla_absorb,
         "gqa_kv_write": gqa_kv_write.gqa_kv_write,
         "silu_and_mul": act_quant.silu_and_mul,
         "moe_route": moe_route.moe_route,

@@ -1,7 +1,7 @@
 """MoE routing: GLM noaux_tc router and token sort/align by expert. Every worker rank (MoE layers).
 
-moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32 out of cuBLAS, see router_logits); then
-per token (BLOCK_T tokens a Triton program):
+moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (bf16 h and gate: a tensor-core dot in the routing
+kernel itself; otherwise fp32 out of cuBLAS, see router_logits); then per token (BLOCK_T tokens a program):
   s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
   each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
@@ -18,23 +18,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, new_out, next_pow2, pdl_enter, pdl_kw
+from glmserve.kernels._common import INTERPRET, check, dot_in, new_out, next_pow2, pdl_enter, pdl_kw
 
 
 @triton.jit
-def _route_kernel(
-    logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scaling,
-    TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """BLOCK_T tokens a program; logits [T, E] fp32."""
-    pdl_enter(PDL)
-    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling,
+            TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+            NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr):
+    """The router's selection for the BLOCK_T tokens rt of fp32 logits [BLOCK_T, BLOCK_E]: stores weights / ids."""
     e = tl.arange(0, BLOCK_E)
-    row_ok = rt < T
     ok = e < E
-    logit = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + e[None, :], mask=row_ok[:, None] & ok[None, :],
-                    other=0.0)
     s = 1.0 / (1.0 + tl.exp(-logit))  # [BLOCK_T, BLOCK_E]
     c = tl.where(ok[None, :], s + tl.load(bias_ptr + e, mask=ok, other=0.0)[None, :], float("-inf"))
     ee = e[None, :] + tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)  # expert id of each element
@@ -76,6 +69,52 @@ def _route_kernel(
     tl.store(ids_ptr + out, id_out, mask=mask)
 
 
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, scaling,
+    TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """BLOCK_T tokens a program; logits [T, E] fp32."""
+    pdl_enter(PDL)
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    row_ok = rt < T
+    logit = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + e[None, :], mask=row_ok[:, None] & (e < E)[None, :],
+                    other=0.0)
+    _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP, NORM,
+            BLOCK_T, BLOCK_E, K_PAD)
+
+
+@triton.jit
+def _gemm_route_kernel(
+    x_ptr, gate_ptr, bias_ptr, w_ptr, ids_ptr, T, E, H, x_st, scaling,
+    TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The router logits and the selection in one launch, BLOCK_T tokens a program: logits [BLOCK_T, BLOCK_E]
+    = x [BLOCK_T, H] . gate [E, H]^T, bf16 operands on the tensor cores with fp32 accumulation (the products
+    are exact in fp32: router_logits' values up to summation order), kept in registers for _select."""
+    pdl_enter(PDL)
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rt < T
+    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + rk[None, :]  # [BLOCK_T, BLOCK_K]
+    g_p = gate_ptr + e[None, :] * H + rk[:, None]  # [BLOCK_K, BLOCK_E]
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = rk < H - kb * BLOCK_K
+        x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
+        acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
+        x_p += BLOCK_K
+        g_p += BLOCK_K
+    _select(acc, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP, NORM,
+            BLOCK_T, BLOCK_E, K_PAD)
+
+
 def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     """x [T, H], gate [E, H] -> fp32 logits [T, E]. A bf16 gate (the checkpoint's dtype; Router.after_load keeps
     it bf16 when that is exact) with bf16 x on CUDA: one tensor-core GEMM with fp32 output -- bf16 x bf16
@@ -86,29 +125,44 @@ def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), gate_weight.float())
 
 
+# The router GEMM inside the routing kernel (bf16 x and gate only; False: cuBLAS logits, then _route_kernel; A/B:
+# bench/profile_step.py --router_gemm bf16). Untuned: BLOCK_T 16 tokens a program (tl.dot's floor), so batch 1
+# is one program reading the whole gate (E x H bf16, 256 KB for GLM-4.7-Flash) on one SM.
+FUSED_GEMM = True
+GEMM_ROUTE_WARPS = 4
+
+
 def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
               shared_slot=False):
     """shared.model.ops signature -> (weights [T, k'] fp32, ids [T, k'] int64), ids highest score first;
-    k' = k + 1 with the shared slot last when shared_slot. The fp32 logits by router_logits, then one kernel.
-    (An in-kernel fp32 GEMM variant was measured on an H100, run 15: 150 us a layer at B 256 and a 12.4 ms
-    B 1 step against 6.3; removed.)"""
+    k' = k + 1 with the shared slot last when shared_slot. bf16 x and gate (Router.after_load keeps an exactly
+    bf16 gate): one launch, _gemm_route_kernel. Otherwise the fp32 logits by router_logits, then _route_kernel.
+    (An in-kernel fp32 SIMT GEMM, one token a program, was measured on an H100, run 15: 150 us a layer at
+    B 256 and a 12.4 ms B 1 step against 6.3; removed.)"""
     num_experts, h = gate_weight.shape
     check(hidden.shape[-1] == h, "hidden size must match the gate")
     check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
     check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
     x = hidden.reshape(-1, h)
     t = x.shape[0]
-    logits = router_logits(x, gate_weight).contiguous()  # [T, E] fp32
     out_k = top_k + int(shared_slot)
     weights = new_out((t, out_k), torch.float32, hidden.device)
     ids = new_out((t, out_k), torch.int64, hidden.device)
-    if t:
-        _route_kernel[(t,)](
-            logits, correction_bias.float().contiguous(), weights, ids, t, num_experts, float(scaling),
-            TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
-            NORM=bool(norm_topk_prob), BLOCK_T=1, BLOCK_E=next_pow2(num_experts),
-            num_warps=1 if num_experts <= 64 else 2, **pdl_kw(hidden.device, t),
-        )
+    if not t:
+        return weights, ids
+    bias = correction_bias.float().contiguous()
+    meta = dict(TOP_K=top_k, SHARED=int(shared_slot), K_PAD=next_pow2(out_k), N_GROUP=n_group, TOPK_GROUP=topk_group,
+                NORM=bool(norm_topk_prob), BLOCK_E=next_pow2(num_experts), **pdl_kw(hidden.device, t))
+    if FUSED_GEMM and x.dtype == gate_weight.dtype == torch.bfloat16 and x.stride(1) == 1:
+        gate = gate_weight.contiguous()
+        block_k = 128 if num_experts <= 64 else 64 if num_experts <= 128 else 32  # gate tile <= 16 KB a stage
+        _gemm_route_kernel[(triton.cdiv(t, 16),)](
+            x, gate, bias, weights, ids, t, num_experts, h, x.stride(0), float(scaling),
+            BLOCK_T=16, BLOCK_K=block_k, UPCAST=INTERPRET, num_warps=GEMM_ROUTE_WARPS, num_stages=3, **meta)
+        return weights, ids
+    logits = router_logits(x, gate_weight).contiguous()  # [T, E] fp32
+    _route_kernel[(t,)](logits, bias, weights, ids, t, num_experts, float(scaling), BLOCK_T=1,
+                        num_warps=1 if num_experts <= 64 else 2, **meta)
     return weights, ids
 
 

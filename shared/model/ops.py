@@ -89,6 +89,18 @@ def mla_kv_write_ref(
     rope_ref(q_pe, cos, sin, rotary_dim, interleaved, out=q_out)
 
 
+def mla_absorb_ref(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
+                   out: torch.Tensor) -> torch.Tensor:
+    """MLA's absorbed up-projections (one kernel on CUDA, kernels/mla_absorb.py): per head h,
+    out[:, h] = a[:, h] @ Wd[h] (k_rows: W_UK, K = W's rows) or a[:, h] @ Wd[h]^T (W_UV, K = W's columns).
+    a [T, h, K]; w [h, R, C] (a view of kv_b_proj's weight rows), fp8 with per-row scales w_scale [h, R]
+    (dequantized as Wd = (float(w) * s).to(a.dtype)) or a.dtype with None; out [T, h, N], any strides -> out."""
+    wd = w if w_scale is None else w.float() * w_scale.float()[..., None]
+    wd = wd.to(a.dtype)
+    torch.bmm(a.transpose(0, 1), wd if k_rows else wd.transpose(1, 2), out=out.transpose(0, 1))
+    return out
+
+
 def gqa_kv_write_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: torch.Tensor | None,
     k_norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
@@ -249,6 +261,7 @@ IMPL: dict[str, Callable] = {
     "add_rms_norm": add_rms_norm_ref,
     "rope": rope_ref,
     "mla_kv_write": mla_kv_write_ref,
+    "mla_absorb": mla_absorb_ref,
     "gqa_kv_write": gqa_kv_write_ref,
     "silu_and_mul": silu_and_mul_ref,
     "moe_route": moe_route_ref,
@@ -291,6 +304,10 @@ def rope(x, cos, sin, rotary_dim, interleaved, out=None):
 def mla_kv_write(ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim, interleaved):
     return IMPL["mla_kv_write"](ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim,
                                 interleaved)
+
+
+def mla_absorb(a, w, w_scale, k_rows, out):
+    return IMPL["mla_absorb"](a, w, w_scale, k_rows, out)
 
 
 def gqa_kv_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, rotary_dim, interleaved, k_cache, v_cache,

@@ -23,7 +23,7 @@ def test_step_bytes_of_a_tiny_fp8_model(tmp_path, fuse):
     e = runner.config.n_routed_experts
     slots = e + int(fuse)  # a fused shared expert is the stacked experts' last slot, read by every token
     per_layer: dict[int, int] = {}
-    dense = other = 0
+    dense = other = kv_b = 0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
         if ".experts." in name:
@@ -32,9 +32,11 @@ def test_step_bytes_of_a_tiny_fp8_model(tmp_path, fuse):
             per_layer[layer] = per_layer.get(layer, 0) + n
         else:
             other += n
-            if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
+            if ".kv_b_proj." in name:  # the absorbed MLA's two GEMMs read it, not an _fp8_gemm launch
+                kv_b += n
+            elif p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale"):
                 dense += n
-    assert per_layer and dense > 0
+    assert per_layer and dense > 0 and kv_b > 0
     assert any("shared_experts" in name for name, _ in runner.model.named_parameters()) != fuse
     touched = {layer: 2 for layer in per_layer}  # two of E routed experts per MoE layer
     moe = sum(per_layer.values()) * (2 + slots - e) / slots
@@ -43,6 +45,7 @@ def test_step_bytes_of_a_tiny_fp8_model(tmp_path, fuse):
     assert groups["MoE GEMM (touched experts)"][1] == pytest.approx(moe)
     assert groups["MLA decode (latent cache)"][1] == 1234.0
     assert groups["dense FP8 GEMMs (weights)"] == (("_fp8_gemm",), dense)
+    assert groups["MLA absorb (kv_b_proj)"] == (("_mla_absorb",), kv_b)
     embed = runner.model.model.embed_tokens.weight
     assert weights == pytest.approx(other - embed.numel() * embed.element_size() + moe)
     _, bf16_groups = step_bytes(ModelRunner(path, with_mtp=False), touched, 0.0)

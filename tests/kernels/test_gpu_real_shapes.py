@@ -7,7 +7,8 @@ torch, so bf16 tolerances are tight-ish; fp8 outputs are compared to dequantized
 import pytest
 import torch
 
-from glmserve.kernels import act_quant, fp8_gemm, fused_moe, kv_pages, moe_route, paged_attention, rmsnorm, rope
+from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, kv_pages, mla_absorb, moe_route, paged_attention, rmsnorm,
+                              rope)
 from glmserve.shared.model import ops
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
@@ -77,7 +78,7 @@ def test_fp8_gemm_block_scaled():
 @pytest.mark.parametrize("t", [1, 512])
 @pytest.mark.parametrize("e,k,h,scale", [(128, 8, 4096, 1.0), (64, 4, 2048, 1.8), (160, 8, 5120, 2.5)])
 def test_router(e, k, h, scale, t):
-    """Flash's gate (64 x 2048) takes the in-kernel fp32 GEMM at these batch sizes, the others cuBLAS."""
+    """bf16 x and gate: the router GEMM runs inside the routing kernel (moe_route.FUSED_GEMM), every gate size."""
     x = torch.randn(t, h, device=DEV, dtype=BF16)
     gate = torch.randn(e, h, device=DEV, dtype=BF16) * 0.02
     bias = torch.randn(e, device=DEV) * 0.01
@@ -86,6 +87,28 @@ def test_router(e, k, h, scale, t):
     o, o_ref = ids.argsort(-1), ids_ref.argsort(-1)
     assert torch.equal(ids.gather(1, o), ids_ref.gather(1, o_ref))
     torch.testing.assert_close(w.gather(1, o), w_ref.gather(1, o_ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 3, 256, 1000])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_mla_absorb_flash(t, fp8):
+    """GLM-4.7-Flash's absorbed up-projections (20 heads, nope 192, v 256, L 512) in the MLA layer's layouts."""
+    h, nope, v, lora, rope_dim = 20, 192, 256, 512, 64
+    w = torch.randn(h * (nope + v), lora, device=DEV) / lora ** 0.5
+    scale = w.abs().amax(-1, keepdim=True) / ops.FP8_MAX
+    w = (w / scale).to(torch.float8_e4m3fn) if fp8 else w.to(BF16)
+    w3, s2 = w.view(h, nope + v, lora), scale.view(h, nope + v) if fp8 else None
+    q = torch.randn(t, h, nope + rope_dim, device=DEV, dtype=BF16)
+    o_lat = torch.randn(t, h, lora, device=DEV, dtype=BF16)
+    got, want = [], []
+    for fn, res in ((mla_absorb.mla_absorb, got), (ops.mla_absorb_ref, want)):
+        query_ht = torch.zeros(h, t, lora + rope_dim, device=DEV, dtype=BF16)
+        fn(q[..., :nope], w3[:, :nope], s2[:, :nope] if fp8 else None, True, query_ht.transpose(0, 1)[..., :lora])
+        o = torch.zeros(t, h * v, device=DEV, dtype=BF16)
+        fn(o_lat, w3[:, nope:], s2[:, nope:] if fp8 else None, False, o.view(t, h, v))
+        res += [query_ht, o]
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 5e-3
 
 
 @pytest.mark.parametrize("t,fp8", [(256, True), (256, False), (1024, True)])

@@ -30,6 +30,23 @@ def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gate_dt
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_router_gemm_equals_logits_then_route(monkeypatch):
+    """The one-launch router (its GEMM in the routing kernel, BLOCK_T = 16 tokens a program: 37 tokens span three
+    programs, the last partial) picks what router_logits + _route_kernel pick, with the same weights."""
+    from glmserve.kernels import moe_route as mr
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(37, 256, generator=g).to(DEV, torch.bfloat16)
+    gate = (torch.randn(64, 256, generator=g) / 16).to(DEV, torch.bfloat16)
+    bias = (torch.randn(64, generator=g) * 0.1).to(DEV)
+    fused = mr.moe_route(h, gate, bias, 4, 1, 1, True, 2.5, True)
+    monkeypatch.setattr(mr, "FUSED_GEMM", False)
+    unfused = mr.moe_route(h, gate, bias, 4, 1, 1, True, 2.5, True)
+    assert torch.equal(fused[1], unfused[1])
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused[1][:, -1], torch.full((37,), 64, device=DEV))  # the shared slot, last
+
+
 def test_router_logits_bf16_gemm_matches_fp32():
     """router_logits: the bf16-in, fp32-out GEMM (CUDA) equals the fp32 GEMM of the same values to fp32
     rounding -- the products are exact; only the summation order differs."""

@@ -65,23 +65,20 @@ def test_block_scaled_fp8_checkpoint(tmp_path):
     assert 0 < _rel(deq[name], orig[name]) <= 0.07  # the dequantized twin really is W_fp8 * block scale
 
 
-def test_mla_fp8_up_projection_is_dequantized_once_at_load(tmp_path):
-    """An FP8 kv_b_proj is dequantized by after_load, not per forward, with the same values: the
-    decode logits with the cached W_UK / W_UV equal those of the per-forward dequantization."""
+def test_mla_fp8_up_projections_are_views_of_kv_b_proj(tmp_path):
+    """The absorbed form reads kv_b_proj's own FP8 weight and scale (ops.mla_absorb dequantizes in registers):
+    W_UK / W_UV and their scales are views into them, so no dequantized copy is ever held."""
     src = write_tiny_checkpoint(str(tmp_path / "f"), "glm4_moe_lite", seed=7)
     runner = ModelRunner(src, quantization="fp8")
     attn = runner.model.model.layers[1].self_attn
-    assert attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
-    w_uk, w_uv = attn._up_weights()
-    assert w_uk.dtype == attn.kv_a_layernorm.weight.dtype and w_uk is attn._up[0]  # cached, not rebuilt
-    cached = run_workload(src, quantization="fp8")
-
-    cls = type(attn)
-    orig = cls.after_load
-    cls.after_load = lambda self: setattr(self, "_up", None)  # the per-forward path
-    try:
-        per_forward = run_workload(src, quantization="fp8")
-    finally:
-        cls.after_load = orig
-    for key in per_forward:
-        assert torch.equal(cached[key], per_forward[key]), key
+    kv_b = attn.kv_b_proj
+    assert kv_b.weight.dtype == torch.float8_e4m3fn
+    w_uk, w_uv, s_uk, s_uv = attn._up_weights()
+    assert w_uk.dtype == w_uv.dtype == torch.float8_e4m3fn
+    for view, base in ((w_uk, kv_b.weight), (w_uv, kv_b.weight), (s_uk, kv_b.weight_scale), (s_uv, kv_b.weight_scale)):
+        assert view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    h, nope, v, lora = attn.num_heads, attn.nope, attn.v_dim, attn.lora
+    full = kv_b.weight.view(h, nope + v, lora)
+    assert torch.equal(w_uk.view(torch.uint8), full[:, :nope].view(torch.uint8))
+    assert torch.equal(w_uv.view(torch.uint8), full[:, nope:].view(torch.uint8))
+    assert torch.equal(s_uv, kv_b.weight_scale.view(h, nope + v)[:, nope:])

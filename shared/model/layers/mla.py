@@ -55,26 +55,16 @@ class MLAAttention(nn.Module):
         # forward may be handed x's per-token FP8 form (a fused norm) when the first GEMM is FP8
         self.input_fp8 = (self.fused_qkv_a_proj if self.q_lora else self.q_proj).fp8
 
-    def after_load(self) -> None:
-        """The weights are final (ModelRunner calls this after loading): an FP8 kv_b_proj is dequantized
-        once here for the absorbed form's einsums (as vLLM does at load) instead of in every forward,
-        where it cost ~30 us per layer per step (1.4 ms of the 10 ms FP8 decode step at batch 1, H200).
-        Same values as the per-forward path: fp32 dequantization, then the model dtype."""
-        self._up = None
-        if self.kv_b_proj.fp8:
-            w = (self.kv_b_proj.weight.float() * self.kv_b_proj.weight_scale).to(self.kv_a_layernorm.weight.dtype)
-            w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
-            self._up = (w[:, : self.nope].contiguous(), w[:, self.nope :].contiguous())
-
-    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [h, nope, L], W_UV [h, v, L]) from kv_b_proj (dequantized when fp8; once, by after_load)."""
-        if getattr(self, "_up", None) is not None:
-            return self._up
-        w = self.kv_b_proj.weight
-        if self.kv_b_proj.fp8:
-            w = w.float() * self.kv_b_proj.weight_scale
-        w = w.view(self.num_heads, self.nope + self.v_dim, self.lora)
-        return w[:, : self.nope], w[:, self.nope :]
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(W_UK [h, nope, L], W_UV [h, v, L], their per-row scales [h, nope], [h, v] or None): views of
+        kv_b_proj's own weight and scale, never copies (ops.mla_absorb dequantizes an FP8 tile in registers:
+        the values of a dequantized bf16 copy at half its bytes, and no second copy of the weights)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.lora)
+        s = self.kv_b_proj.weight_scale
+        if s is not None:
+            s = s.view(self.num_heads, self.nope + self.v_dim)
+            return w[:, : self.nope], w[:, self.nope :], s[:, : self.nope], s[:, self.nope :]
+        return w[:, : self.nope], w[:, self.nope :], None, None
 
     def _project(self, x: torch.Tensor, x_fp8) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (q [T, h_local * qk_head_dim], ckv [T, L + R])."""
@@ -112,17 +102,15 @@ class MLAAttention(nn.Module):
     def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
         """q [T, h, nope + R] (before RoPE), query_ht [h, T, L + R] (its last R dims: the roped q_pe),
         cache [num_slots, 1, L + R] -> o [T, h * v], o_proj's input. No concatenation or reshape copies:
-        W_UK's product is written into the query's first L dims by bmm; W_UV's product lands in a
-        [T, h * v] buffer through its [h, T, v] view. Same values as einsum + cat + reshape (tests/models:
-        HF parity)."""
-        w_uk, w_uv = self._up_weights()
+        W_UK's product is written into the query's first L dims; W_UV's product lands in a [T, h * v]
+        buffer through its [T, h, v] view. Same values as einsum + cat + reshape (tests/models: HF parity)."""
+        w_uk, w_uv, s_uk, s_uv = self._up_weights()
         t, h, dtype = q.shape[0], self.num_heads, q.dtype
         query = query_ht.transpose(0, 1)  # [T, h, L + R]
-        torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk.to(dtype), out=query_ht[..., : self.lora])
+        ops.mla_absorb(q[..., : self.nope], w_uk, s_uk, True, query[..., : self.lora])
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
         o = torch.empty(t, h * self.v_dim, dtype=dtype, device=q.device)
-        torch.bmm(o_lat.to(dtype).transpose(0, 1), w_uv.to(dtype).transpose(1, 2),
-                  out=o.view(t, h, self.v_dim).transpose(0, 1))
+        ops.mla_absorb(o_lat.to(dtype), w_uv, s_uv, False, o.view(t, h, self.v_dim))
         return o
 
     def _expanded(self, q_nope, q_pe, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:

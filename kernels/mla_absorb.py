@@ -1,0 +1,100 @@
+"""MLA's absorbed up-projections as one per-head GEMM launch each, reading kv_b_proj's own weights (every
+worker rank, glm4_moe_lite decode / verify / short prefills).
+
+  out[t, h, :] = a[t, h, :] @ Wd[h]        k_rows=True:  W_UK, Wd[h] = W[h] [K = nope rows, N = L]
+  out[t, h, :] = a[t, h, :] @ Wd[h]^T      k_rows=False: W_UV, Wd[h] = W[h] [N = v rows, K = L]
+W [h, R, C] is a view of kv_b_proj's weight ([h * (nope + v), L] rows, this rank's heads), never a copy.
+FP8 kv_b_proj (per-row scale s [h, R]): each weight tile is dequantized in registers exactly as the reference
+does it once per call, Wd = (float(W) * s).to(a.dtype), then a 16-bit tensor-core dot with fp32
+accumulation: the reference's values, at half the bytes of a dequantized bf16 copy (before: torch.bmm on such
+a copy, 2 x 4.2 us a layer at batch 1 on an H100, ~0.36 of HBM, and cuBLAS breaks the PDL chain).
+Bytes: h * R * C weight elements (1 or 2 bytes) + T * h * (K + N) activations; at decode the weights dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw
+
+
+@triton.jit
+def _mla_absorb_kernel(
+    a_ptr, w_ptr, s_ptr, o_ptr, T, K, N,
+    a_st, a_sh, w_sh, w_sr, s_sh, o_st, o_sh,
+    K_ROWS: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Program (N block, head, M block): out[rm, head, rn] over all K. a's, W's and out's last dims are
+    contiguous; W tile [BLOCK_K, BLOCK_N] = W[head, rk, rn] (K_ROWS) or W[head, rn, rk]^T."""
+    pdl_enter(PDL)
+    head = tl.program_id(1).to(tl.int64)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < T
+    n_ok = rn < N
+    a_p = a_ptr + head * a_sh + rm.to(tl.int64)[:, None] * a_st + rk[None, :]
+    if K_ROWS:
+        w_p = w_ptr + head * w_sh + rk[:, None] * w_sr + rn[None, :]
+        s_p = s_ptr + head * s_sh + rk  # scale of each K row
+    else:
+        w_p = w_ptr + head * w_sh + rn[None, :] * w_sr + rk[:, None]
+        if FP8:
+            s_n = tl.load(s_ptr + head * s_sh + rn, mask=n_ok, other=0.0)  # scale of each N row
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - kb * BLOCK_K
+        a = tl.load(a_p, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_p, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if FP8:
+            if K_ROWS:
+                s = tl.load(s_p, mask=k_ok, other=0.0)[:, None]
+                s_p += BLOCK_K
+            else:
+                s = s_n[None, :]
+            w = (w.to(tl.float32) * s).to(a.dtype)  # the reference's dequantized weight, element for element
+        acc = tl.dot(dot_in(a, UPCAST), dot_in(w, UPCAST), acc, input_precision=PREC)
+        a_p += BLOCK_K
+        if K_ROWS:
+            w_p += BLOCK_K * w_sr
+        else:
+            w_p += BLOCK_K
+    o_p = o_ptr + head * o_sh + rm.to(tl.int64)[:, None] * o_st + rn[None, :]
+    tl.store(o_p, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by k_rows; BLOCK_M shrinks to the token count (>= 16, tl.dot's floor).
+# Untuned starting points: N blocks x heads fill an H100 (W_UK 512 / 64 x 20 heads, W_UV 256 / 32 x 20) at batch 1.
+CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 32, 128, 4, 3)}
+_CPU_CONFIG = (16, 32, 32, 4, 1)
+
+
+def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
+               out: torch.Tensor) -> torch.Tensor:
+    """shared.model.ops.mla_absorb_ref's signature: a [T, h, K], w [h, R, C] (fp8 with w_scale [h, R] fp32, or
+    a.dtype), out [T, h, N] (any token / head strides) -> out."""
+    t, heads, k = a.shape
+    r, c = w.shape[1:]
+    n = c if k_rows else r
+    fp8 = w.dtype == FP8_DTYPE
+    check(w.shape[0] == heads and k == (r if k_rows else c) and out.shape == (t, heads, n), "absorb shapes")
+    check(a.stride(2) == 1 and w.stride(2) == 1 and out.stride(2) == 1, "last dims must be contiguous")
+    check(fp8 == (w_scale is not None) and (fp8 or w.dtype == a.dtype), "fp8 weights need scales; else a's dtype")
+    check(not fp8 or (w_scale.shape == (heads, r) and w_scale.dtype == torch.float32 and w_scale.stride(1) == 1),
+          "scale [h, R] fp32, rows contiguous")
+    if t == 0:
+        return out
+    bm, bn, bk, warps, stages = CONFIGS[k_rows] if a.is_cuda else _CPU_CONFIG
+    bm = min(bm, max(16, triton.next_power_of_2(t)))
+    scale = w_scale if fp8 else w
+    grid = (triton.cdiv(n, bn), heads, triton.cdiv(t, bm))
+    _mla_absorb_kernel[grid](
+        a, w, scale, out, t, k, n, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+        scale.stride(0) if fp8 else 0, out.stride(0), out.stride(1),
+        K_ROWS=k_rows, FP8=fp8, UPCAST=INTERPRET, PREC=dot_precision(a.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_kw(a.device, t),
+    )
+    return out
