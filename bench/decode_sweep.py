@@ -153,12 +153,17 @@ def sweep_gemm(bw: float, ms: tuple[int, ...] = GEMM_MS, shapes: int = len(GEMM_
 
 
 DENSE_MS = (1, 64, 128, 256)
+# TMA kernel tiles for mid M beside its table's (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+DENSE_TMA_EXTRA = ((64, 128, 256, 8, 4, 3), (128, 64, 256, 8, 4, 3), (64, 64, 256, 8, 4, 4), (128, 128, 128, 8, 8, 4))
 
 
 def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     """The per-channel W8A8 GEMMs the FP8 decode step runs (GEMM_SHAPES' three attention GEMMs: the shared
-    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M)."""
+    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), and for
+    M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
+    rule takes only above M 512) at its table's configs."""
     from glmserve.kernels import fp8_gemm as fp8_gemm_mod
+    from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma
 
     rows = []
     for n_out, k in GEMM_SHAPES[:3]:
@@ -169,11 +174,24 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
             aq, a_scale = quant_fp8_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             nbytes = n_out * k + m * k + 2 * m * n_out
             ref = fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16)
-            for name, window in (("rule", None), ("scaled_mm", (1, 1 << 30))):
+            variants = [("rule", None, None), ("scaled_mm", None, None)]
+            if m > 64:
+                variants += [("%dx%dx%d g%d w%d s%d splitk%d" % v, v[:6], v[6]) for v in GEMM_VARIANTS if v]
+                tma = [c for name, c in fp8_gemm_mod.TMA_CONFIGS.items() if name != "fast"] + list(DENSE_TMA_EXTRA)
+                variants += [("tma %dx%dx%d g%d w%d s%d" % cfg, cfg, "tma") for cfg in tma]
+
+            def call(i, cfg, split):
+                if split == "tma":
+                    out = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+                    return fp8_gemm_tma(aq, a_scale, ws[i], w_scale, None, out, cfg, fp8_gemm_mod.PRECISE_ACC)
+                return fp8_gemm(aq, a_scale, ws[i], w_scale, None, torch.bfloat16, split_k=split, config=cfg)
+
+            for name, cfg, split in variants:
+                window = (1, 1 << 30) if name == "scaled_mm" else None
                 saved, fp8_gemm_mod.SCALED_MM_M = fp8_gemm_mod.SCALED_MM_M, window
                 try:
-                    err = _rel(fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16), ref)
-                    t = graph_time(lambda i: fp8_gemm(aq, a_scale, ws[i], w_scale, None, torch.bfloat16), n)
+                    err = _rel(call(0, cfg, split), ref)
+                    t = graph_time(lambda i, cfg=cfg, split=split: call(i, cfg, split), n)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(kernel="gemm", m=m, n=n_out, k=k, variant=name,
                                      error=f"{type(e).__name__}: {e}"[:200]))
@@ -248,6 +266,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="mla,gemm")
     ap.add_argument("--gemm_ms", default=",".join(map(str, GEMM_MS)), help="GEMM M values (comma list)")
+    ap.add_argument("--dense_ms", default=",".join(map(str, DENSE_MS)), help="dense sweep M values (comma list)")
     ap.add_argument("--gemm_shapes", type=int, default=len(GEMM_SHAPES),
                     help="the first N of GEMM_SHAPES (3: the attention GEMMs, shared experts fused into the MoE)")
     ap.add_argument("--out", default="")
@@ -261,7 +280,7 @@ def main() -> None:
     if "moe" in a.only:
         rows += sweep_moe(bw)
     if "dense" in a.only:
-        rows += sweep_dense(bw)
+        rows += sweep_dense(bw, tuple(int(m) for m in a.dense_ms.split(",")))
     print(f"copy GB/s {bw:.0f}")
     key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
     for r in rows:

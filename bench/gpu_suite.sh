@@ -404,6 +404,7 @@ case "${1:-models}" in
       tests/kernels/test_model_with_kernels.py tests/models/test_decode_graphs.py
     step profile_fp8 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
       --quantization fp8
+    step dense_sweep "$(left 60)" $PY -m bench.decode_sweep --only dense --dense_ms 128,256
     step profile_fp8_bmm "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --absorb bmm
     step profile_fp8_cublas_router "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile \
