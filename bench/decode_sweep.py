@@ -205,6 +205,61 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     return rows
 
 
+# GLM-4.7-Flash's absorbed MLA up-projections (kernels/mla_absorb.py): 20 heads, nope 192, v 256, L 512
+ABSORB_T = (1, 64, 256)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None = the rule; "bmm" = torch.bmm on a dequantized bf16 copy
+ABSORB_VARIANTS = (None, "bmm", (16, 32, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+                   (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3),
+                   (128, 32, 128, 4, 3), (256, 32, 64, 8, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 2))
+
+
+def sweep_absorb(bw: float) -> list[dict]:
+    """Both absorbed MLA GEMMs (W_UK: K nope = kv_b rows; W_UV: K L = kv_b columns) on FP8 kv_b_proj views, per
+    launch config and against torch.bmm on a bf16 copy dequantized once (the path before the kernel).
+    Bytes = the FP8 weights + scales + activations in and out (bmm reads its bf16 copy: twice the weight bytes)."""
+    from glmserve.kernels.mla_absorb import mla_absorb
+
+    rows = []
+    h, nope, v, lora = 20, 192, 256, 512
+    n = _copies(h * (nope + v) * lora)
+    ws = [torch.randn(h * (nope + v), lora, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
+    scale = torch.rand(h, nope + v, device="cuda") * 1e-2
+    deq = [(w.view(h, nope + v, lora).float() * scale[..., None]).to(torch.bfloat16) for w in ws]
+    for t in ABSORB_T:
+        for k_rows, name_w in ((True, "W_UK"), (False, "W_UV")):
+            rows_ = slice(0, nope) if k_rows else slice(nope, nope + v)
+            k_dim, n_dim = (nope, lora) if k_rows else (lora, v)
+            a = torch.randn(t, h, k_dim, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(t, h, n_dim, device="cuda", dtype=torch.bfloat16)
+            nbytes = h * (rows_.stop - rows_.start) * (lora + 4) + 2 * t * h * (k_dim + n_dim)
+            s = scale[:, rows_]
+            ref = mla_absorb(a, ws[0].view(h, nope + v, lora)[:, rows_], s, k_rows, torch.empty_like(out)).clone()
+            bmm_w = [(wd[:, rows_] if k_rows else wd[:, rows_].transpose(1, 2)).contiguous() for wd in deq]
+
+            for var in ABSORB_VARIANTS:
+                if var == "bmm":
+                    def call(i, out=out):
+                        return torch.bmm(a.transpose(0, 1), bmm_w[i], out=out.transpose(0, 1))
+                    label = "bmm (bf16 copy)"
+                else:
+                    def call(i, var=var, out=out):
+                        return mla_absorb(a, ws[i].view(h, nope + v, lora)[:, rows_], s, k_rows, out, config=var)
+                    label = "rule" if var is None else "%dx%dx%d w%d s%d" % var
+                try:
+                    call(0)
+                    err = _rel(out, ref)
+                    t_s = graph_time(call, n)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(kernel="absorb", b=t, gemm=name_w, variant=label,
+                                     error=f"{type(e).__name__}: {e}"[:200]))
+                    continue
+                rows.append(dict(kernel="absorb", b=t, gemm=name_w, variant=label, us=t_s * 1e6, rel_err=err,
+                                 frac=nbytes / t_s / 1e9 / bw))
+    del ws
+    torch.cuda.empty_cache()
+    return rows
+
+
 def _moe_inputs(b: int, gen: torch.Generator):
     """Batch b of GLM-4.7-Flash's MoE: top-4 of 64 routed experts + the fused shared expert (id 64, last)."""
     routed = torch.stack([torch.randperm(MOE_E - 1, generator=gen)[:MOE_K] for _ in range(b)])
@@ -279,13 +334,15 @@ def main() -> None:
         rows += sweep_gemm(bw, tuple(int(m) for m in a.gemm_ms.split(",")), a.gemm_shapes)
     if "moe" in a.only:
         rows += sweep_moe(bw)
+    if "absorb" in a.only:
+        rows += sweep_absorb(bw)
     if "dense" in a.only:
         rows += sweep_dense(bw, tuple(int(m) for m in a.dense_ms.split(",")))
     print(f"copy GB/s {bw:.0f}")
     key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
     for r in rows:
         shape = (f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else
-                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] == "moe" else f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
+                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] in ("moe", "absorb") else f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
         if "error" in r:
             print(f"{r['kernel']:4s} {shape}  {r['variant']:32s}  ERROR {r['error'][:80]}")
         else:

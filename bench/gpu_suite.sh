@@ -34,6 +34,7 @@
 #   bash bench/gpu_suite.sh h100i    # ONE H100 call: PDL (wait, then trigger): graph tests, FP8 table PDL on/off x 2
 #   bash bench/gpu_suite.sh h100j    # ONE H100 call: final FP8 (B 1 / 256 profiles) and bf16 tables, slot-sum A/B
 #   bash bench/gpu_suite.sh h100k    # ONE H100 call: MLA absorb kernel / fused router GEMM tests and A/B step tables
+#   bash bench/gpu_suite.sh h100l    # ONE H100 call: TMA mid GEMMs, absorb sweep, A/B step tables
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -412,6 +413,23 @@ case "${1:-models}" in
     step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8
     step profile_bf16 "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640
+    ;;
+  h100l)  # ONE H100 call (~6 min): TMA for decode-batch GEMMs with K >= 2048, absorb kernel configs: GPU tests,
+    # the absorb sweep, the FP8 step table (+ per-kernel HBM at B 1 and 256), A/B TMA mid off, A/B absorb bmm, again
+    end=$((SECONDS + ${H100_BUDGET_S:-570}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 130)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_mla_absorb.py tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fp8_gemm.py \
+      tests/kernels/test_model_with_kernels.py tests/models/test_decode_graphs.py
+    step absorb_sweep "$(left 70)" $PY -m bench.decode_sweep --only absorb
+    step profile_fp8 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8
+    step profile_fp8_tma_mid_off "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile \
+      --ctx 640 --quantization fp8 --tma_mid off
+    step profile_fp8_bmm "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8 --absorb bmm
+    step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
+      --quantization fp8
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--profile_batches", default="", help="comma list of batches to profile (default: the first)")
     ap.add_argument("--disable_shared_experts_fusion", action="store_true",
                     help="the shared expert as its own MLP (A/B against the default fused slot)")
-    ap.add_argument("--router_gemm", default="fused", choices=["fused", "bf16", "fp32"],
+    ap.add_argument("--router_gemm", default="bf16", choices=["fused", "bf16", "fp32"],
                     help="fused: the logits in the routing kernel (kernels.moe_route.FUSED_GEMM); bf16: a cuBLAS "
                          "bf16-in fp32-out GEMM, then the routing kernel; fp32: the gate kept fp32, an fp32 GEMM of "
                          "x.float() (A/B)")
@@ -251,6 +251,9 @@ def main() -> None:
     ap.add_argument("--scaled_mm", default="",
                     help="per-channel FP8 GEMMs with lo <= M <= hi on torch._scaled_mm: lo,hi (A/B against "
                          "kernels.fp8_gemm.SCALED_MM_M; 'off' = never; its kernels count under \"all other kernels\")")
+    ap.add_argument("--tma_mid", default="on", choices=["on", "off"],
+                    help="off: decode-batch FP8 GEMMs with K >= 2048 on the pointer kernel, not the TMA one "
+                         "(kernels.fp8_gemm.TMA_MID_M; A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -265,16 +268,19 @@ def main() -> None:
         from glmserve.kernels import fp8_gemm
 
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
+    if a.tma_mid == "off":
+        from glmserve.kernels import fp8_gemm
+
+        fp8_gemm.TMA_MID_M = None
     if a.separate_slot_sum:
         from glmserve.shared.model.layers import moe
 
         moe.SLOT_SUM_IN_NORM = False
     if a.unfused_mla_write:
         ops.set_impl("mla_kv_write", _unfused_mla_kv_write)
-    if a.router_gemm != "fused":
-        from glmserve.kernels import moe_route
+    from glmserve.kernels import moe_route
 
-        moe_route.FUSED_GEMM = False
+    moe_route.FUSED_GEMM = a.router_gemm == "fused"
     if a.absorb == "bmm":
         ops.set_impl("mla_absorb", _bmm_absorb())
     if a.mla_min_keys is not None:
@@ -317,7 +323,8 @@ def main() -> None:
           f"  router GEMM {a.router_gemm}  MLA min keys {a.mla_min_keys or 'default'}"
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
-          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}")
+          f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
+          f"  TMA mid {a.tma_mid}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

@@ -177,7 +177,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     if m == 0:
         return out
     if config is None and _use_tma(a_q, w_q, m, block, split_k):
-        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device, m, n, PRECISE_ACC),
+        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, tma_config(a_q.device, m, n, PRECISE_ACC, k),
                             PRECISE_ACC)
     bm, bn, bk, group_m, warps, stages = config or _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -213,18 +213,32 @@ TMA_CONFIGS: dict[str, tuple[int, ...]] = {
     "big": (256, 128, 128, 8, 8, 4),
     "narrow": (128, 128, 256, 8, 8, 3),
     "fast": (128, 256, 128, 8, 8, 3),
+    "mid": (64, 64, 256, 8, 4, 4),
 }
+# Per-channel GEMMs with TMA_MID_M[0] < M <= TMA_MID_M[1] and K >= TMA_MID_MIN_K on Hopper: the TMA kernel at
+# TMA_CONFIGS["mid"] (None: the pointer kernel's "mid" rule). H100 run 29 (bench.decode_sweep --only dense, L2-cold
+# graphs), GLM-4.7-Flash's decode GEMMs: o_proj (N 2048, K 5120) at M 128 / 256 13.8 / 13.9 -> 10.2 / 10.4 us,
+# q_a + kv_a (N 1344, K 2048) 6.4 / 6.7 -> 5.6 / 5.6; q_b (K 768) loses (M 256: 6.2 -> 9.5), so K >= 2048 only.
+TMA_MID_M: tuple[int, int] | None = (64, 512)
+TMA_MID_MIN_K = 2048
 
 
-def tma_config(device, m: int, n: int, precise: bool) -> tuple[int, ...]:
+def tma_config(device, m: int, n: int, precise: bool, k: int = 0) -> tuple[int, ...]:
+    if _tma_mid(m, k):
+        return TMA_CONFIGS["mid"]
     if not precise:
         return TMA_CONFIGS["fast"]
     sms = sm_count(device)
     return TMA_CONFIGS["big" if triton.cdiv(m, 256) * triton.cdiv(n, 128) >= sms else "narrow"]
 
 
+def _tma_mid(m: int, k: int) -> bool:
+    return TMA_MID_M is not None and TMA_MID_M[0] < m <= TMA_MID_M[1] and k >= TMA_MID_MIN_K
+
+
 def _use_tma(a_q, w_q, m: int, block: int, split_k: int | None) -> bool:
-    if not TMA_LARGE or block or m <= 512 or (split_k or 1) > 1 or a_q.device.type != "cuda":
+    large = TMA_LARGE and m > 512
+    if block or not (large or _tma_mid(m, a_q.shape[1])) or (split_k or 1) > 1 or a_q.device.type != "cuda":
         return False
     return cc_major(a_q.device) >= 9 and tma_ok(a_q, w_q)
 

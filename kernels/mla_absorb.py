@@ -73,9 +73,10 @@ _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
 def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
-               out: torch.Tensor) -> torch.Tensor:
+               out: torch.Tensor, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """shared.model.ops.mla_absorb_ref's signature: a [T, h, K], w [h, R, C] (fp8 with w_scale [h, R] fp32, or
-    a.dtype), out [T, h, N] (any token / head strides) -> out."""
+    a.dtype), out [T, h, N] (any token / head strides) -> out. config: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
+    stages) instead of the table's (bench/decode_sweep.py --only absorb)."""
     t, heads, k = a.shape
     r, c = w.shape[1:]
     n = c if k_rows else r
@@ -87,7 +88,7 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
           "scale [h, R] fp32, rows contiguous")
     if t == 0:
         return out
-    bm, bn, bk, warps, stages = CONFIGS[k_rows] if a.is_cuda else _CPU_CONFIG
+    bm, bn, bk, warps, stages = config or (CONFIGS[k_rows] if a.is_cuda else _CPU_CONFIG)
     bm = min(bm, max(16, triton.next_power_of_2(t)))
     scale = w_scale if fp8 else w
     grid = (triton.cdiv(n, bn), heads, triton.cdiv(t, bm))

@@ -1,7 +1,7 @@
 """MoE routing: GLM noaux_tc router and token sort/align by expert. Every worker rank (MoE layers).
 
-moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (bf16 h and gate: a tensor-core dot in the routing
-kernel itself; otherwise fp32 out of cuBLAS, see router_logits); then per token (BLOCK_T tokens a program):
+moe_route (spec §1.2): logits = h_f32 . W_gate_f32^T (fp32 out of cuBLAS, see router_logits; FUSED_GEMM: a
+tensor-core dot in the routing kernel itself, measured slower); then per token (BLOCK_T tokens a program):
   s = sigmoid(logits); c = s + correction_bias (selection only); group score = sum of the top-2 c of
   each group, keep topk_group groups (n_group = 1 for every GLM-4.x: a no-op); pick top_k experts of c
   (highest first, lowest id on ties); w = s[picked]; w /= sum(w) + 1e-20 if norm_topk_prob; w *= scaling.
@@ -125,18 +125,21 @@ def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), gate_weight.float())
 
 
-# The router GEMM inside the routing kernel (bf16 x and gate only; False: cuBLAS logits, then _route_kernel; A/B:
-# bench/profile_step.py --router_gemm bf16). Untuned: BLOCK_T 16 tokens a program (tl.dot's floor), so batch 1
-# is one program reading the whole gate (E x H bf16, 256 KB for GLM-4.7-Flash) on one SM.
-FUSED_GEMM = True
+# The router GEMM inside the routing kernel (bf16 x and gate only), off: measured slower. BLOCK_T = 16 tokens a
+# program (tl.dot's floor), so batch 1 is one program reading the whole gate (64 x 2048 bf16, 256 KB) on one SM,
+# a latency-bound chain: H100 run 29 (bench/gpu_suite.sh h100k), GLM-4.7-Flash FP8 step, 11.4 us a layer at B 1
+# and 10.9 at B 256 against cuBLAS 5.2 + routing 1.9; graph step 4.33 / 19.47 ms fused, 4.12 / 19.33 cuBLAS.
+# True: bench/profile_step.py --router_gemm fused.
+FUSED_GEMM = False
 GEMM_ROUTE_WARPS = 4
 
 
 def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
               shared_slot=False):
     """shared.model.ops signature -> (weights [T, k'] fp32, ids [T, k'] int64), ids highest score first;
-    k' = k + 1 with the shared slot last when shared_slot. bf16 x and gate (Router.after_load keeps an exactly
-    bf16 gate): one launch, _gemm_route_kernel. Otherwise the fp32 logits by router_logits, then _route_kernel.
+    k' = k + 1 with the shared slot last when shared_slot. The fp32 logits by router_logits, then _route_kernel;
+    with FUSED_GEMM and bf16 x and gate (Router.after_load keeps an exactly bf16 gate) one launch instead,
+    _gemm_route_kernel.
     (An in-kernel fp32 SIMT GEMM, one token a program, was measured on an H100, run 15: 150 us a layer at
     B 256 and a 12.4 ms B 1 step against 6.3; removed.)"""
     num_experts, h = gate_weight.shape

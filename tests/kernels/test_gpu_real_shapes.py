@@ -75,10 +75,12 @@ def test_fp8_gemm_block_scaled():
     assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32, block=128)) < 5e-3
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("t", [1, 512])
 @pytest.mark.parametrize("e,k,h,scale", [(128, 8, 4096, 1.0), (64, 4, 2048, 1.8), (160, 8, 5120, 2.5)])
-def test_router(e, k, h, scale, t):
-    """bf16 x and gate: the router GEMM runs inside the routing kernel (moe_route.FUSED_GEMM), every gate size."""
+def test_router(e, k, h, scale, t, fused, monkeypatch):
+    """bf16 x and gate: cuBLAS logits + the routing kernel, or the router GEMM inside it (moe_route.FUSED_GEMM)."""
+    monkeypatch.setattr(moe_route, "FUSED_GEMM", fused)
     x = torch.randn(t, h, device=DEV, dtype=BF16)
     gate = torch.randn(e, h, device=DEV, dtype=BF16) * 0.02
     bias = torch.randn(e, device=DEV) * 0.01
@@ -237,3 +239,27 @@ def test_fp8_gemm_decode_split_k(m, n, k):
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, bias, torch.float32)
     for split in (None, 1, 4):
         assert _rel(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, bias, split_k=split), ref) < 5e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])
+def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k):
+    """Decode-batch GEMMs with K >= TMA_MID_MIN_K take the TMA kernel (host tensor descriptors) inside the decode
+    CUDA graph: the replayed result must be the eager one, and match the reference, with new inputs copied in."""
+    assert fp8_gemm._use_tma(torch.empty(m, k, device=DEV, dtype=torch.float8_e4m3fn),
+                             torch.empty(n, k, device=DEV, dtype=torch.float8_e4m3fn), m, 0, None)
+    w = torch.randn(n, k, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448.0
+    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
+    new_q, new_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    a_q.copy_(new_q)
+    a_s.copy_(new_s)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
+    assert torch.equal(out, eager)
+    assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)) < 5e-3

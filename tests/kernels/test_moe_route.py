@@ -31,7 +31,7 @@ def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gate_dt
 
 
 def test_fused_router_gemm_equals_logits_then_route(monkeypatch):
-    """The one-launch router (its GEMM in the routing kernel, BLOCK_T = 16 tokens a program: 37 tokens span three
+    """The one-launch router (its GEMM in the routing kernel; off by default, measured slower; BLOCK_T = 16 tokens a program: 37 tokens span three
     programs, the last partial) picks what router_logits + _route_kernel pick, with the same weights."""
     from glmserve.kernels import moe_route as mr
 
@@ -39,6 +39,7 @@ def test_fused_router_gemm_equals_logits_then_route(monkeypatch):
     h = torch.randn(37, 256, generator=g).to(DEV, torch.bfloat16)
     gate = (torch.randn(64, 256, generator=g) / 16).to(DEV, torch.bfloat16)
     bias = (torch.randn(64, generator=g) * 0.1).to(DEV)
+    monkeypatch.setattr(mr, "FUSED_GEMM", True)
     fused = mr.moe_route(h, gate, bias, 4, 1, 1, True, 2.5, True)
     monkeypatch.setattr(mr, "FUSED_GEMM", False)
     unfused = mr.moe_route(h, gate, bias, 4, 1, 1, True, 2.5, True)
