@@ -254,6 +254,9 @@ def main() -> None:
     ap.add_argument("--tma_mid", default="on", choices=["on", "off"],
                     help="off: decode-batch FP8 GEMMs with K >= 2048 on the pointer kernel, not the TMA one "
                          "(kernels.fp8_gemm.TMA_MID_M; A/B)")
+    ap.add_argument("--separate_silu", action="store_true",
+                    help="the MoE's SiLU-mul (+ FP8 quantize) as its own launch between the GEMMs "
+                         "(kernels.fused_moe.SILU_IN_GEMM = False; A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -268,6 +271,10 @@ def main() -> None:
         from glmserve.kernels import fp8_gemm
 
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
+    if a.separate_silu:
+        from glmserve.kernels import fused_moe
+
+        fused_moe.SILU_IN_GEMM = False
     if a.tma_mid == "off":
         from glmserve.kernels import fp8_gemm
 
@@ -324,7 +331,7 @@ def main() -> None:
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
-          f"  TMA mid {a.tma_mid}")
+          f"  TMA mid {a.tma_mid}  silu {'separate' if a.separate_silu else 'in GEMM'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

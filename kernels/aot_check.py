@@ -198,6 +198,20 @@ def cases():
         yield (f"fused_moe {key}", *_moe(key[2] == "fp8", cfg))
     fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("H100", "decode", "fp8")])
     yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
+    # SILU_IN_GEMM's two launches at the H100 decode config: gate_up with the SiLU epilogue (BLOCK_N halved, two
+    # B tiles), down quantizing its bf16 input per BLOCK_K group
+    yield "fused_moe gate_up silu epilogue fp8 pdl", fn, sig, dict(const, PDL=True, SILU_OUT=True, MUL_WEIGHT=False,
+                                                                  BLOCK_N=const["BLOCK_N"] // 2), warps, stages
+    yield "fused_moe down A-quant prologue fp8 pdl", fn, dict(sig, a_ptr=P["bf16"]), dict(const, PDL=True, A_DIV=1,
+                                                                                          A_QUANT=True), warps, stages
+    fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("default", "prefill", "fp8")])
+    yield "fused_moe prefill gate_up silu epilogue fp8", fn, sig, dict(const, SILU_OUT=True, MUL_WEIGHT=False,
+                                                                      BLOCK_N=const["BLOCK_N"] // 2), warps, stages
+    yield "fused_moe prefill down A-quant prologue fp8", fn, dict(sig, a_ptr=P["bf16"]), dict(
+        const, A_DIV=1, A_QUANT=True), warps, stages
+    fn, sig, const, warps, stages = _moe(False, fused_moe.CONFIGS[("default", "decode", "bf16")])
+    yield "fused_moe gate_up silu epilogue bf16", fn, sig, dict(const, SILU_OUT=True, MUL_WEIGHT=False,
+                                                               BLOCK_N=const["BLOCK_N"] // 2), warps, stages
 
 
 def _resources(cubin: bytes) -> dict[str, int]:

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
-                                      sm_count, pdl_enter, pdl_kw)
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, fp8_grid_round, gpu_name,
+                                      new_out, sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -47,9 +47,14 @@ def _moe_gemm_kernel(
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SILU_OUT: tl.constexpr = False, A_QUANT: tl.constexpr = False,
+    PRE_ROUND: tl.constexpr = False,
 ):
-    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
+    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block.
+    SILU_OUT (the gate_up GEMM): B[e] is [gate; up] ([2N, K]); the program multiplies gate rows rn and up rows
+    N + rn and stores silu(gate) * up ([pairs, N], rounded as silu_and_mul rounds the bf16 gate_up rows).
+    A_QUANT (FP8 B, the down GEMM): A is a 16-bit activation, quantized here to e4m3 per (row, BLOCK_K group):
+    s = max(amax / 448, 1e-12) over the group's K values, each group's dot scaled by its s (no A scale array)."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -64,20 +69,46 @@ def _moe_gemm_kernel(
     a_p = a_ptr + a_rows[:, None] * a_sm + rk[None, :]
     b_p = b_ptr + expert.to(tl.int64) * b_se + rn[None, :].to(tl.int64) * b_sn + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SILU_OUT only
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = rk < K - kb * BLOCK_K
         a = tl.load(a_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
-        if FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
+        if SILU_OUT:
+            b_up = tl.load(b_p + N * b_sn, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
+        if A_QUANT:
+            af = a.to(tl.float32)
+            s = tl.maximum(tl.max(tl.abs(af), axis=1) / 448.0, 1e-12)  # [BLOCK_M]
+            q = tl.clamp(af * (1.0 / s)[:, None], -448.0, 448.0)
+            if PRE_ROUND:
+                q = fp8_grid_round(q)
+            part = tl.dot(q.to(b.dtype), b, max_num_imprecise_acc=BLOCK_K)
+            acc += part * s[:, None]
+        elif FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc, input_precision=PREC)
+        if SILU_OUT:
+            if FP8:
+                acc_up = tl.dot(a, b_up, acc_up, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc_up = tl.dot(dot_in(a, UPCAST), dot_in(b_up, UPCAST), acc_up, input_precision=PREC)
         a_p += BLOCK_K
         b_p += BLOCK_K
     if FP8:
-        sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
         sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
+        if A_QUANT:
+            acc = acc * sb[None, :]
+        else:
+            sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+            if SILU_OUT:
+                sb_up = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + N + rn, mask=rn < N, other=0.0)
+                acc_up = acc_up * sa[:, None] * sb_up[None, :]
+    if SILU_OUT:  # as silu_and_mul on the stored rows: gate, up in c's dtype; silu(gate) rounded; the product
+        g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
+        acc = (g / (1.0 + tl.exp(-g))).to(c_ptr.dtype.element_ty).to(tl.float32) * u
     if MUL_WEIGHT:
         acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0)[:, None]
     c_p = c_ptr + pairs.to(tl.int64)[:, None] * c_sm + rn[None, :]
@@ -156,22 +187,40 @@ def _narrow_n(bn: int, n: int, active_m: int, sms: int, floor: int = MIN_BLOCK_N
 
 
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
-          narrow: bool = True):
-    """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py)."""
+          narrow: bool = True, silu_out: bool = False):
+    """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py).
+    silu_out: b is [gate; up] and c gets silu(gate) * up (N = b's rows / 2); each program then reads BLOCK_N / 2
+    gate and BLOCK_N / 2 up rows, the bytes and program count of the plain launch. a_scale None with FP8 b:
+    a is 16-bit and quantized in the kernel per (row, BLOCK_K group)."""
     bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
     n, k = b.shape[1], b.shape[2]
     if b.is_cuda and narrow:  # blocks with work: at most one per pair, at most one per expert at decode sizes
         bn = _narrow_n(bn, n, min(block_expert.numel(), num_pairs, b.shape[0]), sm_count(b.device),
                        NARROW_FLOOR.get(gpu_name(b.device), MIN_BLOCK_N))
+    if silu_out:
+        n, bn = n // 2, max(16, bn // 2)
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE
+    a_quant = fp8 and a_scale is None
     _moe_gemm_kernel[grid](
-        a, b, c, a_scale if fp8 else c, b_scale if fp8 else c, weights, pairs, block_expert,
+        a, b, c, c if a_quant or not fp8 else a_scale, b_scale if fp8 else c, weights, pairs, block_expert,
         num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0), b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
-        **pdl_kw(b.device, num_pairs),
+        SILU_OUT=silu_out, A_QUANT=a_quant, PRE_ROUND=INTERPRET, **pdl_kw(b.device, num_pairs),
     )
+
+
+# The SiLU-mul in the gate_up GEMM's epilogue and the down GEMM's FP8 input quantized in its prologue, per
+# (pair, BLOCK_K group) instead of per pair (finer, so closer to the unquantized reference): two launches an MoE
+# layer instead of three, no [pairs, 2I] gate_up round trip. False: gate_up GEMM, silu_and_mul(_fp8), down GEMM
+# (the reference path; bench/profile_step.py --separate_silu).
+SILU_IN_GEMM = True
+
+
+def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """[S, N, 1] per-row weight scales -> [S, N] fp32 contiguous (None stays None)."""
+    return None if scale is None else scale.reshape(scale.shape[0], -1).float().contiguous()
 
 
 def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
@@ -195,9 +244,15 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     cfg = _config(x.device, num_pairs, num_experts, fp8)
     pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
     flat_w = weights.reshape(-1).float().contiguous()
-    gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
     down = new_out((num_pairs, h), x.dtype, x.device)
-    if fp8:
+    if SILU_IN_GEMM:  # two launches: gate_up with the SiLU-mul epilogue, down quantizing its input
+        act = new_out((num_pairs, two_i // 2), x.dtype, x.device)
+        xq, xs = (x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)) if fp8 else (x, None)
+        _gemm(xq, xs, w13, _row_scales(w13_scale), act, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False,
+              silu_out=True)
+        _gemm(act, None, w2, _row_scales(w2_scale), down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    elif fp8:
+        gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
         xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)
         s13 = w13_scale.reshape(num_experts, two_i).float().contiguous()
         s2 = w2_scale.reshape(num_experts, h).float().contiguous()
@@ -205,6 +260,7 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
         act, act_s = silu_and_mul_fp8(gate_up)
         _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
     else:
+        gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
         _gemm(x, None, w13, None, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
         act = silu_and_mul(gate_up)
         _gemm(act, None, w2, None, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
