@@ -415,20 +415,20 @@ case "${1:-models}" in
     step profile_bf16 "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640
     ;;
   h100l)  # ONE H100 call (~8 min): TMA for decode-batch GEMMs with K >= 2048, SiLU-mul in the MoE GEMMs, absorb
-    # configs: GPU tests, the absorb sweep, the FP8 step table (+ per-kernel HBM at B 1 and 256), A/B TMA mid off,
-    # A/B SiLU separate, A/B absorb bmm, default again
+    # configs: GPU tests, the FP8 step table (+ per-kernel HBM at B 1 and 256), A/B SiLU separate, A/B TMA mid off,
+    # the absorb sweep, A/B absorb bmm, default again (most important first: later steps get what is left)
     end=$((SECONDS + ${H100_BUDGET_S:-570}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 130)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_mla_absorb.py tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fp8_gemm.py \
       tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py tests/models/test_decode_graphs.py
-    step absorb_sweep "$(left 70)" $PY -m bench.decode_sweep --only absorb
     step profile_fp8 "$(left 100)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
       --quantization fp8
-    step profile_fp8_tma_mid_off "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile \
-      --ctx 640 --quantization fp8 --tma_mid off
     step profile_fp8_sep_silu "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --separate_silu
+    step profile_fp8_tma_mid_off "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile \
+      --ctx 640 --quantization fp8 --tma_mid off
+    step absorb_sweep "$(left 70)" $PY -m bench.decode_sweep --only absorb
     step profile_fp8_bmm "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --absorb bmm
     step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
