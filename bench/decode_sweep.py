@@ -341,7 +341,8 @@ def main() -> None:
     key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
     for r in rows:
         shape = (f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else
-                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] in ("moe", "absorb") else f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
+                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] in ("moe", "absorb") else
+                 f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
         if "error" in r:
             print(f"{r['kernel']:4s} {shape}  {r['variant']:32s}  ERROR {r['error'][:80]}")
         else:

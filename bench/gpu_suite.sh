@@ -424,16 +424,16 @@ case "${1:-models}" in
       tests/kernels/test_mla_absorb.py tests/kernels/test_fused_moe.py tests/models/test_decode_graphs.py \
       tests/kernels/test_gpu_real_shapes.py -k "not test_rope and not attention and not norms and not kv_pages"
     step profile_fp8 "$(left 90)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 1,256 --ctx 640 \
-      --quantization fp8
+      --quantization fp8 --silu gemm --tma_mid on
     step profile_fp8_sep_silu "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
-      --quantization fp8 --separate_silu
+      --quantization fp8 --silu separate --tma_mid on
     step profile_fp8_tma_mid_off "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile \
-      --ctx 640 --quantization fp8 --tma_mid off
+      --ctx 640 --quantization fp8 --silu gemm --tma_mid off
     step absorb_sweep "$(left 70)" $PY -m bench.decode_sweep --only absorb
     step profile_fp8_bmm "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
-      --quantization fp8 --absorb bmm
+      --quantization fp8 --absorb bmm --silu gemm --tma_mid on
     step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
-      --quantization fp8
+      --quantization fp8 --silu gemm --tma_mid on
     ;;
   h100m)  # ONE short H100 call (~2.5 min): the new MoE / TMA paths' GPU tests, then the FP8 step at B 1 / 256 with
     # both on (default) and both off (SiLU separate, TMA mid off), each twice, alternated
@@ -443,9 +443,9 @@ case "${1:-models}" in
       tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb"
     for i in 1 2; do
       step "profile_fp8_new_$i" "$(left 45)" $PY -m bench.profile_step --batches 1,256 --no_profile --ctx 640 \
-        --quantization fp8
+        --quantization fp8 --silu gemm --tma_mid on
       step "profile_fp8_old_$i" "$(left 45)" $PY -m bench.profile_step --batches 1,256 --no_profile --ctx 640 \
-        --quantization fp8 --separate_silu --tma_mid off
+        --quantization fp8 --silu separate --tma_mid off
     done
     ;;
   serve)

@@ -251,12 +251,13 @@ def main() -> None:
     ap.add_argument("--scaled_mm", default="",
                     help="per-channel FP8 GEMMs with lo <= M <= hi on torch._scaled_mm: lo,hi (A/B against "
                          "kernels.fp8_gemm.SCALED_MM_M; 'off' = never; its kernels count under \"all other kernels\")")
-    ap.add_argument("--tma_mid", default="on", choices=["on", "off"],
-                    help="off: decode-batch FP8 GEMMs with K >= 2048 on the pointer kernel, not the TMA one "
-                         "(kernels.fp8_gemm.TMA_MID_M; A/B)")
-    ap.add_argument("--separate_silu", action="store_true",
-                    help="the MoE's SiLU-mul (+ FP8 quantize) as its own launch between the GEMMs "
-                         "(kernels.fused_moe.SILU_IN_GEMM = False; A/B)")
+    ap.add_argument("--tma_mid", default="", choices=["", "on", "off"],
+                    help="on: decode-batch FP8 GEMMs (64 < M <= 512) with K >= 2048 on the TMA kernel at 64x64x256; "
+                         "off: on the pointer kernel (kernels.fp8_gemm.TMA_MID_M; default: the module's; A/B)")
+    ap.add_argument("--silu", default="", choices=["", "gemm", "separate"],
+                    help="gemm: the MoE's SiLU-mul in the gate_up GEMM's epilogue, the down GEMM quantizing its input; "
+                         "separate: its own launch between the GEMMs (kernels.fused_moe.SILU_IN_GEMM; default: the "
+                         "module's; A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -271,14 +272,12 @@ def main() -> None:
         from glmserve.kernels import fp8_gemm
 
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
-    if a.separate_silu:
-        from glmserve.kernels import fused_moe
+    from glmserve.kernels import fp8_gemm, fused_moe
 
-        fused_moe.SILU_IN_GEMM = False
-    if a.tma_mid == "off":
-        from glmserve.kernels import fp8_gemm
-
-        fp8_gemm.TMA_MID_M = None
+    if a.silu:
+        fused_moe.SILU_IN_GEMM = a.silu == "gemm"
+    if a.tma_mid:
+        fp8_gemm.TMA_MID_M = fp8_gemm.TMA_MID_ON if a.tma_mid == "on" else None
     if a.separate_slot_sum:
         from glmserve.shared.model.layers import moe
 
@@ -331,7 +330,7 @@ def main() -> None:
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
-          f"  TMA mid {a.tma_mid}  silu {'separate' if a.separate_silu else 'in GEMM'}")
+          f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

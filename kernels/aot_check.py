@@ -141,7 +141,8 @@ def _small_kernels():
     gemm_route_args = dict(x_ptr=P["bf16"], gate_ptr=P["bf16"], bias_ptr=P["f32"], w_ptr=P["f32"], ids_ptr=P["i64"],
                            T=i32, E=i32, H=i32, x_st=i32, scaling="fp32")
     for e, k, bk in ((64, 4, 128), (160, 8, 32)):  # moe_route's BLOCK_K rule: gate tile <= 16 KB a stage
-        yield f"moe_route + router GEMM E{e} k{k} + shared slot pdl", moe_route._gemm_route_kernel, gemm_route_args, dict(
+        name = f"moe_route + router GEMM E{e} k{k} + shared slot pdl"
+        yield name, moe_route._gemm_route_kernel, gemm_route_args, dict(
             TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
             BLOCK_K=bk, K_PAD=16 if k == 8 else 8, UPCAST=False, PDL=True), moe_route.GEMM_ROUTE_WARPS, 3
     for k_rows, fp8 in ((True, True), (False, True), (True, False), (False, False)):

@@ -219,7 +219,10 @@ TMA_CONFIGS: dict[str, tuple[int, ...]] = {
 # TMA_CONFIGS["mid"] (None: the pointer kernel's "mid" rule). H100 run 29 (bench.decode_sweep --only dense, L2-cold
 # graphs), GLM-4.7-Flash's decode GEMMs: o_proj (N 2048, K 5120) at M 128 / 256 13.8 / 13.9 -> 10.2 / 10.4 us,
 # q_a + kv_a (N 1344, K 2048) 6.4 / 6.7 -> 5.6 / 5.6; q_b (K 768) loses (M 256: 6.2 -> 9.5), so K >= 2048 only.
-TMA_MID_M: tuple[int, int] | None = (64, 512)
+# Off until the decode step (CUDA graphs with the TMA kernel's host descriptors) is measured with it on a GPU:
+# bench/gpu_suite.sh h100m, or bench/profile_step.py --tma_mid on.
+TMA_MID_ON = (64, 512)
+TMA_MID_M: tuple[int, int] | None = None
 TMA_MID_MIN_K = 2048
 
 

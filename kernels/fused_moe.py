@@ -213,9 +213,10 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 
 # The SiLU-mul in the gate_up GEMM's epilogue and the down GEMM's FP8 input quantized in its prologue, per
 # (pair, BLOCK_K group) instead of per pair (finer, so closer to the unquantized reference): two launches an MoE
-# layer instead of three, no [pairs, 2I] gate_up round trip. False: gate_up GEMM, silu_and_mul(_fp8), down GEMM
-# (the reference path; bench/profile_step.py --separate_silu).
-SILU_IN_GEMM = True
+# layer instead of three, no [pairs, 2I] gate_up round trip. Off until measured on a GPU (written and tested
+# under the interpreter and the offline sm_90 compile only; no device time was left in that session):
+# bench/gpu_suite.sh h100m is the A/B. False: gate_up GEMM, silu_and_mul(_fp8), down GEMM (the reference path).
+SILU_IN_GEMM = False
 
 
 def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:

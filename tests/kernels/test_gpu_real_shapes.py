@@ -242,9 +242,10 @@ def test_fp8_gemm_decode_split_k(m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])
-def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k):
+def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
     """Decode-batch GEMMs with K >= TMA_MID_MIN_K take the TMA kernel (host tensor descriptors) inside the decode
     CUDA graph: the replayed result must be the eager one, and match the reference, with new inputs copied in."""
+    monkeypatch.setattr(fp8_gemm, "TMA_MID_M", fp8_gemm.TMA_MID_ON)
     assert fp8_gemm._use_tma(torch.empty(m, k, device=DEV, dtype=torch.float8_e4m3fn),
                              torch.empty(n, k, device=DEV, dtype=torch.float8_e4m3fn), m, 0, None)
     w = torch.randn(n, k, device=DEV)

@@ -31,8 +31,9 @@ def test_route_matches_reference(e, k, n_group, topk_group, norm, scale, gate_dt
 
 
 def test_fused_router_gemm_equals_logits_then_route(monkeypatch):
-    """The one-launch router (its GEMM in the routing kernel; off by default, measured slower; BLOCK_T = 16 tokens a program: 37 tokens span three
-    programs, the last partial) picks what router_logits + _route_kernel pick, with the same weights."""
+    """The one-launch router (its GEMM in the routing kernel; off by default, measured slower; BLOCK_T = 16 tokens
+    a program: 37 tokens span three programs, the last partial) picks what router_logits + _route_kernel pick,
+    with the same weights."""
     from glmserve.kernels import moe_route as mr
 
     g = torch.Generator().manual_seed(5)
