@@ -246,25 +246,16 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
     flat_w = weights.reshape(-1).float().contiguous()
     down = new_out((num_pairs, h), x.dtype, x.device)
-    if SILU_IN_GEMM:  # two launches: gate_up with the SiLU-mul epilogue, down quantizing its input
-        act = new_out((num_pairs, two_i // 2), x.dtype, x.device)
-        xq, xs = (x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)) if fp8 else (x, None)
-        _gemm(xq, xs, w13, _row_scales(w13_scale), act, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False,
-              silu_out=True)
-        _gemm(act, None, w2, _row_scales(w2_scale), down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
-    elif fp8:
-        gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
-        xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)
-        s13 = w13_scale.reshape(num_experts, two_i).float().contiguous()
-        s2 = w2_scale.reshape(num_experts, h).float().contiguous()
-        _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
-        act, act_s = silu_and_mul_fp8(gate_up)
-        _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    xq, xs = (x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)) if fp8 else (x, None)
+    s13, s2 = _row_scales(w13_scale), _row_scales(w2_scale)
+    if SILU_IN_GEMM:  # two launches: gate_up with the SiLU-mul epilogue, down quantizing its input (act_s None)
+        act, act_s = new_out((num_pairs, two_i // 2), x.dtype, x.device), None
+        _gemm(xq, xs, w13, s13, act, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False, silu_out=True)
     else:
         gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
-        _gemm(x, None, w13, None, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
-        act = silu_and_mul(gate_up)
-        _gemm(act, None, w2, None, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+        _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
+        act, act_s = silu_and_mul_fp8(gate_up) if fp8 else (silu_and_mul(gate_up), None)
+    _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
     if keep_slots:
         return down.view(t, top_k, h)
     out = new_out((t, h), x.dtype, x.device)

@@ -24,6 +24,12 @@ def _inputs(t, h, i, e, k, dtype):
     return x, w13, w2, weights, ids
 
 
+def _fp8(w13, w2):
+    """Per-row e4m3 experts: (q13, q2, s13 [E, 2I, 1], s2 [E, H, 1]) with w ~= q * s."""
+    s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
+    return (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn), s13, s2
+
+
 @pytest.mark.parametrize("t,dtype", [(5, torch.float32), (19, torch.bfloat16)])
 def test_fused_experts_dense_dtypes(t, dtype):
     x, w13, w2, weights, ids = _inputs(t, 40, 24, 6, 3, dtype)
@@ -36,9 +42,7 @@ def test_fused_experts_dense_dtypes(t, dtype):
 
 def test_fused_experts_fp8_per_channel():
     x, w13, w2, weights, ids = _inputs(7, 48, 20, 5, 2, torch.float32)
-    s13 = w13.abs().amax(-1, keepdim=True) / 448.0
-    s2 = w2.abs().amax(-1, keepdim=True) / 448.0
-    q13, q2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+    q13, q2, s13, s2 = _fp8(w13, w2)
     out = fused_experts(x, q13, q2, weights, ids, s13, s2)
     ref = fused_experts_ref(x, q13, q2, weights, ids, s13, s2)
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -54,9 +58,7 @@ def test_fused_experts_fp8_matches_quantized_activation_reference(silu_in_gemm, 
 
     monkeypatch.setattr(fused_moe, "SILU_IN_GEMM", silu_in_gemm)
     x, w13, w2, weights, ids = _inputs(6, 32, 80, 4, 2, torch.float32)
-    s13 = w13.abs().amax(-1, keepdim=True) / 448.0
-    s2 = w2.abs().amax(-1, keepdim=True) / 448.0
-    q13, q2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+    q13, q2, s13, s2 = _fp8(w13, w2)
     out = fused_experts(x, q13, q2, weights, ids, s13, s2)
     group = fused_moe._fit_smem(fused_moe._config(x.device, ids.numel(), 4, True), 4)[2]  # the down GEMM's BLOCK_K
     assert 80 % group != 0  # a partial last group
@@ -87,9 +89,7 @@ def test_silu_in_gemm_skips_the_silu_launch_and_agrees(fp8, monkeypatch):
     x, w13, w2, weights, ids = _inputs(9, 48, 40, 5, 3, torch.float32)
     scales = ()
     if fp8:
-        s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
-        w13, w2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
-        scales = (s13, s2)
+        w13, w2, *scales = _fp8(w13, w2)
     monkeypatch.setattr(fused_moe, "SILU_IN_GEMM", False)
     three = fused_experts(x, w13, w2, weights, ids, *scales)
 
@@ -148,9 +148,7 @@ def test_keep_slots_returns_the_rows_the_sum_would_add(fp8):
     x, w13, w2, weights, ids = _inputs(7, 48, 20, 5, 3, torch.float32)
     scales = ()
     if fp8:
-        s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
-        w13, w2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
-        scales = (s13, s2)
+        w13, w2, *scales = _fp8(w13, w2)
     out = fused_experts(x, w13, w2, weights, ids, *scales)
     slots = fused_experts(x, w13, w2, weights, ids, *scales, keep_slots=True)
     assert slots.shape == (7, 3, 48)
