@@ -68,6 +68,9 @@ def _mla_absorb_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by k_rows; BLOCK_M shrinks to the token count (>= 16, tl.dot's floor).
 # Untuned starting points: N blocks x heads fill an H100 (W_UK 512 / 64 x 20 heads, W_UV 256 / 32 x 20) at batch 1.
+# H100 run 29 (eager profile, both GEMMs a layer): B 1 3.96 us a launch (bmm on a bf16 copy 4.2), B 256 10.1 (bmm
+# 6.5: four 64-row M blocks each dequantize the same weight tiles); graph step time equal to bmm's at B 1-256.
+# bench/decode_sweep.py --only absorb sweeps these against bmm.
 CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 32, 128, 4, 3)}
 _CPU_CONFIG = (16, 32, 32, 4, 1)
 
