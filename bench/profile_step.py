@@ -212,9 +212,7 @@ def _bmm_absorb():
         if key not in cache:
             wd = w if w_scale is None else w.float() * w_scale.float()[..., None]
             cache[key] = wd.to(a.dtype).contiguous()
-        wd = cache[key]
-        torch.bmm(a.transpose(0, 1), wd if k_rows else wd.transpose(1, 2), out=out.transpose(0, 1))
-        return out
+        return ops.mla_absorb_ref(a, cache[key], None, k_rows, out)  # the bmm on the copy
 
     return absorb
 
@@ -268,12 +266,10 @@ def main() -> None:
         from glmserve.kernels import _common
 
         _common.PDL_ENABLED = False
+    from glmserve.kernels import fp8_gemm, fused_moe, moe_route
+
     if a.scaled_mm:
-        from glmserve.kernels import fp8_gemm
-
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
-    from glmserve.kernels import fp8_gemm, fused_moe
-
     if a.silu:
         fused_moe.SILU_IN_GEMM = a.silu == "gemm"
     if a.tma_mid:
@@ -284,8 +280,6 @@ def main() -> None:
         moe.SLOT_SUM_IN_NORM = False
     if a.unfused_mla_write:
         ops.set_impl("mla_kv_write", _unfused_mla_kv_write)
-    from glmserve.kernels import moe_route
-
     moe_route.FUSED_GEMM = a.router_gemm == "fused"
     if a.absorb == "bmm":
         ops.set_impl("mla_absorb", _bmm_absorb())
