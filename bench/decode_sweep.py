@@ -208,8 +208,10 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
 # GLM-4.7-Flash's absorbed MLA up-projections (kernels/mla_absorb.py): 20 heads, nope 192, v 256, L 512
 ABSORB_T = (1, 64, 256)
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None = the rule; "bmm" = torch.bmm on a dequantized bf16 copy
+# Wide N blocks read each activation tile fewer times (B 256 W_UV at BLOCK_N 32: 8 reads of a 5 MB input, L2-bound)
 ABSORB_VARIANTS = (None, "bmm", (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3),
-                   (128, 128, 64, 8, 3), (256, 64, 64, 8, 3))
+                   (128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3),
+                   (128, 256, 64, 8, 3), (64, 128, 128, 8, 3))
 
 
 def sweep_absorb(bw: float) -> list[dict]:
