@@ -51,13 +51,13 @@ def _moe(fp8: bool, cfg):
     return fused_moe._moe_gemm_kernel, sig, const, warps, stages
 
 
-def _gemm(block_scaled: bool, cfg, split_k: int = 1):
+def _gemm(block_scaled: bool, cfg, split_k: int = 1, inline: bool = False):
     bm, bn, bk, group_m, warps, stages = cfg
     sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"],
-               part_ptr=P["f32"])
+               part_ptr=P["f32"], cnt_ptr=P["i32"])
     sig.update({n: "i32" for n in ("M", "N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn", "k_blocks_per_split")})
     const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, SPLIT_K=split_k, BLOCK_M=bm,
-                 BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=True)
+                 BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=True, INLINE_REDUCE=inline, PDL=inline)
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 
@@ -192,6 +192,8 @@ def cases():
     for key, cfg in fp8_gemm.TMA_CONFIGS.items():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
+    for key in ("small", "small_narrow"):
+        yield (f"fp8_gemm split-k 8 inline {key}", *_gemm(False, fp8_gemm.CONFIGS[("default", key)], 8, True))
     yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
         part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",
         c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1

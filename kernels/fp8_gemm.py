@@ -36,14 +36,17 @@ def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) ->
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, part_ptr, M, N, K,
+    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, K,
     a_sm, w_sn, c_sm, as_sm, ws_sn, k_blocks_per_split,
     HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    INLINE_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
-    when BLOCK_SCALED, raw otherwise) and _splitk_reduce_kernel finishes the tile."""
+    when BLOCK_SCALED, raw otherwise); then either _splitk_reduce_kernel finishes the tile, or
+    (INLINE_REDUCE) the tile's last program to arrive does: cnt[tile] counts the tile's stored partials
+    (0 between launches: the finisher resets it), and the finisher sums part[0..SPLIT_K) in split order,
+    as the reduce kernel does, so both give the same bits."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -75,9 +78,18 @@ def _fp8_gemm_kernel(
         a_p += BLOCK_K
         w_p += BLOCK_K
     if SPLIT_K > 1:
-        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(part, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-        return
+        tile_p = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tile_ok = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(tile_p + tl.program_id(1).to(tl.int64) * M * N, acc, mask=tile_ok)
+        if not INLINE_REDUCE:
+            return
+        tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") < SPLIT_K - 1:
+            return  # not the last of the tile's splits
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):  # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
+            acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (CUDA graph replays reuse the counters)
     if not BLOCK_SCALED:
         sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
         sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
@@ -186,15 +198,16 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_split)  # no empty split
     part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
+    counters = _tile_counters(a_q.device, tiles) if splits > 1 and SPLITK_INLINE else None
     bias_arg = bias if bias is not None else w_scale
     _fp8_gemm_kernel[(tiles, splits)](
-        a_q, w_q, out, a_scale, w_scale, bias_arg, part, m, n, k,
+        a_q, w_q, out, a_scale, w_scale, bias_arg, part, counters if counters is not None else part, m, n, k,
         a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
         HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, num_warps=warps, num_stages=stages,
-        **pdl_kw(a_q.device, m),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, INLINE_REDUCE=counters is not None,
+        num_warps=warps, num_stages=stages, **pdl_kw(a_q.device, m),
     )
-    if splits > 1:
+    if splits > 1 and counters is None:
         block_n = min(1024, triton.next_power_of_2(n))
         _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
             part, out, a_scale, w_scale, bias_arg, m, n, out.stride(0), a_scale.stride(0), w_scale.stride(0),
@@ -202,6 +215,26 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
             **pdl_kw(out.device, m),
         )
     return out
+
+
+# Split-K GEMMs finish their tiles in the GEMM kernel (the last split to arrive sums the partials) instead of
+# a second launch, _splitk_reduce_kernel (1.7 us a launch, 2 a layer at batch 1 on an H100, H100 run 29).
+# Off until measured in the decode step on a GPU (bench/profile_step.py --splitk inline).
+SPLITK_INLINE = False
+# Per device: int32 arrival counters, one per output tile, zero between launches. Shared by every split-K
+# launch on the device, which is safe because those run one after another (one compute stream; a PDL
+# launch waits for the previous grid before its first memory access). Allocated outside CUDA graph capture
+# (a capture would record the zero fill, not run it); a launch with more tiles than counters, or the first
+# one on a device during a capture, uses the reduce kernel.
+TILE_COUNTERS = 4096
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    buf = _counters.get(device)
+    if buf is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        buf = _counters[device] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
+    return buf if buf is not None and tiles <= buf.numel() else None
 
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps

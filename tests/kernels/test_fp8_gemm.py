@@ -67,6 +67,30 @@ def test_split_k_matches_reference(block, bias):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("block", [0, 128])
+def test_split_k_inline_reduce_matches_reduce_kernel(block, monkeypatch):
+    """SPLITK_INLINE: the tile's last split sums the partials in split order, as _splitk_reduce_kernel does
+    (same bits), and leaves every arrival counter at 0 for the next launch (twice: a reused counter)."""
+    m, n, k = 5, 70, 384  # several N tiles (the CPU config's BLOCK_N 32), 12 K blocks of 32
+    if block:
+        a_q, a_s = quant_fp8_group_ref(torch.randn(m, k, device=DEV), 128)
+        w_q, w_s = torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn), torch.rand(1, 3, device=DEV) + 0.5
+    else:
+        a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
+        w_q, w_s = _weight(n, k)
+    b = torch.randn(n, device=DEV)
+    monkeypatch.setattr(fp8_gemm, "_counters", {})
+    for split in (3, 4):
+        monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", False)
+        want = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
+        monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", True)
+        for _ in range(2):
+            got = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
+            assert torch.equal(got, want)
+        counters = fp8_gemm._counters[a_q.device]
+        assert counters.numel() == fp8_gemm.TILE_COUNTERS and not counters.any()
+
+
 @pytest.mark.parametrize("precise", [True, False])
 def test_tma_kernel_partial_tiles(precise):
     """kernels/fp8_gemm_tma.py (the M > 512 Hopper path) on tiles cut by M, N and K (zero-filled by TMA)."""

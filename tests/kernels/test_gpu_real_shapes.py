@@ -241,6 +241,29 @@ def test_fp8_gemm_decode_split_k(m, n, k):
         assert _rel(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, bias, split_k=split), ref) < 5e-3
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 5120), (4, 5120, 768), (32, 1344, 2048)])
+def test_fp8_gemm_split_k_inline_in_a_cuda_graph(m, n, k, monkeypatch):
+    """SPLITK_INLINE at GLM-4.7-Flash's decode shapes: the same bits as the reduce kernel, on every replay of a
+    CUDA graph with two split-K GEMMs back to back (they share the arrival counters), counters back at 0."""
+    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    w = torch.randn(n, k, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448.0
+    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    want = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, split_k=8)
+    monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", True)
+    assert torch.equal(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, split_k=8), want)  # counters made here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, split_k=8) for _ in range(2)]
+    for _ in range(3):
+        for o in outs:
+            o.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, want) for o in outs)
+    assert not fp8_gemm._counters[a_q.device].any()
+
+
 @pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])
 def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
     """Decode-batch GEMMs with K >= TMA_MID_MIN_K take the TMA kernel (host tensor descriptors) inside the decode
