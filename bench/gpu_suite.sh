@@ -35,7 +35,7 @@
 #   bash bench/gpu_suite.sh h100j    # ONE H100 call: final FP8 (B 1 / 256 profiles) and bf16 tables, slot-sum A/B
 #   bash bench/gpu_suite.sh h100k    # ONE H100 call: MLA absorb kernel / fused router GEMM tests and A/B step tables
 #   bash bench/gpu_suite.sh h100l    # ONE H100 call: TMA mid GEMMs, absorb sweep, A/B step tables
-#   bash bench/gpu_suite.sh h100m    # ONE short H100 call: new-path GPU tests, B 1/128/256 A/B, absorb sweep
+#   bash bench/gpu_suite.sh h100m    # ONE H100 call: new-path GPU tests, B 1/128/256 A/Bs, absorb sweep
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -435,18 +435,22 @@ case "${1:-models}" in
     step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --silu gemm --tma_mid on
     ;;
-  h100m)  # ONE short H100 call (~4 min): the new MoE / TMA paths' GPU tests, then the FP8 step at B 1 / 128 / 256
-    # with both on and both off (SiLU separate, TMA mid off), each twice, alternated; then the absorb config sweep
-    end=$((SECONDS + ${H100_BUDGET_S:-240}))
+  h100m)  # ONE short H100 call (~5.5 min): the new paths' GPU tests; the FP8 step at B 1 / 128 / 256 with all three
+    # new paths on (SiLU in GEMM, TMA mid, inline split-K) and all off, twice, alternated; then each one off alone;
+    # then the absorb config sweep
+    end=$((SECONDS + ${H100_BUDGET_S:-330}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 60)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_fused_moe.py \
-      tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb"
+      tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb or split_k"
+    prof() { local name=$1; shift; step "$name" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 --no_profile \
+      --ctx 640 --quantization fp8 "$@"; }
     for i in 1 2; do
-      step "profile_fp8_new_$i" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 --no_profile --ctx 640 \
-        --quantization fp8 --silu gemm --tma_mid on
-      step "profile_fp8_old_$i" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 --no_profile --ctx 640 \
-        --quantization fp8 --silu separate --tma_mid off
+      prof "profile_fp8_new_$i" --silu gemm --tma_mid on --splitk inline
+      prof "profile_fp8_old_$i" --silu separate --tma_mid off --splitk kernel
     done
+    prof profile_fp8_no_silu --silu separate --tma_mid on --splitk inline
+    prof profile_fp8_no_tma --silu gemm --tma_mid off --splitk inline
+    prof profile_fp8_no_splitk --silu gemm --tma_mid on --splitk kernel
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
     ;;
   serve)

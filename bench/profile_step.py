@@ -256,6 +256,9 @@ def main() -> None:
                     help="gemm: the MoE's SiLU-mul in the gate_up GEMM's epilogue, the down GEMM quantizing its input; "
                          "separate: its own launch between the GEMMs (kernels.fused_moe.SILU_IN_GEMM; default: the "
                          "module's; A/B)")
+    ap.add_argument("--splitk", default="", choices=["", "inline", "kernel"],
+                    help="inline: split-K FP8 GEMMs finish their tiles in the GEMM kernel; kernel: in "
+                         "_splitk_reduce_kernel (kernels.fp8_gemm.SPLITK_INLINE; default: the module's; A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -272,6 +275,8 @@ def main() -> None:
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
     if a.silu:
         fused_moe.SILU_IN_GEMM = a.silu == "gemm"
+    if a.splitk:
+        fp8_gemm.SPLITK_INLINE = a.splitk == "inline"
     if a.tma_mid:
         fp8_gemm.TMA_MID_M = fp8_gemm.TMA_MID_ON if a.tma_mid == "on" else None
     if a.separate_slot_sum:
@@ -324,7 +329,8 @@ def main() -> None:
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
-          f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}")
+          f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}"
+          f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
