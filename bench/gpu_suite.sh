@@ -452,6 +452,9 @@ case "${1:-models}" in
     prof profile_fp8_no_tma --silu gemm --tma_mid off --splitk inline
     prof profile_fp8_no_splitk --silu gemm --tma_mid on --splitk kernel
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
+    for f in no_silu no_tma no_splitk; do  # the device returns 8 files at most
+      [ -f "$OUT/profile_fp8_$f.txt" ] && { echo "=== $f"; cat "$OUT/profile_fp8_$f.txt"; rm "$OUT/profile_fp8_$f.txt"; }
+    done > "$OUT/profile_fp8_one_off.txt"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
