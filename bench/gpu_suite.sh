@@ -435,24 +435,25 @@ case "${1:-models}" in
     step profile_fp8_again "$(left 75)" $PY -m bench.profile_step --batches 1,64,128,256 --no_profile --ctx 640 \
       --quantization fp8 --silu gemm --tma_mid on
     ;;
-  h100m)  # ONE short H100 call (~5.5 min): the new paths' GPU tests; the FP8 step at B 1 / 128 / 256 with all three
-    # new paths on (SiLU in GEMM, TMA mid, inline split-K) and all off, twice, alternated; then each one off alone;
-    # then the absorb config sweep
-    end=$((SECONDS + ${H100_BUDGET_S:-330}))
+  h100m)  # ONE H100 call (~6 min): the new paths' GPU tests; the FP8 step at B 1 / 128 / 256 with all four new
+    # paths on (SiLU in GEMM, TMA mid, inline split-K, MoE grid of used blocks) and all off, twice, alternated; then
+    # each one off alone; then the absorb config sweep
+    end=$((SECONDS + ${H100_BUDGET_S:-370}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 60)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_fused_moe.py \
-      tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb or split_k"
-    prof() { local name=$1; shift; step "$name" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 --no_profile \
-      --ctx 640 --quantization fp8 "$@"; }
+    step kernel_tests "$(left 60)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_fused_moe.py tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb or split_k"
+    prof() { local name=$1; shift; step "$name" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 \
+      --no_profile --ctx 640 --quantization fp8 "$@"; }
     for i in 1 2; do
       prof "profile_fp8_new_$i" --silu gemm --tma_mid on --splitk inline
-      prof "profile_fp8_old_$i" --silu separate --tma_mid off --splitk kernel
+      prof "profile_fp8_old_$i" --silu separate --tma_mid off --splitk kernel --moe_grid all
     done
     prof profile_fp8_no_silu --silu separate --tma_mid on --splitk inline
     prof profile_fp8_no_tma --silu gemm --tma_mid off --splitk inline
     prof profile_fp8_no_splitk --silu gemm --tma_mid on --splitk kernel
+    prof profile_fp8_all_blocks --silu gemm --tma_mid on --splitk inline --moe_grid all
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
-    for f in no_silu no_tma no_splitk; do  # the device returns 8 files at most
+    for f in no_silu no_tma no_splitk all_blocks; do  # the device returns 8 files at most
       [ -f "$OUT/profile_fp8_$f.txt" ] && { echo "=== $f"; cat "$OUT/profile_fp8_$f.txt"; rm "$OUT/profile_fp8_$f.txt"; }
     done > "$OUT/profile_fp8_one_off.txt"
     ;;

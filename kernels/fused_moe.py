@@ -186,6 +186,20 @@ def _narrow_n(bn: int, n: int, active_m: int, sms: int, floor: int = MIN_BLOCK_N
     return bn
 
 
+# Launch only the expert blocks that can hold pairs (used_blocks); False: all of moe_align's blocks (the A/B,
+# bench/profile_step.py --moe_grid all).
+BOUND_GRID = True
+
+
+def used_blocks(num_blocks: int, num_pairs: int, block_m: int, num_experts: int) -> int:
+    """How many of moe_align's num_blocks blocks can hold pairs: the runs are packed from block 0, and
+    sum over active experts of cdiv(count, BLOCK_M) <= num_pairs // BLOCK_M + active experts
+    (<= min(E, num_pairs)). Launching only these: at batch 1, 5 pairs (4 routed + shared) in 62 blocks of 16,
+    the grid was 62 x N blocks of which 57 x N only read block_expert = -1 and exit (2,976 programs for 240
+    with work in GLM-4.7-Flash's gate_up), each still a CTA to schedule."""
+    return min(num_blocks, num_pairs // block_m + min(num_experts, num_pairs))
+
+
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
           narrow: bool = True, silu_out: bool = False):
     """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py).
@@ -199,7 +213,8 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
                        NARROW_FLOOR.get(gpu_name(b.device), MIN_BLOCK_N))
     if silu_out:
         n, bn = n // 2, max(16, bn // 2)
-    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    blocks = used_blocks(block_expert.numel(), num_pairs, bm, b.shape[0]) if BOUND_GRID else block_expert.numel()
+    grid = (blocks, triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE
     a_quant = fp8 and a_scale is None
     _moe_gemm_kernel[grid](

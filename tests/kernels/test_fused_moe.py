@@ -162,3 +162,27 @@ def test_keep_slots_returns_the_rows_the_sum_would_add(fp8):
     # a slot row is its pair's weighted expert output: the last slot alone, through the reference
     one = ops.fused_experts_ref(x, w13, w2, weights[:, 2:], ids[:, 2:], *(scales or (None, None)))
     torch.testing.assert_close(ref_slots[:, 2], one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_m", [4, 16])
+def test_grid_covers_every_block_with_pairs(block_m):
+    """fused_moe.used_blocks bounds the grid's expert blocks: every block moe_align gives pairs lies below it,
+    for adversarial counts (each active expert's run one pair past a whole block, the most padding) and random
+    decode routings; at batch 1 it is the 5 blocks that hold pairs, not all 62."""
+    from glmserve.kernels.fused_moe import used_blocks
+    from glmserve.kernels.moe_route import moe_align
+
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for e in (5, 13, 65):
+        for active in (1, 3, e):
+            counts = [block_m * int(torch.randint(0, 3, (1,), generator=gen)) + 1 for _ in range(active)]
+            cases.append((torch.cat([torch.full((c, 1), x) for x, c in enumerate(counts)]), e))
+        for t in (1, 3, 40):
+            cases.append((torch.stack([torch.randperm(e, generator=gen)[:4] for _ in range(t)]), e))
+    for ids, e in cases:
+        _, block_expert = moe_align(ids.to(DEV), e, block_m)
+        n = used_blocks(block_expert.numel(), ids.numel(), block_m, e)
+        assert n <= block_expert.numel() and (block_expert[n:] == -1).all()
+        assert (block_expert[:n] >= 0).sum() == (block_expert >= 0).sum()
+    assert used_blocks(62, 5, 16, 65) == 5
