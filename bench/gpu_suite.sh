@@ -441,7 +441,8 @@ case "${1:-models}" in
     end=$((SECONDS + ${H100_BUDGET_S:-370}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 60)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_fused_moe.py tests/kernels/test_gpu_real_shapes.py -k "tma_mid or fused_moe or mla_absorb or split_k"
+      tests/kernels/test_fused_moe.py tests/kernels/test_gpu_real_shapes.py \
+      -k "tma_mid or fused_moe or mla_absorb or split_k"
     prof() { local name=$1; shift; step "$name" "$(left 50)" $PY -m bench.profile_step --batches 1,128,256 \
       --no_profile --ctx 640 --quantization fp8 "$@"; }
     for i in 1 2; do
@@ -454,7 +455,7 @@ case "${1:-models}" in
     prof profile_fp8_all_blocks --silu gemm --tma_mid on --splitk inline --moe_grid all
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
     for f in no_silu no_tma no_splitk all_blocks; do  # the device returns 8 files at most
-      [ -f "$OUT/profile_fp8_$f.txt" ] && { echo "=== $f"; cat "$OUT/profile_fp8_$f.txt"; rm "$OUT/profile_fp8_$f.txt"; }
+      g="$OUT/profile_fp8_$f.txt"; [ -f "$g" ] && { echo "=== $f"; cat "$g"; rm "$g"; }
     done > "$OUT/profile_fp8_one_off.txt"
     ;;
   serve)
