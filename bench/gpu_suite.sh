@@ -36,6 +36,7 @@
 #   bash bench/gpu_suite.sh h100k    # ONE H100 call: MLA absorb kernel / fused router GEMM tests and A/B step tables
 #   bash bench/gpu_suite.sh h100l    # ONE H100 call: TMA mid GEMMs, absorb sweep, A/B step tables
 #   bash bench/gpu_suite.sh h100m    # ONE H100 call: new-path GPU tests, B 1/128/256 A/Bs, absorb sweep
+#   bash bench/gpu_suite.sh h100n    # ONE H100 call: run 30's defaults vs off at B 1-256, each off alone
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -455,6 +456,27 @@ case "${1:-models}" in
     prof profile_fp8_all_blocks --silu gemm --tma_mid on --splitk inline --moe_grid all
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
     for f in no_silu no_tma no_splitk all_blocks; do  # the device returns 8 files at most
+      g="$OUT/profile_fp8_$f.txt"; [ -f "$g" ] && { echo "=== $f"; cat "$g"; rm "$g"; }
+    done > "$OUT/profile_fp8_one_off.txt"
+    ;;
+  h100n)  # ONE H100 call (~5 min): the run-30 defaults (TMA mid, inline split-K, MoE grid of used blocks, absorb
+    # large-T configs) against all four off at B 1 / 64 / 128 / 256, twice, alternated; then each one off alone
+    end=$((SECONDS + ${H100_BUDGET_S:-330}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 80)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/models/test_decode_graphs.py \
+      -k "mla_absorb or split_k or tma_mid or fused_moe or graph"
+    prof() { local name=$1; shift; step "$name" "$(left 45)" $PY -m bench.profile_step --batches 1,64,128,256 \
+      --no_profile --ctx 640 --quantization fp8 "$@"; }
+    for i in 1 2; do
+      prof "profile_fp8_new_$i"
+      prof "profile_fp8_old_$i" --tma_mid off --splitk kernel --moe_grid all --absorb_large off
+    done
+    prof profile_fp8_no_tma --tma_mid off
+    prof profile_fp8_no_splitk --splitk kernel
+    prof profile_fp8_all_blocks --moe_grid all
+    prof profile_fp8_no_absorb_large --absorb_large off
+    for f in no_tma no_splitk all_blocks no_absorb_large; do  # the device returns 8 files at most
       g="$OUT/profile_fp8_$f.txt"; [ -f "$g" ] && { echo "=== $f"; cat "$g"; rm "$g"; }
     done > "$OUT/profile_fp8_one_off.txt"
     ;;

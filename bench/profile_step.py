@@ -259,6 +259,9 @@ def main() -> None:
     ap.add_argument("--splitk", default="", choices=["", "inline", "kernel"],
                     help="inline: split-K FP8 GEMMs finish their tiles in the GEMM kernel; kernel: in "
                          "_splitk_reduce_kernel (kernels.fp8_gemm.SPLITK_INLINE; default: the module's; A/B)")
+    ap.add_argument("--absorb_large", default="on", choices=["on", "off"],
+                    help="on: absorb launches of > LARGE_T tokens at kernels.mla_absorb.LARGE_CONFIGS; off: CONFIGS "
+                         "at every size (A/B)")
     ap.add_argument("--moe_grid", default="used", choices=["used", "all"],
                     help="used: MoE GEMM grids cover the expert blocks that can hold pairs; all: every block of "
                          "moe_align's bound (kernels.fused_moe.BOUND_GRID; A/B)")
@@ -279,6 +282,10 @@ def main() -> None:
     if a.silu:
         fused_moe.SILU_IN_GEMM = a.silu == "gemm"
     fused_moe.BOUND_GRID = a.moe_grid == "used"
+    if a.absorb_large == "off":
+        from glmserve.kernels import mla_absorb
+
+        mla_absorb.LARGE_T = 1 << 30
     if a.splitk:
         fp8_gemm.SPLITK_INLINE = a.splitk == "inline"
     if a.tma_mid:
@@ -334,7 +341,8 @@ def main() -> None:
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
           f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}"
-          f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}  MoE grid {a.moe_grid}")
+          f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}  MoE grid {a.moe_grid}"
+          f"  absorb large {a.absorb_large}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

@@ -219,8 +219,10 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
 
 # Split-K GEMMs finish their tiles in the GEMM kernel (the last split to arrive sums the partials) instead of
 # a second launch, _splitk_reduce_kernel (1.7 us a launch, 2 a layer at batch 1 on an H100, H100 run 29).
-# Off until measured in the decode step on a GPU (bench/profile_step.py --splitk inline).
-SPLITK_INLINE = False
+# H100 run 30 (bench/gpu_suite.sh h100m, FP8 GLM-4.7-Flash step): on together with TMA_MID_M and
+# fused_moe.BOUND_GRID, B 1 / 128 / 256 4.04 / 15.88 / 19.21 ms against 4.12-4.14 / 16.09 / 19.47-19.53 with
+# all three off. False: bench/profile_step.py --splitk kernel.
+SPLITK_INLINE = True
 # Per device: int32 arrival counters, one per output tile, zero between launches. Shared by every split-K
 # launch on the device, which is safe because those run one after another (one compute stream; a PDL
 # launch waits for the previous grid before its first memory access). Allocated outside CUDA graph capture
@@ -252,10 +254,11 @@ TMA_CONFIGS: dict[str, tuple[int, ...]] = {
 # TMA_CONFIGS["mid"] (None: the pointer kernel's "mid" rule). H100 run 29 (bench.decode_sweep --only dense, L2-cold
 # graphs), GLM-4.7-Flash's decode GEMMs: o_proj (N 2048, K 5120) at M 128 / 256 13.8 / 13.9 -> 10.2 / 10.4 us,
 # q_a + kv_a (N 1344, K 2048) 6.4 / 6.7 -> 5.6 / 5.6; q_b (K 768) loses (M 256: 6.2 -> 9.5), so K >= 2048 only.
-# Off until the decode step (CUDA graphs with the TMA kernel's host descriptors) is measured with it on a GPU:
-# bench/gpu_suite.sh h100m, or bench/profile_step.py --tma_mid on.
+# In the decode step's CUDA graphs (host descriptors baked into the graph; GPU test
+# test_fp8_gemm_tma_mid_in_a_cuda_graph): on with SPLITK_INLINE, see there (H100 run 30). None: the pointer
+# kernel (bench/profile_step.py --tma_mid off).
 TMA_MID_ON = (64, 512)
-TMA_MID_M: tuple[int, int] | None = None
+TMA_MID_M: tuple[int, int] | None = TMA_MID_ON
 TMA_MID_MIN_K = 2048
 
 

@@ -187,7 +187,8 @@ def _narrow_n(bn: int, n: int, active_m: int, sms: int, floor: int = MIN_BLOCK_N
 
 
 # Launch only the expert blocks that can hold pairs (used_blocks); False: all of moe_align's blocks (the A/B,
-# bench/profile_step.py --moe_grid all).
+# bench/profile_step.py --moe_grid all). H100 run 30, one run with the other new paths on: B 1 4.29-4.33 ms
+# with it against 4.37 without.
 BOUND_GRID = True
 
 
@@ -228,9 +229,11 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 
 # The SiLU-mul in the gate_up GEMM's epilogue and the down GEMM's FP8 input quantized in its prologue, per
 # (pair, BLOCK_K group) instead of per pair (finer, so closer to the unquantized reference): two launches an MoE
-# layer instead of three, no [pairs, 2I] gate_up round trip. Off until measured on a GPU (written and tested
-# under the interpreter and the offline sm_90 compile only; no device time was left in that session):
-# bench/gpu_suite.sh h100m is the A/B. False: gate_up GEMM, silu_and_mul(_fp8), down GEMM (the reference path).
+# layer instead of three, no [pairs, 2I] gate_up round trip. Measured slower, so off: H100 run 30
+# (bench/gpu_suite.sh h100m, FP8 GLM-4.7-Flash step, the other paths on) B 1 / 128 / 256 4.29-4.33 / 15.92-16.18 /
+# 23.93-24.27 ms with it, 4.04 / 15.88 / 19.21 without (+100 us a layer at B 256: every N-block program of the
+# down GEMM re-quantizes its whole A block, and each K step's dot is scaled per group outside the MMA).
+# False: gate_up GEMM, silu_and_mul(_fp8), down GEMM (the reference path).
 SILU_IN_GEMM = False
 
 

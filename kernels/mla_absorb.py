@@ -67,11 +67,15 @@ def _mla_absorb_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by k_rows; BLOCK_M shrinks to the token count (>= 16, tl.dot's floor).
-# Untuned starting points: N blocks x heads fill an H100 (W_UK 512 / 64 x 20 heads, W_UV 256 / 32 x 20) at batch 1.
-# H100 run 29 (eager profile, both GEMMs a layer): B 1 3.96 us a launch (bmm on a bf16 copy 4.2), B 256 10.1 (bmm
-# 6.5: four 64-row M blocks each dequantize the same weight tiles); graph step time equal to bmm's at B 1-256.
-# bench/decode_sweep.py --only absorb sweeps these against bmm.
+# N blocks x heads fill an H100 (W_UK 512 / 64 x 20 heads, W_UV 256 / 32 x 20) at batch 1. H100 run 29 (eager
+# profile, both GEMMs a layer): B 1 3.96 us a launch (bmm on a bf16 copy 4.2), B 256 10.1 (bmm 6.5).
+# H100 run 30 (bench/decode_sweep.py --only absorb, L2-cold graphs, us at B 1 / 64 / 256; 12 configs and bmm):
+# W_UK 64x64x64 3.5 / 4.6 / 7.3 is the best config at every B (bmm 3.8 / 4.5 / 6.5); W_UV 64x32x128 3.6 / 5.7 /
+# 12.1 best up to B 64 (bmm 4.6 / 4.8 / 5.8), but at B 256 its 8 N blocks each re-read a 5 MB input: 64x64x64
+# 8.5 there (LARGE_CONFIGS, T > 64). Wider N blocks, BLOCK_M 128 / 256 and 8 warps lost at every B.
 CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 32, 128, 4, 3)}
+LARGE_CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 64, 64, 4, 3)}
+LARGE_T = 64
 _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
@@ -91,7 +95,8 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
           "scale [h, R] fp32, rows contiguous")
     if t == 0:
         return out
-    bm, bn, bk, warps, stages = config or (CONFIGS[k_rows] if a.is_cuda else _CPU_CONFIG)
+    table = LARGE_CONFIGS if t > LARGE_T else CONFIGS
+    bm, bn, bk, warps, stages = config or (table[k_rows] if a.is_cuda else _CPU_CONFIG)
     bm = min(bm, max(16, triton.next_power_of_2(t)))
     scale = w_scale if fp8 else w
     grid = (triton.cdiv(n, bn), heads, triton.cdiv(t, bm))

@@ -130,10 +130,12 @@ def test_scaled_mm_window_matches_reference(m, monkeypatch):
 
 def test_tma_mid_rule(monkeypatch):
     """With TMA_MID_M set, decode batches of 65-512 rows take the TMA kernel only for K >= TMA_MID_MIN_K (q_b's
-    K 768 stays on the pointer kernel: slower on TMA, H100 run 29); TMA_MID_M None (the default) never."""
+    K 768 stays on the pointer kernel: slower on TMA, H100 run 29); TMA_MID_M None never."""
     from glmserve.kernels import fp8_gemm
 
-    assert fp8_gemm.TMA_MID_M is None and not fp8_gemm._tma_mid(256, 5120)
+    assert fp8_gemm.TMA_MID_M == fp8_gemm.TMA_MID_ON  # the default (H100 run 30)
+    monkeypatch.setattr(fp8_gemm, "TMA_MID_M", None)
+    assert not fp8_gemm._tma_mid(256, 5120)
     monkeypatch.setattr(fp8_gemm, "TMA_MID_M", fp8_gemm.TMA_MID_ON)
     assert fp8_gemm._tma_mid(256, 5120) and fp8_gemm._tma_mid(65, 2048) and fp8_gemm._tma_mid(512, 2048)
     assert not fp8_gemm._tma_mid(64, 5120) and not fp8_gemm._tma_mid(513, 5120) and not fp8_gemm._tma_mid(256, 768)
