@@ -51,15 +51,20 @@ def test_rejects_wrong_scale_shape():
         fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s.reshape(1, 8), None)
 
 
+def _gemm_inputs(m: int, n: int, k: int, block: int):
+    """(a_q, a_s, w_q, w_s): 1x128-group activations and 128x128-block weight scales when block, else per-token
+    activations and per-row weights."""
+    if block:
+        a_q, a_s = quant_fp8_group_ref(torch.randn(m, k, device=DEV), 128)
+        w_s = torch.rand(-(-n // 128), -(-k // 128), device=DEV) + 0.5
+        return a_q, a_s, torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn), w_s
+    return (*quant_fp8_per_token_ref(torch.randn(m, k, device=DEV)), *_weight(n, k))
+
+
 @pytest.mark.parametrize("block,bias", [(0, True), (128, False)])
 def test_split_k_matches_reference(block, bias):
     m, n, k = 3, 37, 300  # K spans 3 blocks of 128 (and 10 of the CPU config's 32)
-    if block:
-        a_q, a_s = quant_fp8_group_ref(torch.randn(m, k, device=DEV), 128)
-        w_q, w_s = torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn), torch.rand(1, 3, device=DEV) + 0.5
-    else:
-        a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
-        w_q, w_s = _weight(n, k)
+    a_q, a_s, w_q, w_s = _gemm_inputs(m, n, k, block)
     b = torch.randn(n, device=DEV) if bias else None
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32, block=block)
     for split in (2, 3):
@@ -72,12 +77,7 @@ def test_split_k_inline_reduce_matches_reduce_kernel(block, monkeypatch):
     """SPLITK_INLINE: the tile's last split sums the partials in split order, as _splitk_reduce_kernel does
     (same bits), and leaves every arrival counter at 0 for the next launch (twice: a reused counter)."""
     m, n, k = 5, 70, 384  # several N tiles (the CPU config's BLOCK_N 32), 12 K blocks of 32
-    if block:
-        a_q, a_s = quant_fp8_group_ref(torch.randn(m, k, device=DEV), 128)
-        w_q, w_s = torch.randn(n, k, device=DEV).to(torch.float8_e4m3fn), torch.rand(1, 3, device=DEV) + 0.5
-    else:
-        a_q, a_s = quant_fp8_per_token_ref(torch.randn(m, k, device=DEV))
-        w_q, w_s = _weight(n, k)
+    a_q, a_s, w_q, w_s = _gemm_inputs(m, n, k, block)
     b = torch.randn(n, device=DEV)
     monkeypatch.setattr(fp8_gemm, "_counters", {})
     for split in (3, 4):
