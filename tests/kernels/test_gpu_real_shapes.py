@@ -21,6 +21,18 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random [n, k] weight as per-row e4m3: (w_q, w_s [n, 1]) with w ~= w_q * w_s."""
+    w = torch.randn(n, k, device=DEV)
+    w_s = w.abs().amax(-1, keepdim=True) / 448.0
+    return (w / w_s).to(torch.float8_e4m3fn), w_s
+
+
+def _per_channel_operands(m: int, n: int, k: int):
+    """(a_q, a_s, w_q, w_s): bf16 activations quantized per token and a per-row e4m3 weight."""
+    return (*act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16)), *_fp8_weight(n, k))
+
+
 @pytest.mark.parametrize("t,h", [(1, 4096), (777, 4096), (513, 2048), (64, 5120)])
 def test_norms(t, h):
     x, r = (torch.randn(t, h, device=DEV, dtype=BF16) for _ in range(2))
@@ -57,10 +69,7 @@ def test_silu_mul_fp8(t, i):
 
 @pytest.mark.parametrize("m,n,k", [(1, 12288, 4096), (64, 4096, 12288), (2048, 3072, 2048), (333, 2816, 4096)])
 def test_fp8_gemm_per_channel(m, n, k):
-    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
-    w = torch.randn(n, k, device=DEV)
-    w_s = w.abs().amax(-1, keepdim=True) / 448.0
-    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
     bias = torch.randn(n, device=DEV, dtype=BF16)
     out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, bias)
     assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, bias, torch.float32)) < 5e-3
@@ -207,9 +216,7 @@ def test_ops_signatures_at_air_shapes():
     out = rope.rope(q, cos[pos], sin[pos], 64, False)
     torch.testing.assert_close(out.float(), ops.rope_ref(q.float(), cos[pos], sin[pos], 64, False), rtol=1e-2, atol=1e-2)
     x = torch.randn(t, 4096, device=DEV, dtype=BF16)
-    w = torch.randn(12288, 4096, device=DEV)
-    w_s = w.abs().amax(-1, keepdim=True) / 448
-    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    w_q, w_s = _fp8_weight(12288, 4096)
     y = fp8_gemm.fp8_linear(x, w_q, w_s, None)
     exact = x.float() @ (w_q.float() * w_s).t()
     assert y.dtype == BF16 and _rel(y, exact) < 0.05
@@ -231,10 +238,7 @@ def test_one_launch_align_at_decode_sizes(t, k, e):
 
 @pytest.mark.parametrize("m,n,k", [(32, 1024, 4096), (8, 4096, 12288), (64, 2048, 5120)])
 def test_fp8_gemm_decode_split_k(m, n, k):
-    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
-    w = torch.randn(n, k, device=DEV)
-    w_s = w.abs().amax(-1, keepdim=True) / 448.0
-    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
     bias = torch.randn(n, device=DEV, dtype=BF16)
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, bias, torch.float32)
     for split in (None, 1, 4):
@@ -245,10 +249,7 @@ def test_fp8_gemm_decode_split_k(m, n, k):
 def test_fp8_gemm_split_k_inline_in_a_cuda_graph(m, n, k, monkeypatch):
     """SPLITK_INLINE at GLM-4.7-Flash's decode shapes: the same bits as the reduce kernel, on every replay of a
     CUDA graph with two split-K GEMMs back to back (they share the arrival counters), counters back at 0."""
-    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
-    w = torch.randn(n, k, device=DEV)
-    w_s = w.abs().amax(-1, keepdim=True) / 448.0
-    w_q = (w / w_s).to(torch.float8_e4m3fn)
+    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
     want = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, split_k=8)
     monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", True)
     assert torch.equal(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, None, split_k=8), want)  # counters made here
@@ -271,10 +272,7 @@ def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
     monkeypatch.setattr(fp8_gemm, "TMA_MID_M", fp8_gemm.TMA_MID_ON)
     assert fp8_gemm._use_tma(torch.empty(m, k, device=DEV, dtype=torch.float8_e4m3fn),
                              torch.empty(n, k, device=DEV, dtype=torch.float8_e4m3fn), m, 0, None)
-    w = torch.randn(n, k, device=DEV)
-    w_s = w.abs().amax(-1, keepdim=True) / 448.0
-    w_q = (w / w_s).to(torch.float8_e4m3fn)
-    a_q, a_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
     fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
