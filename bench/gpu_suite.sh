@@ -73,6 +73,13 @@ serve_logs() {  # serve_logs HEAD TAIL WORKER...: the fleet's logs (deploy/gpu_b
       > "$OUT/serve_$w.txt"
   done
 }
+merge_steps() {  # merge_steps FILE NAME...: the steps' logs ($OUT/NAME.txt) into one file under $OUT, headed by
+  # name, the originals removed (the device returns 8 files at most)
+  local into=$1; shift
+  for n in "$@"; do
+    [ -f "$OUT/$n.txt" ] && { echo "=== $n"; cat "$OUT/$n.txt"; rm "$OUT/$n.txt"; }
+  done > "$OUT/$into"
+}
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
   echo "=== $name: $*"
@@ -455,9 +462,8 @@ case "${1:-models}" in
     prof profile_fp8_no_splitk --silu gemm --tma_mid on --splitk kernel
     prof profile_fp8_all_blocks --silu gemm --tma_mid on --splitk inline --moe_grid all
     step absorb_sweep "$(left 60)" $PY -m bench.decode_sweep --only absorb
-    for f in no_silu no_tma no_splitk all_blocks; do  # the device returns 8 files at most
-      g="$OUT/profile_fp8_$f.txt"; [ -f "$g" ] && { echo "=== $f"; cat "$g"; rm "$g"; }
-    done > "$OUT/profile_fp8_one_off.txt"
+    merge_steps profile_fp8_one_off.txt profile_fp8_no_silu profile_fp8_no_tma profile_fp8_no_splitk \
+      profile_fp8_all_blocks
     ;;
   h100n)  # ONE H100 call (~5 min): the run-30 defaults (TMA mid, inline split-K, MoE grid of used blocks, absorb
     # large-T configs) against all four off at B 1 / 64 / 128 / 256, twice, alternated; then each one off alone
@@ -476,9 +482,8 @@ case "${1:-models}" in
     prof profile_fp8_no_splitk --splitk kernel
     prof profile_fp8_all_blocks --moe_grid all
     prof profile_fp8_no_absorb_large --absorb_large off
-    for f in no_tma no_splitk all_blocks no_absorb_large; do  # the device returns 8 files at most
-      g="$OUT/profile_fp8_$f.txt"; [ -f "$g" ] && { echo "=== $f"; cat "$g"; rm "$g"; }
-    done > "$OUT/profile_fp8_one_off.txt"
+    merge_steps profile_fp8_one_off.txt profile_fp8_no_tma profile_fp8_no_splitk profile_fp8_all_blocks \
+      profile_fp8_no_absorb_large
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -145,10 +145,10 @@ def _small_kernels():
         yield name, moe_route._gemm_route_kernel, gemm_route_args, dict(
             TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
             BLOCK_K=bk, K_PAD=16 if k == 8 else 8, UPCAST=False, PDL=True), moe_route.GEMM_ROUTE_WARPS, 3
-    absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows, fp8 in ((1, 1), (0, 1), (1, 0), (0, 0))]
-    absorb += [(k_rows, 1, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (1, 0)]
+    absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows in (True, False) for fp8 in (True, False)]
+    absorb += [(k_rows, True, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (True, False)]
     for k_rows, fp8, size, table in absorb:
-        bm, bn, bk, warps, stages = table[bool(k_rows)]
+        bm, bn, bk, warps, stages = table[k_rows]
         yield f"mla_absorb{size} {'W_UK' if k_rows else 'W_UV'} {'fp8' if fp8 else 'bf16'} pdl", \
             mla_absorb._mla_absorb_kernel, dict(
                 a_ptr=P["bf16"], w_ptr=P["f8" if fp8 else "bf16"], s_ptr=P["f32"], o_ptr=P["bf16"],
