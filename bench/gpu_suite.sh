@@ -37,6 +37,8 @@
 #   bash bench/gpu_suite.sh h100l    # ONE H100 call: TMA mid GEMMs, absorb sweep, A/B step tables
 #   bash bench/gpu_suite.sh h100m    # ONE H100 call: new-path GPU tests, B 1/128/256 A/Bs, absorb sweep
 #   bash bench/gpu_suite.sh h100n    # ONE H100 call: run 30's defaults vs off at B 1-256, each off alone
+#   bash bench/gpu_suite.sh h100o    # ONE H100 call: one-launch router + align tests and in-process A/B, defaults
+#                                    # vs the run-30/31 paths off at B 1-256, in-process A/Bs of two run-30 paths
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -484,6 +486,24 @@ case "${1:-models}" in
     prof profile_fp8_no_absorb_large --absorb_large off
     merge_steps profile_fp8_one_off.txt profile_fp8_no_tma profile_fp8_no_splitk profile_fp8_all_blocks \
       profile_fp8_no_absorb_large
+    ;;
+  h100o)  # ONE H100 call (~7 min): the one-launch router + align (moe_route_align) GPU tests; its in-process A/B
+    # (bench/ab_step.py) at B 1 / 4 / 16; the FP8 step with every default on and with the five run-30/31 paths off;
+    # then in-process A/Bs of inline split-K and the MoE grid bound at B 1 / 16
+    end=$((SECONDS + ${H100_BUDGET_S:-420}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 100)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_moe_route.py tests/models/test_decode_graphs.py \
+      -k "route_align or router or alignment or split_k or align or graph"
+    ab() { local name=$1; shift; step "$name" "$(left 90)" $PY -m bench.ab_step --ctx 640 --quantization fp8 "$@"; }
+    ab ab_route_align --switch route_align --batches 1,4,16 --rounds 4
+    prof() { local name=$1; shift; step "$name" "$(left 60)" $PY -m bench.profile_step --batches 1,16,64,128,256 \
+      --no_profile --ctx 640 --quantization fp8 "$@"; }
+    prof profile_fp8_new
+    prof profile_fp8_old --route_align off --tma_mid off --splitk kernel --moe_grid all --absorb_large off
+    ab ab_splitk_inline --switch splitk_inline --batches 1,16 --rounds 3
+    ab ab_moe_grid --switch moe_grid --batches 1,16 --rounds 3
+    merge_steps ab_more.txt ab_splitk_inline ab_moe_grid
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -265,6 +265,9 @@ def main() -> None:
     ap.add_argument("--moe_grid", default="used", choices=["used", "all"],
                     help="used: MoE GEMM grids cover the expert blocks that can hold pairs; all: every block of "
                          "moe_align's bound (kernels.fused_moe.BOUND_GRID; A/B)")
+    ap.add_argument("--route_align", default="on", choices=["on", "off"],
+                    help="on: batches of <= MAX_T tokens route and align their MoE pairs in one launch "
+                         "(kernels.moe_route_align.ENABLED); off: router GEMM, routing kernel, moe_align (A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -275,8 +278,9 @@ def main() -> None:
         from glmserve.kernels import _common
 
         _common.PDL_ENABLED = False
-    from glmserve.kernels import fp8_gemm, fused_moe, moe_route
+    from glmserve.kernels import fp8_gemm, fused_moe, moe_route, moe_route_align
 
+    moe_route_align.ENABLED = a.route_align == "on"
     if a.scaled_mm:
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
     if a.silu:
@@ -342,7 +346,7 @@ def main() -> None:
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
           f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}"
           f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}  MoE grid {a.moe_grid}"
-          f"  absorb large {a.absorb_large}")
+          f"  absorb large {a.absorb_large}  route+align {a.route_align}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"

@@ -123,6 +123,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Per device: int32 arrival counters for kernels whose last program to arrive finishes the launch's work (inline
+# split-K in fp8_gemm, the one-launch router in moe_route_align), zero between launches: the finisher resets
+# its counters. Shared by every such launch on the device, which is safe because they run one after another
+# (one compute stream; a PDL launch waits for the previous grid before its first memory access). Allocated
+# outside CUDA graph capture (a capture would record the zero fill, not run it); a launch that needs more
+# counters than there are, or the first one on a device during a capture, gets None and takes its other path.
+ARRIVAL_COUNTERS = 4096
+_arrival: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    buf = _arrival.get(device)
+    if buf is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        buf = _arrival[device] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+    return buf if buf is not None and needed <= buf.numel() else None
+
+
 POISON = os.environ.get("KERNELS_POISON", "0") == "1"  # tests: every output starts as NaN / garbage
 
 

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_absorb, mla_decode,
-                              mla_kv_write, moe_align, moe_route, paged_attention, rmsnorm, rope)
+                              mla_kv_write, moe_align, moe_route, moe_route_align, paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
@@ -145,6 +145,14 @@ def _small_kernels():
         yield name, moe_route._gemm_route_kernel, gemm_route_args, dict(
             TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
             BLOCK_K=bk, K_PAD=16 if k == 8 else 8, UPCAST=False, PDL=True), moe_route.GEMM_ROUTE_WARPS, 3
+    route_align_args = dict(gemm_route_args, part_ptr=P["f32"], cnt_ptr=P["i32"], pairs_ptr=P["i32"],
+                            block_expert_ptr=P["i32"], cap=i32, k_blocks_per_split=i32)
+    for e, k, bk, splits in ((64, 4, 128, 16), (160, 8, 32, 32)):  # GLM-4.7-Flash (H 2048), GLM-4.5 (H 5120)
+        yield f"moe_route_align E{e} k{k} + shared slot arrival pdl", moe_route_align._route_align_kernel, \
+            route_align_args, dict(
+                TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
+                BLOCK_K=bk, K_PAD=16 if k == 8 else 8, SPLITS=splits, BLOCK_S=triton.next_power_of_2(e + 1),
+                BLOCK_M=16, FILL=moe_route_align.FILL, UPCAST=False, PDL=True), 4, 1
     absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows in (True, False) for fp8 in (True, False)]
     absorb += [(k_rows, True, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (True, False)]
     for k_rows, fp8, size, table in absorb:
@@ -195,7 +203,8 @@ def cases():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
-        yield (f"fp8_gemm split-k 8 inline {key}", *_gemm(False, fp8_gemm.CONFIGS[("default", key)], 8, True))
+        cfg = fp8_gemm.CONFIGS[("default", key)]
+        yield (f"fp8_gemm split-k 8 inline {key} arrival pdl", *_gemm(False, cfg, 8, True))
     yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
         part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",
         c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1
@@ -271,6 +280,8 @@ def main() -> int:
               and k.metadata.shared <= SMEM_LIMIT)
         if name.endswith(" pdl"):  # programmatic dependent launch: the trigger and the wait are in the PTX
             ok = ok and "griddepcontrol.launch_dependents" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
+        if " arrival" in name:  # last-arriver reduction: barrier, gpu-scope acq_rel count, partials read from L2
+            ok = ok and all(s in k.asm["ptx"] for s in ("bar.sync", "atom.global.gpu.acq_rel.add", "ld.global.cg"))
         bad += not ok
         print(f"{name:42s} {'ok ' if ok else 'BAD'} smem {k.metadata.shared:6d} B  {res}")
     return 1 if bad else 0

@@ -4,7 +4,7 @@
 reference that was in ops.IMPL before, so one process can still run CPU tensors (tests, tools).
 Idempotent. Ops wired (same signatures as the *_ref functions in shared.model.ops):
 rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, mla_absorb, gqa_kv_write, silu_and_mul,
-moe_route, fused_experts, paged_attention, quant_fp8_per_token, fp8_linear.
+moe_route, moe_route_align, fused_experts, paged_attention, quant_fp8_per_token, fp8_linear.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ _INSTALLED: dict[str, Callable] = {}
 
 def _kernels() -> dict[str, Callable]:
     from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, mla_absorb, mla_kv_write, moe_route,
-                                  paged_attention, rmsnorm, rope)
+                                  moe_route_align, paged_attention, rmsnorm, rope)
 
     def attention(q, k_cache, v_cache, batch, page_size, scale):
         out = paged_attention.paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch, page_size, scale)
@@ -33,6 +33,7 @@ def _kernels() -> dict[str, Callable]:
         "gqa_kv_write": gqa_kv_write.gqa_kv_write,
         "silu_and_mul": act_quant.silu_and_mul,
         "moe_route": moe_route.moe_route,
+        "moe_route_align": moe_route_align.moe_route_align,
         "fused_experts": fused_moe.fused_experts,
         "paged_attention": attention,
         "quant_fp8_per_token": act_quant.quant_fp8_per_token,

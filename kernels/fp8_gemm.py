@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, cc_major, check, gpu_name, new_out, sm_count, pdl_enter, pdl_kw
+from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
+                                      pdl_kw, sm_count)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
@@ -198,7 +199,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_split)  # no empty split
     part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
-    counters = _tile_counters(a_q.device, tiles) if splits > 1 and SPLITK_INLINE else None
+    counters = arrival_counters(a_q.device, tiles) if splits > 1 and SPLITK_INLINE else None
     bias_arg = bias if bias is not None else w_scale
     _fp8_gemm_kernel[(tiles, splits)](
         a_q, w_q, out, a_scale, w_scale, bias_arg, part, counters if counters is not None else part, m, n, k,
@@ -221,23 +222,8 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
 # a second launch, _splitk_reduce_kernel (1.7 us a launch, 2 a layer at batch 1 on an H100, H100 run 29).
 # H100 run 30 (bench/gpu_suite.sh h100m, FP8 GLM-4.7-Flash step): on together with TMA_MID_M and
 # fused_moe.BOUND_GRID, B 1 / 128 / 256 4.04 / 15.88 / 19.21 ms against 4.12-4.14 / 16.09 / 19.47-19.53 with
-# all three off. False: bench/profile_step.py --splitk kernel.
+# all three off. False: bench/profile_step.py --splitk kernel. Counters: _common.arrival_counters, one a tile.
 SPLITK_INLINE = True
-# Per device: int32 arrival counters, one per output tile, zero between launches. Shared by every split-K
-# launch on the device, which is safe because those run one after another (one compute stream; a PDL
-# launch waits for the previous grid before its first memory access). Allocated outside CUDA graph capture
-# (a capture would record the zero fill, not run it); a launch with more tiles than counters, or the first
-# one on a device during a capture, uses the reduce kernel.
-TILE_COUNTERS = 4096
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    buf = _counters.get(device)
-    if buf is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        buf = _counters[device] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
-    return buf if buf is not None and tiles <= buf.numel() else None
-
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -157,6 +157,11 @@ def _config(device, num_pairs: int, num_experts: int, fp8: bool) -> tuple[int, i
     return cfg
 
 
+def expert_block_m(device, num_pairs: int, num_slots: int, fp8: bool) -> int:
+    """The BLOCK_M fused_experts aligns its pairs to (for a router that aligns them itself: moe_route_align)."""
+    return _config(device, num_pairs, num_slots, fp8)[0]
+
+
 _SMEM_BUDGET = 200 * 1024  # bytes; sm_90 allows 227 KB per block, keep headroom for the epilogue
 
 
@@ -243,12 +248,14 @@ def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
-                  x_fp8=None, keep_slots=False) -> torch.Tensor:
+                  x_fp8=None, keep_slots=False, aligned=None) -> torch.Tensor:
     """shared.model.ops signature. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k]; ids [T, k].
     shared_last: ids[:, -1] is expert E - 1 for every token (the fused shared expert; moe_align skips counting it).
     x_fp8: x's per-token FP8 form (q [T, H], scale [T, 1]) when its producer made it (FP8 experts only).
     keep_slots: return the down GEMM's weighted per-pair rows as [T, k, H] (the slot form; the next
-    add_rms_norm kernel sums them) instead of launching the slot sum."""
+    add_rms_norm kernel sums them) instead of launching the slot sum.
+    aligned: (sorted_pairs, block_expert, block_m) of these ids from the router (moe_route_align), used when
+    block_m is this launch's BLOCK_M; else the pairs are aligned here (moe_align)."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     fp8 = w13.dtype == FP8_DTYPE
@@ -261,7 +268,10 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     if t == 0:
         return new_out((t, top_k, h) if keep_slots else (t, h), x.dtype, x.device)
     cfg = _config(x.device, num_pairs, num_experts, fp8)
-    pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
+    if aligned is not None and aligned[2] == cfg[0]:
+        pairs, block_expert = aligned[0], aligned[1]
+    else:
+        pairs, block_expert = moe_align(ids, num_experts, cfg[0], dense_last=shared_last)
     flat_w = weights.reshape(-1).float().contiguous()
     down = new_out((num_pairs, h), x.dtype, x.device)
     xq, xs = (x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)) if fp8 else (x, None)

@@ -25,7 +25,8 @@ from glmserve.kernels._common import INTERPRET, check, dot_in, new_out, next_pow
 def _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling,
             TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
             NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_PAD: tl.constexpr):
-    """The router's selection for the BLOCK_T tokens rt of fp32 logits [BLOCK_T, BLOCK_E]: stores weights / ids."""
+    """The router's selection for the BLOCK_T tokens rt of fp32 logits [BLOCK_T, BLOCK_E]: stores weights / ids
+    and returns them, (w [BLOCK_T, K_PAD] fp32, ids [BLOCK_T, K_PAD] int64), 0 in slots >= TOP_K + SHARED."""
     e = tl.arange(0, BLOCK_E)
     ok = e < E
     s = 1.0 / (1.0 + tl.exp(-logit))  # [BLOCK_T, BLOCK_E]
@@ -67,6 +68,7 @@ def _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling,
     mask = row_ok[:, None] & (slots < out_k)
     tl.store(w_ptr + out, w_out, mask=mask)
     tl.store(ids_ptr + out, id_out, mask=mask)
+    return w_out, id_out
 
 
 @triton.jit

@@ -163,10 +163,19 @@ def moe_route_ref(
     return weights, ids
 
 
+def moe_route_align_ref(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                        shared_slot, num_slots, fp8):
+    """moe_route, plus the (token, slot) pairs sorted by expert for fused_experts over num_slots experts (fp8:
+    its FP8 config) when one launch did both: -> (weights, ids, aligned | None). The reference sorts nothing:
+    aligned is None (fused_experts aligns)."""
+    return (*moe_route_ref(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
+                           scaling, shared_slot), None)
+
+
 def fused_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, shared_last: bool = False,
-    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False, aligned=None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e x) * up_e x), e = ids[t, j]. x_fp8 (x's per-token FP8 form,
     from a fused norm) is for the W8A8 kernel; this reference keeps activations unquantized and ignores it.
@@ -178,6 +187,8 @@ def fused_experts_ref(
     (this reference dequantizes the weights and keeps activations unquantized).
     Returns [T, H] in x.dtype (this rank's partial sum when I is TP-split); keep_slots: the weighted per-slot
     outputs [T, k, H] in x.dtype instead, unsummed ("slot form": the next add_rms_norm sums them, TP 1).
+    aligned: the pairs already sorted by expert for the kernel (moe_route_align's third output); the math is
+    the same, this reference ignores it.
     """
     if w13_scale is not None:
         w13 = (w13.float() * w13_scale.float()).to(x.dtype)
@@ -265,6 +276,7 @@ IMPL: dict[str, Callable] = {
     "gqa_kv_write": gqa_kv_write_ref,
     "silu_and_mul": silu_and_mul_ref,
     "moe_route": moe_route_ref,
+    "moe_route_align": moe_route_align_ref,
     "fused_experts": fused_experts_ref,
     "paged_attention": paged_attention_ref,
     "quant_fp8_per_token": quant_fp8_per_token_ref,
@@ -326,9 +338,16 @@ def moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, 
                              shared_slot)
 
 
+def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                    shared_slot, num_slots, fp8):
+    return IMPL["moe_route_align"](hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
+                                   scaling, shared_slot, num_slots, fp8)
+
+
 def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False, x_fp8=None,
-                  keep_slots=False):
-    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, keep_slots)
+                  keep_slots=False, aligned=None):
+    return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, keep_slots,
+                                 aligned)
 
 
 def paged_attention(q, k_cache, v_cache, batch, page_size, scale):

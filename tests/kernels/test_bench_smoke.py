@@ -22,3 +22,15 @@ def test_every_bench_section_runs_at_smoke_sizes(monkeypatch):
     assert not errors, errors
     assert len(rows) >= 16 and all(r.ms > 0 and r.achieved > 0 for r in rows)
     assert "| rms_norm |" in bench.table(rows, ceil)
+
+
+def test_ab_step_switches_name_real_kernel_settings():
+    """bench/ab_step.py's switches (GPU-only tool): every one names an existing module attribute, so a renamed
+    setting fails here rather than on the device."""
+    import importlib
+
+    from bench.ab_step import SWITCHES
+
+    for module, attr, on, off in SWITCHES.values():
+        value = getattr(importlib.import_module(f"glmserve.kernels.{module}"), attr)
+        assert type(value) is type(on) is type(off)

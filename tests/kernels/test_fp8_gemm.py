@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glmserve.kernels import fp8_gemm
+from glmserve.kernels import _common, fp8_gemm
 from glmserve.kernels.act_quant import quant_fp8_group_ref, quant_fp8_per_token_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +79,7 @@ def test_split_k_inline_reduce_matches_reduce_kernel(block, monkeypatch):
     m, n, k = 5, 70, 384  # several N tiles (the CPU config's BLOCK_N 32), 12 K blocks of 32
     a_q, a_s, w_q, w_s = _gemm_inputs(m, n, k, block)
     b = torch.randn(n, device=DEV)
-    monkeypatch.setattr(fp8_gemm, "_counters", {})
+    monkeypatch.setattr(_common, "_arrival", {})
     for split in (3, 4):
         monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", False)
         want = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
@@ -87,8 +87,8 @@ def test_split_k_inline_reduce_matches_reduce_kernel(block, monkeypatch):
         for _ in range(2):
             got = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
             assert torch.equal(got, want)
-        counters = fp8_gemm._counters[a_q.device]
-        assert counters.numel() == fp8_gemm.TILE_COUNTERS and not counters.any()
+        counters = _common._arrival[a_q.device]
+        assert counters.numel() == _common.ARRIVAL_COUNTERS and not counters.any()
 
 
 @pytest.mark.parametrize("precise", [True, False])

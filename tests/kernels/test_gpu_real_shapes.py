@@ -7,8 +7,8 @@ torch, so bf16 tolerances are tight-ish; fp8 outputs are compared to dequantized
 import pytest
 import torch
 
-from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, kv_pages, mla_absorb, moe_route, paged_attention, rmsnorm,
-                              rope)
+from glmserve.kernels import (_common, act_quant, fp8_gemm, fused_moe, kv_pages, mla_absorb, moe_route, paged_attention,
+                              rmsnorm, rope)
 from glmserve.shared.model import ops
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
@@ -236,6 +236,40 @@ def test_one_launch_align_at_decode_sizes(t, k, e):
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("t,e,k,h", [(1, 64, 4, 2048), (16, 64, 4, 2048), (4, 160, 8, 5120)])
+def test_route_align_in_a_cuda_graph(t, e, k, h):
+    """moe_route_align's one launch (GLM-4.7-Flash, GLM-4.5 routers + the fused shared slot): moe_route's ids and
+    weights and moe_align's layout, on every replay of a CUDA graph holding two launches (one arrival counter
+    shared), the counter back at 0."""
+    from glmserve.kernels.moe_route_align import moe_route_align
+
+    g = torch.Generator(device=DEV).manual_seed(t + e)
+    xs = [torch.randn(t, h, device=DEV, generator=g).to(BF16) for _ in range(2)]
+    gate = (torch.randn(e, h, device=DEV, generator=g) * 0.02).to(BF16)
+    bias = torch.randn(e, device=DEV, generator=g) * 0.01
+    block_m = fused_moe.expert_block_m(gate.device, t * (k + 1), e + 1, True)
+    wants = []
+    for x in xs:
+        w, ids = moe_route.moe_route(x, gate, bias, k, 1, 1, True, 2.5, True)
+        wants.append((w, ids, *moe_route.moe_align(ids, e + 1, block_m)))
+    args = (gate, bias, k, 1, 1, True, 2.5, True, e + 1, True)
+    assert moe_route_align(xs[0], *args)[2] is not None  # the arrival counter made here, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [moe_route_align(x, *args) for x in xs]
+    for _ in range(3):
+        for w, ids, (pairs, blocks, _) in outs:
+            for o in (w, ids, pairs, blocks):
+                o.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        for (w, ids, (pairs, blocks, bm)), (w_ref, ids_ref, pairs_ref, blocks_ref) in zip(outs, wants):
+            assert bm == block_m and torch.equal(ids, ids_ref)
+            torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+            assert torch.equal(pairs, pairs_ref) and torch.equal(blocks, blocks_ref)
+    assert not _common._arrival[gate.device].any()
+
+
 @pytest.mark.parametrize("m,n,k", [(32, 1024, 4096), (8, 4096, 12288), (64, 2048, 5120)])
 def test_fp8_gemm_decode_split_k(m, n, k):
     a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
@@ -262,7 +296,7 @@ def test_fp8_gemm_split_k_inline_in_a_cuda_graph(m, n, k, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(o, want) for o in outs)
-    assert not fp8_gemm._counters[a_q.device].any()
+    assert not _common._arrival[a_q.device].any()
 
 
 @pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])

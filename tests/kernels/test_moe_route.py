@@ -140,3 +140,78 @@ def test_router_keeps_gate_bf16_only_when_exact(tmp_path, ckpt_dtype):
     runner = ModelRunner(path, dtype=torch.float32, with_mtp=False)
     gate = runner.model.model.layers[1].mlp.gate.weight
     assert gate.dtype == ckpt_dtype
+
+
+@pytest.mark.parametrize("t,e,k,n_group,topk_group,shared,h", [
+    (1, 64, 4, 1, 1, True, 256),  # GLM-4.7-Flash's router at batch 1 (2 K splits)
+    (5, 24, 4, 4, 2, True, 96),  # groups; H not a multiple of BLOCK_K (the last K block masked)
+    (16, 40, 8, 1, 1, False, 160),  # MAX_T tokens, no shared slot
+    (3, 160, 8, 1, 1, True, 256),  # GLM-4.5's 160 experts: BLOCK_E 256, BLOCK_S 256, 8 K splits
+])
+def test_route_align_one_launch_equals_route_then_align(t, e, k, n_group, topk_group, shared, h):
+    """moe_route_align's one launch (split-K logits, last program selects and aligns) gives moe_route's weights
+    and ids and moe_align's layout for fused_experts' BLOCK_M, twice in a row (the arrival counter reset)."""
+    from glmserve.kernels import _common, fused_moe
+    from glmserve.kernels.moe_route_align import moe_route_align
+
+    g = torch.Generator().manual_seed(t * 1000 + e)
+    x = torch.randn(t, h, generator=g).to(DEV, torch.bfloat16)
+    gate = (torch.randn(e, h, generator=g) / h ** 0.5).to(DEV, torch.bfloat16)
+    bias = (torch.randn(e, generator=g) * 0.1).to(DEV)
+    slots = e + int(shared)
+    w_ref, ids_ref = moe_route(x, gate, bias, k, n_group, topk_group, True, 2.5, shared)
+    block_m = fused_moe.expert_block_m(x.device, ids_ref.numel(), slots, True)
+    pairs_ref, blocks_ref = moe_align(ids_ref, slots, block_m)
+    for _ in range(2):
+        w, ids, aligned = moe_route_align(x, gate, bias, k, n_group, topk_group, True, 2.5, shared, slots, True)
+        assert aligned is not None and aligned[2] == block_m
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(aligned[0], pairs_ref)
+        assert torch.equal(aligned[1], blocks_ref)
+        assert not _common._arrival[x.device].any()
+
+
+def test_route_align_falls_back_where_one_launch_does_not_apply():
+    """More than MAX_T tokens, or an fp32 gate: moe_route's outputs and no alignment (fused_experts aligns)."""
+    from glmserve.kernels.moe_route_align import MAX_T, moe_route_align
+
+    x = torch.randn(MAX_T + 1, 64, device=DEV).to(torch.bfloat16)
+    for xs, gate in ((x, torch.randn(8, 64, device=DEV).to(torch.bfloat16)), (x[:2], torch.randn(8, 64, device=DEV))):
+        bias = torch.zeros(8, device=DEV)
+        w, ids, aligned = moe_route_align(xs, gate, bias, 2, 1, 1, True, 1.0, True, 9, False)
+        w_ref, ids_ref = moe_route(xs, gate, bias, 2, 1, 1, True, 1.0, True)
+        assert aligned is None and torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+
+
+def test_moe_layer_uses_the_routers_alignment(tmp_path, monkeypatch):
+    """MoE.forward with the kernels (bf16, 3 tokens): the experts take the router's sorted pairs (moe_align is not
+    called) and give the same bits as the route-then-align path (moe_route_align.ENABLED off)."""
+    from glmserve.kernels import backend, fused_moe, moe_route_align
+    from glmserve.shared.config.model import ModelConfig
+    from glmserve.shared.model import ops
+    from glmserve.shared.model.context import BuildCtx
+    from glmserve.shared.model.layers.moe import MoE
+    from glmserve.shared.weights.tiny import write_tiny_checkpoint
+
+    cfg = ModelConfig.from_dir(write_tiny_checkpoint(str(tmp_path / "m"), "glm4_moe_lite", num_nextn_predict_layers=0))
+    moe = MoE(cfg, BuildCtx(dtype=torch.bfloat16, device=DEV), "model.layers.1.mlp")
+    g = torch.Generator().manual_seed(0)
+    for p in (moe.experts.w13, moe.experts.w2):
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    moe.gate.weight.data.copy_((torch.randn(moe.gate.weight.shape, generator=g) * 0.2).to(torch.bfloat16))
+    moe.gate.after_load()  # bf16-exact values: the gate is held bf16, as a GLM checkpoint's
+    assert moe.gate.weight.dtype == torch.bfloat16 and moe.shared_experts is None  # shared expert fused
+    x = torch.randn(3, cfg.hidden_size, generator=g).to(DEV, torch.bfloat16)
+    kernels = backend._kernels()
+    for name in ("moe_route_align", "fused_experts"):
+        monkeypatch.setitem(ops.IMPL, name, kernels[name])
+
+    def no_align(*_):
+        raise AssertionError("fused_experts aligned the pairs again")
+
+    with monkeypatch.context() as m:
+        m.setattr(fused_moe, "moe_align", no_align)
+        one_launch = moe(x)
+    monkeypatch.setattr(moe_route_align, "ENABLED", False)
+    assert torch.equal(one_launch, moe(x))

@@ -49,11 +49,14 @@ class Router(nn.Module):
         if w.dtype == torch.float32 and torch.equal(w.to(torch.bfloat16).float(), w):
             self.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, shared_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k'] fp32, ids [T, k']); k' = k + 1 (last: id E, weight 1) with shared_slot."""
+    def forward(self, x: torch.Tensor, shared_slot: bool = False, num_slots: int = 0, fp8: bool = False):
+        """x [T, H] -> (weights [T, k'] fp32, ids [T, k'], aligned); k' = k + 1 (last: id E, weight 1) with
+        shared_slot; aligned: the pairs sorted for the experts' kernel (num_slots experts, FP8 or not) when the
+        router's kernel sorted them too, else None (ops.moe_route_align)."""
         c = self.cfg
-        return ops.moe_route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
-                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor, shared_slot)
+        return ops.moe_route_align(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
+                                   c.topk_group, c.norm_topk_prob, c.routed_scaling_factor, shared_slot,
+                                   num_slots or self.weight.shape[0] + int(shared_slot), fp8)
 
 
 class Experts(nn.Module):
@@ -101,10 +104,12 @@ class Experts(nn.Module):
             copy_checked(dst, shard, f"experts.{expert}.{proj}.weight")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False) -> torch.Tensor:
-        """-> [T, H], or the slot form [T, k', H] with keep_slots (see ops.fused_experts_ref)."""
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, keep_slots: bool = False,
+                aligned=None) -> torch.Tensor:
+        """-> [T, H], or the slot form [T, k', H] with keep_slots (see ops.fused_experts_ref); aligned: the
+        router's sorted pairs (Router.forward)."""
         return ops.fused_experts(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
-                                 self.shared_slot is not None, x_fp8, keep_slots)
+                                 self.shared_slot is not None, x_fp8, keep_slots, aligned)
 
 
 class MoE(nn.Module):
@@ -128,13 +133,13 @@ class MoE(nn.Module):
         At TP 1 with the shared expert fused (nothing to add or all-reduce after the experts) the output is
         the slot form [T, k', H] instead: the experts' weighted per-slot rows, summed by the next layer's
         add_rms_norm (the decoder's consumer) in the same launch (one slot-sum kernel fewer a layer)."""
-        weights, ids = self.gate(x, shared_slot=self.shared_experts is None)
+        weights, ids, aligned = self.gate(x, self.shared_experts is None, self.num_slots, self.experts.fp8)
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
         if SLOT_SUM_IN_NORM and self.shared_experts is None and self.tp.tp_size == 1:
-            return self.experts(x, weights, ids, x_fp8, keep_slots=True)
-        out = self.experts(x, weights, ids, x_fp8)
+            return self.experts(x, weights, ids, x_fp8, keep_slots=True, aligned=aligned)
+        out = self.experts(x, weights, ids, x_fp8, aligned=aligned)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, x_fp8)  # a bf16 layer ignores x_fp8
         return self.tp.all_reduce(out)

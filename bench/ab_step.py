@@ -1,0 +1,96 @@
+"""In-process A/B of one kernel switch on the decode step's CUDA graph (GPU; developer tool).
+
+profile_step runs one process per setting, and the same setting measured in two processes moved by up to
+7 % at batch 1 (H100 run 30: 4.04-4.33 ms), as much as the levers being compared. Here one process builds the
+model once, and per batch and round captures the step's graph with the switch on, then off (the order flipped
+every round, so drift lands on both), timing the median of REPLAYS replays each. Prints every sample, then per
+batch the median of each side, their difference and both as a fraction of the step's HBM roofline (weights the
+step reads + KV, over the copy bandwidth measured in the same run).
+    python -m bench.ab_step --switch route_align --batches 1,4,16 --rounds 4 --ctx 640 --quantization fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import tempfile
+
+import torch
+
+from bench.profile_step import copy_bandwidth, experts_touched, step_batch, step_bytes, timed
+from glmserve.shared.config.presets import write_preset
+from glmserve.shared.runner.model_runner import ModelRunner
+
+PAGE = 16
+REPLAYS = 50
+# switch -> (module under glmserve.kernels, attribute, value "on", value "off")
+SWITCHES: dict[str, tuple[str, str, object, object]] = {
+    "route_align": ("moe_route_align", "ENABLED", True, False),
+    "splitk_inline": ("fp8_gemm", "SPLITK_INLINE", True, False),
+    "moe_grid": ("fused_moe", "BOUND_GRID", True, False),
+    "silu_gemm": ("fused_moe", "SILU_IN_GEMM", True, False),
+    "pdl": ("_common", "PDL_ENABLED", True, False),
+}
+
+
+def set_switch(name: str, on: bool) -> None:
+    module, attr, on_value, off_value = SWITCHES[name]
+    setattr(importlib.import_module(f"glmserve.kernels.{module}"), attr, on_value if on else off_value)
+
+
+def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> float:
+    """Capture this batch's DECODE graph with the switches as set now, then the median replay time in ms."""
+    runner.graph_sets.clear()
+    torch.cuda.empty_cache()
+    runner.capture_decode_graphs(kv, max_batch_size=batch, max_seq_len=ctx + 1)
+    runs = runner.graph_runs()
+    ms = timed(lambda: runner.forward(dec, kv), REPLAYS) * 1e3
+    assert runner.graph_runs() > runs, "the step did not take the graph path"
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--switch", required=True, choices=sorted(SWITCHES))
+    ap.add_argument("--preset", default="glm-4.7-flash")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=640)
+    ap.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    runner = ModelRunner(write_preset(tempfile.mkdtemp(), a.preset), device="cuda", dtype="bfloat16",
+                         load_format="dummy", with_mtp=False, quantization=a.quantization)
+    bw = copy_bandwidth()
+    rows = []
+    for b in (int(v) for v in a.batches.split(",")):
+        dec, kv = step_batch(runner, b, a.ctx, 1)
+        kv_bytes = kv.layout.page_bytes() / PAGE * a.ctx * b
+        wbytes, _ = step_bytes(runner, experts_touched(runner, dec, kv), kv_bytes)
+        floor_ms = (wbytes + kv_bytes) / (bw * 1e9) * 1e3
+        samples: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(a.rounds):
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                set_switch(a.switch, on)
+                samples[on].append(graph_ms(runner, dec, kv, b, a.ctx))
+                print(f"B {b:4d} round {r} {a.switch} {'on ' if on else 'off'} {samples[on][-1]:8.3f} ms", flush=True)
+        on_ms, off_ms = statistics.median(samples[True]), statistics.median(samples[False])
+        rows.append(dict(batch=b, on_ms=samples[True], off_ms=samples[False], on_median=on_ms, off_median=off_ms,
+                         roofline_ms=floor_ms))
+        del dec, kv
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  switch {a.switch}"
+          f"  rounds {a.rounds}  replays {REPLAYS}")
+    print("   B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms")
+    for r in rows:
+        print(f"{r['batch']:4d}  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
+              f"        {r['off_median']:7.3f} ({r['roofline_ms'] / r['off_median']:.3f})"
+              f"         {r['on_median'] - r['off_median']:+7.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(switch=a.switch, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The MoE router and moe_align in ONE launch for decode batches of at most MAX_T tokens (every worker rank).
+
+At batch 1 the router path was three latency-bound launches a layer (H100 run 28: cuBLAS logits GEMM 5.4 us,
+_route_kernel 2.0, moe_align 3.4; ~0.5 ms of a 4.0 ms GLM-4.7-Flash step). Here:
+  program s of SPLITS: partial logits [T, E] over its K slice, x [T, H] . gate[:, slice]^T (bf16 tensor-core
+  dots, fp32 accumulation: the products are exact, as in router_logits), stored to part[s];
+  then bar.sync and a gpu-scope acq_rel arrival count (_common.arrival_counters, one counter); the LAST
+  program to arrive sums part[0..SPLITS) in split order (.cg loads: L2, never a stale L1 line), resets the
+  counter, runs moe_route's selection (_select: stores weights / ids) and aligns the T * k' pairs itself:
+  a sort of (expert, pair) keys, a histogram of the experts, each pair's row = its sorted position + the
+  padding of the expert runs before its own. One expert block holds a whole run (T <= BLOCK_M: an expert gets
+  at most one pair a token), so block_expert has one write per used expert.
+Output: moe_route's (weights, ids) and moe_align's (sorted_pairs, block_expert) for fused_experts' BLOCK_M
+(fused_moe.expert_block_m), bit-equal ids / layout to moe_route + moe_align when they pick the same experts;
+logits equal router_logits' up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmserve.kernels._common import (INTERPRET, arrival_counters, check, dot_in, new_out, next_pow2, pdl_enter,
+                                      pdl_kw)
+from glmserve.kernels.fused_moe import expert_block_m
+from glmserve.kernels.moe_route import _select, moe_route
+
+# Off: moe_route + moe_align (bench/profile_step.py --route_align off is the A/B).
+ENABLED = True
+MAX_T = 16  # tokens: tl.dot's 16-row floor, and T <= BLOCK_M (fused_moe's smallest BLOCK_M is 16)
+MAX_SPLITS = 32  # programs computing the logits; the last one sums MAX_SPLITS x [T, E] fp32 partials
+FILL = 1024  # rows per store of the sentinel fill
+
+
+@triton.jit
+def _route_align_kernel(
+    x_ptr, gate_ptr, bias_ptr, w_ptr, ids_ptr, part_ptr, cnt_ptr, pairs_ptr, block_expert_ptr,
+    T, E, H, x_st, scaling, cap, k_blocks_per_split,
+    TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """part: [SPLITS, T, E] fp32 workspace; cnt: one int32, 0 between launches. BLOCK_S >= E + SHARED (the
+    slots aligned: the shared expert is slot E)."""
+    pdl_enter(PDL)
+    split = tl.program_id(0)
+    rt = tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rt < T
+    kb_lo = split * k_blocks_per_split
+    kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(H, BLOCK_K))
+    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
+    g_p = gate_ptr + e[None, :] * H + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_E] = gate^T
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        k_ok = rk < H - kb * BLOCK_K
+        x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
+        acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
+        x_p += BLOCK_K
+        g_p += BLOCK_K
+    tile_p = part_ptr + rt[:, None] * E + e[None, :]
+    tile_ok = row_ok[:, None] & (e < E)[None, :]
+    tl.store(tile_p + split * T * E, acc, mask=tile_ok)
+    tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") < SPLITS - 1:
+        return  # not the last program
+    logit = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for s in range(SPLITS):
+        logit += tl.load(tile_p + s * T * E, mask=tile_ok, other=0.0, cache_modifier=".cg")
+    tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (CUDA graph replays reuse the counter)
+    _, ids = _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP,
+                     NORM, BLOCK_T, BLOCK_E, K_PAD)
+
+    # align: pair p = t * OUT_K + j; key = expert * 4096 + p (p < BLOCK_T * K_PAD <= 4096), ascending = pairs
+    # grouped by expert, in pair order within one (moe_align's stable sort)
+    OUT_K: tl.constexpr = TOP_K + SHARED
+    num_pairs = T * OUT_K
+    slots = tl.arange(0, K_PAD)[None, :]
+    pair = rt[:, None] * OUT_K + slots  # [BLOCK_T, K_PAD]
+    valid = row_ok[:, None] & (slots < OUT_K)
+    key = tl.where(valid, ids.to(tl.int32) * 4096 + pair, 2147483647)
+    key = tl.sort(tl.reshape(key, [BLOCK_T * K_PAD]))
+    ok = key < 2147483647
+    expert = tl.where(ok, key // 4096, 0)
+    counts = tl.histogram(expert, BLOCK_S, mask=ok)  # [BLOCK_S] pairs of each slot
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded  # first row of each expert's run
+    pad_before = starts - (tl.cumsum(counts, axis=0) - counts)  # padding rows of the runs before this expert's
+    rows = tl.arange(0, BLOCK_T * K_PAD) + tl.gather(pad_before, expert, axis=0)  # sorted position + padding
+    offs = tl.arange(0, FILL)
+    for start in range(0, cap, FILL):  # every row the sentinel, every block no expert; then the real ones
+        tl.store(pairs_ptr + start + offs, num_pairs, mask=start + offs < cap)
+    for start in range(0, cap // BLOCK_M, FILL):
+        tl.store(block_expert_ptr + start + offs, -1, mask=start + offs < cap // BLOCK_M)
+    tl.debug_barrier()  # the fill's stores land before the overwrites below (same addresses, other threads)
+    tl.store(pairs_ptr + rows, key % 4096, mask=ok)
+    tl.store(block_expert_ptr + starts // BLOCK_M, tl.arange(0, BLOCK_S), mask=counts > 0)
+
+
+def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                    shared_slot, num_slots, fp8):
+    """shared.model.ops.moe_route_align: -> (weights [T, k'] fp32, ids [T, k'] int64, aligned), aligned =
+    (sorted_pairs, block_expert, block_m) as moe_align lays them out for fused_experts over num_slots experts
+    (fp8: its FP8 config), or None where this one launch does not apply (then moe_route's path; fused_experts
+    aligns): more than MAX_T tokens, a gate or x that is not bf16, or no arrival counter (first use inside a
+    CUDA graph capture)."""
+    num_experts, h = gate_weight.shape
+    x = hidden.reshape(-1, h)
+    t = x.shape[0]
+    out_k = top_k + int(shared_slot)
+    num_pairs = t * out_k
+    block_m = expert_block_m(x.device, num_pairs, num_slots, fp8)
+    applies = (ENABLED and 0 < t <= min(MAX_T, block_m) and x.dtype == gate_weight.dtype == torch.bfloat16
+               and x.stride(1) == 1 and (x.is_cuda or INTERPRET) and num_slots <= 1024)
+    counter = arrival_counters(x.device, 1) if applies else None
+    if counter is None:
+        return (*moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                           shared_slot), None)
+    check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
+    check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
+    check(num_slots >= num_experts + int(shared_slot), "num_slots must cover the shared slot")
+    gate = gate_weight.contiguous()
+    block_e = next_pow2(num_experts)
+    block_k = 128 if num_experts <= 64 else 64 if num_experts <= 128 else 32  # gate tile <= 16 KB a K step
+    k_blocks = triton.cdiv(h, block_k)
+    per_split = triton.cdiv(k_blocks, MAX_SPLITS)
+    splits = triton.cdiv(k_blocks, per_split)
+    cap = triton.cdiv(num_pairs + num_slots * (block_m - 1), block_m) * block_m  # moe_align's bound
+    weights = new_out((t, out_k), torch.float32, x.device)
+    ids = new_out((t, out_k), torch.int64, x.device)
+    part = new_out((splits, t, num_experts), torch.float32, x.device)
+    pairs = new_out((cap,), torch.int32, x.device)
+    block_expert = new_out((cap // block_m,), torch.int32, x.device)
+    _route_align_kernel[(splits,)](
+        x, gate, correction_bias.float().contiguous(), weights, ids, part, counter, pairs, block_expert,
+        t, num_experts, h, x.stride(0), float(scaling), cap, per_split,
+        TOP_K=top_k, SHARED=int(shared_slot), N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob),
+        BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, K_PAD=next_pow2(out_k), SPLITS=splits,
+        BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, num_warps=4,
+        **pdl_kw(x.device, t))
+    return weights, ids, (pairs, block_expert, block_m)
