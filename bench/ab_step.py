@@ -5,7 +5,8 @@ profile_step runs one process per setting, and the same setting measured in two 
 model once, and per batch and round captures the step's graph with the switch on, then off (the order flipped
 every round, so drift lands on both), timing the median of REPLAYS replays each. Prints every sample, then per
 batch the median of each side, their difference and both as a fraction of the step's HBM roofline (weights the
-step reads + KV, over the copy bandwidth measured in the same run).
+step reads + KV, over the copy bandwidth measured in the same run), and how far the switch moved the step's
+logits (a scheduling switch such as PDL must leave them bit-equal).
     python -m bench.ab_step --switch route_align --batches 1,4,16 --rounds 4 --ctx 640 --quantization fp8
 """
 
@@ -32,6 +33,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "moe_grid": ("fused_moe", "BOUND_GRID", True, False),
     "silu_gemm": ("fused_moe", "SILU_IN_GEMM", True, False),
     "pdl": ("_common", "PDL_ENABLED", True, False),
+    "pdl_late": ("_common", "PDL_LATE", True, False),
 }
 
 
@@ -40,15 +42,17 @@ def set_switch(name: str, on: bool) -> None:
     setattr(importlib.import_module(f"glmserve.kernels.{module}"), attr, on_value if on else off_value)
 
 
-def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> float:
-    """Capture this batch's DECODE graph with the switches as set now, then the median replay time in ms."""
+def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> tuple[float, torch.Tensor]:
+    """Capture this batch's DECODE graph with the switches as set now -> (median replay time in ms, the step's
+    logits [B, V] fp32). Every replay writes the same cache slots with the same values, so the logits of any
+    replay are the step's."""
     runner.graph_sets.clear()
     torch.cuda.empty_cache()
     runner.capture_decode_graphs(kv, max_batch_size=batch, max_seq_len=ctx + 1)
     runs = runner.graph_runs()
     ms = timed(lambda: runner.forward(dec, kv), REPLAYS) * 1e3
     assert runner.graph_runs() > runs, "the step did not take the graph path"
-    return ms
+    return ms, runner.forward(dec, kv).logits.float().clone()
 
 
 def main() -> None:
@@ -71,22 +75,26 @@ def main() -> None:
         wbytes, _ = step_bytes(runner, experts_touched(runner, dec, kv), kv_bytes)
         floor_ms = (wbytes + kv_bytes) / (bw * 1e9) * 1e3
         samples: dict[bool, list[float]] = {True: [], False: []}
+        logits: dict[bool, torch.Tensor] = {}
         for r in range(a.rounds):
             for on in ((True, False) if r % 2 == 0 else (False, True)):
                 set_switch(a.switch, on)
-                samples[on].append(graph_ms(runner, dec, kv, b, a.ctx))
-                print(f"B {b:4d} round {r} {a.switch} {'on ' if on else 'off'} {samples[on][-1]:8.3f} ms", flush=True)
+                ms, logits[on] = graph_ms(runner, dec, kv, b, a.ctx)
+                samples[on].append(ms)
+                print(f"B {b:4d} round {r} {a.switch} {'on ' if on else 'off'} {ms:8.3f} ms", flush=True)
         on_ms, off_ms = statistics.median(samples[True]), statistics.median(samples[False])
+        # the switch must not change the step's result beyond summation order: max |on - off| / max |off|
+        diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
         rows.append(dict(batch=b, on_ms=samples[True], off_ms=samples[False], on_median=on_ms, off_median=off_ms,
-                         roofline_ms=floor_ms))
+                         roofline_ms=floor_ms, logits_rel_diff=diff))
         del dec, kv
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  switch {a.switch}"
           f"  rounds {a.rounds}  replays {REPLAYS}")
-    print("   B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms")
+    print("   B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms  logits max|on-off|/max|off|")
     for r in rows:
         print(f"{r['batch']:4d}  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
               f"        {r['off_median']:7.3f} ({r['roofline_ms'] / r['off_median']:.3f})"
-              f"         {r['on_median'] - r['off_median']:+7.3f}")
+              f"         {r['on_median'] - r['off_median']:+7.3f}  {r['logits_rel_diff']:.2e}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(switch=a.switch, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows), f, indent=1)

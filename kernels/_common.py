@@ -82,28 +82,41 @@ PDL_ENABLED = not INTERPRET and os.environ.get("GLMSERVE_PDL", "1") != "0"
 PDL_MAX_ROWS = 32
 
 
+# Launches with more rows than PDL_MAX_ROWS: PDL_LATE launches them with PDL too, but their programs never
+# trigger the next launch early (pdl_enter only waits): the next kernel's launch begins as this grid's last
+# programs exit (the implicit trigger) instead of after the grid completes and its writes are flushed, and no
+# waiting program of the next kernel takes an SM slot from a running wave (run 27's loss with the early
+# trigger). Pending its A/B (bench/ab_step.py --switch pdl_late at B 64-256); GLMSERVE_PDL_LATE=1 turns it on.
+PDL_LATE = os.environ.get("GLMSERVE_PDL_LATE", "0") == "1"
+
+
 def use_pdl(device: torch.device, rows: int = 1) -> bool:
-    """Launch this kernel with programmatic dependent launch (pass as both PDL= and launch_pdl=)."""
-    return PDL_ENABLED and rows <= PDL_MAX_ROWS and device.type == "cuda" and cc_major(device) >= 9
+    """Launch this kernel with programmatic dependent launch (see pdl_kw)."""
+    return pdl_kw(device, rows)["launch_pdl"]
 
 
 def pdl_kw(device: torch.device, rows: int) -> dict:
-    """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter) and launch_pdl= together;
-    rows: the launch's tokens (or pairs), against PDL_MAX_ROWS."""
-    p = use_pdl(device, rows)
-    return {"PDL": p, "launch_pdl": p}
+    """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter: 0 off, 1 wait then trigger the
+    next launch, 2 wait only) and launch_pdl= together; rows: the launch's tokens (or pairs), against
+    PDL_MAX_ROWS (above it: mode 2 with PDL_LATE, else off)."""
+    if not (PDL_ENABLED and device.type == "cuda" and cc_major(device) >= 9):
+        return {"PDL": 0, "launch_pdl": False}
+    mode = 1 if rows <= PDL_MAX_ROWS else 2 if PDL_LATE else 0
+    return {"PDL": mode, "launch_pdl": mode > 0}
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """The first statement of a kernel that may be PDL-launched: wait for the prior grids (before any global
-    load or store: read-after-write and write-after-read both), then let the next kernel's launch begin.
+    load or store: read-after-write and write-after-read both), then (PDL 1) let the next kernel's launch begin.
     Wait first: with the trigger first (H100 run 26) every kernel's programs triggered the next at entry, so
     the CUDA graph's later kernels piled their waiting programs onto the SMs while an earlier one still ran
-    (B 1 4.68 -> 4.33-4.57 ms but B 256 19.14 -> 19.47-20.59); after the wait at most the next kernel waits."""
+    (B 1 4.68 -> 4.33-4.57 ms but B 256 19.14 -> 19.47-20.59); after the wait at most the next kernel waits.
+    PDL 2 (PDL_LATE): the wait only; the program's exit is its trigger."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 # The interpreter's tl.dot on bf16 operands returns garbage (triton 3.9, numpy has no bf16): under the

@@ -212,6 +212,7 @@ def cases():
         yield (f"fused_moe {key}", *_moe(key[2] == "fp8", cfg))
     fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("H100", "decode", "fp8")])
     yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
+    yield "fused_moe H100 decode fp8 pdl late", fn, sig, dict(const, PDL=2), warps, stages  # _common.PDL_LATE
     # SILU_IN_GEMM's two launches at the H100 decode config: gate_up with the SiLU epilogue (BLOCK_N halved, two
     # B tiles), down quantizing its bf16 input per BLOCK_K group
     yield "fused_moe gate_up silu epilogue fp8 pdl", fn, sig, dict(const, PDL=True, SILU_OUT=True, MUL_WEIGHT=False,
@@ -280,6 +281,8 @@ def main() -> int:
               and k.metadata.shared <= SMEM_LIMIT)
         if name.endswith(" pdl"):  # programmatic dependent launch: the trigger and the wait are in the PTX
             ok = ok and "griddepcontrol.launch_dependents" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
+        if name.endswith(" pdl late"):  # the wait, no early trigger
+            ok = ok and "griddepcontrol.wait" in k.asm["ptx"] and "launch_dependents" not in k.asm["ptx"]
         if " arrival" in name:  # last-arriver reduction: barrier, gpu-scope acq_rel count, partials read from L2
             ok = ok and all(s in k.asm["ptx"] for s in ("bar.sync", "atom.global.gpu.acq_rel.add", "ld.global.cg"))
         bad += not ok

@@ -23,8 +23,9 @@ def test_install_wires_all_ops_and_keeps_cpu_reference():
 
 
 def test_pdl_only_on_cuda_for_small_launches(monkeypatch):
-    """Programmatic dependent launch: never on CPU tensors (the interpreter has no griddepcontrol), never past
-    PDL_MAX_ROWS rows, never when GLMSERVE_PDL turned it off; PDL= and launch_pdl= always agree."""
+    """Programmatic dependent launch: never on CPU tensors (the interpreter has no griddepcontrol), past
+    PDL_MAX_ROWS rows only as PDL_LATE's wait-only mode 2, never when GLMSERVE_PDL turned it off; PDL= and
+    launch_pdl= always agree."""
     import torch
 
     from glmserve.kernels import _common
@@ -34,7 +35,11 @@ def test_pdl_only_on_cuda_for_small_launches(monkeypatch):
     monkeypatch.setattr(_common, "cc_major", lambda device: 9)
     cuda = torch.device("cuda", 0)
     assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(_common, "PDL_LATE", False)
     assert not _common.use_pdl(cuda, _common.PDL_MAX_ROWS + 1)
+    monkeypatch.setattr(_common, "PDL_LATE", True)
+    assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS + 1) == {"PDL": 2, "launch_pdl": True}
+    assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setattr(_common, "cc_major", lambda device: 8)
     assert not _common.use_pdl(cuda, 1)
     monkeypatch.setattr(_common, "cc_major", lambda device: 9)
