@@ -26,20 +26,21 @@ from glmserve.shared.runner.model_runner import ModelRunner
 
 PAGE = 16
 REPLAYS = 50
-# switch -> (module under glmserve.kernels, attribute, value "on", value "off")
+# switch -> (module, attribute, value "on", value "off")
 SWITCHES: dict[str, tuple[str, str, object, object]] = {
-    "route_align": ("moe_route_align", "ENABLED", True, False),
-    "splitk_inline": ("fp8_gemm", "SPLITK_INLINE", True, False),
-    "moe_grid": ("fused_moe", "BOUND_GRID", True, False),
-    "silu_gemm": ("fused_moe", "SILU_IN_GEMM", True, False),
-    "pdl": ("_common", "PDL_ENABLED", True, False),
-    "pdl_late": ("_common", "PDL_LATE", True, False),
+    "route_align": ("glmserve.kernels.moe_route_align", "ENABLED", True, False),
+    "splitk_inline": ("glmserve.kernels.fp8_gemm", "SPLITK_INLINE", True, False),
+    "moe_grid": ("glmserve.kernels.fused_moe", "BOUND_GRID", True, False),
+    "silu_gemm": ("glmserve.kernels.fused_moe", "SILU_IN_GEMM", True, False),
+    "pdl": ("glmserve.kernels._common", "PDL_ENABLED", True, False),
+    "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
+    "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),
 }
 
 
 def set_switch(name: str, on: bool) -> None:
     module, attr, on_value, off_value = SWITCHES[name]
-    setattr(importlib.import_module(f"glmserve.kernels.{module}"), attr, on_value if on else off_value)
+    setattr(importlib.import_module(module), attr, on_value if on else off_value)
 
 
 def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> tuple[float, torch.Tensor]:

@@ -39,6 +39,8 @@
 #   bash bench/gpu_suite.sh h100n    # ONE H100 call: run 30's defaults vs off at B 1-256, each off alone
 #   bash bench/gpu_suite.sh h100o    # ONE H100 call: one-launch router + align tests and in-process A/B, defaults
 #                                    # vs the run-30/31 paths off at B 1-256, in-process A/Bs of two run-30 paths
+#   bash bench/gpu_suite.sh h100p    # ONE H100 call: MLA prep fusion and PDL_LATE tests and in-process A/Bs, the
+#                                    # FP8 step's per-kernel profile at B 1 and 256
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -504,6 +506,24 @@ case "${1:-models}" in
     ab ab_splitk_inline --switch splitk_inline --batches 1,16 --rounds 3
     ab ab_moe_grid --switch moe_grid --batches 1,16 --rounds 3
     merge_steps ab_more.txt ab_splitk_inline ab_moe_grid
+    ;;
+  h100p)  # ONE H100 call (~7 min): MLA prep fusion + PDL_LATE GPU tests; in-process A/Bs (bench/ab_step.py) of the
+    # MLA prep fusion at B 1 / 16 / 64 / 256 and of PDL with the wait only past PDL_MAX_ROWS at B 64 / 128 / 256;
+    # then the FP8 step's per-kernel profile (HBM fractions) at B 1 and 256
+    end=$((SECONDS + ${H100_BUDGET_S:-420}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 110)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_mla_absorb.py tests/kernels/test_mla_kv_write.py tests/kernels/test_model_with_kernels.py \
+      tests/kernels/test_backend.py tests/models/test_decode_graphs.py tests/kernels/test_gpu_real_shapes.py \
+      -k "absorb or kv_write or prep or rope or graph or kernels_vs_refs or pdl or mla"
+    step pdl_late_tests "$(left 60)" env GLMSERVE_PDL_LATE=1 $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fused_moe.py -k "fused_moe or norms or split_k or tma"
+    ab() { local name=$1; shift; step "$name" "$(left 100)" $PY -m bench.ab_step --ctx 640 --quantization fp8 "$@"; }
+    ab ab_mla_prep --switch mla_prep --batches 1,16,64,256 --rounds 3
+    ab ab_pdl_late --switch pdl_late --batches 64,128,256 --rounds 3
+    step profile_fp8 "$(left 90)" $PY -m bench.profile_step --batches 1,256 --profile_batches 1,256 --ctx 640 \
+      --quantization fp8
+    merge_steps tests.txt kernel_tests pdl_late_tests
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

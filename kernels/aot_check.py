@@ -119,6 +119,12 @@ def _small_kernels():
         q_ptr=P["bf16"], qo_ptr=P["bf16"], ckv_st=i32, cs_st=i32, cache_ss=i32, q_st=i32, q_sh=i32, qo_st=i32,
         qo_sh=i32, num_heads=i32, eps="fp32"), dict(
         L=512, BLOCK_L=512, HALF=32, BLOCK_HALF=32, BLOCK_H=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), 4, 1
+    yield "mla_prep L512 R64 q_a 768 fp8 pdl", mla_kv_write._mla_prep_kernel, dict(
+        ckv_ptr=P["bf16"], w_ptr=P["bf16"], cos_ptr=P["f32"], sin_ptr=P["f32"], cache_ptr=P["bf16"], slot_ptr=P["i64"],
+        qa_ptr=P["bf16"], qaw_ptr=P["bf16"], qay_ptr=P["bf16"], qaq_ptr=P["f8"], qas_ptr=P["f32"], ckv_st=i32,
+        cs_st=i32, cache_ss=i32, qa_st=i32, qay_st=i32, qaq_st=i32, QA=i32, eps="fp32", qa_eps="fp32"), dict(
+        L=512, BLOCK_L=512, HALF=32, BLOCK_HALF=32, INTERLEAVED=True, REST=0, BLOCK_REST=2, BLOCK_QA=1024,
+        QUANT=True, PRE_ROUND=False, PDL=True), 4, 1
     yield "gqa_kv_write 96/8 heads D128 rot64 qk-norm", gqa_kv_write._gqa_kv_write_kernel, dict(
         q_ptr=P["bf16"], k_ptr=P["bf16"], v_ptr=P["bf16"], qw_ptr=P["bf16"], kw_ptr=P["bf16"], cos_ptr=P["f32"],
         sin_ptr=P["f32"], qo_ptr=P["bf16"], kc_ptr=P["bf16"], vc_ptr=P["bf16"], slot_ptr=P["i64"],
@@ -163,6 +169,14 @@ def _small_kernels():
                 **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
                 K_ROWS=k_rows, FP8=fp8, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True), \
             warps, stages
+    bm, bn, bk, warps, stages = mla_absorb.CONFIGS[True]
+    yield "mla_absorb W_UK fp8 + q_pe RoPE pdl", mla_absorb._mla_absorb_kernel, dict(
+        a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"], qpe_ptr=P["bf16"], cos_ptr=P["f32"],
+        sin_ptr=P["f32"], qo_ptr=P["bf16"], **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh",
+                                                               "o_st", "o_sh", "qpe_st", "qpe_sh", "qo_st", "qo_sh",
+                                                               "cs_st")}), dict(
+        K_ROWS=True, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=True,
+        HALF=32, BLOCK_HALF=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), warps, stages
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1
@@ -249,10 +263,10 @@ ALLOWED_STACK = {"mla decode latent": 256, "mla decode latent wide": 256}
 
 
 def compile_one(fn, sig, const, warps, stages):
-    # constexprs left at their defaults (PDL, SLOTS, PREC...) must still be named for an ASTSource
+    # parameters left at their defaults (constexprs PDL, SLOTS, PREC...; optional pointers None) must still be
+    # named for an ASTSource: as constants
     defaults = {p.name: p.default for p in getattr(fn, "params", ())
-                if p.is_constexpr and p.name not in sig and p.name not in const
-                and p.default is not inspect.Parameter.empty}
+                if p.name not in sig and p.name not in const and p.default is not inspect.Parameter.empty}
     const = dict(defaults, **const)
     hinted = [n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in NOT_DIV16)]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}

@@ -3,7 +3,7 @@
 `install()` wraps each op so that CUDA inputs go to the kernel and anything else to the torch
 reference that was in ops.IMPL before, so one process can still run CPU tensors (tests, tools).
 Idempotent. Ops wired (same signatures as the *_ref functions in shared.model.ops):
-rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, mla_absorb, gqa_kv_write, silu_and_mul,
+rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, mla_prep, mla_absorb, gqa_kv_write, silu_and_mul,
 moe_route, moe_route_align, fused_experts, paged_attention, quant_fp8_per_token, fp8_linear.
 """
 
@@ -29,6 +29,7 @@ def _kernels() -> dict[str, Callable]:
         "add_rms_norm_fp8": rmsnorm.add_rms_norm_fp8,
         "rope": rope.rope,
         "mla_kv_write": mla_kv_write.mla_kv_write,
+        "mla_prep": mla_kv_write.mla_prep,
         "mla_absorb": mla_absorb.mla_absorb,
         "gqa_kv_write": gqa_kv_write.gqa_kv_write,
         "silu_and_mul": act_quant.silu_and_mul,

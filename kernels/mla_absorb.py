@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, next_pow2, pdl_enter, pdl_kw
+from glmserve.kernels.mla_kv_write import rope_heads
 
 
 @triton.jit
@@ -26,9 +27,13 @@ def _mla_absorb_kernel(
     a_st, a_sh, w_sh, w_sr, s_sh, o_st, o_sh,
     K_ROWS: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+    qpe_ptr=None, cos_ptr=None, sin_ptr=None, qo_ptr=None, qpe_st=0, qpe_sh=0, qo_st=0, qo_sh=0, cs_st=0,
+    ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, BLOCK_HALF: tl.constexpr = 2,
+    INTERLEAVED: tl.constexpr = False, REST: tl.constexpr = 0, BLOCK_REST: tl.constexpr = 2,
 ):
     """Program (N block, head, M block): out[rm, head, rn] over all K. a's, W's and out's last dims are
-    contiguous; W tile [BLOCK_K, BLOCK_N] = W[head, rk, rn] (K_ROWS) or W[head, rn, rk]^T."""
+    contiguous; W tile [BLOCK_K, BLOCK_N] = W[head, rk, rn] (K_ROWS) or W[head, rn, rk]^T. ROPE: the N block 0
+    programs also write q_out[rm, head] = rope(q_pe[rm, head]) (mla_kv_write's query RoPE, same bits)."""
     pdl_enter(PDL)
     head = tl.program_id(1).to(tl.int64)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,6 +41,12 @@ def _mla_absorb_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < T
     n_ok = rn < N
+    if ROPE:
+        if tl.program_id(0) == 0:
+            heads = head + tl.zeros([1, 1], dtype=tl.int64)
+            rope_heads(rm.to(tl.int64)[:, None], m_ok[:, None], heads, heads >= 0, qpe_ptr, qo_ptr, cos_ptr,
+                       sin_ptr, qpe_st, qpe_sh, qo_st, qo_sh, cs_st, HALF, BLOCK_HALF, INTERLEAVED, REST,
+                       BLOCK_REST)
     a_p = a_ptr + head * a_sh + rm.to(tl.int64)[:, None] * a_st + rk[None, :]
     if K_ROWS:
         w_p = w_ptr + head * w_sh + rk[:, None] * w_sr + rn[None, :]
@@ -80,10 +91,11 @@ _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
 def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
-               out: torch.Tensor, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+               out: torch.Tensor, rope=None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """shared.model.ops.mla_absorb_ref's signature: a [T, h, K], w [h, R, C] (fp8 with w_scale [h, R] fp32, or
-    a.dtype), out [T, h, N] (any token / head strides) -> out. config: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
-    stages) instead of the table's (bench/decode_sweep.py --only absorb)."""
+    a.dtype), out [T, h, N] (any token / head strides) -> out; rope (q_pe [T, h, R], cos, sin [T, rotary_dim / 2],
+    q_out [T, h, R], rotary_dim, interleaved): q_out = rope(q_pe) in the same launch. config: (BLOCK_M, BLOCK_N,
+    BLOCK_K, warps, stages) instead of the table's (bench/decode_sweep.py --only absorb)."""
     t, heads, k = a.shape
     r, c = w.shape[1:]
     n = c if k_rows else r
@@ -105,5 +117,21 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
         scale.stride(0) if fp8 else 0, out.stride(0), out.stride(1),
         K_ROWS=k_rows, FP8=fp8, UPCAST=INTERPRET, PREC=dot_precision(a.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_kw(a.device, t),
+        **(_rope_args(rope, t, heads) if rope is not None else {}),
     )
     return out
+
+
+def _rope_args(rope, t: int, heads: int) -> dict:
+    """The absorb kernel's RoPE arguments (see mla_absorb)."""
+    q_pe, cos, sin, q_out, rotary_dim, interleaved = rope
+    r, half = q_pe.shape[2], rotary_dim // 2
+    check(q_pe.shape == q_out.shape == (t, heads, r) and 0 < rotary_dim <= r and rotary_dim % 2 == 0,
+          "q_pe / q_out [T, h, R], 0 < rotary_dim <= R even")
+    check(q_pe.stride(2) == 1 and q_out.stride(2) == 1 and q_out.dtype == q_pe.dtype, "q_pe / q_out last dim")
+    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
+          "cos/sin [T, rotary_dim / 2]")
+    return dict(qpe_ptr=q_pe, cos_ptr=cos, sin_ptr=sin, qo_ptr=q_out, qpe_st=q_pe.stride(0), qpe_sh=q_pe.stride(1),
+                qo_st=q_out.stride(0), qo_sh=q_out.stride(1), cs_st=cos.stride(0), ROPE=True, HALF=half,
+                BLOCK_HALF=max(2, next_pow2(half)), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
+                BLOCK_REST=max(2, next_pow2(r - rotary_dim)))

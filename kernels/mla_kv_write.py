@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import check, next_pow2, rope_pair, pdl_enter, pdl_kw
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, new_out, next_pow2, pdl_enter, pdl_kw, rope_pair
+from glmserve.kernels.rmsnorm import norm_row
 
 
 @triton.jit
@@ -30,15 +31,11 @@ def _rope_pair(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _mla_kv_write_kernel(
-    ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, q_ptr, qo_ptr,
-    ckv_st, cs_st, cache_ss, q_st, q_sh, qo_st, qo_sh, num_heads, eps,
-    L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
+def _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+            L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+            INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """Token t's cache entry [rms_norm(ckv[t, :L]) * w | rope(ckv[t, L:])] at its slot -> (cos, sin [BLOCK_HALF]
+    fp32 of t, the dtype's zero) for the query's RoPE."""
     row = ckv_ptr + t * ckv_st
     dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * cache_ss
     # latent: RMSNorm with HF's rounding (normalised value cast to the input dtype before the weight)
@@ -58,21 +55,75 @@ def _mla_kv_write_kernel(
     k1, k2 = _rope_pair(row + L, i, im, HALF, INTERLEAVED)
     tl.store(dst + L + i, (k1 * c - k2 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=im)
     tl.store(dst + L + HALF + i, (k2 * c + k1 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=im)
-    # q_pe of every head: [BLOCK_H, BLOCK_HALF]
-    h = tl.arange(0, BLOCK_H)
-    qm = (h[:, None] < num_heads) & im[None, :]
-    q1, q2 = _rope_pair(q_ptr + t * q_st + h[:, None] * q_sh, i[None, :], qm, HALF, INTERLEAVED)
-    out = qo_ptr + t * qo_st + h[:, None] * qo_sh + i[None, :]
-    tl.store(out, (q1 * c[None, :] - q2 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=qm)
-    tl.store(out + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=qm)
     if REST > 0:  # the R - rotary_dim pass-through dims, after the rotated ones
         r = tl.arange(0, BLOCK_REST)
         rm = r < REST
         tl.store(dst + L + 2 * HALF + r, tl.load(row + L + 2 * HALF + r, mask=rm).to(cache_ptr.dtype.element_ty),
                  mask=rm)
-        qrm = (h[:, None] < num_heads) & rm[None, :]
-        tail = tl.load(q_ptr + t * q_st + h[:, None] * q_sh + 2 * HALF + r[None, :], mask=qrm)
-        tl.store(qo_ptr + t * qo_st + h[:, None] * qo_sh + 2 * HALF + r[None, :], tail, mask=qrm)
+
+
+@triton.jit
+def rope_heads(rows, row_ok, heads, head_ok, q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh, cs_st,
+               HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, REST: tl.constexpr,
+               BLOCK_REST: tl.constexpr):
+    """q_out[t, h, :] = rope(q_pe[t, h, :]) for the tokens `rows` x heads `heads` given as a [BLOCK_T, BLOCK_H]
+    grid (one of the two dims of size 1), written de-interleaved, fp32 math and one rounding (the rest copied).
+    Shared by mla_kv_write and the W_UK absorb launch (kernels/mla_absorb.py), so both give the same bits."""
+    i = tl.arange(0, BLOCK_HALF)
+    im = i < HALF
+    ok = (row_ok & head_ok)[:, :, None]
+    cs = cs_st * rows[:, :, None] + i[None, None, :]
+    c = tl.load(cos_ptr + cs, mask=ok & im[None, None, :], other=0.0)
+    s = tl.load(sin_ptr + cs, mask=ok & im[None, None, :], other=0.0)
+    base = q_ptr + rows[:, :, None] * q_st + heads[:, :, None] * q_sh
+    qm = ok & im[None, None, :]
+    q1, q2 = _rope_pair(base, i[None, None, :], qm, HALF, INTERLEAVED)
+    out = qo_ptr + rows[:, :, None] * qo_st + heads[:, :, None] * qo_sh + i[None, None, :]
+    tl.store(out, (q1 * c - q2 * s).to(qo_ptr.dtype.element_ty), mask=qm)
+    tl.store(out + HALF, (q2 * c + q1 * s).to(qo_ptr.dtype.element_ty), mask=qm)
+    if REST > 0:
+        r = tl.arange(0, BLOCK_REST)
+        qrm = ok & (r < REST)[None, None, :]
+        tail = tl.load(base + 2 * HALF + r[None, None, :], mask=qrm)
+        tl.store(qo_ptr + rows[:, :, None] * qo_st + heads[:, :, None] * qo_sh + 2 * HALF + r[None, None, :], tail,
+                 mask=qrm)
+
+
+@triton.jit
+def _mla_kv_write_kernel(
+    ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, q_ptr, qo_ptr,
+    ckv_st, cs_st, cache_ss, q_st, q_sh, qo_st, qo_sh, num_heads, eps,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+            L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+    h = tl.arange(0, BLOCK_H)[None, :]  # q_pe of every head: a [1, BLOCK_H] grid of (token t, head h)
+    rows = t + tl.zeros([1, BLOCK_H], dtype=tl.int64)
+    rope_heads(rows, rows >= 0, h, h < num_heads, q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh, cs_st,
+               HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+
+
+@triton.jit
+def _mla_prep_kernel(
+    ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, qa_ptr, qaw_ptr, qay_ptr, qaq_ptr, qas_ptr,
+    ckv_st, cs_st, cache_ss, qa_st, qay_st, qaq_st, QA, eps, qa_eps,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_QA: tl.constexpr,
+    QUANT: tl.constexpr, PRE_ROUND: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """One program per token: its cache entry (as _mla_kv_write_kernel) and q_a's RMSNorm (+ FP8 form) row."""
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+            L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+    cols = tl.arange(0, BLOCK_QA)
+    mask = cols < QA
+    x = tl.load(qa_ptr + t * qa_st + cols, mask=mask, other=0.0)
+    norm_row(x, t, cols, mask, qaw_ptr, qay_ptr, qaq_ptr, qas_ptr, qay_st, qaq_st, QA, qa_eps, QUANT, PRE_ROUND)
 
 
 def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -100,3 +151,36 @@ def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: 
         BLOCK_H=next_pow2(q_pe.shape[1]), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
         BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4, **pdl_kw(ckv.device, t),
     )
+
+
+def mla_prep(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ckv: torch.Tensor,
+             norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+             slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool, quant: bool):
+    """shared.model.ops.mla_prep_ref's signature and effect: the cache write of mla_kv_write (no query RoPE) and
+    q_a's RMSNorm in one launch -> (rms_norm(q_a) [T, Lq], its per-token FP8 form (q, scale) when quant, else
+    None). q_a [T, Lq] and ckv [T, L + R]: rows of the fused q_a / kv_a GEMM output (any row stride)."""
+    t, lq = q_a.shape
+    lora = norm_weight.shape[0]
+    r = ckv.shape[1] - lora
+    check(ckv.dim() == 2 and ckv.stride(1) == 1 and 0 < rotary_dim <= r and rotary_dim % 2 == 0,
+          "ckv must be [T, L + R] rows, 0 < rotary_dim <= R even")
+    check(q_a.stride(1) == 1 and ckv.shape[0] == t and q_a_weight.shape == (lq,) and q_a_weight.is_contiguous(),
+          "q_a must be [T, Lq] rows with a [Lq] weight")
+    check(torch.promote_types(ckv.dtype, norm_weight.dtype) == ckv.dtype, "norm weight wider than ckv")
+    check(cache.dim() == 3 and cache.shape[1:] == (1, lora + r) and cache.stride(2) == 1, "cache [slots, 1, L + R]")
+    check(slot_mapping.shape == (t,), "one slot a token")
+    half = rotary_dim // 2
+    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
+          "cos/sin [T, rotary_dim / 2]")
+    y = new_out((t, lq), torch.promote_types(q_a.dtype, q_a_weight.dtype), q_a.device)
+    q = new_out((t, lq), FP8_DTYPE, q_a.device) if quant else y
+    qs = new_out((t, 1), torch.float32, q_a.device) if quant else y
+    if t:
+        _mla_prep_kernel[(t,)](
+            ckv, norm_weight, cos, sin, cache, slot_mapping, q_a, q_a_weight, y, q, qs,
+            ckv.stride(0), cos.stride(0), cache.stride(0), q_a.stride(0), y.stride(0), q.stride(0), lq, float(eps),
+            float(q_a_eps), L=lora, BLOCK_L=next_pow2(lora), HALF=half, BLOCK_HALF=max(2, next_pow2(half)),
+            INTERLEAVED=bool(interleaved), REST=r - rotary_dim, BLOCK_REST=max(2, next_pow2(r - rotary_dim)),
+            BLOCK_QA=next_pow2(lq), QUANT=quant, PRE_ROUND=INTERPRET, num_warps=4, **pdl_kw(ckv.device, t),
+        )
+    return y, ((q, qs) if quant else None)

@@ -54,6 +54,15 @@ def _rms_norm_kernel(
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounds like torch's x + residual
         tl.store(s_ptr + row * s_stride + cols, x, mask=mask)
+    norm_row(x, row, cols, mask, w_ptr, y_ptr, q_ptr, qs_ptr, y_stride, q_stride, D, eps, QUANT, PRE_ROUND)
+
+
+@triton.jit
+def norm_row(x, row, cols, mask, w_ptr, y_ptr, q_ptr, qs_ptr, y_stride, q_stride, D, eps,
+             QUANT: tl.constexpr, PRE_ROUND: tl.constexpr):
+    """Row `row` of RMSNorm's output from its loaded values x [BLOCK_D] (cols, mask): y stored, and with QUANT
+    its per-token FP8 form (q, scale) from the same registers. Shared by every kernel that normalises a row
+    (here, kernels/mla_kv_write.py's prep), so they all give rms_norm(_fp8)'s bits."""
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)  # cast back before the weight, as HF does

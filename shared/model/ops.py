@@ -89,15 +89,35 @@ def mla_kv_write_ref(
     rope_ref(q_pe, cos, sin, rotary_dim, interleaved, out=q_out)
 
 
+def mla_prep_ref(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ckv: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool, quant: bool):
+    """MLA's work between the fused q_a / kv_a GEMM and q_b_proj (one kernel on CUDA, kernels/mla_kv_write.py):
+    mla_kv_write_ref's cache write (not the query RoPE: mla_absorb's rope does that) and q_a's RMSNorm ->
+    (rms_norm(q_a) [T, Lq], its per-token FP8 form or None: see rms_norm_fp8_ref; quant asks the kernel
+    for it). q_a [T, Lq], ckv [T, L + R]."""
+    lora, t = norm_weight.shape[0], ckv.shape[0]
+    kv_new = torch.empty(t, ckv.shape[1], device=ckv.device, dtype=torch.promote_types(ckv.dtype, norm_weight.dtype))
+    rms_norm_ref(ckv[:, :lora], norm_weight, eps, out=kv_new[:, :lora])
+    rope_ref(ckv[:, None, lora:], cos, sin, rotary_dim, interleaved, out=kv_new[:, None, lora:])
+    cache.index_copy_(0, slot_mapping, kv_new[:, None].to(cache.dtype))
+    return rms_norm_ref(q_a, q_a_weight, q_a_eps), None
+
+
 def mla_absorb_ref(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
-                   out: torch.Tensor) -> torch.Tensor:
+                   out: torch.Tensor, rope=None) -> torch.Tensor:
     """MLA's absorbed up-projections (one kernel on CUDA, kernels/mla_absorb.py): per head h,
     out[:, h] = a[:, h] @ Wd[h] (k_rows: W_UK, K = W's rows) or a[:, h] @ Wd[h]^T (W_UV, K = W's columns).
     a [T, h, K]; w [h, R, C] (a view of kv_b_proj's weight rows), fp8 with per-row scales w_scale [h, R]
-    (dequantized as Wd = (float(w) * s).to(a.dtype)) or a.dtype with None; out [T, h, N], any strides -> out."""
+    (dequantized as Wd = (float(w) * s).to(a.dtype)) or a.dtype with None; out [T, h, N], any strides -> out.
+    rope (q_pe [T, h, R], cos, sin, q_out [T, h, R], rotary_dim, interleaved): also q_out = rope(q_pe) (the
+    query RoPE mla_prep leaves out; the W_UK launch does it on CUDA)."""
     wd = w if w_scale is None else w.float() * w_scale.float()[..., None]
     wd = wd.to(a.dtype)
     torch.bmm(a.transpose(0, 1), wd if k_rows else wd.transpose(1, 2), out=out.transpose(0, 1))
+    if rope is not None:
+        q_pe, cos, sin, q_out, rotary_dim, interleaved = rope
+        rope_ref(q_pe, cos, sin, rotary_dim, interleaved, out=q_out)
     return out
 
 
@@ -272,6 +292,7 @@ IMPL: dict[str, Callable] = {
     "add_rms_norm": add_rms_norm_ref,
     "rope": rope_ref,
     "mla_kv_write": mla_kv_write_ref,
+    "mla_prep": mla_prep_ref,
     "mla_absorb": mla_absorb_ref,
     "gqa_kv_write": gqa_kv_write_ref,
     "silu_and_mul": silu_and_mul_ref,
@@ -318,8 +339,14 @@ def mla_kv_write(ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_o
                                 interleaved)
 
 
-def mla_absorb(a, w, w_scale, k_rows, out):
-    return IMPL["mla_absorb"](a, w, w_scale, k_rows, out)
+def mla_prep(q_a, q_a_weight, q_a_eps, ckv, norm_weight, eps, cos, sin, cache, slot_mapping, rotary_dim, interleaved,
+             quant):
+    return IMPL["mla_prep"](q_a, q_a_weight, q_a_eps, ckv, norm_weight, eps, cos, sin, cache, slot_mapping,
+                            rotary_dim, interleaved, quant)
+
+
+def mla_absorb(a, w, w_scale, k_rows, out, rope=None):
+    return IMPL["mla_absorb"](a, w, w_scale, k_rows, out, rope)
 
 
 def gqa_kv_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, rotary_dim, interleaved, k_cache, v_cache,

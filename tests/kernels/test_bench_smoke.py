@@ -32,5 +32,5 @@ def test_ab_step_switches_name_real_kernel_settings():
     from bench.ab_step import SWITCHES
 
     for module, attr, on, off in SWITCHES.values():
-        value = getattr(importlib.import_module(f"glmserve.kernels.{module}"), attr)
+        value = getattr(importlib.import_module(module), attr)
         assert type(value) is type(on) is type(off)

@@ -72,3 +72,32 @@ def test_fp8_scales_are_applied_per_weight_row():
     q[:, 0, 2] = 1.0  # only the zero-scaled row contributes
     out = mla_absorb(q, w_uk, s_uk, True, torch.empty(t, h, lora, device=DEV))
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("t", [1, 20])  # 20: two M blocks of the CPU config's 16
+@pytest.mark.parametrize("interleaved,rotary_dim", [(True, 8), (False, 4)])
+def test_w_uk_launch_ropes_q_pe_as_mla_kv_write(t, interleaved, rotary_dim):
+    """mla_absorb's rope (the W_UK launch also writes q_out = rope(q_pe), the job mla_prep leaves out): the same
+    bits as mla_kv_write's query RoPE, written into the query buffer's last R dims; the product unchanged."""
+    from glmserve.kernels.mla_kv_write import mla_kv_write
+
+    h, nope, rope, v, lora, dtype = 3, 24, 8, 20, 40, torch.bfloat16
+    (w_uk, s_uk), _ = _kv_b(h, nope, v, lora, True, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(t, h, nope + rope, generator=g).to(DEV, dtype)
+    pos = torch.randint(0, 100, (t,), generator=g).float()
+    inv = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    freqs = (pos[:, None] * inv[None, :]).to(DEV)
+    cos, sin = freqs.cos(), freqs.sin()
+    query_ht = torch.full((h, t, lora + rope), 7.0, device=DEV, dtype=dtype)
+    query = query_ht.transpose(0, 1)
+    mla_absorb(q[..., :nope], w_uk, s_uk, True, query[..., :lora],
+               (q[..., nope:], cos, sin, query[..., lora:], rotary_dim, interleaved))
+    plain = mla_absorb(q[..., :nope], w_uk, s_uk, True, torch.empty(t, h, lora, device=DEV, dtype=dtype))
+    assert torch.equal(query[..., :lora], plain)
+    want = torch.zeros(t, h, rope, device=DEV, dtype=dtype)
+    ckv = torch.randn(t, lora + rope, device=DEV, dtype=dtype)
+    cache = torch.zeros(t, 1, lora + rope, device=DEV, dtype=dtype)
+    mla_kv_write(ckv, torch.ones(lora, device=DEV, dtype=dtype), 1e-6, cos, sin, cache,
+                 torch.arange(t, device=DEV), q[..., nope:], want, rotary_dim, interleaved)
+    assert torch.equal(query[..., lora:], want)

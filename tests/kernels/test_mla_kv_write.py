@@ -51,3 +51,33 @@ def test_rejects_bad_cos_sin():
     cache = torch.zeros(12, 1, 24, device=DEV)
     with pytest.raises(ValueError, match="cos/sin"):
         mla_kv_write(ckv, w, 1e-6, cos[:, :2], sin[:, :2], cache, slots, q_pe, q_pe.clone(), 8, True)
+
+
+@pytest.mark.parametrize("quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prep_equals_norm_then_kv_write(quant, dtype):
+    """mla_prep (q_a's RMSNorm + the cache write in one launch) gives the bits of rms_norm(_fp8) on q_a and of
+    mla_kv_write's cache entries, and leaves q_pe alone (its RoPE is the W_UK launch's, tests/kernels/
+    test_mla_absorb.py)."""
+    from glmserve.kernels.mla_kv_write import mla_prep
+    from glmserve.kernels.rmsnorm import rms_norm, rms_norm_fp8
+
+    t, h, lora, rot, lq = 5, 3, 40, 8, 24
+    ckv, w, cos, sin, q_pe, slots = _inputs(t, h, lora, rot, dtype, seed=4)
+    g = torch.Generator().manual_seed(5)
+    q_a = torch.randn(t, lq + 9, generator=g).to(DEV, dtype)[:, 9:]  # a column slice, as the fused GEMM's rows
+    qa_w = (1 + 0.1 * torch.randn(lq, generator=g)).to(DEV, dtype)
+    cache, cache_ref = (torch.full((3 * t, 1, lora + rot), 7.0, device=DEV, dtype=dtype) for _ in range(2))
+    y, y_fp8 = mla_prep(q_a, qa_w, 1e-6, ckv, w, 1e-6, cos, sin, cache, slots, rot, True, quant)
+    q_out = torch.zeros_like(q_pe)
+    mla_kv_write(ckv, w, 1e-6, cos, sin, cache_ref, slots, q_pe, q_out, rot, True)
+    assert torch.equal(cache, cache_ref)
+    if quant:
+        y_ref, (q_ref, s_ref) = rms_norm_fp8(q_a, qa_w, 1e-6)
+        assert torch.equal(y_fp8[0].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(y_fp8[1], s_ref)
+    else:
+        y_ref = rms_norm(q_a, qa_w, 1e-6)
+        assert y_fp8 is None
+    assert torch.equal(y, y_ref)
+    want, _ = ops.mla_prep_ref(q_a, qa_w, 1e-6, ckv, w, 1e-6, cos, sin, cache_ref, slots, rot, True, quant)
+    torch.testing.assert_close(y.float(), want.float(), **(BF16_TOL if dtype == torch.bfloat16 else {}))

@@ -29,6 +29,10 @@ from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
 LORA_NORM_EPS = 1e-6  # HF Glm4MoeLiteRMSNorm default, used for q_a_layernorm / kv_a_layernorm
 EXPAND_MIN_Q = 16  # a PREFILL batch whose longest query has this many tokens runs the expanded form
+# Absorbed form with q_lora: q_a's RMSNorm and the cache write in one launch (ops.mla_prep), the query RoPE in
+# the W_UK launch (ops.mla_absorb's rope), one launch a layer fewer than rms_norm + mla_kv_write. False: those
+# two (the A/B: bench/ab_step.py --switch mla_prep).
+PREP_FUSED = True
 
 
 class MLAAttention(nn.Module):
@@ -79,35 +83,47 @@ class MLAAttention(nn.Module):
         """x [T, H] (x_fp8: its per-token FP8 form, from a fused norm) -> [T, H]; writes [latent | k_pe] of
         the batch tokens into cache layer `cache_layer`."""
         t = x.shape[0]
-        q, ckv = self._project(x, x_fp8)
-        q = q.view(t, self.num_heads, self.nope + self.rope_dim)
         cache = kv_cache.flat_layer(cache_layer)[0]  # [num_slots, 1, L + R]
         page_size = kv_cache.layout.page_size
         expanded = batch.mode is ForwardMode.PREFILL and max(batch.query_lens_cpu, default=0) >= EXPAND_MIN_Q
         # the roped q_pe's destination: its own [T, h, R] (expanded) or the last R dims of the absorbed
         # form's [h, T, L + R] query buffer (the attention kernels take any token / head strides)
-        query_ht = None if expanded else torch.empty(self.num_heads, t, self.lora + self.rope_dim, dtype=q.dtype,
-                                                     device=q.device)
-        q_pe = (torch.empty(t, self.num_heads, self.rope_dim, dtype=q.dtype, device=q.device) if expanded
+        query_ht = None if expanded else torch.empty(self.num_heads, t, self.lora + self.rope_dim, dtype=x.dtype,
+                                                     device=x.device)
+        q_pe = (torch.empty(t, self.num_heads, self.rope_dim, dtype=x.dtype, device=x.device) if expanded
                 else query_ht.transpose(0, 1)[..., self.lora :])
-        # one op: the batch tokens' cache entries [normed latent | roped k_pe] written at their slots, q_pe roped
-        ops.mla_kv_write(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, *cos_sin, cache,
-                         batch.slot_mapping, q[..., self.nope :], q_pe, self.rope.rotary_dim, self.rope.interleaved)
+        rope = (self.rope.rotary_dim, self.rope.interleaved)
+        kv_norm = (self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
+        q_rope = None  # the absorbed path's query RoPE, when the W_UK launch does it
+        if self.q_lora and not expanded and PREP_FUSED:
+            # one launch for q_a's norm and the cache write (q_pe's RoPE then rides on the W_UK launch)
+            q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x, x_fp8))
+            q_a, q_a_fp8 = ops.mla_prep(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps, ckv, *kv_norm,
+                                        *cos_sin, cache, batch.slot_mapping, *rope, self.q_b_proj.fp8)
+            q = self.q_b_proj(q_a, q_a_fp8).view(t, self.num_heads, self.nope + self.rope_dim)
+            q_rope = (q[..., self.nope :], *cos_sin, q_pe, *rope)
+        else:
+            q, ckv = self._project(x, x_fp8)
+            q = q.view(t, self.num_heads, self.nope + self.rope_dim)
+            # one op: the batch tokens' cache entries [normed latent | roped k_pe] written at their slots, q_pe
+            # roped
+            ops.mla_kv_write(ckv, *kv_norm, *cos_sin, cache, batch.slot_mapping, q[..., self.nope :], q_pe, *rope)
         if expanded:
             o = self._expanded(q[..., : self.nope], q_pe, cache, batch, page_size).reshape(t, -1)
         else:
-            o = self._absorbed(q, query_ht, cache, batch, page_size)
+            o = self._absorbed(q, query_ht, cache, batch, page_size, q_rope)
         return self.o_proj(o.to(x.dtype))
 
-    def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int) -> torch.Tensor:
-        """q [T, h, nope + R] (before RoPE), query_ht [h, T, L + R] (its last R dims: the roped q_pe),
-        cache [num_slots, 1, L + R] -> o [T, h * v], o_proj's input. No concatenation or reshape copies:
-        W_UK's product is written into the query's first L dims; W_UV's product lands in a [T, h * v]
-        buffer through its [T, h, v] view. Same values as einsum + cat + reshape (tests/models: HF parity)."""
+    def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int, q_rope=None) -> torch.Tensor:
+        """q [T, h, nope + R] (before RoPE), query_ht [h, T, L + R] (its last R dims: the roped q_pe, or, with
+        q_rope, where the W_UK launch writes it: see ops.mla_absorb), cache [num_slots, 1, L + R] -> o [T, h * v],
+        o_proj's input. No concatenation or reshape copies: W_UK's product is written into the query's first L
+        dims; W_UV's product lands in a [T, h * v] buffer through its [T, h, v] view. Same values as einsum +
+        cat + reshape (tests/models: HF parity)."""
         w_uk, w_uv, s_uk, s_uv = self._up_weights()
         t, h, dtype = q.shape[0], self.num_heads, q.dtype
         query = query_ht.transpose(0, 1)  # [T, h, L + R]
-        ops.mla_absorb(q[..., : self.nope], w_uk, s_uk, True, query[..., : self.lora])
+        ops.mla_absorb(q[..., : self.nope], w_uk, s_uk, True, query[..., : self.lora], q_rope)
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
         o = torch.empty(t, h * self.v_dim, dtype=dtype, device=q.device)
         ops.mla_absorb(o_lat.to(dtype), w_uv, s_uv, False, o.view(t, h, self.v_dim))
