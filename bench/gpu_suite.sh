@@ -41,6 +41,8 @@
 #                                    # vs the run-30/31 paths off at B 1-256, in-process A/Bs of two run-30 paths
 #   bash bench/gpu_suite.sh h100p    # ONE H100 call: MLA prep fusion and PDL_LATE tests and in-process A/Bs, the
 #                                    # FP8 step's per-kernel profile at B 1 and 256
+#   bash bench/gpu_suite.sh h100q    # ONE H100 call: route+align / inline split-K with unrolled partial loads
+#                                    # (tests, in-process A/Bs), then the FP8 and bf16 step tables, every default
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -524,6 +526,24 @@ case "${1:-models}" in
     step profile_fp8 "$(left 90)" $PY -m bench.profile_step --batches 1,256 --profile_batches 1,256 --ctx 640 \
       --quantization fp8
     merge_steps tests.txt kernel_tests pdl_late_tests
+    ;;
+  h100q)  # ONE H100 call (~5 min): route+align with the last program's loads unrolled and its select on T rows,
+    # inline split-K with its loads unrolled: GPU tests, in-process A/Bs at B 1 / 4 / 16 and 1 / 16; then the
+    # FP8 and bf16 step tables at B 1 / 64 / 128 / 256 with every default
+    end=$((SECONDS + ${H100_BUDGET_S:-330}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 90)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_moe_route.py tests/kernels/test_fp8_gemm.py \
+      tests/kernels/test_fused_moe.py tests/models/test_decode_graphs.py \
+      -k "route_align or router or alignment or split_k or fused_moe or per_channel or graph"
+    ab() { local name=$1; shift; step "$name" "$(left 70)" $PY -m bench.ab_step --ctx 640 --quantization fp8 "$@"; }
+    ab ab_route_align --switch route_align --batches 1,4,16 --rounds 3
+    ab ab_splitk_inline --switch splitk_inline --batches 1,16 --rounds 3
+    prof() { local name=$1; shift; step "$name" "$(left 60)" $PY -m bench.profile_step --batches 1,64,128,256 \
+      --no_profile --ctx 640 "$@"; }
+    prof profile_fp8 --quantization fp8
+    prof profile_bf16
+    merge_steps ab.txt ab_route_align ab_splitk_inline
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

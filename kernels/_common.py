@@ -86,7 +86,9 @@ PDL_MAX_ROWS = 32
 # trigger the next launch early (pdl_enter only waits): the next kernel's launch begins as this grid's last
 # programs exit (the implicit trigger) instead of after the grid completes and its writes are flushed, and no
 # waiting program of the next kernel takes an SM slot from a running wave (run 27's loss with the early
-# trigger). Pending its A/B (bench/ab_step.py --switch pdl_late at B 64-256); GLMSERVE_PDL_LATE=1 turns it on.
+# trigger). Measured no gain, so off: H100 run 32 (bench/ab_step.py --switch pdl_late, FP8 GLM-4.7-Flash step,
+# median graph ms on / off) B 64 15.11 / 15.14, B 128 16.21 / 16.13, B 256 19.34 / 19.36, logits bit-equal.
+# GLMSERVE_PDL_LATE=1 turns it on.
 PDL_LATE = os.environ.get("GLMSERVE_PDL_LATE", "0") == "1"
 
 

@@ -153,12 +153,12 @@ def _small_kernels():
             BLOCK_K=bk, K_PAD=16 if k == 8 else 8, UPCAST=False, PDL=True), moe_route.GEMM_ROUTE_WARPS, 3
     route_align_args = dict(gemm_route_args, part_ptr=P["f32"], cnt_ptr=P["i32"], pairs_ptr=P["i32"],
                             block_expert_ptr=P["i32"], cap=i32, k_blocks_per_split=i32)
-    for e, k, bk, splits in ((64, 4, 128, 16), (160, 8, 32, 32)):  # GLM-4.7-Flash (H 2048), GLM-4.5 (H 5120)
-        yield f"moe_route_align E{e} k{k} + shared slot arrival pdl", moe_route_align._route_align_kernel, \
+    for e, k, bk, splits, sel_t in ((64, 4, 128, 16, 1), (64, 4, 128, 16, 16), (160, 8, 32, 32, 4)):
+        yield f"moe_route_align E{e} k{k} T<={sel_t} + shared slot arrival pdl", moe_route_align._route_align_kernel, \
             route_align_args, dict(
                 TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16, BLOCK_E=triton.next_power_of_2(e),
                 BLOCK_K=bk, K_PAD=16 if k == 8 else 8, SPLITS=splits, BLOCK_S=triton.next_power_of_2(e + 1),
-                BLOCK_M=16, FILL=moe_route_align.FILL, UPCAST=False, PDL=True), 4, 1
+                BLOCK_M=16, FILL=moe_route_align.FILL, UPCAST=False, SEL_T=sel_t, PDL=True), 4, 1
     absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows in (True, False) for fp8 in (True, False)]
     absorb += [(k_rows, True, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (True, False)]
     for k_rows, fp8, size, table in absorb:

@@ -88,7 +88,9 @@ def _fp8_gemm_kernel(
         if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") < SPLIT_K - 1:
             return  # not the last of the tile's splits
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in range(SPLIT_K):  # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
+        # unrolled, so the SPLIT_K loads are issued together rather than one L2 round trip after another;
+        # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
+        for s in tl.static_range(SPLIT_K):
             acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (CUDA graph replays reuse the counters)
     if not BLOCK_SCALED:

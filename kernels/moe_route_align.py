@@ -39,7 +39,8 @@ def _route_align_kernel(
     T, E, H, x_st, scaling, cap, k_blocks_per_split,
     TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, SEL_T: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """part: [SPLITS, T, E] fp32 workspace; cnt: one int32, 0 between launches. BLOCK_S >= E + SHARED (the
     slots aligned: the shared expert is slot E)."""
@@ -67,22 +68,27 @@ def _route_align_kernel(
     tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
     if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") < SPLITS - 1:
         return  # not the last program
-    logit = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for s in range(SPLITS):
+    # the last program: SEL_T (>= T) token rows from here on, not tl.dot's 16 (batch 1: one row's reductions)
+    rt = tl.arange(0, SEL_T)
+    row_ok = rt < T
+    tile_p = part_ptr + rt[:, None] * E + e[None, :]
+    tile_ok = row_ok[:, None] & (e < E)[None, :]
+    logit = tl.zeros([SEL_T, BLOCK_E], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):  # unrolled: the loads go out together, summed in split order
         logit += tl.load(tile_p + s * T * E, mask=tile_ok, other=0.0, cache_modifier=".cg")
     tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (CUDA graph replays reuse the counter)
     _, ids = _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP,
-                     NORM, BLOCK_T, BLOCK_E, K_PAD)
+                     NORM, SEL_T, BLOCK_E, K_PAD)
 
-    # align: pair p = t * OUT_K + j; key = expert * 4096 + p (p < BLOCK_T * K_PAD <= 4096), ascending = pairs
+    # align: pair p = t * OUT_K + j; key = expert * 4096 + p (p < SEL_T * K_PAD <= 4096), ascending = pairs
     # grouped by expert, in pair order within one (moe_align's stable sort)
     OUT_K: tl.constexpr = TOP_K + SHARED
     num_pairs = T * OUT_K
     slots = tl.arange(0, K_PAD)[None, :]
-    pair = rt[:, None] * OUT_K + slots  # [BLOCK_T, K_PAD]
+    pair = rt[:, None] * OUT_K + slots  # [SEL_T, K_PAD]
     valid = row_ok[:, None] & (slots < OUT_K)
     key = tl.where(valid, ids.to(tl.int32) * 4096 + pair, 2147483647)
-    key = tl.sort(tl.reshape(key, [BLOCK_T * K_PAD]))
+    key = tl.sort(tl.reshape(key, [SEL_T * K_PAD]))
     ok = key < 2147483647
     expert = tl.where(ok, key // 4096, 0)
     counts = tl.histogram(expert, BLOCK_S, mask=ok)  # [BLOCK_S] pairs of each slot
@@ -90,7 +96,7 @@ def _route_align_kernel(
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded  # first row of each expert's run
     pad_before = starts - (tl.cumsum(counts, axis=0) - counts)  # padding rows of the runs before this expert's
-    rows = tl.arange(0, BLOCK_T * K_PAD) + tl.gather(pad_before, expert, axis=0)  # sorted position + padding
+    rows = tl.arange(0, SEL_T * K_PAD) + tl.gather(pad_before, expert, axis=0)  # sorted position + padding
     offs = tl.arange(0, FILL)
     for start in range(0, cap, FILL):  # every row the sentinel, every block no expert; then the real ones
         tl.store(pairs_ptr + start + offs, num_pairs, mask=start + offs < cap)
@@ -140,6 +146,6 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
         t, num_experts, h, x.stride(0), float(scaling), cap, per_split,
         TOP_K=top_k, SHARED=int(shared_slot), N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob),
         BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, K_PAD=next_pow2(out_k), SPLITS=splits,
-        BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, num_warps=4,
+        BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, SEL_T=next_pow2(t), num_warps=4,
         **pdl_kw(x.device, t))
     return weights, ids, (pairs, block_expert, block_m)

@@ -41,12 +41,16 @@ def test_fused_experts_dense_dtypes(t, dtype):
 
 
 def test_fused_experts_fp8_per_channel():
+    """Activations are fp8-quantized in the kernel (x, then the SiLU-mul output), not in the reference: e4m3
+    rounds each value by up to 1/16 of itself. Over 30 seeds on CPU the error was 0.041 on average, 0.055 at
+    most; unseeded it once reached 0.064 on an H100 (run 32), so the inputs are seeded and the bound is 0.08."""
+    torch.manual_seed(0)
     x, w13, w2, weights, ids = _inputs(7, 48, 20, 5, 2, torch.float32)
     q13, q2, s13, s2 = _fp8(w13, w2)
     out = fused_experts(x, q13, q2, weights, ids, s13, s2)
     ref = fused_experts_ref(x, q13, q2, weights, ids, s13, s2)
     rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < 0.06, rel  # activations are fp8-quantized in the kernel, not in the reference
+    assert rel < 0.08, rel
 
 
 @pytest.mark.parametrize("silu_in_gemm", [False, True])

@@ -30,9 +30,12 @@ from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 LORA_NORM_EPS = 1e-6  # HF Glm4MoeLiteRMSNorm default, used for q_a_layernorm / kv_a_layernorm
 EXPAND_MIN_Q = 16  # a PREFILL batch whose longest query has this many tokens runs the expanded form
 # Absorbed form with q_lora: q_a's RMSNorm and the cache write in one launch (ops.mla_prep), the query RoPE in
-# the W_UK launch (ops.mla_absorb's rope), one launch a layer fewer than rms_norm + mla_kv_write. False: those
-# two (the A/B: bench/ab_step.py --switch mla_prep).
-PREP_FUSED = True
+# the W_UK launch (ops.mla_absorb's rope), one launch a layer fewer than rms_norm + mla_kv_write. Measured
+# slower, so off: H100 run 32 (bench/ab_step.py --switch mla_prep, FP8 GLM-4.7-Flash step, graph ms on / off,
+# rounds alternated) B 1 3.92-4.15 / 3.87-3.90, B 64 15.01-15.18 / 14.92-15.15, B 256 19.30-19.53 / 19.02-19.04:
+# the W_UK launch's N-block-0 programs rope before their GEMM and the whole launch waits on them (absorb 0.95 ->
+# 1.09 ms a step at B 256). False: rms_norm(_fp8) + mla_kv_write (the reference path).
+PREP_FUSED = False
 
 
 class MLAAttention(nn.Module):
