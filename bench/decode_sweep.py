@@ -155,12 +155,16 @@ def sweep_gemm(bw: float, ms: tuple[int, ...] = GEMM_MS, shapes: int = len(GEMM_
 DENSE_MS = (1, 64, 128, 256)
 # TMA kernel tiles for mid M beside its table's (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 DENSE_TMA_EXTRA = ((64, 128, 256, 8, 4, 3), (128, 64, 256, 8, 4, 3), (64, 64, 256, 8, 4, 4), (128, 128, 128, 8, 8, 4))
+# Pointer-kernel configs for M <= 16 (batch 1 runs these GEMMs at ~0.33 of HBM, H100 run 32): N block, K block and
+# split-K, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, split_k)
+DENSE_SMALL_VARIANTS = tuple((16, bn, bk, 1, 4, 4, split) for bn in (32, 64) for bk in (128, 256)
+                             for split in (1, 2, 4, 8))
 
 
 def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     """The per-channel W8A8 GEMMs the FP8 decode step runs (GEMM_SHAPES' three attention GEMMs: the shared
-    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), and for
-    M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
+    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), for M <= 16
+    the pointer kernel at DENSE_SMALL_VARIANTS' configs, and for M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
     rule takes only above M 512) at its table's configs."""
     from glmserve.kernels import fp8_gemm as fp8_gemm_mod
     from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma
@@ -175,6 +179,8 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
             nbytes = n_out * k + m * k + 2 * m * n_out
             ref = fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16)
             variants = [("rule", None, None), ("scaled_mm", None, None)]
+            if m <= 16:
+                variants += [("%dx%dx%d g%d w%d s%d splitk%d" % v, v[:6], v[6]) for v in DENSE_SMALL_VARIANTS]
             if m > 64:
                 variants += [("%dx%dx%d g%d w%d s%d splitk%d" % v, v[:6], v[6]) for v in GEMM_VARIANTS if v]
                 tma = [c for name, c in fp8_gemm_mod.TMA_CONFIGS.items() if name != "fast"] + list(DENSE_TMA_EXTRA)

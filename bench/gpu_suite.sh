@@ -43,6 +43,7 @@
 #                                    # FP8 step's per-kernel profile at B 1 and 256
 #   bash bench/gpu_suite.sh h100q    # ONE H100 call: route+align / inline split-K with unrolled partial loads
 #                                    # (tests, in-process A/Bs), then the FP8 and bf16 step tables, every default
+#   bash bench/gpu_suite.sh h100r    # ONE short H100 call: dense FP8 GEMM configs at M 1 / 16, B 1 kernel profile
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -544,6 +545,15 @@ case "${1:-models}" in
     prof profile_fp8 --quantization fp8
     prof profile_bf16
     merge_steps ab.txt ab_route_align ab_splitk_inline
+    ;;
+  h100r)  # ONE short H100 call (~4 min): the dense FP8 GEMMs at M 1 / 16 over DENSE_SMALL_VARIANTS (N block, K block,
+    # split-K), then the FP8 step's per-kernel profile at B 1 with every default
+    end=$((SECONDS + ${H100_BUDGET_S:-230}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step dense_sweep "$(left 170)" $PY -m bench.decode_sweep --only dense --dense_ms 1,16 --gemm_shapes 3 \
+      --out "$OUT/dense_sweep.json"
+    step profile_fp8 "$(left 60)" $PY -m bench.profile_step --batches 1 --profile_batches 1 --ctx 640 \
+      --quantization fp8
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -268,9 +268,10 @@ def main() -> None:
     ap.add_argument("--route_align", default="on", choices=["on", "off"],
                     help="on: batches of <= MAX_T tokens route and align their MoE pairs in one launch "
                          "(kernels.moe_route_align.ENABLED); off: router GEMM, routing kernel, moe_align (A/B)")
-    ap.add_argument("--mla_prep", default="on", choices=["on", "off"],
-                    help="on: q_a's norm and the MLA cache write in one launch, the query RoPE in the W_UK launch "
-                         "(shared.model.layers.mla.PREP_FUSED); off: rms_norm + mla_kv_write (A/B)")
+    ap.add_argument("--mla_prep", default="", choices=["", "on", "off"],
+                    help="on: q_a's norm and the MLA cache write in one launch, the query RoPE in the W_UK launch; "
+                         "off: rms_norm + mla_kv_write (shared.model.layers.mla.PREP_FUSED; default: the module's; "
+                         "A/B)")
     ap.add_argument("--separate_slot_sum", action="store_true",
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
@@ -297,10 +298,10 @@ def main() -> None:
         fp8_gemm.SPLITK_INLINE = a.splitk == "inline"
     if a.tma_mid:
         fp8_gemm.TMA_MID_M = fp8_gemm.TMA_MID_ON if a.tma_mid == "on" else None
-    if a.mla_prep == "off":
-        from glmserve.shared.model.layers import mla
+    from glmserve.shared.model.layers import mla
 
-        mla.PREP_FUSED = False
+    if a.mla_prep:
+        mla.PREP_FUSED = a.mla_prep == "on"
     if a.separate_slot_sum:
         from glmserve.shared.model.layers import moe
 
@@ -353,7 +354,7 @@ def main() -> None:
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
           f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}"
           f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}  MoE grid {a.moe_grid}"
-          f"  absorb large {a.absorb_large}  route+align {a.route_align}  MLA prep {a.mla_prep}")
+          f"  absorb large {a.absorb_large}  route+align {a.route_align}  MLA prep {'on' if mla.PREP_FUSED else 'off'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")
     for r in rows:
         print(f"{r['batch']:4d} {r['tokens_per_seq']:2d} {r['experts_touched_mean']:8.1f} (min {r['experts_touched_min']:2d})"
