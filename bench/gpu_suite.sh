@@ -44,6 +44,7 @@
 #   bash bench/gpu_suite.sh h100q    # ONE H100 call: route+align / inline split-K with unrolled partial loads
 #                                    # (tests, in-process A/Bs), then the FP8 and bf16 step tables, every default
 #   bash bench/gpu_suite.sh h100r    # ONE short H100 call: dense FP8 GEMM configs at M 1 / 16, B 1 kernel profile
+#   bash bench/gpu_suite.sh h100s    # ONE short H100 call: SiLU-mul in the MoE GEMMs with per-pair scales, A/B
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -554,6 +555,15 @@ case "${1:-models}" in
       --out "$OUT/dense_sweep.json"
     step profile_fp8 "$(left 60)" $PY -m bench.profile_step --batches 1 --profile_batches 1 --ctx 640 \
       --quantization fp8
+    ;;
+  h100s)  # ONE short H100 call (~3.5 min): SiLU-mul in the MoE GEMMs with per-pair scales from per-block amaxes
+    # (fused_moe.SILU_ROW_SCALE): GPU tests, then its in-process A/B at B 1 / 16 / 64 / 256
+    end=$((SECONDS + ${H100_BUDGET_S:-200}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py -k "silu or fused or fp8"
+    step ab_silu_gemm "$(left 130)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch silu_gemm \
+      --batches 1,16,64,256 --rounds 3
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
