@@ -273,7 +273,8 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 SILU_IN_GEMM = False
 # With SILU_IN_GEMM and FP8 experts: the gate_up launch also stores each (pair, N block)'s amax, and the down GEMM
 # quantizes its bf16 input per pair with silu_and_mul_fp8's scale (the three-launch path's bits; the MMA chain
-# kept: one scale a row, applied after the K loop). False: run 30's per (pair, BLOCK_K group) scales.
+# kept: one scale a row, applied after the K loop). False: run 30's per (pair, BLOCK_K group) scales. Bit-equal to
+# the three launches in tests; its step A/B (bench/gpu_suite.sh h100s) has not run on a GPU yet.
 SILU_ROW_SCALE = True
 
 
