@@ -10,9 +10,11 @@ _route_kernel 2.0, moe_align 3.4; ~0.5 ms of a 4.0 ms GLM-4.7-Flash step). Here:
   a sort of (expert, pair) keys, a histogram of the experts, each pair's row = its sorted position + the
   padding of the expert runs before its own. One expert block holds a whole run (T <= BLOCK_M: an expert gets
   at most one pair a token), so block_expert has one write per used expert.
-Output: moe_route's (weights, ids) and moe_align's (sorted_pairs, block_expert) for fused_experts' BLOCK_M
-(fused_moe.expert_block_m), bit-equal ids / layout to moe_route + moe_align when they pick the same experts;
-logits equal router_logits' up to fp32 summation order.
+The last program works on SEL_T = next_pow2(T) token rows (not tl.dot's 16) and issues its SPLITS partial
+loads unrolled. Output: moe_route's (weights, ids) and moe_align's (sorted_pairs, block_expert) for
+fused_experts' BLOCK_M (fused_moe.expert_block_m), bit-equal ids / layout to moe_route + moe_align when they pick
+the same experts; logits equal router_logits' up to fp32 summation order. H100 run 33 (bench/ab_step.py, FP8
+GLM-4.7-Flash step, graph ms on / off): B 1 3.806 / 4.054, B 4 5.676 / 5.973, B 16 10.140 / 10.312.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from glmserve.kernels._common import (INTERPRET, arrival_counters, check, dot_in
 from glmserve.kernels.fused_moe import expert_block_m
 from glmserve.kernels.moe_route import _select, moe_route
 
-# Off: moe_route + moe_align (bench/profile_step.py --route_align off is the A/B).
+# False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
 ENABLED = True
 MAX_T = 16  # tokens: tl.dot's 16-row floor, and T <= BLOCK_M (fused_moe's smallest BLOCK_M is 16)
 MAX_SPLITS = 32  # programs computing the logits; the last one sums MAX_SPLITS x [T, E] fp32 partials
