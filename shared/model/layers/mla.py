@@ -108,8 +108,7 @@ class MLAAttention(nn.Module):
         else:
             q, ckv = self._project(x, x_fp8)
             q = q.view(t, self.num_heads, self.nope + self.rope_dim)
-            # one op: the batch tokens' cache entries [normed latent | roped k_pe] written at their slots, q_pe
-            # roped
+            # one op: the tokens' cache entries [normed latent | roped k_pe] at their slots, and q_pe roped
             ops.mla_kv_write(ckv, *kv_norm, *cos_sin, cache, batch.slot_mapping, q[..., self.nope :], q_pe, *rope)
         if expanded:
             o = self._expanded(q[..., : self.nope], q_pe, cache, batch, page_size).reshape(t, -1)
