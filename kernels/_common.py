@@ -92,11 +92,6 @@ PDL_MAX_ROWS = 32
 PDL_LATE = os.environ.get("GLMSERVE_PDL_LATE", "0") == "1"
 
 
-def use_pdl(device: torch.device, rows: int = 1) -> bool:
-    """Launch this kernel with programmatic dependent launch (see pdl_kw)."""
-    return pdl_kw(device, rows)["launch_pdl"]
-
-
 def pdl_kw(device: torch.device, rows: int) -> dict:
     """Launch keywords of a kernel with a PDL constexpr: PDL= (its pdl_enter: 0 off, 1 wait then trigger the
     next launch, 2 wait only) and launch_pdl= together; rows: the launch's tokens (or pairs), against

@@ -100,21 +100,31 @@ def _gemm_route_kernel(
     are exact in fp32: router_logits' values up to summation order), kept in registers for _select."""
     pdl_enter(PDL)
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rt < T
+    acc = logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, 0, tl.cdiv(H, BLOCK_K), BLOCK_T, BLOCK_E, BLOCK_K,
+                      UPCAST)
+    _select(acc, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP, NORM,
+            BLOCK_T, BLOCK_E, K_PAD)
+
+
+@triton.jit
+def logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """Router logits of the token rows rt over K blocks [kb_lo, kb_hi): x [rt, K] . gate[:, K]^T -> [BLOCK_T,
+    BLOCK_E] fp32, bf16 tensor-core dots with fp32 accumulation (shared with kernels/moe_route_align.py)."""
     e = tl.arange(0, BLOCK_E)
     rk = tl.arange(0, BLOCK_K)
-    row_ok = rt < T
-    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + rk[None, :]  # [BLOCK_T, BLOCK_K]
-    g_p = gate_ptr + e[None, :] * H + rk[:, None]  # [BLOCK_K, BLOCK_E]
+    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
+    g_p = gate_ptr + e[None, :] * H + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_E] = gate^T
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(H, BLOCK_K)):
+    for kb in range(kb_lo, kb_hi):
         k_ok = rk < H - kb * BLOCK_K
         x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
         acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
         x_p += BLOCK_K
         g_p += BLOCK_K
-    _select(acc, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP, NORM,
-            BLOCK_T, BLOCK_E, K_PAD)
+    return acc
 
 
 def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:

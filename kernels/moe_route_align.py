@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (INTERPRET, arrival_counters, check, dot_in, new_out, next_pow2, pdl_enter,
-                                      pdl_kw)
+from glmserve.kernels._common import INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw
 from glmserve.kernels.fused_moe import expert_block_m
-from glmserve.kernels.moe_route import _select, moe_route
+from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
 # False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
 ENABLED = True
@@ -50,20 +49,10 @@ def _route_align_kernel(
     split = tl.program_id(0)
     rt = tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
-    rk = tl.arange(0, BLOCK_K)
     row_ok = rt < T
     kb_lo = split * k_blocks_per_split
     kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(H, BLOCK_K))
-    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
-    g_p = gate_ptr + e[None, :] * H + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_E] = gate^T
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        k_ok = rk < H - kb * BLOCK_K
-        x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
-        acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
-        x_p += BLOCK_K
-        g_p += BLOCK_K
+    acc = logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T, BLOCK_E, BLOCK_K, UPCAST)
     tile_p = part_ptr + rt[:, None] * E + e[None, :]
     tile_ok = row_ok[:, None] & (e < E)[None, :]
     tl.store(tile_p + split * T * E, acc, mask=tile_ok)

@@ -36,12 +36,12 @@ def test_pdl_only_on_cuda_for_small_launches(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setattr(_common, "PDL_LATE", False)
-    assert not _common.use_pdl(cuda, _common.PDL_MAX_ROWS + 1)
+    assert not _common.pdl_kw(cuda, _common.PDL_MAX_ROWS + 1)["launch_pdl"]
     monkeypatch.setattr(_common, "PDL_LATE", True)
     assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS + 1) == {"PDL": 2, "launch_pdl": True}
     assert _common.pdl_kw(cuda, _common.PDL_MAX_ROWS) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setattr(_common, "cc_major", lambda device: 8)
-    assert not _common.use_pdl(cuda, 1)
+    assert not _common.pdl_kw(cuda, 1)["launch_pdl"]
     monkeypatch.setattr(_common, "cc_major", lambda device: 9)
     monkeypatch.setattr(_common, "PDL_ENABLED", False)
-    assert not _common.use_pdl(cuda, 1)
+    assert not _common.pdl_kw(cuda, 1)["launch_pdl"]
