@@ -20,11 +20,10 @@ import tempfile
 
 import torch
 
-from bench.profile_step import copy_bandwidth, experts_touched, step_batch, step_bytes, timed
+from bench.profile_step import PAGE, copy_bandwidth, experts_touched, step_batch, step_bytes, timed
 from glmserve.shared.config.presets import write_preset
 from glmserve.shared.runner.model_runner import ModelRunner
 
-PAGE = 16
 REPLAYS = 50
 # switch -> (module, attribute, value "on", value "off")
 SWITCHES: dict[str, tuple[str, str, object, object]] = {

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, next_pow2, pdl_enter, pdl_kw
-from glmserve.kernels.mla_kv_write import rope_heads
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw
+from glmserve.kernels.mla_kv_write import rope_heads, rope_meta
 
 
 @triton.jit
@@ -125,13 +125,9 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
 def _rope_args(rope, t: int, heads: int) -> dict:
     """The absorb kernel's RoPE arguments (see mla_absorb)."""
     q_pe, cos, sin, q_out, rotary_dim, interleaved = rope
-    r, half = q_pe.shape[2], rotary_dim // 2
-    check(q_pe.shape == q_out.shape == (t, heads, r) and 0 < rotary_dim <= r and rotary_dim % 2 == 0,
-          "q_pe / q_out [T, h, R], 0 < rotary_dim <= R even")
+    r = q_pe.shape[2]
+    check(q_pe.shape == q_out.shape == (t, heads, r), "q_pe / q_out [T, h, R]")
     check(q_pe.stride(2) == 1 and q_out.stride(2) == 1 and q_out.dtype == q_pe.dtype, "q_pe / q_out last dim")
-    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
-          "cos/sin [T, rotary_dim / 2]")
     return dict(qpe_ptr=q_pe, cos_ptr=cos, sin_ptr=sin, qo_ptr=q_out, qpe_st=q_pe.stride(0), qpe_sh=q_pe.stride(1),
-                qo_st=q_out.stride(0), qo_sh=q_out.stride(1), cs_st=cos.stride(0), ROPE=True, HALF=half,
-                BLOCK_HALF=max(2, next_pow2(half)), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
-                BLOCK_REST=max(2, next_pow2(r - rotary_dim)))
+                qo_st=q_out.stride(0), qo_sh=q_out.stride(1), cs_st=cos.stride(0), ROPE=True,
+                **rope_meta(cos, sin, t, r, rotary_dim, interleaved))

@@ -34,8 +34,7 @@ def _rope_pair(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 def _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
             L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
             INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr):
-    """Token t's cache entry [rms_norm(ckv[t, :L]) * w | rope(ckv[t, L:])] at its slot -> (cos, sin [BLOCK_HALF]
-    fp32 of t, the dtype's zero) for the query's RoPE."""
+    """Token t's cache entry [rms_norm(ckv[t, :L]) * w | rope(ckv[t, L:])], written at its slot."""
     row = ckv_ptr + t * ckv_st
     dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * cache_ss
     # latent: RMSNorm with HF's rounding (normalised value cast to the input dtype before the weight)
@@ -126,30 +125,44 @@ def _mla_prep_kernel(
     norm_row(x, t, cols, mask, qaw_ptr, qay_ptr, qaq_ptr, qas_ptr, qay_st, qaq_st, QA, qa_eps, QUANT, PRE_ROUND)
 
 
+def rope_meta(cos: torch.Tensor, sin: torch.Tensor, t: int, r: int, rotary_dim: int, interleaved: bool) -> dict:
+    """Checks cos/sin [T, rotary_dim / 2] for RoPE on the first rotary_dim of R dims -> the constexprs of rope_heads
+    (and _kv_row's k_pe rotation): HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST."""
+    check(0 < rotary_dim <= r and rotary_dim % 2 == 0, "0 < rotary_dim <= R even")
+    half = rotary_dim // 2
+    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
+          "cos/sin [T, rotary_dim / 2]")
+    return dict(HALF=half, BLOCK_HALF=max(2, next_pow2(half)), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
+                BLOCK_REST=max(2, next_pow2(r - rotary_dim)))
+
+
+def _kv_meta(ckv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             cache: torch.Tensor, slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool) -> dict:
+    """Checks the cache-write operands of _kv_row -> its constexprs (L, BLOCK_L and rope_meta's)."""
+    t, lora = ckv.shape[0], norm_weight.shape[0]
+    r = ckv.shape[1] - lora
+    check(ckv.dim() == 2 and ckv.stride(1) == 1, "ckv must be [T, L + R] rows")
+    check(torch.promote_types(ckv.dtype, norm_weight.dtype) == ckv.dtype, "norm weight wider than ckv")
+    check(cache.dim() == 3 and cache.shape[1:] == (1, lora + r) and cache.stride(2) == 1, "cache [slots, 1, L + R]")
+    check(slot_mapping.shape == (t,), "one slot a token")
+    return dict(L=lora, BLOCK_L=next_pow2(lora), **rope_meta(cos, sin, t, r, rotary_dim, interleaved))
+
+
 def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                  cache: torch.Tensor, slot_mapping: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor,
                  rotary_dim: int, interleaved: bool) -> None:
     """shared.model.ops.mla_kv_write_ref's signature and effect (see the module docstring)."""
-    t, lora = ckv.shape[0], norm_weight.shape[0]
-    r = ckv.shape[1] - lora
-    check(ckv.dim() == 2 and ckv.stride(1) == 1 and 0 < rotary_dim <= r and rotary_dim % 2 == 0,
-          "ckv must be [T, L + R] rows, 0 < rotary_dim <= R even")
-    check(torch.promote_types(ckv.dtype, norm_weight.dtype) == ckv.dtype, "norm weight wider than ckv")
-    check(cache.dim() == 3 and cache.shape[1:] == (1, lora + r) and cache.stride(2) == 1, "cache [slots, 1, L + R]")
-    check(slot_mapping.shape == (t,) and q_pe.shape == q_out.shape and q_pe.shape[::2] == (t, r), "token counts")
+    meta = _kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
+    t, r = ckv.shape[0], ckv.shape[1] - meta["L"]
+    check(q_pe.shape == q_out.shape and q_pe.shape[::2] == (t, r), "token counts")
     check(q_pe.stride(2) == 1 and q_out.stride(2) == 1 and q_out.dtype == q_pe.dtype, "q_pe / q_out last dim")
-    half = rotary_dim // 2
-    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
-          "cos/sin [T, rotary_dim / 2]")
     if t == 0:
         return
     _mla_kv_write_kernel[(t,)](
         ckv, norm_weight, cos, sin, cache, slot_mapping, q_pe, q_out,
         ckv.stride(0), cos.stride(0), cache.stride(0), q_pe.stride(0), q_pe.stride(1), q_out.stride(0),
-        q_out.stride(1), q_pe.shape[1], float(eps),
-        L=lora, BLOCK_L=next_pow2(lora), HALF=half, BLOCK_HALF=max(2, next_pow2(half)),
-        BLOCK_H=next_pow2(q_pe.shape[1]), INTERLEAVED=bool(interleaved), REST=r - rotary_dim,
-        BLOCK_REST=max(2, next_pow2(r - rotary_dim)), num_warps=4, **pdl_kw(ckv.device, t),
+        q_out.stride(1), q_pe.shape[1], float(eps), BLOCK_H=next_pow2(q_pe.shape[1]), num_warps=4,
+        **meta, **pdl_kw(ckv.device, t),
     )
 
 
@@ -160,18 +173,9 @@ def mla_prep(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ckv: t
     q_a's RMSNorm in one launch -> (rms_norm(q_a) [T, Lq], its per-token FP8 form (q, scale) when quant, else
     None). q_a [T, Lq] and ckv [T, L + R]: rows of the fused q_a / kv_a GEMM output (any row stride)."""
     t, lq = q_a.shape
-    lora = norm_weight.shape[0]
-    r = ckv.shape[1] - lora
-    check(ckv.dim() == 2 and ckv.stride(1) == 1 and 0 < rotary_dim <= r and rotary_dim % 2 == 0,
-          "ckv must be [T, L + R] rows, 0 < rotary_dim <= R even")
     check(q_a.stride(1) == 1 and ckv.shape[0] == t and q_a_weight.shape == (lq,) and q_a_weight.is_contiguous(),
           "q_a must be [T, Lq] rows with a [Lq] weight")
-    check(torch.promote_types(ckv.dtype, norm_weight.dtype) == ckv.dtype, "norm weight wider than ckv")
-    check(cache.dim() == 3 and cache.shape[1:] == (1, lora + r) and cache.stride(2) == 1, "cache [slots, 1, L + R]")
-    check(slot_mapping.shape == (t,), "one slot a token")
-    half = rotary_dim // 2
-    check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
-          "cos/sin [T, rotary_dim / 2]")
+    meta = _kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
     y = new_out((t, lq), torch.promote_types(q_a.dtype, q_a_weight.dtype), q_a.device)
     q = new_out((t, lq), FP8_DTYPE, q_a.device) if quant else y
     qs = new_out((t, 1), torch.float32, q_a.device) if quant else y
@@ -179,8 +183,7 @@ def mla_prep(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ckv: t
         _mla_prep_kernel[(t,)](
             ckv, norm_weight, cos, sin, cache, slot_mapping, q_a, q_a_weight, y, q, qs,
             ckv.stride(0), cos.stride(0), cache.stride(0), q_a.stride(0), y.stride(0), q.stride(0), lq, float(eps),
-            float(q_a_eps), L=lora, BLOCK_L=next_pow2(lora), HALF=half, BLOCK_HALF=max(2, next_pow2(half)),
-            INTERLEAVED=bool(interleaved), REST=r - rotary_dim, BLOCK_REST=max(2, next_pow2(r - rotary_dim)),
-            BLOCK_QA=next_pow2(lq), QUANT=quant, PRE_ROUND=INTERPRET, num_warps=4, **pdl_kw(ckv.device, t),
+            float(q_a_eps), BLOCK_QA=next_pow2(lq), QUANT=quant, PRE_ROUND=INTERPRET, num_warps=4,
+            **meta, **pdl_kw(ckv.device, t),
         )
     return y, ((q, qs) if quant else None)
