@@ -34,6 +34,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "pdl": ("glmserve.kernels._common", "PDL_ENABLED", True, False),
     "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
     "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),
+    "mla_refill": ("glmserve.kernels.mla_decode_wg", "REFILL_AFTER_USE", True, False),
 }
 
 

@@ -45,6 +45,7 @@
 #                                    # (tests, in-process A/Bs), then the FP8 and bf16 step tables, every default
 #   bash bench/gpu_suite.sh h100r    # ONE short H100 call: dense FP8 GEMM configs at M 1 / 16, B 1 kernel profile
 #   bash bench/gpu_suite.sh h100s    # ONE short H100 call: SiLU-mul in the MoE GEMMs with per-pair scales, A/B
+#   bash bench/gpu_suite.sh h100t    # ONE H100 call: MLA decode stage refill + h100s's SiLU A/B, tests and A/Bs
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -565,6 +566,18 @@ case "${1:-models}" in
       -p no:cacheprovider tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py -k "silu or fused or fp8"
     step ab_silu_gemm "$(left 130)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch silu_gemm \
       --batches "${SILU_BATCHES:-1,16,64,256}" --rounds "${SILU_ROUNDS:-3}"
+    ;;
+  h100t)  # ONE H100 call (~5 min): MLA decode (warpgroup kernel) refilling a stage right after its tile's MMAs
+    # (mla_decode_wg.REFILL_AFTER_USE) and SiLU-mul in the MoE GEMMs with per-pair scales (fused_moe.SILU_ROW_SCALE):
+    # GPU tests, then both in-process A/Bs (bench/ab_step.py)
+    end=$((SECONDS + ${H100_BUDGET_S:-300}))
+    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+    step kernel_tests "$(left 100)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py \
+      -k "mla_decode_wg or silu or fused or wgmma"
+    ab() { local name=$1; shift; step "$name" "$(left 100)" $PY -m bench.ab_step --ctx 640 --quantization fp8 "$@"; }
+    ab ab_mla_refill --switch mla_refill --batches 1,64,128,256 --rounds 3
+    ab ab_silu_gemm --switch silu_gemm --batches 1,16,64,256 --rounds 3
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
