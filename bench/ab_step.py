@@ -6,8 +6,10 @@ model once, and per batch and round captures the step's graph with the switch on
 every round, so drift lands on both), timing the median of REPLAYS replays each. Prints every sample, then per
 batch the median of each side, their difference and both as a fraction of the step's HBM roofline (weights the
 step reads + KV, over the copy bandwidth measured in the same run), and how far the switch moved the step's
-logits (a scheduling switch such as PDL must leave them bit-equal).
+logits (a scheduling switch such as PDL must leave them bit-equal). Several switches (a comma list) are A/B'd
+one after another on the one model; --also sets switches on for both sides.
     python -m bench.ab_step --switch route_align --batches 1,4,16 --rounds 4 --ctx 640 --quantization fp8
+    python -m bench.ab_step --switch mla_refill,silu_gemm --also pdl_late --batches 1,256 --quantization fp8
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
     "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),
     "mla_refill": ("glmserve.kernels.mla_decode_wg", "REFILL_AFTER_USE", True, False),
+    "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }
 
 
@@ -56,9 +59,37 @@ def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> tuple[float,
     return ms, runner.forward(dec, kv).logits.float().clone()
 
 
+def ab_rows(runner: ModelRunner, switch: str, batches: list[int], rounds: int, ctx: int, bw: float) -> list[dict]:
+    """One switch's A/B at each batch: `rounds` rounds of on / off (order flipped each round) -> one row a batch."""
+    rows = []
+    for b in batches:
+        dec, kv = step_batch(runner, b, ctx, 1)
+        kv_bytes = kv.layout.page_bytes() / PAGE * ctx * b
+        wbytes, _ = step_bytes(runner, experts_touched(runner, dec, kv), kv_bytes)
+        floor_ms = (wbytes + kv_bytes) / (bw * 1e9) * 1e3
+        samples: dict[bool, list[float]] = {True: [], False: []}
+        logits: dict[bool, torch.Tensor] = {}
+        for r in range(rounds):
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                set_switch(switch, on)
+                ms, logits[on] = graph_ms(runner, dec, kv, b, ctx)
+                samples[on].append(ms)
+                print(f"B {b:4d} round {r} {switch} {'on ' if on else 'off'} {ms:8.3f} ms", flush=True)
+        set_switch(switch, False)
+        on_ms, off_ms = statistics.median(samples[True]), statistics.median(samples[False])
+        # the switch must not change the step's result beyond summation order: max |on - off| / max |off|
+        diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
+        rows.append(dict(switch=switch, batch=b, on_ms=samples[True], off_ms=samples[False], on_median=on_ms,
+                         off_median=off_ms, roofline_ms=floor_ms, logits_rel_diff=diff))
+        del dec, kv
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--switch", required=True, choices=sorted(SWITCHES))
+    ap.add_argument("--switch", required=True, help="comma list of SWITCHES, A/B'd one after another: " +
+                    ", ".join(sorted(SWITCHES)))
+    ap.add_argument("--also", default="", help="comma list of SWITCHES set on for both sides of every A/B")
     ap.add_argument("--preset", default="glm-4.7-flash")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=4)
@@ -66,39 +97,28 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, choices=[None, "fp8"])
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    switches, also = a.switch.split(","), [n for n in a.also.split(",") if n]
+    for name in switches + also:
+        if name not in SWITCHES:
+            ap.error(f"unknown switch {name!r}; choose from {', '.join(sorted(SWITCHES))}")
     runner = ModelRunner(write_preset(tempfile.mkdtemp(), a.preset), device="cuda", dtype="bfloat16",
                          load_format="dummy", with_mtp=False, quantization=a.quantization)
     bw = copy_bandwidth()
-    rows = []
-    for b in (int(v) for v in a.batches.split(",")):
-        dec, kv = step_batch(runner, b, a.ctx, 1)
-        kv_bytes = kv.layout.page_bytes() / PAGE * a.ctx * b
-        wbytes, _ = step_bytes(runner, experts_touched(runner, dec, kv), kv_bytes)
-        floor_ms = (wbytes + kv_bytes) / (bw * 1e9) * 1e3
-        samples: dict[bool, list[float]] = {True: [], False: []}
-        logits: dict[bool, torch.Tensor] = {}
-        for r in range(a.rounds):
-            for on in ((True, False) if r % 2 == 0 else (False, True)):
-                set_switch(a.switch, on)
-                ms, logits[on] = graph_ms(runner, dec, kv, b, a.ctx)
-                samples[on].append(ms)
-                print(f"B {b:4d} round {r} {a.switch} {'on ' if on else 'off'} {ms:8.3f} ms", flush=True)
-        on_ms, off_ms = statistics.median(samples[True]), statistics.median(samples[False])
-        # the switch must not change the step's result beyond summation order: max |on - off| / max |off|
-        diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
-        rows.append(dict(batch=b, on_ms=samples[True], off_ms=samples[False], on_median=on_ms, off_median=off_ms,
-                         roofline_ms=floor_ms, logits_rel_diff=diff))
-        del dec, kv
-    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}  switch {a.switch}"
-          f"  rounds {a.rounds}  replays {REPLAYS}")
-    print("   B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms  logits max|on-off|/max|off|")
+    for name in also:
+        set_switch(name, True)
+    batches = [int(v) for v in a.batches.split(",")]
+    rows = [row for name in switches for row in ab_rows(runner, name, batches, a.rounds, a.ctx, bw)]
+    print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}"
+          f"  also on {','.join(also) or '-'}  rounds {a.rounds}  replays {REPLAYS}")
+    print("switch          B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms  logits max|on-off|/max|off|")
     for r in rows:
-        print(f"{r['batch']:4d}  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
+        print(f"{r['switch']:12s} {r['batch']:4d}  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
               f"        {r['off_median']:7.3f} ({r['roofline_ms'] / r['off_median']:.3f})"
               f"         {r['on_median'] - r['off_median']:+7.3f}  {r['logits_rel_diff']:.2e}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(switch=a.switch, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows), f, indent=1)
+            json.dump(dict(switches=switches, also=also, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

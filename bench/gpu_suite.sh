@@ -575,9 +575,9 @@ case "${1:-models}" in
     step kernel_tests "$(left 100)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py \
       -k "mla_decode_wg or silu or fused or wgmma"
-    ab() { local name=$1; shift; step "$name" "$(left 100)" $PY -m bench.ab_step --ctx 640 --quantization fp8 "$@"; }
-    ab ab_mla_refill --switch mla_refill --batches 1,64,128,256 --rounds 3
-    ab ab_silu_gemm --switch silu_gemm --batches 1,16,64,256 --rounds 3
+    # one process, one model: both switches at each batch (~3 min)
+    step ab_refill_silu "$(left 220)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_refill,silu_gemm \
+      --batches "${AB_BATCHES:-1,64,128,256}" --rounds "${AB_ROUNDS:-3}" --out "$OUT/ab_refill_silu.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
