@@ -36,7 +36,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "pdl": ("glmserve.kernels._common", "PDL_ENABLED", True, False),
     "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
     "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),
-    "mla_refill": ("glmserve.kernels.mla_decode_wg", "REFILL_AFTER_USE", True, False),
+    "mla_q_async": ("glmserve.kernels.mla_decode_wg", "Q_ASYNC", True, False),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }
 

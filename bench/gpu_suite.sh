@@ -45,7 +45,7 @@
 #                                    # (tests, in-process A/Bs), then the FP8 and bf16 step tables, every default
 #   bash bench/gpu_suite.sh h100r    # ONE short H100 call: dense FP8 GEMM configs at M 1 / 16, B 1 kernel profile
 #   bash bench/gpu_suite.sh h100s    # ONE short H100 call: SiLU-mul in the MoE GEMMs with per-pair scales, A/B
-#   bash bench/gpu_suite.sh h100t    # ONE H100 call: MLA decode stage refill + h100s's SiLU A/B, tests and A/Bs
+#   bash bench/gpu_suite.sh h100u    # ONE short call: MLA decode with q by cp.async, tests, kernel sweep, step A/B
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
 # Carried wheels (.whl: pyzmq, msgspec, starlette, uvicorn, httptools, uvloop, supervisor) are installed first when
@@ -567,17 +567,22 @@ case "${1:-models}" in
     step ab_silu_gemm "$(left 130)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch silu_gemm \
       --batches "${SILU_BATCHES:-1,16,64,256}" --rounds "${SILU_ROUNDS:-3}"
     ;;
-  h100t)  # ONE H100 call (~5 min): MLA decode (warpgroup kernel) refilling a stage right after its tile's MMAs
-    # (mla_decode_wg.REFILL_AFTER_USE) and SiLU-mul in the MoE GEMMs with per-pair scales (fused_moe.SILU_ROW_SCALE):
-    # GPU tests, then both in-process A/Bs (bench/ab_step.py)
-    end=$((SECONDS + ${H100_BUDGET_S:-300}))
+  h100u)  # ONE short call (~3 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC): GPU tests,
+    # the kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 with q_async off / on, the step's A/B
+    end=$((SECONDS + ${H100_BUDGET_S:-200}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 100)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fused_moe.py tests/kernels/test_model_with_kernels.py \
-      -k "mla_decode_wg or silu or fused or wgmma"
-    # one process, one model: both switches at each batch (~3 min)
-    step ab_refill_silu "$(left 220)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_refill,silu_gemm \
-      --batches "${AB_BATCHES:-1,64,128,256}" --rounds "${AB_ROUNDS:-3}" --out "$OUT/ab_refill_silu.json"
+    step kernel_tests "$(left 60)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py -k "mla_decode_wg or wgmma"
+    for qa in 0 1; do
+      step "mla_q_async$qa" "$(left 40)" $PY -c "
+import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w
+w.Q_ASYNC = bool($qa)
+d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
+d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
+for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, row)"
+    done
+    step ab_mla_q_async "$(left 110)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_q_async \
+      --batches 1,64,256 --rounds 3
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

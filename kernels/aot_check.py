@@ -87,7 +87,7 @@ def _mla_latent(wide: bool):
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 
-def _mla_wg(splits: int, warps: int, stages: int, refill: bool):
+def _mla_wg(splits: int, warps: int, stages: int, q_async: bool):
     """The Hopper warpgroup-MMA MLA decode kernel (Gluon), GLM-4.7-Flash shapes."""
     from glmserve.kernels import mla_decode_wg
 
@@ -95,7 +95,7 @@ def _mla_wg(splits: int, warps: int, stages: int, refill: bool):
                page_table_ptr=P["i32"], seq_lens_ptr=P["i32"])
     sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
     sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32")
-    const = dict(NUM_SPLITS=splits, BH=32, DL=512, DR=64, STAGES=stages, REFILL=refill, num_warps=warps)
+    const = dict(NUM_SPLITS=splits, BH=32, DL=512, DR=64, STAGES=stages, Q_ASYNC=q_async, num_warps=warps)
     return mla_decode_wg._mla_decode_wg_kernel, sig, const, warps, 1
 
 
@@ -207,10 +207,10 @@ def cases():
     yield ("attn mla decode split", *_attn(True, 5, *mla[("default", "mla", "decode")], (512, 64, 512)))
     yield ("mla decode latent", *_mla_latent(False))
     yield ("mla decode latent wide", *_mla_latent(True))
-    for splits in (1, 4):  # the shipped config (mla_decode.WG_CONFIGS): 4 warps, 2 stages; both refill orders
-        for refill in (False, True):
-            yield (f"mla decode wgmma (gluon) splits {splits} refill {int(refill)}",
-                   *_mla_wg(splits, *mla_decode.WG_CONFIGS["default"][1:], refill))
+    for splits in (1, 4):  # the shipped config (mla_decode.WG_CONFIGS): 4 warps, 2 stages; q by registers or cp.async
+        for q_async in (False, True):
+            yield (f"mla decode wgmma (gluon) splits {splits} q_async {int(q_async)}",
+                   *_mla_wg(splits, *mla_decode.WG_CONFIGS["default"][1:], q_async))
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))

@@ -24,10 +24,11 @@ _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_glo
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # CTA-wide bar.sync: renamed in 3.7
 
 BLOCK_N = 64  # keys a tile: the wgmma M
-# Refill a stage as soon as its tile's MMAs are done, so both stages' copies are in flight while a tile is
-# awaited (run 23's schedule, off, keeps one). Predicted (2026-12-07): B 256 ctx 640 0.73 -> ~0.85 of the copy
-# ceiling (one 189 KB program an SM, one 74 KB tile in flight per SM is too few bytes for the loaded latency).
-REFILL_AFTER_USE = False
+# q into shared memory by cp.async, in the first tile's commit group, instead of through registers before the
+# first key copy is issued. H200 run 19: a program pays ~6 us besides ~2.5 us a 64-key tile (B 256 ctx 640
+# 62.7 us for 2 waves of 10-tile programs, B 64 ctx 4096 86.8 us for one wave of 32), so the prologue is a
+# tenth of the kernel at ctx 640. Off until measured (bench/ab_step.py --switch mla_q_async).
+Q_ASYNC = False
 
 
 @gluon.jit
@@ -57,7 +58,7 @@ def _mla_decode_wg_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
     q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H,
     NUM_SPLITS: gl.constexpr, BH: gl.constexpr, DL: gl.constexpr, DR: gl.constexpr, STAGES: gl.constexpr,
-    REFILL: gl.constexpr, num_warps: gl.constexpr,
+    Q_ASYNC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence (the split rule of mla_decode), every head;
     out (or its fp32 split partial plus the base-2 log-sum-exp when NUM_SPLITS > 1)."""
@@ -88,24 +89,25 @@ def _mla_decode_wg_kernel(
     q_row = q_ptr + seq.to(gl.int64) * q_st + hq[:, None] * q_sh
     c = gl.arange(0, 64, layout=gl.SliceLayout(0, LD))[None, :]
     ql_s = gl.allocate_shared_memory(gl.bfloat16, [BH, DL], QL_SL)
-    for i in gl.static_range(DL // 64):
-        ql_s.slice(i * 64, 64, dim=1).store(gl.load(q_row + (i * 64 + c), mask=hq[:, None] < H, other=0.0))
-    qr_s = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], QR_SL,
-                                     gl.load(q_row + (DL + c), mask=hq[:, None] < H, other=0.0))
+    qr_s = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], QR_SL)
     kl_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 64, DL], KL_SL)
     kr_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 64, DR], KR_SL)
     p_s = gl.allocate_shared_memory(gl.bfloat16, [64, BH], P_SL)
+    if Q_ASYNC:  # by cp.async in tile 0's commit group: its latency overlaps the first tiles' copies
+        for i in gl.static_range(DL // 64):
+            _cp_async(ql_s.slice(i * 64, 64, dim=1), q_row + (i * 64 + c), mask=hq[:, None] < H)
+        _cp_async(qr_s, q_row + (DL + c), mask=hq[:, None] < H)
+    else:  # through registers, before any key copy is issued
+        for i in gl.static_range(DL // 64):
+            ql_s.slice(i * 64, 64, dim=1).store(gl.load(q_row + (i * 64 + c), mask=hq[:, None] < H, other=0.0))
+        qr_s.store(gl.load(q_row + (DL + c), mask=hq[:, None] < H, other=0.0))
 
     pt = page_table_ptr + seq.to(gl.int64) * pt_stride
-    # Tiles in flight while a tile is awaited: REFILL refills a stage right after its tile's MMAs (STAGES in
-    # flight: the next tiles are already loading while this one lands); otherwise a stage is refilled after
-    # the next tile has landed (STAGES - 1 in flight, so one at 2 stages). Empty tiles zero-fill.
-    AHEAD: gl.constexpr = STAGES if REFILL else STAGES - 1
-    for t in gl.static_range(AHEAD):  # prologue: tiles 0 .. AHEAD-1 in flight
+    for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill)
         _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, _tile_pages(pt, lo + t * 64, hi, page_size, LD),
                     lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
     # page ids load a tile ahead of their copies: the issue never waits on the page table
-    page_next = _tile_pages(pt, lo + AHEAD * 64, hi, page_size, LD)
+    page_next = _tile_pages(pt, lo + (STAGES - 1) * 64, hi, page_size, LD)
 
     m_i = gl.full([BH], -1.0e30, gl.float32, layout=gl.SliceLayout(0, S_L))
     l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, S_L))
@@ -113,14 +115,13 @@ def _mla_decode_wg_kernel(
     j0 = gl.arange(0, 64, layout=gl.SliceLayout(1, S_L))
     for t in range(n_tiles):
         st = t % STAGES
-        async_copy.wait_group(AHEAD - 1)  # this thread's copies of tile t have landed (later tiles may not)
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
         fence_async_shared()  # ... are visible to the wgmma (async proxy)
-        _barrier()  # ... as are every thread's (and, without REFILL, every warp is done with tile t-1's stage)
-        if not REFILL:
-            nxt = t + STAGES - 1
-            _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, page_next, lo + nxt * 64, hi,
-                        page_size, kv_ss, DL, DR, LD)
-            page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
+        _barrier()  # ... as are every thread's; and every warp is done with tile t-1's buffers
+        nxt = t + STAGES - 1
+        _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, page_next, lo + nxt * 64, hi,
+                    page_size, kv_ss, DL, DR, LD)
+        page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
         kl = kl_s.index(st)
         s = warpgroup_mma(kl, ql_s.permute((1, 0)), gl.zeros([64, BH], gl.float32, layout=S_L),
                           use_acc=False, is_async=True)
@@ -139,12 +140,6 @@ def _mla_decode_wg_kernel(
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, O_L))[None, :]
         acc = warpgroup_mma(kl.permute((1, 0)), p_s, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if REFILL:
-            _barrier()  # every warp's MMAs have read stage st: refill it with tile t + STAGES
-            nxt = t + STAGES
-            _issue_tile(kl_s.index(st), kr_s.index(st), kv_ptr, page_next, lo + nxt * 64, hi,
-                        page_size, kv_ss, DL, DR, LD)
-            page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
     async_copy.wait_group(0)  # no copy outlives the program's shared memory
 
     safe_l = gl.where(l_i > 0, l_i, 1.0)
@@ -175,14 +170,12 @@ def supported(q, cache) -> bool:
 
 
 def launch(q, cache, part, lse, page_table, seq_lens, strides, page_size: int, scale: float, min_keys: int,
-           dl: int, n_split: int, stages: int = 2, warps: int = 4, refill: bool | None = None) -> None:
-    """Same arguments as mla_decode's Triton launch; writes part (out, or the fp32 partials) and lse.
-    refill: the REFILL schedule (default: REFILL_AFTER_USE)."""
+           dl: int, n_split: int, stages: int = 2, warps: int = 4) -> None:
+    """Same arguments as mla_decode's Triton launch; writes part (out, or the fp32 partials) and lse."""
     b, h, dk = q.shape
     _mla_decode_wg_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h,
-        NUM_SPLITS=n_split, BH=32, DL=dl, DR=dk - dl, STAGES=stages,
-        REFILL=REFILL_AFTER_USE if refill is None else refill, num_warps=warps,
+        NUM_SPLITS=n_split, BH=32, DL=dl, DR=dk - dl, STAGES=stages, Q_ASYNC=Q_ASYNC, num_warps=warps,
     )
 

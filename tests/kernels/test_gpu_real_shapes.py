@@ -180,16 +180,16 @@ def _mixed_decode_batch(lens, page_size=16):
                     reason="Hopper warpgroup MMA")
 @pytest.mark.parametrize("warps,stages", [(4, 2), (8, 2)])
 @pytest.mark.parametrize("splits,min_keys", [(1, 0), (4, 32), (3, 64), (None, None)])
-@pytest.mark.parametrize("refill", [False, True])
-def test_mla_decode_wg_flash(warps, stages, splits, min_keys, refill, monkeypatch):
+@pytest.mark.parametrize("q_async", [False, True])
+def test_mla_decode_wg_flash(warps, stages, splits, min_keys, q_async, monkeypatch):
     """The Hopper warpgroup-MMA kernel (kernels/mla_decode_wg.py) vs the torch reference and the Triton kernel,
     GLM-4.7-Flash shapes: lengths off the 64-key tile (1, 63, 65, 130), exact tiles (64, 640) and long ones;
-    split partials with empty splits (min_keys) merged; 20 heads padded to the 32-wide MMA N; both refill
-    schedules (mla_decode_wg.REFILL_AFTER_USE)."""
+    split partials with empty splits (min_keys) merged; 20 heads padded to the 32-wide MMA N; q into shared
+    memory through registers and by cp.async (mla_decode_wg.Q_ASYNC)."""
     from glmserve.kernels import mla_decode_wg
     from glmserve.kernels.mla_decode import mla_decode
 
-    monkeypatch.setattr(mla_decode_wg, "REFILL_AFTER_USE", refill)
+    monkeypatch.setattr(mla_decode_wg, "Q_ASYNC", q_async)
     lens = [1, 63, 64, 65, 130, 640, 1000, 2049, 7]
     batch, num_pages = _mixed_decode_batch(lens)
     cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
