@@ -9,7 +9,7 @@ step reads + KV, over the copy bandwidth measured in the same run), and how far 
 logits (a scheduling switch such as PDL must leave them bit-equal). Several switches (a comma list) are A/B'd
 one after another on the one model; --also sets switches on for both sides.
     python -m bench.ab_step --switch route_align --batches 1,4,16 --rounds 4 --ctx 640 --quantization fp8
-    python -m bench.ab_step --switch mla_refill,silu_gemm --also pdl_late --batches 1,256 --quantization fp8
+    python -m bench.ab_step --switch mla_q_async,route_align --also pdl_late --batches 1,256 --quantization fp8
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "route_align": ("glmserve.kernels.moe_route_align", "ENABLED", True, False),
     "splitk_inline": ("glmserve.kernels.fp8_gemm", "SPLITK_INLINE", True, False),
     "moe_grid": ("glmserve.kernels.fused_moe", "BOUND_GRID", True, False),
-    "silu_gemm": ("glmserve.kernels.fused_moe", "SILU_IN_GEMM", True, False),
     "pdl": ("glmserve.kernels._common", "PDL_ENABLED", True, False),
     "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
     "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),

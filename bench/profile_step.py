@@ -252,10 +252,6 @@ def main() -> None:
     ap.add_argument("--tma_mid", default="", choices=["", "on", "off"],
                     help="on: decode-batch FP8 GEMMs (64 < M <= 512) with K >= 2048 on the TMA kernel at 64x64x256; "
                          "off: on the pointer kernel (kernels.fp8_gemm.TMA_MID_M; default: the module's; A/B)")
-    ap.add_argument("--silu", default="", choices=["", "gemm", "separate"],
-                    help="gemm: the MoE's SiLU-mul in the gate_up GEMM's epilogue, the down GEMM quantizing its input; "
-                         "separate: its own launch between the GEMMs (kernels.fused_moe.SILU_IN_GEMM; default: the "
-                         "module's; A/B)")
     ap.add_argument("--splitk", default="", choices=["", "inline", "kernel"],
                     help="inline: split-K FP8 GEMMs finish their tiles in the GEMM kernel; kernel: in "
                          "_splitk_reduce_kernel (kernels.fp8_gemm.SPLITK_INLINE; default: the module's; A/B)")
@@ -287,8 +283,6 @@ def main() -> None:
     moe_route_align.ENABLED = a.route_align == "on"
     if a.scaled_mm:
         fp8_gemm.SCALED_MM_M = None if a.scaled_mm == "off" else tuple(int(v) for v in a.scaled_mm.split(","))
-    if a.silu:
-        fused_moe.SILU_IN_GEMM = a.silu == "gemm"
     fused_moe.BOUND_GRID = a.moe_grid == "used"
     if a.absorb_large == "off":
         from glmserve.kernels import mla_absorb
@@ -352,7 +346,7 @@ def main() -> None:
           f"  MLA cache write {'unfused' if a.unfused_mla_write else 'fused'}  MLA wide config {a.mla_wide_config or 'default'}"
           f"  MLA wgmma {a.mla_wg or 'default'}  scaled_mm {a.scaled_mm or 'default'}"
           f"  slot sum {'separate' if a.separate_slot_sum else 'in norm'}  PDL {a.pdl}  absorb {a.absorb}"
-          f"  TMA mid {fp8_gemm.TMA_MID_M}  silu {'in GEMM' if fused_moe.SILU_IN_GEMM else 'separate'}"
+          f"  TMA mid {fp8_gemm.TMA_MID_M}"
           f"  split-K {'inline' if fp8_gemm.SPLITK_INLINE else 'kernel'}  MoE grid {a.moe_grid}"
           f"  absorb large {a.absorb_large}  route+align {a.route_align}  MLA prep {'on' if mla.PREP_FUSED else 'off'}")
     print("   B  q  experts/layer  eager ms  graph ms  roofline ms  roofline/graph  sync-free")

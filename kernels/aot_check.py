@@ -229,26 +229,6 @@ def cases():
     fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("H100", "decode", "fp8")])
     yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
     yield "fused_moe H100 decode fp8 pdl late", fn, sig, dict(const, PDL=2), warps, stages  # _common.PDL_LATE
-    # SILU_IN_GEMM's two launches at the H100 decode config: gate_up with the SiLU epilogue (BLOCK_N halved, two
-    # B tiles), down quantizing its bf16 input per BLOCK_K group
-    yield "fused_moe gate_up silu epilogue fp8 pdl", fn, sig, dict(const, PDL=True, SILU_OUT=True, MUL_WEIGHT=False,
-                                                                  BLOCK_N=const["BLOCK_N"] // 2), warps, stages
-    yield "fused_moe down A-quant prologue fp8 pdl", fn, dict(sig, a_ptr=P["bf16"]), dict(const, PDL=True, A_DIV=1,
-                                                                                          A_QUANT=True), warps, stages
-    # SILU_ROW_SCALE: gate_up also stores per-block amaxes; down quantizes per row from them
-    amax = dict(amax_ptr=P["f32"], amax_st="i32", amax_n="i32")
-    yield "fused_moe gate_up silu epilogue + amax fp8 pdl", fn, dict(sig, **amax), dict(
-        const, PDL=True, SILU_OUT=True, MUL_WEIGHT=False, BLOCK_N=const["BLOCK_N"] // 2, AMAX_OUT=True), warps, stages
-    yield "fused_moe down row-quant prologue fp8 pdl", fn, dict(sig, a_ptr=P["bf16"], **amax), dict(
-        const, PDL=True, A_DIV=1, A_ROWQ=True, AMAX_PAD=64), warps, stages
-    fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("default", "prefill", "fp8")])
-    yield "fused_moe prefill gate_up silu epilogue fp8", fn, sig, dict(const, SILU_OUT=True, MUL_WEIGHT=False,
-                                                                      BLOCK_N=const["BLOCK_N"] // 2), warps, stages
-    yield "fused_moe prefill down A-quant prologue fp8", fn, dict(sig, a_ptr=P["bf16"]), dict(
-        const, A_DIV=1, A_QUANT=True), warps, stages
-    fn, sig, const, warps, stages = _moe(False, fused_moe.CONFIGS[("default", "decode", "bf16")])
-    yield "fused_moe gate_up silu epilogue bf16", fn, sig, dict(const, SILU_OUT=True, MUL_WEIGHT=False,
-                                                               BLOCK_N=const["BLOCK_N"] // 2), warps, stages
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -263,8 +243,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 # Integer args that are not multiples of 16 at run time; every other pointer and int gets the
 # divisibility-by-16 hint that the JIT adds on its own for aligned pointers and such ints.
-NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split", "T", "amax_n",
-             "amax_st"}
+NOT_DIV16 = {"M", "num_pairs", "n", "E", "num_heads", "num_pages", "DB", "cap", "k_blocks_per_split", "T"}
 SMEM_LIMIT = 227 * 1024  # Hopper, per block
 # Known small spills kept on purpose: MLA latent n32 w4 s3 spills 112 B here (triton 3.9) yet measured
 # fastest on the H100 (triton 3.6, KERNEL_NOTES v7): two CTAs per SM beat the spill-free 8-warp configs.

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, fp8_grid_round, gpu_name,
-                                      new_out, next_pow2, sm_count, pdl_enter, pdl_kw)
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
+                                      sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -47,19 +47,9 @@ def _moe_gemm_kernel(
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
-    PDL: tl.constexpr = False, SILU_OUT: tl.constexpr = False, A_QUANT: tl.constexpr = False,
-    PRE_ROUND: tl.constexpr = False, amax_ptr=None, amax_st=0, amax_n=0, AMAX_OUT: tl.constexpr = False,
-    A_ROWQ: tl.constexpr = False, AMAX_PAD: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
-    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block.
-    SILU_OUT (the gate_up GEMM): B[e] is [gate; up] ([2N, K]); the program multiplies gate rows rn and up rows
-    N + rn and stores silu(gate) * up ([pairs, N], rounded as silu_and_mul rounds the bf16 gate_up rows).
-    A_QUANT (FP8 B, the down GEMM): A is a 16-bit activation, quantized here to e4m3 per (row, BLOCK_K group):
-    s = max(amax / 448, 1e-12) over the group's K values, each group's dot scaled by its s (no A scale array).
-    AMAX_OUT (with SILU_OUT): also amax[pair, pid_n] = max |stored value| over this program's columns.
-    A_ROWQ (FP8 B, the down GEMM): A is 16-bit, quantized here per row with silu_and_mul_fp8's scale, s = max(
-    max_j amax[pair, j] / 448, 1e-12) over the amax_n blocks AMAX_OUT wrote: the e4m3 operand and the scale of
-    silu_and_mul_fp8, so the three-launch path's bits, with the MMA chain unbroken (s applied once, at the end)."""
+    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -74,62 +64,20 @@ def _moe_gemm_kernel(
     a_p = a_ptr + a_rows[:, None] * a_sm + rk[None, :]
     b_p = b_ptr + expert.to(tl.int64) * b_se + rn[None, :].to(tl.int64) * b_sn + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # SILU_OUT only
-    if A_ROWQ:  # the row's scale from the gate_up launch's per-block amaxes (max is exact: silu_and_mul_fp8's s)
-        j = tl.arange(0, AMAX_PAD)
-        am = tl.load(amax_ptr + a_rows[:, None] * amax_st + j[None, :], mask=row_ok[:, None] & (j < amax_n)[None, :],
-                     other=0.0)
-        s_row = tl.maximum(tl.max(am, axis=1) / 448.0, 1e-12)  # [BLOCK_M]
-        inv_row = 1.0 / s_row
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = rk < K - kb * BLOCK_K
         a = tl.load(a_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_p, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
-        if SILU_OUT:
-            b_up = tl.load(b_p + N * b_sn, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
-        if A_ROWQ:
-            q = tl.clamp(a.to(tl.float32) * inv_row[:, None], -448.0, 448.0)
-            if PRE_ROUND:
-                q = fp8_grid_round(q)
-            acc = tl.dot(q.to(b.dtype), b, acc, max_num_imprecise_acc=BLOCK_K)
-        elif A_QUANT:
-            af = a.to(tl.float32)
-            s = tl.maximum(tl.max(tl.abs(af), axis=1) / 448.0, 1e-12)  # [BLOCK_M]
-            q = tl.clamp(af * (1.0 / s)[:, None], -448.0, 448.0)
-            if PRE_ROUND:
-                q = fp8_grid_round(q)
-            part = tl.dot(q.to(b.dtype), b, max_num_imprecise_acc=BLOCK_K)
-            acc += part * s[:, None]
-        elif FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
+        if FP8:  # full-precision accumulation every BLOCK_K (sm_90 fp8 MMA accumulates imprecisely)
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(dot_in(a, UPCAST), dot_in(b, UPCAST), acc, input_precision=PREC)
-        if SILU_OUT:
-            if FP8:
-                acc_up = tl.dot(a, b_up, acc_up, max_num_imprecise_acc=BLOCK_K)
-            else:
-                acc_up = tl.dot(dot_in(a, UPCAST), dot_in(b_up, UPCAST), acc_up, input_precision=PREC)
         a_p += BLOCK_K
         b_p += BLOCK_K
     if FP8:
         sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
-        if A_QUANT:
-            acc = acc * sb[None, :]
-        elif A_ROWQ:
-            acc = acc * s_row[:, None] * sb[None, :]
-        else:
-            sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
-            acc = acc * sa[:, None] * sb[None, :]
-            if SILU_OUT:
-                sb_up = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + N + rn, mask=rn < N, other=0.0)
-                acc_up = acc_up * sa[:, None] * sb_up[None, :]
-    if SILU_OUT:  # as silu_and_mul on the stored rows: gate, up in c's dtype; silu(gate) rounded; the product
-        g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
-        u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
-        acc = (g / (1.0 + tl.exp(-g))).to(c_ptr.dtype.element_ty).to(tl.float32) * u
-        if AMAX_OUT:  # of the values as stored (rounded to c's dtype), this program's columns
-            h = tl.where(rn[None, :] < N, tl.abs(acc.to(c_ptr.dtype.element_ty).to(tl.float32)), 0.0)
-            tl.store(amax_ptr + pairs.to(tl.int64) * amax_st + pid_n, tl.max(h, axis=1), mask=row_ok)
+        sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
     if MUL_WEIGHT:
         acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0)[:, None]
     c_p = c_ptr + pairs.to(tl.int64)[:, None] * c_sm + rn[None, :]
@@ -228,54 +176,30 @@ def used_blocks(num_blocks: int, num_pairs: int, block_m: int, num_experts: int)
 
 
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
-          narrow: bool = True, silu_out: bool = False, amax: tuple[torch.Tensor, int] | None = None,
-          row_quant: bool = False) -> int:
-    """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py).
-    silu_out: b is [gate; up] and c gets silu(gate) * up (N = b's rows / 2); each program then reads BLOCK_N / 2
-    gate and BLOCK_N / 2 up rows, the bytes and program count of the plain launch. a_scale None with FP8 b:
-    a is 16-bit and quantized in the kernel per (row, BLOCK_K group), or per row (row_quant) with the scale from
-    amax = (buffer [pairs, >= blocks], blocks written), which a silu_out launch given amax fills.
-    Returns the launch's N blocks."""
+          narrow: bool = True) -> None:
+    """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py)."""
     bm, bn, bk, warps, stages = _fit_smem(cfg, max(a.element_size(), b.element_size()))
     n, k = b.shape[1], b.shape[2]
     if b.is_cuda and narrow:  # blocks with work: at most one per pair, at most one per expert at decode sizes
         bn = _narrow_n(bn, n, min(block_expert.numel(), num_pairs, b.shape[0]), sm_count(b.device),
                        NARROW_FLOOR.get(gpu_name(b.device), MIN_BLOCK_N))
-    if silu_out:
-        n, bn = n // 2, max(16, bn // 2)
     blocks = used_blocks(block_expert.numel(), num_pairs, bm, b.shape[0]) if BOUND_GRID else block_expert.numel()
-    grid = (blocks, triton.cdiv(n, bn))
     fp8 = b.dtype == FP8_DTYPE
-    a_quant = fp8 and a_scale is None and not row_quant
-    amax_kw = {}
-    if amax is not None:
-        buf, written = amax
-        amax_kw = dict(amax_ptr=buf, amax_st=buf.stride(0), amax_n=written, AMAX_OUT=silu_out,
-                       A_ROWQ=row_quant, AMAX_PAD=max(2, next_pow2(written)))
-    _moe_gemm_kernel[grid](
-        a, b, c, c if a_quant or row_quant or not fp8 else a_scale, b_scale if fp8 else c, weights, pairs,
+    _moe_gemm_kernel[(blocks, triton.cdiv(n, bn))](
+        a, b, c, a_scale if fp8 else c, b_scale if fp8 else c, weights, pairs,
         block_expert, num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
-        SILU_OUT=silu_out, A_QUANT=a_quant, PRE_ROUND=INTERPRET, **pdl_kw(b.device, num_pairs), **amax_kw,
+        **pdl_kw(b.device, num_pairs),
     )
-    return grid[1]
 
 
-# The SiLU-mul in the gate_up GEMM's epilogue and the down GEMM's FP8 input quantized in its prologue, per
-# (pair, BLOCK_K group) instead of per pair (finer, so closer to the unquantized reference): two launches an MoE
-# layer instead of three, no [pairs, 2I] gate_up round trip. Measured slower, so off: H100 run 30
-# (bench/gpu_suite.sh h100m, FP8 GLM-4.7-Flash step, the other paths on) B 1 / 128 / 256 4.29-4.33 / 15.92-16.18 /
-# 23.93-24.27 ms with it, 4.04 / 15.88 / 19.21 without (+100 us a layer at B 256: every N-block program of the
-# down GEMM re-quantizes its whole A block, and each K step's dot is scaled per group outside the MMA).
-# False: gate_up GEMM, silu_and_mul(_fp8), down GEMM (the reference path).
-SILU_IN_GEMM = False
-# With SILU_IN_GEMM and FP8 experts: the gate_up launch also stores each (pair, N block)'s amax, and the down GEMM
-# quantizes its bf16 input per pair with silu_and_mul_fp8's scale (the three-launch path's bits; the MMA chain
-# kept: one scale a row, applied after the K loop). False: run 30's per (pair, BLOCK_K group) scales. Bit-equal to
-# the three launches in tests; its step A/B (bench/gpu_suite.sh h100s) has not run on a GPU yet.
-SILU_ROW_SCALE = True
+# The SiLU-mul inside the MoE GEMMs (gate_up's epilogue storing silu(gate) * up, the down GEMM quantizing its
+# bf16 input) lost in the step both ways it was built, and was removed (bench/KERNEL_NOTES.md v12, v14; code at
+# commit 9ce9879): per (pair, BLOCK_K group) scales +4.7 ms at B 256 (H100 run 30); per-pair scales from per-block
+# amaxes, bit-equal to this path, +0.73 ms at B 1 and +1.39 ms at B 256 (H200 run 16). Three launches: gate_up
+# GEMM, silu_and_mul(_fp8), down GEMM.
 
 
 def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:
@@ -312,20 +236,10 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     down = new_out((num_pairs, h), x.dtype, x.device)
     xq, xs = (x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)) if fp8 else (x, None)
     s13, s2 = _row_scales(w13_scale), _row_scales(w2_scale)
-    amax = None
-    if SILU_IN_GEMM:  # two launches: gate_up with the SiLU-mul epilogue, down quantizing its input (act_s None)
-        act, act_s = new_out((num_pairs, two_i // 2), x.dtype, x.device), None
-        if fp8 and SILU_ROW_SCALE:  # per (pair, N block) amax; N blocks of the epilogue are >= 16 columns wide
-            amax = (new_out((num_pairs, triton.cdiv(two_i // 2, 16)), torch.float32, x.device), 0)
-        blocks = _gemm(xq, xs, w13, s13, act, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False,
-                       silu_out=True, amax=amax)
-        amax = None if amax is None else (amax[0], blocks)
-    else:
-        gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
-        _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
-        act, act_s = silu_and_mul_fp8(gate_up) if fp8 else (silu_and_mul(gate_up), None)
-    _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True, amax=amax,
-          row_quant=amax is not None)
+    gate_up = new_out((num_pairs, two_i), x.dtype, x.device)
+    _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
+    act, act_s = silu_and_mul_fp8(gate_up) if fp8 else (silu_and_mul(gate_up), None)
+    _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
     if keep_slots:
         return down.view(t, top_k, h)
     out = new_out((t, h), x.dtype, x.device)

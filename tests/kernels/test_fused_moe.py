@@ -53,73 +53,22 @@ def test_fused_experts_fp8_per_channel():
     assert rel < 0.08, rel
 
 
-@pytest.mark.parametrize("silu_in_gemm,row_scale", [(False, True), (True, True), (True, False)])
-def test_fused_experts_fp8_matches_quantized_activation_reference(silu_in_gemm, row_scale, monkeypatch):
-    """W8A8 exactly as the kernels quantize: x per token; the SiLU-mul output per pair (three launches, or
-    SILU_IN_GEMM with SILU_ROW_SCALE), or per (pair, BLOCK_K group) (SILU_IN_GEMM, run 30's group scales)."""
-    from glmserve.kernels import fused_moe
-    from glmserve.kernels.act_quant import quant_fp8_group_ref, quant_fp8_per_token_ref, silu_and_mul_ref
+def test_fused_experts_fp8_matches_quantized_activation_reference():
+    """W8A8 exactly as the kernels quantize: x per token, the SiLU-mul output per pair."""
+    from glmserve.kernels.act_quant import quant_fp8_per_token_ref, silu_and_mul_ref
 
-    monkeypatch.setattr(fused_moe, "SILU_IN_GEMM", silu_in_gemm)
-    monkeypatch.setattr(fused_moe, "SILU_ROW_SCALE", row_scale)
     x, w13, w2, weights, ids = _inputs(6, 32, 80, 4, 2, torch.float32)
     q13, q2, s13, s2 = _fp8(w13, w2)
     out = fused_experts(x, q13, q2, weights, ids, s13, s2)
-    group = fused_moe._fit_smem(fused_moe._config(x.device, ids.numel(), 4, True), 4)[2]  # the down GEMM's BLOCK_K
-    assert 80 % group != 0  # a partial last group
     xq, xs = quant_fp8_per_token_ref(x)
     ref = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = ids[t, j]
             gu = (xq[t].float() @ q13[e].float().t()) * xs[t] * s13[e, :, 0]
-            act = silu_and_mul_ref(gu[None])
-            if silu_in_gemm and not row_scale:
-                aq, a_s = quant_fp8_group_ref(act, group)
-                deq = (aq.float().view(1, -1) * a_s.repeat_interleave(group, 1)[:, : act.shape[1]])[0]
-            else:
-                aq, a_s = quant_fp8_per_token_ref(act)
-                deq = aq[0].float() * a_s[0]
-            ref[t] += weights[t, j] * ((deq @ q2[e].float().t()) * s2[e, :, 0])
+            aq, a_s = quant_fp8_per_token_ref(silu_and_mul_ref(gu[None]))
+            ref[t] += weights[t, j] * (((aq[0].float() * a_s[0]) @ q2[e].float().t()) * s2[e, :, 0])
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-3)  # one fp8 step on a few activations
-
-
-@pytest.mark.parametrize("fp8,row_scale", [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_in_gemm_skips_the_silu_launch_and_agrees(fp8, row_scale, dtype, monkeypatch):
-    """SILU_IN_GEMM: two launches (no silu_and_mul / silu_and_mul_fp8 call), and the same output as the three-launch
-    path: to fp32 rounding for float experts (the epilogue rounds gate / up / silu as the kernel it replaces); for
-    FP8 with SILU_ROW_SCALE the same bits (silu_and_mul_fp8's per-pair scale and e4m3 values, from the per-block
-    amaxes), with run 30's group scales within the finer quantization's difference."""
-    from glmserve.kernels import fused_moe
-
-    monkeypatch.setattr(fused_moe, "SILU_ROW_SCALE", row_scale)
-    torch.manual_seed(1)
-    x, w13, w2, weights, ids = _inputs(9, 48, 40, 5, 3, torch.float32)
-    x = x.to(dtype)
-    if not fp8:
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-    scales = ()
-    if fp8:
-        w13, w2, *scales = _fp8(w13, w2)
-    monkeypatch.setattr(fused_moe, "SILU_IN_GEMM", False)
-    three = fused_experts(x, w13, w2, weights, ids, *scales)
-
-    def no_silu(*_):
-        raise AssertionError("SiLU-mul launched on its own")
-
-    monkeypatch.setattr(fused_moe, "SILU_IN_GEMM", True)
-    monkeypatch.setattr(fused_moe, "silu_and_mul", no_silu)
-    monkeypatch.setattr(fused_moe, "silu_and_mul_fp8", no_silu)
-    two = fused_experts(x, w13, w2, weights, ids, *scales)
-    ref = fused_experts_ref(x, w13, w2, weights, ids, *scales)
-    if fp8 and row_scale:
-        assert torch.equal(two, three)
-    elif fp8:  # both within W8A8 error of the unquantized reference, the group-quantized one no further off
-        err = lambda y: ((y.float() - ref.float()).norm() / ref.float().norm()).item()  # noqa: E731
-        assert err(two) < 0.08 and err(two) <= 1.5 * err(three), (err(two), err(three))
-    else:
-        torch.testing.assert_close(two, three, rtol=1e-5, atol=1e-5)
 
 
 def test_launch_config_fits_shared_memory_for_fp32():
