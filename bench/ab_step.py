@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from bench.profile_step import PAGE, copy_bandwidth, experts_touched, step_batch, step_bytes, timed
+from bench.profile_step import PAGE, copy_bandwidth, experts_touched, step_batch, step_bytes, timed, touched_summary
 from glmserve.shared.config.presets import write_preset
 from glmserve.shared.runner.model_runner import ModelRunner
 
@@ -64,7 +64,9 @@ def ab_rows(runner: ModelRunner, switch: str, batches: list[int], rounds: int, c
     for b in batches:
         dec, kv = step_batch(runner, b, ctx, 1)
         kv_bytes = kv.layout.page_bytes() / PAGE * ctx * b
-        wbytes, _ = step_bytes(runner, experts_touched(runner, dec, kv), kv_bytes)
+        runner.graph_sets.clear()  # the eager forward counts the experts this batch routes to
+        touched = experts_touched(runner, dec, kv)
+        wbytes, _ = step_bytes(runner, touched, kv_bytes)
         floor_ms = (wbytes + kv_bytes) / (bw * 1e9) * 1e3
         samples: dict[bool, list[float]] = {True: [], False: []}
         logits: dict[bool, torch.Tensor] = {}
@@ -79,7 +81,8 @@ def ab_rows(runner: ModelRunner, switch: str, batches: list[int], rounds: int, c
         # the switch must not change the step's result beyond summation order: max |on - off| / max |off|
         diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
         rows.append(dict(switch=switch, batch=b, on_ms=samples[True], off_ms=samples[False], on_median=on_ms,
-                         off_median=off_ms, roofline_ms=floor_ms, logits_rel_diff=diff))
+                         off_median=off_ms, roofline_ms=floor_ms, logits_rel_diff=diff,
+                         experts_touched=touched_summary(touched)))
         del dec, kv
     return rows
 
@@ -109,9 +112,11 @@ def main() -> None:
     rows = [row for name in switches for row in ab_rows(runner, name, batches, a.rounds, a.ctx, bw)]
     print(f"copy GB/s {bw:.0f}  preset {a.preset}  ctx {a.ctx}  weights {a.quantization or 'bf16'}"
           f"  also on {','.join(also) or '-'}  rounds {a.rounds}  replays {REPLAYS}")
-    print("switch          B  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms  logits max|on-off|/max|off|")
+    print("switch          B  experts/layer  on ms (roofline/graph)  off ms (roofline/graph)  on - off ms"
+          "  logits max|on-off|/max|off|")
     for r in rows:
-        print(f"{r['switch']:12s} {r['batch']:4d}  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
+        print(f"{r['switch']:12s} {r['batch']:4d}  {r['experts_touched']:>13s}"
+              f"  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
               f"        {r['off_median']:7.3f} ({r['roofline_ms'] / r['off_median']:.3f})"
               f"         {r['on_median'] - r['off_median']:+7.3f}  {r['logits_rel_diff']:.2e}")
     if a.out:

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from bench.profile_step import experts_touched, touched_summary
 from glmserve.shared.kvcache.cache import PagedKVCache
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 from glmserve.shared.runner.model_runner import ModelRunner
@@ -79,11 +80,14 @@ def _capture(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], max_s
 def time_batch(runner: ModelRunner, kv: PagedKVCache, b: int, ks: list[int], ctx: int, iters: int,
                graphs: bool = False) -> dict:
     dev, vocab, h = runner.device, runner.config.vocab_size, runner.config.hidden_size
+    dec = _batch(ForwardMode.DECODE, b, 1, ctx, vocab, dev, "last")
+    runner.graph_sets.clear()  # experts routed to, counted by one eager decode forward (random weights: ~uniform)
+    touched = experts_touched(runner, dec, kv)
     if graphs:
         _capture(runner, kv, b, ks, ctx + max(ks) + 1)
     runs = runner.graph_runs()
-    dec = _batch(ForwardMode.DECODE, b, 1, ctx, vocab, dev, "last")
-    row = {"batch": b, "decode_s": _timed(lambda: runner.forward(dec, kv), dev, iters)}
+    row = {"batch": b, "experts_touched": touched_summary(touched),
+           "decode_s": _timed(lambda: runner.forward(dec, kv), dev, iters)}
     row["plain_tok_s"] = b / row["decode_s"]
     hidden = torch.randn(b, h, device=dev, dtype=runner.dtype)
     for k in ks:
@@ -136,7 +140,7 @@ def _model_dir(config: str) -> str:
 
 
 def _table(rows: list[dict], ks: list[int]) -> str:
-    lines = [f"{'B':>4} {'decode ms':>10} {'plain tok/s':>12}  " + "  ".join(
+    lines = [f"{'B':>4} {'experts/layer':>13} {'decode ms':>10} {'plain tok/s':>12}  " + "  ".join(
         f"K={k}: verify ms (x dec) draft ms | projected tok/s @50/70/90%" for k in ks)]
     for r in rows:
         cells = []
@@ -145,7 +149,8 @@ def _table(rows: list[dict], ks: list[int]) -> str:
             p = c["projected_tok_s"]
             cells.append(f"{c['verify_s'] * 1e3:8.2f} ({c['verify_over_decode']:.2f}x) {c['draft_s'] * 1e3:7.2f} | "
                          + "/".join(f"{p[a]:.0f}" for a in ("0.5", "0.7", "0.9")) + " (projected)")
-        lines.append(f"{r['batch']:>4} {r['decode_s'] * 1e3:10.2f} {r['plain_tok_s']:12.0f}  " + "  ".join(cells))
+        lines.append(f"{r['batch']:>4} {r['experts_touched']:>13} {r['decode_s'] * 1e3:10.2f} {r['plain_tok_s']:12.0f}  "
+                     + "  ".join(cells))
     return "\n".join(lines)
 
 

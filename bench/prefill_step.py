@@ -28,7 +28,7 @@ from glmserve.shared.config.presets import write_preset
 from glmserve.shared.kvcache.cache import PagedKVCache
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 from glmserve.shared.runner.model_runner import ModelRunner
-from bench.profile_step import timed
+from bench.profile_step import experts_touched_by, timed, touched_summary
 
 PAGE = 16
 
@@ -117,21 +117,23 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s; active params {act / 1e9:.2f} B; weights {a.quantization or 'bf16'}; "
           f"{a.prompts} prompt(s) per row", flush=True)
-    print(f"{'tokens':>7} {'chunk':>6} {'form':>9} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'util':>5}")
+    print(f"{'tokens':>7} {'chunk':>6} {'form':>9} {'experts/layer':>13} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} "
+          f"{'util':>5}")
     for n in tokens:
         ids = [(7 * i) % 150000 + 3 for i in range(n)]
         flops = (2 * act * n + attention_flops(runner, n)) * a.prompts
         for form, chunk in configs:
             mla.EXPAND_MIN_Q = 10 ** 9 if form == "absorbed" else 16
             run = lambda: prefill(runner, kv, ids, chunk, a.prompts)  # noqa: E731
+            touched = touched_summary(experts_touched_by(runner, run))  # one untimed pass, counting experts
             s = timed(run, a.reps)
             if a.profile and not rows:
                 print_kernels(run)
-            row = dict(tokens=n, prompts=a.prompts, chunk=chunk, form=form, ms=s * 1e3, tok_s=n * a.prompts / s,
-                       tflops=flops / s / 1e12, util=flops / s / 1e12 / peak)
+            row = dict(tokens=n, prompts=a.prompts, chunk=chunk, form=form, experts_touched=touched, ms=s * 1e3,
+                       tok_s=n * a.prompts / s, tflops=flops / s / 1e12, util=flops / s / 1e12 / peak)
             rows.append(row)
-            print(f"{n:7d} {chunk:6d} {form:>9} {row['ms']:9.1f} {row['tok_s']:9.0f} {row['tflops']:8.1f} "
-                  f"{row['util']:5.2f}", flush=True)
+            print(f"{n:7d} {chunk:6d} {form:>9} {touched:>13} {row['ms']:9.1f} {row['tok_s']:9.0f} "
+                  f"{row['tflops']:8.1f} {row['util']:5.2f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"preset": a.preset, "quantization": a.quantization or "bf16", "matmul_peak_tflops": peak,

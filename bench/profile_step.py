@@ -118,13 +118,27 @@ def _device_us(evt) -> float:
     return float(getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0) or 0.0)
 
 
-def experts_touched(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> dict[int, int]:
-    """{MoE layer: distinct experts} for one eager forward of this batch (DESIGN §7: print it for dummy weights)."""
+def experts_touched_by(runner: ModelRunner, run) -> dict[int, int]:
+    """{MoE layer: distinct experts} the eager forwards of run() route to (DESIGN §7: print it for dummy weights)."""
     runner.track_expert_usage()
-    runner.forward(dec, kv)
-    touched = {i: int((c > 0).sum()) for i, c in runner.expert_usage().items() if c.sum() > 0}
-    runner.track_expert_usage(False)
+    try:
+        run()
+        touched = {i: int((c > 0).sum()) for i, c in runner.expert_usage().items() if c.sum() > 0}
+    finally:
+        runner.track_expert_usage(False)
+    if not touched and runner.moe_layer_indices():  # graphs captured before tracking do not count
+        raise RuntimeError("no expert counted: the forward replayed a CUDA graph; clear runner.graph_sets first")
     return touched
+
+
+def experts_touched(runner: ModelRunner, dec: ForwardBatch, kv: PagedKVCache) -> dict[int, int]:
+    """{MoE layer: distinct experts} for one eager forward of this batch."""
+    return experts_touched_by(runner, lambda: runner.forward(dec, kv))
+
+
+def touched_summary(touched: dict[int, int]) -> str:
+    """'mean (min m)' experts a MoE layer, the benchmarks' printed column."""
+    return f"{sum(touched.values()) / max(1, len(touched)):.1f} (min {min(touched.values(), default=0)})"
 
 
 def step_batch(runner: ModelRunner, batch: int, ctx: int, q: int) -> tuple[ForwardBatch, PagedKVCache]:
