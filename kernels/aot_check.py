@@ -229,6 +229,7 @@ def cases():
     fn, sig, const, warps, stages = _moe(True, fused_moe.CONFIGS[("H100", "decode", "fp8")])
     yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
     yield "fused_moe H100 decode fp8 pdl late", fn, sig, dict(const, PDL=2), warps, stages  # _common.PDL_LATE
+    yield "fused_moe H100 decode fp8 pdl early loads", fn, sig, dict(const, PDL=True, EARLY=True), warps, stages
 
 
 def _resources(cubin: bytes) -> dict[str, int]:

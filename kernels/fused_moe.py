@@ -47,19 +47,30 @@ def _moe_gemm_kernel(
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
-    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block."""
+    """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block.
+    EARLY: the block's pairs load beside its expert id (not after the id's check), and the epilogue's scales and
+    weights load before the K loop, so neither waits on a dependent global round trip (same math, same bits)."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EARLY:  # one round trip for both: the pairs' address does not depend on the expert
+        pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    if not EARLY:
+        pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     a_rows = (pairs // A_DIV).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EARLY:  # the epilogue's operands, in flight while the K loop streams B
+        if FP8:
+            sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
+            sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
+        if MUL_WEIGHT:
+            wt = tl.load(w_ptr + pairs, mask=row_ok, other=0.0)
     rk = tl.arange(0, BLOCK_K)
     a_p = a_ptr + a_rows[:, None] * a_sm + rk[None, :]
     b_p = b_ptr + expert.to(tl.int64) * b_se + rn[None, :].to(tl.int64) * b_sn + rk[:, None]  # [BLOCK_K, BLOCK_N]
@@ -75,11 +86,14 @@ def _moe_gemm_kernel(
         a_p += BLOCK_K
         b_p += BLOCK_K
     if FP8:
-        sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
-        sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
+        if not EARLY:
+            sb = tl.load(bs_ptr + expert.to(tl.int64) * bs_se + rn, mask=rn < N, other=0.0)
+            sa = tl.load(as_ptr + a_rows, mask=row_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
     if MUL_WEIGHT:
-        acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0)[:, None]
+        if not EARLY:
+            wt = tl.load(w_ptr + pairs, mask=row_ok, other=0.0)
+        acc = acc * wt[:, None]
     c_p = c_ptr + pairs.to(tl.int64)[:, None] * c_sm + rn[None, :]
     tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
 
@@ -175,6 +189,14 @@ def used_blocks(num_blocks: int, num_pairs: int, block_m: int, num_experts: int)
     return min(num_blocks, num_pairs // block_m + min(num_experts, num_pairs))
 
 
+# The block's pairs load beside its expert id and the epilogue's scales / weights before the K loop
+# (_moe_gemm_kernel's EARLY). Reason (H200 run 19, the MLA kernel): a program pays its dependent global round
+# trips on top of its streaming, and at B 1 an MoE program streams only 48-128 KB (the w2 launch runs at 0.45-0.52
+# of the copy ceiling for every tile config, H100 run 17). Predicted: -1 to -1.5 us a launch at B 1 (~0.1 ms a
+# step). Same bits either way (tests). Off until measured (bench/ab_step.py --switch moe_early).
+EARLY_LOADS = False
+
+
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
           narrow: bool = True) -> None:
     """One grouped GEMM launch; narrow=False keeps cfg's BLOCK_N as given (bench/decode_sweep.py)."""
@@ -191,7 +213,7 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
         b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
-        **pdl_kw(b.device, num_pairs),
+        EARLY=EARLY_LOADS, **pdl_kw(b.device, num_pairs),
     )
 
 

@@ -71,6 +71,30 @@ def test_fused_experts_fp8_matches_quantized_activation_reference():
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-3)  # one fp8 step on a few activations
 
 
+@pytest.mark.parametrize("fp8,dtype", [(True, torch.bfloat16), (False, torch.bfloat16), (False, torch.float32)])
+def test_early_loads_give_the_same_bits(fp8, dtype, monkeypatch):
+    """fused_moe.EARLY_LOADS (pairs beside the expert id, epilogue scales / weights before the K loop) only moves
+    loads: the same output bit for bit, FP8 and float experts, a fused-shared-style dense last slot included."""
+    from glmserve.kernels import fused_moe
+
+    torch.manual_seed(3)
+    x, w13, w2, weights, ids = _inputs(7, 48, 40, 6, 3, torch.float32)
+    ids[:, -1] = 5  # every token's last slot on one expert: a block with several pairs
+    x = x.to(dtype)
+    scales = ()
+    if fp8:
+        w13, w2, *scales = _fp8(w13, w2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    out = {}
+    for early in (False, True):
+        monkeypatch.setattr(fused_moe, "EARLY_LOADS", early)
+        out[early] = fused_experts(x, w13, w2, weights, ids, *scales)
+    assert torch.equal(out[True], out[False])
+    ref = fused_experts_ref(x, w13, w2, weights, ids, *scales)
+    assert ((out[True].float() - ref.float()).norm() / ref.float().norm()).item() < (0.08 if fp8 else 0.02)
+
+
 def test_launch_config_fits_shared_memory_for_fp32():
     """The GPU config table is sized for bf16/fp8 operands; fp32 models (tests, the tiny CPU-sized
     checkpoints on CUDA) must get stages/BLOCK_K cut so the tiles fit sm_90's shared memory."""
