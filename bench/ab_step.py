@@ -33,6 +33,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "splitk_inline": ("glmserve.kernels.fp8_gemm", "SPLITK_INLINE", True, False),
     "moe_grid": ("glmserve.kernels.fused_moe", "BOUND_GRID", True, False),
     "moe_early": ("glmserve.kernels.fused_moe", "EARLY_LOADS", True, False),
+    "gemm_early": ("glmserve.kernels.fp8_gemm", "EARLY_SCALES", True, False),
     "pdl": ("glmserve.kernels._common", "PDL_ENABLED", True, False),
     "pdl_late": ("glmserve.kernels._common", "PDL_LATE", True, False),
     "mla_prep": ("glmserve.shared.model.layers.mla", "PREP_FUSED", True, False),

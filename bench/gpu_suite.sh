@@ -21,7 +21,7 @@
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
-#   bash bench/gpu_suite.sh h100u    # ONE short call: MLA q by cp.async + MoE early loads: tests, sweep, step A/Bs
+#   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs
 # The one-off H100 phases of runs 15-34 (h100b ... h100s) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -251,14 +251,15 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  h100u)  # ONE short call (~3.5 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC) and
-    # the MoE GEMM's early loads (fused_moe.EARLY_LOADS): GPU tests, the MLA kernel alone at B 1 / 64 / 128 / 256 ctx
-    # 640 and B 64 ctx 4096 with q_async off / on, then both switches' step A/Bs in one process
-    end=$((SECONDS + ${H100_BUDGET_S:-250}))
+  h100u)  # ONE call (~5 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
+    # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES): GPU tests,
+    # the MLA kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 with q_async off / on, then the three
+    # switches' step A/Bs in one process
+    end=$((SECONDS + ${H100_BUDGET_S:-320}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
-      -k "mla_decode_wg or wgmma or early"
+      tests/kernels/test_fp8_gemm.py -k "mla_decode_wg or wgmma or early"
     for qa in 0 1; do
       step "mla_q_async$qa" "$(left 40)" $PY -c "
 import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w
@@ -267,8 +268,8 @@ d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
 d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
 for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, row)"
     done
-    step ab_q_async_moe_early "$(left 140)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-      --switch mla_q_async,moe_early --batches 1,64,256 --rounds 3
+    step ab_q_async_early_loads "$(left 200)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
+      --switch mla_q_async,moe_early,gemm_early --batches 1,64,256 --rounds 3
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

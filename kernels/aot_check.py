@@ -221,6 +221,8 @@ def cases():
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]
         yield (f"fp8_gemm split-k 8 inline {key} arrival pdl", *_gemm(False, cfg, 8, True))
+    fn, sig, const, warps, stages = _gemm(False, fp8_gemm.CONFIGS[("default", "small")], 8, True)
+    yield "fp8_gemm split-k 8 inline small early scales arrival pdl", fn, sig, dict(const, EARLY=True), warps, stages
     yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
         part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",
         c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1

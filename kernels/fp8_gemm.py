@@ -41,13 +41,14 @@ def _fp8_gemm_kernel(
     a_sm, w_sn, c_sm, as_sm, ws_sn, k_blocks_per_split,
     HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
-    INLINE_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
+    INLINE_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
     when BLOCK_SCALED, raw otherwise); then either _splitk_reduce_kernel finishes the tile, or
     (INLINE_REDUCE) the tile's last program to arrive does: cnt[tile] counts the tile's stored partials
     (0 between launches: the finisher resets it), and the finisher sums part[0..SPLIT_K) in split order,
-    as the reduce kernel does, so both give the same bits."""
+    as the reduce kernel does, so both give the same bits. EARLY: the epilogue's per-channel scales and bias
+    load before the K loop (in flight while it streams W; same bits)."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -63,6 +64,11 @@ def _fp8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T
+    if EARLY and not BLOCK_SCALED:
+        sa_e = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
+        sw_e = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+    if EARLY and HAS_BIAS:
+        bias_e = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         k_ok = rk < K - kb * BLOCK_K
@@ -94,11 +100,17 @@ def _fp8_gemm_kernel(
             acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (CUDA graph replays reuse the counters)
     if not BLOCK_SCALED:
-        sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
-        sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
-        acc = acc * sa[:, None] * sw[None, :]
+        if EARLY:
+            acc = acc * sa_e[:, None] * sw_e[None, :]
+        else:
+            sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
+            sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
+            acc = acc * sa[:, None] * sw[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if EARLY:
+            acc += bias_e[None, :]
+        else:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c_p = c_ptr + rm.to(tl.int64)[:, None] * c_sm + rn[None, :]
     tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -208,7 +220,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
         a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
         HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, INLINE_REDUCE=counters is not None,
-        num_warps=warps, num_stages=stages, **pdl_kw(a_q.device, m),
+        EARLY=EARLY_SCALES, num_warps=warps, num_stages=stages, **pdl_kw(a_q.device, m),
     )
     if splits > 1 and counters is None:
         block_n = min(1024, triton.next_power_of_2(n))
@@ -226,6 +238,11 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
 # fused_moe.BOUND_GRID, B 1 / 128 / 256 4.04 / 15.88 / 19.21 ms against 4.12-4.14 / 16.09 / 19.47-19.53 with
 # all three off. False: bench/profile_step.py --splitk kernel. Counters: _common.arrival_counters, one a tile.
 SPLITK_INLINE = True
+# The pointer kernel's epilogue scales and bias loaded before its K loop (_fp8_gemm_kernel's EARLY), so the
+# epilogue (the last split's, with inline split-K) does not start with a dependent global round trip. Same bits
+# (tests). Predicted ~0.5 us a launch at batch 1, where the attention GEMMs sit at 0.33 of HBM on a ~2.4 us
+# launch floor (H100 run 34). Off until measured (bench/ab_step.py --switch gemm_early).
+EARLY_SCALES = False
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -91,6 +91,23 @@ def test_split_k_inline_reduce_matches_reduce_kernel(block, monkeypatch):
         assert counters.numel() == _common.ARRIVAL_COUNTERS and not counters.any()
 
 
+@pytest.mark.parametrize("block,bias,split", [(0, True, 1), (0, False, 1), (0, True, 3), (128, True, 1)])
+def test_early_scales_give_the_same_bits(block, bias, split, monkeypatch):
+    """fp8_gemm.EARLY_SCALES (the epilogue's scales and bias loaded before the K loop) only moves loads: the same
+    bits, alone, with inline split-K, and block-scaled (where only the bias moves)."""
+    m, n, k = 6, 70, 300
+    a_q, a_s, w_q, w_s = _gemm_inputs(m, n, k, block)
+    b = torch.randn(n, device=DEV) if bias else None
+    monkeypatch.setattr(fp8_gemm, "SPLITK_INLINE", True)
+    out = {}
+    for early in (False, True):
+        monkeypatch.setattr(fp8_gemm, "EARLY_SCALES", early)
+        out[early] = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s, b, torch.float32, block=block, split_k=split)
+    assert torch.equal(out[True], out[False])
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32, block=block)
+    torch.testing.assert_close(out[True], ref, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("precise", [True, False])
 def test_tma_kernel_partial_tiles(precise):
     """kernels/fp8_gemm_tma.py (the M > 512 Hopper path) on tiles cut by M, N and K (zero-filled by TMA)."""
