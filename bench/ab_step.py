@@ -30,6 +30,7 @@ REPLAYS = 50
 # switch -> (module, attribute, value "on", value "off")
 SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "route_align": ("glmserve.kernels.moe_route_align", "ENABLED", True, False),
+    "route_relaxed": ("glmserve.kernels.moe_route_align", "RELAXED_RESET", True, False),
     "splitk_inline": ("glmserve.kernels.fp8_gemm", "SPLITK_INLINE", True, False),
     "moe_grid": ("glmserve.kernels.fused_moe", "BOUND_GRID", True, False),
     "moe_early": ("glmserve.kernels.fused_moe", "EARLY_LOADS", True, False),

@@ -255,11 +255,11 @@ case "${1:-models}" in
     # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES): GPU tests,
     # the MLA kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 with q_async off / on, then the three
     # switches' step A/Bs in one process
-    end=$((SECONDS + ${H100_BUDGET_S:-320}))
+    end=$((SECONDS + ${H100_BUDGET_S:-370}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
-      tests/kernels/test_fp8_gemm.py -k "mla_decode_wg or wgmma or early"
+      tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
     for qa in 0 1; do
       step "mla_q_async$qa" "$(left 40)" $PY -c "
 import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w
@@ -268,8 +268,8 @@ d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
 d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
 for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, row)"
     done
-    step ab_q_async_early_loads "$(left 200)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-      --switch mla_q_async,moe_early,gemm_early --batches 1,64,256 --rounds 3
+    step ab_q_async_early_loads "$(left 250)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
+      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,64,256 --rounds 3
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -48,7 +48,8 @@ def _fp8_gemm_kernel(
     (INLINE_REDUCE) the tile's last program to arrive does: cnt[tile] counts the tile's stored partials
     (0 between launches: the finisher resets it), and the finisher sums part[0..SPLIT_K) in split order,
     as the reduce kernel does, so both give the same bits. EARLY: the epilogue's per-channel scales and bias
-    load before the K loop (in flight while it streams W; same bits)."""
+    load before the K loop (in flight while it streams W), and the finisher's counter reset is relaxed, so no
+    load or store of the epilogue waits on it (same bits)."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -98,7 +99,12 @@ def _fp8_gemm_kernel(
         # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
         for s in tl.static_range(SPLIT_K):
             acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (CUDA graph replays reuse the counters)
+        # ready for the next launch (CUDA graph replays reuse the counters; a kernel boundary or PDL's wait orders
+        # the reset before the next launch's counts, so with EARLY it is relaxed: the epilogue does not wait on it)
+        if EARLY:
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+        else:
+            tl.atomic_xchg(cnt_ptr + pid, 0)
     if not BLOCK_SCALED:
         if EARLY:
             acc = acc * sa_e[:, None] * sw_e[None, :]
@@ -238,8 +244,9 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
 # fused_moe.BOUND_GRID, B 1 / 128 / 256 4.04 / 15.88 / 19.21 ms against 4.12-4.14 / 16.09 / 19.47-19.53 with
 # all three off. False: bench/profile_step.py --splitk kernel. Counters: _common.arrival_counters, one a tile.
 SPLITK_INLINE = True
-# The pointer kernel's epilogue scales and bias loaded before its K loop (_fp8_gemm_kernel's EARLY), so the
-# epilogue (the last split's, with inline split-K) does not start with a dependent global round trip. Same bits
+# The pointer kernel's epilogue scales and bias loaded before its K loop, and inline split-K's counter reset relaxed
+# (_fp8_gemm_kernel's EARLY), so the epilogue (the last split's, with inline split-K) does not start with a
+# dependent global round trip, nor wait for the reset's (an acq_rel atomic orders every later access). Same bits
 # (tests). Predicted ~0.5 us a launch at batch 1, where the attention GEMMs sit at 0.33 of HBM on a ~2.4 us
 # launch floor (H100 run 34). Off until measured (bench/ab_step.py --switch gemm_early).
 EARLY_SCALES = False

@@ -32,6 +32,10 @@ ENABLED = True
 MAX_T = 16  # tokens: tl.dot's 16-row floor, and T <= BLOCK_M (fused_moe's smallest BLOCK_M is 16)
 MAX_SPLITS = 32  # programs computing the logits; the last one sums MAX_SPLITS x [T, E] fp32 partials
 FILL = 1024  # rows per store of the sentinel fill
+# The last program's counter reset as a relaxed atomic: the default acq_rel one orders every later load and store
+# of the select and align after its L2 round trip. Predicted ~0.5 us a launch at B 1. Same bits (tests); off until
+# measured (bench/ab_step.py --switch route_relaxed).
+RELAXED_RESET = False
 
 
 @triton.jit
@@ -41,7 +45,7 @@ def _route_align_kernel(
     TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, SEL_T: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, RELAXED_RESET: tl.constexpr = False,
 ):
     """part: [SPLITS, T, E] fp32 workspace; cnt: one int32, 0 between launches. BLOCK_S >= E + SHARED (the
     slots aligned: the shared expert is slot E)."""
@@ -67,7 +71,12 @@ def _route_align_kernel(
     logit = tl.zeros([SEL_T, BLOCK_E], dtype=tl.float32)
     for s in tl.static_range(SPLITS):  # unrolled: the loads go out together, summed in split order
         logit += tl.load(tile_p + s * T * E, mask=tile_ok, other=0.0, cache_modifier=".cg")
-    tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (CUDA graph replays reuse the counter)
+    # ready for the next launch (CUDA graph replays reuse the counter; the kernel boundary or PDL's wait orders
+    # the reset before the next launch's counts): RELAXED_RESET keeps the select's loads from waiting on it
+    if RELAXED_RESET:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+    else:
+        tl.atomic_xchg(cnt_ptr, 0)
     _, ids = _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP,
                      NORM, SEL_T, BLOCK_E, K_PAD)
 
@@ -138,5 +147,5 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
         TOP_K=top_k, SHARED=int(shared_slot), N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob),
         BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, K_PAD=next_pow2(out_k), SPLITS=splits,
         BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, SEL_T=next_pow2(t), num_warps=4,
-        **pdl_kw(x.device, t))
+        RELAXED_RESET=RELAXED_RESET, **pdl_kw(x.device, t))
     return weights, ids, (pairs, block_expert, block_m)

@@ -148,11 +148,16 @@ def test_router_keeps_gate_bf16_only_when_exact(tmp_path, ckpt_dtype):
     (16, 40, 8, 1, 1, False, 160),  # MAX_T tokens, no shared slot
     (3, 160, 8, 1, 1, True, 256),  # GLM-4.5's 160 experts: BLOCK_E 256, BLOCK_S 256, 8 K splits
 ])
-def test_route_align_one_launch_equals_route_then_align(t, e, k, n_group, topk_group, shared, h):
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_route_align_one_launch_equals_route_then_align(t, e, k, n_group, topk_group, shared, h, relaxed,
+                                                        monkeypatch):
     """moe_route_align's one launch (split-K logits, last program selects and aligns) gives moe_route's weights
-    and ids and moe_align's layout for fused_experts' BLOCK_M, twice in a row (the arrival counter reset)."""
-    from glmserve.kernels import _common, fused_moe
+    and ids and moe_align's layout for fused_experts' BLOCK_M, twice in a row (the arrival counter reset, acq_rel
+    or relaxed: RELAXED_RESET)."""
+    from glmserve.kernels import _common, fused_moe, moe_route_align as ra
     from glmserve.kernels.moe_route_align import moe_route_align
+
+    monkeypatch.setattr(ra, "RELAXED_RESET", relaxed)
 
     g = torch.Generator().manual_seed(t * 1000 + e)
     x = torch.randn(t, h, generator=g).to(DEV, torch.bfloat16)
