@@ -251,10 +251,10 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  h100u)  # ONE call (~5 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
-    # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES): GPU tests,
-    # the MLA kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 with q_async off / on, then the three
-    # switches' step A/Bs in one process
+  h100u)  # ONE call (~6 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
+    # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES), the router's
+    # relaxed counter reset (moe_route_align.RELAXED_RESET): GPU tests, the MLA kernel alone at B 1 / 64 / 128 / 256
+    # ctx 640 and B 64 ctx 4096 with q_async off / on, then the four switches' step A/Bs in one process
     end=$((SECONDS + ${H100_BUDGET_S:-370}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
