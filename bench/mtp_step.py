@@ -149,8 +149,8 @@ def _table(rows: list[dict], ks: list[int]) -> str:
             p = c["projected_tok_s"]
             cells.append(f"{c['verify_s'] * 1e3:8.2f} ({c['verify_over_decode']:.2f}x) {c['draft_s'] * 1e3:7.2f} | "
                          + "/".join(f"{p[a]:.0f}" for a in ("0.5", "0.7", "0.9")) + " (projected)")
-        lines.append(f"{r['batch']:>4} {r['experts_touched']:>13} {r['decode_s'] * 1e3:10.2f} {r['plain_tok_s']:12.0f}  "
-                     + "  ".join(cells))
+        lines.append(f"{r['batch']:>4} {r['experts_touched']:>13} {r['decode_s'] * 1e3:10.2f} "
+                     f"{r['plain_tok_s']:12.0f}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
