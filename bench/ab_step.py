@@ -62,7 +62,10 @@ def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> tuple[float,
 
 
 def ab_rows(runner: ModelRunner, switch: str, batches: list[int], rounds: int, ctx: int, bw: float) -> list[dict]:
-    """One switch's A/B at each batch: `rounds` rounds of on / off (order flipped each round) -> one row a batch."""
+    """One switch's A/B at each batch: `rounds` rounds of on / off (order flipped each round) -> one row a batch.
+    The switch is left as it was found (its default, or on by --also), so the next switch's A/B sees that."""
+    module, attr = importlib.import_module(SWITCHES[switch][0]), SWITCHES[switch][1]
+    before = getattr(module, attr)
     rows = []
     for b in batches:
         dec, kv = step_batch(runner, b, ctx, 1)
@@ -79,7 +82,7 @@ def ab_rows(runner: ModelRunner, switch: str, batches: list[int], rounds: int, c
                 ms, logits[on] = graph_ms(runner, dec, kv, b, ctx)
                 samples[on].append(ms)
                 print(f"B {b:4d} round {r} {switch} {'on ' if on else 'off'} {ms:8.3f} ms", flush=True)
-        set_switch(switch, False)
+        setattr(module, attr, before)
         on_ms, off_ms = statistics.median(samples[True]), statistics.median(samples[False])
         # the switch must not change the step's result beyond summation order: max |on - off| / max |off|
         diff = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
