@@ -48,6 +48,18 @@ def set_switch(name: str, on: bool) -> None:
     setattr(importlib.import_module(module), attr, on_value if on else off_value)
 
 
+def winners(rows: list[dict], noise_ms: float = 0.02) -> list[str]:
+    """Switches of an A/B (ab_rows' rows) worth turning on: faster in total over the batches measured, slower at
+    none by more than noise_ms (the same-setting spread of one process, H100 run 31), and the step's logits
+    moved by no more than summation order (1e-2 of max |logit|: bf16 rounding of a reordered sum)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["switch"], []).append(r)
+    return [name for name, rs in by.items()
+            if sum(r["on_median"] - r["off_median"] for r in rs) < 0
+            and all(r["on_median"] - r["off_median"] <= noise_ms and r["logits_rel_diff"] <= 1e-2 for r in rs)]
+
+
 def graph_ms(runner: ModelRunner, dec, kv, batch: int, ctx: int) -> tuple[float, torch.Tensor]:
     """Capture this batch's DECODE graph with the switches as set now -> (median replay time in ms, the step's
     logits [B, V] fp32). Every replay writes the same cache slots with the same values, so the logits of any
@@ -125,10 +137,11 @@ def main() -> None:
               f"  {r['on_median']:7.3f} ({r['roofline_ms'] / r['on_median']:.3f})"
               f"        {r['off_median']:7.3f} ({r['roofline_ms'] / r['off_median']:.3f})"
               f"         {r['on_median'] - r['off_median']:+7.3f}  {r['logits_rel_diff']:.2e}")
+    print("winners (ab_step.winners):", ",".join(winners(rows)) or "-")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(switches=switches, also=also, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows), f,
-                      indent=1)
+            json.dump(dict(switches=switches, also=also, preset=a.preset, ctx=a.ctx, copy_gbps=bw, rows=rows,
+                           winners=winners(rows)), f, indent=1)
 
 
 if __name__ == "__main__":

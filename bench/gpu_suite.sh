@@ -21,7 +21,8 @@
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
-#   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs
+#   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs,
+#                                    # then the FP8 step table with the A/B's winners on
 # The one-off H100 phases of runs 15-34 (h100b ... h100s) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -251,11 +252,11 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  h100u)  # ONE call (~6 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
+  h100u)  # ONE call (~9 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
     # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES), the router's
     # relaxed counter reset (moe_route_align.RELAXED_RESET): GPU tests, the MLA kernel alone at B 1 / 64 / 128 / 256
     # ctx 640 and B 64 ctx 4096 with q_async off / on, then the four switches' step A/Bs in one process
-    end=$((SECONDS + ${H100_BUDGET_S:-370}))
+    end=$((SECONDS + ${H100_BUDGET_S:-560}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
@@ -269,7 +270,13 @@ d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
 for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, row)"
     done
     step ab_q_async_early_loads "$(left 250)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,64,256 --rounds 3
+      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,64,256 --rounds 3 --out "$OUT/ab_early.json"
+    # the FP8 step table (per-kernel profile at B 256) with the A/B's winners on (ab_step.winners), the candidate
+    # new defaults
+    on=$($PY -c "import json; print(','.join(json.load(open('$OUT/ab_early.json'))['winners']))" 2>/dev/null)
+    echo "winners: ${on:-none}"
+    step "profile_fp8_on_${on:-none}" "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
+      --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

@@ -286,8 +286,15 @@ def main() -> None:
                     help="TP 1 MoE layers sum their slots in their own kernel, not in the next norm (A/B)")
     ap.add_argument("--pdl", default="on", choices=["on", "off"],
                     help="programmatic dependent launch of the Triton kernels (kernels._common.PDL_ENABLED; A/B)")
+    ap.add_argument("--switches_on", default="",
+                    help="comma list of bench.ab_step SWITCHES set on (e.g. the winners of an A/B: ab_step.winners)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.switches_on:
+        from bench.ab_step import set_switch
+
+        for name in a.switches_on.split(","):
+            set_switch(name, True)
     if a.pdl == "off":
         from glmserve.kernels import _common
 

@@ -1,0 +1,21 @@
+"""bench.ab_step.winners: which A/B'd switches a GPU script turns on for the table that follows."""
+
+from bench.ab_step import winners
+
+
+def _row(switch: str, batch: int, on: float, off: float, diff: float = 0.0) -> dict:
+    return dict(switch=switch, batch=batch, on_median=on, off_median=off, logits_rel_diff=diff)
+
+
+def test_faster_in_total_and_nowhere_slower_wins():
+    rows = [_row("a", 1, 3.40, 3.50), _row("a", 256, 15.50, 15.51),  # wins
+            _row("b", 1, 3.30, 3.50), _row("b", 256, 15.60, 15.50),  # +0.1 at B 256: out though faster in total
+            _row("c", 1, 3.51, 3.50), _row("c", 256, 15.51, 15.50),  # slower in total, within noise each
+            _row("d", 1, 3.40, 3.50, diff=0.5)]  # faster, but the logits moved: out
+    assert winners(rows) == ["a"]
+
+
+def test_noise_bound_is_the_argument():
+    rows = [_row("a", 1, 3.40, 3.50), _row("a", 256, 15.54, 15.50)]
+    assert winners(rows) == []
+    assert winners(rows, noise_ms=0.05) == ["a"]
