@@ -252,30 +252,36 @@ case "${1:-models}" in
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  h100u)  # ONE call (~9 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC), the MoE
-    # GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's early scales (fp8_gemm.EARLY_SCALES), the router's
-    # relaxed counter reset (moe_route_align.RELAXED_RESET): GPU tests, the MLA kernel alone at B 1 / 64 / 128 / 256
-    # ctx 640 and B 64 ctx 4096 with q_async off / on, then the four switches' step A/Bs in one process
+  h100u)  # ONE call (~9 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC) and in its
+    # persistent form (mla_decode_wgp.ENABLED), the MoE GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's
+    # early scales (fp8_gemm.EARLY_SCALES), the router's relaxed counter reset (moe_route_align.RELAXED_RESET): GPU
+    # tests, the MLA kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 (plain, q_async, persistent),
+    # the switches' step A/Bs in one process, then the FP8 step table with the A/Bs' winners on
     end=$((SECONDS + ${H100_BUDGET_S:-560}))
     left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
-    step kernel_tests "$(left 70)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+    step kernel_tests "$(left 80)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
       tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
-    for qa in 0 1; do
-      step "mla_q_async$qa" "$(left 40)" $PY -c "
-import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w
-w.Q_ASYNC = bool($qa)
+    for v in "0 0" "1 0" "0 1"; do
+      read -r qa pe <<< "$v"
+      step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
+import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w, glmserve.kernels.mla_decode_wgp as p
+w.Q_ASYNC, p.ENABLED = bool($qa), bool($pe)
 d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
 d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
-for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, row)"
+for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', $pe, row)"
     done
-    step ab_q_async_early_loads "$(left 250)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,64,256 --rounds 3 --out "$OUT/ab_early.json"
-    # the FP8 step table (per-kernel profile at B 256) with the A/B's winners on (ab_step.winners), the candidate
-    # new defaults
-    on=$($PY -c "import json; print(','.join(json.load(open('$OUT/ab_early.json'))['winners']))" 2>/dev/null)
+    merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
+    step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
+      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
+    step ab_persistent "$(left 60)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_persistent \
+      --batches 256 --rounds 3 --out "$OUT/ab_persistent.json"
+    # the FP8 step table (per-kernel profile at B 256) with the A/Bs' winners on (ab_step.winners): the
+    # candidate new defaults
+    on=$($PY -c "import json, sys; print(','.join(n for f in sys.argv[1:] for n in json.load(open(f))['winners']))" \
+      "$OUT/ab_early.json" "$OUT/ab_persistent.json" 2>/dev/null)
     echo "winners: ${on:-none}"
-    step "profile_fp8_on_${on:-none}" "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
+    step profile_fp8_winners "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
       --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
     ;;
   serve)

@@ -172,7 +172,19 @@ def supported(q, cache) -> bool:
 def launch(q, cache, part, lse, page_table, seq_lens, strides, page_size: int, scale: float, min_keys: int,
            dl: int, n_split: int, stages: int = 2, warps: int = 4) -> None:
     """Same arguments as mla_decode's Triton launch; writes part (out, or the fp32 partials) and lse."""
+    import torch
+
+    from glmserve.kernels import mla_decode_wgp
+
     b, h, dk = q.shape
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if mla_decode_wgp.ENABLED and stages == 2 and b * n_split > sms:  # more programs than one wave: persistent
+        mla_decode_wgp._mla_decode_wgp_kernel[(sms,)](
+            q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
+            page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, b * n_split,
+            NUM_SPLITS=n_split, BH=32, DL=dl, DR=dk - dl, num_warps=warps,
+        )
+        return
     _mla_decode_wg_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h,
