@@ -68,6 +68,9 @@ merge_steps() {  # merge_steps FILE NAME...: the steps' logs ($OUT/NAME.txt) int
     [ -f "$OUT/$n.txt" ] && { echo "=== $n"; cat "$OUT/$n.txt"; rm "$OUT/$n.txt"; }
   done > "$OUT/$into"
 }
+left() {  # left CAP: seconds to the phase's deadline ($end), at most CAP, at least 1 (`timeout 0` means none)
+  local r=$((end - SECONDS)); [ "$r" -lt 1 ] && r=1; [ "$r" -lt "$1" ] && echo "$r" || echo "$1"
+}
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
   echo "=== $name: $*"
@@ -90,7 +93,6 @@ case "${1:-models}" in
   final)  # re-checks after fixes, in one call, most important first; each step gets what is left of ~570 s
     # (worker pair with the KV send gate, KV GB/s, gate-off A/B, link tests, step profile, models)
     end=$((SECONDS + ${FINAL_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step workers_gpu "$(left 230)" $PY -m pytest -q -s -m gpu tests/workers/test_gpu_workers.py \
       tests/workers/test_decode_graphs_worker.py -p no:cacheprovider --basetemp=/tmp/wgpu \
       --deselect "tests/workers/test_gpu_workers.py::test_gpu_link_send_then_device_sync_before_recv[0]"
@@ -122,7 +124,6 @@ case "${1:-models}" in
     ;;
   prefill)  # MLA expanded prefill + 8192-token chunks: GPU checks, prefill times, then the fleet's 1k/4k/16k runs
     end=$((SECONDS + ${PREFILL_BUDGET_S:-560}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernels_vs_refs "$(left 90)" $PY -m pytest -q -s -m gpu -p no:cacheprovider \
       tests/kernels/test_model_with_kernels.py tests/kernels/test_paged_attention.py
     step prefill_step "$(left 150)" $PY -m bench.prefill_step --tokens 1024,4096,16384 --reps 2 \
@@ -162,7 +163,6 @@ case "${1:-models}" in
     ;;
   onegpu)  # one GPU: prefill and decode share it; their KV link is the same-GPU one (cuda_ipc)
     end=$((SECONDS + ${ONEGPU_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step ipc_tests "$(left 120)" $PY -m pytest -q -s -m "gpu or not gpu" -p no:cacheprovider \
       tests/kvcache/test_bench_kv_ipc.py tests/kvcache/test_ipc_link.py tests/kernels/test_kv_pages.py
     step kv_ipc "$(left 90)" $PY -m bench.kv_ipc --reps 5 --out "$OUT/kv_ipc.json"
@@ -174,7 +174,6 @@ case "${1:-models}" in
   overlap)  # issue 14: the decode overlap loop on one GPU: its tests, the FP8 step profiled at B 1 and 256, then
     # the one-GPU fleet per OVERLAP_MODES ("on", "off" = --disable_overlap_schedule) at CONCS ("64 256")
     end=$((SECONDS + ${OVERLAP_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     parts=" ${OVERLAP_PARTS:-tests profile serve} "
     [[ $parts == *" tests "* ]] && step overlap_tests "$(left 150)" $PY -m pytest -q -s -m "gpu or not gpu" \
       -p no:cacheprovider tests/workers/test_overlap.py
@@ -195,7 +194,6 @@ case "${1:-models}" in
   final14)  # issue 14's closing run on ONE GPU: kernel checks, the decode-step table (FP8 with the B 256 profile,
     # then bf16 if time is left) and the one-GPU fleet with the overlap loop at c64 and c256
     end=$((SECONDS + ${FINAL_BUDGET_S:-560}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 150)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
       tests/kernels/test_fp8_gemm.py tests/kernels/test_paged_attention.py tests/kernels/test_fused_moe.py
     step profile_fp8 "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 --profile_batches 256 --ctx 640 \
@@ -227,7 +225,6 @@ case "${1:-models}" in
     ;;
   prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
     end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     ngpu=$(nvidia-smi -L | wc -l)
     step prefill_fp8 "$(left 150)" $PY -m bench.prefill_step --tokens 512 --prompts 64 \
       --configs absorbed:8192,expanded:8192 --quantization fp8 --profile --out "$OUT/prefill_fp8.json"
@@ -239,7 +236,6 @@ case "${1:-models}" in
     ;;
   check14)  # issue 14 in one call (~9 min): kernel checks, FP8 step table + per-kernel HBM (B 256), the fleet
     end=$((SECONDS + ${CHECK_BUDGET_S:-570}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     ngpu=$(nvidia-smi -L | wc -l)
     step kernel_tests "$(left 120)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_elementwise.py tests/kernels/test_moe_route.py tests/kernels/test_fused_moe.py \
@@ -255,23 +251,12 @@ case "${1:-models}" in
   h100u)  # ONE call (~9 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC) and in its
     # persistent form (mla_decode_wgp.ENABLED), the MoE GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's
     # early scales (fp8_gemm.EARLY_SCALES), the router's relaxed counter reset (moe_route_align.RELAXED_RESET): GPU
-    # tests, the MLA kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 (plain, q_async, persistent),
-    # the switches' step A/Bs in one process, then the FP8 step table with the A/Bs' winners on
+    # tests, the switches' step A/Bs in one process, the FP8 step table with the A/Bs' winners on, then the MLA
+    # kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 (plain, q_async, persistent)
     end=$((SECONDS + ${H100_BUDGET_S:-560}))
-    left() { local r=$((end - SECONDS)); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
     step kernel_tests "$(left 80)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
       tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
-    for v in "0 0" "1 0" "0 1"; do
-      read -r qa pe <<< "$v"
-      step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
-import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w, glmserve.kernels.mla_decode_wgp as p
-w.Q_ASYNC, p.ENABLED = bool($qa), bool($pe)
-d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
-d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
-for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', $pe, row)"
-    done
-    merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
     step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
       --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
     step ab_persistent "$(left 60)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_persistent \
@@ -283,6 +268,17 @@ for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', 
     echo "winners: ${on:-none}"
     step profile_fp8_winners "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
       --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
+    # last (dropped first when the budget is short): the MLA kernel alone, plain / q_async / persistent
+    for v in "0 0" "1 0" "0 1"; do
+      read -r qa pe <<< "$v"
+      step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
+import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w, glmserve.kernels.mla_decode_wgp as p
+w.Q_ASYNC, p.ENABLED = bool($qa), bool($pe)
+d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
+d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
+for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', $pe, row)"
+    done
+    merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
