@@ -257,28 +257,33 @@ case "${1:-models}" in
     step kernel_tests "$(left 80)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
       tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
-    step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-      --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
-    step ab_persistent "$(left 60)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_persistent \
-      --batches 256 --rounds 3 --out "$OUT/ab_persistent.json"
-    # the FP8 step table (per-kernel profile at B 256) with the A/Bs' winners on (ab_step.winners): the
-    # candidate new defaults
-    on=$($PY -c "import json, sys; print(','.join(n for f in sys.argv[1:] for n in json.load(open(f))['winners']))" \
-      "$OUT/ab_early.json" "$OUT/ab_persistent.json" 2>/dev/null)
-    echo "winners: ${on:-none}"
-    step profile_fp8_winners "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
-      --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
-    # last (dropped first when the budget is short): the MLA kernel alone, plain / q_async / persistent
-    for v in "0 0" "1 0" "0 1"; do
-      read -r qa pe <<< "$v"
-      step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
+    if [ -n "${H100U_LEAN:-}" ]; then  # short of device time: the five A/Bs in one process (one model build), no more
+      step ab_lean "$(left 400)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --batches 1,256 --rounds 2 \
+        --switch mla_q_async,moe_early,gemm_early,route_relaxed,mla_persistent --out "$OUT/ab_lean.json"
+    else
+      step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
+        --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
+      step ab_persistent "$(left 60)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_persistent \
+        --batches 256 --rounds 3 --out "$OUT/ab_persistent.json"
+      # the FP8 step table (per-kernel profile at B 256) with the A/Bs' winners on (ab_step.winners): the
+      # candidate new defaults
+      on=$($PY -c "import json, sys; print(','.join(n for f in sys.argv[1:] for n in json.load(open(f))['winners']))" \
+        "$OUT/ab_early.json" "$OUT/ab_persistent.json" 2>/dev/null)
+      echo "winners: ${on:-none}"
+      step profile_fp8_winners "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
+        --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
+      # last (dropped first when the budget is short): the MLA kernel alone, plain / q_async / persistent
+      for v in "0 0" "1 0" "0 1"; do
+        read -r qa pe <<< "$v"
+        step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
 import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w, glmserve.kernels.mla_decode_wgp as p
 w.Q_ASYNC, p.ENABLED = bool($qa), bool($pe)
 d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
 d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
 for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', $pe, row)"
-    done
-    merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
+      done
+      merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
+    fi
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
