@@ -23,6 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs,
 #                                    # then the FP8 step table with the A/B's winners on
+#   bash bench/gpu_suite.sh ab5      # ONE short call (~5 min): h100u's five switch A/Bs only (no tests, no tables)
 # The one-off H100 phases of runs 15-34 (h100b ... h100s) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -70,6 +71,11 @@ merge_steps() {  # merge_steps FILE NAME...: the steps' logs ($OUT/NAME.txt) int
 }
 left() {  # left CAP: seconds to the phase's deadline ($end), at most CAP, at least 1 (`timeout 0` means none)
   local r=$((end - SECONDS)); [ "$r" -lt 1 ] && r=1; [ "$r" -lt "$1" ] && echo "$r" || echo "$1"
+}
+ab5() {  # ab5 TIMEOUT_S: the five unmeasured switches' step A/Bs in one process (one model build), the persistent
+  # MLA program first (the largest predicted gain), into $OUT/ab_lean.{txt,json}
+  step ab_lean "$1" $PY -m bench.ab_step --ctx 640 --quantization fp8 --batches 1,256 --rounds 2 \
+    --switch mla_persistent,moe_early,mla_q_async,gemm_early,route_relaxed --out "$OUT/ab_lean.json"
 }
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
@@ -258,8 +264,7 @@ case "${1:-models}" in
       tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
       tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
     if [ -n "${H100U_LEAN:-}" ]; then  # short of device time: the five A/Bs in one process (one model build), no more
-      step ab_lean "$(left 400)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --batches 1,256 --rounds 2 \
-        --switch mla_q_async,moe_early,gemm_early,route_relaxed,mla_persistent --out "$OUT/ab_lean.json"
+      ab5 "$(left 400)"
     else
       step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
         --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
@@ -284,6 +289,9 @@ for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', 
       done
       merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
     fi
+    ;;
+  ab5)  # ONE short call (~4-5 min) for a device budget under ~10 minutes: h100u's five A/Bs alone, no GPU tests
+    ab5 "${AB5_S:-280}"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \
