@@ -23,6 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs,
 #                                    # then the FP8 step table with the A/B's winners on
+#   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ab5      # ONE short call (~5 min): h100u's five switch A/Bs only (no tests, no tables)
 # The one-off H100 phases of runs 15-34 (h100b ... h100s) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
@@ -228,6 +229,22 @@ case "${1:-models}" in
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
     serve_logs 80 30 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
+    ;;
+  mps)  # ONE GPU (~7 min): the one-GPU fleet (fleet14's) with the workers as plain processes, which the GPU
+    # time-slices, and as clients of one CUDA MPS server (deploy/gpu_onegpu.sh MPS=1), per MPS_MODES ("off on"),
+    # at CONCS ("64 256")
+    end=$((SECONDS + ${MPS_BUDGET_S:-570}))
+    for mode in ${MPS_MODES:-off on}; do
+      m=0; [ "$mode" = on ] && m=1
+      step "serve_mps_$mode" "$(left 290)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" MPS=$m \
+        MEM_FRACTION="${MEM_FRACTION:-0.47}" TAG="-mps_$mode" CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
+      cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
+      serve_logs 40 15 decode_d0 prefill_p0  # appended to the step's log: 3 files a mode come back
+      for w in decode_d0 prefill_p0; do
+        [ -f "$OUT/serve_$w.txt" ] && { echo "=== $w"; cat "$OUT/serve_$w.txt"; rm "$OUT/serve_$w.txt"; }
+      done >> "$OUT/serve_mps_$mode.txt"
+      rm -rf "$OUT/serve"
+    done
     ;;
   prefleet)  # the fleet's prefill side in isolation (64 prompts of 512 tokens, 8192-token forwards), then the fleet
     end=$((SECONDS + ${PREFLEET_BUDGET_S:-570}))
