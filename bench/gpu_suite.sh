@@ -21,11 +21,8 @@
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
-#   bash bench/gpu_suite.sh h100u    # ONE call: MLA q by cp.async, MoE / GEMM early loads: tests, sweep, step A/Bs,
-#                                    # then the FP8 step table with the A/B's winners on
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
-#   bash bench/gpu_suite.sh ab5      # ONE short call (~5 min): h100u's five switch A/Bs only (no tests, no tables)
-# The one-off H100 phases of runs 15-34 (h100b ... h100s) were removed on 2026-12-07: each run's command and commit
+# The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
 #                                    # per-kernel HBM fractions at B 256, then fleet14's fleet (8 files back)
@@ -72,11 +69,6 @@ merge_steps() {  # merge_steps FILE NAME...: the steps' logs ($OUT/NAME.txt) int
 }
 left() {  # left CAP: seconds to the phase's deadline ($end), at most CAP, at least 1 (`timeout 0` means none)
   local r=$((end - SECONDS)); [ "$r" -lt 1 ] && r=1; [ "$r" -lt "$1" ] && echo "$r" || echo "$1"
-}
-ab5() {  # ab5 TIMEOUT_S: the five unmeasured switches' step A/Bs in one process (one model build), the persistent
-  # MLA program first (the largest predicted gain), into $OUT/ab_lean.{txt,json}
-  step ab_lean "$1" $PY -m bench.ab_step --ctx 640 --quantization fp8 --batches 1,256 --rounds 2 \
-    --switch mla_persistent,moe_early,mla_q_async,gemm_early,route_relaxed --out "$OUT/ab_lean.json"
 }
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.txt, remember rc
   local name=$1 t=$2; shift 2
@@ -270,45 +262,6 @@ case "${1:-models}" in
     cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
     serve_logs 60 25 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
-    ;;
-  h100u)  # ONE call (~9 min): MLA decode (warpgroup kernel) with q by cp.async (mla_decode_wg.Q_ASYNC) and in its
-    # persistent form (mla_decode_wgp.ENABLED), the MoE GEMM's early loads (fused_moe.EARLY_LOADS), the dense GEMM's
-    # early scales (fp8_gemm.EARLY_SCALES), the router's relaxed counter reset (moe_route_align.RELAXED_RESET): GPU
-    # tests, the switches' step A/Bs in one process, the FP8 step table with the A/Bs' winners on, then the MLA
-    # kernel alone at B 1 / 64 / 128 / 256 ctx 640 and B 64 ctx 4096 (plain, q_async, persistent)
-    end=$((SECONDS + ${H100_BUDGET_S:-560}))
-    step kernel_tests "$(left 80)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_model_with_kernels.py tests/kernels/test_fused_moe.py \
-      tests/kernels/test_fp8_gemm.py tests/kernels/test_moe_route.py -k "mla_decode_wg or wgmma or early or route_align"
-    if [ -n "${H100U_LEAN:-}" ]; then  # short of device time: the five A/Bs in one process (one model build), no more
-      ab5 "$(left 400)"
-    else
-      step ab_early "$(left 150)" $PY -m bench.ab_step --ctx 640 --quantization fp8 \
-        --switch mla_q_async,moe_early,gemm_early,route_relaxed --batches 1,256 --rounds 2 --out "$OUT/ab_early.json"
-      step ab_persistent "$(left 60)" $PY -m bench.ab_step --ctx 640 --quantization fp8 --switch mla_persistent \
-        --batches 256 --rounds 3 --out "$OUT/ab_persistent.json"
-      # the FP8 step table (per-kernel profile at B 256) with the A/Bs' winners on (ab_step.winners): the
-      # candidate new defaults
-      on=$($PY -c "import json, sys; print(','.join(n for f in sys.argv[1:] for n in json.load(open(f))['winners']))" \
-        "$OUT/ab_early.json" "$OUT/ab_persistent.json" 2>/dev/null)
-      echo "winners: ${on:-none}"
-      step profile_fp8_winners "$(left 170)" $PY -m bench.profile_step --batches 1,64,128,256 \
-        --profile_batches 256 --ctx 640 --quantization fp8 --switches_on "$on" --out "$OUT/profile_fp8_winners.json"
-      # last (dropped first when the budget is short): the MLA kernel alone, plain / q_async / persistent
-      for v in "0 0" "1 0" "0 1"; do
-        read -r qa pe <<< "$v"
-        step "mla_q_async${qa}_persistent$pe" "$(left 40)" $PY -c "
-import bench.decode_sweep as d, glmserve.kernels.mla_decode_wg as w, glmserve.kernels.mla_decode_wgp as p
-w.Q_ASYNC, p.ENABLED = bool($qa), bool($pe)
-d.MLA_SHAPES = ((1, 640), (64, 640), (128, 640), (256, 640), (64, 4096))
-d.MLA_VARIANTS, d.MLA_WG_VARIANTS = (None,), ()
-for row in d.sweep_mla(d.copy_bandwidth()): print('q_async', $qa, 'persistent', $pe, row)"
-      done
-      merge_steps mla_kernel.txt mla_q_async0_persistent0 mla_q_async1_persistent0 mla_q_async0_persistent1
-    fi
-    ;;
-  ab5)  # ONE short call (~4-5 min) for a device budget under ~10 minutes: h100u's five A/Bs alone, no GPU tests
-    ab5 "${AB5_S:-280}"
     ;;
   serve)
     step serve "${SERVE_S:-540}" env OUT="$OUT/serve" PY=$PY PARTS="${PARTS:-kv}" NUM_PROMPTS="${NUM_PROMPTS:-100}" \

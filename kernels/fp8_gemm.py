@@ -247,9 +247,10 @@ SPLITK_INLINE = True
 # The pointer kernel's epilogue scales and bias loaded before its K loop, and inline split-K's counter reset relaxed
 # (_fp8_gemm_kernel's EARLY), so the epilogue (the last split's, with inline split-K) does not start with a
 # dependent global round trip, nor wait for the reset's (an acq_rel atomic orders every later access). Same bits
-# (tests). Predicted ~0.5 us a launch at batch 1, where the attention GEMMs sit at 0.33 of HBM on a ~2.4 us
-# launch floor (H100 run 34). Off until measured (bench/ab_step.py --switch gemm_early).
-EARLY_SCALES = False
+# (tests). H100 run 35 (bench/ab_step.py --switch gemm_early, FP8 GLM-4.7-Flash step, ctx 640; median graph ms
+# on / off over the five samples of two processes): B 1 3.786 / 3.814 (lower in each of the 5 pairs), B 64 14.636 /
+# 14.646 (one process), B 256 18.714 / 18.754 (within the ~0.05 ms spread), logits bit-equal.
+EARLY_SCALES = True
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -27,8 +27,10 @@ BLOCK_N = 64  # keys a tile: the wgmma M
 # q into shared memory by cp.async, in the first tile's commit group, instead of through registers before the
 # first key copy is issued. H200 run 19: a program pays ~6 us besides ~2.5 us a 64-key tile (B 256 ctx 640
 # 62.7 us for 2 waves of 10-tile programs, B 64 ctx 4096 86.8 us for one wave of 32), so the prologue is a
-# tenth of the kernel at ctx 640. Off until measured (bench/ab_step.py --switch mla_q_async).
-Q_ASYNC = False
+# tenth of the kernel at ctx 640. H100 run 35 (bench/ab_step.py --switch mla_q_async, FP8 GLM-4.7-Flash step, ctx
+# 640, median graph ms on / off): B 1 3.779 / 3.843, B 64 14.798 / 14.875, B 256 18.565 / 18.794 (and 18.692 /
+# 18.754 in a second process), logits bit-equal. False: q through registers (the reference schedule).
+Q_ASYNC = True
 
 
 @gluon.jit
@@ -172,19 +174,7 @@ def supported(q, cache) -> bool:
 def launch(q, cache, part, lse, page_table, seq_lens, strides, page_size: int, scale: float, min_keys: int,
            dl: int, n_split: int, stages: int = 2, warps: int = 4) -> None:
     """Same arguments as mla_decode's Triton launch; writes part (out, or the fp32 partials) and lse."""
-    import torch
-
-    from glmserve.kernels import mla_decode_wgp
-
     b, h, dk = q.shape
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    if mla_decode_wgp.ENABLED and stages == 2 and b * n_split > sms:  # more programs than one wave: persistent
-        mla_decode_wgp._mla_decode_wgp_kernel[(sms,)](
-            q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
-            page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h, b * n_split,
-            NUM_SPLITS=n_split, BH=32, DL=dl, DR=dk - dl, num_warps=warps,
-        )
-        return
     _mla_decode_wg_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
         page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h,

@@ -204,36 +204,6 @@ def test_mla_decode_wg_flash(warps, stages, splits, min_keys, q_async, monkeypat
     assert _rel(out, tri) < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="Hopper warpgroup MMA")
-@pytest.mark.parametrize("splits,min_keys", [(1, 0), (3, 64), (2, 32)])
-def test_mla_decode_wg_persistent_flash(splits, min_keys, monkeypatch):
-    """The persistent warpgroup kernel (kernels/mla_decode_wgp.py: more work items than SMs) vs the
-    one-program-an-item kernel and the torch reference: 300 sequences of mixed lengths, so a program walks
-    several items, among them empty splits (no tile, no q buffer: the q ordinal must skip them) and
-    single-tile items (the next item's q is issued while the previous one computes)."""
-    from glmserve.kernels import mla_decode_wgp
-    from glmserve.kernels.mla_decode import mla_decode
-
-    lens = [[1, 63, 64, 65, 130, 640, 7, 700, 129, 2][i % 10] for i in range(300)]
-    batch, num_pages = _mixed_decode_batch(lens)
-    cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
-    q = torch.randn(len(lens), 20, 576, device=DEV, dtype=BF16)
-    args = (q, cache, batch.page_table, batch.seq_lens, 16, 256 ** -0.5, max(lens), 512, splits)
-    monkeypatch.setattr(mla_decode_wgp, "ENABLED", False)
-    one = mla_decode(*args, min_keys=min_keys, wg=(4, 2))
-    monkeypatch.setattr(mla_decode_wgp, "ENABLED", True)
-    launches = []
-    real = mla_decode_wgp._mla_decode_wgp_kernel
-    monkeypatch.setattr(mla_decode_wgp, "_mla_decode_wgp_kernel",
-                        type("K", (), {"__getitem__": lambda _, grid: launches.append(grid) or real[grid]})())
-    out = mla_decode(*args, min_keys=min_keys, wg=(4, 2))
-    assert launches, "the persistent kernel did not run"
-    assert torch.equal(out, one)  # same tiles, same order, same arithmetic: bit-equal
-    ref = paged_attention.paged_attention_ref(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
-    assert _rel(out, ref) < 1e-2
-
-
 def test_kv_pages_air_layout():
     buf = torch.randn(47, 2, 300, 16, 8, 128, device=DEV, dtype=BF16)
     ids = torch.randperm(300, device=DEV)[:37]
