@@ -16,7 +16,7 @@
 #   bash bench/gpu_suite.sh overlap  # ONE GPU: decode overlap-loop tests, FP8 step profile (B 1, 256), the fleet
 #                                    # as onegpu per OVERLAP_MODES (on / off); OVERLAP_PARTS picks the parts
 #   bash bench/gpu_suite.sh final14  # ONE GPU: kernel checks, decode-step table FP8 (+ B 256 profile) and bf16, fleet c64/c256
-#   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing kernel checks + the FP8 decode-step table
+#   bash bench/gpu_suite.sh steponly # ONE GPU: attention/routing/MLA-wg/GEMM kernel checks + the FP8 decode-step table
 #   bash bench/gpu_suite.sh sweep    # ONE GPU: MLA decode and FP8 GEMM launch configs at decode sizes (HBM fractions)
 #   bash bench/gpu_suite.sh fleet14  # issue 14's fleet goal: FP8, random 512/256 at c64 and c256 (x2: P GPU 0, D GPU 1)
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
@@ -203,9 +203,11 @@ case "${1:-models}" in
     rm -rf "$OUT/serve"
     step profile_bf16 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --no_profile
     ;;
-  steponly)  # kernel checks of attention + MoE routing, then the FP8 decode-step table alone (no profiler tables)
-    step kernel_tests 150 $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_paged_attention.py \
-      tests/kernels/test_moe_route.py
+  steponly)  # kernel checks of attention, MoE routing and the run-35 defaults (MLA q by cp.async, early GEMM
+    # scales), then the FP8 decode-step table alone (no profiler tables)
+    step kernel_tests 200 $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_paged_attention.py \
+      tests/kernels/test_moe_route.py tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fp8_gemm.py \
+      -k "not gpu_real_shapes or mla_decode_wg"
     step profile_fp8 200 $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --quantization fp8 --no_profile
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
