@@ -60,13 +60,6 @@ serve_logs() {  # serve_logs HEAD TAIL WORKER...: the fleet's logs (deploy/gpu_b
       > "$OUT/serve_$w.txt"
   done
 }
-merge_steps() {  # merge_steps FILE NAME...: the steps' logs ($OUT/NAME.txt) into one file under $OUT, headed by
-  # name, the originals removed (the device returns 8 files at most)
-  local into=$1; shift
-  for n in "$@"; do
-    [ -f "$OUT/$n.txt" ] && { echo "=== $n"; cat "$OUT/$n.txt"; rm "$OUT/$n.txt"; }
-  done > "$OUT/$into"
-}
 left() {  # left CAP: seconds to the phase's deadline ($end), at most CAP, at least 1 (`timeout 0` means none)
   local r=$((end - SECONDS)); [ "$r" -lt 1 ] && r=1; [ "$r" -lt "$1" ] && echo "$r" || echo "$1"
 }
