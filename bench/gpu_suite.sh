@@ -217,17 +217,17 @@ case "${1:-models}" in
     serve_logs 80 30 decode_d0 prefill_p0 router
     rm -rf "$OUT/serve"
     ;;
-  mps)  # ONE GPU (~7 min): the one-GPU fleet (fleet14's) with the workers as plain processes, which the GPU
-    # time-slices, and as clients of one CUDA MPS server (deploy/gpu_onegpu.sh MPS=1), per MPS_MODES ("off on"),
-    # at CONCS ("64 256")
+  mps)  # ONE GPU (~4 min): the one-GPU fleet (fleet14's) with the workers as plain processes, which the GPU
+    # time-slices, and as clients of the fleet's CUDA MPS daemon (deploy up --mps on), per MPS_MODES ("off on";
+    # "auto": deploy's default, which picks MPS on one GPU), at CONCS ("64 256")
     end=$((SECONDS + ${MPS_BUDGET_S:-570}))
     for mode in ${MPS_MODES:-off on}; do
-      m=0; [ "$mode" = on ] && m=1
+      m=0; [ "$mode" = on ] && m=1; [ "$mode" = auto ] && m=""  # auto: deploy's default --mps
       step "serve_mps_$mode" "$(left 290)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" MPS=$m \
         MEM_FRACTION="${MEM_FRACTION:-0.47}" TAG="-mps_$mode" CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
       cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null
-      serve_logs 40 15 decode_d0 prefill_p0  # appended to the step's log: 3 files a mode come back
-      for w in decode_d0 prefill_p0; do
+      serve_logs 40 15 decode_d0 prefill_p0 mps  # appended to the step's log: 3 files a mode come back
+      for w in decode_d0 prefill_p0 mps; do
         [ -f "$OUT/serve_$w.txt" ] && { echo "=== $w"; cat "$OUT/serve_$w.txt"; rm "$OUT/serve_$w.txt"; }
       done >> "$OUT/serve_mps_$mode.txt"
       rm -rf "$OUT/serve"

@@ -8,36 +8,31 @@
 # EXPERT_STATS (1: workers export experts touched per MoE layer, one scatter_add per layer per step; 0: off, as runs 1-12),
 # MEM_FRACTION (e.g. 0.45: each worker's KV pages from its share of the GPU, --gpu_memory_utilization; an 80 GB
 # H100 cannot hold two FP8 Flash copies and 2 x 16384 pages),
-# MPS (1: the workers run as clients of one CUDA MPS server started here and stopped on exit, so on one GPU the
-# prefill and decode processes' kernels share the SMs at once instead of taking turns in time slices; 0: off).
+# MPS (deploy up --mps: unset = auto, on where prefill and decode share the GPU; 1 = on; 0 = off: the workers as
+# plain processes, which the GPU time-slices).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}; OUT=${OUT:-out/onegpu}; PORT=${PORT:-8000}; STATE=$OUT/state
 mkdir -p "$OUT"
 cleanup=()
 trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
-if [ "${MPS:-0}" = 1 ]; then
-  command -v nvidia-cuda-mps-control >/dev/null || { echo "MPS=1: nvidia-cuda-mps-control is not on PATH"; exit 1; }
-  # short paths (the pipe directory's length is limited); the workers inherit them through supervisord
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/glmserve-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/glmserve-mps/log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || { echo "MPS=1: nvidia-cuda-mps-control -d failed"; exit 1; }
-  cleanup+=('echo quit | nvidia-cuda-mps-control; tail -5 "$CUDA_MPS_LOG_DIRECTORY"/control.log')
-  echo "MPS control daemon up ($CUDA_MPS_PIPE_DIRECTORY)"
-fi
+# deploy's --mps: unset = auto (the fleet's own MPS daemon where prefill and decode share a GPU), 1 = on, 0 = off
+MPSF=(); [ "${MPS:-}" = 1 ] && MPSF=(--mps on); [ "${MPS:-}" = 0 ] && MPSF=(--mps off)
 Q=(); [ -n "${QUANT-fp8}" ] && Q=(--quantization "${QUANT-fp8}")
 ES=(--expert_stats); [ "${EXPERT_STATS:-1}" = 0 ] && ES=()
 [ -n "${MEM_FRACTION:-}" ] && ES+=(--gpu_memory_utilization "$MEM_FRACTION")
 "$PY" -m glmserve.deploy up --detach --device cuda --preset glm-4.7-flash "${Q[@]}" --state_dir "$STATE" \
   --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 "${ES[@]}" \
-  ${DEPLOY_FLAGS:-} \
+  "${MPSF[@]}" ${DEPLOY_FLAGS:-} \
   || { tail -60 "$STATE"/logs/*.log; exit 1; }
-cleanup=('"$PY" -m glmserve.deploy down --state_dir "$STATE"' "${cleanup[@]}")  # the fleet down before MPS quits
+cleanup=('s=$SECONDS; "$PY" -m glmserve.deploy down --state_dir "$STATE"; echo "deploy down: $((SECONDS - s)) s"'
+         'tail -3 /tmp/glmserve-mps-'"$PORT"'/log/control.log 2>/dev/null')
 grep -h "KV link to" "$STATE"/logs/decode_d0.log | head -2
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
-# under MPS the workers show as type M+C and the control daemon lists its server
-[ "${MPS:-0}" = 1 ] && { nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader
-                         echo get_server_list | nvidia-cuda-mps-control; }
+# under MPS the compute apps are the MPS server (the workers are its clients) and the daemon lists its server
+nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader
+grep -q '^\[program:mps\]' "$STATE/supervisord.conf" && { echo "MPS daemon of the fleet: server list"
+  echo get_server_list | CUDA_MPS_PIPE_DIRECTORY=/tmp/glmserve-mps-$PORT/pipe nvidia-cuda-mps-control; }
 B=("$PY" bench/run_sharegpt.py --base-url "http://127.0.0.1:$PORT" --ignore-eos --disable-tqdm --result-dir "$OUT"
    --metrics-url "http://127.0.0.1:$PORT/metrics" --metrics-url http://127.0.0.1:8101/metrics
    --metrics-url http://127.0.0.1:8111/metrics --dataset random --random-input-len 512 --random-output-len 256)

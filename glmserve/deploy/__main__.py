@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,9 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "quantization", default="")
     _flag(p, "cpu_threads", type=int, default=1)
     _flag(p, "start_retries", type=int, default=5, help="restarts of a program that dies at start before FATAL")
+    _flag(p, "mps", default="auto", choices=["auto", "on", "off"],
+          help="cuda: run the workers as clients of a CUDA MPS daemon private to the fleet; auto = where two "
+               "workers share a GPU (one-GPU nodes) and nvidia-cuda-mps-control is on PATH")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +124,8 @@ def spec_from_args(a: argparse.Namespace, model_dir: str) -> FleetSpec:
         max_req_total_len=a.max_req_total_len, quantization=a.quantization,
         prefill_gpus=a.prefill_gpus, decode_gpus=a.decode_gpus, cpu_threads=a.cpu_threads,
         num_gpus=visible_gpus() if a.device == "cuda" else 0, kv_transport=a.kv_transport,
-        start_retries=a.start_retries)
+        start_retries=a.start_retries, mps=a.mps,
+        mps_control=(shutil.which("nvidia-cuda-mps-control") or "") if a.device == "cuda" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,14 @@ supervisord template renders. Ports on one node (defaults match the contract's e
   prefill i health  health_base + 1 + i    decode j health    health_base + 11 + j
 so at most 10 prefill and 10 decode workers per node. GPU sets: prefill i takes `tp` GPUs, then
 decode j; or the explicit `prefill_gpus` / `decode_gpus` lists (each "a,b;c,d": one group per worker).
+Where two workers share a GPU (one-GPU nodes), an `mps` program (a CUDA MPS control daemon private to the
+fleet) starts first and every worker is its client, so their kernels share the SMs instead of time slices.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 
 MAX_PER_ROLE = 10
@@ -62,6 +65,8 @@ class FleetSpec:
     expert_stats: bool = False  # workers' --expert_stats (experts touched per MoE layer in /metrics)
     fuse_shared_experts: bool = True  # False: workers' --disable_shared_experts_fusion
     start_retries: int = 5  # supervisord tries before a program that keeps dying is FATAL
+    mps: str = "auto"  # "auto": a CUDA MPS daemon when two workers share a GPU and mps_control is set; "on"; "off"
+    mps_control: str = ""  # the nvidia-cuda-mps-control binary found on PATH ("" = none)
 
 
 @dataclass(frozen=True)
@@ -118,10 +123,41 @@ def _worker_common(spec: FleetSpec, worker_id: str, control: int, health: int, g
     return argv + (["--gpus", gpus] if gpus else [])
 
 
-def _env(spec: FleetSpec) -> tuple[tuple[str, str], ...]:
+def mps_dirs(spec: FleetSpec) -> tuple[str, str]:
+    """The fleet's MPS pipe and log directories: short (the daemon's socket path is length-limited) and
+    one pair per router port, so two fleets on a node never share a daemon."""
+    base = f"/tmp/glmserve-mps-{spec.port}"
+    return f"{base}/pipe", f"{base}/log"
+
+
+def use_mps(spec: FleetSpec, pre_gpus: list[str], dec_gpus: list[str]) -> bool:
+    """MPS when asked ("on"), or ("auto") when some GPU serves two workers and the daemon is installed.
+    Measured on one H100 (run 36, FP8 GLM-4.7-Flash, random 512/256): out tok/s +15 % at c64, +4.5 % at c256."""
+    if spec.device != "cuda" or spec.mps == "off":
+        return False
+    if spec.mps == "on":
+        if not spec.mps_control:
+            raise ValueError("--mps on: nvidia-cuda-mps-control is not on PATH")
+        return True
+    seen = [g for grp in pre_gpus + dec_gpus for g in grp.split(",")]
+    return bool(spec.mps_control) and len(seen) != len(set(seen))
+
+
+def _mps(spec: FleetSpec) -> Program:
+    """The MPS control daemon in the foreground (-f); it starts the MPS server at the first client."""
+    pipe, log = mps_dirs(spec)
+    script = f"mkdir -p {pipe} {log} && exec {shlex.quote(spec.mps_control)} -f"
+    env = (("CUDA_MPS_PIPE_DIRECTORY", pipe), ("CUDA_MPS_LOG_DIRECTORY", log))
+    return Program("mps", ("/bin/sh", "-c", script), env, priority=5, is_worker=False)
+
+
+def _env(spec: FleetSpec, mps: bool = False) -> tuple[tuple[str, str], ...]:
     env = [("PYTHONUNBUFFERED", "1"), ("GLMSERVE_FLEET_KEY_FILE", fleet_key_path(spec.state_dir))]
     if spec.device == "cpu":
         env.append(("OMP_NUM_THREADS", str(spec.cpu_threads)))
+    if mps:  # the workers connect to the fleet's daemon, not a system-wide one
+        pipe, log = mps_dirs(spec)
+        env += [("CUDA_MPS_PIPE_DIRECTORY", pipe), ("CUDA_MPS_LOG_DIRECTORY", log)]
     return tuple(env)
 
 
@@ -144,11 +180,13 @@ def _router(spec: FleetSpec) -> Program:
 
 
 def plan(spec: FleetSpec) -> list[Program]:
-    """Router + prefill workers + decode workers of one node, in start order (decode first: it hosts the link)."""
+    """Router + prefill workers + decode workers of one node (and the MPS daemon where workers share a GPU), in
+    start order (decode first: it hosts the link)."""
     if not (1 <= spec.num_prefill <= MAX_PER_ROLE and 1 <= spec.num_decode <= MAX_PER_ROLE):
         raise ValueError(f"--prefill and --decode must be 1..{MAX_PER_ROLE} per node")
     pre_gpus, dec_gpus = _gpu_groups(spec)
-    progs = []
+    mps = use_mps(spec, pre_gpus, dec_gpus)
+    progs = [_mps(spec)] if mps else []
     for j in range(spec.num_decode):
         control, link, health = spec.port_base + 11 + j, spec.port_base + 21 + j, spec.health_base + 11 + j
         argv = [spec.python, "-m", "glmserve.decode_worker", *_worker_common(spec, f"d{j}", control, health, dec_gpus[j]),
@@ -157,12 +195,12 @@ def plan(spec: FleetSpec) -> list[Program]:
             argv += ["--mtp_step", str(spec.mtp_step), "--mtp_mode", spec.mtp_mode]
         if not spec.overlap:
             argv += ["--disable_overlap_schedule"]
-        progs.append(Program(f"decode_d{j}", tuple(argv), _env(spec), priority=20, ports=(control, link, health)))
+        progs.append(Program(f"decode_d{j}", tuple(argv), _env(spec, mps), priority=20, ports=(control, link, health)))
     for i in range(spec.num_prefill):
         control, health = spec.port_base + 1 + i, spec.health_base + 1 + i
         argv = [spec.python, "-m", "glmserve.prefill_worker", *_worker_common(spec, f"p{i}", control, health, pre_gpus[i]),
                 "--chunked_prefill_size", str(spec.chunked_prefill_size)]
         for d in _decode_addrs(spec):
             argv += ["--decode", d]
-        progs.append(Program(f"prefill_p{i}", tuple(argv), _env(spec), priority=30, ports=(control, health)))
+        progs.append(Program(f"prefill_p{i}", tuple(argv), _env(spec, mps), priority=30, ports=(control, health)))
     return [_router(spec)] + progs

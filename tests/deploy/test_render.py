@@ -167,3 +167,49 @@ def test_one_gpu_node_shares_it(tmp_path, monkeypatch):
     progs = _programs(tmp_path, "--device", "cuda", "--kv_transport", "cuda_ipc")
     assert _argv(progs["prefill_p0"])["--gpus"] == ["0"] and _argv(progs["decode_d0"])["--gpus"] == ["1"]
     assert _argv(progs["decode_d0"])["--kv_transport"] == ["cuda_ipc"]
+
+
+def _fake_mps_control(tmp_path, monkeypatch) -> str:
+    """An executable named nvidia-cuda-mps-control alone on PATH (the real one exists only on GPU hosts)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "nvidia-cuda-mps-control"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return str(exe)
+
+
+def test_shared_gpu_runs_workers_under_a_private_mps_daemon(tmp_path, monkeypatch):
+    """One GPU: an `mps` program (the control daemon in the foreground, its pipe dir per router port) starts
+    before everything else and both workers carry its pipe dir; the router does not need it."""
+    exe = _fake_mps_control(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    progs = _programs(tmp_path, "--device", "cuda", "--port", "8123")
+    assert set(progs) == {"mps", "router", "prefill_p0", "decode_d0"}
+    mps = progs["mps"]
+    assert shlex.split(mps.command)[:2] == ["/bin/sh", "-c"] and shlex.split(mps.command)[2].endswith(f"exec {exe} -f")
+    pipe = mps.environment["CUDA_MPS_PIPE_DIRECTORY"]
+    assert pipe == "/tmp/glmserve-mps-8123/pipe" and f"mkdir -p {pipe} " in mps.command
+    assert mps.priority < min(pc.priority for name, pc in progs.items() if name != "mps")
+    for w in ("prefill_p0", "decode_d0"):
+        assert progs[w].environment["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+        assert progs[w].environment["CUDA_MPS_LOG_DIRECTORY"] == mps.environment["CUDA_MPS_LOG_DIRECTORY"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in (progs["router"].environment or {})
+    off = _programs(tmp_path, "--device", "cuda", "--mps", "off")
+    assert "mps" not in off and "CUDA_MPS_PIPE_DIRECTORY" not in off["decode_d0"].environment
+
+
+def test_mps_only_where_a_gpu_is_shared_or_asked(tmp_path, monkeypatch):
+    """Two GPUs (one each) or cpu: no daemon under auto; --mps on forces it; on without the binary is refused."""
+    _fake_mps_control(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert "mps" not in _programs(tmp_path, "--device", "cuda")
+    assert "mps" not in _programs(tmp_path, "--mps", "on")  # cpu: never
+    forced = _programs(tmp_path, "--device", "cuda", "--mps", "on")
+    assert "mps" in forced and "CUDA_MPS_PIPE_DIRECTORY" in forced["prefill_p0"].environment
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert "mps" not in _programs(tmp_path, "--device", "cuda")  # auto without the binary: plain processes
+    with pytest.raises(ValueError, match="nvidia-cuda-mps-control"):
+        _programs(tmp_path, "--device", "cuda", "--mps", "on")
