@@ -221,8 +221,10 @@ case "${1:-models}" in
     # time-slices, and as clients of the fleet's CUDA MPS daemon (deploy up --mps on), per MPS_MODES ("off on";
     # "auto": deploy's default, which picks MPS on one GPU), at CONCS ("64 256")
     end=$((SECONDS + ${MPS_BUDGET_S:-570}))
+    i=0
     for mode in ${MPS_MODES:-off on}; do
-      m=0; [ "$mode" = on ] && m=1; [ "$mode" = auto ] && m=""  # auto: deploy's default --mps
+      i=$((i + 1)); [ $i -gt 1 ] && mode="${mode}$i"  # a mode named twice keeps both results (off, on2, off3, ...)
+      m=0; [[ $mode == on* ]] && m=1; [[ $mode == auto* ]] && m=""  # auto: deploy's default --mps
       step "serve_mps_$mode" "$(left 290)" env OUT="$OUT/serve" PY=$PY QUANT="${QUANT-fp8}" MPS=$m \
         MEM_FRACTION="${MEM_FRACTION:-0.47}" TAG="-mps_$mode" CONCS="${CONCS:-64 256}" bash deploy/gpu_onegpu.sh
       cp "$OUT"/serve/*.json "$OUT"/ 2>/dev/null

@@ -132,7 +132,9 @@ def mps_dirs(spec: FleetSpec) -> tuple[str, str]:
 
 def use_mps(spec: FleetSpec, pre_gpus: list[str], dec_gpus: list[str]) -> bool:
     """MPS when asked ("on"), or ("auto") when some GPU serves two workers and the daemon is installed.
-    Measured on one H100 (run 36, FP8 GLM-4.7-Flash, random 512/256): out tok/s +15 % at c64, +4.5 % at c256."""
+    Measured on one H100 (runs 36-38, FP8 GLM-4.7-Flash, random 512/256, MPS on vs off): out tok/s +6 % at c64
+    (3 pairs) and +4.5 % at c256 (2 pairs), c64 TTFT p99 lower; decode ITL p50 ~1 ms higher (prefill kernels run
+    beside the decode step instead of between steps) and, with KV full at c256, TTFT p99 higher."""
     if spec.device != "cuda" or spec.mps == "off":
         return False
     if spec.mps == "on":
