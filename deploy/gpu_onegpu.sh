@@ -25,14 +25,17 @@ ES=(--expert_stats); [ "${EXPERT_STATS:-1}" = 0 ] && ES=()
   --port "$PORT" --num_pages "${NUM_PAGES:-16384}" --max_running 256 --max_queue 4096 --ready_timeout 400 "${ES[@]}" \
   "${MPSF[@]}" ${DEPLOY_FLAGS:-} \
   || { tail -60 "$STATE"/logs/*.log; exit 1; }
+# the fleet's MPS dirs as deploy rendered them (none: no mps program)
+mps_dir() { sed -n "s/.*$1=\"\([^\"]*\)\".*/\1/p" "$STATE/supervisord.conf" | head -1; }
+MPS_PIPE=$(mps_dir CUDA_MPS_PIPE_DIRECTORY); MPS_LOG=$(mps_dir CUDA_MPS_LOG_DIRECTORY)
 cleanup=('s=$SECONDS; "$PY" -m glmserve.deploy down --state_dir "$STATE"; echo "deploy down: $((SECONDS - s)) s"'
-         'tail -3 /tmp/glmserve-mps-'"$PORT"'/log/control.log 2>/dev/null')
+         '[ -n "$MPS_LOG" ] && tail -3 "$MPS_LOG/control.log"')
 grep -h "KV link to" "$STATE"/logs/decode_d0.log | head -2
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 # under MPS the compute apps are the MPS server (the workers are its clients) and the daemon lists its server
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader
-grep -q '^\[program:mps\]' "$STATE/supervisord.conf" && { echo "MPS daemon of the fleet: server list"
-  echo get_server_list | CUDA_MPS_PIPE_DIRECTORY=/tmp/glmserve-mps-$PORT/pipe nvidia-cuda-mps-control; }
+[ -n "$MPS_PIPE" ] && { echo "MPS daemon of the fleet: server list"
+  echo get_server_list | CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE nvidia-cuda-mps-control; }
 B=("$PY" bench/run_sharegpt.py --base-url "http://127.0.0.1:$PORT" --ignore-eos --disable-tqdm --result-dir "$OUT"
    --metrics-url "http://127.0.0.1:$PORT/metrics" --metrics-url http://127.0.0.1:8101/metrics
    --metrics-url http://127.0.0.1:8111/metrics --dataset random --random-input-len 512 --random-output-len 256)
