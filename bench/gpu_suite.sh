@@ -22,6 +22,7 @@
 #   bash bench/gpu_suite.sh prefleet # ONE call: FP8 prefill of 64 x 512-token prompts (+ its kernel table), then
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
+#   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -202,6 +203,18 @@ case "${1:-models}" in
       tests/kernels/test_moe_route.py tests/kernels/test_gpu_real_shapes.py tests/kernels/test_fp8_gemm.py \
       -k "not gpu_real_shapes or mla_decode_wg"
     step profile_fp8 200 $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --quantization fp8 --no_profile
+    ;;
+  ncu14)  # ONE GPU (~8 min): run 40's switches (MLA early page ids, fp32 logits) -- their GPU tests and in-process
+    # A/B -- then one MoE layer of the FP8 step at B 1 and B 256 under Nsight Compute (bench/ncu_layer.py)
+    end=$((SECONDS + ${NCU_BUDGET_S:-560}))
+    step kernel_tests "$(left 120)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
+      -k "early_pages or lm_head"
+    step ab "$(left 220)" $PY -m bench.ab_step --switch "${AB_SWITCHES:-mla_early_pages,lm_fp32}" --batches 1,64,256 \
+      --rounds 3 --ctx 640 --quantization fp8
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    step ncu_layer "$(left 260)" "$ncu" --profile-from-start off --clock-control none --set full -f -o "$OUT/layer" \
+      $PY -m bench.ncu_layer --batches 1,256 --ctx 640
+    step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

@@ -87,15 +87,16 @@ def _mla_latent(wide: bool):
     return mla_decode._mla_decode_kernel, sig, const, warps, stages
 
 
-def _mla_wg(splits: int, warps: int, stages: int, q_async: bool):
+def _mla_wg(splits: int, warps: int, stages: int, q_async: bool, early_pages: bool = False):
     """The Hopper warpgroup-MMA MLA decode kernel (Gluon), GLM-4.7-Flash shapes."""
     from glmserve.kernels import mla_decode_wg
 
     sig = dict(q_ptr=P["bf16"], kv_ptr=P["bf16"], out_ptr=P["bf16"] if splits == 1 else P["f32"], lse_ptr=P["f32"],
                page_table_ptr=P["i32"], seq_lens_ptr=P["i32"])
-    sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride")})
+    sig.update({n: "i32" for n in ("q_st", "q_sh", "kv_ss", "o_st", "o_sh", "o_ss", "pt_stride", "pt_cols")})
     sig.update(scale_log2="fp32", page_size="i32", min_keys="i32", H="i32")
-    const = dict(NUM_SPLITS=splits, BH=32, DL=512, DR=64, STAGES=stages, Q_ASYNC=q_async, num_warps=warps)
+    const = dict(NUM_SPLITS=splits, BH=32, DL=512, DR=64, STAGES=stages, Q_ASYNC=q_async, num_warps=warps,
+                 EARLY_PAGES=early_pages)
     return mla_decode_wg._mla_decode_wg_kernel, sig, const, warps, 1
 
 
@@ -215,6 +216,8 @@ def cases():
         for q_async in (False, True):
             yield (f"mla decode wgmma (gluon) splits {splits} q_async {int(q_async)}",
                    *_mla_wg(splits, *mla_decode.WG_CONFIGS["default"][1:], q_async))
+    yield ("mla decode wgmma (gluon) splits 1 q_async 1 early pages",
+           *_mla_wg(1, *mla_decode.WG_CONFIGS["default"][1:], True, True))
     for key, cfg in fp8_gemm.CONFIGS.items():
         if key[0] != "cpu":
             yield (f"fp8_gemm {key}", *_gemm(False, cfg))

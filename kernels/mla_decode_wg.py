@@ -31,6 +31,12 @@ BLOCK_N = 64  # keys a tile: the wgmma M
 # 640, median graph ms on / off): B 1 3.779 / 3.843, B 64 14.798 / 14.875, B 256 18.565 / 18.794 (and 18.692 /
 # 18.754 in a second process), logits bit-equal. False: q through registers (the reference schedule).
 Q_ASYNC = True
+# One-split launches (B >= SMs / 2 on the wg path): the first STAGES tiles' page ids load beside seq_len rather than
+# after it (their rows are [0, STAGES * 64) whatever the length; masked by the page table's width, not by hi), so the
+# first key copy waits one global round trip, not two. Same tiles, same order: bit-equal output (GPU test).
+# Predicted ~0.5-1 us of the ~6 us a program pays besides its tiles (KERNEL_NOTES v14): ~-0.05 ms a step at B 256
+# (two programs an SM), ~-0.03 at B 64-128. bench/ab_step.py --switch mla_early_pages.
+EARLY_PAGES = True
 
 
 @gluon.jit
@@ -38,6 +44,15 @@ def _tile_pages(pt, start, hi, page_size, LD: gl.constexpr):
     """Page id of each key in [start, start + BLOCK_N) (0 past hi): [64], rows of LD."""
     j = start + gl.arange(0, 64, layout=gl.SliceLayout(1, LD))
     return gl.load(pt + j // page_size, mask=j < hi, other=0)
+
+
+@gluon.jit
+def _tile_pages_early(pt, start, pt_cols, page_size, LD: gl.constexpr):
+    """_tile_pages without the length: page-table entries [start, start + BLOCK_N) // page_size that exist in
+    the row (pt_cols of them; 0 past it). Entries past the sequence's pages may hold anything: their keys are
+    never copied (_issue_tile masks by hi) nor scored."""
+    j = start + gl.arange(0, 64, layout=gl.SliceLayout(1, LD))
+    return gl.load(pt + j // page_size, mask=j // page_size < pt_cols, other=0)
 
 
 @gluon.jit
@@ -58,9 +73,9 @@ def _issue_tile(kl_s, kr_s, kv_ptr, page, start, hi, page_size, kv_ss,
 @gluon.jit
 def _mla_decode_wg_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr,
-    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, scale_log2, page_size, min_keys, H,
+    q_st, q_sh, kv_ss, o_st, o_sh, o_ss, pt_stride, pt_cols, scale_log2, page_size, min_keys, H,
     NUM_SPLITS: gl.constexpr, BH: gl.constexpr, DL: gl.constexpr, DR: gl.constexpr, STAGES: gl.constexpr,
-    Q_ASYNC: gl.constexpr, num_warps: gl.constexpr,
+    Q_ASYNC: gl.constexpr, num_warps: gl.constexpr, EARLY_PAGES: gl.constexpr = False,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence (the split rule of mla_decode), every head;
     out (or its fp32 split partial plus the base-2 log-sum-exp when NUM_SPLITS > 1)."""
@@ -105,11 +120,17 @@ def _mla_decode_wg_kernel(
         qr_s.store(gl.load(q_row + (DL + c), mask=hq[:, None] < H, other=0.0))
 
     pt = page_table_ptr + seq.to(gl.int64) * pt_stride
-    for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill)
-        _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, _tile_pages(pt, lo + t * 64, hi, page_size, LD),
-                    lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
-    # page ids load a tile ahead of their copies: the issue never waits on the page table
-    page_next = _tile_pages(pt, lo + (STAGES - 1) * 64, hi, page_size, LD)
+    if EARLY_PAGES and NUM_SPLITS == 1:  # lo = 0: the first tiles' page ids do not wait on seq_len's load
+        gl.static_assert(STAGES == 2, "early pages: the one prologue tile and page_next")
+        page_0 = _tile_pages_early(pt, 0, pt_cols, page_size, LD)
+        page_next = _tile_pages_early(pt, 64, pt_cols, page_size, LD)
+        _issue_tile(kl_s.index(0), kr_s.index(0), kv_ptr, page_0, 0, hi, page_size, kv_ss, DL, DR, LD)
+    else:
+        for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill)
+            _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, _tile_pages(pt, lo + t * 64, hi, page_size, LD),
+                        lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
+        # page ids load a tile ahead of their copies: the issue never waits on the page table
+        page_next = _tile_pages(pt, lo + (STAGES - 1) * 64, hi, page_size, LD)
 
     m_i = gl.full([BH], -1.0e30, gl.float32, layout=gl.SliceLayout(0, S_L))
     l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, S_L))
@@ -177,7 +198,8 @@ def launch(q, cache, part, lse, page_table, seq_lens, strides, page_size: int, s
     b, h, dk = q.shape
     _mla_decode_wg_kernel[(b, n_split)](
         q, cache, part, lse, page_table, seq_lens, q.stride(0), q.stride(1), cache.stride(0), *strides,
-        page_table.stride(0), scale * 1.4426950408889634, page_size, min_keys, h,
+        page_table.stride(0), page_table.shape[1], scale * 1.4426950408889634, page_size, min_keys, h,
         NUM_SPLITS=n_split, BH=32, DL=dl, DR=dk - dl, STAGES=stages, Q_ASYNC=Q_ASYNC, num_warps=warps,
+        EARLY_PAGES=EARLY_PAGES and stages == 2,
     )
 

@@ -204,6 +204,53 @@ def test_mla_decode_wg_flash(warps, stages, splits, min_keys, q_async, monkeypat
     assert _rel(out, tri) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="Hopper warpgroup MMA")
+@pytest.mark.parametrize("q_async", [False, True])
+def test_mla_decode_wg_early_pages_bit_equal(q_async, monkeypatch):
+    """One split a sequence (mla_decode_wg.EARLY_PAGES engages): the first two tiles' page ids load before the
+    length is known, so entries past a sequence's pages are read. They hold 2**30 here (a copy from such a page
+    would fault): the output is bit-equal to the length-masked loads' and matches the torch reference."""
+    from glmserve.kernels import mla_decode_wg
+    from glmserve.kernels.mla_decode import mla_decode
+
+    monkeypatch.setattr(mla_decode_wg, "Q_ASYNC", q_async)
+    lens = [1, 63, 64, 65, 100, 130, 640, 7]
+    batch, num_pages = _mixed_decode_batch(lens)
+    table = batch.page_table.clone()
+    for i, n in enumerate(lens):
+        table[i, -(-n // 16):] = 2 ** 30
+    cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
+    q = torch.randn(len(lens), 20, 576, device=DEV, dtype=BF16)
+    outs = []
+    for early in (True, False):
+        monkeypatch.setattr(mla_decode_wg, "EARLY_PAGES", early)
+        outs.append(mla_decode(q, cache, table, batch.seq_lens, 16, 256 ** -0.5, max(lens), 512, 1, min_keys=0,
+                               wg=(4, 2)))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+    ref = paged_attention.paged_attention_ref(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
+    assert _rel(outs[0], ref) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 256])
+def test_lm_head_fp32_logits(rows):
+    """embedding.FP32_LOGITS: the logits GEMM stores fp32 (no bf16 product and .float() copy). Within half a bf16
+    step of the bf16-rounded logits (HF's), and closer than them to the fp32 product of the same bf16 operands."""
+    from glmserve.shared.model.layers import embedding
+
+    head = embedding.ParallelLMHead(151552, 2048, dtype=BF16, device=DEV)
+    head.weight.data.normal_(0, 0.02)
+    x = torch.randn(rows, 2048, device=DEV, dtype=BF16)
+    got = head(x)
+    rounded = torch.nn.functional.linear(x, head.weight).float()
+    exact = x.double() @ head.weight.double().t()
+    assert got.dtype == torch.float32 and got.shape == (rows, 151552)
+    step = rounded.abs() * 2.0 ** -8  # one bf16 step (8 bits of mantissa) at each value
+    assert ((got - rounded).abs() <= step * 0.5 + 1e-6).all()
+    assert (got.double() - exact).abs().mean() < (rounded.double() - exact).abs().mean()
+
+
 def test_kv_pages_air_layout():
     buf = torch.randn(47, 2, 300, 16, 8, 128, device=DEV, dtype=BF16)
     ids = torch.randperm(300, device=DEV)[:37]

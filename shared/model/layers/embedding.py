@@ -14,6 +14,20 @@ from torch import nn
 from glmserve.shared.model.layers.linear import copy_checked, set_loader
 from glmserve.shared.model.parallel import SINGLE, TPGroup
 
+# The logits straight out of the GEMM in fp32 on CUDA for bf16 / fp16 weights (cuBLAS: fp32 accumulation, fp32
+# store), instead of a [R, V] bf16 product and a .float() copy: at R 256 x V 151,552 that copy reads 78 MB and
+# writes 155 MB after the GEMM wrote the 78 (~60 us a step, H100 run 32's profile). The values are the fp32 sums
+# before the bf16 rounding HF's lm_head applies: within half a bf16 step of HF's, a tie broken by that rounding can
+# go the other way. False: F.linear + .float() (bench/ab_step.py --switch lm_fp32 is the A/B).
+FP32_LOGITS = True
+
+
+def lm_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, H] . weight [V, H]^T -> [R, V] fp32."""
+    if FP32_LOGITS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x, weight).float()
+
 
 class _VocabShard(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype, device):
@@ -57,5 +71,5 @@ class ParallelLMHead(_VocabShard):
         """x [R, H] -> logits [R, V] fp32, full vocab on every rank (R = 0: no collective, same on all ranks)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.vocab_size, dtype=torch.float32)
-        logits = F.linear(x, self.weight).float()
+        logits = lm_logits(x, self.weight)
         return self.tp.all_gather_last(logits)[:, : self.vocab_size]
