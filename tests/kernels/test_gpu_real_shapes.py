@@ -138,6 +138,42 @@ def test_fused_moe_flash_experts(t, fp8):
     assert _rel(out, ref) < (0.05 if fp8 else 0.01)
 
 
+@pytest.mark.parametrize("t", [1, 3, 7])
+def test_fused_moe_down_prefetch_same_bits(t, monkeypatch):
+    """fused_moe.PREFETCH_DOWN: the down GEMM's PDL launch reads its blocks' expert ids and prefetches their B lines
+    before the wait on SiLU-mul. A hint: the output is bit-equal to the launch without it (blocks with no expert,
+    -1, prefetch nothing), and matches the reference."""
+    e, h, i, k = 64, 2048, 1536, 4
+    x = torch.randn(t, h, device=DEV, dtype=BF16)
+    w13 = torch.randn(e, 2 * i, h, device=DEV, dtype=BF16) * h ** -0.5
+    w2 = torch.randn(e, h, i, device=DEV, dtype=BF16) * i ** -0.5
+    weights, ids = torch.rand(t, k, device=DEV), torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    s13, s2 = w13.float().abs().amax(-1, keepdim=True) / 448, w2.float().abs().amax(-1, keepdim=True) / 448
+    w13, w2 = (w13.float() / s13).to(torch.float8_e4m3fn), (w2.float() / s2).to(torch.float8_e4m3fn)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(fused_moe, "PREFETCH_DOWN", on)
+        outs.append(fused_moe.fused_experts(x, w13, w2, weights, ids, s13, s2))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+    assert _rel(outs[0], fused_moe.fused_experts_ref(x, w13, w2, weights, ids, s13, s2)) < 0.05
+
+
+@pytest.mark.parametrize("m", [1, 5, 32])
+def test_fp8_gemm_prefetch_same_bits(m, monkeypatch):
+    """fp8_gemm.PREFETCH_W: PDL launches prefetch their W slice into L2 before the wait. A hint: bit-equal to the
+    launch without it at GLM-4.7-Flash's o_proj and q_a + kv_a shapes (inline split-K), and matches the reference."""
+    for n, k in ((2048, 5120), (1344, 2048)):
+        a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
+        outs = []
+        for on in (True, False):
+            monkeypatch.setattr(fp8_gemm, "PREFETCH_W", on)
+            outs.append(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s))
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], outs[1])
+        assert _rel(outs[0], fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, BF16)) < 1e-2
+
+
 def _decode_batch(num_seqs, ctx, page_size, query_len=1):
     pages_per = -(-ctx // page_size)
     perm = torch.randperm(num_seqs * pages_per).tolist()
