@@ -211,8 +211,8 @@ case "${1:-models}" in
     step kernel_tests "$(left 120)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
       -k "early_pages or lm_head or prefetch"
     # the prefetches act on PDL launches only (<= 32 rows), the other two at every batch
-    step ab_small "$(left 140)" $PY -m bench.ab_step --switch gemm_prefetch,moe_prefetch --batches 1,16 --rounds 3 \
-      --ctx 640 --quantization fp8
+    step ab_small "$(left 140)" $PY -m bench.ab_step --switch gemm_prefetch,moe_prefetch,absorb_prefetch \
+      --batches 1,16 --rounds 3 --ctx 640 --quantization fp8
     step ab_large "$(left 160)" $PY -m bench.ab_step --switch mla_early_pages,lm_fp32 --batches 64,256 --rounds 2 \
       --ctx 640 --quantization fp8
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

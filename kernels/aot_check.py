@@ -174,6 +174,13 @@ def _small_kernels():
                 **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
                 K_ROWS=k_rows, FP8=fp8, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True), \
             warps, stages
+    for k_rows in (True, False):
+        bm, bn, bk, warps, stages = mla_absorb.CONFIGS[k_rows]
+        yield f"mla_absorb {'W_UK' if k_rows else 'W_UV'} fp8 prefetch pdl", mla_absorb._mla_absorb_kernel, dict(
+            a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"],
+            **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
+            K_ROWS=k_rows, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True,
+            PREFETCH=True), warps, stages
     bm, bn, bk, warps, stages = mla_absorb.CONFIGS[True]
     yield "mla_absorb W_UK fp8 + q_pe RoPE pdl", mla_absorb._mla_absorb_kernel, dict(
         a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"], qpe_ptr=P["bf16"], cos_ptr=P["f32"],

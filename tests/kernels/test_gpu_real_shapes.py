@@ -138,6 +138,30 @@ def test_fused_moe_flash_experts(t, fp8):
     assert _rel(out, ref) < (0.05 if fp8 else 0.01)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_mla_absorb_prefetch_same_bits(t, monkeypatch):
+    """mla_absorb.PREFETCH_W: PDL launches prefetch their W lines (W_UK: a line a K row; W_UV: a line every 128 bytes
+    of an N row) before the wait. A hint: both products bit-equal to the launches without it (Flash shapes, FP8)."""
+    h, nope, v, lora = 20, 192, 256, 512
+    w = torch.randn(h * (nope + v), lora, device=DEV) / lora ** 0.5
+    scale = w.abs().amax(-1, keepdim=True) / ops.FP8_MAX
+    w3, s2 = (w / scale).to(torch.float8_e4m3fn).view(h, nope + v, lora), scale.view(h, nope + v)
+    q_nope = torch.randn(t, h, nope, device=DEV, dtype=BF16)
+    o_lat = torch.randn(t, h, lora, device=DEV, dtype=BF16)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(mla_absorb, "PREFETCH_W", on)
+        uk = mla_absorb.mla_absorb(q_nope, w3[:, :nope], s2[:, :nope], True, torch.empty(t, h, lora, device=DEV,
+                                                                                          dtype=BF16))
+        uv = mla_absorb.mla_absorb(o_lat, w3[:, nope:], s2[:, nope:], False, torch.empty(t, h, v, device=DEV,
+                                                                                          dtype=BF16))
+        outs.append((uk, uv))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert _rel(outs[0][1], ops.mla_absorb_ref(o_lat, w3[:, nope:], s2[:, nope:], False,
+                                               torch.empty(t, h, v, device=DEV, dtype=BF16))) < 5e-3
+
+
 @pytest.mark.parametrize("t", [1, 3, 7])
 def test_fused_moe_down_prefetch_same_bits(t, monkeypatch):
     """fused_moe.PREFETCH_DOWN: the down GEMM's PDL launch reads its blocks' expert ids and prefetches their B lines
