@@ -41,9 +41,6 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "mla_q_async": ("glmserve.kernels.mla_decode_wg", "Q_ASYNC", True, False),
     "mla_early_pages": ("glmserve.kernels.mla_decode_wg", "EARLY_PAGES", True, False),
     "lm_fp32": ("glmserve.shared.model.layers.embedding", "FP32_LOGITS", True, False),
-    "gemm_prefetch": ("glmserve.kernels.fp8_gemm", "PREFETCH_W", True, False),
-    "absorb_prefetch": ("glmserve.kernels.mla_absorb", "PREFETCH_W", True, False),
-    "moe_prefetch": ("glmserve.kernels.fused_moe", "PREFETCH_DOWN", True, False),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }
 

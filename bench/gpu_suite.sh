@@ -204,17 +204,13 @@ case "${1:-models}" in
       -k "not gpu_real_shapes or mla_decode_wg"
     step profile_fp8 200 $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --quantization fp8 --no_profile
     ;;
-  ncu14)  # ONE GPU (~8 min): run 40's switches (W prefetch before the PDL wait in the dense and MoE-down GEMMs, MLA
-    # early page ids, fp32 logits) -- their GPU tests and in-process A/B -- then one MoE layer of the FP8 step at B 1
-    # and B 256 under Nsight Compute (bench/ncu_layer.py)
+  ncu14)  # ONE GPU (~8 min): run 40's switches (MLA early page ids, fp32 logits) -- their GPU tests and in-process
+    # A/B -- then one MoE layer of the FP8 step at B 1 and B 256 under Nsight Compute (bench/ncu_layer.py)
     end=$((SECONDS + ${NCU_BUDGET_S:-560}))
     step kernel_tests "$(left 120)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "early_pages or lm_head or prefetch"
-    # the prefetches act on PDL launches only (<= 32 rows), the other two at every batch
-    step ab_small "$(left 140)" $PY -m bench.ab_step --switch gemm_prefetch,moe_prefetch,absorb_prefetch \
-      --batches 1,16 --rounds 3 --ctx 640 --quantization fp8
-    step ab_large "$(left 160)" $PY -m bench.ab_step --switch mla_early_pages,lm_fp32 --batches 64,256 --rounds 2 \
-      --ctx 640 --quantization fp8
+      -k "early_pages or lm_head"
+    step ab "$(left 220)" $PY -m bench.ab_step --switch "${AB_SWITCHES:-mla_early_pages,lm_fp32}" --batches 1,64,256 \
+      --rounds 3 --ctx 640 --quantization fp8
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     step ncu_layer "$(left 260)" "$ncu" --profile-from-start off --clock-control none --set full -f -o "$OUT/layer" \
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640

@@ -116,15 +116,6 @@ def pdl_enter(PDL: tl.constexpr):
             tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def prefetch_l2(ptrs):
-    """prefetch.global.L2 of the 128-byte line holding each address of ptrs (any shape, every address valid): a
-    hint with no result, for the weight lines a PDL-launched program reads, issued before its gdc_wait (weights
-    never depend on the prior grid), so they stream into L2 while that grid still runs. GPU only (inline PTX)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
 # The interpreter's tl.dot on bf16 operands returns garbage (triton 3.9, numpy has no bf16): under the
 # interpreter kernels upcast 16-bit dot operands to fp32 (the products are exact either way).
 @triton.jit

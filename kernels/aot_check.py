@@ -174,13 +174,6 @@ def _small_kernels():
                 **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
                 K_ROWS=k_rows, FP8=fp8, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True), \
             warps, stages
-    for k_rows in (True, False):
-        bm, bn, bk, warps, stages = mla_absorb.CONFIGS[k_rows]
-        yield f"mla_absorb {'W_UK' if k_rows else 'W_UV'} fp8 prefetch pdl", mla_absorb._mla_absorb_kernel, dict(
-            a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"],
-            **{n: i32 for n in ("T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh")}), dict(
-            K_ROWS=k_rows, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True,
-            PREFETCH=True), warps, stages
     bm, bn, bk, warps, stages = mla_absorb.CONFIGS[True]
     yield "mla_absorb W_UK fp8 + q_pe RoPE pdl", mla_absorb._mla_absorb_kernel, dict(
         a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"], qpe_ptr=P["bf16"], cos_ptr=P["f32"],
@@ -237,8 +230,6 @@ def cases():
         yield (f"fp8_gemm split-k 8 inline {key} arrival pdl", *_gemm(False, cfg, 8, True))
     fn, sig, const, warps, stages = _gemm(False, fp8_gemm.CONFIGS[("default", "small")], 8, True)
     yield "fp8_gemm split-k 8 inline small early scales arrival pdl", fn, sig, dict(const, EARLY=True), warps, stages
-    yield ("fp8_gemm split-k 8 inline small early scales prefetch arrival pdl", fn, sig,
-           dict(const, EARLY=True, PREFETCH=True), warps, stages)
     yield "fp8_gemm split-k reduce", fp8_gemm._splitk_reduce_kernel, dict(
         part_ptr=P["f32"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"], M="i32", N="i32",
         c_sm="i32", as_sm="i32", ws_sn="i32"), dict(SPLIT_K=4, SCALE=True, HAS_BIAS=True, BLOCK_N=1024), 4, 1
@@ -248,8 +239,6 @@ def cases():
     yield "fused_moe H100 decode fp8 pdl", fn, sig, dict(const, PDL=True), warps, stages
     yield "fused_moe H100 decode fp8 pdl late", fn, sig, dict(const, PDL=2), warps, stages  # _common.PDL_LATE
     yield "fused_moe H100 decode fp8 pdl early loads", fn, sig, dict(const, PDL=True, EARLY=True), warps, stages
-    yield ("fused_moe H100 decode fp8 down prefetch pdl", fn, sig, dict(const, PDL=True, MUL_WEIGHT=True, PREFETCH=True),
-           warps, stages)
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -306,9 +295,6 @@ def main() -> int:
             ok = ok and "griddepcontrol.launch_dependents" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
         if name.endswith(" pdl late"):  # the wait, no early trigger
             ok = ok and "griddepcontrol.wait" in k.asm["ptx"] and "launch_dependents" not in k.asm["ptx"]
-        if " prefetch" in name:  # the L2 prefetch is issued before the PDL wait
-            ptx = k.asm["ptx"]
-            ok = ok and "prefetch.global.L2" in ptx and ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
         if " arrival" in name:  # last-arriver reduction: barrier, gpu-scope acq_rel count, partials read from L2
             ok = ok and all(s in k.asm["ptx"] for s in ("bar.sync", "atom.global.gpu.acq_rel.add", "ld.global.cg"))
         bad += not ok

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
-                                      pdl_kw, prefetch_l2, sm_count)
+                                      pdl_kw, sm_count)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
@@ -42,7 +42,6 @@ def _fp8_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_SCALED: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
     INLINE_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
 ):
     """Program (tile, k split): SPLIT_K > 1 writes its fp32 partial to part[split] (scaled per K block
     when BLOCK_SCALED, raw otherwise); then either _splitk_reduce_kernel finishes the tile, or
@@ -50,8 +49,8 @@ def _fp8_gemm_kernel(
     (0 between launches: the finisher resets it), and the finisher sums part[0..SPLIT_K) in split order,
     as the reduce kernel does, so both give the same bits. EARLY: the epilogue's per-channel scales and bias
     load before the K loop (in flight while it streams W), and the finisher's counter reset is relaxed, so no
-    load or store of the epilogue waits on it (same bits). PREFETCH (PDL launches): the program's W lines are
-    prefetched into L2 before pdl_enter's wait, while the prior grid still runs."""
+    load or store of the epilogue waits on it (same bits)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * grid_n)
@@ -63,12 +62,6 @@ def _fp8_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kb_lo = tl.program_id(1) * k_blocks_per_split
     kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
-    if PREFETCH:  # W does not depend on the prior grid: its lines start for L2 before the wait (a hint)
-        w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * w_sn
-        for kb in range(kb_lo, kb_hi):
-            for j in tl.static_range(0, BLOCK_K, 128):
-                prefetch_l2(w_rows + tl.minimum(kb * BLOCK_K + j, K - 1))
-    pdl_enter(PDL)
     rk = tl.arange(0, BLOCK_K)
     a_p = a_ptr + rm.to(tl.int64)[:, None] * a_sm + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_p = w_ptr + rn.to(tl.int64)[None, :] * w_sn + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_N] = W^T
@@ -228,13 +221,12 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
     counters = arrival_counters(a_q.device, tiles) if splits > 1 and SPLITK_INLINE else None
     bias_arg = bias if bias is not None else w_scale
-    pdl = pdl_kw(a_q.device, m)
     _fp8_gemm_kernel[(tiles, splits)](
         a_q, w_q, out, a_scale, w_scale, bias_arg, part, counters if counters is not None else part, m, n, k,
         a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0), per_split,
         HAS_BIAS=bias is not None, BLOCK_SCALED=bool(block), GROUP_M=group_m, SPLIT_K=splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=PRECISE_ACC, INLINE_REDUCE=counters is not None,
-        EARLY=EARLY_SCALES, num_warps=warps, num_stages=stages, PREFETCH=PREFETCH_W and pdl["PDL"] == 1, **pdl,
+        EARLY=EARLY_SCALES, num_warps=warps, num_stages=stages, **pdl_kw(a_q.device, m),
     )
     if splits > 1 and counters is None:
         block_n = min(1024, triton.next_power_of_2(n))
@@ -259,13 +251,6 @@ SPLITK_INLINE = True
 # on / off over the five samples of two processes): B 1 3.786 / 3.814 (lower in each of the 5 pairs), B 64 14.636 /
 # 14.646 (one process), B 256 18.714 / 18.754 (within the ~0.05 ms spread), logits bit-equal.
 EARLY_SCALES = True
-# PDL launches (<= _common.PDL_MAX_ROWS rows: decode at small batch) prefetch their W slice into L2 before the
-# wait on the prior grid. A PDL-launched program starts once every program of the prior launch has passed its own
-# wait, so the prefetch overlaps that launch (at B 1 the input norm, q_a's norm and o_proj's input quant, ~2 us
-# each, H100 run 34), and the K loop then reads W from L2. At M 1 these GEMMs sit at 4.8 / 4.1 / 7.7 us (q_a+kv_a,
-# q_b, o_proj; run 34) for 2.75 / 3.9 / 10.5 MB. Predicted -1 to -2.5 us each, ~-0.2 ms a step at B 1. Same bits (a
-# hint only). bench/ab_step.py --switch gemm_prefetch.
-PREFETCH_W = False
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
-                                      prefetch_l2, sm_count, pdl_enter, pdl_kw)
+                                      sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -47,25 +47,15 @@ def _moe_gemm_kernel(
     num_pairs, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr = "tf32",
-    PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """c[pair, :] = (A[pair // A_DIV] . B[e]^T) (* scales) (* w[pair]) for the BLOCK_M pairs of one block.
     EARLY: the block's pairs load beside its expert id (not after the id's check), and the epilogue's scales and
-    weights load before the K loop, so neither waits on a dependent global round trip (same math, same bits).
-    PREFETCH (the down GEMM's PDL launch only): the block's expert id is read before pdl_enter's wait -- moe_align
-    wrote it two launches earlier, complete before the prior launch (SiLU-mul) passed its own wait, which is when
-    this launch may begin -- and the program's lines of that expert's B prefetched into L2 while SiLU-mul runs."""
+    weights load before the K loop, so neither waits on a dependent global round trip (same math, same bits)."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        pre_expert = tl.load(block_expert_ptr + pid_m, cache_modifier=".cg")
-        if pre_expert >= 0:
-            b_rows = b_ptr + pre_expert.to(tl.int64) * b_se + tl.minimum(rn, N - 1).to(tl.int64) * b_sn
-            for k0 in range(0, K, BLOCK_K):
-                for j in tl.static_range(0, BLOCK_K, 128):
-                    prefetch_l2(b_rows + tl.minimum(k0 + j, K - 1))
-    pdl_enter(PDL)
     if EARLY:  # one round trip for both: the pairs' address does not depend on the expert
         pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     expert = tl.load(block_expert_ptr + pid_m)
@@ -206,11 +196,6 @@ def used_blocks(num_blocks: int, num_pairs: int, block_m: int, num_experts: int)
 # step). Same bits either way (tests). Measured off: H100 run 35 (bench/ab_step.py --switch moe_early, FP8 Flash
 # step, median graph ms on / off) B 1 3.903 / 3.882, B 256 18.876 / 18.766.
 EARLY_LOADS = False
-# The down GEMM's PDL launches (<= _common.PDL_MAX_ROWS pairs) prefetch their expert's B lines into L2 before the
-# wait, overlapping the SiLU-mul launch before them (~1.9 us at B 1, H100 run 34); at B 1 the down GEMM streams 15.7
-# MB (5 experts x 2048 x 1536 e4m3) at ~0.68 of the copy ceiling. Predicted ~-1.5 us a layer at B 1 (~-0.07 ms a
-# step). Same bits (a hint only). bench/ab_step.py --switch moe_prefetch.
-PREFETCH_DOWN = False
 
 
 def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_div, cfg, mul_weight,
@@ -223,14 +208,13 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
                        NARROW_FLOOR.get(gpu_name(b.device), MIN_BLOCK_N))
     blocks = used_blocks(block_expert.numel(), num_pairs, bm, b.shape[0]) if BOUND_GRID else block_expert.numel()
     fp8 = b.dtype == FP8_DTYPE
-    pdl = pdl_kw(b.device, num_pairs)
     _moe_gemm_kernel[(blocks, triton.cdiv(n, bn))](
         a, b, c, a_scale if fp8 else c, b_scale if fp8 else c, weights, pairs,
         block_expert, num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         b_scale.stride(0) if fp8 else 0,
         A_DIV=a_div, FP8=fp8, MUL_WEIGHT=mul_weight, UPCAST=INTERPRET and not fp8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(a.dtype), num_warps=warps, num_stages=stages,
-        EARLY=EARLY_LOADS, PREFETCH=PREFETCH_DOWN and mul_weight and fp8 and pdl["PDL"] == 1, **pdl,
+        EARLY=EARLY_LOADS, **pdl_kw(b.device, num_pairs),
     )
 
 

@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw,
-                                      prefetch_l2)
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw
 from glmserve.kernels.mla_kv_write import rope_heads, rope_meta
 
 
@@ -31,30 +30,17 @@ def _mla_absorb_kernel(
     qpe_ptr=None, cos_ptr=None, sin_ptr=None, qo_ptr=None, qpe_st=0, qpe_sh=0, qo_st=0, qo_sh=0, cs_st=0,
     ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, BLOCK_HALF: tl.constexpr = 2,
     INTERLEAVED: tl.constexpr = False, REST: tl.constexpr = 0, BLOCK_REST: tl.constexpr = 2,
-    PREFETCH: tl.constexpr = False,
 ):
     """Program (N block, head, M block): out[rm, head, rn] over all K. a's, W's and out's last dims are
     contiguous; W tile [BLOCK_K, BLOCK_N] = W[head, rk, rn] (K_ROWS) or W[head, rn, rk]^T. ROPE: the N block 0
-    programs also write q_out[rm, head] = rope(q_pe[rm, head]) (mla_kv_write's query RoPE, same bits). PREFETCH
-    (PDL launches): the program's W lines are prefetched into L2 before pdl_enter's wait (W never depends on the
-    prior grid)."""
+    programs also write q_out[rm, head] = rope(q_pe[rm, head]) (mla_kv_write's query RoPE, same bits)."""
+    pdl_enter(PDL)
     head = tl.program_id(1).to(tl.int64)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < T
     n_ok = rn < N
-    if PREFETCH:
-        w_head = w_ptr + head * w_sh
-        if K_ROWS:  # K rows of W[head], this block's BLOCK_N columns of each: one line a row (<= 128 bytes)
-            for kb in range(0, tl.cdiv(K, BLOCK_K)):
-                prefetch_l2(w_head + tl.minimum(kb * BLOCK_K + rk, K - 1) * w_sr + tl.program_id(0) * BLOCK_N)
-        else:  # BLOCK_N rows of W[head], K columns each: a line every 128 bytes
-            LINE: tl.constexpr = 128 if FP8 else 64
-            w_rows = w_head + tl.minimum(rn, N - 1) * w_sr
-            for k0 in range(0, K, LINE):
-                prefetch_l2(w_rows + k0)
-    pdl_enter(PDL)
     if ROPE:
         if tl.program_id(0) == 0:
             heads = head + tl.zeros([1, 1], dtype=tl.int64)
@@ -101,11 +87,6 @@ def _mla_absorb_kernel(
 CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 32, 128, 4, 3)}
 LARGE_CONFIGS: dict[bool, tuple[int, int, int, int, int]] = {True: (64, 64, 64, 4, 3), False: (64, 64, 64, 4, 3)}
 LARGE_T = 64
-# PDL launches (<= _common.PDL_MAX_ROWS tokens) prefetch their W lines into L2 before the wait on the prior grid
-# (W_UK: mla_kv_write, 3.2 us at B 1; W_UV: the split merge, 2.4 us; H100 run 34), as fp8_gemm.PREFETCH_W. 2 / 2.6 MB
-# of e4m3 a layer at ~4 us a launch (run 34). Predicted ~-1 us a launch, ~-0.09 ms a step at B 1. Same bits (a
-# hint). bench/ab_step.py --switch absorb_prefetch.
-PREFETCH_W = False
 _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
@@ -131,13 +112,12 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
     bm = min(bm, max(16, triton.next_power_of_2(t)))
     scale = w_scale if fp8 else w
     grid = (triton.cdiv(n, bn), heads, triton.cdiv(t, bm))
-    pdl = pdl_kw(a.device, t)
     _mla_absorb_kernel[grid](
         a, w, scale, out, t, k, n, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         scale.stride(0) if fp8 else 0, out.stride(0), out.stride(1),
         K_ROWS=k_rows, FP8=fp8, UPCAST=INTERPRET, PREC=dot_precision(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl,
-        PREFETCH=PREFETCH_W and pdl["PDL"] == 1, **(_rope_args(rope, t, heads) if rope is not None else {}),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_kw(a.device, t),
+        **(_rope_args(rope, t, heads) if rope is not None else {}),
     )
     return out
 

@@ -138,66 +138,6 @@ def test_fused_moe_flash_experts(t, fp8):
     assert _rel(out, ref) < (0.05 if fp8 else 0.01)
 
 
-@pytest.mark.parametrize("t", [1, 5])
-def test_mla_absorb_prefetch_same_bits(t, monkeypatch):
-    """mla_absorb.PREFETCH_W: PDL launches prefetch their W lines (W_UK: a line a K row; W_UV: a line every 128 bytes
-    of an N row) before the wait. A hint: both products bit-equal to the launches without it (Flash shapes, FP8)."""
-    h, nope, v, lora = 20, 192, 256, 512
-    w = torch.randn(h * (nope + v), lora, device=DEV) / lora ** 0.5
-    scale = w.abs().amax(-1, keepdim=True) / ops.FP8_MAX
-    w3, s2 = (w / scale).to(torch.float8_e4m3fn).view(h, nope + v, lora), scale.view(h, nope + v)
-    q_nope = torch.randn(t, h, nope, device=DEV, dtype=BF16)
-    o_lat = torch.randn(t, h, lora, device=DEV, dtype=BF16)
-    outs = []
-    for on in (True, False):
-        monkeypatch.setattr(mla_absorb, "PREFETCH_W", on)
-        uk = mla_absorb.mla_absorb(q_nope, w3[:, :nope], s2[:, :nope], True, torch.empty(t, h, lora, device=DEV,
-                                                                                          dtype=BF16))
-        uv = mla_absorb.mla_absorb(o_lat, w3[:, nope:], s2[:, nope:], False, torch.empty(t, h, v, device=DEV,
-                                                                                          dtype=BF16))
-        outs.append((uk, uv))
-    torch.cuda.synchronize()
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert _rel(outs[0][1], ops.mla_absorb_ref(o_lat, w3[:, nope:], s2[:, nope:], False,
-                                               torch.empty(t, h, v, device=DEV, dtype=BF16))) < 5e-3
-
-
-@pytest.mark.parametrize("t", [1, 3, 7])
-def test_fused_moe_down_prefetch_same_bits(t, monkeypatch):
-    """fused_moe.PREFETCH_DOWN: the down GEMM's PDL launch reads its blocks' expert ids and prefetches their B lines
-    before the wait on SiLU-mul. A hint: the output is bit-equal to the launch without it (blocks with no expert,
-    -1, prefetch nothing), and matches the reference."""
-    e, h, i, k = 64, 2048, 1536, 4
-    x = torch.randn(t, h, device=DEV, dtype=BF16)
-    w13 = torch.randn(e, 2 * i, h, device=DEV, dtype=BF16) * h ** -0.5
-    w2 = torch.randn(e, h, i, device=DEV, dtype=BF16) * i ** -0.5
-    weights, ids = torch.rand(t, k, device=DEV), torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
-    s13, s2 = w13.float().abs().amax(-1, keepdim=True) / 448, w2.float().abs().amax(-1, keepdim=True) / 448
-    w13, w2 = (w13.float() / s13).to(torch.float8_e4m3fn), (w2.float() / s2).to(torch.float8_e4m3fn)
-    outs = []
-    for on in (True, False):
-        monkeypatch.setattr(fused_moe, "PREFETCH_DOWN", on)
-        outs.append(fused_moe.fused_experts(x, w13, w2, weights, ids, s13, s2))
-    torch.cuda.synchronize()
-    assert torch.equal(outs[0], outs[1])
-    assert _rel(outs[0], fused_moe.fused_experts_ref(x, w13, w2, weights, ids, s13, s2)) < 0.05
-
-
-@pytest.mark.parametrize("m", [1, 5, 32])
-def test_fp8_gemm_prefetch_same_bits(m, monkeypatch):
-    """fp8_gemm.PREFETCH_W: PDL launches prefetch their W slice into L2 before the wait. A hint: bit-equal to the
-    launch without it at GLM-4.7-Flash's o_proj and q_a + kv_a shapes (inline split-K), and matches the reference."""
-    for n, k in ((2048, 5120), (1344, 2048)):
-        a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
-        outs = []
-        for on in (True, False):
-            monkeypatch.setattr(fp8_gemm, "PREFETCH_W", on)
-            outs.append(fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s))
-        torch.cuda.synchronize()
-        assert torch.equal(outs[0], outs[1])
-        assert _rel(outs[0], fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, BF16)) < 1e-2
-
-
 def _decode_batch(num_seqs, ctx, page_size, query_len=1):
     pages_per = -(-ctx // page_size)
     perm = torch.randperm(num_seqs * pages_per).tolist()
