@@ -33,9 +33,9 @@ BLOCK_N = 64  # keys a tile: the wgmma M
 Q_ASYNC = True
 # One-split launches (B >= SMs / 2 on the wg path): the first STAGES tiles' page ids load beside seq_len rather than
 # after it (their rows are [0, STAGES * 64) whatever the length; masked by the page table's width, not by hi), so the
-# first key copy waits one global round trip, not two. Same tiles, same order: bit-equal output (GPU test).
-# Predicted ~0.5-1 us of the ~6 us a program pays besides its tiles (KERNEL_NOTES v14): ~-0.05 ms a step at B 256
-# (two programs an SM), ~-0.03 at B 64-128. bench/ab_step.py --switch mla_early_pages.
+# first key copy waits one global round trip, not two. Same tiles, same order: bit-equal output (GPU test). Predicted
+# ~-0.03 ms at B 64, ~-0.05 at B 256; H100 run 40 (bench/ab_step.py --switch mla_early_pages, FP8 GLM-4.7-Flash step,
+# ctx 640, median graph ms on / off): B 64 14.854 / 15.025, B 256 18.834 / 18.957, logits bit-equal.
 EARLY_PAGES = True
 
 

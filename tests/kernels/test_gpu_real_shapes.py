@@ -233,10 +233,12 @@ def test_mla_decode_wg_early_pages_bit_equal(q_async, monkeypatch):
     assert _rel(outs[0], ref) < 1e-2
 
 
-@pytest.mark.parametrize("rows", [1, 3, 256])
+@pytest.mark.parametrize("rows", [3, 256, 300])
 def test_lm_head_fp32_logits(rows):
-    """embedding.FP32_LOGITS: the logits GEMM stores fp32 (no bf16 product and .float() copy). Within half a bf16
-    step of the bf16-rounded logits (HF's), and closer than them to the fp32 product of the same bf16 operands."""
+    """embedding.FP32_LOGITS: from FP32_LOGITS_MIN_ROWS rows the logits GEMM stores fp32 (no bf16 product and
+    .float() copy): its error against the exact product is fp32 accumulation's, far below the bf16 rounding of the
+    other path (H100 run 40: cuBLAS's bf16 output is not even the rounding of its fp32 sum, so no half-step bound
+    between the two holds). Fewer rows: F.linear + .float(), bit for bit."""
     from glmserve.shared.model.layers import embedding
 
     head = embedding.ParallelLMHead(151552, 2048, dtype=BF16, device=DEV)
@@ -244,11 +246,14 @@ def test_lm_head_fp32_logits(rows):
     x = torch.randn(rows, 2048, device=DEV, dtype=BF16)
     got = head(x)
     rounded = torch.nn.functional.linear(x, head.weight).float()
-    exact = x.double() @ head.weight.double().t()
     assert got.dtype == torch.float32 and got.shape == (rows, 151552)
-    step = rounded.abs() * 2.0 ** -8  # one bf16 step (8 bits of mantissa) at each value
-    assert ((got - rounded).abs() <= step * 0.5 + 1e-6).all()
-    assert (got.double() - exact).abs().mean() < (rounded.double() - exact).abs().mean()
+    if rows < embedding.FP32_LOGITS_MIN_ROWS:
+        assert torch.equal(got, rounded)
+        return
+    exact = x.double() @ head.weight.double().t()
+    err, err_bf16 = (got.double() - exact).abs(), (rounded.double() - exact).abs()
+    assert err.max() < 1e-4 * exact.abs().max()
+    assert err.mean() < err_bf16.mean() / 8
 
 
 def test_kv_pages_air_layout():

@@ -15,16 +15,20 @@ from glmserve.shared.model.layers.linear import copy_checked, set_loader
 from glmserve.shared.model.parallel import SINGLE, TPGroup
 
 # The logits straight out of the GEMM in fp32 on CUDA for bf16 / fp16 weights (cuBLAS: fp32 accumulation, fp32
-# store), instead of a [R, V] bf16 product and a .float() copy: at R 256 x V 151,552 that copy reads 78 MB and
-# writes 155 MB after the GEMM wrote the 78 (~60 us a step, H100 run 32's profile). The values are the fp32 sums
-# before the bf16 rounding HF's lm_head applies: within half a bf16 step of HF's, a tie broken by that rounding can
-# go the other way. False: F.linear + .float() (bench/ab_step.py --switch lm_fp32 is the A/B).
+# store) from FP32_LOGITS_MIN_ROWS rows, instead of a [R, V] bf16 product and a .float() copy: at R 256 x V 151,552
+# that copy reads 78 MB and writes 155 MB after the GEMM wrote the 78 (~60 us, H100 run 32's profile). The values
+# are the fp32 sums before the bf16 rounding HF's lm_head applies (closer to the exact product; a near-tie can go
+# the other way). H100 run 40 (bench/ab_step.py --switch lm_fp32, FP8 GLM-4.7-Flash step, median graph ms on / off):
+# B 256 19.008 / 19.184 (lower in both rounds), B 64 15.075 / 15.035 (higher in both): fewer rows keep the copy.
+# False: F.linear + .float() at every size.
 FP32_LOGITS = True
+FP32_LOGITS_MIN_ROWS = 256
 
 
 def lm_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [R, H] . weight [V, H]^T -> [R, V] fp32."""
-    if FP32_LOGITS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype:
+    if (FP32_LOGITS and x.is_cuda and x.shape[0] >= FP32_LOGITS_MIN_ROWS and x.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16)):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
     return F.linear(x, weight).float()
 
