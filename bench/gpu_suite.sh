@@ -224,8 +224,8 @@ case "${1:-models}" in
       -k "tma_mid or lm_head"
     step ab "$(left 150)" $PY -m bench.ab_step --switch tma_splitk --batches 128,256 --rounds 3 --ctx 640 \
       --quantization fp8
-    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches 1,64,128,256 --ctx 640 --quantization fp8 \
-      --no_profile
+    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches "${PROFILE_BATCHES:-1,64,128,256}" --ctx 640 \
+      --quantization fp8 --no_profile
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"
