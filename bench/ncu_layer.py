@@ -3,7 +3,7 @@
 Eager steps at each batch (--batches), after warm-up steps that compile every kernel; in the measured step a
 forward pre-hook on layer --layer calls cudaProfilerStart and its forward hook cudaProfilerStop, so with
 `ncu --profile-from-start off` exactly that layer's kernels are profiled (their order: the step's). Each batch's
-window is marked by a line on stdout. Example (bench/gpu_suite.sh ncu):
+window is marked by a line on stdout. Example (bench/gpu_suite.sh ncu14):
     ncu --profile-from-start off --clock-control none --set full -o $OUT/layer \\
         python3 -m bench.ncu_layer --batches 1,256 --ctx 640
     ncu --import $OUT/layer.ncu-rep --page details --print-units base > $OUT/layer.txt

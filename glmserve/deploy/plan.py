@@ -132,9 +132,10 @@ def mps_dirs(spec: FleetSpec) -> tuple[str, str]:
 
 def use_mps(spec: FleetSpec, pre_gpus: list[str], dec_gpus: list[str]) -> bool:
     """MPS when asked ("on"), or ("auto") when some GPU serves two workers and the daemon is installed.
-    Measured on one H100 (runs 36-38, FP8 GLM-4.7-Flash, random 512/256, MPS on vs off): out tok/s +6 % at c64
-    (3 pairs) and +4.5 % at c256 (2 pairs), c64 TTFT p99 lower; decode ITL p50 ~1 ms higher (prefill kernels run
-    beside the decode step instead of between steps) and, with KV full at c256, TTFT p99 higher."""
+    Measured on one H100 (runs 36-39, FP8 GLM-4.7-Flash, random 512/256, MPS on vs off): out tok/s +4.6 % at c256
+    (3 pairs, each +4.5 to +4.7 %) and ~+3 % at c64 (4 pairs, once the ~7 % advantage of whichever mode ran second
+    is taken out); decode ITL p50 ~1 ms higher (prefill kernels run beside the decode step instead of between
+    steps) and, with KV full at c256, TTFT p99 higher."""
     if spec.device != "cuda" or spec.mps == "off":
         return False
     if spec.mps == "on":
