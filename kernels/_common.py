@@ -150,6 +150,33 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return buf if buf is not None and needed <= buf.numel() else None
 
 
+@triton.jit
+def splitk_arrive(cnt_p):
+    """Inline split-K, after a split has stored its fp32 partial: count it on the tile's counter cnt_p (bar.sync so
+    every thread's stores precede the count, then a gpu-scope acq_rel add). Returns the arrival index: the tile's
+    last split sees SPLIT_K - 1 and finishes the tile with splitk_sum."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_p, 1, sem="acq_rel")
+
+
+@triton.jit
+def splitk_sum(tile_p, tile_ok, cnt_p, M, N, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               RELAXED: tl.constexpr):
+    """The last split's sum of the tile's partials part[0..SPLIT_K) (tile_p: part[0]'s [BLOCK_M, BLOCK_N] pointers)
+    in split order, then the counter reset for the next launch. The loads are unrolled, so they go out together, and
+    .cg: from L2, where the other SMs' partials are (never a stale L1 line). CUDA graph replays reuse the counters; a
+    kernel boundary or PDL's wait orders the reset before the next launch's counts, so RELAXED (a relaxed exchange)
+    keeps the epilogue from waiting on it; else the default acq_rel one."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
+    if RELAXED:
+        tl.atomic_xchg(cnt_p, 0, sem="relaxed")
+    else:
+        tl.atomic_xchg(cnt_p, 0)
+    return acc
+
+
 POISON = os.environ.get("KERNELS_POISON", "0") == "1"  # tests: every output starts as NaN / garbage
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
-                                      pdl_kw, sm_count)
+                                      pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
@@ -91,20 +91,9 @@ def _fp8_gemm_kernel(
         tl.store(tile_p + tl.program_id(1).to(tl.int64) * M * N, acc, mask=tile_ok)
         if not INLINE_REDUCE:
             return
-        tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") < SPLIT_K - 1:
+        if splitk_arrive(cnt_ptr + pid) < SPLIT_K - 1:
             return  # not the last of the tile's splits
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # unrolled, so the SPLIT_K loads are issued together rather than one L2 round trip after another;
-        # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
-        # ready for the next launch (CUDA graph replays reuse the counters; a kernel boundary or PDL's wait orders
-        # the reset before the next launch's counts, so with EARLY it is relaxed: the epilogue does not wait on it)
-        if EARLY:
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-        else:
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+        acc = splitk_sum(tile_p, tile_ok, cnt_ptr + pid, M, N, SPLIT_K, BLOCK_M, BLOCK_N, EARLY)
     if not BLOCK_SCALED:
         if EARLY:
             acc = acc * sa_e[:, None] * sw_e[None, :]

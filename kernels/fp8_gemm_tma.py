@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from glmserve.kernels._common import splitk_arrive, splitk_sum
+
 
 @triton.jit
 def _fp8_gemm_tma_kernel(
@@ -51,13 +53,9 @@ def _fp8_gemm_tma_kernel(
         tile_p = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
         tile_ok = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(tile_p + tl.program_id(1).to(tl.int64) * M * N, acc, mask=tile_ok)
-        tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") < SPLIT_K - 1:
+        if splitk_arrive(cnt_ptr + pid) < SPLIT_K - 1:
             return  # not the last of the tile's splits
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):  # unrolled, from L2 (.cg: never a stale L1 line), in split order
-            acc += tl.load(tile_p + s * M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")  # the next launch is ordered after it by the kernel boundary
+        acc = splitk_sum(tile_p, tile_ok, cnt_ptr + pid, M, N, SPLIT_K, BLOCK_M, BLOCK_N, True)
     sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
     sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
     acc = acc * sa[:, None] * sw[None, :]
