@@ -17,7 +17,7 @@ import triton.language as tl
 from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
                                       pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
-from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, k_splits, tma_ok
 
 
 def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
@@ -202,15 +202,15 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
         cfg = tma_config(a_q.device, m, n, PRECISE_ACC, k)
         splits = _tma_mid_split(a_q.device, m, n, k, cfg) if _tma_mid(m, k) else 1
         counters = arrival_counters(a_q.device, triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1])) if splits > 1 else None
-        if counters is not None:
+        if counters is None:
+            splits = 1
+        else:
             cfg = (*cfg[:5], TMA_MID_SPLIT_STAGES)
         return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, cfg, PRECISE_ACC, splits, counters)
     bm, bn, bk, group_m, warps, stages = config or _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
-    splits = min(split_k or _auto_split_k(a_q.device, m, tiles, k_blocks), k_blocks)
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)  # no empty split
+    splits, per_split = k_splits(k_blocks, split_k or _auto_split_k(a_q.device, m, tiles, k_blocks))
     part = new_out((splits, m, n), torch.float32, a_q.device) if splits > 1 else out
     counters = arrival_counters(a_q.device, tiles) if splits > 1 and SPLITK_INLINE else None
     bias_arg = bias if bias is not None else w_scale

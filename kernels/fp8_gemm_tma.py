@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from glmserve.kernels._common import splitk_arrive, splitk_sum
+from glmserve.kernels._common import new_out, splitk_arrive, splitk_sum
 
 
 @triton.jit
@@ -70,23 +70,28 @@ def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, w_q))
 
 
+def k_splits(k_blocks: int, want: int) -> tuple[int, int]:
+    """(splits, K blocks a split) for `want` splits of k_blocks: at most k_blocks, none empty."""
+    per_split = triton.cdiv(k_blocks, max(1, min(want, k_blocks)))
+    return triton.cdiv(k_blocks, per_split), per_split
+
+
 def fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor, cfg: tuple[int, ...],
                  precise: bool, split_k: int = 1, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on checked arguments (fp8_gemm._check_args); cfg = (BM, BN, BK, GROUP_M, warps, stages);
     split_k > 1 needs counters (_common.arrival_counters, one a tile) and splits K in whole BLOCK_K blocks."""
+    assert split_k == 1 or counters is not None, "split-K needs arrival counters"
     bm, bn, bk, group_m, warps, stages = cfg
     m, k = a_q.shape
     n = w_q.shape[0]
     a_desc = TensorDescriptor.from_tensor(a_q, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    k_blocks = triton.cdiv(k, bk)
-    per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
-    splits = triton.cdiv(k_blocks, per_split) if counters is not None else 1  # no empty split
+    splits, per_split = k_splits(triton.cdiv(k, bk), split_k)
     split_args = {}
     if splits > 1:
-        split_args = dict(part_ptr=torch.empty((splits, m, n), dtype=torch.float32, device=out.device),
-                          cnt_ptr=counters, k_blocks_per_split=per_split, SPLIT_K=splits)
+        split_args = dict(part_ptr=new_out((splits, m, n), torch.float32, out.device), cnt_ptr=counters,
+                          k_blocks_per_split=per_split, SPLIT_K=splits)
     _fp8_gemm_tma_kernel[(tiles, splits)](
         a_desc, w_desc, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
         out.stride(0), a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None, GROUP_M=group_m,
