@@ -224,9 +224,6 @@ def cases():
     yield ("fp8_gemm block128 large", *_gemm(True, fp8_gemm.CONFIGS[("default", "large")]))
     for key, cfg in fp8_gemm.TMA_CONFIGS.items():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
-    fn, sig, const, warps, _ = _gemm_tma(fp8_gemm.TMA_CONFIGS["mid"], True)
-    yield ("fp8_gemm tma mid split-k 3 arrival", fn, dict(sig, part_ptr=P["f32"], cnt_ptr=P["i32"], k_blocks_per_split="i32"),
-           dict(const, SPLIT_K=3), warps, fp8_gemm.TMA_MID_SPLIT_STAGES)
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

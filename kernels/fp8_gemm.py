@@ -17,7 +17,7 @@ import triton.language as tl
 from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
                                       pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
-from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, k_splits, tma_ok
+from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 
 
 def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
@@ -200,13 +200,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
         return out
     if config is None and _use_tma(a_q, w_q, m, block, split_k):
         cfg = tma_config(a_q.device, m, n, PRECISE_ACC, k)
-        splits = _tma_mid_split(a_q.device, m, n, k, cfg) if _tma_mid(m, k) else 1
-        counters = arrival_counters(a_q.device, triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1])) if splits > 1 else None
-        if counters is None:
-            splits = 1
-        else:
-            cfg = (*cfg[:5], TMA_MID_SPLIT_STAGES)
-        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, cfg, PRECISE_ACC, splits, counters)
+        return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, cfg, PRECISE_ACC)
     bm, bn, bk, group_m, warps, stages = config or _config(a_q.device, m, n, bool(block))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
@@ -277,24 +271,6 @@ def tma_config(device, m: int, n: int, precise: bool, k: int = 0) -> tuple[int, 
     return TMA_CONFIGS["big" if triton.cdiv(m, 256) * triton.cdiv(n, 128) >= sms else "narrow"]
 
 
-# Mid-M TMA launches split K so that about two programs an SM stream it (H100 run 40's Nsight Compute, B 256: the
-# 64x64x256 4-stage tile takes 128 KB of shared memory, so one 4-warp program an SM; o_proj's 128 tiles then ran at
-# 30 % of DRAM peak, q_a + kv_a's 84 tiles leave 48 SMs idle). Splits at 3 stages (96 KB: two programs an SM), at
-# least 2 K blocks each; the last of a tile's splits reduces in split order (as the pointer kernel's inline split-K).
-# Predicted at M 256: o_proj 10.4 -> ~6.5 us, q_a + kv_a 5.6 -> ~4 us (run 29's L2-cold times), ~-0.25 ms a step
-# at B 128-256. False: one program a tile (bench/ab_step.py --switch tma_splitk).
-TMA_MID_SPLITK = False
-TMA_MID_SPLIT_STAGES = 3
-
-
-def _tma_mid_split(device, m: int, n: int, k: int, cfg: tuple[int, ...]) -> int:
-    """K splits of a mid-M TMA launch: ~2 programs an SM, >= 2 K blocks a split; 1 when off or already full."""
-    if not TMA_MID_SPLITK:
-        return 1
-    tiles = triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1])
-    return max(1, min(2 * sm_count(device) // tiles, triton.cdiv(k, cfg[2]) // 2))
-
-
 def _tma_mid(m: int, k: int) -> bool:
     return TMA_MID_M is not None and TMA_MID_M[0] < m <= TMA_MID_M[1] and k >= TMA_MID_MIN_K
 
@@ -316,6 +292,12 @@ def _use_scaled_mm(a_q, m: int, n: int, k: int, block: int, out_dtype) -> bool:
     if SCALED_MM_M is None or block or a_q.device.type != "cuda" or out_dtype != torch.bfloat16:
         return False
     return SCALED_MM_M[0] <= m <= SCALED_MM_M[1] and n % 16 == 0 and k % 16 == 0 and cc_major(a_q.device) >= 9
+
+
+def k_splits(k_blocks: int, want: int) -> tuple[int, int]:
+    """(splits, K blocks a split) for `want` splits of k_blocks: at most k_blocks, none empty."""
+    per_split = triton.cdiv(k_blocks, max(1, min(want, k_blocks)))
+    return triton.cdiv(k_blocks, per_split), per_split
 
 
 def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:

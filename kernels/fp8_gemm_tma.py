@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from glmserve.kernels._common import new_out, splitk_arrive, splitk_sum
 
 
 @triton.jit
@@ -23,39 +22,25 @@ def _fp8_gemm_tma_kernel(
     a_desc, w_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, c_sm, as_sm, ws_sn,
     HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
-    part_ptr=None, cnt_ptr=None, k_blocks_per_split=0, SPLIT_K: tl.constexpr = 1,
 ):
-    """Program (tile, k split): one [BLOCK_M, BLOCK_N] output tile; tiles walked in GROUP_M-row bands (W tiles
-    reused in L2). SPLIT_K > 1: each split stores its fp32 partial to part[split], then the tile's last program to
-    arrive (cnt[tile], 0 between launches) sums part[0..SPLIT_K) in split order and finishes the tile, as
-    fp8_gemm._fp8_gemm_kernel's inline split-K does."""
+    """Program (tile): one [BLOCK_M, BLOCK_N] output tile; tiles walked in GROUP_M-row bands (W tiles
+    reused in L2)."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
     rows_in_band = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_band
     pid_n = (pid % (GROUP_M * grid_n)) // rows_in_band
-    kb_lo, kb_hi = 0, tl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:
-        kb_lo = tl.program_id(1) * k_blocks_per_split
-        kb_hi = tl.minimum(kb_lo + k_blocks_per_split, kb_hi)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])  # [BLOCK_M, BLOCK_K]
         w = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])  # [BLOCK_N, BLOCK_K], K-major as wgmma wants
         if PRECISE_ACC:  # add each BLOCK_K-deep partial into fp32 (as _scaled_mm without fast accum)
             acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(a, w.T, acc)
-    if SPLIT_K > 1:
-        tile_p = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tile_ok = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(tile_p + tl.program_id(1).to(tl.int64) * M * N, acc, mask=tile_ok)
-        if splitk_arrive(cnt_ptr + pid) < SPLIT_K - 1:
-            return  # not the last of the tile's splits
-        acc = splitk_sum(tile_p, tile_ok, cnt_ptr + pid, M, N, SPLIT_K, BLOCK_M, BLOCK_N, True)
     sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
     sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
     acc = acc * sa[:, None] * sw[None, :]
@@ -70,31 +55,18 @@ def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, w_q))
 
 
-def k_splits(k_blocks: int, want: int) -> tuple[int, int]:
-    """(splits, K blocks a split) for `want` splits of k_blocks: at most k_blocks, none empty."""
-    per_split = triton.cdiv(k_blocks, max(1, min(want, k_blocks)))
-    return triton.cdiv(k_blocks, per_split), per_split
-
-
 def fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor, cfg: tuple[int, ...],
-                 precise: bool, split_k: int = 1, counters: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch on checked arguments (fp8_gemm._check_args); cfg = (BM, BN, BK, GROUP_M, warps, stages);
-    split_k > 1 needs counters (_common.arrival_counters, one a tile) and splits K in whole BLOCK_K blocks."""
-    assert split_k == 1 or counters is not None, "split-K needs arrival counters"
+                 precise: bool) -> torch.Tensor:
+    """Launch on checked arguments (fp8_gemm._check_args); cfg = (BM, BN, BK, GROUP_M, warps, stages)."""
     bm, bn, bk, group_m, warps, stages = cfg
     m, k = a_q.shape
     n = w_q.shape[0]
     a_desc = TensorDescriptor.from_tensor(a_q, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    splits, per_split = k_splits(triton.cdiv(k, bk), split_k)
-    split_args = {}
-    if splits > 1:
-        split_args = dict(part_ptr=new_out((splits, m, n), torch.float32, out.device), cnt_ptr=counters,
-                          k_blocks_per_split=per_split, SPLIT_K=splits)
-    _fp8_gemm_tma_kernel[(tiles, splits)](
+    _fp8_gemm_tma_kernel[(tiles,)](
         a_desc, w_desc, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
         out.stride(0), a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None, GROUP_M=group_m,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=precise, num_warps=warps, num_stages=stages, **split_args,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=precise, num_warps=warps, num_stages=stages,
     )
     return out
