@@ -159,15 +159,20 @@ DENSE_TMA_EXTRA = ((64, 128, 256, 8, 4, 3), (128, 64, 256, 8, 4, 3), (64, 64, 25
 # split-K, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, split_k)
 DENSE_SMALL_VARIANTS = tuple((16, bn, bk, 1, 4, 4, split) for bn in (32, 64) for bk in (128, 256)
                              for split in (1, 2, 4, 8))
+# The GEMV kernel (kernels/fp8_gemv.py) for M <= 4: its rule, then (BLOCK_N, BLOCK_K, warps)
+DENSE_GEMV_VARIANTS = (None, (2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 256, 2), (8, 256, 4), (16, 256, 4),
+                       (8, 512, 8))
 
 
 def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     """The per-channel W8A8 GEMMs the FP8 decode step runs (GEMM_SHAPES' three attention GEMMs: the shared
-    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), for M <= 16
+    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), for M <= 4 the
+    GEMV kernel at DENSE_GEMV_VARIANTS' configs, for M <= 16
     the pointer kernel at DENSE_SMALL_VARIANTS' configs, and for M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
     rule takes only above M 512) at its table's configs."""
     from glmserve.kernels import fp8_gemm as fp8_gemm_mod
     from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma
+    from glmserve.kernels.fp8_gemv import fp8_gemv
 
     rows = []
     for n_out, k in GEMM_SHAPES[:3]:
@@ -179,6 +184,9 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
             nbytes = n_out * k + m * k + 2 * m * n_out
             ref = fp8_gemm(aq, a_scale, ws[0], w_scale, None, torch.bfloat16)
             variants = [("rule", None, None), ("scaled_mm", None, None)]
+            if m <= 4:
+                variants += [("gemv " + ("rule" if v is None else "%dx%d w%d" % v), v, "gemv")
+                             for v in DENSE_GEMV_VARIANTS]
             if m <= 16:
                 variants += [("%dx%dx%d g%d w%d s%d splitk%d" % v, v[:6], v[6]) for v in DENSE_SMALL_VARIANTS]
             if m > 64:
@@ -187,6 +195,9 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
                 variants += [("tma %dx%dx%d g%d w%d s%d" % cfg, cfg, "tma") for cfg in tma]
 
             def call(i, cfg, split):
+                if split == "gemv":
+                    out = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+                    return fp8_gemv(aq, a_scale, ws[i], w_scale, None, out, cfg)
                 if split == "tma":
                     out = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
                     return fp8_gemm_tma(aq, a_scale, ws[i], w_scale, None, out, cfg, fp8_gemm_mod.PRECISE_ACC)

@@ -23,7 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh tma14    # ONE GPU: A/B of split-K in the mid-M TMA GEMM, then the FP8 decode-step table
+#   bash bench/gpu_suite.sh gemv14   # ONE GPU: the GEMV for M <= 4 dense FP8 GEMMs: GPU tests, dense sweep, step A/B
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -217,15 +217,14 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  tma14)  # ONE GPU (~5 min): run 41's switch (split-K in the mid-M TMA GEMM): its GPU tests and in-process A/B at
-    # B 128 / 256, then the FP8 decode-step table with every default (run 40's EARLY_PAGES, fp32 logits from 256 rows)
-    end=$((SECONDS + ${TMA_BUDGET_S:-420}))
-    step kernel_tests "$(left 100)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "tma_mid or lm_head"
-    step ab "$(left 150)" $PY -m bench.ab_step --switch tma_splitk --batches 128,256 --rounds 3 --ctx 640 \
+  gemv14)  # ONE GPU (~5 min): run 42's GEMV for decode's M <= 4 dense FP8 GEMMs: its GPU tests, the dense sweep at M 1
+    # and 4 (GEMV configs beside the MMA kernel's), and the in-process step A/B at B 1 / 2 / 4
+    end=$((SECONDS + ${GEMV_BUDGET_S:-420}))
+    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
+      -k "gemv or tma_mid"
+    step dense_sweep "$(left 120)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4 --out "$OUT/dense_sweep.json"
+    step ab "$(left 200)" $PY -m bench.ab_step --switch gemv --batches "${AB_BATCHES:-1,2,4}" --rounds 3 --ctx 640 \
       --quantization fp8
-    step profile_fp8 "$(left 150)" $PY -m bench.profile_step --batches "${PROFILE_BATCHES:-1,64,128,256}" --ctx 640 \
-      --quantization fp8 --no_profile
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmserve.kernels import (act_quant, fp8_gemm, fused_moe, gqa_kv_write, kv_pages, mla_absorb, mla_decode,
+from glmserve.kernels import (act_quant, fp8_gemm, fp8_gemv, fused_moe, gqa_kv_write, kv_pages, mla_absorb, mla_decode,
                               mla_kv_write, moe_align, moe_route, moe_route_align, paged_attention, rmsnorm, rope)
 
 P = {"bf16": "*bf16", "f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
@@ -59,6 +59,13 @@ def _gemm(block_scaled: bool, cfg, split_k: int = 1, inline: bool = False):
     const = dict(HAS_BIAS=True, BLOCK_SCALED=block_scaled, GROUP_M=group_m, SPLIT_K=split_k, BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=True, INLINE_REDUCE=inline, PDL=inline)
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
+
+
+def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int):
+    sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
+    sig.update({n: "i32" for n in ("N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
+    const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1)
+    return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
 
 
 def _gemm_tma(cfg, precise: bool):
@@ -224,6 +231,8 @@ def cases():
     yield ("fp8_gemm block128 large", *_gemm(True, fp8_gemm.CONFIGS[("default", "large")]))
     for key, cfg in fp8_gemm.TMA_CONFIGS.items():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
+    for bn, bk, chunks in ((4, 512, 4), (8, 512, 10), (8, 512, 2), (8, 512, 8)):  # GLM-4.7-Flash / 4.5-Air, M 1
+        yield (f"fp8_gemv {bn}x{bk} x{chunks}", *_gemv(bn, bk, chunks, fp8_gemv.WARPS))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

@@ -18,6 +18,7 @@ from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, che
                                       pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+from glmserve.kernels.fp8_gemv import fp8_gemv
 
 
 def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
@@ -198,6 +199,8 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
+    if config is None and split_k is None and not block and m <= GEMV_MAX_M and a_q.device.type == "cuda":
+        return fp8_gemv(a_q, a_scale, w_q, w_scale, bias, out)
     if config is None and _use_tma(a_q, w_q, m, block, split_k):
         cfg = tma_config(a_q.device, m, n, PRECISE_ACC, k)
         return fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out, cfg, PRECISE_ACC)
@@ -238,6 +241,12 @@ SPLITK_INLINE = True
 # on / off over the five samples of two processes): B 1 3.786 / 3.814 (lower in each of the 5 pairs), B 64 14.636 /
 # 14.646 (one process), B 256 18.714 / 18.754 (within the ~0.05 ms spread), logits bit-equal.
 EARLY_SCALES = True
+
+# Per-channel GEMMs with M <= GEMV_MAX_M on CUDA: kernels/fp8_gemv.py (one program a row and N block over all of K,
+# no MMA tile, no split-K) instead of the MMA kernel with split-K. Written for B 1-4 decode, where the three dense
+# GEMMs a layer take 4.8 / 4.1 / 7.7 us for 2.75 / 3.9 / 10.5 MB (H100 run 34), 0.2-0.45 of the copy ceiling.
+# 0: off (bench/ab_step.py --switch gemv).
+GEMV_MAX_M = 0
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -375,3 +375,31 @@ def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
     eager = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
     assert torch.equal(out, eager)
     assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)) < 5e-3
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", [(1344, 2048), (5120, 768), (2048, 5120), (4096, 4096)])
+def test_fp8_gemv_in_a_cuda_graph(m, n, k, monkeypatch):
+    """fp8_gemm.GEMV_MAX_M routes decode's M <= 4 per-channel GEMMs (GLM-4.7-Flash's q_a + kv_a, q_b, o_proj; a
+    GLM-4.5-Air-sized square one) to the GEMV kernel, PDL-launched inside the decode CUDA graph: the replay equals
+    the eager call with new inputs copied in, matches the fp32 reference to bf16 rounding (full fp32 sums, no MMA
+    accumulation error), and the MMA kernel's result to its accumulation error."""
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
+    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
+    fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
+    new_q, new_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
+    a_q.copy_(new_q)
+    a_s.copy_(new_s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s))
+    ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)
+    # half a bf16 step, plus the fp32 sums' order: <= ~20 roundings of 2^-24 of sum |a w| (chunks a lane, then a
+    # tree over the lanes), bounded here by 2^-16 of it
+    mags = (a_q.float().abs() @ w_q.float().abs().t()) * a_s * w_s.reshape(1, -1)
+    assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -8 + mags * 2 ** -16).all()
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 0)
+    assert _rel(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)) < 5e-3
