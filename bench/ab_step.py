@@ -42,6 +42,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "mla_early_pages": ("glmserve.kernels.mla_decode_wg", "EARLY_PAGES", True, False),
     "lm_fp32": ("glmserve.shared.model.layers.embedding", "FP32_LOGITS", True, False),
     "gemv": ("glmserve.kernels.fp8_gemm", "GEMV_MAX_M", 4, 0),
+    "moe_gemv": ("glmserve.kernels.fused_moe", "GEMV_MAX_T", 4, 0),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }
 

@@ -160,15 +160,15 @@ DENSE_TMA_EXTRA = ((64, 128, 256, 8, 4, 3), (128, 64, 256, 8, 4, 3), (64, 64, 25
 DENSE_SMALL_VARIANTS = tuple((16, bn, bk, 1, 4, 4, split) for bn in (32, 64) for bk in (128, 256)
                              for split in (1, 2, 4, 8))
 # The GEMV kernel (kernels/fp8_gemv.py) for M <= 4: its rule, then (BLOCK_N, BLOCK_K, warps)
-DENSE_GEMV_VARIANTS = (None, (2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 256, 2), (8, 256, 4), (16, 256, 4),
-                       (8, 512, 8))
+DENSE_GEMV_VARIANTS = (None, (1, 2048, 4), (2, 2048, 4), (4, 2048, 4), (8, 2048, 4), (2, 1024, 4), (4, 1024, 4),
+                       (8, 512, 4), (4, 2048, 8))
 
 
 def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     """The per-channel W8A8 GEMMs the FP8 decode step runs (GEMM_SHAPES' three attention GEMMs: the shared
-    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M), for M <= 4 the
-    GEMV kernel at DENSE_GEMV_VARIANTS' configs, for M <= 16
-    the pointer kernel at DENSE_SMALL_VARIANTS' configs, and for M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
+    expert is fused into the MoE): the Triton rule against torch._scaled_mm (fp8_gemm.SCALED_MM_M); for M <= 4 the
+    GEMV kernel at DENSE_GEMV_VARIANTS' configs; for M <= 16 the pointer kernel at DENSE_SMALL_VARIANTS' configs;
+    for M > 64 the pointer kernel at GEMM_VARIANTS' configs and the TMA kernel (kernels/fp8_gemm_tma.py, which the
     rule takes only above M 512) at its table's configs."""
     from glmserve.kernels import fp8_gemm as fp8_gemm_mod
     from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma
@@ -287,9 +287,12 @@ def _moe_inputs(b: int, gen: torch.Generator):
     return ids, weights, x
 
 
-def sweep_moe(bw: float) -> list[dict]:
+def sweep_moe(bw: float, batches: tuple[int, ...] = MOE_BATCHES) -> list[dict]:
     """The two grouped FP8 GEMMs of the fused MoE (kernels/fused_moe.py) at decode batches, per launch
-    config. Bytes = the touched experts' weights (+ scales); the rule's BLOCK_M unless a variant sets it."""
+    config, and for B <= 4 the GEMV (kernels/fp8_gemv.moe_gemv) at DENSE_GEMV_VARIANTS' configs. Bytes = the
+    touched experts' weights (+ scales); the rule's BLOCK_M unless a variant sets it."""
+    from glmserve.kernels.fp8_gemv import moe_gemv
+
     rows, gen = [], torch.Generator().manual_seed(0)
     shapes = {"w13": (2 * MOE_I, MOE_H), "w2": (MOE_H, MOE_I)}
     weights_fp8 = {}
@@ -297,8 +300,9 @@ def sweep_moe(bw: float) -> list[dict]:
         copies = _copies(MOE_E * n_out * k)
         weights_fp8[name] = [torch.randn(MOE_E, n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies)]
     scales = {name: torch.rand(MOE_E, n_out, device="cuda") + 0.5 for name, (n_out, _) in shapes.items()}
-    for b in MOE_BATCHES:
+    for b in batches:
         ids, weights, x = _moe_inputs(b, gen)
+        flat_ids = ids.reshape(-1).contiguous()
         num_pairs, touched = ids.numel(), ids.unique().numel()
         flat_w = weights.reshape(-1).float().contiguous()
         rule = fused_moe._config(x.device, num_pairs, MOE_E, True)
@@ -311,12 +315,19 @@ def sweep_moe(bw: float) -> list[dict]:
             ws = weights_fp8[name]
             nbytes = touched * n_out * (k + 4)
             ref = None
-            for v in MOE_VARIANTS:
-                cfg = rule if v is None else ((v[0] or rule[0]),) + v[1:]
-                label = "rule %dx%dx%d w%d s%d" % rule if v is None else "bm%d %dx%d w%d s%d" % v
-                pairs, block_expert = moe_align(ids, MOE_E, cfg[0], dense_last=True)
+            gemv = [("gemv", v) for v in DENSE_GEMV_VARIANTS] if b <= 4 else []
+            for kind, v in [("mma", v) for v in MOE_VARIANTS] + gemv:
+                if kind == "gemv":
+                    cfg, pairs, block_expert = None, None, None
+                    label = "gemv " + ("rule" if v is None else "%dx%d w%d" % v)
+                else:
+                    cfg = rule if v is None else ((v[0] or rule[0]),) + v[1:]
+                    label = "rule %dx%dx%d w%d s%d" % rule if v is None else "bm%d %dx%d w%d s%d" % v
+                    pairs, block_expert = moe_align(ids, MOE_E, cfg[0], dense_last=True)
 
-                def call(i, cfg=cfg, pairs=pairs, block_expert=block_expert, narrow=v is None):
+                def call(i, cfg=cfg, pairs=pairs, block_expert=block_expert, narrow=v is None, kind=kind, v=v):
+                    if kind == "gemv":
+                        return moe_gemv(a, a_s, ws[i], scales[name], out, flat_w, flat_ids, a_div, mul, v)
                     fused_moe._gemm(a, a_s, ws[i], scales[name], out, flat_w, pairs, block_expert, num_pairs, a_div,
                                     cfg, mul, narrow=narrow)
                     return out
@@ -342,6 +353,7 @@ def main() -> None:
     ap.add_argument("--dense_ms", default=",".join(map(str, DENSE_MS)), help="dense sweep M values (comma list)")
     ap.add_argument("--gemm_shapes", type=int, default=len(GEMM_SHAPES),
                     help="the first N of GEMM_SHAPES (3: the attention GEMMs, shared experts fused into the MoE)")
+    ap.add_argument("--moe_batches", default=",".join(map(str, MOE_BATCHES)), help="MoE sweep batches (comma list)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     bw = copy_bandwidth()
@@ -351,7 +363,7 @@ def main() -> None:
     if "gemm" in a.only:
         rows += sweep_gemm(bw, tuple(int(m) for m in a.gemm_ms.split(",")), a.gemm_shapes)
     if "moe" in a.only:
-        rows += sweep_moe(bw)
+        rows += sweep_moe(bw, tuple(int(b) for b in a.moe_batches.split(",")))
     if "absorb" in a.only:
         rows += sweep_absorb(bw)
     if "dense" in a.only:

@@ -23,7 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh gemv14   # ONE GPU: the GEMV for M <= 4 dense FP8 GEMMs: GPU tests, dense sweep, step A/B
+#   bash bench/gpu_suite.sh gemv14   # ONE GPU: GEMVs for M <= 4 dense and MoE FP8 GEMMs: GPU tests, sweeps, step A/Bs
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -217,14 +217,15 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  gemv14)  # ONE GPU (~5 min): run 42's GEMV for decode's M <= 4 dense FP8 GEMMs: its GPU tests, the dense sweep at M 1
-    # and 4 (GEMV configs beside the MMA kernel's), and the in-process step A/B at B 1 / 2 / 4
-    end=$((SECONDS + ${GEMV_BUDGET_S:-420}))
-    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
+  gemv14)  # ONE GPU (~6 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs: their GPU
+    # tests, the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA kernels'), the step A/Bs at B 1 / 2 / 4
+    end=$((SECONDS + ${GEMV_BUDGET_S:-480}))
+    step kernel_tests "$(left 100)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
       -k "gemv or tma_mid"
-    step dense_sweep "$(left 120)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4 --out "$OUT/dense_sweep.json"
-    step ab "$(left 200)" $PY -m bench.ab_step --switch gemv --batches "${AB_BATCHES:-1,2,4}" --rounds 3 --ctx 640 \
-      --quantization fp8
+    step sweep "$(left 150)" $PY -m bench.decode_sweep --only dense,moe --dense_ms 1,4 --moe_batches 1,4 \
+      --out "$OUT/sweep.json"
+    step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" --rounds 3 \
+      --ctx 640 --quantization fp8
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

@@ -68,6 +68,14 @@ def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int):
     return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
 
 
+def _moe_gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_div: int, mul_weight: bool):
+    sig = dict(a_ptr=P["f8"], b_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], bs_ptr=P["f32"], w_ptr=P["f32"],
+               ids_ptr=P["i64"])
+    sig.update({n: "i32" for n in ("N", "K", "a_sm", "b_se", "b_sn", "c_sm", "bs_se")})
+    const = dict(A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1)
+    return fp8_gemv._moe_gemv_kernel, sig, const, warps, 1
+
+
 def _gemm_tma(cfg, precise: bool):
     from glmserve.kernels import fp8_gemm_tma
 
@@ -231,8 +239,11 @@ def cases():
     yield ("fp8_gemm block128 large", *_gemm(True, fp8_gemm.CONFIGS[("default", "large")]))
     for key, cfg in fp8_gemm.TMA_CONFIGS.items():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
-    for bn, bk, chunks in ((4, 512, 4), (8, 512, 10), (8, 512, 2), (8, 512, 8)):  # GLM-4.7-Flash / 4.5-Air, M 1
+    # GLM-4.7-Flash's q_a + kv_a, o_proj, q_b at M 1; GLM-4.5-Air's K 4096
+    for bn, bk, chunks in ((1, 2048, 1), (2, 2048, 3), (4, 1024, 1), (8, 2048, 2)):
         yield (f"fp8_gemv {bn}x{bk} x{chunks}", *_gemv(bn, bk, chunks, fp8_gemv.WARPS))
+    yield ("moe_gemv gate_up 8x2048", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 5, False))  # Flash w13, K 2048
+    yield ("moe_gemv down 8x2048", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True))  # Flash w2, K 1536
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

@@ -19,6 +19,7 @@ import triton.language as tl
 from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
                                       sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
+from glmserve.kernels.fp8_gemv import moe_gemv
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
 
@@ -225,6 +226,13 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 # GEMM, silu_and_mul(_fp8), down GEMM.
 
 
+# FP8 expert GEMMs of T <= GEMV_MAX_T tokens on CUDA: kernels/fp8_gemv.py's moe_gemv (one program a (pair, N block)
+# over all of K, no pair alignment, no MMA tile padded to 16 rows) for both GEMMs. Written for B 1-4, where the two
+# GEMMs a layer ran at 58 % / 42 % of DRAM peak (H100 run 40's Nsight Compute, B 1: 16.7 / 11.2 us for 5 experts'
+# 31.5 / 15.7 MB). 0: off (bench/ab_step.py --switch moe_gemv).
+GEMV_MAX_T = 0
+
+
 def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:
     """[S, N, 1] per-row weight scales -> [S, N] fp32 contiguous (None stays None)."""
     return None if scale is None else scale.reshape(scale.shape[0], -1).float().contiguous()
@@ -250,6 +258,8 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     num_pairs = t * top_k
     if t == 0:
         return new_out((t, top_k, h) if keep_slots else (t, h), x.dtype, x.device)
+    if fp8 and x.is_cuda and t <= GEMV_MAX_T:
+        return _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots)
     cfg = _config(x.device, num_pairs, num_experts, fp8)
     if aligned is not None and aligned[2] == cfg[0]:
         pairs, block_expert = aligned[0], aligned[1]
@@ -263,10 +273,29 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     _gemm(xq, xs, w13, s13, gate_up, flat_w, pairs, block_expert, num_pairs, top_k, cfg, False)
     act, act_s = silu_and_mul_fp8(gate_up) if fp8 else (silu_and_mul(gate_up), None)
     _gemm(act, act_s, w2, s2, down, flat_w, pairs, block_expert, num_pairs, 1, cfg, True)
+    return _combine(down, t, top_k, h, keep_slots)
+
+
+def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool) -> torch.Tensor:
+    """fused_experts for few tokens on FP8 experts: the two GEMMs as moe_gemv launches (checked arguments)."""
+    t, h = x.shape
+    top_k = ids.shape[1]
+    flat_w, flat_ids = weights.reshape(-1).float().contiguous(), ids.reshape(-1).contiguous()
+    xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)
+    gate_up = new_out((t * top_k, w13.shape[1]), x.dtype, x.device)
+    moe_gemv(xq, xs, w13, _row_scales(w13_scale), gate_up, flat_w, flat_ids, top_k, False)
+    act, act_s = silu_and_mul_fp8(gate_up)
+    down = moe_gemv(act, act_s, w2, _row_scales(w2_scale), new_out((t * top_k, h), x.dtype, x.device), flat_w,
+                    flat_ids, 1, True)
+    return _combine(down, t, top_k, h, keep_slots)
+
+
+def _combine(down: torch.Tensor, t: int, top_k: int, h: int, keep_slots: bool) -> torch.Tensor:
+    """down [T * k, H] weighted per-pair rows -> [T, k, H] (keep_slots) or their sum [T, H]."""
     if keep_slots:
         return down.view(t, top_k, h)
-    out = new_out((t, h), x.dtype, x.device)
+    out = new_out((t, h), down.dtype, down.device)
     block_h = min(1024, triton.next_power_of_2(h))
     _sum_slots_kernel[(t, triton.cdiv(h, block_h))](down, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
-                                                    **pdl_kw(x.device, t))
+                                                    **pdl_kw(down.device, t))
     return out

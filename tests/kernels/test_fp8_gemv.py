@@ -41,3 +41,45 @@ def test_gemv_strided_rows_and_bf16_out():
     fp8_gemv.fp8_gemv(wide[:, :k], a_s, w_q, w_s, None, out)
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)
     assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+
+
+@pytest.mark.parametrize("a_div,mul_weight,config", [(3, False, None), (1, True, (8, 64, 2))])
+def test_moe_gemv_matches_reference(a_div, mul_weight, config):
+    """moe_gemv: c[p] = (A[p // a_div] . B[ids[p]]^T) * s_a * s_b (* w[p]) for every pair, experts repeated and in
+    any order (no alignment by expert)."""
+    from glmserve.kernels.fp8_gemv import moe_gemv
+
+    e, n, k, pairs = 5, 45, 100, 6
+    a_q, a_s = quant_fp8_per_token_ref(torch.randn(pairs // a_div, k, device=DEV))
+    b = torch.randn(e, n, k, device=DEV)
+    b_s = b.abs().amax(-1) / 448.0  # [E, N]
+    b_q = (b / b_s[..., None]).to(torch.float8_e4m3fn)
+    ids = torch.tensor([4, 0, 4, 2, 2, 1], device=DEV, dtype=torch.int32)
+    w = torch.rand(pairs, device=DEV)
+    out = torch.full((pairs, n), float("nan"), device=DEV)
+    moe_gemv(a_q, a_s, b_q, b_s, out, w, ids, a_div, mul_weight, config)
+    rows = torch.arange(pairs, device=DEV) // a_div
+    ref = torch.einsum("pk,pnk->pn", a_q[rows].float(), b_q[ids.long()].float()) * a_s[rows] * b_s[ids.long()]
+    if mul_weight:
+        ref = ref * w[:, None]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep_slots", [False, True])
+def test_experts_gemv_path_matches_the_grouped_gemm_path(keep_slots):
+    """fused_moe's GEMV path (the GEMMs of T <= GEMV_MAX_T tokens) gives fused_experts' grouped-GEMM result to fp32
+    sum order: the same quantized activations, the same SiLU-mul, the same weighted rows."""
+    from glmserve.kernels import fused_moe
+
+    torch.manual_seed(0)
+    t, h, i, e, k = 3, 64, 40, 6, 3
+    x = torch.randn(t, h, device=DEV)
+    w13, w2 = torch.randn(e, 2 * i, h, device=DEV), torch.randn(e, h, i, device=DEV)
+    s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
+    q13, q2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+    ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, device=DEV)
+    gemv = fused_moe._experts_gemv(x, q13, q2, weights, ids, s13, s2, None, keep_slots)
+    grouped = fused_moe.fused_experts(x, q13, q2, weights, ids, s13, s2, keep_slots=keep_slots)
+    assert gemv.shape == grouped.shape == ((t, k, h) if keep_slots else (t, h))
+    torch.testing.assert_close(gemv, grouped, rtol=1e-4, atol=1e-4)

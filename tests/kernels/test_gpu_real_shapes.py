@@ -403,3 +403,37 @@ def test_fp8_gemv_in_a_cuda_graph(m, n, k, monkeypatch):
     assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -8 + mags * 2 ** -16).all()
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 0)
     assert _rel(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)) < 5e-3
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
+    """fused_moe.GEMV_MAX_T routes decode's T <= 4 FP8 expert GEMMs (GLM-4.7-Flash: 4 routed + the shared expert
+    as slot 4, the slot form the next norm sums) to moe_gemv, PDL-launched inside a CUDA graph: the replay equals
+    the eager call with new inputs, and matches the grouped-GEMM path to fp8 activation rounding (one e4m3 step
+    of the SiLU-mul output where fp32 sum order moves a value across a rounding boundary) and the fp32 reference."""
+    e, h, i, k = 65, 2048, 1536, 5
+    w13 = torch.randn(e, 2 * i, h, device=DEV) * h ** -0.5
+    w2 = torch.randn(e, h, i, device=DEV) * i ** -0.5
+    s13, s2 = w13.abs().amax(-1, keepdim=True) / 448, w2.abs().amax(-1, keepdim=True) / 448
+    w13, w2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+    x = torch.randn(t, h, device=DEV, dtype=BF16)
+    ids = torch.stack([torch.cat([torch.randperm(e - 1, device=DEV)[: k - 1], torch.tensor([e - 1], device=DEV)])
+                       for _ in range(t)])
+    weights = torch.rand(t, k, device=DEV)
+
+    def run():
+        return fused_moe.fused_experts(x, w13, w2, weights, ids, s13, s2, shared_last=True, keep_slots=True)
+
+    monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 4)
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(torch.randn(t, h, device=DEV, dtype=BF16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.shape == (t, k, h)
+    assert torch.equal(out, run())
+    monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 0)
+    assert _rel(out, run()) < 1e-2
+    assert _rel(out.float().sum(1), fused_moe.fused_experts_ref(x, w13, w2, weights, ids, s13, s2)) < 0.05
