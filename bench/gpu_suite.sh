@@ -224,7 +224,8 @@ case "${1:-models}" in
       -k "gemv or tma_mid"
     step sweep "$(left 150)" $PY -m bench.decode_sweep --only dense,moe --dense_ms 1,4 --moe_batches 1,4 \
       --out "$OUT/sweep.json"
-    step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" --rounds 3 \
+    step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
+      --rounds "${AB_ROUNDS:-3}" \
       --ctx 640 --quantization fp8
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
