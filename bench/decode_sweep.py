@@ -83,7 +83,7 @@ def _copies(nbytes: int) -> int:
 
 
 def sweep_mla(bw: float) -> list[dict]:
-    rows = []
+    rows = Rows()
     for b, ctx in MLA_SHAPES:
         pages = ctx // 16 + 1
         nbytes = b * ctx * 576 * 2
@@ -124,7 +124,7 @@ def sweep_mla(bw: float) -> list[dict]:
 
 
 def sweep_gemm(bw: float, ms: tuple[int, ...] = GEMM_MS, shapes: int = len(GEMM_SHAPES)) -> list[dict]:
-    rows = []
+    rows = Rows()
     for n_out, k in GEMM_SHAPES[:shapes]:
         n = _copies(n_out * k)
         ws = [torch.randn(n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
@@ -174,7 +174,7 @@ def sweep_dense(bw: float, ms: tuple[int, ...] = DENSE_MS) -> list[dict]:
     from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma
     from glmserve.kernels.fp8_gemv import fp8_gemv
 
-    rows = []
+    rows = Rows()
     for n_out, k in GEMM_SHAPES[:3]:
         n = _copies(n_out * k)
         ws = [torch.randn(n_out, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
@@ -237,7 +237,7 @@ def sweep_absorb(bw: float) -> list[dict]:
     Bytes = the FP8 weights + scales + activations in and out (bmm reads its bf16 copy: twice the weight bytes)."""
     from glmserve.kernels.mla_absorb import mla_absorb
 
-    rows = []
+    rows = Rows()
     h, nope, v, lora = 20, 192, 256, 512
     n = _copies(h * (nope + v) * lora)
     ws = [torch.randn(h * (nope + v), lora, device="cuda").to(torch.float8_e4m3fn) for _ in range(n)]
@@ -293,7 +293,7 @@ def sweep_moe(bw: float, batches: tuple[int, ...] = MOE_BATCHES) -> list[dict]:
     touched experts' weights (+ scales); the rule's BLOCK_M unless a variant sets it."""
     from glmserve.kernels.fp8_gemv import moe_gemv
 
-    rows, gen = [], torch.Generator().manual_seed(0)
+    rows, gen = Rows(), torch.Generator().manual_seed(0)
     shapes = {"w13": (2 * MOE_I, MOE_H), "w2": (MOE_H, MOE_I)}
     weights_fp8 = {}
     for name, (n_out, k) in shapes.items():
@@ -346,6 +346,24 @@ def sweep_moe(bw: float, batches: tuple[int, ...] = MOE_BATCHES) -> list[dict]:
     return rows
 
 
+def row_line(r: dict) -> str:
+    shape = (f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else
+             f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] in ("moe", "absorb") else
+             f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
+    if "error" in r:
+        return f"{r['kernel']:4s} {shape}  {r['variant']:32s}  ERROR {r['error'][:80]}"
+    return (f"{r['kernel']:4s} {shape}  {r['variant']:32s} {r['us']:8.1f} us  {r['frac']:.2f} of copy  "
+            f"err {r['rel_err']:.1e}")
+
+
+class Rows(list):
+    """A sweep's result rows, each printed as it comes (a sweep cut off by its time limit keeps what it measured)."""
+
+    def append(self, r: dict) -> None:
+        super().append(r)
+        print(row_line(r), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="mla,gemm")
@@ -357,6 +375,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     bw = copy_bandwidth()
+    print(f"copy GB/s {bw:.0f}", flush=True)
     rows = []
     if "mla" in a.only:
         rows += sweep_mla(bw)
@@ -368,17 +387,7 @@ def main() -> None:
         rows += sweep_absorb(bw)
     if "dense" in a.only:
         rows += sweep_dense(bw, tuple(int(m) for m in a.dense_ms.split(",")))
-    print(f"copy GB/s {bw:.0f}")
     key = lambda r: (r["kernel"], r.get("b", r.get("m")), r.get("ctx", r.get("n", r.get("gemm"))))  # noqa: E731
-    for r in rows:
-        shape = (f"B {r['b']:3d} ctx {r['ctx']:5d}" if r["kernel"] == "mla" else
-                 f"B {r['b']:3d} {r['gemm']:9s}" if r["kernel"] in ("moe", "absorb") else
-                 f"M {r['m']:3d} N {r['n']:5d} K {r['k']:5d}")
-        if "error" in r:
-            print(f"{r['kernel']:4s} {shape}  {r['variant']:32s}  ERROR {r['error'][:80]}")
-        else:
-            print(f"{r['kernel']:4s} {shape}  {r['variant']:32s} {r['us']:8.1f} us  {r['frac']:.2f} of copy  "
-                  f"err {r['rel_err']:.1e}")
     best: dict = {}
     for r in rows:
         if "error" not in r and r["rel_err"] < 2e-2 and (key(r) not in best or r["us"] < best[key(r)]["us"]):
