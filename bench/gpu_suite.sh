@@ -220,11 +220,11 @@ case "${1:-models}" in
   gemv14)  # ONE GPU (~6 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs: their GPU
     # tests, the step A/Bs at B 1 / 2 / 4, the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones)
     end=$((SECONDS + ${GEMV_BUDGET_S:-480}))
-    step kernel_tests "$(left 100)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "gemv or tma_mid"
+    step kernel_tests "$(left 80)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
+      -k "gemv"
     step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
       --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8
-    step dense_sweep "$(left 90)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4
+    step dense_sweep "$(left 60)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4
     step moe_sweep "$(left 120)" $PY -m bench.decode_sweep --only moe --moe_batches 1,4
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
