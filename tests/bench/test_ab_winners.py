@@ -19,3 +19,11 @@ def test_noise_bound_is_the_argument():
     rows = [_row("a", 1, 3.40, 3.50), _row("a", 256, 15.54, 15.50)]
     assert winners(rows) == []
     assert winners(rows, noise_ms=0.05) == ["a"]
+
+
+def test_sum_order_switches_are_not_held_to_the_logits_bound():
+    """gemv / moe_gemv change fp32 summation order (a routing flip in a later layer can move the logits a lot):
+    timing decides; any other switch with moved logits stays out."""
+    rows = [_row("gemv", 1, 3.40, 3.50, diff=0.4), _row("moe_gemv", 1, 3.60, 3.50, diff=0.4),
+            _row("gemm_early", 1, 3.40, 3.50, diff=0.4)]
+    assert winners(rows) == ["gemv"]
