@@ -355,15 +355,12 @@ def test_fp8_gemm_split_k_inline_in_a_cuda_graph(m, n, k, monkeypatch):
     assert not _common._arrival[a_q.device].any()
 
 
-@pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])
-def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
-    """Decode-batch GEMMs with K >= TMA_MID_MIN_K take the TMA kernel (host tensor descriptors) inside the decode
-    CUDA graph: the replayed result must be the eager one, and match the reference, with new inputs copied in."""
-    monkeypatch.setattr(fp8_gemm, "TMA_MID_M", fp8_gemm.TMA_MID_ON)
-    assert fp8_gemm._use_tma(torch.empty(m, k, device=DEV, dtype=torch.float8_e4m3fn),
-                             torch.empty(n, k, device=DEV, dtype=torch.float8_e4m3fn), m, 0, None)
+def _gemm_replayed(m: int, n: int, k: int):
+    """fp8_gemm on per-channel operands captured in a CUDA graph (compiled outside it), then new activations copied
+    in and the graph replayed; asserts the replay equals an eager call on the new inputs. -> (a_q, a_s, w_q, w_s,
+    the replay's output)."""
     a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
-    fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # compile outside the capture
+    fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
@@ -372,8 +369,18 @@ def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
     a_s.copy_(new_s)
     graph.replay()
     torch.cuda.synchronize()
-    eager = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
-    assert torch.equal(out, eager)
+    assert torch.equal(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s))
+    return a_q, a_s, w_q, w_s, out
+
+
+@pytest.mark.parametrize("m,n,k", [(256, 2048, 5120), (100, 1344, 2048), (129, 20480, 2048)])
+def test_fp8_gemm_tma_mid_in_a_cuda_graph(m, n, k, monkeypatch):
+    """Decode-batch GEMMs with K >= TMA_MID_MIN_K take the TMA kernel (host tensor descriptors) inside the decode
+    CUDA graph: the replayed result must be the eager one, and match the reference, with new inputs copied in."""
+    monkeypatch.setattr(fp8_gemm, "TMA_MID_M", fp8_gemm.TMA_MID_ON)
+    assert fp8_gemm._use_tma(torch.empty(m, k, device=DEV, dtype=torch.float8_e4m3fn),
+                             torch.empty(n, k, device=DEV, dtype=torch.float8_e4m3fn), m, 0, None)
+    a_q, a_s, w_q, w_s, out = _gemm_replayed(m, n, k)
     assert _rel(out, fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)) < 5e-3
 
 
@@ -385,20 +392,10 @@ def test_fp8_gemv_in_a_cuda_graph(m, n, k, monkeypatch):
     the eager call with new inputs copied in, matches the fp32 reference to bf16 rounding (full fp32 sums, no MMA
     accumulation error), and the MMA kernel's result to its accumulation error."""
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
-    a_q, a_s, w_q, w_s = _per_channel_operands(m, n, k)
-    fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)
-    new_q, new_s = act_quant.quant_fp8_per_token(torch.randn(m, k, device=DEV, dtype=BF16))
-    a_q.copy_(new_q)
-    a_s.copy_(new_s)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s))
+    a_q, a_s, w_q, w_s, out = _gemm_replayed(m, n, k)
     ref = fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, None, torch.float32)
-    # half a bf16 step, plus the fp32 sums' order: <= ~20 roundings of 2^-24 of sum |a w| (chunks a lane, then a
-    # tree over the lanes), bounded here by 2^-16 of it
+    # half a bf16 step, plus the fp32 sums' order: <= ~20 roundings of 2^-24 of sum |a w| (a thread's pieces, trees
+    # over the lanes and warps, then <= 3 chunks), bounded here by 2^-16 of it
     mags = (a_q.float().abs() @ w_q.float().abs().t()) * a_s * w_s.reshape(1, -1)
     assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -8 + mags * 2 ** -16).all()
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 0)
