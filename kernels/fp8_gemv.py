@@ -5,11 +5,11 @@ expert GEMMs of T <= fused_moe.GEMV_MAX_T tokens (moe_gemv: one program a (token
   y [M, N] = (A_q [M, K] . W_q [N, K]^T) * s_a [M, 1] * s_w [N, 1] (+ bias [N]), bf16 (or fp32) out
 Program (row m, N block): its [BLOCK_N, K] weight slice comes in K_CHUNKS unrolled [BLOCK_N, BLOCK_K] loads (one
 chunk for K <= 2048), each multiplied by the A row in fp32 (fp8 x fp8 products are exact in fp32) and reduced to
-[BLOCK_N] inside the program (_rows_dot). Against the
-MMA kernel at M 1: no padding of M to a 16-row MMA tile, no software-pipeline prologue, and K is never split
-across programs, so no fp32 partials, arrival counters or finisher round trips. Rows of one N block are adjacent
-programs (m is grid dim 0), so M > 1 reads each weight slice from DRAM about once and from L2 after.
-Sums run in a different order than the MMA kernel's: the same values to fp32 rounding, not the same bits.
+[BLOCK_N] inside the program (_rows_dot). Against the MMA kernel at M 1: no padding of M to a 16-row MMA tile, no
+software-pipeline prologue, and K is never split across programs, so no fp32 partials, arrival counters or
+finisher round trips. Rows of one N block are adjacent programs (m is grid dim 0), so M > 1 reads each weight
+slice from DRAM about once and from L2 after. Sums run in a different order than the MMA kernel's: the same
+values to fp32 rounding, not the same bits.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def _fp8_gemv_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
+    """Program (row m, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns."""
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,7 +127,7 @@ def fp8_gemv(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor,
 def moe_gemv(a, a_scale, b, b_scale, c, weights, ids, a_div: int, mul_weight: bool,
              config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """fused_moe's grouped GEMM for few pairs, one program a (pair, N block): a [R, K] e4m3 (row pair // a_div),
-    a_scale [R] fp32, b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the expert of each pair,
+    a_scale [R] (or [R, 1]) fp32 contiguous, b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the expert of each pair,
     flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its expert's weights, so
     two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
     num_pairs = ids.numel()
