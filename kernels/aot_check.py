@@ -179,6 +179,8 @@ def _small_kernels():
         if sel_t == 1:  # moe_route_align.RELAXED_RESET at batch 1, where it is meant to pay
             yield (f"{name} relaxed reset arrival pdl", moe_route_align._route_align_kernel, route_align_args,
                    dict(const, RELAXED_RESET=True), 4, 1)
+            yield (f"{name} no align arrival pdl", moe_route_align._route_align_kernel, route_align_args,
+                   dict(const, ALIGN=False), 4, 1)
     absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows in (True, False) for fp8 in (True, False)]
     absorb += [(k_rows, True, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (True, False)]
     for k_rows, fp8, size, table in absorb:
@@ -241,9 +243,9 @@ def cases():
         yield (f"fp8_gemm tma {key}", *_gemm_tma(cfg, key != "fast"))
     # GLM-4.7-Flash's q_a + kv_a, o_proj, q_b at M 1; GLM-4.5-Air's K 4096
     for bn, bk, chunks in ((1, 2048, 1), (2, 2048, 3), (4, 1024, 1), (8, 2048, 2)):
-        yield (f"fp8_gemv {bn}x{bk} x{chunks}", *_gemv(bn, bk, chunks, fp8_gemv.WARPS))
-    yield ("moe_gemv gate_up 8x2048", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 5, False))  # Flash w13, K 2048
-    yield ("moe_gemv down 8x2048", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True))  # Flash w2, K 1536
+        yield (f"fp8_gemv {bn}x{bk} x{chunks} pdl", *_gemv(bn, bk, chunks, fp8_gemv.WARPS))
+    yield ("moe_gemv gate_up 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 5, False))  # Flash w13, K 2048
+    yield ("moe_gemv down 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True))  # Flash w2, K 1536
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

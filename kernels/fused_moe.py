@@ -233,6 +233,11 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 GEMV_MAX_T = 0
 
 
+def uses_gemv(t: int, fp8: bool, device: torch.device) -> bool:
+    """Whether fused_experts runs T tokens' expert GEMMs as moe_gemv launches (which need no pair alignment)."""
+    return fp8 and device.type == "cuda" and t <= GEMV_MAX_T
+
+
 def _row_scales(scale: torch.Tensor | None) -> torch.Tensor | None:
     """[S, N, 1] per-row weight scales -> [S, N] fp32 contiguous (None stays None)."""
     return None if scale is None else scale.reshape(scale.shape[0], -1).float().contiguous()
@@ -258,7 +263,7 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     num_pairs = t * top_k
     if t == 0:
         return new_out((t, top_k, h) if keep_slots else (t, h), x.dtype, x.device)
-    if fp8 and x.is_cuda and t <= GEMV_MAX_T:
+    if uses_gemv(t, fp8, x.device):
         return _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots)
     cfg = _config(x.device, num_pairs, num_experts, fp8)
     if aligned is not None and aligned[2] == cfg[0]:

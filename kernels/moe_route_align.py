@@ -12,7 +12,7 @@ _route_kernel 2.0, moe_align 3.4; ~0.5 ms of a 4.0 ms GLM-4.7-Flash step). Here:
   at most one pair a token), so block_expert has one write per used expert.
 The last program works on SEL_T = next_pow2(T) token rows (not tl.dot's 16) and issues its SPLITS partial
 loads unrolled. Output: moe_route's (weights, ids) and moe_align's (sorted_pairs, block_expert) for
-fused_experts' BLOCK_M (fused_moe.expert_block_m), bit-equal ids / layout to moe_route + moe_align when they pick
+fused_experts' BLOCK_M (fused_moe.expert_block_m; no layout where fused_experts takes its GEMV path), bit-equal ids / layout to moe_route + moe_align when they pick
 the same experts; logits equal router_logits' up to fp32 summation order. H100 run 33 (bench/ab_step.py, FP8
 GLM-4.7-Flash step, graph ms on / off): B 1 3.806 / 4.054, B 4 5.676 / 5.973, B 16 10.140 / 10.312.
 """
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from glmserve.kernels._common import INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw
-from glmserve.kernels.fused_moe import expert_block_m
+from glmserve.kernels.fused_moe import expert_block_m, uses_gemv
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
 # False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
@@ -46,10 +46,10 @@ def _route_align_kernel(
     TOP_K: tl.constexpr, SHARED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, SEL_T: tl.constexpr,
-    PDL: tl.constexpr = False, RELAXED_RESET: tl.constexpr = False,
+    PDL: tl.constexpr = False, RELAXED_RESET: tl.constexpr = False, ALIGN: tl.constexpr = True,
 ):
     """part: [SPLITS, T, E] fp32 workspace; cnt: one int32, 0 between launches. BLOCK_S >= E + SHARED (the
-    slots aligned: the shared expert is slot E)."""
+    slots aligned: the shared expert is slot E). ALIGN False: the last program selects only (no pairs layout)."""
     pdl_enter(PDL)
     split = tl.program_id(0)
     rt = tl.arange(0, BLOCK_T)
@@ -80,6 +80,8 @@ def _route_align_kernel(
         tl.atomic_xchg(cnt_ptr, 0)
     _, ids = _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP,
                      NORM, SEL_T, BLOCK_E, K_PAD)
+    if not ALIGN:
+        return
 
     # align: pair p = t * OUT_K + j; key = expert * 4096 + p (p < SEL_T * K_PAD <= 4096), ascending = pairs
     # grouped by expert, in pair order within one (moe_align's stable sort)
@@ -109,12 +111,13 @@ def _route_align_kernel(
 
 
 def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
-                    shared_slot, num_slots, fp8):
+                    shared_slot, num_slots, fp8, align: bool | None = None):
     """shared.model.ops.moe_route_align: -> (weights [T, k'] fp32, ids [T, k'] int64, aligned), aligned =
     (sorted_pairs, block_expert, block_m) as moe_align lays them out for fused_experts over num_slots experts
     (fp8: its FP8 config), or None where this one launch does not apply (then moe_route's path; fused_experts
     aligns): more than MAX_T tokens, a gate or x that is not bf16, or no arrival counter (first use inside a
-    CUDA graph capture)."""
+    CUDA graph capture). align None: unless fused_experts takes these tokens to its GEMV path (fused_moe.uses_gemv,
+    which reads the ids and needs no layout); False: the one launch selects only and aligned is None."""
     num_experts, h = gate_weight.shape
     x = hidden.reshape(-1, h)
     t = x.shape[0]
@@ -136,11 +139,12 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     k_blocks = triton.cdiv(h, block_k)
     per_split = triton.cdiv(k_blocks, MAX_SPLITS)
     splits = triton.cdiv(k_blocks, per_split)
-    cap = triton.cdiv(num_pairs + num_slots * (block_m - 1), block_m) * block_m  # moe_align's bound
+    align = not uses_gemv(t, fp8, x.device) if align is None else align
+    cap = triton.cdiv(num_pairs + num_slots * (block_m - 1), block_m) * block_m if align else block_m
     weights = new_out((t, out_k), torch.float32, x.device)
     ids = new_out((t, out_k), torch.int64, x.device)
     part = new_out((splits, t, num_experts), torch.float32, x.device)
-    pairs = new_out((cap,), torch.int32, x.device)
+    pairs = new_out((cap,), torch.int32, x.device)  # moe_align's bound (one block's worth, unused, if not align)
     block_expert = new_out((cap // block_m,), torch.int32, x.device)
     _route_align_kernel[(splits,)](
         x, gate, correction_bias.float().contiguous(), weights, ids, part, counter, pairs, block_expert,
@@ -148,5 +152,5 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
         TOP_K=top_k, SHARED=int(shared_slot), N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob),
         BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, K_PAD=next_pow2(out_k), SPLITS=splits,
         BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, SEL_T=next_pow2(t), num_warps=4,
-        RELAXED_RESET=RELAXED_RESET, **pdl_kw(x.device, t))
-    return weights, ids, (pairs, block_expert, block_m)
+        RELAXED_RESET=RELAXED_RESET, ALIGN=align, **pdl_kw(x.device, t))
+    return weights, ids, (pairs, block_expert, block_m) if align else None

@@ -177,6 +177,24 @@ def test_route_align_one_launch_equals_route_then_align(t, e, k, n_group, topk_g
         assert not _common._arrival[x.device].any()
 
 
+def test_route_align_without_alignment_selects_the_same_experts():
+    """align=False (the tokens go to fused_experts' GEMV path, which reads the ids): the same weights and ids as the
+    aligning launch, no layout, and the arrival counter back at 0 for the next launch."""
+    from glmserve.kernels import _common
+    from glmserve.kernels.moe_route_align import moe_route_align
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 256, generator=g).to(DEV, torch.bfloat16)
+    gate = (torch.randn(16, 256, generator=g) / 16).to(DEV, torch.bfloat16)
+    bias = (torch.randn(16, generator=g) * 0.1).to(DEV)
+    w, ids, aligned = moe_route_align(x, gate, bias, 4, 4, 2, True, 2.5, True, 17, True, align=True)
+    for _ in range(2):
+        w2, ids2, none = moe_route_align(x, gate, bias, 4, 4, 2, True, 2.5, True, 17, True, align=False)
+        assert aligned is not None and none is None
+        assert torch.equal(ids2, ids) and torch.equal(w2, w)
+        assert not _common._arrival[x.device].any()
+
+
 def test_route_align_falls_back_where_one_launch_does_not_apply():
     """More than MAX_T tokens, or an fp32 gate: moe_route's outputs and no alignment (fused_experts aligns)."""
     from glmserve.kernels.moe_route_align import MAX_T, moe_route_align
