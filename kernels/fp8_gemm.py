@@ -199,7 +199,7 @@ def fp8_gemm(a_q, a_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, bl
     out = new_out((m, n), out_dtype, a_q.device)
     if m == 0:
         return out
-    if config is None and split_k is None and not block and m <= GEMV_MAX_M and a_q.device.type == "cuda":
+    if config is None and split_k is None and _use_gemv(m, block, a_q.device):
         return fp8_gemv(a_q, a_scale, w_q, w_scale, bias, out)
     if config is None and _use_tma(a_q, w_q, m, block, split_k):
         cfg = tma_config(a_q.device, m, n, PRECISE_ACC, k)
@@ -247,6 +247,10 @@ EARLY_SCALES = True
 # GEMMs a layer take 4.8 / 4.1 / 7.7 us for 2.75 / 3.9 / 10.5 MB (H100 run 34), 0.2-0.45 of the copy ceiling.
 # 0: off (bench/ab_step.py --switch gemv).
 GEMV_MAX_M = 0
+
+
+def _use_gemv(m: int, block: int, device: torch.device) -> bool:
+    return not block and m <= GEMV_MAX_M and device.type == "cuda"
 
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from glmserve.kernels._common import INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw
-from glmserve.kernels.fused_moe import expert_block_m, uses_gemv
+from glmserve.kernels import fused_moe
+from glmserve.kernels.fused_moe import expert_block_m
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
 # False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
@@ -139,7 +140,7 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     k_blocks = triton.cdiv(h, block_k)
     per_split = triton.cdiv(k_blocks, MAX_SPLITS)
     splits = triton.cdiv(k_blocks, per_split)
-    align = not uses_gemv(t, fp8, x.device) if align is None else align
+    align = not fused_moe.uses_gemv(t, fp8, x.device) if align is None else align
     cap = triton.cdiv(num_pairs + num_slots * (block_m - 1), block_m) * block_m if align else block_m
     weights = new_out((t, out_k), torch.float32, x.device)
     ids = new_out((t, out_k), torch.int64, x.device)

@@ -122,6 +122,35 @@ def test_tiny_model_fp8_kernels_close_to_dequantized_reference(tmp_path):
     torch.testing.assert_close(got, plain, rtol=0, atol=0)
 
 
+def test_tiny_model_fp8_gemv_paths(tmp_path, monkeypatch):
+    """The GEMV paths (fp8_gemm.GEMV_MAX_M, fused_moe.GEMV_MAX_T; CUDA-only, forced here on CPU) inside the FP8
+    model (GLM-4.7-Flash's architecture): the decode steps (2 tokens) take them, prefill (10 tokens) does not, and
+    the decode logits stay the MMA paths' to fp32 summation order (an fp8 activation step where a sum crosses a
+    rounding boundary)."""
+    from glmserve.kernels import fp8_gemm, fp8_gemv, fused_moe
+
+    path = write_tiny_checkpoint(str(tmp_path / "lite"), "glm4_moe_lite", seed=4, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False, quantization="fp8")
+    mma, _ = _with_kernels(runner)
+    launched = {"dense": 0, "moe": 0}
+
+    def counted(key, fn):
+        def launch(*args, **kwargs):
+            launched[key] += 1
+            return fn(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(fp8_gemm, "fp8_gemv", counted("dense", fp8_gemv.fp8_gemv))
+    monkeypatch.setattr(fused_moe, "moe_gemv", counted("moe", fp8_gemv.moe_gemv))
+    monkeypatch.setattr(fp8_gemm, "_use_gemv", lambda m, block, device: not block and m <= 4)
+    monkeypatch.setattr(fused_moe, "uses_gemv", lambda t, fp8, device: fp8 and t <= 4)
+    gemv, _ = _with_kernels(runner)
+    assert launched["dense"] > 0 and launched["moe"] > 0, launched
+    torch.testing.assert_close(gemv[0], mma[0], rtol=0, atol=0)  # prefill (10 tokens): the MMA paths, same bits
+    err = ((gemv[1:] - mma[1:]).norm() / mma[1:].norm()).item()
+    assert err < 1e-2, err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded"])
 def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch, monkeypatch):
