@@ -217,13 +217,18 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  gemv14)  # ONE GPU (~6 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs: their GPU
-    # tests, the step A/Bs at B 1 / 2 / 4, the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones)
+  gemv14)  # ONE GPU (~7 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs: their GPU
+    # tests, the step A/Bs at B 1 / 2 / 4, the step table with the A/B's winners on, then the dense and MoE sweeps at
+    # M / B 1 and 4 (GEMV configs beside the MMA ones)
     end=$((SECONDS + ${GEMV_BUDGET_S:-480}))
     step kernel_tests "$(left 80)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
       -k "gemv"
     step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
-      --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8
+      --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8 --out "$OUT/ab.json"
+    won=$($PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" "$OUT/ab.json" 2>/dev/null)
+    # the step table with the winners on (ab_step.winners), to set the defaults from one call
+    [ -n "$won" ] && step profile_winners "$(left 100)" $PY -m bench.profile_step --batches 1,4,64,256 --ctx 640 \
+      --quantization fp8 --no_profile --switches_on "$won"
     step dense_sweep "$(left 60)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4
     step moe_sweep "$(left 120)" $PY -m bench.decode_sweep --only moe --moe_batches 1,4
     ;;
