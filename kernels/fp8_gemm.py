@@ -252,6 +252,7 @@ GEMV_MAX_M = 0
 def _use_gemv(m: int, block: int, device: torch.device) -> bool:
     return not block and m <= GEMV_MAX_M and device.type == "cuda"
 
+
 # Per-channel GEMMs with M > 512 on Hopper: TMA kernel (kernels/fp8_gemm_tma.py); TMA_LARGE = False keeps
 # the pointer kernel. (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), from the H100 sweep
 # (bench/KERNEL_NOTES.md v7): 256x128 tiles when they fill the SMs, else 128x128 with 256-deep K steps;

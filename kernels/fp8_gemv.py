@@ -127,9 +127,9 @@ def fp8_gemv(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor,
 def moe_gemv(a, a_scale, b, b_scale, c, weights, ids, a_div: int, mul_weight: bool,
              config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """fused_moe's grouped GEMM for few pairs, one program a (pair, N block): a [R, K] e4m3 (row pair // a_div),
-    a_scale [R] (or [R, 1]) fp32 contiguous, b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the expert of each pair,
-    flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its expert's weights, so
-    two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
+    a_scale [R] (or [R, 1]) fp32 contiguous, b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the
+    expert of each pair, flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its
+    expert's weights, so two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
     num_pairs = ids.numel()
     n, k = b.shape[1], b.shape[2]
     block_n, block_k, warps = config or gemv_config(b.device, num_pairs, n, k)

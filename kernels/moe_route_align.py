@@ -12,8 +12,9 @@ _route_kernel 2.0, moe_align 3.4; ~0.5 ms of a 4.0 ms GLM-4.7-Flash step). Here:
   at most one pair a token), so block_expert has one write per used expert.
 The last program works on SEL_T = next_pow2(T) token rows (not tl.dot's 16) and issues its SPLITS partial
 loads unrolled. Output: moe_route's (weights, ids) and moe_align's (sorted_pairs, block_expert) for
-fused_experts' BLOCK_M (fused_moe.expert_block_m; no layout where fused_experts takes its GEMV path), bit-equal ids / layout to moe_route + moe_align when they pick
-the same experts; logits equal router_logits' up to fp32 summation order. H100 run 33 (bench/ab_step.py, FP8
+fused_experts' BLOCK_M (fused_moe.expert_block_m; no layout where fused_experts takes its GEMV path), bit-equal
+ids / layout to moe_route + moe_align when they pick the same experts; logits equal router_logits' up to fp32
+summation order. H100 run 33 (bench/ab_step.py, FP8
 GLM-4.7-Flash step, graph ms on / off): B 1 3.806 / 4.054, B 4 5.676 / 5.973, B 16 10.140 / 10.312.
 """
 
@@ -25,7 +26,6 @@ import triton.language as tl
 
 from glmserve.kernels._common import INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw
 from glmserve.kernels import fused_moe
-from glmserve.kernels.fused_moe import expert_block_m
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
 # False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
@@ -124,7 +124,7 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     t = x.shape[0]
     out_k = top_k + int(shared_slot)
     num_pairs = t * out_k
-    block_m = expert_block_m(x.device, num_pairs, num_slots, fp8)
+    block_m = fused_moe.expert_block_m(x.device, num_pairs, num_slots, fp8)
     applies = (ENABLED and 0 < t <= min(MAX_T, block_m) and x.dtype == gate_weight.dtype == torch.bfloat16
                and x.stride(1) == 1 and (x.is_cuda or INTERPRET) and num_slots <= 1024)
     counter = arrival_counters(x.device, 1) if applies else None
