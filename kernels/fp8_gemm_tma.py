@@ -16,23 +16,19 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
-
 @triton.jit
 def _fp8_gemm_tma_kernel(
     a_desc, w_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K, c_sm, as_sm, ws_sn,
     HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
 ):
-    """Program (tile): one [BLOCK_M, BLOCK_N] output tile; tiles walked in GROUP_M-row bands (W tiles
-    reused in L2)."""
+    """One [BLOCK_M, BLOCK_N] output tile; tiles walked in GROUP_M-row bands (W tiles reused in L2)."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
     rows_in_band = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_band
     pid_n = (pid % (GROUP_M * grid_n)) // rows_in_band
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])  # [BLOCK_M, BLOCK_K]
@@ -41,6 +37,8 @@ def _fp8_gemm_tma_kernel(
             acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(a, w.T, acc)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     sa = tl.load(as_ptr + rm * as_sm, mask=rm < M, other=0.0)
     sw = tl.load(ws_ptr + rn * ws_sn, mask=rn < N, other=0.0)
     acc = acc * sa[:, None] * sw[None, :]
@@ -63,8 +61,8 @@ def fp8_gemm_tma(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor, cfg: tuple
     n = w_q.shape[0]
     a_desc = TensorDescriptor.from_tensor(a_q, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    _fp8_gemm_tma_kernel[(tiles,)](
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_gemm_tma_kernel[grid](
         a_desc, w_desc, out, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
         out.stride(0), a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None, GROUP_M=group_m,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISE_ACC=precise, num_warps=warps, num_stages=stages,
