@@ -152,9 +152,10 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
 
 @triton.jit
 def splitk_arrive(cnt_p):
-    """Inline split-K, after a split has stored its fp32 partial: count it on the tile's counter cnt_p (bar.sync so
-    every thread's stores precede the count, then a gpu-scope acq_rel add). Returns the arrival index: the tile's
-    last split sees SPLIT_K - 1 and finishes the tile with splitk_sum."""
+    """Inline split-K (fp8_gemm's pointer kernel, the one-launch router's logits), after a split has stored its
+    fp32 partial: count it on the tile's counter cnt_p (bar.sync so every thread's stores precede the count, then a
+    gpu-scope acq_rel add). Returns the arrival index: the tile's last split sees SPLIT_K - 1 and finishes the tile
+    with splitk_sum."""
     tl.debug_barrier()
     return tl.atomic_add(cnt_p, 1, sem="acq_rel")
 

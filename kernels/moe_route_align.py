@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw
+from glmserve.kernels._common import (INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw,
+                                      splitk_arrive, splitk_sum)
 from glmserve.kernels import fused_moe
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
@@ -62,23 +63,15 @@ def _route_align_kernel(
     tile_p = part_ptr + rt[:, None] * E + e[None, :]
     tile_ok = row_ok[:, None] & (e < E)[None, :]
     tl.store(tile_p + split * T * E, acc, mask=tile_ok)
-    tl.debug_barrier()  # every thread's partial is stored before the (gpu-scope release) count below
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") < SPLITS - 1:
+    if splitk_arrive(cnt_ptr) < SPLITS - 1:
         return  # not the last program
     # the last program: SEL_T (>= T) token rows from here on, not tl.dot's 16 (batch 1: one row's reductions)
     rt = tl.arange(0, SEL_T)
     row_ok = rt < T
     tile_p = part_ptr + rt[:, None] * E + e[None, :]
     tile_ok = row_ok[:, None] & (e < E)[None, :]
-    logit = tl.zeros([SEL_T, BLOCK_E], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # unrolled: the loads go out together, summed in split order
-        logit += tl.load(tile_p + s * T * E, mask=tile_ok, other=0.0, cache_modifier=".cg")
-    # ready for the next launch (CUDA graph replays reuse the counter; the kernel boundary or PDL's wait orders
-    # the reset before the next launch's counts): RELAXED_RESET keeps the select's loads from waiting on it
-    if RELAXED_RESET:
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
-    else:
-        tl.atomic_xchg(cnt_ptr, 0)
+    # the partials summed in split order, the counter reset (RELAXED_RESET keeps the select's loads from waiting)
+    logit = splitk_sum(tile_p, tile_ok, cnt_ptr, T, E, SPLITS, SEL_T, BLOCK_E, RELAXED_RESET)
     _, ids = _select(logit, rt, row_ok, bias_ptr, w_ptr, ids_ptr, E, scaling, TOP_K, SHARED, N_GROUP, TOPK_GROUP,
                      NORM, SEL_T, BLOCK_E, K_PAD)
     if not ALIGN:
