@@ -223,8 +223,9 @@ case "${1:-models}" in
     end=$((SECONDS + ${GEMV_BUDGET_S:-480}))
     step kernel_tests "$(left 80)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
       -k "gemv"
-    step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/kernels/test_moe_route.py \
-      -k "route_align"  # the router through _common's split-K helpers since the last GPU run
+    # the one-launch router calls _common's split-K helpers since the last GPU run
+    step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
+      tests/kernels/test_moe_route.py -k "route_align"
     step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
       --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8 --out "$OUT/ab.json"
     won=$($PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" "$OUT/ab.json" 2>/dev/null)
