@@ -43,6 +43,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "lm_fp32": ("glmserve.shared.model.layers.embedding", "FP32_LOGITS", True, False),
     "gemv": ("glmserve.kernels.fp8_gemm", "GEMV_MAX_M", 4, 0),
     "moe_gemv": ("glmserve.kernels.fused_moe", "GEMV_MAX_T", 4, 0),
+    "gemv_act": ("glmserve.kernels.fp8_gemv", "FUSED_ACT", True, False),  # acts only with gemv / moe_gemv on (--also)
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }
 # Switches that change fp32 summation order everywhere they act (a different kernel for the same product). With the

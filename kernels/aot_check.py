@@ -61,18 +61,23 @@ def _gemm(block_scaled: bool, cfg, split_k: int = 1, inline: bool = False):
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 
-def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int):
-    sig = dict(a_ptr=P["f8"], w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
+def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_mode: int = fp8_gemv.A_FP8):
+    a = P["f8"] if a_mode == fp8_gemv.A_FP8 else P["bf16"]
+    sig = dict(a_ptr=a, w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
-    const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1)
+    const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1, A_MODE=a_mode,
+                 A_ROWS=1 if fp8_gemv.a_row(block_k, warps, a_mode) else block_n)
     return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
 
 
-def _moe_gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_div: int, mul_weight: bool):
-    sig = dict(a_ptr=P["f8"], b_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], bs_ptr=P["f32"], w_ptr=P["f32"],
+def _moe_gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_div: int, mul_weight: bool,
+              a_mode: int = fp8_gemv.A_FP8):
+    a = P["f8"] if a_mode == fp8_gemv.A_FP8 else P["bf16"]
+    sig = dict(a_ptr=a, b_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], bs_ptr=P["f32"], w_ptr=P["f32"],
                ids_ptr=P["i64"])
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "b_se", "b_sn", "c_sm", "bs_se")})
-    const = dict(A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1)
+    const = dict(A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1,
+                 A_MODE=a_mode, A_ROWS=1 if fp8_gemv.a_row(block_k, warps, a_mode) else block_n)
     return fp8_gemv._moe_gemv_kernel, sig, const, warps, 1
 
 
@@ -246,6 +251,9 @@ def cases():
         yield (f"fp8_gemv {bn}x{bk} x{chunks} pdl", *_gemv(bn, bk, chunks, fp8_gemv.WARPS))
     yield ("moe_gemv gate_up 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 5, False))  # Flash w13, K 2048
     yield ("moe_gemv down 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True))  # Flash w2, K 1536
+    # the quantizing A modes: o_proj's 16-bit input (K 5120 at M 1: 2 x 2048 x 3), the down GEMV's SiLU-mul
+    yield ("fp8_gemv quant 2x2048 x3 pdl", *_gemv(2, 2048, 3, fp8_gemv.WARPS, fp8_gemv.A_QUANT))
+    yield ("moe_gemv down silu 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True, fp8_gemv.A_SILU))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

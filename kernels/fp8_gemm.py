@@ -18,6 +18,7 @@ from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, che
                                       pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
+from glmserve.kernels import fp8_gemv as gemv
 from glmserve.kernels.fp8_gemv import fp8_gemv
 
 
@@ -329,9 +330,20 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias
     """shared.model.ops signature: W8A8 per-token x per-channel; x [..., K] -> [..., N] in x.dtype.
     x_fp8: x's per-token FP8 form (q [T, K], scale [T, 1]) when its producer made it (a fused norm)."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x_fp8 is None and _gemv_quantizes(x2):  # the GEMV quantizes x2 itself: no quant launch (checks x2's K)
+        out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
+        y = fp8_gemv(x2.contiguous(), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
+                     a_mode=gemv.A_QUANT)
+        return y.reshape(*x.shape[:-1], -1)
     xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x2.contiguous())
     y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
     return y.reshape(*x.shape[:-1], -1)
+
+
+def _gemv_quantizes(x2: torch.Tensor) -> bool:
+    """fp8_linear's rows go to the GEMV as 16-bit rows it quantizes itself (kernels/fp8_gemv.py FUSED_ACT)."""
+    return gemv.FUSED_ACT and x2.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] and \
+        _use_gemv(x2.shape[0], 0, x2.device)
 
 
 def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):

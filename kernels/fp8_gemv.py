@@ -9,7 +9,8 @@ chunk for K <= 2048), each multiplied by the A row in fp32 (fp8 x fp8 products a
 software-pipeline prologue, and K is never split across programs, so no fp32 partials, arrival counters or
 finisher round trips. Rows of one N block are adjacent programs (m is grid dim 0), so M > 1 reads each weight
 slice from DRAM about once and from L2 after. Sums run in a different order than the MMA kernel's: the same
-values to fp32 rounding, not the same bits.
+values to fp32 rounding, not the same bits. A_MODE (below): A as e4m3 rows with scales, or 16-bit rows the program
+quantizes per row itself (optionally forming silu(gate) * up first), bit-equal to the separate quantizing launch.
 """
 
 from __future__ import annotations
@@ -18,23 +19,91 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import pdl_enter, pdl_kw, sm_count
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, fp8_grid_round, pdl_enter, pdl_kw, sm_count
+
+
+# A_MODE: what the kernels' A operand is. A_FP8: e4m3 rows with per-row scales (the quantized activation). A_QUANT:
+# 16-bit rows [R, K] the program quantizes per row itself, as act_quant.quant_fp8_per_token does (no quant launch
+# before the GEMV). A_SILU: 16-bit rows [R, 2K] = [gate | up] (the gate_up GEMM's output) from which the program forms
+# silu(gate) * up and quantizes it per row, as act_quant.silu_and_mul_fp8 does (no SiLU launch before the down GEMV).
+# Every program of a row recomputes the row's scale (one pass of amax over its K chunks, from L1 / L2), so the e4m3
+# operand it multiplies is the separate kernel's, bit for bit, and the GEMV's result is the two-launch path's.
+A_FP8, A_QUANT, A_SILU = 0, 1, 2
 
 
 @triton.jit
-def _rows_dot(w_p, a_p, n_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr):
+def _a_values(a_p, c, k_ok, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Chunk c of A's row (a_p: [1 or BLOCK_N, BLOCK_K] pointers to chunk 0; k_ok its [1, BLOCK_K] column mask) in
+    fp32 before any quantization: the stored values (A_FP8, A_QUANT), or (A_SILU) silu(gate) * up with gate at
+    a_p and up K further, rounded to the row's dtype where act_quant's SiLU kernel rounds (silu(gate), the product)."""
+    x = tl.load(a_p + c * BLOCK_K, mask=k_ok, other=0.0)
+    if A_MODE == 2:
+        dt = a_p.dtype.element_ty
+        g = x.to(tl.float32)
+        u = tl.load(a_p + K + c * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
+        return ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _a_scale(a_p, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr):
+    """The row's per-token FP8 scale max(amax / 448, 1e-12) over its K values (A_QUANT, A_SILU), as act_quant's
+    kernels compute it (a max is exact in any order)."""
+    rk = tl.arange(0, BLOCK_K)
+    for c in tl.static_range(K_CHUNKS):  # elementwise over the chunks, then one reduction across the program
+        h = tl.abs(_a_values(a_p, c, (rk < K - c * BLOCK_K)[None, :], K, A_MODE, BLOCK_K))
+        if c == 0:
+            amax = h
+        else:
+            amax = tl.maximum(amax, h)
+    return tl.maximum(tl.max(tl.max(amax, axis=1), axis=0) / 448.0, 1e-12)
+
+
+@triton.jit
+def _a_operand(a_p, c, k_ok, K, scale, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, PRE_ROUND: tl.constexpr):
+    """Chunk c of the e4m3 operand as fp32: loaded (A_FP8), or quantized here by `scale` with act_quant's
+    arithmetic (A_QUANT: x / s as quant_fp8_per_token; A_SILU: h * (1 / s) as silu_and_mul_fp8), so the e4m3
+    values are theirs."""
+    h = _a_values(a_p, c, k_ok, K, A_MODE, BLOCK_K)
+    if A_MODE == 0:
+        return h
+    if A_MODE == 2:
+        q = tl.clamp(h * (1.0 / scale), -448.0, 448.0)
+    else:
+        q = tl.clamp(h / scale, -448.0, 448.0)
+    if PRE_ROUND:
+        q = fp8_grid_round(q)
+    return q.to(tl.float8e4nv).to(tl.float32)
+
+
+@triton.jit
+def _w_cols(rk, A_MODE: tl.constexpr):
+    """The weight tile's column offsets rk; when A is 16-bit (A_QUANT, A_SILU) written so the compiler sees them
+    contiguous in runs of 8 only (tl.max_contiguous's hint does not survive to the layout pass): the weight loads
+    then take 8 e4m3 (8 bytes) a thread, the register layout of a 16-bit A row's 16-byte loads, so the products need
+    no layout conversion (offline sm_90: 11 barriers instead of 23 and 32 B of shared memory instead of 4 KB for
+    o_proj's 3-chunk A_QUANT program; with 16 e4m3 a thread every chunk's A went through shared memory)."""
+    if A_MODE == 0:
+        return rk
+    return (rk // 8) * 8 + rk % 8
+
+
+@triton.jit
+def _rows_dot(w_p, a_p, n_ok, K, scale, A_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              K_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr):
     """[BLOCK_N] fp32: sum over k < K of w[n, k] * a[k]. w_p [BLOCK_N, BLOCK_K]: the weight rows' chunk-0 pointers
-    (K contiguous); a_p [BLOCK_N, BLOCK_K]: the A row's chunk 0 in every row, loaded in the weight tile's own layout
-    (each thread its own 16-byte pieces, L1 hits after the first warp) rather than as a [BLOCK_K] vector, which would
-    reach that layout through shared memory and barriers. A chunk is one [BLOCK_N, BLOCK_K] load reduced to
-    [BLOCK_N] (in the thread, its warp, then across warps); the first chunk's sum starts the accumulator in that
-    reduced layout (a tl.zeros accumulator would need a layout conversion through shared memory every chunk)."""
+    (K contiguous); a_p [A_ROWS, BLOCK_K]: the A row's chunk-0 pointers, one row (a_row: in the weight tile's
+    register layout, each thread its own 16-byte piece once) or the row in every tile row (A_ROWS = BLOCK_N; a
+    [BLOCK_K] vector would reach the tile's layout through shared memory and barriers). A chunk is one
+    [BLOCK_N, BLOCK_K] load reduced to [BLOCK_N] (in the thread, its warp, then across warps); the first chunk's sum
+    starts the accumulator in that reduced layout (a tl.zeros accumulator would need a layout conversion through
+    shared memory every chunk). scale: A's per-row scale when the program quantizes A (A_QUANT, A_SILU)."""
     rk = tl.arange(0, BLOCK_K)
     for c in tl.static_range(K_CHUNKS):
         k_ok = rk < K - c * BLOCK_K
         w = tl.load(w_p + c * BLOCK_K, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_p + c * BLOCK_K, mask=k_ok[None, :], other=0.0)
-        part = tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1)
+        a = _a_operand(a_p, c, k_ok[None, :], K, scale, A_MODE, BLOCK_K, PRE_ROUND)
+        part = tl.sum(w.to(tl.float32) * a, axis=1)
         if c == 0:
             acc = part
         else:
@@ -46,19 +115,23 @@ def _rows_dot(w_p, a_p, n_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K
 def _fp8_gemv_kernel(
     a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, N, K, a_sm, w_sn, c_sm, as_sm, ws_sn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, A_MODE: tl.constexpr = 0, A_ROWS: tl.constexpr = 0, PRE_ROUND: tl.constexpr = False,
 ):
-    """Program (row m, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns."""
+    """Program (row m, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns;
+    A_QUANT: A[m] and s_a[m] from the 16-bit row (as_ptr unread)."""
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     sw = tl.load(ws_ptr + rn * ws_sn, mask=n_ok, other=0.0)
-    sa = tl.load(as_ptr + m * as_sm)
-    w_p = w_ptr + rn.to(tl.int64)[:, None] * w_sn + rk[None, :]
-    a_p = a_ptr + m * a_sm + (tl.zeros([BLOCK_N, 1], dtype=tl.int32) + rk[None, :])
-    y = _rows_dot(w_p, a_p, n_ok, K, BLOCK_N, BLOCK_K, K_CHUNKS) * sa * sw  # [BLOCK_N]
+    w_p = w_ptr + rn.to(tl.int64)[:, None] * w_sn + _w_cols(rk, A_MODE)[None, :]
+    a_p = a_ptr + m * a_sm + (tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :])
+    if A_MODE == 0:
+        sa = tl.load(as_ptr + m * as_sm)
+    else:
+        sa = _a_scale(a_p, K, A_MODE, BLOCK_K, K_CHUNKS)
+    y = _rows_dot(w_p, a_p, n_ok, K, sa, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sw  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(c_ptr + m * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
@@ -68,10 +141,12 @@ def _fp8_gemv_kernel(
 def _moe_gemv_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, w_ptr, ids_ptr, N, K, a_sm, b_se, b_sn, c_sm, bs_se,
     A_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_CHUNKS: tl.constexpr, PDL: tl.constexpr = 0,
+    K_CHUNKS: tl.constexpr, PDL: tl.constexpr = 0, A_MODE: tl.constexpr = 0, A_ROWS: tl.constexpr = 0,
+    PRE_ROUND: tl.constexpr = False,
 ):
     """Program (pair, N block): c[pair, n] = (A[pair // A_DIV] . B[e, n]) * s_a[pair // A_DIV] * s_b[e, n]
-    (* w[pair]), e = ids[pair]: fused_moe._moe_gemm_kernel's product for one (token, expert) pair, FP8 only."""
+    (* w[pair]), e = ids[pair]: fused_moe._moe_gemm_kernel's product for one (token, expert) pair, FP8 only.
+    A_QUANT / A_SILU: A and s_a from the 16-bit row (as_ptr unread). The epilogue's scales load before the dot."""
     pdl_enter(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -79,26 +154,41 @@ def _moe_gemv_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
-    w_p = b_ptr + expert * b_se + rn.to(tl.int64)[:, None] * b_sn + rk[None, :]
-    a_p = a_ptr + row * a_sm + (tl.zeros([BLOCK_N, 1], dtype=tl.int32) + rk[None, :])
-    y = _rows_dot(w_p, a_p, n_ok, K, BLOCK_N, BLOCK_K, K_CHUNKS)
-    y = y * tl.load(as_ptr + row) * tl.load(bs_ptr + expert * bs_se + rn, mask=n_ok, other=0.0)
+    sb = tl.load(bs_ptr + expert * bs_se + rn, mask=n_ok, other=0.0)
     if MUL_WEIGHT:
-        y = y * tl.load(w_ptr + pair)
+        wt = tl.load(w_ptr + pair)
+    w_p = b_ptr + expert * b_se + rn.to(tl.int64)[:, None] * b_sn + _w_cols(rk, A_MODE)[None, :]
+    a_p = a_ptr + row * a_sm + (tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :])
+    if A_MODE == 0:
+        sa = tl.load(as_ptr + row)
+    else:
+        sa = _a_scale(a_p, K, A_MODE, BLOCK_K, K_CHUNKS)
+    y = _rows_dot(w_p, a_p, n_ok, K, sa, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sb
+    if MUL_WEIGHT:
+        y = y * wt
     tl.store(c_ptr + pair * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
+# The GEMVs take 16-bit activations and quantize them in each program (A_QUANT, A_SILU) instead of after a separate
+# launch: fp8_gemm.fp8_linear's M <= GEMV_MAX_M rows with no FP8 form from a fused norm (o_proj's input), and
+# fused_moe's GEMV path (the down GEMV forms its SiLU-mul; the gate_up GEMV quantizes x when no norm did). One launch
+# a layer fewer each (the quant launch: 3.8 us, the SiLU launch: 4.2 us at B 1 under Nsight Compute, H100 run 40).
+# Same bits as the separate launches (tests). Used only where the GEMVs are on; False: the separate launches
+# (bench/ab_step.py --switch gemv_act --also gemv,moe_gemv).
+FUSED_ACT = False
+
 # (BLOCK_N, BLOCK_K, num_warps) chosen by gemv_config. BLOCK_K = K up to 2048 (one load a chunk, 16-byte pieces).
-# Latency is hidden by programs, not by depth within one: ptxas issues a thread's 16-byte weight loads one after
-# another, each after the previous piece's FMAs (offline sm_90 SASS: 34 registers, the loads sunk to their uses),
-# so a program has about one load a thread in flight. BLOCK_N is the smallest power of two (<= MAX_BLOCK_N) that
-# keeps the launch within CTAS_PER_SM programs an SM: many small programs resident at once (34-64 registers, no
-# shared memory to speak of), each with its piece in flight.
+# Latency is hidden by programs more than by depth within one: ptxas issues a thread's weight loads a few at a time,
+# each group just before its FMAs (offline sm_90 SASS; with A loaded once as a row, two 16-byte loads in flight a
+# thread, 48-64 registers; 33 at BLOCK_N 1). BLOCK_N is the smallest power of two (<= MAX_BLOCK_N) that keeps the
+# launch within CTAS_PER_SM programs an SM: many small programs resident at once (no shared memory to speak of),
+# each with its pieces in flight. Registers bound residency too: 65,536 an SM hold 12 programs of 128 threads at
+# <= 42 registers, 8 at 64, 7 at 72 (the quantizing modes).
 MAX_BLOCK_N = 8
 MAX_BLOCK_K = 2048
 CTAS_PER_SM = 12
 WARPS = 4
-_CPU_CONFIG = (4, 32, 1)
+_CPU_CONFIG = (16, 128, 1)  # the interpreter: few programs and chunks (its cost is per program and op)
 
 
 def gemv_config(device: torch.device, m: int, n: int, k: int) -> tuple[int, int, int]:
@@ -108,34 +198,61 @@ def gemv_config(device: torch.device, m: int, n: int, k: int) -> tuple[int, int,
     return block_n, min(MAX_BLOCK_K, triton.next_power_of_2(k)), WARPS
 
 
-def fp8_gemv(a_q, a_scale, w_q, w_scale, bias, out: torch.Tensor,
-             config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Launch on checked per-channel arguments (fp8_gemm._check_args with block 0); out [M, N] (row stride free,
-    columns contiguous). config: (BLOCK_N, BLOCK_K, warps) instead of gemv_config's (bench/decode_sweep.py)."""
-    m, k = a_q.shape
-    n = w_q.shape[0]
-    block_n, block_k, warps = config or gemv_config(a_q.device, m, n, k)
+def a_row(block_k: int, warps: int, a_mode: int = A_FP8) -> bool:
+    """Whether A's chunk loads as one [1, BLOCK_K] row in the weight tile's own register layout: when one row of the
+    tile's layout (16-byte loads of A: 16 e4m3 or 8 16-bit values a thread, 32 threads a warp, the warps side by
+    side) tiles BLOCK_K evenly, so the row broadcasts over the tile's BLOCK_N rows in registers (offline sm_90: one
+    load a thread a piece instead of BLOCK_N, and for A_SILU one exp a column instead of BLOCK_N). Else every tile
+    row loads it (no layout conversion either)."""
+    return block_k % ((16 if a_mode == A_FP8 else 8) * 32 * warps) == 0
+
+
+def _check_a(a: torch.Tensor, a_scale: torch.Tensor | None, k: int, a_mode: int) -> None:
+    check(a.stride(1) == 1, "A rows must be contiguous")
+    if a_mode == A_FP8:
+        check(a.dtype == FP8_DTYPE and a.shape[1] == k and a_scale is not None, "A_FP8: e4m3 [R, K] and scales")
+    else:
+        check(a.dtype in (torch.bfloat16, torch.float16), "A_QUANT / A_SILU: 16-bit rows")
+        check(a.shape[1] == (2 * k if a_mode == A_SILU else k), "A_QUANT: [R, K]; A_SILU: [R, 2K] = [gate | up]")
+
+
+def fp8_gemv(a, a_scale, w_q, w_scale, bias, out: torch.Tensor, config: tuple[int, int, int] | None = None,
+             a_mode: int = A_FP8) -> torch.Tensor:
+    """Launch on checked per-channel weights (fp8_gemm._check_args with block 0); out [M, N] (row stride free,
+    columns contiguous). a: [M, K] e4m3 with a_scale [M, 1] (A_FP8), or 16-bit rows the kernel quantizes itself
+    (A_QUANT [M, K], A_SILU [M, 2K]; a_scale None). config: (BLOCK_N, BLOCK_K, warps) instead of gemv_config's
+    (bench/decode_sweep.py)."""
+    m = a.shape[0]
+    n, k = w_q.shape
+    _check_a(a, a_scale, k, a_mode)
+    block_n, block_k, warps = config or gemv_config(a.device, m, n, k)
+    scale_arg = a_scale if a_scale is not None else w_scale
     _fp8_gemv_kernel[(m, triton.cdiv(n, block_n))](
-        a_q, w_q, out, a_scale, w_scale, bias if bias is not None else w_scale, n, k,
-        a_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), w_scale.stride(0),
+        a, w_q, out, scale_arg, w_scale, bias if bias is not None else w_scale, n, k,
+        a.stride(0), w_q.stride(0), out.stride(0), scale_arg.stride(0), w_scale.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k),
-        num_warps=warps, num_stages=1, **pdl_kw(a_q.device, m),
+        A_MODE=a_mode, A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n, PRE_ROUND=INTERPRET and a_mode != A_FP8,
+        num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
     )
     return out
 
 
 def moe_gemv(a, a_scale, b, b_scale, c, weights, ids, a_div: int, mul_weight: bool,
-             config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """fused_moe's grouped GEMM for few pairs, one program a (pair, N block): a [R, K] e4m3 (row pair // a_div),
-    a_scale [R] (or [R, 1]) fp32 contiguous, b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the
-    expert of each pair, flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its
-    expert's weights, so two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
+             config: tuple[int, int, int] | None = None, a_mode: int = A_FP8) -> torch.Tensor:
+    """fused_moe's grouped GEMM for few pairs, one program a (pair, N block): a [R, K] e4m3 (row pair // a_div)
+    with a_scale [R] (or [R, 1]) fp32 contiguous, or 16-bit rows the kernel quantizes itself (A_QUANT [R, K], A_SILU
+    [R, 2K]; a_scale None); b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the expert of each
+    pair, flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its expert's weights,
+    so two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
     num_pairs = ids.numel()
     n, k = b.shape[1], b.shape[2]
+    _check_a(a, a_scale, k, a_mode)
     block_n, block_k, warps = config or gemv_config(b.device, num_pairs, n, k)
     _moe_gemv_kernel[(num_pairs, triton.cdiv(n, block_n))](
-        a, b, c, a_scale, b_scale, weights, ids, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-        b_scale.stride(0), A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k,
-        K_CHUNKS=triton.cdiv(k, block_k), num_warps=warps, num_stages=1, **pdl_kw(b.device, num_pairs),
+        a, b, c, a_scale if a_scale is not None else b_scale, b_scale, weights, ids, n, k, a.stride(0), b.stride(0),
+        b.stride(1), c.stride(0), b_scale.stride(0), A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n,
+        BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), A_MODE=a_mode,
+        A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n,
+        PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(b.device, num_pairs),
     )
     return c

@@ -19,6 +19,7 @@ import triton.language as tl
 from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
                                       sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
+from glmserve.kernels import fp8_gemv
 from glmserve.kernels.fp8_gemv import moe_gemv
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
 
@@ -282,16 +283,24 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
 
 
 def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool) -> torch.Tensor:
-    """fused_experts for few tokens on FP8 experts: the two GEMMs as moe_gemv launches (checked arguments)."""
+    """fused_experts for few tokens on FP8 experts: the two GEMMs as moe_gemv launches (checked arguments). With
+    fp8_gemv.FUSED_ACT (16-bit x) the GEMVs quantize their own inputs: x per token when no norm made its FP8 form,
+    and the down GEMV forms silu(gate) * up from the gate_up rows (no quant or SiLU launch; the same bits)."""
     t, h = x.shape
     top_k = ids.shape[1]
     flat_w, flat_ids = weights.reshape(-1).float().contiguous(), ids.reshape(-1).contiguous()
-    xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x)
+    fused = fp8_gemv.FUSED_ACT and x.dtype in (torch.bfloat16, torch.float16)
+    if x_fp8 is not None:
+        xq, xs, x_mode = *x_fp8, fp8_gemv.A_FP8
+    elif fused:
+        xq, xs, x_mode = x, None, fp8_gemv.A_QUANT
+    else:
+        xq, xs, x_mode = *quant_fp8_per_token(x), fp8_gemv.A_FP8
     gate_up = new_out((t * top_k, w13.shape[1]), x.dtype, x.device)
-    moe_gemv(xq, xs, w13, _row_scales(w13_scale), gate_up, flat_w, flat_ids, top_k, False)
-    act, act_s = silu_and_mul_fp8(gate_up)
+    moe_gemv(xq, xs, w13, _row_scales(w13_scale), gate_up, flat_w, flat_ids, top_k, False, a_mode=x_mode)
+    act, act_s, act_mode = (gate_up, None, fp8_gemv.A_SILU) if fused else (*silu_and_mul_fp8(gate_up), fp8_gemv.A_FP8)
     down = moe_gemv(act, act_s, w2, _row_scales(w2_scale), new_out((t * top_k, h), x.dtype, x.device), flat_w,
-                    flat_ids, 1, True)
+                    flat_ids, 1, True, a_mode=act_mode)
     return _combine(down, t, top_k, h, keep_slots)
 
 

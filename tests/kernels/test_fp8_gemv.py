@@ -17,7 +17,7 @@ def _operands(m: int, n: int, k: int):
 
 
 @pytest.mark.parametrize("m,n,k,bias,config", [
-    (1, 45, 100, True, None),        # CPU rule (4, 32, 1): 12 N blocks, 4 K chunks, the last 4 wide
+    (1, 45, 100, True, None),        # CPU rule (16, 128, 1): 3 N blocks (a tail of 13), one K chunk with a tail
     (3, 37, 96, False, None),         # three rows; K an exact multiple of the chunk
     (2, 70, 300, True, (8, 64, 2)),   # explicit config: 5 chunks, N tail of 6
     (4, 16, 40, False, (16, 64, 4)),  # one chunk wider than K
@@ -83,3 +83,65 @@ def test_experts_gemv_path_matches_the_grouped_gemm_path(keep_slots):
     grouped = fused_moe.fused_experts(x, q13, q2, weights, ids, s13, s2, keep_slots=keep_slots)
     assert gemv.shape == grouped.shape == ((t, k, h) if keep_slots else (t, h))
     torch.testing.assert_close(gemv, grouped, rtol=1e-4, atol=1e-4)
+
+
+# (config, K): the CPU rule (16, 128, 1) and (2, 64, 2) load A into every tile row; BLOCK_K 256 x 1 warp tiles a
+# 16-bit row's layout (a_row), so A loads once as a [1, BLOCK_K] row and broadcasts, in three chunks with a tail
+_A_MODE_CASES = [(None, 300), ((4, 256, 1), 600), ((2, 64, 2), 64)]
+
+
+@pytest.mark.parametrize("config,k", _A_MODE_CASES)
+def test_gemv_quantizing_a_equals_the_quant_launch_then_the_gemv(config, k):
+    """A_QUANT: the GEMV quantizes its 16-bit A rows per token itself; the result is quant_fp8_per_token then the
+    e4m3 GEMV, bit for bit (the same e4m3 operand, scale and sum order)."""
+    from glmserve.kernels.act_quant import quant_fp8_per_token
+
+    m, n = 3, 37
+    x = (torch.randn(m, k, device=DEV) * torch.tensor([0.01, 1.0, 30.0], device=DEV)[:, None]).to(torch.bfloat16)
+    _, _, w_q, w_s = _operands(m, n, k)
+    b = torch.randn(n, device=DEV)
+    fused, split = (torch.full((m, n), float("nan"), device=DEV) for _ in range(2))
+    fp8_gemv.fp8_gemv(x, None, w_q, w_s, b, fused, config, a_mode=fp8_gemv.A_QUANT)
+    xq, xs = quant_fp8_per_token(x)
+    fp8_gemv.fp8_gemv(xq, xs, w_q, w_s, b, split, config)
+    assert torch.equal(fused, split)
+    assert not torch.equal(split, torch.zeros_like(split))
+
+
+@pytest.mark.parametrize("config,k", _A_MODE_CASES)
+def test_moe_gemv_silu_a_equals_the_silu_launch_then_the_gemv(config, k):
+    """A_SILU (the down GEMV): the program forms silu(gate) * up from the gate_up rows [P, 2K] and quantizes it per
+    pair itself; the result is silu_and_mul_fp8 then the e4m3 GEMV, bit for bit. A_QUANT on the gate_up GEMV's
+    16-bit x equals quant_fp8_per_token then the GEMV the same way."""
+    from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul_fp8
+    from glmserve.kernels.fp8_gemv import A_QUANT, A_SILU, moe_gemv
+
+    e, n, pairs = 5, 45, 6
+    gate_up = (torch.randn(pairs, 2 * k, device=DEV) * 3).to(torch.bfloat16)
+    b = torch.randn(e, n, k, device=DEV)
+    b_s = b.abs().amax(-1) / 448.0
+    b_q = (b / b_s[..., None]).to(torch.float8_e4m3fn)
+    ids = torch.tensor([4, 0, 4, 2, 2, 1], device=DEV, dtype=torch.int32)
+    w = torch.rand(pairs, device=DEV)
+    fused, split = (torch.full((pairs, n), float("nan"), device=DEV) for _ in range(2))
+    moe_gemv(gate_up, None, b_q, b_s, fused, w, ids, 1, True, config, a_mode=A_SILU)
+    act, act_s = silu_and_mul_fp8(gate_up)
+    moe_gemv(act, act_s, b_q, b_s, split, w, ids, 1, True, config)
+    assert torch.equal(fused, split)
+
+    x = gate_up[:2, :k].contiguous()  # two tokens, three pairs each (a_div 3)
+    moe_gemv(x, None, b_q, b_s, fused, w, ids, 3, False, config, a_mode=A_QUANT)
+    moe_gemv(*quant_fp8_per_token(x), b_q, b_s, split, w, ids, 3, False, config)
+    assert torch.equal(fused, split)
+
+
+def test_gemv_a_modes_reject_mismatched_rows():
+    from glmserve.kernels.fp8_gemv import A_QUANT, A_SILU, moe_gemv
+
+    _, _, w_q, w_s = _operands(1, 8, 32)
+    out = torch.empty(1, 8, device=DEV)
+    with pytest.raises(ValueError, match="16-bit"):
+        fp8_gemv.fp8_gemv(torch.zeros(1, 32, device=DEV), None, w_q, w_s, None, out, a_mode=A_QUANT)
+    with pytest.raises(ValueError, match="2K"):
+        moe_gemv(torch.zeros(1, 32, device=DEV, dtype=torch.bfloat16), None, w_q[None], w_s.reshape(1, 8), out,
+                 torch.ones(1, device=DEV), torch.zeros(1, device=DEV, dtype=torch.int32), 1, True, a_mode=A_SILU)

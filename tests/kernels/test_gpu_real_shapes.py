@@ -7,8 +7,8 @@ torch, so bf16 tolerances are tight-ish; fp8 outputs are compared to dequantized
 import pytest
 import torch
 
-from glmserve.kernels import (_common, act_quant, fp8_gemm, fused_moe, kv_pages, mla_absorb, moe_route, paged_attention,
-                              rmsnorm, rope)
+from glmserve.kernels import (_common, act_quant, fp8_gemm, fp8_gemv, fused_moe, kv_pages, mla_absorb, moe_route,
+                              paged_attention, rmsnorm, rope)
 from glmserve.shared.model import ops
 from glmserve.shared.runner.batch import ForwardBatch, ForwardMode
 
@@ -402,6 +402,26 @@ def test_fp8_gemv_in_a_cuda_graph(m, n, k, monkeypatch):
     assert _rel(out, fp8_gemm.fp8_gemm(a_q, a_s, w_q, w_s)) < 5e-3
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 5120), (4, 2048, 5120), (1, 4096, 4096)])
+def test_fp8_gemv_quantizing_its_input_in_a_cuda_graph(m, n, k, monkeypatch):
+    """fp8_gemv.FUSED_ACT: fp8_linear hands o_proj's bf16 rows (GLM-4.7-Flash: K 5120 in 3 chunks; a GLM-4.5-Air-sized
+    square one) to the GEMV, which quantizes them itself; inside a CUDA graph the replay with new inputs equals the
+    quant launch + e4m3 GEMV bit for bit (same e4m3 operand, scale and sums on the GPU's own casts)."""
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
+    _, _, w_q, w_s = _per_channel_operands(m, n, k)
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", True)
+    fp8_gemm.fp8_linear(x, w_q, w_s, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemm.fp8_linear(x, w_q, w_s, None)
+    x.copy_(torch.randn(m, k, device=DEV, dtype=BF16) * 7)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
+    assert torch.equal(out, fp8_gemm.fp8_linear(x, w_q, w_s, None))
+
+
 @pytest.mark.parametrize("t", [1, 4])
 def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
     """fused_moe.GEMV_MAX_T routes decode's T <= 4 FP8 expert GEMMs (GLM-4.7-Flash: 4 routed + the shared expert
@@ -431,6 +451,14 @@ def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
     torch.cuda.synchronize()
     assert out.shape == (t, k, h)
     assert torch.equal(out, run())
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", True)  # the down GEMV forms the SiLU-mul, the gate_up one quantizes x
+    run()
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph()):
+        fused = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(fused, out)
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
     monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 0)
     assert _rel(out, run()) < 1e-2
     assert _rel(out.float().sum(1), fused_moe.fused_experts_ref(x, w13, w2, weights, ids, s13, s2)) < 0.05

@@ -151,6 +151,53 @@ def test_tiny_model_fp8_gemv_paths(tmp_path, monkeypatch):
     assert err < 1e-2, err
 
 
+def test_tiny_model_gemvs_quantizing_their_inputs_give_the_same_bits(tmp_path, monkeypatch):
+    """fp8_gemv.FUSED_ACT in the bf16 FP8 model (GLM-4.7-Flash's architecture, GEMV paths forced on as above; a
+    3-token prefill and one decode step, so every step takes them): o_proj's GEMV quantizes its bf16 input and the
+    down GEMV forms its SiLU-mul itself (no quant or SiLU launch), and the logits are the separate launches' bit for
+    bit."""
+    from glmserve.kernels import act_quant, fp8_gemm, fp8_gemv, fused_moe
+
+    path = write_tiny_checkpoint(str(tmp_path / "lite"), "glm4_moe_lite", seed=4, num_nextn_predict_layers=0)
+    runner = ModelRunner(path, device=DEV, dtype=torch.bfloat16, with_mtp=False, quantization="fp8")
+    monkeypatch.setattr(fp8_gemm, "_use_gemv", lambda m, block, device: not block and m <= 4)
+    monkeypatch.setattr(fused_moe, "uses_gemv", lambda t, fp8, device: fp8 and t <= 4)
+    modes: list[int] = []
+
+    def counted(fn):
+        def launch(*args, a_mode=fp8_gemv.A_FP8, **kwargs):
+            modes.append(a_mode)
+            return fn(*args, a_mode=a_mode, **kwargs)
+        return launch
+
+    def run() -> torch.Tensor:
+        kv = PagedKVCache(runner.kv_layout(PAGE), num_pages=4, device=DEV)
+        logits = []
+        for mode, tokens, prefix in ((ForwardMode.PREFILL, [5, 6, 7], 0), (ForwardMode.DECODE, [30], 3)):
+            batch = ForwardBatch.build(mode, [(tokens, prefix, [2])], PAGE, device=DEV)
+            logits.append(runner.forward(batch, kv).logits)
+        return torch.cat(logits)
+
+    monkeypatch.setattr(fp8_gemm, "fp8_gemv", counted(fp8_gemv.fp8_gemv))
+    monkeypatch.setattr(fused_moe, "moe_gemv", counted(fp8_gemv.moe_gemv))
+    silu = []
+    monkeypatch.setattr(fused_moe, "silu_and_mul_fp8", lambda x: silu.append(1) or act_quant.silu_and_mul_fp8(x))
+    before = dict(ops.IMPL)
+    try:
+        for name, kernel in backend._kernels().items():
+            if name in ops.IMPL:
+                ops.set_impl(name, kernel)
+        separate = run()
+        assert set(modes) == {fp8_gemv.A_FP8} and silu
+        modes.clear(), silu.clear()
+        monkeypatch.setattr(fp8_gemv, "FUSED_ACT", True)
+        fused = run()
+    finally:
+        ops.IMPL.update(before)
+    assert {fp8_gemv.A_QUANT, fp8_gemv.A_SILU} <= set(modes) and not silu, (modes, silu)
+    assert torch.equal(fused, separate)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded"])
 def test_tiny_model_bf16_on_cuda_kernels_vs_refs(tmp_path, arch, monkeypatch):
