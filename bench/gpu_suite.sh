@@ -23,7 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh gemv14   # ONE GPU: GEMVs for M <= 4 dense and MoE FP8 GEMMs (+ their quantizing A):
+#   bash bench/gpu_suite.sh gemv14   # ONE GPU: GEMVs for M <= 4 dense and MoE FP8 GEMMs (+ quantizing A), MLA 2/SM:
 #                                    # GPU tests, step A/Bs, sweeps
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
@@ -218,24 +218,30 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  gemv14)  # ONE GPU (~8 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs: their GPU
-    # tests, the step A/Bs at B 1 / 2 / 4 (the GEMVs, then their quantizing A modes with both GEMVs on), the step
-    # table with the A/Bs' winners on, then the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA
-    # ones). The A/Bs' JSON stays on the machine (8 files come back): their logs print every row.
-    end=$((SECONDS + ${GEMV_BUDGET_S:-540}))
-    step kernel_tests "$(left 80)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "gemv"
+  gemv14)  # ONE GPU (~9 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs and the
+    # one-stage MLA kernel (two programs an SM at B 256): their GPU tests, the step A/Bs (the GEMVs at B 1 / 2 / 4,
+    # the MLA form at B 256 / 200, the GEMVs' quantizing A modes with both GEMVs on), the step table with the A/Bs'
+    # winners on, then the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones). The A/Bs' JSON
+    # stays on the machine (8 files come back): their logs print every row.
+    end=$((SECONDS + ${GEMV_BUDGET_S:-560}))
+    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
+      -k "gemv or one_stage"
     # the one-launch router calls _common's split-K helpers since the last GPU run
     step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_moe_route.py -k "route_align"
+    winners() { $PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" "$1" 2>/dev/null; }
     step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
       --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8 --out /tmp/ab.json
-    won=$($PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" /tmp/ab.json 2>/dev/null)
+    won=$(winners /tmp/ab.json)
+    # the one-stage MLA kernel, two programs an SM, where a launch has more programs than SMs (B 256)
+    step ab_mla "$(left 100)" $PY -m bench.ab_step --switch mla_two_per_sm --batches 256,200 --rounds 2 --ctx 640 \
+      --quantization fp8 --out /tmp/ab_mla.json
+    mla=$(winners /tmp/ab_mla.json)
     step ab_act "$(left 90)" $PY -m bench.ab_step --switch gemv_act --also gemv,moe_gemv --batches 1,4 --rounds 2 \
       --ctx 640 --quantization fp8 --out /tmp/ab_act.json
-    act=$($PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" /tmp/ab_act.json \
-      2>/dev/null)
+    act=$(winners /tmp/ab_act.json)
     [[ "$won" == *gemv* && -n "$act" ]] && won="$won,$act"
+    [ -n "$mla" ] && won="${won:+$won,}$mla"
     # the step table with the winners on (ab_step.winners), to set the defaults from one call
     [ -n "$won" ] && step profile_winners "$(left 100)" $PY -m bench.profile_step --batches 1,4,64,256 --ctx 640 \
       --quantization fp8 --no_profile --switches_on "$won"

@@ -129,6 +129,13 @@ MIN_KEYS = 32
 # (0.58 -> 0.80 of the copy ceiling), B 64 ctx 4096 141.0 -> 110.7 (0.91), B 1 ctx 16k 27.1 -> 23.8; B 1 ctx
 # 640 10.7 -> 10.3 (run 20). 8 warps within 2 % of 4 everywhere.
 WG_CONFIGS: dict[str, tuple[int, int, int]] = {"default": (1, 4, 2)}
+# Launches of more warpgroup-kernel programs than SMs (B > 132 at one split: B 256 is two waves of one 189 KB program an
+# SM) run its one-stage form instead: 112 KB and <= 256 registers a program, so two programs share an SM and one's
+# fixed part (q, the first tile's latency, the epilogue: ~6 us of a ~31 us program at ctx 640, H200 run 19) overlaps
+# the other's key stream, and B 256 runs as one wave. Same bits. Predicted (KERNEL_NOTES v20): the MLA kernel at B 256
+# ctx 640 ~81 -> ~72 us, ~-0.4 ms a step. Offline sm_90: 114,944 B of shared memory, 255 registers, ~150 B of stack
+# (loop-invariant addresses). False: STAGES 2 everywhere (bench/ab_step.py --switch mla_two_per_sm).
+WG_TWO_PER_SM = False
 
 
 def wg_splits(num_seqs: int, sms: int) -> int:
@@ -167,7 +174,7 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
     wg (num_warps, num_stages): the Hopper warpgroup-MMA kernel (default: WG_CONFIGS' rule for this GPU).
     Caller (paged_attention_fwd) has checked dtypes, strides and metadata shapes."""
     from glmserve.kernels import mla_decode_wg
-    from glmserve.kernels._common import gpu_name
+    from glmserve.kernels._common import gpu_name, sm_count
     from glmserve.kernels.paged_attention import _merge_kernel
 
     b, h, dk = q.shape
@@ -185,6 +192,8 @@ def mla_decode(q, cache, page_table, seq_lens, page_size: int, scale: float, max
         if b >= sms and config is None and wg is None:
             block_n, warps, stages = WIDE_CONFIGS.get(name, WIDE_CONFIGS["default"])
     n_split = splits or num_splits(b, max_seq_len, block_n, q.device)
+    if wg is not None and WG_TWO_PER_SM and b * n_split > sm_count(q.device):
+        wg = (wg[0], 1)  # one stage: two programs an SM
     min_keys = (MIN_KEYS if q.is_cuda else 0) if min_keys is None else min_keys
     out = new_out((b, h, dl), dtype=q.dtype, device=q.device)
     if b == 0:

@@ -78,7 +78,10 @@ def _mla_decode_wg_kernel(
     Q_ASYNC: gl.constexpr, num_warps: gl.constexpr, EARLY_PAGES: gl.constexpr = False,
 ):
     """Program (sequence, split): keys [lo, hi) of the sequence (the split rule of mla_decode), every head;
-    out (or its fp32 split partial plus the base-2 log-sum-exp when NUM_SPLITS > 1)."""
+    out (or its fp32 split partial plus the base-2 log-sum-exp when NUM_SPLITS > 1). STAGES 1: one key buffer, each
+    tile's copies issued once the previous tile's MMAs are done (112 KB of shared memory: two programs an SM, one
+    program's copies in flight while the other computes; see mla_decode.WG_TWO_PER_SM); same tiles in the same
+    order, so the same bits as STAGES 2."""
     gl.static_assert(DR == 64, "the rope part is one 64-column copy chunk")
     gl.static_assert(DL % 64 == 0)
     # registers: s^T [64, BH] (warps split keys, then heads); out^T [DL, BH] (warps split the latent dims)
@@ -126,7 +129,8 @@ def _mla_decode_wg_kernel(
         page_next = _tile_pages_early(pt, 64, pt_cols, page_size, LD)
         _issue_tile(kl_s.index(0), kr_s.index(0), kv_ptr, page_0, 0, hi, page_size, kv_ss, DL, DR, LD)
     else:
-        for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill)
+        for t in gl.static_range(STAGES - 1):  # prologue: tiles 0 .. STAGES-2 in flight (empty tiles zero-fill;
+            # one stage: none, the loop issues every tile)
             _issue_tile(kl_s.index(t), kr_s.index(t), kv_ptr, _tile_pages(pt, lo + t * 64, hi, page_size, LD),
                         lo + t * 64, hi, page_size, kv_ss, DL, DR, LD)
         # page ids load a tile ahead of their copies: the issue never waits on the page table
@@ -137,14 +141,20 @@ def _mla_decode_wg_kernel(
     acc = gl.zeros([DL, BH], gl.float32, layout=O_L)  # out^T
     j0 = gl.arange(0, 64, layout=gl.SliceLayout(1, S_L))
     for t in range(n_tiles):
+        if STAGES == 1:  # one buffer: tile t's copies go out once every warp's MMAs have read tile t - 1
+            _barrier()
+            _issue_tile(kl_s.index(0), kr_s.index(0), kv_ptr, page_next, lo + t * 64, hi, page_size, kv_ss, DL, DR,
+                        LD)
+            page_next = _tile_pages(pt, lo + (t + 1) * 64, hi, page_size, LD)
         st = t % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
+        async_copy.wait_group(max(STAGES - 2, 0))  # this thread's copies of tile t have landed
         fence_async_shared()  # ... are visible to the wgmma (async proxy)
         _barrier()  # ... as are every thread's; and every warp is done with tile t-1's buffers
-        nxt = t + STAGES - 1
-        _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, page_next, lo + nxt * 64, hi,
-                    page_size, kv_ss, DL, DR, LD)
-        page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
+        if STAGES > 1:  # the next tile's copies go out now, into the stage tile t-1 used
+            nxt = t + STAGES - 1
+            _issue_tile(kl_s.index(nxt % STAGES), kr_s.index(nxt % STAGES), kv_ptr, page_next, lo + nxt * 64, hi,
+                        page_size, kv_ss, DL, DR, LD)
+            page_next = _tile_pages(pt, lo + (nxt + 1) * 64, hi, page_size, LD)
         kl = kl_s.index(st)
         s = warpgroup_mma(kl, ql_s.permute((1, 0)), gl.zeros([64, BH], gl.float32, layout=S_L),
                           use_acc=False, is_async=True)
@@ -163,6 +173,8 @@ def _mla_decode_wg_kernel(
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, O_L))[None, :]
         acc = warpgroup_mma(kl.permute((1, 0)), p_s, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if STAGES == 1:  # no tile (no keys): q's copies (Q_ASYNC) are in no commit group yet
+        async_copy.commit_group()
     async_copy.wait_group(0)  # no copy outlives the program's shared memory
 
     safe_l = gl.where(l_i > 0, l_i, 1.0)

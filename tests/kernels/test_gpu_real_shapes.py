@@ -233,6 +233,37 @@ def test_mla_decode_wg_early_pages_bit_equal(q_async, monkeypatch):
     assert _rel(outs[0], ref) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="Hopper warpgroup MMA")
+@pytest.mark.parametrize("splits,min_keys", [(None, None), (4, 32)])
+def test_mla_decode_wg_one_stage_bit_equal(splits, min_keys, monkeypatch):
+    """mla_decode.WG_TWO_PER_SM: a launch of more programs than SMs (304 sequences of 1 .. 1100 keys, exact and
+    partial tiles) runs the one-stage kernel, two programs an SM; same tiles in the same order as the two-stage
+    kernel, so bit-equal, and the torch reference's values. With 4 splits of >= 32 keys short sequences leave splits
+    without keys (programs that run no tile: q's copies still committed and waited for), and the partials and their
+    merge are bit-equal too."""
+    from glmserve.kernels import mla_decode, mla_decode_wg
+
+    launched = []
+    real = mla_decode_wg.launch
+    monkeypatch.setattr(mla_decode_wg, "launch", lambda *a, **k: launched.append(k["stages"]) or real(*a, **k))
+    torch.manual_seed(0)
+    lens = [int(n) for n in torch.randint(1, 1100, (300,))] + [1, 63, 64, 640]
+    batch, num_pages = _mixed_decode_batch(lens)
+    cache = torch.randn(num_pages * 16, 1, 576, device=DEV, dtype=BF16)
+    q = torch.randn(len(lens), 20, 576, device=DEV, dtype=BF16)
+    outs = []
+    for two in (True, False):
+        monkeypatch.setattr(mla_decode, "WG_TWO_PER_SM", two)
+        outs.append(mla_decode.mla_decode(q, cache, batch.page_table, batch.seq_lens, 16, 256 ** -0.5, max(lens),
+                                          512, splits, min_keys=min_keys))
+    torch.cuda.synchronize()
+    assert launched == [1, 2], launched
+    assert torch.equal(outs[0], outs[1])
+    ref = paged_attention.paged_attention_ref(q, cache, cache[..., :512], batch, 16, 256 ** -0.5)
+    assert _rel(outs[0], ref) < 1e-2
+
+
 @pytest.mark.parametrize("rows", [3, 256, 300])
 def test_lm_head_fp32_logits(rows):
     """embedding.FP32_LOGITS: from FP32_LOGITS_MIN_ROWS rows the logits GEMM stores fp32 (no bf16 product and
