@@ -63,8 +63,10 @@ def _gemm(block_scaled: bool, cfg, split_k: int = 1, inline: bool = False):
 
 def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_mode: int = fp8_gemv.A_FP8):
     a = P["f8"] if a_mode == fp8_gemv.A_FP8 else P["bf16"]
-    sig = dict(a_ptr=a, w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"])
+    sig = dict(a_ptr=a, w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"],
+               nw_ptr=P["bf16"])
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
+    sig.update(eps="fp32")
     const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1, A_MODE=a_mode,
                  A_ROWS=1 if fp8_gemv.a_row(block_k, warps, a_mode) else block_n)
     return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
@@ -255,6 +257,7 @@ def cases():
     yield ("moe_gemv down 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True))  # Flash w2, K 1536
     # the quantizing A modes: o_proj's 16-bit input (K 5120 at M 1: 2 x 2048 x 3), the down GEMV's SiLU-mul
     yield ("fp8_gemv quant 2x2048 x3 pdl", *_gemv(2, 2048, 3, fp8_gemv.WARPS, fp8_gemv.A_QUANT))
+    yield ("fp8_gemv norm 4x1024 pdl", *_gemv(4, 1024, 1, fp8_gemv.WARPS, fp8_gemv.A_NORM))  # q_b: K 768
     yield ("moe_gemv down silu 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True, fp8_gemv.A_SILU))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):

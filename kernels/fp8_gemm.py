@@ -332,12 +332,35 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias
     x2 = x.reshape(-1, x.shape[-1])
     if x_fp8 is None and _gemv_quantizes(x2):  # the GEMV quantizes x2 itself: no quant launch (checks x2's K)
         out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
-        y = fp8_gemv(x2.contiguous(), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
+        y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
                      a_mode=gemv.A_QUANT)
         return y.reshape(*x.shape[:-1], -1)
     xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x2.contiguous())
     y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
     return y.reshape(*x.shape[:-1], -1)
+
+
+def rms_norm_fp8_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_fp8: torch.Tensor,
+                        w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """shared.model.ops signature: fp8_linear(rms_norm(x)), x [T, K] 16-bit. With the GEMV quantizing its input
+    (fp8_gemv.FUSED_ACT, T <= GEMV_MAX_M, K within one chunk) one launch: each GEMV program normalises its row itself
+    (A_NORM); else the norm kernel makes the FP8 form (rms_norm_fp8) and the GEMM takes it, two launches."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _gemv_quantizes(x2) and norm_w.dtype == x.dtype and x2.shape[1] <= gemv.MAX_BLOCK_K:
+        out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
+        y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
+                     a_mode=gemv.A_NORM, norm=(norm_w, eps))
+        return y.reshape(*x.shape[:-1], -1)
+    from glmserve.kernels.rmsnorm import rms_norm_fp8
+
+    y, x_fp8 = rms_norm_fp8(x2, norm_w, eps)
+    return fp8_linear(y, w_fp8, w_scale, bias, x_fp8).reshape(*x.shape[:-1], -1)
+
+
+def _unit_stride(x2: torch.Tensor) -> torch.Tensor:
+    """Rows as they are when their columns are contiguous (a view into a fused GEMM's output: the GEMV takes any
+    row stride), else a contiguous copy."""
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 def _gemv_quantizes(x2: torch.Tensor) -> bool:

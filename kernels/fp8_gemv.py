@@ -26,17 +26,26 @@ from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, fp8_grid_round
 # 16-bit rows [R, K] the program quantizes per row itself, as act_quant.quant_fp8_per_token does (no quant launch
 # before the GEMV). A_SILU: 16-bit rows [R, 2K] = [gate | up] (the gate_up GEMM's output) from which the program forms
 # silu(gate) * up and quantizes it per row, as act_quant.silu_and_mul_fp8 does (no SiLU launch before the down GEMV).
+# A_NORM: 16-bit rows [R, K] (K <= one chunk) the program RMS-normalises (norm weight [K], eps) and quantizes per row,
+# as rmsnorm.rms_norm_fp8 does (no norm launch before the GEMV: q_b's input, q_a's norm in GLM-4.7-Flash's MLA).
 # Every program of a row recomputes the row's scale (one pass of amax over its K chunks, from L1 / L2), so the e4m3
-# operand it multiplies is the separate kernel's, bit for bit, and the GEMV's result is the two-launch path's.
-A_FP8, A_QUANT, A_SILU = 0, 1, 2
+# operand it multiplies is the separate kernel's, bit for bit, and the GEMV's result is the two-launch path's
+# (A_NORM: to the norm's sum-of-squares order, which the CPU test finds equal).
+A_FP8, A_QUANT, A_SILU, A_NORM = 0, 1, 2, 3
 
 
 @triton.jit
-def _a_values(a_p, c, k_ok, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _a_values(a_p, c, k_ok, K, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Chunk c of A's row (a_p: [1 or BLOCK_N, BLOCK_K] pointers to chunk 0; k_ok its [1, BLOCK_K] column mask) in
     fp32 before any quantization: the stored values (A_FP8, A_QUANT), or (A_SILU) silu(gate) * up with gate at
-    a_p and up K further, rounded to the row's dtype where act_quant's SiLU kernel rounds (silu(gate), the product)."""
+    a_p and up K further, rounded to the row's dtype where act_quant's SiLU kernel rounds (silu(gate), the product),
+    or (A_NORM) RMSNorm's output with rstd and the norm weight at nw_p (a_p's shape), rounded as rmsnorm's norm_row
+    rounds it (x * rstd, then the product with the weight)."""
     x = tl.load(a_p + c * BLOCK_K, mask=k_ok, other=0.0)
+    if A_MODE == 3:
+        dt = a_p.dtype.element_ty
+        normed = (x.to(tl.float32) * rstd).to(dt).to(tl.float32)
+        return (normed * tl.load(nw_p + c * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
     if A_MODE == 2:
         dt = a_p.dtype.element_ty
         g = x.to(tl.float32)
@@ -46,12 +55,20 @@ def _a_values(a_p, c, k_ok, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _a_scale(a_p, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr):
-    """The row's per-token FP8 scale max(amax / 448, 1e-12) over its K values (A_QUANT, A_SILU), as act_quant's
-    kernels compute it (a max is exact in any order)."""
+def _rstd(a_p, K, eps, BLOCK_K: tl.constexpr):
+    """A_NORM: 1 / sqrt(mean(x^2) + eps) of the row's one chunk, as norm_row computes it (one sum over the row; the
+    rows of an [A_ROWS, BLOCK_K] pointer tile are the same row, so their sums are equal: max picks one)."""
+    xf = tl.load(a_p, mask=(tl.arange(0, BLOCK_K) < K)[None, :], other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.max(tl.sum(xf * xf, axis=1), axis=0) / K + eps)
+
+
+@triton.jit
+def _a_scale(a_p, K, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr):
+    """The row's per-token FP8 scale max(amax / 448, 1e-12) over its K values (A_QUANT, A_SILU, A_NORM), as
+    act_quant's and rmsnorm's kernels compute it (a max is exact in any order)."""
     rk = tl.arange(0, BLOCK_K)
     for c in tl.static_range(K_CHUNKS):  # elementwise over the chunks, then one reduction across the program
-        h = tl.abs(_a_values(a_p, c, (rk < K - c * BLOCK_K)[None, :], K, A_MODE, BLOCK_K))
+        h = tl.abs(_a_values(a_p, c, (rk < K - c * BLOCK_K)[None, :], K, nw_p, rstd, A_MODE, BLOCK_K))
         if c == 0:
             amax = h
         else:
@@ -60,11 +77,12 @@ def _a_scale(a_p, K, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.c
 
 
 @triton.jit
-def _a_operand(a_p, c, k_ok, K, scale, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, PRE_ROUND: tl.constexpr):
+def _a_operand(a_p, c, k_ok, K, scale, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRE_ROUND: tl.constexpr):
     """Chunk c of the e4m3 operand as fp32: loaded (A_FP8), or quantized here by `scale` with act_quant's
-    arithmetic (A_QUANT: x / s as quant_fp8_per_token; A_SILU: h * (1 / s) as silu_and_mul_fp8), so the e4m3
-    values are theirs."""
-    h = _a_values(a_p, c, k_ok, K, A_MODE, BLOCK_K)
+    arithmetic (A_QUANT, A_NORM: x / s as quant_fp8_per_token and norm_row; A_SILU: h * (1 / s) as
+    silu_and_mul_fp8), so the e4m3 values are theirs."""
+    h = _a_values(a_p, c, k_ok, K, nw_p, rstd, A_MODE, BLOCK_K)
     if A_MODE == 0:
         return h
     if A_MODE == 2:
@@ -89,20 +107,21 @@ def _w_cols(rk, A_MODE: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(w_p, a_p, n_ok, K, scale, A_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              K_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr):
+def _rows_dot(w_p, a_p, n_ok, K, scale, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr):
     """[BLOCK_N] fp32: sum over k < K of w[n, k] * a[k]. w_p [BLOCK_N, BLOCK_K]: the weight rows' chunk-0 pointers
     (K contiguous); a_p [A_ROWS, BLOCK_K]: the A row's chunk-0 pointers, one row (a_row: in the weight tile's
     register layout, each thread its own 16-byte piece once) or the row in every tile row (A_ROWS = BLOCK_N; a
     [BLOCK_K] vector would reach the tile's layout through shared memory and barriers). A chunk is one
     [BLOCK_N, BLOCK_K] load reduced to [BLOCK_N] (in the thread, its warp, then across warps); the first chunk's sum
     starts the accumulator in that reduced layout (a tl.zeros accumulator would need a layout conversion through
-    shared memory every chunk). scale: A's per-row scale when the program quantizes A (A_QUANT, A_SILU)."""
+    shared memory every chunk). scale: A's per-row scale when the program quantizes A (A_QUANT, A_SILU, A_NORM);
+    nw_p, rstd: A_NORM's weight pointers and the row's rstd."""
     rk = tl.arange(0, BLOCK_K)
     for c in tl.static_range(K_CHUNKS):
         k_ok = rk < K - c * BLOCK_K
         w = tl.load(w_p + c * BLOCK_K, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a = _a_operand(a_p, c, k_ok[None, :], K, scale, A_MODE, BLOCK_K, PRE_ROUND)
+        a = _a_operand(a_p, c, k_ok[None, :], K, scale, nw_p, rstd, A_MODE, BLOCK_K, PRE_ROUND)
         part = tl.sum(w.to(tl.float32) * a, axis=1)
         if c == 0:
             acc = part
@@ -113,12 +132,13 @@ def _rows_dot(w_p, a_p, n_ok, K, scale, A_MODE: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _fp8_gemv_kernel(
-    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, N, K, a_sm, w_sn, c_sm, as_sm, ws_sn,
+    a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, nw_ptr, N, K, a_sm, w_sn, c_sm, as_sm, ws_sn, eps,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
     PDL: tl.constexpr = 0, A_MODE: tl.constexpr = 0, A_ROWS: tl.constexpr = 0, PRE_ROUND: tl.constexpr = False,
 ):
     """Program (row m, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns;
-    A_QUANT: A[m] and s_a[m] from the 16-bit row (as_ptr unread)."""
+    A_QUANT / A_SILU / A_NORM: A[m] and s_a[m] from the 16-bit row (as_ptr unread; A_NORM: the norm weight at
+    nw_ptr, eps)."""
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,12 +146,17 @@ def _fp8_gemv_kernel(
     n_ok = rn < N
     sw = tl.load(ws_ptr + rn * ws_sn, mask=n_ok, other=0.0)
     w_p = w_ptr + rn.to(tl.int64)[:, None] * w_sn + _w_cols(rk, A_MODE)[None, :]
-    a_p = a_ptr + m * a_sm + (tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :])
+    a_offs = tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :]
+    a_p = a_ptr + m * a_sm + a_offs
+    nw_p = nw_ptr + a_offs
+    rstd = 1.0
+    if A_MODE == 3:
+        rstd = _rstd(a_p, K, eps, BLOCK_K)
     if A_MODE == 0:
         sa = tl.load(as_ptr + m * as_sm)
     else:
-        sa = _a_scale(a_p, K, A_MODE, BLOCK_K, K_CHUNKS)
-    y = _rows_dot(w_p, a_p, n_ok, K, sa, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sw  # [BLOCK_N]
+        sa = _a_scale(a_p, K, nw_p, rstd, A_MODE, BLOCK_K, K_CHUNKS)
+    y = _rows_dot(w_p, a_p, n_ok, K, sa, nw_p, rstd, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sw
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(c_ptr + m * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
@@ -159,11 +184,12 @@ def _moe_gemv_kernel(
         wt = tl.load(w_ptr + pair)
     w_p = b_ptr + expert * b_se + rn.to(tl.int64)[:, None] * b_sn + _w_cols(rk, A_MODE)[None, :]
     a_p = a_ptr + row * a_sm + (tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :])
+    tl.static_assert(A_MODE != 3, "A_NORM is fp8_gemv's")
     if A_MODE == 0:
         sa = tl.load(as_ptr + row)
     else:
-        sa = _a_scale(a_p, K, A_MODE, BLOCK_K, K_CHUNKS)
-    y = _rows_dot(w_p, a_p, n_ok, K, sa, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sb
+        sa = _a_scale(a_p, K, a_p, 1.0, A_MODE, BLOCK_K, K_CHUNKS)
+    y = _rows_dot(w_p, a_p, n_ok, K, sa, a_p, 1.0, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sb
     if MUL_WEIGHT:
         y = y * wt
     tl.store(c_ptr + pair * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
@@ -212,27 +238,32 @@ def _check_a(a: torch.Tensor, a_scale: torch.Tensor | None, k: int, a_mode: int)
     if a_mode == A_FP8:
         check(a.dtype == FP8_DTYPE and a.shape[1] == k and a_scale is not None, "A_FP8: e4m3 [R, K] and scales")
     else:
-        check(a.dtype in (torch.bfloat16, torch.float16), "A_QUANT / A_SILU: 16-bit rows")
-        check(a.shape[1] == (2 * k if a_mode == A_SILU else k), "A_QUANT: [R, K]; A_SILU: [R, 2K] = [gate | up]")
+        check(a.dtype in (torch.bfloat16, torch.float16), "A_QUANT / A_SILU / A_NORM: 16-bit rows")
+        check(a.shape[1] == (2 * k if a_mode == A_SILU else k), "A_QUANT / A_NORM: [R, K]; A_SILU: [R, 2K]")
 
 
 def fp8_gemv(a, a_scale, w_q, w_scale, bias, out: torch.Tensor, config: tuple[int, int, int] | None = None,
-             a_mode: int = A_FP8) -> torch.Tensor:
+             a_mode: int = A_FP8, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Launch on checked per-channel weights (fp8_gemm._check_args with block 0); out [M, N] (row stride free,
     columns contiguous). a: [M, K] e4m3 with a_scale [M, 1] (A_FP8), or 16-bit rows the kernel quantizes itself
-    (A_QUANT [M, K], A_SILU [M, 2K]; a_scale None). config: (BLOCK_N, BLOCK_K, warps) instead of gemv_config's
-    (bench/decode_sweep.py)."""
+    (A_QUANT [M, K], A_SILU [M, 2K], A_NORM [M, K] with norm = (weight [K] of a's dtype, eps); a_scale None).
+    config: (BLOCK_N, BLOCK_K, warps) instead of gemv_config's (bench/decode_sweep.py)."""
     m = a.shape[0]
     n, k = w_q.shape
     _check_a(a, a_scale, k, a_mode)
     block_n, block_k, warps = config or gemv_config(a.device, m, n, k)
+    nw, eps = norm if norm is not None else (w_scale, 0.0)
+    if a_mode == A_NORM:
+        check(norm is not None and nw.shape == (k,) and nw.dtype == a.dtype and nw.is_contiguous(),
+              "A_NORM: norm = (weight [K] of A's dtype, contiguous; eps)")
+        check(k <= block_k, "A_NORM: K within one chunk")
     scale_arg = a_scale if a_scale is not None else w_scale
     _fp8_gemv_kernel[(m, triton.cdiv(n, block_n))](
-        a, w_q, out, scale_arg, w_scale, bias if bias is not None else w_scale, n, k,
-        a.stride(0), w_q.stride(0), out.stride(0), scale_arg.stride(0), w_scale.stride(0),
+        a, w_q, out, scale_arg, w_scale, bias if bias is not None else w_scale, nw, n, k,
+        a.stride(0), w_q.stride(0), out.stride(0), scale_arg.stride(0), w_scale.stride(0), float(eps),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k),
-        A_MODE=a_mode, A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n, PRE_ROUND=INTERPRET and a_mode != A_FP8,
-        num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
+        A_MODE=a_mode, A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n,
+        PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
     )
     return out
 

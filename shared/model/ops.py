@@ -287,6 +287,15 @@ def fp8_linear_w8a8_ref(
     return y + bias if bias is not None else y
 
 
+def rms_norm_fp8_linear_ref(
+    x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """fp8_linear(rms_norm(x, norm_w, eps), w_fp8, w_scale, bias): an RMSNorm whose only consumer is an FP8 GEMM
+    (MLA's q_a norm before q_b). The CUDA kernel may do both in one launch (kernels.fp8_gemm.rms_norm_fp8_linear)."""
+    return fp8_linear_ref(rms_norm_ref(x, norm_w, eps), w_fp8, w_scale, bias)
+
+
 IMPL: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
@@ -302,6 +311,7 @@ IMPL: dict[str, Callable] = {
     "paged_attention": paged_attention_ref,
     "quant_fp8_per_token": quant_fp8_per_token_ref,
     "fp8_linear": fp8_linear_ref,
+    "rms_norm_fp8_linear": rms_norm_fp8_linear_ref,
     "rms_norm_fp8": rms_norm_fp8_ref,
     "add_rms_norm_fp8": add_rms_norm_fp8_ref,
 }
@@ -383,3 +393,7 @@ def paged_attention(q, k_cache, v_cache, batch, page_size, scale):
 
 def fp8_linear(x, w_fp8, w_scale, bias, x_fp8=None):
     return IMPL["fp8_linear"](x, w_fp8, w_scale, bias, x_fp8)
+
+
+def rms_norm_fp8_linear(x, norm_w, eps, w_fp8, w_scale, bias):
+    return IMPL["rms_norm_fp8_linear"](x, norm_w, eps, w_fp8, w_scale, bias)

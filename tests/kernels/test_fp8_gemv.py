@@ -145,3 +145,24 @@ def test_gemv_a_modes_reject_mismatched_rows():
     with pytest.raises(ValueError, match="2K"):
         moe_gemv(torch.zeros(1, 32, device=DEV, dtype=torch.bfloat16), None, w_q[None], w_s.reshape(1, 8), out,
                  torch.ones(1, device=DEV), torch.zeros(1, device=DEV, dtype=torch.int32), 1, True, a_mode=A_SILU)
+
+
+@pytest.mark.parametrize("config,k", [(None, 100), ((4, 256, 1), 200), ((2, 64, 2), 64)])
+def test_gemv_normalising_a_equals_the_norm_launch_then_the_gemv(config, k):
+    """A_NORM: the GEMV RMS-normalises its 16-bit rows (weight, eps) and quantizes them itself; the result is
+    rms_norm_fp8's FP8 form then the e4m3 GEMV, bit for bit here (rows read through a wider buffer's stride, as
+    q_a is a view of the fused q_a + kv_a output)."""
+    from glmserve.kernels.rmsnorm import rms_norm_fp8
+
+    m, n = 3, 37
+    wide = (torch.randn(m, k + 24, device=DEV) * torch.tensor([0.01, 1.0, 30.0], device=DEV)[:, None])
+    x = wide.to(torch.bfloat16)[:, :k]
+    nw = (torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16)
+    _, _, w_q, w_s = _operands(m, n, k)
+    fused, split = (torch.full((m, n), float("nan"), device=DEV) for _ in range(2))
+    fp8_gemv.fp8_gemv(x, None, w_q, w_s, None, fused, config, a_mode=fp8_gemv.A_NORM, norm=(nw, 1e-6))
+    _, (xq, xs) = rms_norm_fp8(x, nw, 1e-6)
+    fp8_gemv.fp8_gemv(xq, xs, w_q, w_s, None, split, config)
+    assert torch.equal(fused, split)
+    with pytest.raises(ValueError, match="A_NORM"):
+        fp8_gemv.fp8_gemv(x, None, w_q, w_s, None, fused, config, a_mode=fp8_gemv.A_NORM)

@@ -453,6 +453,31 @@ def test_fp8_gemv_quantizing_its_input_in_a_cuda_graph(m, n, k, monkeypatch):
     assert torch.equal(out, fp8_gemm.fp8_linear(x, w_q, w_s, None))
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp8_gemv_normalising_its_input_in_a_cuda_graph(m, monkeypatch):
+    """fp8_gemv.FUSED_ACT: q_b's GEMV RMS-normalises q_a (GLM-4.7-Flash: 768 columns of the fused q_a + kv_a output,
+    read through its 1344-wide rows) and quantizes it itself (ops.rms_norm_fp8_linear, one launch); inside a CUDA graph
+    the replay with new inputs equals rms_norm_fp8 + the e4m3 GEMV bit for bit (the norm's sum of squares in the same
+    per-thread / warp / CTA order: 768 values on 4 warps either way)."""
+    from glmserve.kernels.rmsnorm import rms_norm_fp8
+
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
+    _, _, w_q, w_s = _per_channel_operands(m, 5120, 768)
+    fused_qkv = torch.randn(m, 1344, device=DEV, dtype=BF16)
+    q_a, nw = fused_qkv[:, :768], (torch.rand(768, device=DEV) + 0.5).to(BF16)
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", True)
+    fp8_gemm.rms_norm_fp8_linear(q_a, nw, 1e-6, w_q, w_s, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemm.rms_norm_fp8_linear(q_a, nw, 1e-6, w_q, w_s, None)
+    fused_qkv.copy_(torch.randn(m, 1344, device=DEV, dtype=BF16) * 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    y, x_fp8 = rms_norm_fp8(q_a, nw, 1e-6)
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
+    assert torch.equal(out, fp8_gemm.fp8_linear(y, w_q, w_s, None, x_fp8))
+
+
 @pytest.mark.parametrize("t", [1, 4])
 def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
     """fused_moe.GEMV_MAX_T routes decode's T <= 4 FP8 expert GEMMs (GLM-4.7-Flash: 4 routed + the shared expert

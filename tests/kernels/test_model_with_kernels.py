@@ -153,9 +153,9 @@ def test_tiny_model_fp8_gemv_paths(tmp_path, monkeypatch):
 
 def test_tiny_model_gemvs_quantizing_their_inputs_give_the_same_bits(tmp_path, monkeypatch):
     """fp8_gemv.FUSED_ACT in the bf16 FP8 model (GLM-4.7-Flash's architecture, GEMV paths forced on as above; a
-    3-token prefill and one decode step, so every step takes them): o_proj's GEMV quantizes its bf16 input and the
-    down GEMV forms its SiLU-mul itself (no quant or SiLU launch), and the logits are the separate launches' bit for
-    bit."""
+    3-token prefill and one decode step, so every step takes them): o_proj's GEMV quantizes its bf16 input, q_b's
+    normalises q_a itself and the down GEMV forms its SiLU-mul (no quant, q_a norm or SiLU launch), and the logits
+    are the separate launches' bit for bit."""
     from glmserve.kernels import act_quant, fp8_gemm, fp8_gemv, fused_moe
 
     path = write_tiny_checkpoint(str(tmp_path / "lite"), "glm4_moe_lite", seed=4, num_nextn_predict_layers=0)
@@ -194,7 +194,7 @@ def test_tiny_model_gemvs_quantizing_their_inputs_give_the_same_bits(tmp_path, m
         fused = run()
     finally:
         ops.IMPL.update(before)
-    assert {fp8_gemv.A_QUANT, fp8_gemv.A_SILU} <= set(modes) and not silu, (modes, silu)
+    assert {fp8_gemv.A_QUANT, fp8_gemv.A_SILU, fp8_gemv.A_NORM} <= set(modes) and not silu, (modes, silu)
     assert torch.equal(fused, separate)
 
 

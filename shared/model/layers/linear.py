@@ -122,16 +122,27 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: [T, in_local] -> [T, out_local] (row: full out, all-reduced, then bias). x_fp8: x's per-token
         FP8 form (q [T, in], scale [T, 1]) when a fused norm made it (used by FP8 layers' W8A8 kernel)."""
-        row_bias = self.bias if self.parallel == "row" else None
         bias = None if self.parallel == "row" else self.bias
         if self.fp8:
             y = ops.fp8_linear(x, self.weight, self.weight_scale, bias, x_fp8)
         else:
             y = F.linear(x, self.weight, bias)
+        return self._reduced(y)
+
+    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """forward(rms_norm(x, norm_weight, eps)) for an FP8 layer that is the norm's only consumer: the kernel may
+        normalise inside the GEMM (ops.rms_norm_fp8_linear; one launch at decode's smallest batches)."""
+        if not self.fp8:
+            raise ValueError("forward_normed is for FP8 layers")
+        bias = None if self.parallel == "row" else self.bias
+        return self._reduced(ops.rms_norm_fp8_linear(x, norm_weight, eps, self.weight, self.weight_scale, bias))
+
+    def _reduced(self, y: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's partial products summed over the TP ranks, then its bias; others as they are."""
         if self.parallel == "row" and self.reduce:
             y = self.tp.all_reduce(y)
-            if row_bias is not None:
-                y = y + row_bias
+            if self.bias is not None:
+                y = y + self.bias
         return y
 
 

@@ -77,8 +77,9 @@ class MLAAttention(nn.Module):
         """x [T, H] -> (q [T, h_local * qk_head_dim], ckv [T, L + R])."""
         if self.q_lora:
             q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x, x_fp8))
-            q_a, _, q_a_fp8 = self.q_a_layernorm.apply(q_a, None, self.q_b_proj.fp8)
-            return self.q_b_proj(q_a, q_a_fp8), ckv
+            if self.q_b_proj.fp8:  # the norm's only consumer is q_b's FP8 GEMM: one op (one launch when fused)
+                return self.q_b_proj.forward_normed(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps), ckv
+            return self.q_b_proj(self.q_a_layernorm(q_a)), ckv
         return self.q_proj(x, x_fp8), self.kv_a_proj_with_mqa(x, x_fp8)
 
     def forward(self, x: torch.Tensor, cos_sin, batch: ForwardBatch, kv_cache, cache_layer: int,
