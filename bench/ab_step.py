@@ -44,6 +44,7 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "gemv": ("glmserve.kernels.fp8_gemm", "GEMV_MAX_M", 4, 0),
     "moe_gemv": ("glmserve.kernels.fused_moe", "GEMV_MAX_T", 4, 0),
     "gemv_act": ("glmserve.kernels.fp8_gemv", "FUSED_ACT", True, False),  # acts only with gemv / moe_gemv on (--also)
+    "mla_kv_in_absorb": ("glmserve.shared.model.layers.mla", "KV_WRITE_IN_ABSORB", True, False),
     "mla_two_per_sm": ("glmserve.kernels.mla_decode", "WG_TWO_PER_SM", True, False),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }

@@ -218,14 +218,15 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  gemv14)  # ONE GPU (~9 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs and the
-    # one-stage MLA kernel (two programs an SM at B 256): their GPU tests, the step A/Bs (the GEMVs at B 1 / 2 / 4,
-    # the MLA form at B 256 / 200, the GEMVs' quantizing A modes with both GEMVs on), the step table with the A/Bs'
-    # winners on, then the dense and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones). The A/Bs' JSON
-    # stays on the machine (8 files come back): their logs print every row.
+  gemv14)  # ONE GPU (~9 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs, the
+    # one-stage MLA kernel (two programs an SM at B 256) and the cache write in the W_UK launch: their GPU tests, the
+    # step A/Bs (the GEMVs at B 1 / 2 / 4; the MLA form and the cache write at B 256; the GEMVs' quantizing A modes
+    # with both GEMVs on and the cache write at B 1 / 4), the step table with the A/Bs' winners on, then the dense
+    # and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones). The A/Bs' JSON stays on the machine (8
+    # files come back): their logs print every row.
     end=$((SECONDS + ${GEMV_BUDGET_S:-560}))
     step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "gemv or one_stage"
+      -k "gemv or one_stage or kv_write_bit"
     # the one-launch router calls _common's split-K helpers since the last GPU run
     step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_moe_route.py -k "route_align"
@@ -233,15 +234,16 @@ case "${1:-models}" in
     step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
       --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8 --out /tmp/ab.json
     won=$(winners /tmp/ab.json)
-    # the one-stage MLA kernel, two programs an SM, where a launch has more programs than SMs (B 256)
-    step ab_mla "$(left 100)" $PY -m bench.ab_step --switch mla_two_per_sm --batches 256,200 --rounds 2 --ctx 640 \
-      --quantization fp8 --out /tmp/ab_mla.json
-    mla=$(winners /tmp/ab_mla.json)
-    step ab_act "$(left 90)" $PY -m bench.ab_step --switch gemv_act --also gemv,moe_gemv --batches 1,4 --rounds 2 \
-      --ctx 640 --quantization fp8 --out /tmp/ab_act.json
-    act=$(winners /tmp/ab_act.json)
-    [[ "$won" == *gemv* && -n "$act" ]] && won="$won,$act"
-    [ -n "$mla" ] && won="${won:+$won,}$mla"
+    # the one-stage MLA kernel, two programs an SM, where a launch has more programs than SMs (B 256), and the cache
+    # write in the W_UK absorb launch
+    step ab_mla "$(left 100)" $PY -m bench.ab_step --switch mla_two_per_sm,mla_kv_in_absorb --batches 256 \
+      --rounds 2 --ctx 640 --quantization fp8 --out /tmp/ab_mla.json
+    # the GEMVs' quantizing A modes (with both GEMVs on) and the cache write in the W_UK launch at B 1 / 4
+    step ab_act "$(left 100)" $PY -m bench.ab_step --switch gemv_act,mla_kv_in_absorb --also gemv,moe_gemv \
+      --batches 1,4 --rounds 2 --ctx 640 --quantization fp8 --out /tmp/ab_act.json
+    for w in $(winners /tmp/ab_act.json | tr , ' ') $(winners /tmp/ab_mla.json | tr , ' '); do
+      [[ $w != gemv_act || $won == *gemv* ]] && [[ ",$won," != *",$w,"* ]] && won="${won:+$won,}$w"
+    done
     # the step table with the winners on (ab_step.winners), to set the defaults from one call
     [ -n "$won" ] && step profile_winners "$(left 100)" $PY -m bench.profile_step --batches 1,4,64,256 --ctx 640 \
       --quantization fp8 --no_profile --switches_on "$won"

@@ -206,6 +206,17 @@ def _small_kernels():
                                                                "cs_st")}), dict(
         K_ROWS=True, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=True,
         HALF=32, BLOCK_HALF=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), warps, stages
+    for size, table in (("", mla_absorb.CONFIGS), (" large", mla_absorb.LARGE_CONFIGS)):  # mla.KV_WRITE_IN_ABSORB
+        bm, bn, bk, warps, stages = table[True]
+        yield f"mla_absorb{size} W_UK fp8 + kv write pdl", mla_absorb._mla_absorb_kernel, dict(
+            a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"], qpe_ptr=P["bf16"], cos_ptr=P["f32"],
+            sin_ptr=P["f32"], qo_ptr=P["bf16"], ckv_ptr=P["bf16"], kvw_ptr=P["bf16"], cache_ptr=P["bf16"],
+            slot_ptr=P["i64"], kv_eps="fp32", **{n: i32 for n in (
+                "T", "K", "N", "a_st", "a_sh", "w_sh", "w_sr", "s_sh", "o_st", "o_sh", "qpe_st", "qpe_sh", "qo_st",
+                "qo_sh", "cs_st", "ckv_st", "cache_ss")}), dict(
+            K_ROWS=True, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True,
+            HALF=32, BLOCK_HALF=32, INTERLEAVED=True, REST=0, BLOCK_REST=2, KV_WRITE=True, L=512, BLOCK_L=512,
+            BLOCK_H=32), warps, stages
     yield "kv gather", kv_pages._copy_pages_kernel, dict(
         src_ptr=P["bf16"], dst_ptr=P["bf16"], ids_ptr=P["i64"], num_pages=i32, n=i32, CHUNK=i32), dict(
         SCATTER=False, BLOCK=4096), 4, 1

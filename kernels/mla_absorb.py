@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, pdl_enter, pdl_kw
-from glmserve.kernels.mla_kv_write import rope_heads, rope_meta
+from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, next_pow2, pdl_enter, pdl_kw
+from glmserve.kernels.mla_kv_write import kv_meta, kv_row, rope_heads, rope_meta
 
 
 @triton.jit
@@ -30,11 +30,30 @@ def _mla_absorb_kernel(
     qpe_ptr=None, cos_ptr=None, sin_ptr=None, qo_ptr=None, qpe_st=0, qpe_sh=0, qo_st=0, qo_sh=0, cs_st=0,
     ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, BLOCK_HALF: tl.constexpr = 2,
     INTERLEAVED: tl.constexpr = False, REST: tl.constexpr = 0, BLOCK_REST: tl.constexpr = 2,
+    ckv_ptr=None, kvw_ptr=None, cache_ptr=None, slot_ptr=None, ckv_st=0, cache_ss=0, kv_eps=0.0,
+    KV_WRITE: tl.constexpr = False, L: tl.constexpr = 1, BLOCK_L: tl.constexpr = 2, BLOCK_H: tl.constexpr = 1,
 ):
     """Program (N block, head, M block): out[rm, head, rn] over all K. a's, W's and out's last dims are
     contiguous; W tile [BLOCK_K, BLOCK_N] = W[head, rk, rn] (K_ROWS) or W[head, rn, rk]^T. ROPE: the N block 0
-    programs also write q_out[rm, head] = rope(q_pe[rm, head]) (mla_kv_write's query RoPE, same bits)."""
+    programs also write q_out[rm, head] = rope(q_pe[rm, head]) (mla_kv_write's query RoPE, same bits). KV_WRITE:
+    programs of the one N block past the last (grid dim 0) do mla_kv_write's work instead, each for the tokens
+    mb * BLOCK_M + head + j * H of its M block: the token's cache entry and its query RoPE for every head, with
+    mla_kv_write's own helpers (same bits), beside the GEMM programs rather than in them."""
     pdl_enter(PDL)
+    if KV_WRITE:
+        if tl.program_id(0) == tl.num_programs(0) - 1:
+            heads_n = tl.num_programs(1)
+            first = tl.program_id(2) * BLOCK_M + tl.program_id(1)
+            last = tl.minimum(T, (tl.program_id(2) + 1) * BLOCK_M)
+            h = tl.arange(0, BLOCK_H)[None, :]
+            for j in range(0, tl.cdiv(last - first, heads_n)):  # none when first >= last
+                t = (first + j * heads_n).to(tl.int64)
+                kv_row(t, ckv_ptr, kvw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, kv_eps,
+                        L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+                rows = t + tl.zeros([1, BLOCK_H], dtype=tl.int64)
+                rope_heads(rows, rows >= 0, h, h < heads_n, qpe_ptr, qo_ptr, cos_ptr, sin_ptr, qpe_st, qpe_sh, qo_st,
+                           qo_sh, cs_st, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+            return
     head = tl.program_id(1).to(tl.int64)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,11 +110,13 @@ _CPU_CONFIG = (16, 32, 32, 4, 1)
 
 
 def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
-               out: torch.Tensor, rope=None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+               out: torch.Tensor, rope=None, kv_write=None,
+               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """shared.model.ops.mla_absorb_ref's signature: a [T, h, K], w [h, R, C] (fp8 with w_scale [h, R] fp32, or
     a.dtype), out [T, h, N] (any token / head strides) -> out; rope (q_pe [T, h, R], cos, sin [T, rotary_dim / 2],
-    q_out [T, h, R], rotary_dim, interleaved): q_out = rope(q_pe) in the same launch. config: (BLOCK_M, BLOCK_N,
-    BLOCK_K, warps, stages) instead of the table's (bench/decode_sweep.py --only absorb)."""
+    q_out [T, h, R], rotary_dim, interleaved): q_out = rope(q_pe) in the same launch; kv_write (mla_kv_write's
+    arguments): its cache write and query RoPE in the same launch, by programs of their own. config: (BLOCK_M,
+    BLOCK_N, BLOCK_K, warps, stages) instead of the table's (bench/decode_sweep.py --only absorb)."""
     t, heads, k = a.shape
     r, c = w.shape[1:]
     n = c if k_rows else r
@@ -111,15 +132,28 @@ def mla_absorb(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k
     bm, bn, bk, warps, stages = config or (table[k_rows] if a.is_cuda else _CPU_CONFIG)
     bm = min(bm, max(16, triton.next_power_of_2(t)))
     scale = w_scale if fp8 else w
-    grid = (triton.cdiv(n, bn), heads, triton.cdiv(t, bm))
+    check(rope is None or kv_write is None, "rope and kv_write both write the query RoPE")
+    extra = _kv_write_args(kv_write, t, heads) if kv_write is not None else (
+        _rope_args(rope, t, heads) if rope is not None else {})
+    grid = (triton.cdiv(n, bn) + (kv_write is not None), heads, triton.cdiv(t, bm))
     _mla_absorb_kernel[grid](
         a, w, scale, out, t, k, n, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         scale.stride(0) if fp8 else 0, out.stride(0), out.stride(1),
         K_ROWS=k_rows, FP8=fp8, UPCAST=INTERPRET, PREC=dot_precision(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_kw(a.device, t),
-        **(_rope_args(rope, t, heads) if rope is not None else {}),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl_kw(a.device, t), **extra,
     )
     return out
+
+
+def _kv_write_args(kv_write, t: int, heads: int) -> dict:
+    """The absorb kernel's KV_WRITE arguments from mla_kv_write's (checked as mla_kv_write checks them)."""
+    ckv, norm_weight, eps, cos, sin, cache, slot_mapping, q_pe, q_out, rotary_dim, interleaved = kv_write
+    meta = kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
+    args = _rope_args((q_pe, cos, sin, q_out, rotary_dim, interleaved), t, heads)
+    args.update(meta, ROPE=False, KV_WRITE=True, BLOCK_H=max(2, next_pow2(heads)), ckv_ptr=ckv, kvw_ptr=norm_weight,
+                cache_ptr=cache, slot_ptr=slot_mapping, ckv_st=ckv.stride(0), cache_ss=cache.stride(0),
+                kv_eps=float(eps))
+    return args
 
 
 def _rope_args(rope, t: int, heads: int) -> dict:

@@ -31,7 +31,7 @@ def _rope_pair(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+def kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
             L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
             INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr):
     """Token t's cache entry [rms_norm(ckv[t, :L]) * w | rope(ckv[t, L:])], written at its slot."""
@@ -98,7 +98,7 @@ def _mla_kv_write_kernel(
 ):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
-    _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+    kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
             L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
     h = tl.arange(0, BLOCK_H)[None, :]  # q_pe of every head: a [1, BLOCK_H] grid of (token t, head h)
     rows = t + tl.zeros([1, BLOCK_H], dtype=tl.int64)
@@ -117,7 +117,7 @@ def _mla_prep_kernel(
     """One program per token: its cache entry (as _mla_kv_write_kernel) and q_a's RMSNorm (+ FP8 form) row."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
-    _kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
+    kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
             L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
     cols = tl.arange(0, BLOCK_QA)
     mask = cols < QA
@@ -127,7 +127,7 @@ def _mla_prep_kernel(
 
 def rope_meta(cos: torch.Tensor, sin: torch.Tensor, t: int, r: int, rotary_dim: int, interleaved: bool) -> dict:
     """Checks cos/sin [T, rotary_dim / 2] for RoPE on the first rotary_dim of R dims -> the constexprs of rope_heads
-    (and _kv_row's k_pe rotation): HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST."""
+    (and kv_row's k_pe rotation): HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST."""
     check(0 < rotary_dim <= r and rotary_dim % 2 == 0, "0 < rotary_dim <= R even")
     half = rotary_dim // 2
     check(cos.shape == (t, half) and sin.shape == cos.shape and cos.stride() == sin.stride() and cos.stride(1) == 1,
@@ -136,9 +136,9 @@ def rope_meta(cos: torch.Tensor, sin: torch.Tensor, t: int, r: int, rotary_dim: 
                 BLOCK_REST=max(2, next_pow2(r - rotary_dim)))
 
 
-def _kv_meta(ckv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def kv_meta(ckv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              cache: torch.Tensor, slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool) -> dict:
-    """Checks the cache-write operands of _kv_row -> its constexprs (L, BLOCK_L and rope_meta's)."""
+    """Checks the cache-write operands of kv_row -> its constexprs (L, BLOCK_L and rope_meta's)."""
     t, lora = ckv.shape[0], norm_weight.shape[0]
     r = ckv.shape[1] - lora
     check(ckv.dim() == 2 and ckv.stride(1) == 1, "ckv must be [T, L + R] rows")
@@ -152,7 +152,7 @@ def mla_kv_write(ckv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: 
                  cache: torch.Tensor, slot_mapping: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor,
                  rotary_dim: int, interleaved: bool) -> None:
     """shared.model.ops.mla_kv_write_ref's signature and effect (see the module docstring)."""
-    meta = _kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
+    meta = kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
     t, r = ckv.shape[0], ckv.shape[1] - meta["L"]
     check(q_pe.shape == q_out.shape and q_pe.shape[::2] == (t, r), "token counts")
     check(q_pe.stride(2) == 1 and q_out.stride(2) == 1 and q_out.dtype == q_pe.dtype, "q_pe / q_out last dim")
@@ -175,7 +175,7 @@ def mla_prep(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ckv: t
     t, lq = q_a.shape
     check(q_a.stride(1) == 1 and ckv.shape[0] == t and q_a_weight.shape == (lq,) and q_a_weight.is_contiguous(),
           "q_a must be [T, Lq] rows with a [Lq] weight")
-    meta = _kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
+    meta = kv_meta(ckv, norm_weight, cos, sin, cache, slot_mapping, rotary_dim, interleaved)
     y = new_out((t, lq), torch.promote_types(q_a.dtype, q_a_weight.dtype), q_a.device)
     q = new_out((t, lq), FP8_DTYPE, q_a.device) if quant else y
     qs = new_out((t, 1), torch.float32, q_a.device) if quant else y

@@ -105,13 +105,16 @@ def mla_prep_ref(q_a: torch.Tensor, q_a_weight: torch.Tensor, q_a_eps: float, ck
 
 
 def mla_absorb_ref(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, k_rows: bool,
-                   out: torch.Tensor, rope=None) -> torch.Tensor:
+                   out: torch.Tensor, rope=None, kv_write=None) -> torch.Tensor:
     """MLA's absorbed up-projections (one kernel on CUDA, kernels/mla_absorb.py): per head h,
     out[:, h] = a[:, h] @ Wd[h] (k_rows: W_UK, K = W's rows) or a[:, h] @ Wd[h]^T (W_UV, K = W's columns).
     a [T, h, K]; w [h, R, C] (a view of kv_b_proj's weight rows), fp8 with per-row scales w_scale [h, R]
     (dequantized as Wd = (float(w) * s).to(a.dtype)) or a.dtype with None; out [T, h, N], any strides -> out.
     rope (q_pe [T, h, R], cos, sin, q_out [T, h, R], rotary_dim, interleaved): also q_out = rope(q_pe) (the
-    query RoPE mla_prep leaves out; the W_UK launch does it on CUDA)."""
+    query RoPE mla_prep leaves out; the W_UK launch does it on CUDA). kv_write (mla_kv_write_ref's arguments): that
+    op's cache write and query RoPE too (on CUDA by programs of the same launch)."""
+    if kv_write is not None:
+        mla_kv_write_ref(*kv_write)
     wd = w if w_scale is None else w.float() * w_scale.float()[..., None]
     wd = wd.to(a.dtype)
     torch.bmm(a.transpose(0, 1), wd if k_rows else wd.transpose(1, 2), out=out.transpose(0, 1))
@@ -355,8 +358,8 @@ def mla_prep(q_a, q_a_weight, q_a_eps, ckv, norm_weight, eps, cos, sin, cache, s
                             rotary_dim, interleaved, quant)
 
 
-def mla_absorb(a, w, w_scale, k_rows, out, rope=None):
-    return IMPL["mla_absorb"](a, w, w_scale, k_rows, out, rope)
+def mla_absorb(a, w, w_scale, k_rows, out, rope=None, kv_write=None):
+    return IMPL["mla_absorb"](a, w, w_scale, k_rows, out, rope, kv_write)
 
 
 def gqa_kv_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, rotary_dim, interleaved, k_cache, v_cache,

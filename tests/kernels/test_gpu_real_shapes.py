@@ -264,6 +264,39 @@ def test_mla_decode_wg_one_stage_bit_equal(splits, min_keys, monkeypatch):
     assert _rel(outs[0], ref) < 1e-2
 
 
+@pytest.mark.parametrize("t", [1, 256])
+def test_w_uk_launch_with_the_kv_write_bit_equal(t):
+    """mla.KV_WRITE_IN_ABSORB at GLM-4.7-Flash's shapes (20 heads, nope 192, R 64, L 512; B 1 and 256, the
+    latter on the large config's 64-token M blocks), PDL-launched: the cache rows at scattered slots, the roped
+    q_pe and W_UK's product equal mla_kv_write + mla_absorb's bit for bit."""
+    from glmserve.kernels.mla_kv_write import mla_kv_write
+
+    h, nope, r, lora = 20, 192, 64, 512
+    w = torch.randn(h * (nope + 256), lora, device=DEV) / lora ** 0.5
+    s = w.abs().amax(-1, keepdim=True) / 448.0
+    w_uk = (w / s).to(torch.float8_e4m3fn).view(h, nope + 256, lora)[:, :nope]
+    s_uk = s.view(h, nope + 256)[:, :nope]
+    q = torch.randn(t, h, nope + r, device=DEV, dtype=BF16)
+    ckv = torch.randn(t, 768 + lora + r, device=DEV, dtype=BF16)[:, 768:]  # rows of the fused q_a + kv_a output
+    norm_w = (torch.rand(lora, device=DEV) + 0.5).to(BF16)
+    freqs = torch.rand(t, r // 2, device=DEV) * 100
+    slots = torch.randperm(4 * t, device=DEV)[:t]
+    outs = []
+    for fused in (True, False):
+        cache = torch.zeros(4 * t, 1, lora + r, device=DEV, dtype=BF16)
+        query = torch.zeros(h, t, lora + r, device=DEV, dtype=BF16).transpose(0, 1)
+        kv = (ckv, norm_w, 1e-6, freqs.cos(), freqs.sin(), cache, slots, q[..., nope:], query[..., lora:], r, True)
+        if fused:
+            mla_absorb.mla_absorb(q[..., :nope], w_uk, s_uk, True, query[..., :lora], None, kv)
+        else:
+            mla_kv_write(*kv)
+            mla_absorb.mla_absorb(q[..., :nope], w_uk, s_uk, True, query[..., :lora])
+        outs.append((cache, query))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0][slots].abs().sum() > 0
+
+
 @pytest.mark.parametrize("rows", [3, 256, 300])
 def test_lm_head_fp32_logits(rows):
     """embedding.FP32_LOGITS: from FP32_LOGITS_MIN_ROWS rows the logits GEMM stores fp32 (no bf16 product and

@@ -101,3 +101,41 @@ def test_w_uk_launch_ropes_q_pe_as_mla_kv_write(t, interleaved, rotary_dim):
     mla_kv_write(ckv, torch.ones(lora, device=DEV, dtype=dtype), 1e-6, cos, sin, cache,
                  torch.arange(t, device=DEV), q[..., nope:], want, rotary_dim, interleaved)
     assert torch.equal(query[..., lora:], want)
+
+
+@pytest.mark.parametrize("t", [1, 20, 37])  # 20, 37: two and three M blocks of the CPU config's 16
+def test_w_uk_launch_does_mla_kv_write_in_programs_of_its_own(t):
+    """mla_absorb's kv_write (mla.KV_WRITE_IN_ABSORB): the launch's extra N block of programs writes the tokens'
+    cache entries and the query RoPE with mla_kv_write's helpers: cache rows (at scattered slots, others untouched),
+    roped q_pe and the product all equal mla_kv_write + mla_absorb's, bit for bit; the reference op does the same."""
+    from glmserve.kernels.mla_kv_write import mla_kv_write
+
+    h, nope, rope, v, lora, rotary_dim, dtype = 3, 24, 8, 20, 40, 8, torch.bfloat16
+    (w_uk, s_uk), _ = _kv_b(h, nope, v, lora, True, dtype, seed=9)
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(t, h, nope + rope, generator=g).to(DEV, dtype)
+    ckv = torch.randn(t, lora + rope + 16, generator=g).to(DEV, dtype)[:, : lora + rope]  # rows of a wider buffer
+    norm_w = (torch.rand(lora, generator=g) + 0.5).to(DEV, dtype)
+    freqs = (torch.randint(0, 100, (t,), generator=g).float()[:, None]
+             * (1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))[None, :]).to(DEV)
+    cos, sin = freqs.cos(), freqs.sin()
+    slots = torch.randperm(2 * t, generator=g)[:t].to(DEV)
+    results = []
+    for fused in ("kernel", "separate", "ref"):
+        cache = torch.full((2 * t, 1, lora + rope), 7.0, device=DEV, dtype=dtype)
+        query_ht = torch.full((h, t, lora + rope), 7.0, device=DEV, dtype=dtype)
+        query = query_ht.transpose(0, 1)
+        kv = (ckv, norm_w, 1e-6, cos, sin, cache, slots, q[..., nope:], query[..., lora:], rotary_dim, False)
+        if fused == "kernel":
+            mla_absorb(q[..., :nope], w_uk, s_uk, True, query[..., :lora], None, kv)
+        elif fused == "separate":
+            mla_kv_write(*kv)
+            mla_absorb(q[..., :nope], w_uk, s_uk, True, query[..., :lora])
+        else:
+            ops.mla_absorb_ref(q[..., :nope], w_uk, s_uk, True, query[..., :lora], None, kv)
+        results.append((cache, query_ht))
+    (ck, qk), (cs, qs), (cr, qr) = results
+    assert torch.equal(ck, cs) and torch.equal(qk, qs)
+    assert not torch.equal(ck, torch.full_like(ck, 7.0))
+    torch.testing.assert_close(ck.float(), cr.float(), **TOL[dtype])
+    torch.testing.assert_close(qk.float(), qr.float(), **TOL[dtype])

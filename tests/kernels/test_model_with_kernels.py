@@ -80,21 +80,26 @@ def _with_kernels_keeping(runner: ModelRunner, keep: set[str]) -> tuple[torch.Te
 def _arch(arch: str, monkeypatch) -> str:
     """"glm4_moe_lite-expanded": MLA's expanded prefill form (decompressed K/V, page size 1 into them)
     for every PREFILL batch; "glm4_moe_lite": the absorbed form (these prompts are < EXPAND_MIN_Q);
-    "glm4_moe_lite-prep": the absorbed form with q_a's norm in the cache-writing launch (mla.PREP_FUSED)."""
+    "glm4_moe_lite-prep": the absorbed form with q_a's norm in the cache-writing launch (mla.PREP_FUSED);
+    "glm4_moe_lite-kvabsorb": the absorbed form with the cache write in the W_UK launch (mla.KV_WRITE_IN_ABSORB)."""
     monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)
     monkeypatch.setattr(mla, "PREP_FUSED", arch.endswith("-prep"))
-    return arch.removesuffix("-expanded").removesuffix("-prep")
+    monkeypatch.setattr(mla, "KV_WRITE_IN_ABSORB", arch.endswith("-kvabsorb"))
+    return arch.removesuffix("-expanded").removesuffix("-prep").removesuffix("-kvabsorb")
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded", "glm4_moe_lite-prep"])
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite", "glm4_moe_lite-expanded", "glm4_moe_lite-prep",
+                                  "glm4_moe_lite-kvabsorb"])
 def test_tiny_model_logits_same_with_kernels(tmp_path, arch, monkeypatch):
     arch = _arch(arch, monkeypatch)
     path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=3, num_nextn_predict_layers=0)
     runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False)
     ref = _with_refs(runner)
     got, called = _with_kernels(runner)
-    attention_ops = ({"mla_prep", "mla_absorb"} if mla.PREP_FUSED else {"mla_kv_write", "mla_absorb"}
-                     ) if arch == "glm4_moe_lite" else {"gqa_kv_write"}  # norms, RoPE, cache
+    attention_ops = ({"mla_prep", "mla_absorb"} if mla.PREP_FUSED else {"mla_absorb"} if mla.KV_WRITE_IN_ABSORB
+                     else {"mla_kv_write", "mla_absorb"}) if arch == "glm4_moe_lite" else {"gqa_kv_write"}
+    if mla.KV_WRITE_IN_ABSORB:
+        assert "mla_kv_write" not in called
     assert {"rms_norm", "add_rms_norm", "silu_and_mul", "moe_route_align", "fused_experts", "paged_attention"
             } | attention_ops <= called, called
     assert not torch.isnan(got).any()

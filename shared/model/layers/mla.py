@@ -36,6 +36,11 @@ EXPAND_MIN_Q = 16  # a PREFILL batch whose longest query has this many tokens ru
 # the W_UK launch's N-block-0 programs rope before their GEMM and the whole launch waits on them (absorb 0.95 ->
 # 1.09 ms a step at B 256). False: rms_norm(_fp8) + mla_kv_write (the reference path).
 PREP_FUSED = False
+# Absorbed form: mla_kv_write's cache write and query RoPE by programs of their own in the W_UK absorb launch
+# (ops.mla_absorb's kv_write; one launch a layer fewer at every batch, the GEMM programs unchanged: PREP_FUSED's
+# loss came from RoPE work inside the GEMM programs). Same bits (tests). Predicted (KERNEL_NOTES v20): -0.1 ms at
+# B 1, ~-0.05 at B 256. False: the separate mla_kv_write launch (bench/ab_step.py --switch mla_kv_in_absorb).
+KV_WRITE_IN_ABSORB = False
 
 
 class MLAAttention(nn.Module):
@@ -98,7 +103,7 @@ class MLAAttention(nn.Module):
                 else query_ht.transpose(0, 1)[..., self.lora :])
         rope = (self.rope.rotary_dim, self.rope.interleaved)
         kv_norm = (self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
-        q_rope = None  # the absorbed path's query RoPE, when the W_UK launch does it
+        q_rope = kv_write = None  # the absorbed path's query RoPE / cache write, when the W_UK launch does it
         if self.q_lora and not expanded and PREP_FUSED:
             # one launch for q_a's norm and the cache write (q_pe's RoPE then rides on the W_UK launch)
             q_a, ckv = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x, x_fp8))
@@ -110,23 +115,27 @@ class MLAAttention(nn.Module):
             q, ckv = self._project(x, x_fp8)
             q = q.view(t, self.num_heads, self.nope + self.rope_dim)
             # one op: the tokens' cache entries [normed latent | roped k_pe] at their slots, and q_pe roped
-            ops.mla_kv_write(ckv, *kv_norm, *cos_sin, cache, batch.slot_mapping, q[..., self.nope :], q_pe, *rope)
+            kv_write = (ckv, *kv_norm, *cos_sin, cache, batch.slot_mapping, q[..., self.nope :], q_pe, *rope)
+            if expanded or not KV_WRITE_IN_ABSORB:
+                ops.mla_kv_write(*kv_write)
+                kv_write = None
         if expanded:
             o = self._expanded(q[..., : self.nope], q_pe, cache, batch, page_size).reshape(t, -1)
         else:
-            o = self._absorbed(q, query_ht, cache, batch, page_size, q_rope)
+            o = self._absorbed(q, query_ht, cache, batch, page_size, q_rope, kv_write)
         return self.o_proj(o.to(x.dtype))
 
-    def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int, q_rope=None) -> torch.Tensor:
+    def _absorbed(self, q, query_ht, cache, batch: ForwardBatch, page_size: int, q_rope=None,
+                  kv_write=None) -> torch.Tensor:
         """q [T, h, nope + R] (before RoPE), query_ht [h, T, L + R] (its last R dims: the roped q_pe, or, with
-        q_rope, where the W_UK launch writes it: see ops.mla_absorb), cache [num_slots, 1, L + R] -> o [T, h * v],
-        o_proj's input. No concatenation or reshape copies: W_UK's product is written into the query's first L
-        dims; W_UV's product lands in a [T, h * v] buffer through its [T, h, v] view. Same values as einsum +
-        cat + reshape (tests/models: HF parity)."""
+        q_rope / kv_write, where the W_UK launch writes it: see ops.mla_absorb), cache [num_slots, 1, L + R] ->
+        o [T, h * v], o_proj's input. No concatenation or reshape copies: W_UK's product is written into the
+        query's first L dims; W_UV's product lands in a [T, h * v] buffer through its [T, h, v] view. Same values
+        as einsum + cat + reshape (tests/models: HF parity)."""
         w_uk, w_uv, s_uk, s_uv = self._up_weights()
         t, h, dtype = q.shape[0], self.num_heads, q.dtype
         query = query_ht.transpose(0, 1)  # [T, h, L + R]
-        ops.mla_absorb(q[..., : self.nope], w_uk, s_uk, True, query[..., : self.lora], q_rope)
+        ops.mla_absorb(q[..., : self.nope], w_uk, s_uk, True, query[..., : self.lora], q_rope, kv_write)
         o_lat = ops.paged_attention(query, cache, cache[..., : self.lora], batch, page_size, self.scale)  # [T, h, L]
         o = torch.empty(t, h * self.v_dim, dtype=dtype, device=q.device)
         ops.mla_absorb(o_lat.to(dtype), w_uv, s_uv, False, o.view(t, h, self.v_dim))
