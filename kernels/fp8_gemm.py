@@ -346,7 +346,9 @@ def rms_norm_fp8_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_fp8
     (fp8_gemv.FUSED_ACT, T <= GEMV_MAX_M, K within one chunk) one launch: each GEMV program normalises its row itself
     (A_NORM); else the norm kernel makes the FP8 form (rms_norm_fp8) and the GEMM takes it, two launches."""
     x2 = x.reshape(-1, x.shape[-1])
-    if _gemv_quantizes(x2) and norm_w.dtype == x.dtype and x2.shape[1] <= gemv.MAX_BLOCK_K:
+    m, k = x2.shape
+    if (_gemv_quantizes(x2) and norm_w.dtype == x.dtype
+            and gemv.gemv_config(x.device, m, w_fp8.shape[0], k)[1] >= k):  # the row in one chunk
         out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
         y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
                      a_mode=gemv.A_NORM, norm=(norm_w, eps))

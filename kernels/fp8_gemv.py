@@ -96,11 +96,11 @@ def _a_operand(a_p, c, k_ok, K, scale, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_K
 
 @triton.jit
 def _w_cols(rk, A_MODE: tl.constexpr):
-    """The weight tile's column offsets rk; when A is 16-bit (A_QUANT, A_SILU) written so the compiler sees them
-    contiguous in runs of 8 only (tl.max_contiguous's hint does not survive to the layout pass): the weight loads
-    then take 8 e4m3 (8 bytes) a thread, the register layout of a 16-bit A row's 16-byte loads, so the products need
-    no layout conversion (offline sm_90: 11 barriers instead of 23 and 32 B of shared memory instead of 4 KB for
-    o_proj's 3-chunk A_QUANT program; with 16 e4m3 a thread every chunk's A went through shared memory)."""
+    """The weight tile's column offsets rk; when A is 16-bit (A_QUANT, A_SILU, A_NORM) written so the compiler sees
+    them contiguous in runs of 8 only (tl.max_contiguous's hint does not survive to the layout pass): the weight
+    loads then take 8 e4m3 (8 bytes) a thread, the register layout of a 16-bit A row's 16-byte loads, so the
+    products need no layout conversion (offline sm_90, o_proj's 3-chunk A_QUANT program: 7 barriers and 32 B of
+    shared memory; with 16 e4m3 a thread every chunk's A went through shared memory: 23 and 4 KB)."""
     if A_MODE == 0:
         return rk
     return (rk // 8) * 8 + rk % 8
