@@ -225,8 +225,8 @@ case "${1:-models}" in
     # and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones). The A/Bs' JSON stays on the machine (8
     # files come back): their logs print every row.
     end=$((SECONDS + ${GEMV_BUDGET_S:-560}))
-    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_real_shapes.py \
-      -k "gemv or one_stage or kv_write_bit"
+    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_decode_gemms.py \
+      tests/kernels/test_gpu_real_shapes.py -k "gemv or one_stage or kv_write_bit"
     # the one-launch router calls _common's split-K helpers since the last GPU run
     step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
       tests/kernels/test_moe_route.py -k "route_align"
