@@ -20,6 +20,7 @@ from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 from glmserve.kernels import fp8_gemv as gemv
 from glmserve.kernels.fp8_gemv import fp8_gemv
+from glmserve.kernels.rmsnorm import rms_norm_fp8
 
 
 def fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype, block: int = 0) -> torch.Tensor:
@@ -353,8 +354,6 @@ def rms_norm_fp8_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_fp8
         y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
                      a_mode=gemv.A_NORM, norm=(norm_w, eps))
         return y.reshape(*x.shape[:-1], -1)
-    from glmserve.kernels.rmsnorm import rms_norm_fp8
-
     y, x_fp8 = rms_norm_fp8(x2, norm_w, eps)
     return fp8_linear(y, w_fp8, w_scale, bias, x_fp8).reshape(*x.shape[:-1], -1)
 
@@ -367,8 +366,8 @@ def _unit_stride(x2: torch.Tensor) -> torch.Tensor:
 
 def _gemv_quantizes(x2: torch.Tensor) -> bool:
     """fp8_linear's rows go to the GEMV as 16-bit rows it quantizes itself (kernels/fp8_gemv.py FUSED_ACT)."""
-    return gemv.FUSED_ACT and x2.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] and \
-        _use_gemv(x2.shape[0], 0, x2.device)
+    return (gemv.FUSED_ACT and x2.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0]
+            and _use_gemv(x2.shape[0], 0, x2.device))
 
 
 def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):

@@ -48,8 +48,8 @@ def _mla_absorb_kernel(
             h = tl.arange(0, BLOCK_H)[None, :]
             for j in range(0, tl.cdiv(last - first, heads_n)):  # none when first >= last
                 t = (first + j * heads_n).to(tl.int64)
-                kv_row(t, ckv_ptr, kvw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, kv_eps,
-                        L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+                kv_row(t, ckv_ptr, kvw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss,
+                       kv_eps, L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
                 rows = t + tl.zeros([1, BLOCK_H], dtype=tl.int64)
                 rope_heads(rows, rows >= 0, h, h < heads_n, qpe_ptr, qo_ptr, cos_ptr, sin_ptr, qpe_st, qpe_sh, qo_st,
                            qo_sh, cs_st, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)

@@ -32,8 +32,8 @@ def _rope_pair(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 @triton.jit
 def kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
-            L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-            INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr):
+           L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+           INTERLEAVED: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr):
     """Token t's cache entry [rms_norm(ckv[t, :L]) * w | rope(ckv[t, L:])], written at its slot."""
     row = ckv_ptr + t * ckv_st
     dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * cache_ss
@@ -99,7 +99,7 @@ def _mla_kv_write_kernel(
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
-            L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+           L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
     h = tl.arange(0, BLOCK_H)[None, :]  # q_pe of every head: a [1, BLOCK_H] grid of (token t, head h)
     rows = t + tl.zeros([1, BLOCK_H], dtype=tl.int64)
     rope_heads(rows, rows >= 0, h, h < num_heads, q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh, cs_st,
@@ -118,7 +118,7 @@ def _mla_prep_kernel(
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     kv_row(t, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, ckv_st, cs_st, cache_ss, eps,
-            L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
+           L, BLOCK_L, HALF, BLOCK_HALF, INTERLEAVED, REST, BLOCK_REST)
     cols = tl.arange(0, BLOCK_QA)
     mask = cols < QA
     x = tl.load(qa_ptr + t * qa_st + cols, mask=mask, other=0.0)
