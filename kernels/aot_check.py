@@ -4,12 +4,15 @@ shared memory (developer tool and a CI test; no worker imports it).
 Triton compiles to PTX and ptxas (bundled with the triton wheel) assembles the cubin offline, so
 compile errors that the interpreter cannot see (unsupported constructs, shared-memory overflow at real
 tile sizes) show up here. Shapes are the GLM-4.5-Air / GLM-4.7-Flash launch configs.
-    python -m glmserve.kernels.aot_check
+    python -m glmserve.kernels.aot_check              # every case
+    python -m glmserve.kernels.aot_check --shard 0/2  # cases 0, 2, 4, ... (run shards side by side: one a core)
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -327,10 +330,13 @@ def compile_one(fn, sig, const, warps, stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Prints one line per kernel; returns 1 if any failed to compile, spilled, or overflowed smem."""
     bad = 0
-    for name, fn, sig, const, warps, stages in cases():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shard", default="0/1", help="I/N: compile every N-th case from the I-th")
+    i, n = (int(v) for v in ap.parse_args(argv).shard.split("/"))
+    for name, fn, sig, const, warps, stages in itertools.islice(cases(), i, None, n):
         try:
             k = compile_one(fn, sig, const, warps, stages)
         except Exception as e:  # noqa: BLE001

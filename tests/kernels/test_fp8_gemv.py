@@ -116,7 +116,7 @@ def test_moe_gemv_silu_a_equals_the_silu_launch_then_the_gemv(config, k):
     from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul_fp8
     from glmserve.kernels.fp8_gemv import A_QUANT, A_SILU, moe_gemv
 
-    e, n, pairs = 5, 45, 6
+    e, n, pairs = 5, 21, 6  # N: a partial last block in every config (16, 4 and 2 columns a program)
     gate_up = (torch.randn(pairs, 2 * k, device=DEV) * 3).to(torch.bfloat16)
     b = torch.randn(e, n, k, device=DEV)
     b_s = b.abs().amax(-1) / 448.0
