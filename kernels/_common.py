@@ -150,6 +150,13 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return buf if buf is not None and needed <= buf.numel() else None
 
 
+def k_splits(k_blocks: int, want: int) -> tuple[int, int]:
+    """(splits, K blocks a split) for `want` splits of k_blocks: at most k_blocks, none empty (fp8_gemm's split-K,
+    the one-launch router's logits)."""
+    per_split = cdiv(k_blocks, max(1, min(want, k_blocks)))
+    return cdiv(k_blocks, per_split), per_split
+
+
 @triton.jit
 def splitk_arrive(cnt_p):
     """Inline split-K (fp8_gemm's pointer kernel, the one-launch router's logits), after a split has stored its

@@ -71,7 +71,7 @@ def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_mode: int = f
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
     sig.update(eps="fp32")
     const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1, A_MODE=a_mode,
-                 A_ROWS=1 if fp8_gemv.a_row(block_k, warps, a_mode) else block_n)
+                 A_ROWS=fp8_gemv.a_rows(block_n, block_k, warps, a_mode))
     return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
 
 
@@ -82,7 +82,7 @@ def _moe_gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_div: int,
                ids_ptr=P["i64"])
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "b_se", "b_sn", "c_sm", "bs_se")})
     const = dict(A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1,
-                 A_MODE=a_mode, A_ROWS=1 if fp8_gemv.a_row(block_k, warps, a_mode) else block_n)
+                 A_MODE=a_mode, A_ROWS=fp8_gemv.a_rows(block_n, block_k, warps, a_mode))
     return fp8_gemv._moe_gemv_kernel, sig, const, warps, 1
 
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, new_out, pdl_enter,
-                                      pdl_kw, sm_count, splitk_arrive, splitk_sum)
+from glmserve.kernels._common import (FP8_DTYPE, arrival_counters, cc_major, check, gpu_name, k_splits, new_out,
+                                      pdl_enter, pdl_kw, sm_count, splitk_arrive, splitk_sum)
 from glmserve.kernels.act_quant import quant_fp8_group, quant_fp8_per_token
 from glmserve.kernels.fp8_gemm_tma import fp8_gemm_tma, tma_ok
 from glmserve.kernels import fp8_gemv as gemv
@@ -310,12 +310,6 @@ def _use_scaled_mm(a_q, m: int, n: int, k: int, block: int, out_dtype) -> bool:
     return SCALED_MM_M[0] <= m <= SCALED_MM_M[1] and n % 16 == 0 and k % 16 == 0 and cc_major(a_q.device) >= 9
 
 
-def k_splits(k_blocks: int, want: int) -> tuple[int, int]:
-    """(splits, K blocks a split) for `want` splits of k_blocks: at most k_blocks, none empty."""
-    per_split = triton.cdiv(k_blocks, max(1, min(want, k_blocks)))
-    return triton.cdiv(k_blocks, per_split), per_split
-
-
 def _auto_split_k(device, m: int, tiles: int, k_blocks: int) -> int:
     """Decode sizes (M <= 64, weight-bound) whose grid leaves SMs idle: split K, >= 4 K blocks each."""
     if device.type != "cuda" or m > 64:
@@ -332,10 +326,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias
     x_fp8: x's per-token FP8 form (q [T, K], scale [T, 1]) when its producer made it (a fused norm)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x_fp8 is None and _gemv_quantizes(x2):  # the GEMV quantizes x2 itself: no quant launch (checks x2's K)
-        out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
-        y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
-                     a_mode=gemv.A_QUANT)
-        return y.reshape(*x.shape[:-1], -1)
+        return _gemv_on_rows(x, x2, w_fp8, w_scale, bias, gemv.A_QUANT)
     xq, xs = x_fp8 if x_fp8 is not None else quant_fp8_per_token(x2.contiguous())
     y = fp8_gemm(xq, xs, w_fp8, w_scale.reshape(-1, 1).float(), bias, x.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -350,18 +341,19 @@ def rms_norm_fp8_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_fp8
     m, k = x2.shape
     if (_gemv_quantizes(x2) and norm_w.dtype == x.dtype
             and gemv.gemv_config(x.device, m, w_fp8.shape[0], k)[1] >= k):  # the row in one chunk
-        out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
-        y = fp8_gemv(_unit_stride(x2), None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out,
-                     a_mode=gemv.A_NORM, norm=(norm_w, eps))
-        return y.reshape(*x.shape[:-1], -1)
+        return _gemv_on_rows(x, x2, w_fp8, w_scale, bias, gemv.A_NORM, (norm_w, eps))
     y, x_fp8 = rms_norm_fp8(x2, norm_w, eps)
     return fp8_linear(y, w_fp8, w_scale, bias, x_fp8).reshape(*x.shape[:-1], -1)
 
 
-def _unit_stride(x2: torch.Tensor) -> torch.Tensor:
-    """Rows as they are when their columns are contiguous (a view into a fused GEMM's output: the GEMV takes any
-    row stride), else a contiguous copy."""
-    return x2 if x2.stride(1) == 1 else x2.contiguous()
+def _gemv_on_rows(x, x2, w_fp8, w_scale, bias, a_mode: int, norm=None) -> torch.Tensor:
+    """The GEMV on x's 16-bit rows x2 [T, K], which it quantizes itself (a_mode, norm: fp8_gemv's) -> [..., N] in
+    x.dtype. Rows are taken as they are when their columns are contiguous (a view into a fused GEMM's output: the
+    GEMV takes any row stride), else as a contiguous copy."""
+    out = new_out((x2.shape[0], w_fp8.shape[0]), x.dtype, x.device)
+    rows = x2 if x2.stride(1) == 1 else x2.contiguous()
+    fp8_gemv(rows, None, w_fp8, w_scale.reshape(-1, 1).float().contiguous(), bias, out, a_mode=a_mode, norm=norm)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def _gemv_quantizes(x2: torch.Tensor) -> bool:

@@ -110,7 +110,7 @@ def _w_cols(rk, A_MODE: tl.constexpr):
 def _rows_dot(w_p, a_p, n_ok, K, scale, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr):
     """[BLOCK_N] fp32: sum over k < K of w[n, k] * a[k]. w_p [BLOCK_N, BLOCK_K]: the weight rows' chunk-0 pointers
-    (K contiguous); a_p [A_ROWS, BLOCK_K]: the A row's chunk-0 pointers, one row (a_row: in the weight tile's
+    (K contiguous); a_p [A_ROWS, BLOCK_K]: the A row's chunk-0 pointers, one row (a_rows: in the weight tile's
     register layout, each thread its own 16-byte piece once) or the row in every tile row (A_ROWS = BLOCK_N; a
     [BLOCK_K] vector would reach the tile's layout through shared memory and barriers). A chunk is one
     [BLOCK_N, BLOCK_K] load reduced to [BLOCK_N] (in the thread, its warp, then across warps); the first chunk's sum
@@ -224,13 +224,13 @@ def gemv_config(device: torch.device, m: int, n: int, k: int) -> tuple[int, int,
     return block_n, min(MAX_BLOCK_K, triton.next_power_of_2(k)), WARPS
 
 
-def a_row(block_k: int, warps: int, a_mode: int = A_FP8) -> bool:
-    """Whether A's chunk loads as one [1, BLOCK_K] row in the weight tile's own register layout: when one row of the
-    tile's layout (16-byte loads of A: 16 e4m3 or 8 16-bit values a thread, 32 threads a warp, the warps side by
-    side) tiles BLOCK_K evenly, so the row broadcasts over the tile's BLOCK_N rows in registers (offline sm_90: one
-    load a thread a piece instead of BLOCK_N, and for A_SILU one exp a column instead of BLOCK_N). Else every tile
-    row loads it (no layout conversion either)."""
-    return block_k % ((16 if a_mode == A_FP8 else 8) * 32 * warps) == 0
+def a_rows(block_n: int, block_k: int, warps: int, a_mode: int = A_FP8) -> int:
+    """The kernels' A_ROWS: 1 where A's chunk loads as one [1, BLOCK_K] row in the weight tile's own register layout,
+    i.e. where one row of the tile's layout (16-byte loads of A: 16 e4m3 or 8 16-bit values a thread, 32 threads a
+    warp, the warps side by side) tiles BLOCK_K evenly, so the row broadcasts over the tile's BLOCK_N rows in
+    registers (offline sm_90: one load a thread a piece instead of BLOCK_N, and for A_SILU one exp a column instead
+    of BLOCK_N); else BLOCK_N: every tile row loads it (no layout conversion either)."""
+    return 1 if block_k % ((16 if a_mode == A_FP8 else 8) * 32 * warps) == 0 else block_n
 
 
 def _check_a(a: torch.Tensor, a_scale: torch.Tensor | None, k: int, a_mode: int) -> None:
@@ -262,7 +262,7 @@ def fp8_gemv(a, a_scale, w_q, w_scale, bias, out: torch.Tensor, config: tuple[in
         a, w_q, out, scale_arg, w_scale, bias if bias is not None else w_scale, nw, n, k,
         a.stride(0), w_q.stride(0), out.stride(0), scale_arg.stride(0), w_scale.stride(0), float(eps),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k),
-        A_MODE=a_mode, A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n,
+        A_MODE=a_mode, A_ROWS=a_rows(block_n, block_k, warps, a_mode),
         PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
     )
     return out
@@ -283,7 +283,7 @@ def moe_gemv(a, a_scale, b, b_scale, c, weights, ids, a_div: int, mul_weight: bo
         a, b, c, a_scale if a_scale is not None else b_scale, b_scale, weights, ids, n, k, a.stride(0), b.stride(0),
         b.stride(1), c.stride(0), b_scale.stride(0), A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n,
         BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), A_MODE=a_mode,
-        A_ROWS=1 if a_row(block_k, warps, a_mode) else block_n,
+        A_ROWS=a_rows(block_n, block_k, warps, a_mode),
         PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(b.device, num_pairs),
     )
     return c

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (INTERPRET, arrival_counters, check, new_out, next_pow2, pdl_enter, pdl_kw,
-                                      splitk_arrive, splitk_sum)
+from glmserve.kernels._common import (INTERPRET, arrival_counters, check, k_splits, new_out, next_pow2, pdl_enter,
+                                      pdl_kw, splitk_arrive, splitk_sum)
 from glmserve.kernels import fused_moe
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
@@ -131,8 +131,7 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     block_e = next_pow2(num_experts)
     block_k = 128 if num_experts <= 64 else 64 if num_experts <= 128 else 32  # gate tile <= 16 KB a K step
     k_blocks = triton.cdiv(h, block_k)
-    per_split = triton.cdiv(k_blocks, MAX_SPLITS)
-    splits = triton.cdiv(k_blocks, per_split)
+    splits, per_split = k_splits(k_blocks, MAX_SPLITS)
     align = not fused_moe.uses_gemv(t, fp8, x.device) if align is None else align
     cap = triton.cdiv(num_pairs + num_slots * (block_m - 1), block_m) * block_m if align else block_m
     weights = new_out((t, out_k), torch.float32, x.device)

@@ -86,7 +86,7 @@ def test_experts_gemv_path_matches_the_grouped_gemm_path(keep_slots):
 
 
 # (config, K): the CPU rule (16, 128, 1) and (2, 64, 2) load A into every tile row; BLOCK_K 256 x 1 warp tiles a
-# 16-bit row's layout (a_row), so A loads once as a [1, BLOCK_K] row and broadcasts, in three chunks with a tail
+# 16-bit row's layout (a_rows), so A loads once as a [1, BLOCK_K] row and broadcasts, in three chunks with a tail
 _A_MODE_CASES = [(None, 300), ((4, 256, 1), 600), ((2, 64, 2), 64)]
 
 
