@@ -23,8 +23,8 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh gemv14   # ONE GPU: GEMVs for M <= 4 dense and MoE FP8 GEMMs (+ quantizing A), MLA 2/SM:
-#                                    # GPU tests, step A/Bs, sweeps
+#   bash bench/gpu_suite.sh defaults14 # ONE GPU: after run 42's defaults: GEMV GPU tests, the open A/Bs, the step table
+#                                    # (gemv14, run 42's phase, is at commit e0cec33)
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -218,37 +218,21 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  gemv14)  # ONE GPU (~9 min): run 42's GEMVs for decode's M <= 4 dense FP8 GEMMs and T <= 4 MoE GEMMs, the
-    # one-stage MLA kernel (two programs an SM at B 256) and the cache write in the W_UK launch: their GPU tests, the
-    # step A/Bs (the GEMVs at B 1 / 2 / 4; the MLA form and the cache write at B 256; the GEMVs' quantizing A modes
-    # with both GEMVs on and the cache write at B 1 / 4), the step table with the A/Bs' winners on, then the dense
-    # and MoE sweeps at M / B 1 and 4 (GEMV configs beside the MMA ones). The A/Bs' JSON stays on the machine (8
-    # files come back): their logs print every row.
-    end=$((SECONDS + ${GEMV_BUDGET_S:-560}))
+  defaults14)  # ONE GPU (~5 min): run 43, after run 42 set the defaults (dense GEMV at M <= 2, the GEMVs quantizing
+    # their own input, the cache write in the W_UK launch at T 1): the GEMV GPU tests (their sum-order bounds), the
+    # A/Bs left open (smaller GEMV N blocks and the MoE GEMV at B 1 / 2 / 4; the cache write in the W_UK launch at
+    # B 2 / 4), then the step table with every default (+ the A/Bs' winners) at B 1 / 2 / 4 / 64 / 128 / 256
+    end=$((SECONDS + ${DEFAULTS_BUDGET_S:-420}))
     step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_decode_gemms.py \
       tests/kernels/test_gpu_real_shapes.py -k "gemv or one_stage or kv_write_bit"
-    # the one-launch router calls _common's split-K helpers since the last GPU run
-    step route_tests "$(left 40)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_moe_route.py -k "route_align"
     winners() { $PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" "$1" 2>/dev/null; }
-    step ab "$(left 240)" $PY -m bench.ab_step --switch gemv,moe_gemv --batches "${AB_BATCHES:-1,2,4}" \
-      --rounds "${AB_ROUNDS:-3}" --ctx 640 --quantization fp8 --out /tmp/ab.json
+    step ab "$(left 200)" $PY -m bench.ab_step --switch gemv_ctas,moe_gemv --batches 1,2,4 --rounds 3 --ctx 640 \
+      --quantization fp8 --out /tmp/ab.json
+    step ab_kv "$(left 80)" $PY -m bench.ab_step --switch mla_kv_in_absorb --batches 2,4 --rounds 3 --ctx 640 \
+      --quantization fp8 --out /tmp/ab_kv.json
     won=$(winners /tmp/ab.json)
-    # the one-stage MLA kernel, two programs an SM, where a launch has more programs than SMs (B 256), and the cache
-    # write in the W_UK absorb launch
-    step ab_mla "$(left 100)" $PY -m bench.ab_step --switch mla_two_per_sm,mla_kv_in_absorb --batches 256 \
-      --rounds 2 --ctx 640 --quantization fp8 --out /tmp/ab_mla.json
-    # the GEMVs' quantizing A modes (with both GEMVs on) and the cache write in the W_UK launch at B 1 / 4
-    step ab_act "$(left 100)" $PY -m bench.ab_step --switch gemv_act,mla_kv_in_absorb --also gemv,moe_gemv \
-      --batches 1,4 --rounds 2 --ctx 640 --quantization fp8 --out /tmp/ab_act.json
-    for w in $(winners /tmp/ab_act.json | tr , ' ') $(winners /tmp/ab_mla.json | tr , ' '); do
-      [[ $w != gemv_act || $won == *gemv* ]] && [[ ",$won," != *",$w,"* ]] && won="${won:+$won,}$w"
-    done
-    # the step table with the winners on (ab_step.winners), to set the defaults from one call
-    [ -n "$won" ] && step profile_winners "$(left 100)" $PY -m bench.profile_step --batches 1,4,64,256 --ctx 640 \
-      --quantization fp8 --no_profile --switches_on "$won"
-    step dense_sweep "$(left 60)" $PY -m bench.decode_sweep --only dense --dense_ms 1,4
-    step moe_sweep "$(left 120)" $PY -m bench.decode_sweep --only moe --moe_batches 1,4
+    step profile_defaults "$(left 120)" $PY -m bench.profile_step --batches 1,2,4,64,128,256 --ctx 640 \
+      --quantization fp8 --no_profile ${won:+--switches_on "$won"}
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

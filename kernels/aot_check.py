@@ -209,7 +209,7 @@ def _small_kernels():
                                                                "cs_st")}), dict(
         K_ROWS=True, FP8=True, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=True,
         HALF=32, BLOCK_HALF=32, INTERLEAVED=True, REST=0, BLOCK_REST=2), warps, stages
-    for size, table in (("", mla_absorb.CONFIGS), (" large", mla_absorb.LARGE_CONFIGS)):  # mla.KV_WRITE_IN_ABSORB
+    for size, table in (("", mla_absorb.CONFIGS), (" large", mla_absorb.LARGE_CONFIGS)):  # mla.KV_WRITE_IN_ABSORB_MAX_T
         bm, bn, bk, warps, stages = table[True]
         yield f"mla_absorb{size} W_UK fp8 + kv write pdl", mla_absorb._mla_absorb_kernel, dict(
             a_ptr=P["bf16"], w_ptr=P["f8"], s_ptr=P["f32"], o_ptr=P["bf16"], qpe_ptr=P["bf16"], cos_ptr=P["f32"],

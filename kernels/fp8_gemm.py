@@ -247,8 +247,10 @@ EARLY_SCALES = True
 # Per-channel GEMMs with M <= GEMV_MAX_M on CUDA: kernels/fp8_gemv.py (one program a row and N block over all of K,
 # no MMA tile, no split-K) instead of the MMA kernel with split-K. Written for B 1-4 decode, where the three dense
 # GEMMs a layer take 4.8 / 4.1 / 7.7 us for 2.75 / 3.9 / 10.5 MB (H100 run 34), 0.2-0.45 of the copy ceiling.
-# 0: off (bench/ab_step.py --switch gemv).
-GEMV_MAX_M = 0
+# H100 run 42 (in-process A/B, median graph ms on / off at M <= 4): B 1 3.618 / 3.806, B 2 4.321 / 4.418, B 4 5.950 /
+# 5.669 -- at M 4 each program's four rows cost more than the MMA tile's padding (sweep: o_proj 12.9 vs 7.5 us), so
+# the GEMV takes M <= 2. 0: off (bench/ab_step.py --switch gemv sets 4 / 0).
+GEMV_MAX_M = 2
 
 
 def _use_gemv(m: int, block: int, device: torch.device) -> bool:

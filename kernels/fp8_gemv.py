@@ -10,7 +10,7 @@ software-pipeline prologue, and K is never split across programs, so no fp32 par
 finisher round trips. Rows of one N block are adjacent programs (m is grid dim 0), so M > 1 reads each weight
 slice from DRAM about once and from L2 after. Sums run in a different order than the MMA kernel's: the same
 values to fp32 rounding, not the same bits. A_MODE (below): A as e4m3 rows with scales, or 16-bit rows the program
-quantizes per row itself (optionally forming silu(gate) * up first), bit-equal to the separate quantizing launch.
+quantizes per row itself (optionally forming silu(gate) * up first): the separate quantizing launch's operand.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, fp8_grid_round
 # A_NORM: 16-bit rows [R, K] (K <= one chunk) the program RMS-normalises (norm weight [K], eps) and quantizes per row,
 # as rmsnorm.rms_norm_fp8 does (no norm launch before the GEMV: q_b's input, q_a's norm in GLM-4.7-Flash's MLA).
 # Every program of a row recomputes the row's scale (one pass of amax over its K chunks, from L1 / L2), so the e4m3
-# operand it multiplies is the separate kernel's, bit for bit, and the GEMV's result is the two-launch path's
-# (A_NORM: to the norm's sum-of-squares order, which the CPU test finds equal).
+# operand it multiplies is the separate kernel's, bit for bit (A_NORM: to the norm's sum-of-squares order), and the
+# GEMV's result is the two-launch path's to fp32 sum order (FUSED_ACT).
 A_FP8, A_QUANT, A_SILU, A_NORM = 0, 1, 2, 3
 
 
@@ -199,9 +199,12 @@ def _moe_gemv_kernel(
 # launch: fp8_gemm.fp8_linear's M <= GEMV_MAX_M rows with no FP8 form from a fused norm (o_proj's input), and
 # fused_moe's GEMV path (the down GEMV forms its SiLU-mul; the gate_up GEMV quantizes x when no norm did). One launch
 # a layer fewer each (the quant launch: 3.8 us, the SiLU launch: 4.2 us at B 1 under Nsight Compute, H100 run 40).
-# Same bits as the separate launches (tests). Used only where the GEMVs are on; False: the separate launches
-# (bench/ab_step.py --switch gemv_act --also gemv,moe_gemv).
-FUSED_ACT = False
+# The e4m3 operand and scale are the separate launches'; on the GPU the sums are not bit-equal (16-bit A loads 8-byte
+# weight pieces, so a thread's products add in another order than the A_FP8 kernel's 16-byte ones): the same values
+# to fp32 sum order (GPU tests; bit-equal under the interpreter). H100 run 42, both GEMVs on: B 1 3.507 / 3.621 ms
+# on / off, B 4 6.099 / 6.337. Used only where a GEMV runs; False: the separate launches (bench/ab_step.py --switch
+# gemv_act).
+FUSED_ACT = True
 
 # (BLOCK_N, BLOCK_K, num_warps) chosen by gemv_config. BLOCK_K = K up to 2048 (one load a chunk, 16-byte pieces).
 # Latency is hidden by programs more than by depth within one: ptxas issues a thread's weight loads a few at a time,

@@ -12,6 +12,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def assert_sum_order_close(out, want, a_q, a_s, w_q, w_s) -> None:
+    """out and want: the same e4m3 product (a_q [M, K] with a_s [M, 1], w_q [N, K] with w_s [N, 1]) from fp32 sums
+    in two orders, each rounded to bf16: apart by at most one bf16 step of |want| (2^-7 of it) plus both sums'
+    order errors (<= ~20 roundings of 2^-24 of sum |a w| each, bounded by 2^-16 of it; see the GEMV test)."""
+    mags = (a_q.float().abs() @ w_q.float().abs().t()) * a_s * w_s.reshape(1, -1)
+    assert ((out.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + mags * 2 ** -15).all()
+
+
 def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random [n, k] weight as per-row e4m3: (w_q, w_s [n, 1]) with w ~= w_q * w_s."""
     w = torch.randn(n, k, device=DEV)

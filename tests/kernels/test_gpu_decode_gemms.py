@@ -7,8 +7,8 @@ Run on the device: `pytest -q -m gpu tests/kernels` (bench/gpu_suite.sh).
 import pytest
 import torch
 
-from glmserve.kernels import _common, fp8_gemm, fp8_gemv, fused_moe
-from tests.kernels.gpu_shapes import BF16, DEV, gemm_replayed, per_channel_operands, rel
+from glmserve.kernels import _common, act_quant, fp8_gemm, fp8_gemv, fused_moe
+from tests.kernels.gpu_shapes import BF16, DEV, assert_sum_order_close, gemm_replayed, per_channel_operands, rel
 
 pytestmark = pytest.mark.gpu
 
@@ -75,11 +75,13 @@ def test_fp8_gemv_in_a_cuda_graph(m, n, k, monkeypatch):
 def test_fp8_gemv_quantizing_its_input_in_a_cuda_graph(m, n, k, monkeypatch):
     """fp8_gemv.FUSED_ACT: fp8_linear hands o_proj's bf16 rows (GLM-4.7-Flash: K 5120 in 3 chunks; a GLM-4.5-Air-sized
     square one) to the GEMV, which quantizes them itself; inside a CUDA graph the replay with new inputs equals the
-    quant launch + e4m3 GEMV bit for bit (same e4m3 operand, scale and sums on the GPU's own casts)."""
+    quant launch + e4m3 GEMV to fp32 sum order (same e4m3 operand and scale; H100 run 42: not bit for bit, as 16-bit
+    A makes the weight loads 8 bytes a thread and a thread's products add in another order)."""
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
     _, _, w_q, w_s = per_channel_operands(m, n, k)
     x = torch.randn(m, k, device=DEV, dtype=BF16)
     monkeypatch.setattr(fp8_gemv, "FUSED_ACT", True)
+    assert fp8_gemm._gemv_quantizes(x)
     fp8_gemm.fp8_linear(x, w_q, w_s, None)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -88,15 +90,16 @@ def test_fp8_gemv_quantizing_its_input_in_a_cuda_graph(m, n, k, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
-    assert torch.equal(out, fp8_gemm.fp8_linear(x, w_q, w_s, None))
+    a_q, a_s = act_quant.quant_fp8_per_token(x)
+    assert_sum_order_close(out, fp8_gemm.fp8_linear(x, w_q, w_s, None), a_q, a_s, w_q, w_s)
 
 
 @pytest.mark.parametrize("m", [1, 4])
 def test_fp8_gemv_normalising_its_input_in_a_cuda_graph(m, monkeypatch):
     """fp8_gemv.FUSED_ACT: q_b's GEMV RMS-normalises q_a (GLM-4.7-Flash: 768 columns of the fused q_a + kv_a output,
     read through its 1344-wide rows) and quantizes it itself (ops.rms_norm_fp8_linear, one launch); inside a CUDA graph
-    the replay with new inputs equals rms_norm_fp8 + the e4m3 GEMV bit for bit (the norm's sum of squares in the same
-    per-thread / warp / CTA order: 768 values on 4 warps either way)."""
+    the replay with new inputs equals rms_norm_fp8 + the e4m3 GEMV to fp32 sum order (H100 run 42: not bit for bit at
+    M 4, see the A_QUANT test)."""
     from glmserve.kernels.rmsnorm import rms_norm_fp8
 
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_M", 4)
@@ -113,7 +116,7 @@ def test_fp8_gemv_normalising_its_input_in_a_cuda_graph(m, monkeypatch):
     torch.cuda.synchronize()
     y, x_fp8 = rms_norm_fp8(q_a, nw, 1e-6)
     monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
-    assert torch.equal(out, fp8_gemm.fp8_linear(y, w_q, w_s, None, x_fp8))
+    assert_sum_order_close(out, fp8_gemm.fp8_linear(y, w_q, w_s, None, x_fp8), *x_fp8, w_q, w_s)
 
 
 @pytest.mark.parametrize("t", [1, 4])
@@ -121,7 +124,8 @@ def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
     """fused_moe.GEMV_MAX_T routes decode's T <= 4 FP8 expert GEMMs (GLM-4.7-Flash: 4 routed + the shared expert
     as slot 4, the slot form the next norm sums) to moe_gemv, PDL-launched inside a CUDA graph: the replay equals
     the eager call with new inputs, and matches the grouped-GEMM path to fp8 activation rounding (one e4m3 step
-    of the SiLU-mul output where fp32 sum order moves a value across a rounding boundary) and the fp32 reference."""
+    of the SiLU-mul output where fp32 sum order moves a value across a rounding boundary) and the fp32 reference;
+    with FUSED_ACT (x quantized by the gate_up GEMV, the SiLU-mul formed by the down GEMV) the same to that bound."""
     e, h, i, k = 65, 2048, 1536, 5
     w13 = torch.randn(e, 2 * i, h, device=DEV) * h ** -0.5
     w2 = torch.randn(e, h, i, device=DEV) * i ** -0.5
@@ -136,6 +140,7 @@ def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
         return fused_moe.fused_experts(x, w13, w2, weights, ids, s13, s2, shared_last=True, keep_slots=True)
 
     monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 4)
+    monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
     run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -151,7 +156,7 @@ def test_moe_gemv_flash_experts_in_a_cuda_graph(t, monkeypatch):
         fused = run()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(fused, out)
+    assert rel(fused, out) < 1e-2
     monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
     monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 0)
     assert rel(out, run()) < 1e-2

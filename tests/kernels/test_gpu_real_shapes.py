@@ -249,7 +249,7 @@ def test_mla_decode_wg_one_stage_bit_equal(splits, min_keys, monkeypatch):
 
 @pytest.mark.parametrize("t", [1, 256])
 def test_w_uk_launch_with_the_kv_write_bit_equal(t):
-    """mla.KV_WRITE_IN_ABSORB at GLM-4.7-Flash's shapes (20 heads, nope 192, R 64, L 512; B 1 and 256, the
+    """mla.KV_WRITE_IN_ABSORB_MAX_T at GLM-4.7-Flash's shapes (20 heads, nope 192, R 64, L 512; B 1 and 256, the
     latter on the large config's 64-token M blocks), PDL-launched: the cache rows at scattered slots, the roped
     q_pe and W_UK's product equal mla_kv_write + mla_absorb's bit for bit."""
     from glmserve.kernels.mla_kv_write import mla_kv_write

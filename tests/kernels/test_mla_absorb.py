@@ -105,7 +105,7 @@ def test_w_uk_launch_ropes_q_pe_as_mla_kv_write(t, interleaved, rotary_dim):
 
 @pytest.mark.parametrize("t", [1, 20, 37])  # 20, 37: two and three M blocks of the CPU config's 16
 def test_w_uk_launch_does_mla_kv_write_in_programs_of_its_own(t):
-    """mla_absorb's kv_write (mla.KV_WRITE_IN_ABSORB): the launch's extra N block of programs writes the tokens'
+    """mla_absorb's kv_write (mla.KV_WRITE_IN_ABSORB_MAX_T): the launch's extra N block of programs writes the tokens'
     cache entries and the query RoPE with mla_kv_write's helpers: cache rows (at scattered slots, others untouched),
     roped q_pe and the product all equal mla_kv_write + mla_absorb's, bit for bit; the reference op does the same."""
     from glmserve.kernels.mla_kv_write import mla_kv_write

@@ -81,10 +81,11 @@ def _arch(arch: str, monkeypatch) -> str:
     """"glm4_moe_lite-expanded": MLA's expanded prefill form (decompressed K/V, page size 1 into them)
     for every PREFILL batch; "glm4_moe_lite": the absorbed form (these prompts are < EXPAND_MIN_Q);
     "glm4_moe_lite-prep": the absorbed form with q_a's norm in the cache-writing launch (mla.PREP_FUSED);
-    "glm4_moe_lite-kvabsorb": the absorbed form with the cache write in the W_UK launch (mla.KV_WRITE_IN_ABSORB)."""
+    "glm4_moe_lite-kvabsorb": the absorbed form with the cache write in the W_UK launch at every token count
+    (mla.KV_WRITE_IN_ABSORB_MAX_T; the others: never)."""
     monkeypatch.setattr(mla, "EXPAND_MIN_Q", 1 if arch.endswith("-expanded") else 10**9)
     monkeypatch.setattr(mla, "PREP_FUSED", arch.endswith("-prep"))
-    monkeypatch.setattr(mla, "KV_WRITE_IN_ABSORB", arch.endswith("-kvabsorb"))
+    monkeypatch.setattr(mla, "KV_WRITE_IN_ABSORB_MAX_T", 10**9 if arch.endswith("-kvabsorb") else 0)
     return arch.removesuffix("-expanded").removesuffix("-prep").removesuffix("-kvabsorb")
 
 
@@ -96,9 +97,9 @@ def test_tiny_model_logits_same_with_kernels(tmp_path, arch, monkeypatch):
     runner = ModelRunner(path, device=DEV, dtype=torch.float32, with_mtp=False)
     ref = _with_refs(runner)
     got, called = _with_kernels(runner)
-    attention_ops = ({"mla_prep", "mla_absorb"} if mla.PREP_FUSED else {"mla_absorb"} if mla.KV_WRITE_IN_ABSORB
+    attention_ops = ({"mla_prep", "mla_absorb"} if mla.PREP_FUSED else {"mla_absorb"} if mla.KV_WRITE_IN_ABSORB_MAX_T
                      else {"mla_kv_write", "mla_absorb"}) if arch == "glm4_moe_lite" else {"gqa_kv_write"}
-    if mla.KV_WRITE_IN_ABSORB:
+    if mla.KV_WRITE_IN_ABSORB_MAX_T:
         assert "mla_kv_write" not in called
     assert {"rms_norm", "add_rms_norm", "silu_and_mul", "moe_route_align", "fused_experts", "paged_attention"
             } | attention_ops <= called, called
@@ -192,6 +193,7 @@ def test_tiny_model_gemvs_quantizing_their_inputs_give_the_same_bits(tmp_path, m
         for name, kernel in backend._kernels().items():
             if name in ops.IMPL:
                 ops.set_impl(name, kernel)
+        monkeypatch.setattr(fp8_gemv, "FUSED_ACT", False)
         separate = run()
         assert set(modes) == {fp8_gemv.A_FP8} and silu
         modes.clear(), silu.clear()

@@ -38,9 +38,11 @@ EXPAND_MIN_Q = 16  # a PREFILL batch whose longest query has this many tokens ru
 PREP_FUSED = False
 # Absorbed form: mla_kv_write's cache write and query RoPE by programs of their own in the W_UK absorb launch
 # (ops.mla_absorb's kv_write; one launch a layer fewer at every batch, the GEMM programs unchanged: PREP_FUSED's
-# loss came from RoPE work inside the GEMM programs). Same bits (tests). Predicted (KERNEL_NOTES v20): -0.1 ms at
-# B 1, ~-0.05 at B 256. False: the separate mla_kv_write launch (bench/ab_step.py --switch mla_kv_in_absorb).
-KV_WRITE_IN_ABSORB = False
+# loss came from RoPE work inside the GEMM programs). Same bits (tests). For T <= KV_WRITE_IN_ABSORB_MAX_T tokens:
+# H100 run 42 (median graph ms on / off) B 1 3.509 / 3.629, B 4 6.353 / 6.336, B 256 18.736 / 18.502 -- the extra
+# programs are one a (head, M block), each writing BLOCK_M / heads tokens one after another (~3 at B 256), a tail
+# the GEMM programs finish before. 0: the separate mla_kv_write launch (bench/ab_step.py --switch mla_kv_in_absorb).
+KV_WRITE_IN_ABSORB_MAX_T = 1
 
 
 class MLAAttention(nn.Module):
@@ -116,7 +118,7 @@ class MLAAttention(nn.Module):
             q = q.view(t, self.num_heads, self.nope + self.rope_dim)
             # one op: the tokens' cache entries [normed latent | roped k_pe] at their slots, and q_pe roped
             kv_write = (ckv, *kv_norm, *cos_sin, cache, batch.slot_mapping, q[..., self.nope :], q_pe, *rope)
-            if expanded or not KV_WRITE_IN_ABSORB:
+            if expanded or t > KV_WRITE_IN_ABSORB_MAX_T:
                 ops.mla_kv_write(*kv_write)
                 kv_write = None
         if expanded:
