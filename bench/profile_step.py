@@ -288,13 +288,16 @@ def main() -> None:
                     help="programmatic dependent launch of the Triton kernels (kernels._common.PDL_ENABLED; A/B)")
     ap.add_argument("--switches_on", default="",
                     help="comma list of bench.ab_step SWITCHES set on (e.g. the winners of an A/B: ab_step.winners)")
+    ap.add_argument("--switches_off", default="",
+                    help="comma list of bench.ab_step SWITCHES set off (e.g. an earlier run's defaults, as a baseline)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.switches_on:
+    if a.switches_on or a.switches_off:
         from bench.ab_step import set_switch
 
-        for name in a.switches_on.split(","):
-            set_switch(name, True)
+        for name, on in [(n, True) for n in a.switches_on.split(",") if n] + [
+                (n, False) for n in a.switches_off.split(",") if n]:
+            set_switch(name, on)
     if a.pdl == "off":
         from glmserve.kernels import _common
 
