@@ -46,7 +46,6 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "gemv_act": ("glmserve.kernels.fp8_gemv", "FUSED_ACT", True, False),  # acts only with gemv / moe_gemv on (--also)
     "mla_kv_in_absorb": ("glmserve.shared.model.layers.mla", "KV_WRITE_IN_ABSORB_MAX_T", 1 << 20, 0),
     "gemv_ctas": ("glmserve.kernels.fp8_gemv", "CTAS_PER_SM", 24, 12),  # smaller GEMV N blocks (sweep, run 42)
-    "gemv_rows": ("glmserve.kernels.fp8_gemv", "MAX_ROWS", 4, 1),  # M <= 4 rows a GEMV program
     "mla_two_per_sm": ("glmserve.kernels.mla_decode", "WG_TWO_PER_SM", True, False),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
 }

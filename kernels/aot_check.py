@@ -64,14 +64,14 @@ def _gemm(block_scaled: bool, cfg, split_k: int = 1, inline: bool = False):
     return fp8_gemm._fp8_gemm_kernel, sig, const, warps, stages
 
 
-def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_mode: int = fp8_gemv.A_FP8, rows: int = 1):
+def _gemv(block_n: int, block_k: int, k_chunks: int, warps: int, a_mode: int = fp8_gemv.A_FP8):
     a = P["f8"] if a_mode == fp8_gemv.A_FP8 else P["bf16"]
     sig = dict(a_ptr=a, w_ptr=P["f8"], c_ptr=P["bf16"], as_ptr=P["f32"], ws_ptr=P["f32"], bias_ptr=P["bf16"],
                nw_ptr=P["bf16"])
     sig.update({n: "i32" for n in ("N", "K", "a_sm", "w_sn", "c_sm", "as_sm", "ws_sn")})
     sig.update(eps="fp32")
     const = dict(HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=k_chunks, PDL=1, A_MODE=a_mode,
-                 A_ROWS=fp8_gemv.a_rows(block_n, block_k, warps, a_mode), ROWS=rows)
+                 A_ROWS=fp8_gemv.a_rows(block_n, block_k, warps, a_mode))
     return fp8_gemv._fp8_gemv_kernel, sig, const, warps, 1
 
 
@@ -273,10 +273,6 @@ def cases():
     yield ("fp8_gemv quant 2x2048 x3 pdl", *_gemv(2, 2048, 3, fp8_gemv.WARPS, fp8_gemv.A_QUANT))
     yield ("fp8_gemv norm 4x1024 pdl", *_gemv(4, 1024, 1, fp8_gemv.WARPS, fp8_gemv.A_NORM))  # q_b: K 768
     yield ("moe_gemv down silu 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True, fp8_gemv.A_SILU))
-    # four rows a program (fp8_gemv.MAX_ROWS): o_proj at M 4 quantizing its input, q_a + kv_a at M 4
-    yield ("fp8_gemv 4 rows quant 2x2048 x3 pdl", *_gemv(2, 2048, 3, fp8_gemv.WARPS, fp8_gemv.A_QUANT, 4))
-    yield ("fp8_gemv 4 rows 1x2048 pdl", *_gemv(1, 2048, 1, fp8_gemv.WARPS, fp8_gemv.A_FP8, 4))
-    yield ("fp8_gemv 2 rows norm 4x1024 pdl", *_gemv(4, 1024, 1, fp8_gemv.WARPS, fp8_gemv.A_NORM, 2))
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

@@ -131,72 +131,16 @@ def _rows_dot(w_p, a_p, n_ok, K, scale, nw_p, rstd, A_MODE: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _row_scale(a_p, as_ptr, m, as_sm, K, nw_p, eps, A_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
-               K_CHUNKS: tl.constexpr):
-    """(s_a, rstd) of row m (a_p: its chunk-0 pointers): the stored scale (A_FP8), or the one the program
-    quantizes with (A_QUANT, A_SILU, A_NORM; A_NORM's rstd too, else 1)."""
-    rstd = 1.0
-    if A_MODE == 3:
-        rstd = _rstd(a_p, K, eps, BLOCK_K)
-    if A_MODE == 0:
-        sa = tl.load(as_ptr + m * as_sm)
-    else:
-        sa = _a_scale(a_p, K, nw_p, rstd, A_MODE, BLOCK_K, K_CHUNKS)
-    return sa, rstd
-
-
-@triton.jit
-def _rows_dot4(w_p, a_p, a_sm, n_ok, K, s0, s1, s2, s3, nw_p, r0, r1, r2, r3, A_MODE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr, PRE_ROUND: tl.constexpr,
-               ROWS: tl.constexpr):
-    """_rows_dot for ROWS (2-4) A rows a_sm apart against one load of each weight chunk: [BLOCK_N] fp32 a row
-    (rows past ROWS: row 0's sums again, unused). Each row's products and sums are _rows_dot's, in its order."""
-    rk = tl.arange(0, BLOCK_K)
-    for c in tl.static_range(K_CHUNKS):
-        k_ok = rk < K - c * BLOCK_K
-        w = tl.load(w_p + c * BLOCK_K, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        p0 = tl.sum(w * _a_operand(a_p, c, k_ok[None, :], K, s0, nw_p, r0, A_MODE, BLOCK_K, PRE_ROUND), axis=1)
-        p1 = tl.sum(w * _a_operand(a_p + a_sm, c, k_ok[None, :], K, s1, nw_p, r1, A_MODE, BLOCK_K, PRE_ROUND),
-                    axis=1)
-        p2 = p0
-        p3 = p0
-        if ROWS > 2:
-            p2 = tl.sum(w * _a_operand(a_p + 2 * a_sm, c, k_ok[None, :], K, s2, nw_p, r2, A_MODE, BLOCK_K,
-                                       PRE_ROUND), axis=1)
-        if ROWS > 3:
-            p3 = tl.sum(w * _a_operand(a_p + 3 * a_sm, c, k_ok[None, :], K, s3, nw_p, r3, A_MODE, BLOCK_K,
-                                       PRE_ROUND), axis=1)
-        if c == 0:
-            acc0, acc1, acc2, acc3 = p0, p1, p2, p3
-        else:
-            acc0 += p0
-            acc1 += p1
-            acc2 += p2
-            acc3 += p3
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _store_row(c_ptr, m, c_sm, rn, n_ok, acc, sa, sw, bias_ptr, HAS_BIAS: tl.constexpr):
-    y = acc * sa * sw
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(c_ptr + m * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _fp8_gemv_kernel(
     a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, nw_ptr, N, K, a_sm, w_sn, c_sm, as_sm, ws_sn, eps,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
     PDL: tl.constexpr = 0, A_MODE: tl.constexpr = 0, A_ROWS: tl.constexpr = 0, PRE_ROUND: tl.constexpr = False,
-    ROWS: tl.constexpr = 1,
 ):
-    """Program (row block, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns
-    and the ROWS rows m = ROWS * row block + r (ROWS 1-4, dividing M): the weight chunk loads once for all of
-    them. A_QUANT / A_SILU / A_NORM: A[m] and s_a[m] from the 16-bit row (as_ptr unread; A_NORM: the norm weight
-    at nw_ptr, eps)."""
+    """Program (row m, N block): c[m, n] = (A[m] . W[n]) * s_a[m] * s_w[n] (+ bias[n]) for BLOCK_N columns;
+    A_QUANT / A_SILU / A_NORM: A[m] and s_a[m] from the 16-bit row (as_ptr unread; A_NORM: the norm weight at
+    nw_ptr, eps)."""
     pdl_enter(PDL)
-    m = tl.program_id(0).to(tl.int64) * ROWS
+    m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
@@ -205,25 +149,17 @@ def _fp8_gemv_kernel(
     a_offs = tl.zeros([A_ROWS, 1], dtype=tl.int32) + rk[None, :]
     a_p = a_ptr + m * a_sm + a_offs
     nw_p = nw_ptr + a_offs
-    sa, rstd = _row_scale(a_p, as_ptr, m, as_sm, K, nw_p, eps, A_MODE, BLOCK_K, K_CHUNKS)
-    if ROWS == 1:
-        acc = _rows_dot(w_p, a_p, n_ok, K, sa, nw_p, rstd, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND)
-        _store_row(c_ptr, m, c_sm, rn, n_ok, acc, sa, sw, bias_ptr, HAS_BIAS)
+    rstd = 1.0
+    if A_MODE == 3:
+        rstd = _rstd(a_p, K, eps, BLOCK_K)
+    if A_MODE == 0:
+        sa = tl.load(as_ptr + m * as_sm)
     else:
-        sa1, rstd1 = _row_scale(a_p + a_sm, as_ptr, m + 1, as_sm, K, nw_p, eps, A_MODE, BLOCK_K, K_CHUNKS)
-        sa2, rstd2, sa3, rstd3 = sa, rstd, sa, rstd
-        if ROWS > 2:
-            sa2, rstd2 = _row_scale(a_p + 2 * a_sm, as_ptr, m + 2, as_sm, K, nw_p, eps, A_MODE, BLOCK_K, K_CHUNKS)
-        if ROWS > 3:
-            sa3, rstd3 = _row_scale(a_p + 3 * a_sm, as_ptr, m + 3, as_sm, K, nw_p, eps, A_MODE, BLOCK_K, K_CHUNKS)
-        acc0, acc1, acc2, acc3 = _rows_dot4(w_p, a_p, a_sm, n_ok, K, sa, sa1, sa2, sa3, nw_p, rstd, rstd1, rstd2,
-                                            rstd3, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND, ROWS)
-        _store_row(c_ptr, m, c_sm, rn, n_ok, acc0, sa, sw, bias_ptr, HAS_BIAS)
-        _store_row(c_ptr, m + 1, c_sm, rn, n_ok, acc1, sa1, sw, bias_ptr, HAS_BIAS)
-        if ROWS > 2:
-            _store_row(c_ptr, m + 2, c_sm, rn, n_ok, acc2, sa2, sw, bias_ptr, HAS_BIAS)
-        if ROWS > 3:
-            _store_row(c_ptr, m + 3, c_sm, rn, n_ok, acc3, sa3, sw, bias_ptr, HAS_BIAS)
+        sa = _a_scale(a_p, K, nw_p, rstd, A_MODE, BLOCK_K, K_CHUNKS)
+    y = _rows_dot(w_p, a_p, n_ok, K, sa, nw_p, rstd, A_MODE, BLOCK_N, BLOCK_K, K_CHUNKS, PRE_ROUND) * sa * sw
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptr + m * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -279,23 +215,12 @@ FUSED_ACT = True
 # <= 42 registers, 8 at 64, 7 at 72 (the quantizing modes).
 MAX_BLOCK_N = 8
 MAX_BLOCK_K = 2048
-# Rows a program of fp8_gemv (1-4): M <= MAX_ROWS rows share one program an N block, which loads each weight chunk
-# once for all of them (1: a program a row; the rows of an N block are adjacent programs, the weights re-read from
-# L2 -- H100 run 42's sweep at M 4: q_b 6.6 / o_proj 12.9 us against 3.7 / 6.5 at M 1). bench/ab_step.py --switch
-# gemv_rows.
-MAX_ROWS = 1
 CTAS_PER_SM = 12
 WARPS = 4
 _CPU_CONFIG = (16, 128, 1)  # the interpreter: few programs and chunks (its cost is per program and op)
 
 
-def gemv_rows(m: int) -> int:
-    """fp8_gemv's rows a program: all M of them up to MAX_ROWS, else one."""
-    return m if m <= MAX_ROWS else 1
-
-
 def gemv_config(device: torch.device, m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) for m row programs (fp8_gemv: M / gemv_rows(M); moe_gemv: its pairs) of n columns."""
     if device.type != "cuda":
         return _CPU_CONFIG
     block_n = min(MAX_BLOCK_N, triton.next_power_of_2(triton.cdiv(m * n, CTAS_PER_SM * sm_count(device))))
@@ -329,20 +254,19 @@ def fp8_gemv(a, a_scale, w_q, w_scale, bias, out: torch.Tensor, config: tuple[in
     m = a.shape[0]
     n, k = w_q.shape
     _check_a(a, a_scale, k, a_mode)
-    rows = gemv_rows(m)
-    block_n, block_k, warps = config or gemv_config(a.device, m // rows, n, k)
+    block_n, block_k, warps = config or gemv_config(a.device, m, n, k)
     nw, eps = norm if norm is not None else (w_scale, 0.0)
     if a_mode == A_NORM:
         check(norm is not None and nw.shape == (k,) and nw.dtype == a.dtype and nw.is_contiguous(),
               "A_NORM: norm = (weight [K] of A's dtype, contiguous; eps)")
         check(k <= block_k, "A_NORM: K within one chunk")
     scale_arg = a_scale if a_scale is not None else w_scale
-    _fp8_gemv_kernel[(m // rows, triton.cdiv(n, block_n))](
+    _fp8_gemv_kernel[(m, triton.cdiv(n, block_n))](
         a, w_q, out, scale_arg, w_scale, bias if bias is not None else w_scale, nw, n, k,
         a.stride(0), w_q.stride(0), out.stride(0), scale_arg.stride(0), w_scale.stride(0), float(eps),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k),
         A_MODE=a_mode, A_ROWS=a_rows(block_n, block_k, warps, a_mode),
-        PRE_ROUND=INTERPRET and a_mode != A_FP8, ROWS=rows, num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
+        PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(a.device, m),
     )
     return out
 

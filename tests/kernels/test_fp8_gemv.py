@@ -166,33 +166,3 @@ def test_gemv_normalising_a_equals_the_norm_launch_then_the_gemv(config, k):
     assert torch.equal(fused, split)
     with pytest.raises(ValueError, match="A_NORM"):
         fp8_gemv.fp8_gemv(x, None, w_q, w_s, None, fused, config, a_mode=fp8_gemv.A_NORM)
-
-
-@pytest.mark.parametrize("m,a_mode", [(2, fp8_gemv.A_FP8), (3, fp8_gemv.A_QUANT), (4, fp8_gemv.A_NORM),
-                                      (4, fp8_gemv.A_FP8)])
-def test_gemv_rows_a_program_equal_a_program_a_row(m, a_mode, monkeypatch):
-    """fp8_gemv.MAX_ROWS: M <= 4 rows in one program an N block (each weight chunk loaded once for all of them) give
-    the one-row programs' result bit for bit (each row's products and sums in the same order), every A mode, with
-    a bias and two K chunks; the programs really take M rows (launch grid dim 0 == 1)."""
-    n, k, config = 37, 96 if a_mode == fp8_gemv.A_NORM else 200, (16, 128, 1)  # A_NORM: K within one chunk
-    a_q, a_s, w_q, w_s = _operands(m, n, k)
-    x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-    a, s = (a_q, a_s) if a_mode == fp8_gemv.A_FP8 else (x, None)
-    norm = ((torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16), 1e-6) if a_mode == fp8_gemv.A_NORM else None
-    b = torch.randn(n, device=DEV)
-    outs = []
-    for rows in (1, 4):
-        monkeypatch.setattr(fp8_gemv, "MAX_ROWS", rows)
-        grids = []
-        kernel = fp8_gemv._fp8_gemv_kernel
-        monkeypatch.setattr(fp8_gemv, "_fp8_gemv_kernel",
-                            type("K", (), {"__getitem__": lambda self, g: grids.append(g) or kernel[g]})())
-        out = torch.full((m, n), float("nan"), device=DEV)
-        fp8_gemv.fp8_gemv(a, s, w_q, w_s, b, out, config, a_mode=a_mode, norm=norm)
-        assert grids[0][0] == (m if rows == 1 else 1)
-        outs.append(out)
-        monkeypatch.setattr(fp8_gemv, "_fp8_gemv_kernel", kernel)
-    assert torch.equal(outs[0], outs[1])
-    if a_mode == fp8_gemv.A_FP8:
-        torch.testing.assert_close(outs[1], fp8_gemm.fp8_gemm_ref(a_q, a_s, w_q, w_s, b, torch.float32), rtol=1e-5,
-                                   atol=1e-4)
