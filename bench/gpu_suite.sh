@@ -23,8 +23,8 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh defaults14 # ONE GPU: after run 42's defaults: GEMV GPU tests, the open A/Bs, the step table
-#                                    # (gemv14, run 42's phase, is at commit e0cec33)
+#   bash bench/gpu_suite.sh check44  # ONE GPU: runs 42-43's defaults on the serving paths (GPU model / worker tests),
+#                                    # the step table (run 42's gemv14 is at commit e0cec33, run 43's defaults14 at 1d0448c)
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with
@@ -218,24 +218,17 @@ case "${1:-models}" in
       $PY -m bench.ncu_layer --batches 1,256 --ctx 640
     step ncu_details "$(left 60)" "$ncu" --import "$OUT/layer.ncu-rep" --page details --print-units base
     ;;
-  defaults14)  # ONE GPU (~5 min): run 43, after run 42 set the defaults (dense GEMV at M <= 2, the GEMVs quantizing
-    # their own input, the cache write in the W_UK launch at T 1): the GEMV GPU tests (their sum-order bounds), the
-    # A/Bs left open (smaller GEMV N blocks and the MoE GEMV at B 1 / 2 / 4; the cache write in the W_UK launch at
-    # B 2 / 4), then the step table with every default (+ the A/Bs' winners) at B 1 / 2 / 4 / 64 / 128 / 256
-    end=$((SECONDS + ${DEFAULTS_BUDGET_S:-500}))
-    step kernel_tests "$(left 90)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_decode_gemms.py \
-      tests/kernels/test_gpu_real_shapes.py -k "gemv or one_stage or kv_write_bit"
-    winners() { $PY -c "import json, sys; print(','.join(json.load(open(sys.argv[1]))['winners']))" "$1" 2>/dev/null; }
-    step ab "$(left 200)" $PY -m bench.ab_step --switch gemv_ctas,moe_gemv --batches 1,2,4 --rounds 3 --ctx 640 \
-      --quantization fp8 --out /tmp/ab.json
-    step ab_kv "$(left 80)" $PY -m bench.ab_step --switch mla_kv_in_absorb --batches 2,4 --rounds 3 --ctx 640 \
-      --quantization fp8 --out /tmp/ab_kv.json
-    won=$(winners /tmp/ab.json)
-    # the baseline in the same call: run 41's defaults (no GEMV, separate quant / norm / cache-write launches)
-    step profile_run41 "$(left 100)" $PY -m bench.profile_step --batches 1,2,4,64,256 --ctx 640 --quantization fp8 \
-      --no_profile --switches_off gemv,gemv_act,mla_kv_in_absorb
-    step profile_defaults "$(left 120)" $PY -m bench.profile_step --batches 1,2,4,64,128,256 --ctx 640 \
-      --quantization fp8 --no_profile ${won:+--switches_on "$won"}
+  check44)  # ONE GPU (~5 min): run 44, the defaults of runs 42-43 (dense GEMV at M <= 2, the GEMVs quantizing their
+    # own input, the MoE GEMV at T 1, the cache write in the W_UK launch at T 1) on the serving paths: the one-GPU model
+    # and worker GPU tests (CUDA graphs against eager, FP8 against dequantized, the overlap loop against generate),
+    # then the step table (decode at B 1 / 2 / 4 / 64 / 256, MTP verify of 2 tokens a sequence at B 1 / 2)
+    end=$((SECONDS + ${CHECK_BUDGET_S:-480}))
+    step path_tests "$(left 240)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/models/test_decode_graphs.py \
+      tests/models/test_gpu.py tests/workers/test_overlap.py tests/kernels/test_gpu_decode_gemms.py -k "not tma_mid"
+    step profile_decode "$(left 100)" $PY -m bench.profile_step --batches 1,2,4,64,256 --ctx 640 --quantization fp8 \
+      --no_profile
+    step profile_verify "$(left 60)" $PY -m bench.profile_step --batches 1,2 --verify_tokens 2 --ctx 640 \
+      --quantization fp8 --no_profile
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

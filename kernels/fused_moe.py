@@ -230,8 +230,10 @@ def _gemm(a, a_scale, b, b_scale, c, weights, pairs, block_expert, num_pairs, a_
 # FP8 expert GEMMs of T <= GEMV_MAX_T tokens on CUDA: kernels/fp8_gemv.py's moe_gemv (one program a (pair, N block)
 # over all of K, no pair alignment, no MMA tile padded to 16 rows) for both GEMMs. Written for B 1-4, where the two
 # GEMMs a layer ran at 58 % / 42 % of DRAM peak (H100 run 40's Nsight Compute, B 1: 16.7 / 11.2 us for 5 experts'
-# 31.5 / 15.7 MB). 0: off (bench/ab_step.py --switch moe_gemv).
-GEMV_MAX_T = 0
+# 31.5 / 15.7 MB). H100 runs 42-43, median graph ms on / off: alone B 1 3.777 / 3.717; with fp8_gemv.FUSED_ACT (the
+# down GEMV forms its SiLU-mul: no SiLU launch) B 1 3.554 / 3.657 (faster in all 3 rounds), B 2 -0.025, B 4 +0.161
+# (the grouped MMA GEMMs reach ~0.8 of copy there): T 1 only. 0: off (bench/ab_step.py --switch moe_gemv sets 4 / 0).
+GEMV_MAX_T = 1
 
 
 def uses_gemv(t: int, fp8: bool, device: torch.device) -> bool:
