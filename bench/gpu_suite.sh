@@ -24,7 +24,7 @@
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
 #   bash bench/gpu_suite.sh check44  # ONE GPU: runs 42-43's defaults on the serving paths (GPU model / worker tests),
-#                                    # the step table (run 42's gemv14 is at commit e0cec33, run 43's defaults14 at 1d0448c)
+#                                    # the step table (gemv14, run 42: at e0cec33; defaults14, run 43: at 1d0448c)
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
 # are in bench/gpu_results/README.md (git show COMMIT:bench/gpu_suite.sh has the phase).
 #   bash bench/gpu_suite.sh check14  # ONE call: norm / routing / MoE kernel checks, the FP8 decode-step table with

@@ -295,9 +295,9 @@ def main() -> None:
     if a.switches_on or a.switches_off:
         from bench.ab_step import set_switch
 
-        for name, on in [(n, True) for n in a.switches_on.split(",") if n] + [
-                (n, False) for n in a.switches_off.split(",") if n]:
-            set_switch(name, on)
+        for names, on in ((a.switches_on, True), (a.switches_off, False)):
+            for name in filter(None, names.split(",")):
+                set_switch(name, on)
     if a.pdl == "off":
         from glmserve.kernels import _common
 

@@ -39,9 +39,9 @@ PREP_FUSED = False
 # Absorbed form: mla_kv_write's cache write and query RoPE by programs of their own in the W_UK absorb launch
 # (ops.mla_absorb's kv_write; one launch a layer fewer at every batch, the GEMM programs unchanged: PREP_FUSED's
 # loss came from RoPE work inside the GEMM programs). Same bits (tests). For T <= KV_WRITE_IN_ABSORB_MAX_T tokens:
-# H100 run 42 (median graph ms on / off) B 1 3.509 / 3.629, B 4 6.353 / 6.336, B 256 18.736 / 18.502 -- the extra
-# programs are one a (head, M block), each writing BLOCK_M / heads tokens one after another (~3 at B 256), a tail
-# the GEMM programs finish before. 0: the separate mla_kv_write launch (bench/ab_step.py --switch mla_kv_in_absorb).
+# H100 run 42 (median graph ms on / off) B 1 3.509 / 3.629, B 4 6.353 / 6.336, B 256 18.736 / 18.502 (likely cause,
+# not profiled: the extra programs are one a (head, M block), each writing BLOCK_M / heads tokens one after another,
+# ~3 at B 256, a tail after the GEMM programs). 0: the separate mla_kv_write launch (ab_step --switch mla_kv_in_absorb).
 KV_WRITE_IN_ABSORB_MAX_T = 1
 
 
