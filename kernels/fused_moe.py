@@ -287,7 +287,8 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
 def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool) -> torch.Tensor:
     """fused_experts for few tokens on FP8 experts: the two GEMMs as moe_gemv launches (checked arguments). With
     fp8_gemv.FUSED_ACT (16-bit x) the GEMVs quantize their own inputs: x per token when no norm made its FP8 form,
-    and the down GEMV forms silu(gate) * up from the gate_up rows (no quant or SiLU launch; the same bits)."""
+    and the down GEMV forms silu(gate) * up from the gate_up rows (no quant or SiLU launch; the same e4m3 operands,
+    sums in another order on the GPU: see fp8_gemv.FUSED_ACT)."""
     t, h = x.shape
     top_k = ids.shape[1]
     flat_w, flat_ids = weights.reshape(-1).float().contiguous(), ids.reshape(-1).contiguous()

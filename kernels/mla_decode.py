@@ -132,9 +132,10 @@ WG_CONFIGS: dict[str, tuple[int, int, int]] = {"default": (1, 4, 2)}
 # Launches of more warpgroup-kernel programs than SMs (B > 132 at one split: B 256 is two waves of one 189 KB program an
 # SM) run its one-stage form instead: 112 KB and <= 256 registers a program, so two programs share an SM and one's
 # fixed part (q, the first tile's latency, the epilogue: ~6 us of a ~31 us program at ctx 640, H200 run 19) overlaps
-# the other's key stream, and B 256 runs as one wave. Same bits. Predicted (KERNEL_NOTES v20): the MLA kernel at B 256
-# ctx 640 ~81 -> ~72 us, ~-0.4 ms a step. Offline sm_90: 114,944 B of shared memory, 255 registers, ~150 B of stack
-# (loop-invariant addresses). False: STAGES 2 everywhere (bench/ab_step.py --switch mla_two_per_sm).
+# the other's key stream, and B 256 runs as one wave. Same bits. Predicted ~-0.4 ms a step at B 256 (KERNEL_NOTES
+# v20); measured (H100 run 42, median graph ms on / off) 18.670 / 18.615: slower, so off. Offline sm_90: 114,944 B of
+# shared memory, 255 registers, ~150 B of stack (loop-invariant addresses). False: STAGES 2 everywhere
+# (bench/ab_step.py --switch mla_two_per_sm).
 WG_TWO_PER_SM = False
 
 

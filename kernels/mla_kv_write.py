@@ -137,7 +137,7 @@ def rope_meta(cos: torch.Tensor, sin: torch.Tensor, t: int, r: int, rotary_dim: 
 
 
 def kv_meta(ckv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             cache: torch.Tensor, slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool) -> dict:
+            cache: torch.Tensor, slot_mapping: torch.Tensor, rotary_dim: int, interleaved: bool) -> dict:
     """Checks the cache-write operands of kv_row -> its constexprs (L, BLOCK_L and rope_meta's)."""
     t, lora = ckv.shape[0], norm_weight.shape[0]
     r = ckv.shape[1] - lora
