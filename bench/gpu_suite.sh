@@ -223,6 +223,8 @@ case "${1:-models}" in
     # and worker GPU tests (CUDA graphs against eager, FP8 against dequantized, the overlap loop against generate),
     # then the step table (decode at B 1 / 2 / 4 / 64 / 256, MTP verify of 2 tokens a sequence at B 1 / 2)
     end=$((SECONDS + ${CHECK_BUDGET_S:-480}))
+    # the worker tests import msgspec / zmq: without carry [".whl"] they fail at collection (run 44's first call)
+    $PY -c "import msgspec, zmq" 2>/dev/null || { echo "check44: msgspec / pyzmq missing: run with carry [\".whl\"]"; exit 2; }
     step path_tests "$(left 240)" $PY -m pytest -q -m gpu -p no:cacheprovider tests/models/test_decode_graphs.py \
       tests/models/test_gpu.py tests/workers/test_overlap.py tests/kernels/test_gpu_decode_gemms.py -k "not tma_mid"
     step profile_decode "$(left 100)" $PY -m bench.profile_step --batches 1,2,4,64,256 --ctx 640 --quantization fp8 \
