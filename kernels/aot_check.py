@@ -191,6 +191,18 @@ def _small_kernels():
                    dict(const, RELAXED_RESET=True), 4, 1)
             yield (f"{name} no align arrival pdl", moe_route_align._route_align_kernel, route_align_args,
                    dict(const, ALIGN=False), 4, 1)
+    # the post-attention norm inside the launch (moe_route_align.NORM_MAX_T, SEL_T * BLOCK_H <= NORM_MAX_ELEMS):
+    # GLM-4.7-Flash's H 2048 at T 1 / 4, GLM-4.5's 5120 (BLOCK_H 8192) at T 1
+    norm_args = dict(route_align_args, res_ptr=P["bf16"], nw_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"],
+                     q_ptr=P["f8"], qs_ptr=P["f32"], eps="fp32")
+    for e, k, bk, splits, sel_t, block_h in ((64, 4, 128, 16, 1, 2048), (64, 4, 128, 16, 4, 2048),
+                                             (160, 8, 32, 32, 1, 8192)):
+        const = dict(TOP_K=k, SHARED=1, N_GROUP=1, TOPK_GROUP=1, NORM=True, BLOCK_T=16,
+                     BLOCK_E=triton.next_power_of_2(e), BLOCK_K=bk, K_PAD=16 if k == 8 else 8, SPLITS=splits,
+                     BLOCK_S=triton.next_power_of_2(e + 1), BLOCK_M=16, FILL=moe_route_align.FILL, UPCAST=False,
+                     SEL_T=sel_t, PDL=True, ALIGN=e > 64, NORM_IN=True, BLOCK_H=block_h, QUANT=True)
+        yield (f"moe_route_align E{e} k{k} T<={sel_t} norm in arrival pdl", moe_route_align._route_align_kernel,
+               norm_args, const, 4, 1)
     absorb = [(k_rows, fp8, "", mla_absorb.CONFIGS) for k_rows in (True, False) for fp8 in (True, False)]
     absorb += [(k_rows, True, " large", mla_absorb.LARGE_CONFIGS) for k_rows in (True, False)]
     for k_rows, fp8, size, table in absorb:

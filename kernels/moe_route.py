@@ -109,17 +109,28 @@ def _gemm_route_kernel(
 
 @triton.jit
 def logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, res_ptr=None, nw_ptr=None, rstd=None,
+                NORM_IN: tl.constexpr = False):
     """Router logits of the token rows rt over K blocks [kb_lo, kb_hi): x [rt, K] . gate[:, K]^T -> [BLOCK_T,
-    BLOCK_E] fp32, bf16 tensor-core dots with fp32 accumulation (shared with kernels/moe_route_align.py)."""
+    BLOCK_E] fp32, bf16 tensor-core dots with fp32 accumulation (shared with kernels/moe_route_align.py).
+    NORM_IN: the rows are RMSNorm(x + res) (res [T, H] rows x_st apart, norm weight nw [H], rstd [BLOCK_T] each
+    row's 1 / rms of x + res), formed per K block with rmsnorm's roundings (the sum, x * rstd, the weight)."""
     e = tl.arange(0, BLOCK_E)
     rk = tl.arange(0, BLOCK_K)
-    x_p = x_ptr + rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
+    row_offs = rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
+    x_p = x_ptr + row_offs
     g_p = gate_ptr + e[None, :] * H + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_E] = gate^T
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         k_ok = rk < H - kb * BLOCK_K
         x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM_IN:
+            dt = x.dtype
+            r = tl.load(res_ptr + row_offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            xs = (x.to(tl.float32) + r.to(tl.float32)).to(dt).to(tl.float32)
+            w = tl.load(nw_ptr + kb * BLOCK_K + rk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((xs * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
+            row_offs += BLOCK_K
         g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
         acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
         x_p += BLOCK_K

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (INTERPRET, arrival_counters, check, k_splits, new_out, next_pow2, pdl_enter,
-                                      pdl_kw, splitk_arrive, splitk_sum)
-from glmserve.kernels import fused_moe
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, arrival_counters, check, fp8_grid_round, k_splits,
+                                      new_out, next_pow2, pdl_enter, pdl_kw, splitk_arrive, splitk_sum)
+from glmserve.kernels import fused_moe, rmsnorm
 from glmserve.kernels.moe_route import _select, logits_tile, moe_route
 
 # False: moe_route + moe_align (the A/B: bench/ab_step.py --switch route_align, bench/profile_step.py --route_align).
@@ -49,9 +49,15 @@ def _route_align_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, UPCAST: tl.constexpr, SEL_T: tl.constexpr,
     PDL: tl.constexpr = False, RELAXED_RESET: tl.constexpr = False, ALIGN: tl.constexpr = True,
+    res_ptr=None, nw_ptr=None, y_ptr=None, s_ptr=None, q_ptr=None, qs_ptr=None, eps=0.0,
+    NORM_IN: tl.constexpr = False, BLOCK_H: tl.constexpr = 1, QUANT: tl.constexpr = False,
+    PRE_ROUND: tl.constexpr = False,
 ):
     """part: [SPLITS, T, E] fp32 workspace; cnt: one int32, 0 between launches. BLOCK_S >= E + SHARED (the
-    slots aligned: the shared expert is slot E). ALIGN False: the last program selects only (no pairs layout)."""
+    slots aligned: the shared expert is slot E). ALIGN False: the last program selects only (no pairs layout).
+    NORM_IN: x is the attention output and the router's input is s = x + res, y = RMSNorm(s) (weight nw, eps):
+    every program computes its rows' rstd from whole rows (SEL_T x BLOCK_H) and normalises its K slice; program 0
+    stores s, y and (QUANT) y's per-token FP8 form (q, qs), rows H apart, as rmsnorm.add_rms_norm(_fp8) would."""
     pdl_enter(PDL)
     split = tl.program_id(0)
     rt = tl.arange(0, BLOCK_T)
@@ -59,7 +65,34 @@ def _route_align_kernel(
     row_ok = rt < T
     kb_lo = split * k_blocks_per_split
     kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(H, BLOCK_K))
-    acc = logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T, BLOCK_E, BLOCK_K, UPCAST)
+    rstd_t = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if NORM_IN:
+        rs = tl.arange(0, SEL_T)
+        rh = tl.arange(0, BLOCK_H)
+        ok = (rs < T)[:, None] & (rh < H)[None, :]
+        offs = rs[:, None].to(tl.int64) * x_st + rh[None, :]  # [SEL_T, BLOCK_H]
+        xo = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        sv = (xo.to(tl.float32) + tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(xo.dtype)
+        sf = sv.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / H + eps)  # [SEL_T], rmsnorm.norm_row's arithmetic
+        if split == 0:  # the norm's outputs for the experts and the next layer's residual
+            out_offs = rs[:, None].to(tl.int64) * H + rh[None, :]
+            tl.store(s_ptr + out_offs, sv, mask=ok)
+            w = tl.load(nw_ptr + rh, mask=rh < H, other=0.0).to(tl.float32)
+            y = ((sf * rstd[:, None]).to(xo.dtype).to(tl.float32) * w[None, :]).to(xo.dtype)
+            tl.store(y_ptr + out_offs, y, mask=ok)
+            if QUANT:  # quant_fp8_per_token's arithmetic on y as stored
+                yf = tl.where(ok, y.to(tl.float32), 0.0)
+                scale = tl.maximum(tl.max(tl.abs(yf), axis=1) / 448.0, 1e-12)  # [SEL_T]
+                tl.store(qs_ptr + rs, scale, mask=rs < T)
+                q = tl.clamp(yf / scale[:, None], -448.0, 448.0)
+                if PRE_ROUND:
+                    q = fp8_grid_round(q)
+                tl.store(q_ptr + out_offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+        # each dot row's rstd: [SEL_T] -> the [BLOCK_T] rows of tl.dot's tile (rows >= T: unused)
+        rstd_t = tl.sum(tl.where(rt[:, None] == rs[None, :], rstd[None, :], 0.0), axis=1)
+    acc = logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T, BLOCK_E, BLOCK_K, UPCAST,
+                      res_ptr, nw_ptr, rstd_t, NORM_IN)
     tile_p = part_ptr + rt[:, None] * E + e[None, :]
     tile_ok = row_ok[:, None] & (e < E)[None, :]
     tl.store(tile_p + split * T * E, acc, mask=tile_ok)
@@ -104,6 +137,38 @@ def _route_align_kernel(
     tl.store(block_expert_ptr + starts // BLOCK_M, tl.arange(0, BLOCK_S), mask=counts > 0)
 
 
+# The post-attention norm (residual add + RMSNorm, and its FP8 form) inside this launch, for decode batches of at
+# most NORM_MAX_T tokens whose rows fit one program's registers (next_pow2(T) * next_pow2(H) <= NORM_MAX_ELEMS): one
+# launch a MoE layer fewer (the norm's, 2.3 us at B 1 under Nsight Compute, H100 run 34, plus its launch gap), for
+# ~1 us more in every router program (whole rows loaded from L2 and reduced before the first dot). Same values as
+# the norm's launch to fp32 sum order (the rstd's reduction is shaped differently). 0: off, the norm's own launch
+# (bench/ab_step.py --switch route_norm).
+NORM_MAX_T = 0
+NORM_MAX_ELEMS = 8192
+
+
+def add_rms_norm_route_align(x, residual, norm_weight, eps, quant, gate_weight, correction_bias, top_k, n_group,
+                             topk_group, norm_topk_prob, scaling, shared_slot, num_slots, fp8):
+    """shared.model.ops.add_rms_norm_route_align: (y, s, y_fp8) = rmsnorm.add_rms_norm(_fp8)(x, residual,
+    norm_weight, eps) (quant: with y's per-token FP8 form, else None) and moe_route_align of y -> (y, s, y_fp8,
+    weights, ids, aligned). One launch for T <= NORM_MAX_T tokens of bf16 contiguous rows (the kernel's NORM_IN),
+    else the norm's launch, then moe_route_align's."""
+    t, h = x.shape
+    if (0 < t <= NORM_MAX_T and next_pow2(t) * next_pow2(h) <= NORM_MAX_ELEMS and x.is_contiguous()
+            and residual.is_contiguous() and residual.shape == x.shape and norm_weight.shape == (h,)
+            and x.dtype == residual.dtype == norm_weight.dtype == torch.bfloat16):
+        out = _route_align(x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                           shared_slot, num_slots, fp8, None, (residual, norm_weight.contiguous(), eps, quant))
+        if out is not None:
+            return out
+    if quant:
+        y, s, y_fp8 = rmsnorm.add_rms_norm_fp8(x, residual, norm_weight, eps)
+    else:
+        (y, s), y_fp8 = rmsnorm.add_rms_norm(x, residual, norm_weight, eps), None
+    return (y, s, y_fp8, *moe_route_align(y, gate_weight, correction_bias, top_k, n_group, topk_group,
+                                          norm_topk_prob, scaling, shared_slot, num_slots, fp8))
+
+
 def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
                     shared_slot, num_slots, fp8, align: bool | None = None):
     """shared.model.ops.moe_route_align: -> (weights [T, k'] fp32, ids [T, k'] int64, aligned), aligned =
@@ -112,6 +177,18 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     aligns): more than MAX_T tokens, a gate or x that is not bf16, or no arrival counter (first use inside a
     CUDA graph capture). align None: unless fused_experts takes these tokens to its GEMV path (fused_moe.uses_gemv,
     which reads the ids and needs no layout); False: the one launch selects only and aligned is None."""
+    out = _route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                       shared_slot, num_slots, fp8, align)
+    if out is None:
+        return (*moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                           shared_slot), None)
+    return out
+
+
+def _route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                 shared_slot, num_slots, fp8, align, norm=None):
+    """The one launch, or None where it does not apply (moe_route_align's rules). norm: (residual, weight, eps,
+    quant) -> hidden is the attention output, and the result is add_rms_norm_route_align's (y, s, y_fp8, ...)."""
     num_experts, h = gate_weight.shape
     x = hidden.reshape(-1, h)
     t = x.shape[0]
@@ -122,8 +199,7 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
                and x.stride(1) == 1 and (x.is_cuda or INTERPRET) and num_slots <= 1024)
     counter = arrival_counters(x.device, 1) if applies else None
     if counter is None:
-        return (*moe_route(hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
-                           shared_slot), None)
+        return None
     check(correction_bias.shape == (num_experts,), "correction bias must be [E]")
     check(num_experts % n_group == 0 and topk_group <= n_group, "bad grouping")
     check(num_slots >= num_experts + int(shared_slot), "num_slots must cover the shared slot")
@@ -139,11 +215,20 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
     part = new_out((splits, t, num_experts), torch.float32, x.device)
     pairs = new_out((cap,), torch.int32, x.device)  # moe_align's bound (one block's worth, unused, if not align)
     block_expert = new_out((cap // block_m,), torch.int32, x.device)
+    norm_args, normed = {}, ()
+    if norm is not None:  # the norm's outputs [T, H] (rows H apart) and its FP8 form
+        residual, norm_weight, eps, quant = norm
+        y, s = new_out((t, h), x.dtype, x.device), new_out((t, h), x.dtype, x.device)
+        q = new_out((t, h), FP8_DTYPE, x.device) if quant else y
+        qs = new_out((t, 1), torch.float32, x.device) if quant else y
+        norm_args = dict(res_ptr=residual, nw_ptr=norm_weight, y_ptr=y, s_ptr=s, q_ptr=q, qs_ptr=qs, eps=float(eps),
+                         NORM_IN=True, BLOCK_H=next_pow2(h), QUANT=bool(quant), PRE_ROUND=INTERPRET)
+        normed = (y, s, (q, qs) if quant else None)
     _route_align_kernel[(splits,)](
         x, gate, correction_bias.float().contiguous(), weights, ids, part, counter, pairs, block_expert,
         t, num_experts, h, x.stride(0), float(scaling), cap, per_split,
         TOP_K=top_k, SHARED=int(shared_slot), N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob),
         BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, K_PAD=next_pow2(out_k), SPLITS=splits,
         BLOCK_S=next_pow2(num_slots), BLOCK_M=block_m, FILL=FILL, UPCAST=INTERPRET, SEL_T=next_pow2(t), num_warps=4,
-        RELAXED_RESET=RELAXED_RESET, ALIGN=align, **pdl_kw(x.device, t))
-    return weights, ids, (pairs, block_expert, block_m) if align else None
+        RELAXED_RESET=RELAXED_RESET, ALIGN=align, **norm_args, **pdl_kw(x.device, t))
+    return (*normed, weights, ids, (pairs, block_expert, block_m) if align else None)

@@ -195,6 +195,17 @@ def moe_route_align_ref(hidden, gate_weight, correction_bias, top_k, n_group, to
                            scaling, shared_slot), None)
 
 
+def add_rms_norm_route_align_ref(x, residual, norm_weight, eps, quant, gate_weight, correction_bias, top_k, n_group,
+                                 topk_group, norm_topk_prob, scaling, shared_slot, num_slots, fp8):
+    """The post-attention norm, then the router of its output: (y, s, y_fp8) = add_rms_norm(_fp8)(x, residual,
+    norm_weight, eps) (quant: the FP8 form wanted; see add_rms_norm_fp8_ref) and moe_route_align(y, ...) ->
+    (y, s, y_fp8, weights, ids, aligned). The CUDA kernel may do both in one launch (kernels.moe_route_align)."""
+    y, s, y_fp8 = (add_rms_norm_fp8(x, residual, norm_weight, eps) if quant
+                   else (*add_rms_norm(x, residual, norm_weight, eps), None))
+    return (y, s, y_fp8, *moe_route_align(y, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
+                                          scaling, shared_slot, num_slots, fp8))
+
+
 def fused_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, shared_last: bool = False,
@@ -310,6 +321,7 @@ IMPL: dict[str, Callable] = {
     "silu_and_mul": silu_and_mul_ref,
     "moe_route": moe_route_ref,
     "moe_route_align": moe_route_align_ref,
+    "add_rms_norm_route_align": add_rms_norm_route_align_ref,
     "fused_experts": fused_experts_ref,
     "paged_attention": paged_attention_ref,
     "quant_fp8_per_token": quant_fp8_per_token_ref,
@@ -382,6 +394,12 @@ def moe_route_align(hidden, gate_weight, correction_bias, top_k, n_group, topk_g
                     shared_slot, num_slots, fp8):
     return IMPL["moe_route_align"](hidden, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
                                    scaling, shared_slot, num_slots, fp8)
+
+
+def add_rms_norm_route_align(x, residual, norm_weight, eps, quant, gate_weight, correction_bias, top_k, n_group,
+                             topk_group, norm_topk_prob, scaling, shared_slot, num_slots, fp8):
+    return IMPL["add_rms_norm_route_align"](x, residual, norm_weight, eps, quant, gate_weight, correction_bias, top_k,
+                                            n_group, topk_group, norm_topk_prob, scaling, shared_slot, num_slots, fp8)
 
 
 def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False, x_fp8=None,

@@ -371,3 +371,41 @@ def test_route_align_in_a_cuda_graph(t, e, k, h):
             torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
             assert torch.equal(pairs, pairs_ref) and torch.equal(blocks, blocks_ref)
     assert not _common._arrival[gate.device].any()
+
+
+@pytest.mark.parametrize("t,e,k,h", [(1, 64, 4, 2048), (4, 64, 4, 2048), (1, 160, 8, 5120)])
+def test_norm_in_route_align_in_a_cuda_graph(t, e, k, h, monkeypatch):
+    """add_rms_norm_route_align's one launch (the post-attention norm inside the router's, NORM_MAX_T) at
+    GLM-4.7-Flash's and GLM-4.5's shapes, replayed in a CUDA graph: s bit-equal to add_rms_norm_fp8's, y and its
+    FP8 form within one bf16 step of it (the rstd's reduction is shaped differently), moe_route's experts and
+    weights for the y it stored, and the arrival counter back at 0."""
+    from glmserve.kernels import moe_route_align as ra, rmsnorm
+
+    monkeypatch.setattr(ra, "NORM_MAX_T", 4)
+    g = torch.Generator(device=DEV).manual_seed(t + h)
+    x = torch.randn(t, h, device=DEV, generator=g).to(BF16)
+    res = (torch.randn(t, h, device=DEV, generator=g) * 4).to(BF16)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV, generator=g)).to(BF16)
+    gate = (torch.randn(e, h, device=DEV, generator=g) * 0.02).to(BF16)
+    bias = torch.randn(e, device=DEV, generator=g) * 0.01
+    args = (x, res, nw, 1e-5, True, gate, bias, k, 1, 1, True, 2.5, True, e + 1, True)
+    y_ref, s_ref, (q_ref, qs_ref) = rmsnorm.add_rms_norm_fp8(x, res, nw, 1e-5)
+    ids_ref = moe_route.moe_route(y_ref, gate, bias, k, 1, 1, True, 2.5, True)[1]
+    assert ra.add_rms_norm_route_align(*args)[0] is not None  # the arrival counter made here, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s, (q, qs), w, ids, _ = ra.add_rms_norm_route_align(*args)
+    for _ in range(3):
+        for o in (y, s, w):
+            o.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(s, s_ref)
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(qs, qs_ref, rtol=8e-3, atol=0)
+        torch.testing.assert_close(q.float() * qs, q_ref.float() * qs_ref, rtol=0.07, atol=qs.max().item())
+        w_y, ids_y = moe_route.moe_route(y, gate, bias, k, 1, 1, True, 2.5, True)  # routing of the y it stored
+        assert torch.equal(ids, ids_y)
+        torch.testing.assert_close(w, w_y, rtol=1e-5, atol=1e-6)
+        assert (ids == ids_ref).float().mean() > 0.7  # and of the separate norm's y, up to near ties
+    assert not _common._arrival[gate.device].any()

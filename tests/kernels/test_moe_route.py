@@ -207,6 +207,78 @@ def test_route_align_falls_back_where_one_launch_does_not_apply():
         assert aligned is None and torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
 
 
+@pytest.mark.parametrize("t,e,k,h,quant,shared", [
+    (1, 64, 4, 256, True, True),  # GLM-4.7-Flash's router at batch 1 (2 K splits), FP8 experts
+    (3, 24, 4, 96, False, True),  # SEL_T 4 rows for 3 tokens; H not a power of two (masked row tails, K block)
+    (4, 40, 8, 160, True, False),  # NORM_MAX_T tokens, no shared slot
+])
+def test_norm_in_route_align_equals_norm_then_route(t, e, k, h, quant, shared, monkeypatch):
+    """add_rms_norm_route_align's one launch (NORM_IN: every program normalises x + residual itself, program 0
+    stores the norm's outputs) against its two-launch form (NORM_MAX_T 0: add_rms_norm(_fp8), then
+    moe_route_align): s bit-equal; y, y's FP8 form and the routing weights equal to fp32 sum order (bit-equal under
+    the interpreter); the same experts and layout; the arrival counter back at 0, twice in a row."""
+    from glmserve.kernels import _common, moe_route_align as ra
+
+    g = torch.Generator().manual_seed(t * 100 + h)
+    x = (torch.randn(t, h, generator=g) * 3).to(DEV, torch.bfloat16)
+    res = torch.randn(t, h, generator=g).to(DEV, torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(h, generator=g)).to(DEV, torch.bfloat16)
+    gate = (torch.randn(e, h, generator=g) / h ** 0.5).to(DEV, torch.bfloat16)
+    bias = (torch.randn(e, generator=g) * 0.1).to(DEV)
+    args = (x, res, nw, 1e-5, quant, gate, bias, k, 1, 1, True, 2.5, shared, e + int(shared), True)
+    monkeypatch.setattr(ra, "NORM_MAX_T", 0)
+    want = ra.add_rms_norm_route_align(*args)
+    monkeypatch.setattr(ra, "NORM_MAX_T", 4)
+
+    def no_norm_launch(*_):
+        raise AssertionError("the norm ran as its own launch")
+
+    for name in ("add_rms_norm", "add_rms_norm_fp8"):
+        monkeypatch.setattr(ra.rmsnorm, name, no_norm_launch)
+    exact = DEV == "cpu"
+    for _ in range(2):
+        got = ra.add_rms_norm_route_align(*args)
+        assert torch.equal(got[1], want[1])  # s = x + residual
+        assert torch.equal(got[4], want[4])  # ids
+        for a, b in ((got[0], want[0]), (got[3], want[3])):  # y, routing weights
+            assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), rtol=8e-3, atol=1e-5)
+        if quant:
+            (q, qs), (q_ref, qs_ref) = got[2], want[2]
+            if exact:
+                assert torch.equal(qs, qs_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+            else:  # one bf16 step of y moves a value at most one e4m3 step
+                torch.testing.assert_close(qs, qs_ref, rtol=8e-3, atol=0)
+                torch.testing.assert_close(q.float() * qs, q_ref.float() * qs_ref, rtol=0.07, atol=qs.max().item())
+        else:
+            assert got[2] is None and want[2] is None
+        assert (got[5] is None) == (want[5] is None)
+        if got[5] is not None:
+            assert all(torch.equal(a, b) for a, b in zip(got[5][:2], want[5][:2])) and got[5][2] == want[5][2]
+        assert not _common._arrival[x.device].any()
+
+
+def test_norm_in_route_align_falls_back_beyond_its_rows(monkeypatch):
+    """More tokens than NORM_MAX_T, or rows wider than NORM_MAX_ELEMS allows: the norm's own launch, then the
+    router's (the same results as calling them one after another)."""
+    from glmserve.kernels import moe_route_align as ra, rmsnorm
+
+    monkeypatch.setattr(ra, "NORM_MAX_T", 4)
+    calls = []
+    real = rmsnorm.add_rms_norm_fp8
+    monkeypatch.setattr(rmsnorm, "add_rms_norm_fp8", lambda *a: calls.append(1) or real(*a))
+    for t, h in ((5, 64), (1, ra.NORM_MAX_ELEMS * 2)):
+        x, res = torch.randn(2, t, h, device=DEV).to(torch.bfloat16)
+        nw = torch.ones(h, device=DEV, dtype=torch.bfloat16)
+        gate = torch.randn(8, h, device=DEV).to(torch.bfloat16) / h ** 0.5
+        bias = torch.zeros(8, device=DEV)
+        y, s, y_fp8, w, ids, _ = ra.add_rms_norm_route_align(x, res, nw, 1e-6, True, gate, bias, 2, 1, 1, True, 1.0,
+                                                              True, 9, True)
+        y_ref, s_ref, _ = real(x, res, nw, 1e-6)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref) and y_fp8 is not None
+        assert torch.equal(ids, ra.moe_route_align(y_ref, gate, bias, 2, 1, 1, True, 1.0, True, 9, True)[1])
+    assert len(calls) == 2
+
+
 def test_moe_layer_uses_the_routers_alignment(tmp_path, monkeypatch):
     """MoE.forward with the kernels (bf16, 3 tokens): the experts take the router's sorted pairs (moe_align is not
     called) and give the same bits as the route-then-align path (moe_route_align.ENABLED off)."""

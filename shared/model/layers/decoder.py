@@ -39,5 +39,7 @@ class DecoderLayer(nn.Module):
         else:
             h, residual, h_fp8 = self.input_layernorm.apply(x, residual, self.self_attn.input_fp8)
         h = self.self_attn(h, cos_sin, batch, kv_cache, self.layer_id, x_fp8=h_fp8)
+        if isinstance(self.mlp, MoE):  # the post-attention norm in the router's op (one launch at small batches)
+            return self.mlp.forward_normed(h, residual, self.post_attention_layernorm)
         h, residual, h_fp8 = self.post_attention_layernorm.apply(h, residual, self.mlp.input_fp8)
         return self.mlp(h, x_fp8=h_fp8), residual

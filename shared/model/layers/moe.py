@@ -58,6 +58,17 @@ class Router(nn.Module):
                                    c.topk_group, c.norm_topk_prob, c.routed_scaling_factor, shared_slot,
                                    num_slots or self.weight.shape[0] + int(shared_slot), fp8)
 
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm, quant: bool, shared_slot: bool,
+                       num_slots: int, fp8: bool):
+        """The decoder's post-attention norm (RMSNorm `norm` of x + residual; quant: with its FP8 form), then
+        forward on its output, as one op (ops.add_rms_norm_route_align: one launch at small batches) ->
+        (y, s, y_fp8, weights, ids, aligned): y the normed rows, s = x + residual."""
+        c = self.cfg
+        return ops.add_rms_norm_route_align(x, residual, norm.weight, norm.eps, quant, self.weight,
+                                            self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
+                                            c.topk_group, c.norm_topk_prob, c.routed_scaling_factor, shared_slot,
+                                            num_slots, fp8)
+
 
 class Experts(nn.Module):
     """Stacked experts (the E routed ones, then the shared one at `shared_slot` when fused); this rank holds
@@ -134,6 +145,16 @@ class MoE(nn.Module):
         the slot form [T, k', H] instead: the experts' weighted per-slot rows, summed by the next layer's
         add_rms_norm (the decoder's consumer) in the same launch (one slot-sum kernel fewer a layer)."""
         weights, ids, aligned = self.gate(x, self.shared_experts is None, self.num_slots, self.experts.fp8)
+        return self._experts(x, x_fp8, weights, ids, aligned)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(norm(x + residual)) with the norm in the router's op (Router.forward_normed) -> (forward's
+        output, x + residual): the decoder's post-attention norm and this block, one launch fewer at decode."""
+        y, residual, y_fp8, weights, ids, aligned = self.gate.forward_normed(
+            x, residual, norm, self.input_fp8, self.shared_experts is None, self.num_slots, self.experts.fp8)
+        return self._experts(y, y_fp8, weights, ids, aligned), residual
+
+    def _experts(self, x, x_fp8, weights, ids, aligned) -> torch.Tensor:
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
