@@ -48,13 +48,14 @@ SWITCHES: dict[str, tuple[str, str, object, object]] = {
     "mla_two_per_sm": ("glmserve.kernels.mla_decode", "WG_TWO_PER_SM", True, False),
     "mla_wg8": ("glmserve.kernels.mla_decode", "WG_CONFIGS", {"default": (1, 8, 2)}, {"default": (1, 4, 2)}),
     "route_norm": ("glmserve.kernels.moe_route_align", "NORM_MAX_T", 4, 0),
+    "moe_next_norm": ("glmserve.kernels.fused_moe", "NEXT_NORM_MAX_T", 4, 0),  # acts where the MoE GEMV does (T 1)
 }
 # Switches that change fp32 summation order everywhere they act (a different kernel for the same product). With the
 # dummy checkpoint's random router, a last-bit change can flip a top-k choice in a later layer and move a row's
 # logits far more than the sums did, so their logits difference is reported but does not decide (their GPU kernel
 # tests bound the product itself; argmax agreement is printed beside it).
-SUM_ORDER = {"gemv", "moe_gemv", "gemv_act", "route_norm"}  # gemv_act: 8-byte weight pieces (16-bit A); route_norm:
-# the norm's rstd reduced in another shape
+SUM_ORDER = {"gemv", "moe_gemv", "gemv_act", "route_norm", "moe_next_norm"}  # gemv_act: 8-byte weight pieces
+# (16-bit A); route_norm, moe_next_norm: the norm's rstd reduced in another shape
 
 
 def set_switch(name: str, on: bool) -> None:

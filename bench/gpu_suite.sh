@@ -23,7 +23,7 @@
 #                                    # fleet14's fleet
 #   bash bench/gpu_suite.sh mps      # ONE GPU: the one-GPU fleet (c64, c256) with and without a CUDA MPS server
 #   bash bench/gpu_suite.sh ncu14    # ONE GPU: A/B of the run-40 switches, then one FP8 layer under Nsight Compute
-#   bash bench/gpu_suite.sh norm45   # ONE GPU: the post-attention norm in the router's launch: GPU tests, A/B, steps
+#   bash bench/gpu_suite.sh norm45   # ONE GPU: two norms into the MoE's launches (router, down GEMV): tests, A/Bs, steps
 #   bash bench/gpu_suite.sh check44  # ONE GPU: runs 42-43's defaults on the serving paths (GPU model / worker tests),
 #                                    # the step table (gemv14, run 42: at e0cec33; defaults14, run 43: at 1d0448c)
 # The one-off H100 phases of runs 15-35 (h100b ... h100u, ab5) were removed on 2026-12-07: each run's command and commit
@@ -233,17 +233,18 @@ case "${1:-models}" in
     step profile_verify "$(left 60)" $PY -m bench.profile_step --batches 1,2 --verify_tokens 2 --ctx 640 \
       --quantization fp8 --no_profile
     ;;
-  norm45)  # ONE GPU (~8 min): run 45, the post-attention norm inside the router's launch (moe_route_align.NORM_MAX_T,
-    # off): its GPU tests (the launch in a CUDA graph at Flash / GLM-4.5 shapes, the tiny models against the separate
-    # norm), the in-process A/B at B 1 / 2 / 4, then the step table with it on
+  norm45)  # ONE GPU (~8 min): run 45, two norms into the MoE's launches (off): the post-attention norm inside the
+    # router's (moe_route_align.NORM_MAX_T) and the next layer's input norm by the down GEMV's last program
+    # (fused_moe.NEXT_NORM_MAX_T): their GPU tests (the launches in CUDA graphs at Flash / GLM-4.5 shapes, the tiny
+    # model against the separate norms), the in-process A/Bs at B 1 / 2 / 4, then the step table with both on
     end=$((SECONDS + ${NORM_BUDGET_S:-560}))
     step norm_tests "$(left 170)" $PY -m pytest -q -m "gpu or not gpu" -p no:cacheprovider \
-      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_moe_route.py tests/kernels/test_model_with_kernels.py \
-      -k "norm_in or route_align or post_attention"
-    step ab_norm "$(left 260)" $PY -m bench.ab_step --switch route_norm --batches 1,2,4 --rounds 3 --ctx 640 \
-      --quantization fp8
+      tests/kernels/test_gpu_real_shapes.py tests/kernels/test_moe_route.py tests/kernels/test_fp8_gemv.py \
+      tests/kernels/test_model_with_kernels.py -k "norm_in or route_align or next_norm or inside_the_moe"
+    step ab_norm "$(left 260)" $PY -m bench.ab_step --switch route_norm,moe_next_norm --batches 1,2,4 --rounds 3 \
+      --ctx 640 --quantization fp8
     step profile_norm "$(left 120)" $PY -m bench.profile_step --batches 1,2,4,64,256 --ctx 640 --quantization fp8 \
-      --no_profile --switches_on route_norm
+      --no_profile --switches_on route_norm,moe_next_norm
     ;;
   sweep)  # issue 14: launch configs of MLA decode and the block-scaled FP8 GEMM at decode batch sizes
     step decode_sweep 400 $PY -m bench.decode_sweep --only "${SWEEP_ONLY:-mla,gemm}" --out "$OUT/decode_sweep.json"

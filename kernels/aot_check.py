@@ -285,6 +285,12 @@ def cases():
     yield ("fp8_gemv quant 2x2048 x3 pdl", *_gemv(2, 2048, 3, fp8_gemv.WARPS, fp8_gemv.A_QUANT))
     yield ("fp8_gemv norm 4x1024 pdl", *_gemv(4, 1024, 1, fp8_gemv.WARPS, fp8_gemv.A_NORM))  # q_b: K 768
     yield ("moe_gemv down silu 8x2048 pdl", *_moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True, fp8_gemv.A_SILU))
+    fn, sig, const, warps, stages = _moe_gemv(8, 2048, 1, fp8_gemv.WARPS, 1, True, fp8_gemv.A_SILU)
+    sig = dict(sig, cnt_ptr=P["i32"], res_ptr=P["bf16"], nw_ptr=P["bf16"], y_ptr=P["bf16"], s_ptr=P["bf16"],
+               q_ptr=P["f8"], qs_ptr=P["f32"], eps="fp32")
+    # the next layer's input norm by the token's last program (fused_moe.NEXT_NORM_MAX_T): Flash's 5 slots, H 2048
+    yield ("moe_gemv down silu next norm arrival pdl", fn, sig,
+           dict(const, NEXT_NORM=True, SLOTS=5, BLOCK_H=2048, QUANT=True), warps, stages)
     yield ("fp8_gemm split-k 4 small_narrow", *_gemm(False, fp8_gemm.CONFIGS[("default", "small_narrow")], 4))
     for key in ("small", "small_narrow"):
         cfg = fp8_gemm.CONFIGS[("default", key)]

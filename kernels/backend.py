@@ -4,8 +4,8 @@
 reference that was in ops.IMPL before, so one process can still run CPU tensors (tests, tools).
 Idempotent. Ops wired (same signatures as the *_ref functions in shared.model.ops):
 rms_norm, add_rms_norm, rms_norm_fp8, add_rms_norm_fp8, rope, mla_kv_write, mla_prep, mla_absorb, gqa_kv_write, silu_and_mul,
-moe_route, moe_route_align, add_rms_norm_route_align, fused_experts, paged_attention, quant_fp8_per_token,
-fp8_linear, rms_norm_fp8_linear.
+moe_route, moe_route_align, add_rms_norm_route_align, fused_experts, fused_experts_norm, paged_attention,
+quant_fp8_per_token, fp8_linear, rms_norm_fp8_linear.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _kernels() -> dict[str, Callable]:
         "moe_route_align": moe_route_align.moe_route_align,
         "add_rms_norm_route_align": moe_route_align.add_rms_norm_route_align,
         "fused_experts": fused_moe.fused_experts,
+        "fused_experts_norm": fused_moe.fused_experts_norm,
         "paged_attention": attention,
         "quant_fp8_per_token": act_quant.quant_fp8_per_token,
         "fp8_linear": fp8_gemm.fp8_linear,

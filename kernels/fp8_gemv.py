@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import FP8_DTYPE, INTERPRET, check, fp8_grid_round, pdl_enter, pdl_kw, sm_count
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, fp8_grid_round, new_out, next_pow2, pdl_enter,
+                                      pdl_kw, sm_count, splitk_arrive)
+from glmserve.kernels.rmsnorm import norm_row
 
 
 # A_MODE: what the kernels' A operand is. A_FP8: e4m3 rows with per-row scales (the quantized activation). A_QUANT:
@@ -168,10 +170,17 @@ def _moe_gemv_kernel(
     A_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K_CHUNKS: tl.constexpr, PDL: tl.constexpr = 0, A_MODE: tl.constexpr = 0, A_ROWS: tl.constexpr = 0,
     PRE_ROUND: tl.constexpr = False,
+    cnt_ptr=None, res_ptr=None, nw_ptr=None, y_ptr=None, s_ptr=None, q_ptr=None, qs_ptr=None, eps=0.0,
+    NEXT_NORM: tl.constexpr = False, SLOTS: tl.constexpr = 1, BLOCK_H: tl.constexpr = 1,
+    QUANT: tl.constexpr = False, NORM_PRE_ROUND: tl.constexpr = False,
 ):
     """Program (pair, N block): c[pair, n] = (A[pair // A_DIV] . B[e, n]) * s_a[pair // A_DIV] * s_b[e, n]
     (* w[pair]), e = ids[pair]: fused_moe._moe_gemm_kernel's product for one (token, expert) pair, FP8 only.
-    A_QUANT / A_SILU: A and s_a from the 16-bit row (as_ptr unread). The epilogue's scales load before the dot."""
+    A_QUANT / A_SILU: A and s_a from the 16-bit row (as_ptr unread). The epilogue's scales load before the dot.
+    NEXT_NORM (the down GEMV, c = the slot form [T * SLOTS, N]): then the program counts itself on its token's
+    arrival counter (cnt [T], 0 between launches); the token's last program (of SLOTS x N blocks) sums the SLOTS
+    rows (from L2), adds the residual row and runs the next layer's input norm: rmsnorm.add_rms_norm(_fp8)'s
+    _rms_norm_kernel on the slot form, the same arithmetic (s, y and with QUANT y's FP8 form, rows N apart)."""
     pdl_enter(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -193,6 +202,21 @@ def _moe_gemv_kernel(
     if MUL_WEIGHT:
         y = y * wt
     tl.store(c_ptr + pair * c_sm + rn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
+    if NEXT_NORM:
+        tok = pair // SLOTS
+        if splitk_arrive(cnt_ptr + tok) == SLOTS * tl.num_programs(1) - 1:  # the token's last program
+            rh = tl.arange(0, BLOCK_H)
+            ok = rh < N
+            row_p = c_ptr + tok * SLOTS * c_sm + rh
+            xs = tl.load(row_p, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for j in tl.static_range(1, SLOTS):  # slot order, fp32, one rounding: the norm kernel's slot sum
+                xs += tl.load(row_p + j * c_sm, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            dt = c_ptr.dtype.element_ty
+            r = tl.load(res_ptr + tok * N + rh, mask=ok, other=0.0)
+            x = (xs.to(dt).to(tl.float32) + r.to(tl.float32)).to(dt)
+            tl.store(s_ptr + tok * N + rh, x, mask=ok)
+            norm_row(x, tok, rh, ok, nw_ptr, y_ptr, q_ptr, qs_ptr, N, N, N, eps, QUANT, NORM_PRE_ROUND)
+            tl.atomic_xchg(cnt_ptr + tok, 0)  # for the next launch (a kernel boundary orders it before)
 
 
 # The GEMVs take 16-bit activations and quantize them in each program (A_QUANT, A_SILU) instead of after a separate
@@ -272,21 +296,39 @@ def fp8_gemv(a, a_scale, w_q, w_scale, bias, out: torch.Tensor, config: tuple[in
 
 
 def moe_gemv(a, a_scale, b, b_scale, c, weights, ids, a_div: int, mul_weight: bool,
-             config: tuple[int, int, int] | None = None, a_mode: int = A_FP8) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None, a_mode: int = A_FP8, next_norm=None):
     """fused_moe's grouped GEMM for few pairs, one program a (pair, N block): a [R, K] e4m3 (row pair // a_div)
     with a_scale [R] (or [R, 1]) fp32 contiguous, or 16-bit rows the kernel quantizes itself (A_QUANT [R, K], A_SILU
     [R, 2K]; a_scale None); b [E, N, K] e4m3, b_scale [E, N] fp32, weights [P] fp32, ids [P] (the expert of each
     pair, flat [T, k] order), c [P, N] -> c. No alignment of pairs by expert: each pair reads its expert's weights,
-    so two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens."""
+    so two pairs of one expert read them twice (from L2 when adjacent); for T <= 4 tokens.
+    next_norm: (counters [T] int32 (0, _common.arrival_counters), residual [T, N], norm weight [N], eps, quant) for
+    the down GEMV of the slot form (c [T * k, N], ids [T, k]): the kernel's NEXT_NORM epilogue, -> (c, (y, s,
+    (q, scale) or None)) = (c, rmsnorm.add_rms_norm(_fp8)(c.view(T, k, N), residual, weight, eps))."""
     num_pairs = ids.numel()
     n, k = b.shape[1], b.shape[2]
     _check_a(a, a_scale, k, a_mode)
     block_n, block_k, warps = config or gemv_config(b.device, num_pairs, n, k)
+    norm_args, normed = {}, None
+    if next_norm is not None:
+        counters, residual, norm_weight, eps, quant = next_norm
+        t, slots = ids.shape
+        check(ids.dim() == 2 and residual.shape == (t, n) and residual.is_contiguous() and c.stride(1) == 1
+              and norm_weight.shape == (n,) and norm_weight.is_contiguous() and counters.numel() >= t,
+              "next_norm: ids [T, k], residual [T, N] contiguous, norm weight [N], T counters")
+        y, s = new_out((t, n), c.dtype, c.device), new_out((t, n), c.dtype, c.device)
+        q = new_out((t, n), FP8_DTYPE, c.device) if quant else y
+        qs = new_out((t, 1), torch.float32, c.device) if quant else y
+        norm_args = dict(cnt_ptr=counters, res_ptr=residual, nw_ptr=norm_weight, y_ptr=y, s_ptr=s, q_ptr=q, qs_ptr=qs,
+                         eps=float(eps), NEXT_NORM=True, SLOTS=slots, BLOCK_H=next_pow2(n), QUANT=bool(quant),
+                         NORM_PRE_ROUND=INTERPRET)
+        normed = (y, s, (q, qs) if quant else None)
     _moe_gemv_kernel[(num_pairs, triton.cdiv(n, block_n))](
         a, b, c, a_scale if a_scale is not None else b_scale, b_scale, weights, ids, n, k, a.stride(0), b.stride(0),
         b.stride(1), c.stride(0), b_scale.stride(0), A_DIV=a_div, MUL_WEIGHT=mul_weight, BLOCK_N=block_n,
         BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), A_MODE=a_mode,
         A_ROWS=a_rows(block_n, block_k, warps, a_mode),
-        PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **pdl_kw(b.device, num_pairs),
+        PRE_ROUND=INTERPRET and a_mode != A_FP8, num_warps=warps, num_stages=1, **norm_args,
+        **pdl_kw(b.device, num_pairs),
     )
-    return c
+    return c if next_norm is None else (c, normed)

@@ -16,12 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, check, dot_in, dot_precision, gpu_name, new_out,
-                                      sm_count, pdl_enter, pdl_kw)
+from glmserve.kernels._common import (FP8_DTYPE, INTERPRET, arrival_counters, check, dot_in, dot_precision, gpu_name,
+                                      new_out, sm_count, pdl_enter, pdl_kw)
 from glmserve.kernels.act_quant import quant_fp8_per_token, silu_and_mul, silu_and_mul_fp8
 from glmserve.kernels import fp8_gemv
 from glmserve.kernels.fp8_gemv import moe_gemv
 from glmserve.kernels.moe_align import moe_align  # one launch at decode sizes, torch above
+from glmserve.kernels import rmsnorm
 
 
 def fused_experts_ref(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, shared_last=False,
@@ -284,11 +285,42 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
     return _combine(down, t, top_k, h, keep_slots)
 
 
-def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool) -> torch.Tensor:
+# The next layer's input norm (the slot sum, the residual add, RMSNorm and its FP8 form: rmsnorm.add_rms_norm_fp8 on
+# the slot form) done by the down GEMV's last program of each token (fp8_gemv.moe_gemv's next_norm), for
+# T <= NEXT_NORM_MAX_T tokens on the GEMV path at TP 1: one launch a MoE layer fewer, for a serial tail (~20 KB of
+# slot rows from L2, one row's norm) after the GEMV's programs and ~1,300 arrival counts on one counter. Same
+# arithmetic as the norm's launch (bit-equal under the interpreter; to the rstd's fp32 sum order on a GPU, where
+# the reduction runs over 4 warps, not 8). 0: off, the norm's own launch (bench/ab_step.py --switch moe_next_norm).
+NEXT_NORM_MAX_T = 0
+
+
+def fused_experts_norm(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, aligned, residual,
+                       norm_weight, eps, quant):
+    """shared.model.ops.fused_experts_norm: the experts' slot form (fused_experts(keep_slots=True)), then the next
+    layer's input norm of it: -> (y, s, y_fp8) = rmsnorm.add_rms_norm(_fp8)(slots, residual, norm_weight, eps)
+    (quant: with y's per-token FP8 form, else None). One launch fewer where the down GEMV does the norm
+    (NEXT_NORM_MAX_T)."""
+    t, h = x.shape
+    fp8 = w13.dtype == FP8_DTYPE
+    if (0 < t <= NEXT_NORM_MAX_T and uses_gemv(t, fp8, x.device) and residual.shape == (t, h)
+            and residual.is_contiguous() and residual.dtype == x.dtype == norm_weight.dtype
+            and norm_weight.shape == (h,) and h <= 16384):
+        counters = arrival_counters(x.device, t)
+        if counters is not None:
+            return _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, True,
+                                 (counters, residual, norm_weight.contiguous(), eps, quant))
+    slots = fused_experts(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, True, aligned)
+    if quant:
+        return rmsnorm.add_rms_norm_fp8(slots, residual, norm_weight, eps)
+    return (*rmsnorm.add_rms_norm(slots, residual, norm_weight, eps), None)
+
+
+def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool, next_norm=None):
     """fused_experts for few tokens on FP8 experts: the two GEMMs as moe_gemv launches (checked arguments). With
     fp8_gemv.FUSED_ACT (16-bit x) the GEMVs quantize their own inputs: x per token when no norm made its FP8 form,
     and the down GEMV forms silu(gate) * up from the gate_up rows (no quant or SiLU launch; the same e4m3 operands,
-    sums in another order on the GPU: see fp8_gemv.FUSED_ACT)."""
+    sums in another order on the GPU: see fp8_gemv.FUSED_ACT). next_norm: moe_gemv's, for the down GEMV (the slot
+    form) -> (y, s, y_fp8) of the next layer's input norm instead of the experts' output."""
     t, h = x.shape
     top_k = ids.shape[1]
     flat_w, flat_ids = weights.reshape(-1).float().contiguous(), ids.reshape(-1).contiguous()
@@ -303,7 +335,10 @@ def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slo
     moe_gemv(xq, xs, w13, _row_scales(w13_scale), gate_up, flat_w, flat_ids, top_k, False, a_mode=x_mode)
     act, act_s, act_mode = (gate_up, None, fp8_gemv.A_SILU) if fused else (*silu_and_mul_fp8(gate_up), fp8_gemv.A_FP8)
     down = moe_gemv(act, act_s, w2, _row_scales(w2_scale), new_out((t * top_k, h), x.dtype, x.device), flat_w,
-                    flat_ids, 1, True, a_mode=act_mode)
+                    flat_ids.view(t, top_k) if next_norm is not None else flat_ids, 1, True, a_mode=act_mode,
+                    next_norm=next_norm)
+    if next_norm is not None:
+        return down[1]
     return _combine(down, t, top_k, h, keep_slots)
 
 

@@ -34,6 +34,8 @@ class GlmMoeCausalLM(nn.Module):
         for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + self.num_mtp_layers):
             layers.append(MtpLayer(cfg, i, self.make_attention(cfg, ctx, i), ctx))
         self.model.layers = nn.ModuleList(layers)
+        for layer, nxt in zip(layers[: cfg.num_hidden_layers - 1], layers[1 : cfg.num_hidden_layers]):
+            layer.next_norm = (nxt.input_layernorm, nxt.self_attn.input_fp8)  # a MoE layer may run it (Prenormed)
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype, ctx.device)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx.tp, ctx.dtype, ctx.device)
 

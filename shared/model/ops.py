@@ -241,6 +241,16 @@ def fused_experts_ref(
     return out.to(x.dtype).view(x.shape[0], ids.shape[1], -1) if keep_slots else out.to(x.dtype)
 
 
+def fused_experts_norm_ref(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, aligned, residual,
+                           norm_weight, eps, quant):
+    """The MoE's slot form (fused_experts(keep_slots=True)), then the next layer's input norm of it: -> (y, s,
+    y_fp8) = add_rms_norm(_fp8)(slots, residual, norm_weight, eps) (quant: the FP8 form wanted). The CUDA kernels
+    may run the norm inside the down GEMV's launch (kernels.fused_moe.NEXT_NORM_MAX_T)."""
+    slots = fused_experts(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, True, aligned)
+    return add_rms_norm_fp8(slots, residual, norm_weight, eps) if quant else (
+        *add_rms_norm(slots, residual, norm_weight, eps), None)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -323,6 +333,7 @@ IMPL: dict[str, Callable] = {
     "moe_route_align": moe_route_align_ref,
     "add_rms_norm_route_align": add_rms_norm_route_align_ref,
     "fused_experts": fused_experts_ref,
+    "fused_experts_norm": fused_experts_norm_ref,
     "paged_attention": paged_attention_ref,
     "quant_fp8_per_token": quant_fp8_per_token_ref,
     "fp8_linear": fp8_linear_ref,
@@ -406,6 +417,12 @@ def fused_experts(x, w13, w2, weights, ids, w13_scale=None, w2_scale=None, share
                   keep_slots=False, aligned=None):
     return IMPL["fused_experts"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, keep_slots,
                                  aligned)
+
+
+def fused_experts_norm(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, aligned, residual,
+                       norm_weight, eps, quant):
+    return IMPL["fused_experts_norm"](x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, aligned,
+                                      residual, norm_weight, eps, quant)
 
 
 def paged_attention(q, k_cache, v_cache, batch, page_size, scale):

@@ -166,3 +166,49 @@ def test_gemv_normalising_a_equals_the_norm_launch_then_the_gemv(config, k):
     assert torch.equal(fused, split)
     with pytest.raises(ValueError, match="A_NORM"):
         fp8_gemv.fp8_gemv(x, None, w_q, w_s, None, fused, config, a_mode=fp8_gemv.A_NORM)
+
+
+@pytest.mark.parametrize("t,quant", [(1, True), (3, False), (4, True)])
+def test_next_norm_in_the_down_gemv_equals_the_norm_launch(t, quant, monkeypatch):
+    """fused_moe.fused_experts_norm with NEXT_NORM_MAX_T (the down GEMV's last program of each token sums its slot
+    rows, adds the residual and runs the next layer's input norm) against its two-launch form (NEXT_NORM_MAX_T 0:
+    fused_experts(keep_slots=True), then add_rms_norm(_fp8) on the slot form): s, y and y's FP8 form bit-equal under
+    the interpreter (to fp32 sum order on a GPU), no norm launch, the arrival counters back at 0, twice in a row."""
+    from glmserve.kernels import _common, fused_moe, rmsnorm
+
+    monkeypatch.setattr(fused_moe, "uses_gemv", lambda t, fp8, device: fp8 and t <= 4)  # CUDA-only: forced here
+    g = torch.Generator().manual_seed(t)
+    h, i, e, k = 96, 40, 6, 3  # H: masked tails in the last N block and the norm's row
+    x = torch.randn(t, h, generator=g).to(DEV, torch.bfloat16)
+    w13, w2 = torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g)
+    s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
+    q13, q2 = (w13 / s13).to(DEV, torch.float8_e4m3fn), (w2 / s2).to(DEV, torch.float8_e4m3fn)
+    s13, s2 = s13.to(DEV), s2.to(DEV)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEV)
+    weights = torch.rand(t, k, generator=g).to(DEV)
+    res = (torch.randn(t, h, generator=g) * 2).to(DEV, torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(h, generator=g)).to(DEV, torch.bfloat16)
+    args = (x, q13, q2, weights, ids, s13, s2, False, None, None, res, nw, 1e-5, quant)
+    monkeypatch.setattr(fused_moe, "NEXT_NORM_MAX_T", 0)
+    want = fused_moe.fused_experts_norm(*args)
+    monkeypatch.setattr(fused_moe, "NEXT_NORM_MAX_T", 4)
+
+    def no_norm_launch(*_):
+        raise AssertionError("the norm ran as its own launch")
+
+    for name in ("add_rms_norm", "add_rms_norm_fp8"):
+        monkeypatch.setattr(rmsnorm, name, no_norm_launch)
+    exact = DEV == "cpu"
+    for _ in range(2):
+        y, s, y_fp8 = fused_moe.fused_experts_norm(*args)
+        for a, b in ((s, want[1]), (y, want[0])):
+            assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), rtol=8e-3, atol=1e-3)
+        if quant:
+            (q, qs), (q_ref, qs_ref) = y_fp8, want[2]
+            if exact:
+                assert torch.equal(qs, qs_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+            else:
+                torch.testing.assert_close(q.float() * qs, q_ref.float() * qs_ref, rtol=0.07, atol=qs.max().item())
+        else:
+            assert y_fp8 is None and want[2] is None
+        assert not _common._arrival[x.device].any()

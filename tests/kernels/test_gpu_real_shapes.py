@@ -409,3 +409,41 @@ def test_norm_in_route_align_in_a_cuda_graph(t, e, k, h, monkeypatch):
         torch.testing.assert_close(w, w_y, rtol=1e-5, atol=1e-6)
         assert (ids == ids_ref).float().mean() > 0.7  # and of the separate norm's y, up to near ties
     assert not _common._arrival[gate.device].any()
+
+
+@pytest.mark.parametrize("h,i,e,k", [(2048, 1536, 65, 5), (5120, 1536, 17, 9)])  # GLM-4.5: 16 of its experts
+def test_next_norm_down_gemv_in_a_cuda_graph(h, i, e, k, monkeypatch):
+    """fused_experts_norm's one launch (the next layer's input norm by the down GEMV's last program, T 1:
+    fused_moe.NEXT_NORM_MAX_T) at GLM-4.7-Flash's and GLM-4.5's expert shapes (routed + the shared slot), replayed in
+    a CUDA graph: s, y and y's FP8 form against the slot form then add_rms_norm_fp8 (s bit-equal: the same slot sum
+    and add; y within one bf16 step: the rstd's reduction runs over 4 warps, not 8), the counter back at 0."""
+    from glmserve.kernels import rmsnorm
+
+    monkeypatch.setattr(fused_moe, "NEXT_NORM_MAX_T", 1)
+    monkeypatch.setattr(fused_moe, "GEMV_MAX_T", 1)
+    g = torch.Generator(device=DEV).manual_seed(h)
+    x = torch.randn(1, h, device=DEV, generator=g).to(BF16)
+    w13, w2 = torch.randn(e, 2 * i, h, device=DEV, generator=g), torch.randn(e, h, i, device=DEV, generator=g)
+    s13, s2 = w13.abs().amax(-1, keepdim=True) / 448.0, w2.abs().amax(-1, keepdim=True) / 448.0
+    q13, q2 = (w13 / s13).to(torch.float8_e4m3fn), (w2 / s2).to(torch.float8_e4m3fn)
+    del w13, w2
+    ids = torch.cat([torch.randperm(e - 1, device=DEV, generator=g)[: k - 1], torch.tensor([e - 1], device=DEV)])[None]
+    weights = torch.rand(1, k, device=DEV, generator=g)
+    res = (torch.randn(1, h, device=DEV, generator=g) * 4).to(BF16)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV, generator=g)).to(BF16)
+    args = (x, q13, q2, weights, ids, s13, s2, True, None, None, res, nw, 1e-5, True)
+    slots = fused_moe.fused_experts(x, q13, q2, weights, ids, s13, s2, True, None, True)
+    y_ref, s_ref, (q_ref, qs_ref) = rmsnorm.add_rms_norm_fp8(slots, res, nw, 1e-5)
+    fused_moe.fused_experts_norm(*args)  # the arrival counters made here, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s, (q, qs) = fused_moe.fused_experts_norm(*args)
+    for _ in range(3):
+        for o in (y, s):
+            o.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(s, s_ref)  # the same GEMV programs' slot rows, summed and added in the same order
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(q.float() * qs, q_ref.float() * qs_ref, rtol=0.1, atol=2 * qs.max().item())
+    assert not _common._arrival[x.device].any()

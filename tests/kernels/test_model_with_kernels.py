@@ -205,18 +205,25 @@ def test_tiny_model_gemvs_quantizing_their_inputs_give_the_same_bits(tmp_path, m
     assert torch.equal(fused, separate)
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe_lite"])  # the GQA arch's decoder takes the same MoE call
-def test_tiny_model_post_attention_norm_in_the_router_launch(tmp_path, arch, monkeypatch):
-    """moe_route_align.NORM_MAX_T in the bf16 FP8 models (a 4-token prefill of 2 sequences and a decode step of both,
-    within NORM_MAX_T 4 tokens): every MoE layer's post-attention norm runs inside the router's launch (no add_rms_norm
-    launch for it) and the logits are the separate launches' (bit for bit under the interpreter; to fp32 sum
-    order on a GPU, where the rstd's reduction is shaped differently)."""
-    from glmserve.kernels import moe_route_align, rmsnorm
+@pytest.mark.parametrize("switch", ["route_norm", "next_norm"])
+def test_tiny_model_norms_inside_the_moe_launches(tmp_path, switch, monkeypatch):
+    """The bf16 FP8 GLM-4.7-Flash-arch model (a 4-token prefill of 2 sequences and a decode step of both, within
+    4 tokens) with route_norm (moe_route_align.NORM_MAX_T: every MoE layer's post-attention norm inside the router's
+    launch) or next_norm (fused_moe.NEXT_NORM_MAX_T, the GEMV path forced on as on a GPU: the input norm of the layer
+    after a MoE layer inside its down GEMV's launch): that many add_rms_norm_fp8 launches fewer, and the logits the
+    separate launches' (bit for bit under the interpreter; to fp32 sum order on a GPU)."""
+    from glmserve.kernels import fused_moe, moe_route_align, rmsnorm
 
     # a bf16 checkpoint: its gate held bf16, as a GLM checkpoint's (the one-launch router takes bf16 gates only)
-    path = write_tiny_checkpoint(str(tmp_path / arch), arch, seed=5, dtype=torch.bfloat16, num_nextn_predict_layers=0)
+    path = write_tiny_checkpoint(str(tmp_path / "lite"), "glm4_moe_lite", seed=5, dtype=torch.bfloat16,
+                                 num_nextn_predict_layers=0)
     runner = ModelRunner(path, device=DEV, dtype=torch.bfloat16, with_mtp=False, quantization="fp8")
-    moe_layers = sum(type(layer.mlp).__name__ == "MoE" for layer in runner.model.model.layers)
+    layers = runner.model.model.layers
+    moe = [type(layer.mlp).__name__ == "MoE" for layer in layers]
+    # norms each step takes into a MoE launch: every MoE layer's post-attention norm, or the next layer's input norm
+    moved = sum(moe) if switch == "route_norm" else sum(moe[:-1])
+    module, attr = (moe_route_align, "NORM_MAX_T") if switch == "route_norm" else (fused_moe, "NEXT_NORM_MAX_T")
+    monkeypatch.setattr(fused_moe, "uses_gemv", lambda t, fp8, device: fp8 and t <= 4)
     norms: list[int] = []
     real = rmsnorm.add_rms_norm_fp8
     monkeypatch.setattr(rmsnorm, "add_rms_norm_fp8", lambda *a: norms.append(1) or real(*a))
@@ -235,14 +242,14 @@ def test_tiny_model_post_attention_norm_in_the_router_launch(tmp_path, arch, mon
         for name, kernel in backend._kernels().items():
             if name in ops.IMPL:
                 ops.set_impl(name, kernel)
-        monkeypatch.setattr(moe_route_align, "NORM_MAX_T", 0)
+        monkeypatch.setattr(module, attr, 0)
         separate, separate_norms = run(), len(norms)
         norms.clear()
-        monkeypatch.setattr(moe_route_align, "NORM_MAX_T", 4)
+        monkeypatch.setattr(module, attr, 4)
         fused = run()
     finally:
         ops.IMPL.update(before)
-    assert moe_layers > 0 and separate_norms - len(norms) == 2 * moe_layers, (separate_norms, len(norms), moe_layers)
+    assert moved > 0 and separate_norms - len(norms) == 2 * moved, (separate_norms, len(norms), moved)
     if DEV == "cpu":
         assert torch.equal(fused, separate)
     else:

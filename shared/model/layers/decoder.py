@@ -6,6 +6,8 @@ forward(x, residual) returns (mlp_out, residual) and the caller's next norm adds
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -14,6 +16,14 @@ from glmserve.shared.model.context import BuildCtx
 from glmserve.shared.model.layers.mlp import GatedMLP
 from glmserve.shared.model.layers.moe import MoE
 from glmserve.shared.model.layers.norm import RMSNorm
+
+
+class Prenormed(NamedTuple):
+    """A layer's output that already went through the next layer's input norm (MoE.forward_normed with the
+    layer's next_norm): y [T, H] the normed rows, y_fp8 their per-token FP8 form or None. The residual (x + residual
+    before that norm) travels beside it as usual."""
+    y: torch.Tensor
+    y_fp8: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class DecoderLayer(nn.Module):
@@ -28,18 +38,24 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, ctx, f"{prefix}.mlp")
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"{prefix}.mlp")
+        # (the next layer's input norm, whether its consumer takes the FP8 form): set by the model for every main
+        # layer but the last, so a MoE layer may hand the next one its input already normed (Prenormed)
+        self.next_norm: tuple[RMSNorm, bool] | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
+    def forward(self, x, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
         """x, residual: [T, H] (residual None on the first layer; x may be the MoE's slot form [T, k', H],
-        which only add_rms_norm takes) -> (out, residual). Each norm also hands
+        which only add_rms_norm takes, or Prenormed: this layer's input norm already done) -> (out, residual). Each norm also hands
         its consumer the per-token FP8 form of its output when that consumer's first GEMM is FP8."""
-        if residual is None:
+        if isinstance(x, Prenormed):  # the previous layer ran this layer's input norm (x + residual: residual)
+            h, h_fp8 = x
+        elif residual is None:
             h, _, h_fp8 = self.input_layernorm.apply(x, None, self.self_attn.input_fp8)
             residual = x
         else:
             h, residual, h_fp8 = self.input_layernorm.apply(x, residual, self.self_attn.input_fp8)
         h = self.self_attn(h, cos_sin, batch, kv_cache, self.layer_id, x_fp8=h_fp8)
-        if isinstance(self.mlp, MoE):  # the post-attention norm in the router's op (one launch at small batches)
-            return self.mlp.forward_normed(h, residual, self.post_attention_layernorm)
+        if isinstance(self.mlp, MoE):  # the post-attention norm in the router's op, the next layer's input norm in
+            # the experts' op (one launch each at small batches)
+            return self.mlp.forward_normed(h, residual, self.post_attention_layernorm, self.next_norm)
         h, residual, h_fp8 = self.post_attention_layernorm.apply(h, residual, self.mlp.input_fp8)
         return self.mlp(h, x_fp8=h_fp8), residual

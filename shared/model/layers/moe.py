@@ -147,18 +147,37 @@ class MoE(nn.Module):
         weights, ids, aligned = self.gate(x, self.shared_experts is None, self.num_slots, self.experts.fp8)
         return self._experts(x, x_fp8, weights, ids, aligned)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm, next_norm=None):
         """forward(norm(x + residual)) with the norm in the router's op (Router.forward_normed) -> (forward's
-        output, x + residual): the decoder's post-attention norm and this block, one launch fewer at decode."""
+        output, x + residual): the decoder's post-attention norm and this block, one launch fewer at decode.
+        next_norm: (the next layer's input norm, FP8 form wanted): where the output is the slot form, that norm
+        of it runs in the experts' op (ops.fused_experts_norm) -> (Prenormed(y, y_fp8), its x + residual)."""
+        from glmserve.shared.model.layers.decoder import Prenormed
+
         y, residual, y_fp8, weights, ids, aligned = self.gate.forward_normed(
             x, residual, norm, self.input_fp8, self.shared_experts is None, self.num_slots, self.experts.fp8)
-        return self._experts(y, y_fp8, weights, ids, aligned), residual
+        if next_norm is None or not self._slot_form():
+            return self._experts(y, y_fp8, weights, ids, aligned), residual
+        self._count(ids)
+        nxt, quant = next_norm
+        e = self.experts
+        out, residual, out_fp8 = ops.fused_experts_norm(y, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
+                                                        e.shared_slot is not None, y_fp8, aligned, residual,
+                                                        nxt.weight, nxt.eps, quant)
+        return Prenormed(out, out_fp8), residual
 
-    def _experts(self, x, x_fp8, weights, ids, aligned) -> torch.Tensor:
+    def _slot_form(self) -> bool:
+        """TP 1 with the shared expert fused: nothing follows the experts, so the output is the slot form."""
+        return SLOT_SUM_IN_NORM and self.shared_experts is None and self.tp.tp_size == 1
+
+    def _count(self, ids: torch.Tensor) -> None:
         if self.expert_counts is not None:
             flat = ids.reshape(-1)  # scatter_add, not bincount: bincount reads max() on the host (a sync)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_counts.dtype))
-        if SLOT_SUM_IN_NORM and self.shared_experts is None and self.tp.tp_size == 1:
+
+    def _experts(self, x, x_fp8, weights, ids, aligned) -> torch.Tensor:
+        self._count(ids)
+        if self._slot_form():
             return self.experts(x, weights, ids, x_fp8, keep_slots=True, aligned=aligned)
         out = self.experts(x, weights, ids, x_fp8, aligned=aligned)
         if self.shared_experts is not None:
