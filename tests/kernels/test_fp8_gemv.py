@@ -5,6 +5,7 @@ import torch
 
 from glmserve.kernels import fp8_gemm, fp8_gemv
 from glmserve.kernels.act_quant import quant_fp8_per_token_ref
+from tests.kernels.norm_checks import assert_norm_outputs_match, forbid_norm_launches
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -174,7 +175,7 @@ def test_next_norm_in_the_down_gemv_equals_the_norm_launch(t, quant, monkeypatch
     rows, adds the residual and runs the next layer's input norm) against its two-launch form (NEXT_NORM_MAX_T 0:
     fused_experts(keep_slots=True), then add_rms_norm(_fp8) on the slot form): s, y and y's FP8 form bit-equal under
     the interpreter (to fp32 sum order on a GPU), no norm launch, the arrival counters back at 0, twice in a row."""
-    from glmserve.kernels import _common, fused_moe, rmsnorm
+    from glmserve.kernels import _common, fused_moe
 
     monkeypatch.setattr(fused_moe, "uses_gemv", lambda t, fp8, device: fp8 and t <= 4)  # CUDA-only: forced here
     g = torch.Generator().manual_seed(t)
@@ -192,23 +193,7 @@ def test_next_norm_in_the_down_gemv_equals_the_norm_launch(t, quant, monkeypatch
     monkeypatch.setattr(fused_moe, "NEXT_NORM_MAX_T", 0)
     want = fused_moe.fused_experts_norm(*args)
     monkeypatch.setattr(fused_moe, "NEXT_NORM_MAX_T", 4)
-
-    def no_norm_launch(*_):
-        raise AssertionError("the norm ran as its own launch")
-
-    for name in ("add_rms_norm", "add_rms_norm_fp8"):
-        monkeypatch.setattr(rmsnorm, name, no_norm_launch)
-    exact = DEV == "cpu"
+    forbid_norm_launches(monkeypatch)
     for _ in range(2):
-        y, s, y_fp8 = fused_moe.fused_experts_norm(*args)
-        for a, b in ((s, want[1]), (y, want[0])):
-            assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), rtol=8e-3, atol=1e-3)
-        if quant:
-            (q, qs), (q_ref, qs_ref) = y_fp8, want[2]
-            if exact:
-                assert torch.equal(qs, qs_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
-            else:
-                torch.testing.assert_close(q.float() * qs, q_ref.float() * qs_ref, rtol=0.07, atol=qs.max().item())
-        else:
-            assert y_fp8 is None and want[2] is None
+        assert_norm_outputs_match(fused_moe.fused_experts_norm(*args), want, exact=DEV == "cpu")
         assert not _common._arrival[x.device].any()
