@@ -310,9 +310,7 @@ def fused_experts_norm(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_las
             return _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, True,
                                  (counters, residual, norm_weight.contiguous(), eps, quant))
     slots = fused_experts(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, True, aligned)
-    if quant:
-        return rmsnorm.add_rms_norm_fp8(slots, residual, norm_weight, eps)
-    return (*rmsnorm.add_rms_norm(slots, residual, norm_weight, eps), None)
+    return rmsnorm.add_rms_norm_maybe_fp8(slots, residual, norm_weight, eps, quant)
 
 
 def _experts_gemv(x, w13, w2, weights, ids, w13_scale, w2_scale, x_fp8, keep_slots: bool, next_norm=None):

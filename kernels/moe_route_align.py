@@ -161,10 +161,7 @@ def add_rms_norm_route_align(x, residual, norm_weight, eps, quant, gate_weight, 
                            shared_slot, num_slots, fp8, None, (residual, norm_weight.contiguous(), eps, quant))
         if out is not None:
             return out
-    if quant:
-        y, s, y_fp8 = rmsnorm.add_rms_norm_fp8(x, residual, norm_weight, eps)
-    else:
-        (y, s), y_fp8 = rmsnorm.add_rms_norm(x, residual, norm_weight, eps), None
+    y, s, y_fp8 = rmsnorm.add_rms_norm_maybe_fp8(x, residual, norm_weight, eps, quant)
     return (y, s, y_fp8, *moe_route_align(y, gate_weight, correction_bias, top_k, n_group, topk_group,
                                           norm_topk_prob, scaling, shared_slot, num_slots, fp8))
 

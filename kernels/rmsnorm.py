@@ -147,3 +147,11 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     """x [T, D] (or the slot form [T, S, D]), residual [T, D] -> (rms_norm(x + residual), x + residual,
     (q, scale) of the former)."""
     return _launch(x, residual, weight, eps, quant=True)
+
+
+def add_rms_norm_maybe_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool):
+    """add_rms_norm_fp8 where the consumer wants the FP8 form (quant), else add_rms_norm's two outputs and None:
+    -> (y, s, (q, scale) or None). The fallback of the ops that fuse this norm into another launch."""
+    if quant:
+        return add_rms_norm_fp8(x, residual, weight, eps)
+    return (*add_rms_norm(x, residual, weight, eps), None)

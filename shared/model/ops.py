@@ -200,8 +200,7 @@ def add_rms_norm_route_align_ref(x, residual, norm_weight, eps, quant, gate_weig
     """The post-attention norm, then the router of its output: (y, s, y_fp8) = add_rms_norm(_fp8)(x, residual,
     norm_weight, eps) (quant: the FP8 form wanted; see add_rms_norm_fp8_ref) and moe_route_align(y, ...) ->
     (y, s, y_fp8, weights, ids, aligned). The CUDA kernel may do both in one launch (kernels.moe_route_align)."""
-    y, s, y_fp8 = (add_rms_norm_fp8(x, residual, norm_weight, eps) if quant
-                   else (*add_rms_norm(x, residual, norm_weight, eps), None))
+    y, s, y_fp8 = _add_rms_norm_maybe_fp8(x, residual, norm_weight, eps, quant)
     return (y, s, y_fp8, *moe_route_align(y, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
                                           scaling, shared_slot, num_slots, fp8))
 
@@ -247,8 +246,13 @@ def fused_experts_norm_ref(x, w13, w2, weights, ids, w13_scale, w2_scale, shared
     y_fp8) = add_rms_norm(_fp8)(slots, residual, norm_weight, eps) (quant: the FP8 form wanted). The CUDA kernels
     may run the norm inside the down GEMV's launch (kernels.fused_moe.NEXT_NORM_MAX_T)."""
     slots = fused_experts(x, w13, w2, weights, ids, w13_scale, w2_scale, shared_last, x_fp8, True, aligned)
-    return add_rms_norm_fp8(slots, residual, norm_weight, eps) if quant else (
-        *add_rms_norm(slots, residual, norm_weight, eps), None)
+    return _add_rms_norm_maybe_fp8(slots, residual, norm_weight, eps, quant)
+
+
+def _add_rms_norm_maybe_fp8(x, residual, norm_weight, eps, quant: bool):
+    """The ops add_rms_norm_fp8 (quant) or add_rms_norm with None for the FP8 form -> (y, s, y_fp8 | None)."""
+    return add_rms_norm_fp8(x, residual, norm_weight, eps) if quant else (
+        *add_rms_norm(x, residual, norm_weight, eps), None)
 
 
 def paged_attention_ref(

@@ -44,8 +44,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual: torch.Tensor | None, cos_sin, batch, kv_cache):
         """x, residual: [T, H] (residual None on the first layer; x may be the MoE's slot form [T, k', H],
-        which only add_rms_norm takes, or Prenormed: this layer's input norm already done) -> (out, residual). Each norm also hands
-        its consumer the per-token FP8 form of its output when that consumer's first GEMM is FP8."""
+        which only add_rms_norm takes, or Prenormed: this layer's input norm already done) -> (out, residual).
+        Each norm also hands its consumer the per-token FP8 form of its output when that consumer's first GEMM is
+        FP8."""
         if isinstance(x, Prenormed):  # the previous layer ran this layer's input norm (x + residual: residual)
             h, h_fp8 = x
         elif residual is None:
