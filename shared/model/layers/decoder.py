@@ -6,8 +6,6 @@ forward(x, residual) returns (mlp_out, residual) and the caller's next norm adds
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -15,15 +13,7 @@ from glmserve.shared.config.model import ModelConfig
 from glmserve.shared.model.context import BuildCtx
 from glmserve.shared.model.layers.mlp import GatedMLP
 from glmserve.shared.model.layers.moe import MoE
-from glmserve.shared.model.layers.norm import RMSNorm
-
-
-class Prenormed(NamedTuple):
-    """A layer's output that already went through the next layer's input norm (MoE.forward_normed with the
-    layer's next_norm): y [T, H] the normed rows, y_fp8 their per-token FP8 form or None. The residual (x + residual
-    before that norm) travels beside it as usual."""
-    y: torch.Tensor
-    y_fp8: tuple[torch.Tensor, torch.Tensor] | None
+from glmserve.shared.model.layers.norm import Prenormed, RMSNorm
 
 
 class DecoderLayer(nn.Module):

@@ -22,6 +22,7 @@ from glmserve.shared.config.model import ModelConfig
 from glmserve.shared.model import ops
 from glmserve.shared.model.layers.linear import copy_checked, quantize_per_channel, set_loader
 from glmserve.shared.model.layers.mlp import GatedMLP
+from glmserve.shared.model.layers.norm import Prenormed
 from glmserve.shared.model.context import BuildCtx
 from glmserve.shared.model.parallel import TPGroup
 from glmserve.shared.weights.lazy import materialize
@@ -152,8 +153,6 @@ class MoE(nn.Module):
         output, x + residual): the decoder's post-attention norm and this block, one launch fewer at decode.
         next_norm: (the next layer's input norm, FP8 form wanted): where the output is the slot form, that norm
         of it runs in the experts' op (ops.fused_experts_norm) -> (Prenormed(y, y_fp8), its x + residual)."""
-        from glmserve.shared.model.layers.decoder import Prenormed
-
         y, residual, y_fp8, weights, ids, aligned = self.gate.forward_normed(
             x, residual, norm, self.input_fp8, self.shared_experts is None, self.num_slots, self.experts.fp8)
         if next_norm is None or not self._slot_form():

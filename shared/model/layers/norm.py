@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from glmserve.shared.model import ops
 from glmserve.shared.model.layers.linear import copy_checked, set_loader
+
+
+class Prenormed(NamedTuple):
+    """A layer's output that already went through the next layer's input norm (MoE.forward_normed with the
+    layer's next_norm): y [T, H] the normed rows, y_fp8 their per-token FP8 form or None. The residual (x + residual
+    before that norm) travels beside it as usual."""
+    y: torch.Tensor
+    y_fp8: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class RMSNorm(nn.Module):
