@@ -117,23 +117,21 @@ def logits_tile(x_ptr, gate_ptr, rt, row_ok, x_st, E, H, kb_lo, kb_hi, BLOCK_T: 
     row's 1 / rms of x + res), formed per K block with rmsnorm's roundings (the sum, x * rstd, the weight)."""
     e = tl.arange(0, BLOCK_E)
     rk = tl.arange(0, BLOCK_K)
-    row_offs = rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K]
-    x_p = x_ptr + row_offs
+    row_offs = rt[:, None].to(tl.int64) * x_st + kb_lo * BLOCK_K + rk[None, :]  # [BLOCK_T, BLOCK_K] of x (and res)
     g_p = gate_ptr + e[None, :] * H + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_E] = gate^T
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         k_ok = rk < H - kb * BLOCK_K
-        x = tl.load(x_p, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + row_offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM_IN:
             dt = x.dtype
             r = tl.load(res_ptr + row_offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             xs = (x.to(tl.float32) + r.to(tl.float32)).to(dt).to(tl.float32)
             w = tl.load(nw_ptr + kb * BLOCK_K + rk, mask=k_ok, other=0.0).to(tl.float32)
             x = ((xs * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
-            row_offs += BLOCK_K
         g = tl.load(g_p, mask=k_ok[:, None] & (e < E)[None, :], other=0.0)
         acc = tl.dot(dot_in(x, UPCAST), dot_in(g, UPCAST), acc)
-        x_p += BLOCK_K
+        row_offs += BLOCK_K
         g_p += BLOCK_K
     return acc
 
